@@ -1,0 +1,1 @@
+"""disam_jax: Domain-Inspired Sharpness-Aware Minimization (DISAM) for JAX/Optax."""

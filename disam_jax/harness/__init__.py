@@ -1,0 +1,1 @@
+"""DomainBed-style domain-generalization harness (needs the `harness` extra)."""
