@@ -1,0 +1,160 @@
+"""Per-domain losses: the `[M]` vector that DISAM consumes.
+
+DISAM (Zhang et al., ICLR 2024, arXiv 2405.18861, Eq. 6-7) needs the mean loss of each of the M training domains,
+`L_i(w)`. This module turns per-example losses into that vector, for the two batch layouts a domain-generalization
+loop produces:
+
+* grouped, `[M, b, ...]` (DomainBed: every domain contributes `b` examples per step): `domain_losses_from_grouped`
+  on per-example losses `[M, b]`; `grouped_domain_loss_fn` runs *one* forward pass over the flattened `[M*b, ...]`
+  batch (so BatchNorm sees the whole batch, as DomainBed's `torch.cat`); `vmapped_domain_loss_fn` vmaps over the
+  domain axis instead (only for models without cross-example state);
+* flat, `[n, ...]` with integer domain ids and a static M: `domain_losses_from_ids` (segment sums with counts).
+
+All of them return a `DomainLosses(total, count)` pair rather than means: sums and counts reduce exactly across
+devices (`psum`) and let DISAM drop domains that are absent from a batch (count 0) instead of counting them as a
+loss of 0. A `domain_loss_fn` may also return a plain `[M]` vector of means; DISAM then treats every domain as
+present with equal count.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class DomainLosses(NamedTuple):
+  """Per-domain loss sums and example counts.
+
+  Attributes:
+    total: `[M]` float, sum of the per-example losses of each domain.
+    count: `[M]` float, number of examples of each domain (0 for a domain absent from the batch). Never
+      differentiated.
+  """
+
+  total: chex.Array
+  count: chex.Array
+
+  @property
+  def mean(self) -> chex.Array:
+    """`[M]` mean loss per domain; 0 for absent domains (never NaN)."""
+    return self.total / jnp.maximum(self.count, 1)
+
+
+def domain_losses_from_grouped(
+    per_example_losses: chex.Array, mask: Optional[chex.Array] = None
+) -> DomainLosses:
+  """Per-domain sums and counts of losses laid out `[M, b]` (domain-major).
+
+  Args:
+    per_example_losses: `[M, b]` losses, row i holding the examples of domain i.
+    mask: optional `[M, b]` bool/0-1 array, False for padding examples.
+
+  Returns:
+    `DomainLosses` with `total` and `count` of shape `[M]`.
+  """
+  losses = jnp.asarray(per_example_losses)
+  if losses.ndim != 2:
+    raise ValueError(
+        'domain_losses_from_grouped expects per-example losses of shape [M, b] '
+        f'(domains, per-domain batch); got shape {losses.shape}.'
+    )
+  if mask is None:
+    count = jnp.full(losses.shape[:1], losses.shape[1], dtype=jnp.float32)
+    return DomainLosses(losses.sum(axis=1), count)
+  mask = jnp.asarray(mask)
+  if mask.shape != losses.shape:
+    raise ValueError(f'mask shape {mask.shape} does not match losses shape {losses.shape}.')
+  weights = mask.astype(losses.dtype)
+  return DomainLosses(
+      jnp.sum(jnp.where(mask, losses, 0), axis=1), weights.sum(axis=1).astype(jnp.float32)
+  )
+
+
+def domain_losses_from_ids(
+    per_example_losses: chex.Array, domain_ids: chex.Array, num_domains: int
+) -> DomainLosses:
+  """Per-domain sums and counts of a flat batch with integer domain ids.
+
+  Args:
+    per_example_losses: `[n]` losses.
+    domain_ids: `[n]` integers in `[0, num_domains)`. Checked eagerly when concrete (outside `jit`); under `jit`,
+      out-of-range ids are dropped by the segment sum (they count for no domain).
+    num_domains: static M.
+
+  Returns:
+    `DomainLosses` with `total` and `count` of shape `[M]`; a domain absent from the batch has count 0.
+  """
+  if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:
+    raise ValueError(f'num_domains must be a static positive int; got {num_domains!r}.')
+  losses = jnp.asarray(per_example_losses)
+  if losses.ndim != 1 or jnp.shape(domain_ids) != losses.shape:
+    raise ValueError(
+        'domain_losses_from_ids expects per_example_losses [n] and domain_ids [n]; '
+        f'got {losses.shape} and {jnp.shape(domain_ids)}.'
+    )
+  if not isinstance(domain_ids, jax.core.Tracer):
+    ids = np.asarray(domain_ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f'domain_ids must be integers; got dtype {ids.dtype}.')
+    bad = ids[(ids < 0) | (ids >= num_domains)]
+    if bad.size:
+      raise ValueError(
+          f'domain_ids must lie in [0, {num_domains}); found {sorted(set(bad.tolist()))[:10]}.'
+      )
+  total = jax.ops.segment_sum(losses, domain_ids, num_segments=num_domains)
+  count = jax.ops.segment_sum(
+      jnp.ones_like(losses, dtype=jnp.float32), domain_ids, num_segments=num_domains
+  )
+  return DomainLosses(total, count)
+
+
+def grouped_domain_loss_fn(
+    per_example_loss_fn: Callable[..., Any], has_aux: bool = False
+) -> Callable[..., Any]:
+  """Wraps a per-example loss into a domain loss function for `[M, b, ...]` batches.
+
+  The returned function flattens the batch to `[M*b, ...]`, calls `per_example_loss_fn` once (one forward pass
+  over the whole batch: BatchNorm sees all domains together), and groups the `[M*b]` losses back into `[M, b]`.
+
+  Args:
+    per_example_loss_fn: `(params, inputs [n, ...], labels [n, ...]) -> losses [n]`, or `(losses [n], aux)` when
+      `has_aux`.
+    has_aux: whether `per_example_loss_fn` returns auxiliary data.
+
+  Returns:
+    `fn(params, inputs [M, b, ...], labels [M, b, ...]) -> DomainLosses` (or `(DomainLosses, aux)`). Close over the
+    batch to obtain DISAM's `domain_loss_fn`: `lambda p: fn(p, x, y)`.
+  """
+
+  def fn(params, inputs, labels):
+    num_domains, per_domain = jnp.shape(inputs)[:2]
+    flat = lambda a: jnp.reshape(a, (num_domains * per_domain,) + jnp.shape(a)[2:])
+    out = per_example_loss_fn(params, flat(inputs), flat(labels))
+    losses, aux = out if has_aux else (out, None)
+    grouped = domain_losses_from_grouped(jnp.reshape(losses, (num_domains, per_domain)))
+    return (grouped, aux) if has_aux else grouped
+
+  return fn
+
+
+def vmapped_domain_loss_fn(per_example_loss_fn: Callable[..., chex.Array]) -> Callable[..., chex.Array]:
+  """Wraps a per-example loss into a domain loss function that vmaps over the domain axis.
+
+  Each domain's examples go through the model separately (`jax.vmap` over axis 0), so use this only for models
+  without cross-example state (no BatchNorm): it is the form to reach for when domains have different per-domain
+  preprocessing or when a model is naturally written per domain.
+
+  Args:
+    per_example_loss_fn: `(params, inputs [b, ...], labels [b, ...]) -> losses [b]`.
+
+  Returns:
+    `fn(params, inputs [M, b, ...], labels [M, b, ...]) -> [M]` mean loss per domain.
+  """
+
+  def fn(params, inputs, labels):
+    per_domain = jax.vmap(lambda x, y: jnp.mean(per_example_loss_fn(params, x, y)))
+    return per_domain(inputs, labels)
+
+  return fn
