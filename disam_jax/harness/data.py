@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DATASETS",
-    "DatasetSpec",
-    "DomainBatchSampler",
-    "DomainDataset",
-    "DomainSplit",
-    "ROTATION_DEGREES",
-    "load_dataset",
-    "split_dataset",
+  "DATASETS",
+  "DatasetSpec",
+  "DomainBatchSampler",
+  "DomainDataset",
+  "DomainSplit",
+  "ROTATION_DEGREES",
+  "load_dataset",
+  "split_dataset",
 ]
 
 _log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ TFDS_DIR_ENV = "DISAM_JAX_TFDS_DIR"
 _FOLDER_FORMAT_VERSION = "1"
 _LAYOUT = "root/<domain>/<class>/*.jpg|*.jpeg|*.png"
 _NO_DOWNLOAD = (
-    "No download is attempted: these datasets must be placed on local disk by the user "
-    "(e.g. with DomainBed's download script)."
+  "No download is attempted: these datasets must be placed on local disk by the user "
+  "(e.g. with DomainBed's download script)."
 )
 
 
@@ -71,87 +71,87 @@ _NO_DOWNLOAD = (
 
 @dataclasses.dataclass(frozen=True)
 class DomainDataset:
-    """All images of a dataset, grouped by domain.
+  """All images of a dataset, grouped by domain.
 
-    Attributes:
-      name: registry name the dataset was loaded under.
-      domains: domain names, e.g. ``("0", "15", ...)`` for rotations, ``("art_painting", ...)`` for PACS.
-      classes: class names; a label ``k`` means ``classes[k]``.
-      images: one float32 array ``[n_i, H, W, C]`` with values in [0, 1] per domain.
-      labels: one int32 array ``[n_i]`` per domain.
-    """
+  Attributes:
+    name: registry name the dataset was loaded under.
+    domains: domain names, e.g. ``("0", "15", ...)`` for rotations, ``("art_painting", ...)`` for PACS.
+    classes: class names; a label ``k`` means ``classes[k]``.
+    images: one float32 array ``[n_i, H, W, C]`` with values in [0, 1] per domain.
+    labels: one int32 array ``[n_i]`` per domain.
+  """
 
-    name: str
-    domains: tuple[str, ...]
-    classes: tuple[str, ...]
-    images: tuple[np.ndarray, ...]
-    labels: tuple[np.ndarray, ...]
+  name: str
+  domains: tuple[str, ...]
+  classes: tuple[str, ...]
+  images: tuple[np.ndarray, ...]
+  labels: tuple[np.ndarray, ...]
 
-    def __post_init__(self):
-        if not (len(self.domains) == len(self.images) == len(self.labels)):
-            raise ValueError(
-                f"{self.name}: {len(self.domains)} domain names but {len(self.images)} image arrays and "
-                f"{len(self.labels)} label arrays."
-            )
-        shapes = {x.shape[1:] for x in self.images}
-        if len(shapes) > 1:
-            raise ValueError(f"{self.name}: domains have different image shapes {sorted(shapes)}.")
-        for domain, x, y in zip(self.domains, self.images, self.labels):
-            if x.ndim != 4 or x.dtype != np.float32 or y.dtype != np.int32 or len(x) != len(y):
-                raise ValueError(
-                    f"{self.name}/{domain}: expected float32 images [n, H, W, C] and int32 labels [n], got "
-                    f"{x.dtype}{list(x.shape)} and {y.dtype}{list(y.shape)}."
-                )
+  def __post_init__(self):
+    if not (len(self.domains) == len(self.images) == len(self.labels)):
+      raise ValueError(
+        f"{self.name}: {len(self.domains)} domain names but {len(self.images)} image arrays and "
+        f"{len(self.labels)} label arrays."
+      )
+    shapes = {x.shape[1:] for x in self.images}
+    if len(shapes) > 1:
+      raise ValueError(f"{self.name}: domains have different image shapes {sorted(shapes)}.")
+    for domain, x, y in zip(self.domains, self.images, self.labels):
+      if x.ndim != 4 or x.dtype != np.float32 or y.dtype != np.int32 or len(x) != len(y):
+        raise ValueError(
+          f"{self.name}/{domain}: expected float32 images [n, H, W, C] and int32 labels [n], got "
+          f"{x.dtype}{list(x.shape)} and {y.dtype}{list(y.shape)}."
+        )
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images[0].shape[1:])
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return tuple(self.images[0].shape[1:])
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
 
 
 @dataclasses.dataclass(frozen=True)
 class DomainSplit:
-    """A leave-domains-out split in DomainBed's protocol.
+  """A leave-domains-out split in DomainBed's protocol.
 
-    Attributes:
-      train_domains: names of the training domains.
-      test_domains: names of the held-out domains.
-      train: ``(x, y)`` per training domain: the part used for training (``1 - holdout_fraction``).
-      val: ``(x, y)`` per training domain: the rest, for training-domain validation (model selection).
-      test: ``(x, y)`` per held-out domain: all of its data.
-    """
+  Attributes:
+    train_domains: names of the training domains.
+    test_domains: names of the held-out domains.
+    train: ``(x, y)`` per training domain: the part used for training (``1 - holdout_fraction``).
+    val: ``(x, y)`` per training domain: the rest, for training-domain validation (model selection).
+    test: ``(x, y)`` per held-out domain: all of its data.
+  """
 
-    train_domains: tuple[str, ...]
-    test_domains: tuple[str, ...]
-    train: tuple[tuple[np.ndarray, np.ndarray], ...]
-    val: tuple[tuple[np.ndarray, np.ndarray], ...]
-    test: tuple[tuple[np.ndarray, np.ndarray], ...]
+  train_domains: tuple[str, ...]
+  test_domains: tuple[str, ...]
+  train: tuple[tuple[np.ndarray, np.ndarray], ...]
+  val: tuple[tuple[np.ndarray, np.ndarray], ...]
+  test: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One registry entry.
+  """One registry entry.
 
-    Attributes:
-      name: the registry name.
-      load: ``load(spec, data_dir, seed, image_size) -> DomainDataset``.
-      domains: the domain names (for image folders: the folder names that must exist); empty when discovered.
-      classes: class names when fixed by the source; empty when read from the class folders.
-      folder: the DomainBed folder name under ``data_dir`` (image folders only).
-      default_image_size: side length images are resized to when ``image_size`` is None (None: native size).
-      description: one line for listings and errors.
-    """
+  Attributes:
+    name: the registry name.
+    load: ``load(spec, data_dir, seed, image_size) -> DomainDataset``.
+    domains: the domain names (for image folders: the folder names that must exist); empty when discovered.
+    classes: class names when fixed by the source; empty when read from the class folders.
+    folder: the DomainBed folder name under ``data_dir`` (image folders only).
+    default_image_size: side length images are resized to when ``image_size`` is None (None: native size).
+    description: one line for listings and errors.
+  """
 
-    name: str
-    load: Callable[..., DomainDataset]
-    domains: tuple[str, ...] = ()
-    classes: tuple[str, ...] = ()
-    folder: str | None = None
-    default_image_size: int | None = None
-    description: str = ""
+  name: str
+  load: Callable[..., DomainDataset]
+  domains: tuple[str, ...] = ()
+  classes: tuple[str, ...] = ()
+  folder: str | None = None
+  default_image_size: int | None = None
+  description: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,17 +160,17 @@ class DatasetSpec:
 
 
 def _require(module: str, purpose: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs the {module!r} package: {_HARNESS_EXTRA}") from e
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise ImportError(f"{purpose} needs the {module!r} package: {_HARNESS_EXTRA}") from e
 
 
 def _require_tfds():
-    tfds = _require("tensorflow_datasets", "Reading image folders and TFDS datasets")
-    _require("array_record", "Reading TFDS datasets in array_record format")
-    _require("PIL", "Decoding images stored in TFDS datasets")
-    return tfds
+  tfds = _require("tensorflow_datasets", "Reading image folders and TFDS datasets")
+  _require("array_record", "Reading TFDS datasets in array_record format")
+  _require("PIL", "Decoding images stored in TFDS datasets")
+  return tfds
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,100 +179,100 @@ def _require_tfds():
 
 
 def _rotate(images: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotates ``[n, H, W, C]`` images counter-clockwise about their centre; bilinear, zero outside the image.
+  """Rotates ``[n, H, W, C]`` images counter-clockwise about their centre; bilinear, zero outside the image.
 
-    Matches torchvision's ``rotate(..., interpolation=BILINEAR, fill=0)`` used by DomainBed's RotatedMNIST: each
-    output pixel samples the input at the inversely rotated position, with pixel centres at integer coordinates
-    and the rotation centre at ((H - 1) / 2, (W - 1) / 2).
-    """
-    images = np.asarray(images, np.float32)
-    if degrees % 360 == 0:
-        return images.copy()
-    _, h, w, _ = images.shape
-    theta = np.deg2rad(degrees)
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    x, y = cols - cx, cy - rows  # y points up, so positive angles turn counter-clockwise on screen
-    src_x = np.cos(theta) * x + np.sin(theta) * y
-    src_y = -np.sin(theta) * x + np.cos(theta) * y
-    src_r, src_c = cy - src_y, src_x + cx
-    r0, c0 = np.floor(src_r).astype(np.int64), np.floor(src_c).astype(np.int64)
-    fr, fc = (src_r - r0)[..., None], (src_c - c0)[..., None]
-    # One ring of zeros lets samples within a pixel of the border blend with the fill instead of being cut off.
-    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    top, bottom = np.clip(r0 + 1, 0, h + 1), np.clip(r0 + 2, 0, h + 1)
-    left, right = np.clip(c0 + 1, 0, w + 1), np.clip(c0 + 2, 0, w + 1)
-    out = (
-        (1 - fr) * (1 - fc) * padded[:, top, left]
-        + (1 - fr) * fc * padded[:, top, right]
-        + fr * (1 - fc) * padded[:, bottom, left]
-        + fr * fc * padded[:, bottom, right]
-    )
-    inside = (src_r > -1) & (src_r < h) & (src_c > -1) & (src_c < w)
-    return (out * inside[None, :, :, None]).astype(np.float32)
+  Matches torchvision's ``rotate(..., interpolation=BILINEAR, fill=0)`` used by DomainBed's RotatedMNIST: each
+  output pixel samples the input at the inversely rotated position, with pixel centres at integer coordinates
+  and the rotation centre at ((H - 1) / 2, (W - 1) / 2).
+  """
+  images = np.asarray(images, np.float32)
+  if degrees % 360 == 0:
+    return images.copy()
+  _, h, w, _ = images.shape
+  theta = np.deg2rad(degrees)
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  x, y = cols - cx, cy - rows  # y points up, so positive angles turn counter-clockwise on screen
+  src_x = np.cos(theta) * x + np.sin(theta) * y
+  src_y = -np.sin(theta) * x + np.cos(theta) * y
+  src_r, src_c = cy - src_y, src_x + cx
+  r0, c0 = np.floor(src_r).astype(np.int64), np.floor(src_c).astype(np.int64)
+  fr, fc = (src_r - r0)[..., None], (src_c - c0)[..., None]
+  # One ring of zeros lets samples within a pixel of the border blend with the fill instead of being cut off.
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  top, bottom = np.clip(r0 + 1, 0, h + 1), np.clip(r0 + 2, 0, h + 1)
+  left, right = np.clip(c0 + 1, 0, w + 1), np.clip(c0 + 2, 0, w + 1)
+  out = (
+    (1 - fr) * (1 - fc) * padded[:, top, left]
+    + (1 - fr) * fc * padded[:, top, right]
+    + fr * (1 - fc) * padded[:, bottom, left]
+    + fr * fc * padded[:, bottom, right]
+  )
+  inside = (src_r > -1) & (src_r < h) & (src_c > -1) & (src_c < w)
+  return (out * inside[None, :, :, None]).astype(np.float32)
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of float ``[n, H, W, C]`` images to ``[n, size, size, C]`` with Pillow."""
-    if images.shape[1:3] == (size, size):
-        return images
-    pil = _require("PIL.Image", "Resizing images")
-    out = np.empty((len(images), size, size, images.shape[3]), np.float32)
-    for i, image in enumerate(images):
-        for ch in range(images.shape[3]):
-            resized = pil.fromarray(np.ascontiguousarray(image[..., ch]), mode="F").resize((size, size), pil.BILINEAR)
-            out[i, ..., ch] = np.asarray(resized)
-    return np.clip(out, 0.0, 1.0)
+  """Bilinear resize of float ``[n, H, W, C]`` images to ``[n, size, size, C]`` with Pillow."""
+  if images.shape[1:3] == (size, size):
+    return images
+  pil = _require("PIL.Image", "Resizing images")
+  out = np.empty((len(images), size, size, images.shape[3]), np.float32)
+  for i, image in enumerate(images):
+    for ch in range(images.shape[3]):
+      resized = pil.fromarray(np.ascontiguousarray(image[..., ch]), mode="F").resize((size, size), pil.BILINEAR)
+      out[i, ..., ch] = np.asarray(resized)
+  return np.clip(out, 0.0, 1.0)
 
 
 def _rotation_domains(
     name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], seed: int, image_size: int | None
 ) -> DomainDataset:
-    """Disjoint groups of one image pool, group k rotated by ROTATION_DEGREES[k] (DomainBed's RotatedMNIST)."""
-    images = np.asarray(images, np.float32)
-    if images.ndim == 3:
-        images = images[..., None]
-    if image_size is not None:
-        images = _resize(images, image_size)
-    order = np.random.default_rng(seed).permutation(len(images))
-    groups = [order[k :: len(ROTATION_DEGREES)] for k in range(len(ROTATION_DEGREES))]
-    return DomainDataset(
-        name=name,
-        domains=tuple(str(d) for d in ROTATION_DEGREES),
-        classes=tuple(classes),
-        images=tuple(_rotate(images[g], d) for g, d in zip(groups, ROTATION_DEGREES)),
-        labels=tuple(np.asarray(labels[g], np.int32) for g in groups),
-    )
+  """Disjoint groups of one image pool, group k rotated by ROTATION_DEGREES[k] (DomainBed's RotatedMNIST)."""
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = images[..., None]
+  if image_size is not None:
+    images = _resize(images, image_size)
+  order = np.random.default_rng(seed).permutation(len(images))
+  groups = [order[k :: len(ROTATION_DEGREES)] for k in range(len(ROTATION_DEGREES))]
+  return DomainDataset(
+    name=name,
+    domains=tuple(str(d) for d in ROTATION_DEGREES),
+    classes=tuple(classes),
+    images=tuple(_rotate(images[g], d) for g, d in zip(groups, ROTATION_DEGREES)),
+    labels=tuple(np.asarray(labels[g], np.int32) for g in groups),
+  )
 
 
 def _load_rotated_digits(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
-    del data_dir  # bundled with scikit-learn
-    datasets = _require("sklearn.datasets", "rotated_digits (scikit-learn's bundled digits)")
-    digits = datasets.load_digits()
-    images = (digits.images / 16.0).astype(np.float32)  # pixel values are counts 0..16
-    return _rotation_domains(spec.name, images, digits.target, spec.classes, seed, image_size)
+  del data_dir  # bundled with scikit-learn
+  datasets = _require("sklearn.datasets", "rotated_digits (scikit-learn's bundled digits)")
+  digits = datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)  # pixel values are counts 0..16
+  return _rotation_domains(spec.name, images, digits.target, spec.classes, seed, image_size)
 
 
 def _load_rotated_animals(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
-    del data_dir  # bundled with the animal-mnist package
-    import gzip
-    import importlib.resources
-    import pickle
+  del data_dir  # bundled with the animal-mnist package
+  import gzip
+  import importlib.resources
+  import pickle
 
-    try:
-        package = importlib.resources.files("animal_mnist")
-    except ImportError as e:  # ModuleNotFoundError
-        raise ImportError(
-            "rotated_animals needs the animal-mnist package: pip install --no-deps animal-mnist==0.4 "
-            "(--no-deps because it declares TensorFlow, which is not needed to read its data)"
-        ) from e
-    folder = package / "data" / "Animal_MNIST"
-    # Pickles shipped inside the installed package (a numpy uint8 [10000, 28, 28] and an int64 [10000] array).
-    with (folder / "animal_data_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
-        images = np.asarray(pickle.load(f))
-    with (folder / "animal_label_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
-        labels = np.asarray(pickle.load(f))
-    return _rotation_domains(spec.name, images / np.float32(255.0), labels, spec.classes, seed, image_size)
+  try:
+    package = importlib.resources.files("animal_mnist")
+  except ImportError as e:  # ModuleNotFoundError
+    raise ImportError(
+      "rotated_animals needs the animal-mnist package: pip install --no-deps animal-mnist==0.4 "
+      "(--no-deps because it declares TensorFlow, which is not needed to read its data)"
+    ) from e
+  folder = package / "data" / "Animal_MNIST"
+  # Pickles shipped inside the installed package (a numpy uint8 [10000, 28, 28] and an int64 [10000] array).
+  with (folder / "animal_data_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
+    images = np.asarray(pickle.load(f))
+  with (folder / "animal_label_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
+    labels = np.asarray(pickle.load(f))
+  return _rotation_domains(spec.name, images / np.float32(255.0), labels, spec.classes, seed, image_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,214 +281,214 @@ def _load_rotated_animals(spec: DatasetSpec, data_dir, seed, image_size) -> Doma
 
 
 def _layout_error(cls, message: str):
-    return cls(f"{message}\nExpected layout: {_LAYOUT} (class folders may be empty). {_NO_DOWNLOAD}")
+  return cls(f"{message}\nExpected layout: {_LAYOUT} (class folders may be empty). {_NO_DOWNLOAD}")
 
 
 def _visible_dirs(path: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+  return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
 def _folder_root(spec: DatasetSpec, data_dir: str | None) -> str:
-    """The folder holding the domain folders: ``data_dir/<spec.folder>``, or ``data_dir`` itself."""
-    what = f"{spec.name}" + (f" (DomainBed folder {spec.folder}/)" if spec.folder else "")
-    if data_dir is None:
-        raise ValueError(f"{what} needs data_dir: " + ("the folder holding its domain folders." if not spec.folder
-                         else f"the folder that contains {spec.folder}/."))
-    data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
-    if not os.path.isdir(data_dir):
-        raise _layout_error(FileNotFoundError, f"{what}: data_dir {data_dir} does not exist.")
-    if spec.folder is None:
-        return data_dir
-    root = os.path.join(data_dir, spec.folder)
-    if os.path.isdir(root):
-        return root
-    if all(os.path.isdir(os.path.join(data_dir, d)) for d in spec.domains):
-        return data_dir  # data_dir already is the dataset folder
-    raise _layout_error(
-        FileNotFoundError, f"{what}: {root} does not exist (domains expected there: {', '.join(spec.domains)})."
-    )
+  """The folder holding the domain folders: ``data_dir/<spec.folder>``, or ``data_dir`` itself."""
+  what = f"{spec.name}" + (f" (DomainBed folder {spec.folder}/)" if spec.folder else "")
+  if data_dir is None:
+    raise ValueError(f"{what} needs data_dir: " + ("the folder holding its domain folders." if not spec.folder
+             else f"the folder that contains {spec.folder}/."))
+  data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+  if not os.path.isdir(data_dir):
+    raise _layout_error(FileNotFoundError, f"{what}: data_dir {data_dir} does not exist.")
+  if spec.folder is None:
+    return data_dir
+  root = os.path.join(data_dir, spec.folder)
+  if os.path.isdir(root):
+    return root
+  if all(os.path.isdir(os.path.join(data_dir, d)) for d in spec.domains):
+    return data_dir  # data_dir already is the dataset folder
+  raise _layout_error(
+    FileNotFoundError, f"{what}: {root} does not exist (domains expected there: {', '.join(spec.domains)})."
+  )
 
 
 def _scan_folder(spec: DatasetSpec, root: str):
-    """Lists domains, classes (sorted union over domains) and image files; validates the layout."""
-    if spec.domains:
-        missing = [d for d in spec.domains if not os.path.isdir(os.path.join(root, d))]
-        if missing:
-            raise _layout_error(
-                FileNotFoundError,
-                f"{spec.name}: domain folder(s) {missing} missing in {root}, which has {_visible_dirs(root)}; "
-                f"{spec.name} needs all of {list(spec.domains)}.",
-            )
-        domains = list(spec.domains)
-    else:
-        domains = _visible_dirs(root)
-        if not domains:
-            raise _layout_error(ValueError, f"{spec.name}: {root} contains no domain folders.")
-    classes_by_domain = {}
-    for d in domains:
-        classes_by_domain[d] = _visible_dirs(os.path.join(root, d))
-        if not classes_by_domain[d]:
-            raise _layout_error(ValueError, f"{spec.name}: domain folder {os.path.join(root, d)} has no class folders.")
-    # Classes are the union over domains so that a label means the same class everywhere; a class folder missing
-    # from a domain only means that domain has no images of it (warned, as it often signals an incomplete copy).
-    classes = sorted(set().union(*classes_by_domain.values()))
-    for d in domains:
-        absent = sorted(set(classes) - set(classes_by_domain[d]))
-        if absent:
-            warnings.warn(f"{spec.name}: domain {d!r} has no folder for class(es) {absent}; it has no images of them.")
-    files = []  # (relative path, domain, class)
-    for d in domains:
-        count = 0
-        for c in classes_by_domain[d]:
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, d, c)):
-                dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-                for f in sorted(filenames):
-                    if f.lower().endswith(_IMAGE_SUFFIXES) and not f.startswith("."):
-                        files.append((os.path.relpath(os.path.join(dirpath, f), root), d, c))
-                        count += 1
-        if count == 0:
-            raise _layout_error(ValueError, f"{spec.name}: domain {d!r} in {root} has no .jpg/.jpeg/.png images.")
-    return domains, classes, files
+  """Lists domains, classes (sorted union over domains) and image files; validates the layout."""
+  if spec.domains:
+    missing = [d for d in spec.domains if not os.path.isdir(os.path.join(root, d))]
+    if missing:
+      raise _layout_error(
+        FileNotFoundError,
+        f"{spec.name}: domain folder(s) {missing} missing in {root}, which has {_visible_dirs(root)}; "
+        f"{spec.name} needs all of {list(spec.domains)}.",
+      )
+    domains = list(spec.domains)
+  else:
+    domains = _visible_dirs(root)
+    if not domains:
+      raise _layout_error(ValueError, f"{spec.name}: {root} contains no domain folders.")
+  classes_by_domain = {}
+  for d in domains:
+    classes_by_domain[d] = _visible_dirs(os.path.join(root, d))
+    if not classes_by_domain[d]:
+      raise _layout_error(ValueError, f"{spec.name}: domain folder {os.path.join(root, d)} has no class folders.")
+  # Classes are the union over domains so that a label means the same class everywhere; a class folder missing
+  # from a domain only means that domain has no images of it (warned, as it often signals an incomplete copy).
+  classes = sorted(set().union(*classes_by_domain.values()))
+  for d in domains:
+    absent = sorted(set(classes) - set(classes_by_domain[d]))
+    if absent:
+      warnings.warn(f"{spec.name}: domain {d!r} has no folder for class(es) {absent}; it has no images of them.")
+  files = []  # (relative path, domain, class)
+  for d in domains:
+    count = 0
+    for c in classes_by_domain[d]:
+      for dirpath, dirnames, filenames in os.walk(os.path.join(root, d, c)):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        for f in sorted(filenames):
+          if f.lower().endswith(_IMAGE_SUFFIXES) and not f.startswith("."):
+            files.append((os.path.relpath(os.path.join(dirpath, f), root), d, c))
+            count += 1
+    if count == 0:
+      raise _layout_error(ValueError, f"{spec.name}: domain {d!r} in {root} has no .jpg/.jpeg/.png images.")
+  return domains, classes, files
 
 
 def _fingerprint(root: str, files, domains, classes, image_size: int) -> str:
-    """Identifies a conversion: the file list (names, sizes, modification times) and the conversion settings."""
-    h = hashlib.sha256(repr((_FOLDER_FORMAT_VERSION, image_size, domains, classes)).encode())
-    for rel, _, _ in files:
-        st = os.stat(os.path.join(root, rel))
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+  """Identifies a conversion: the file list (names, sizes, modification times) and the conversion settings."""
+  h = hashlib.sha256(repr((_FOLDER_FORMAT_VERSION, image_size, domains, classes)).encode())
+  for rel, _, _ in files:
+    st = os.stat(os.path.join(root, rel))
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
 
 
 _FOLDER_BUILDER = None
 
 
 def _folder_builder_class():
-    """The TFDS builder class, defined on first use so that importing this module does not import TFDS."""
-    global _FOLDER_BUILDER
-    if _FOLDER_BUILDER is not None:
-        return _FOLDER_BUILDER
-    tfds = _require_tfds()
-    from PIL import Image
-
-    class DomainImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Images of ``root/<domain>/<class>/`` resized to a square and stored as lossless PNG."""
-
-        name = "disam_domain_image_folder"
-        VERSION = tfds.core.Version("1.0.0")
-        # No source file to find checksums next to (nothing is downloaded). Also sidesteps tfds 4.9.10's code_path,
-        # which needs the `importlib_resources` backport (declared only for Python < 3.9) for classes in a package.
-        code_path = None
-
-        def __init__(self, *, root, domains, classes, files, image_size, **kwargs):
-            self._root, self._domains, self._classes = root, domains, classes
-            self._files, self._image_size = files, image_size
-            self.skipped: list[str] = []
-            super().__init__(**kwargs)
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description=f"Image folder {self._root} in layout {_LAYOUT}.",
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                        "label": tfds.features.ClassLabel(names=self._classes),
-                        "domain": tfds.features.ClassLabel(names=self._domains),
-                        "path": tfds.features.Text(),
-                    }
-                ),
-                metadata=tfds.core.MetadataDict(),
-            )
-
-        def _split_generators(self, dl_manager):
-            del dl_manager  # nothing is downloaded: the images are already on disk
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            size = (self._image_size, self._image_size)
-            for rel, domain, cls in self._files:
-                try:
-                    with Image.open(os.path.join(self._root, rel)) as im:
-                        im = im.convert("RGB")
-                        if im.size != size:
-                            im = im.resize(size, Image.BILINEAR)
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                    self.skipped.append(rel)
-                    _log.debug("skipping unreadable image %s: %s", rel, e)
-                    continue
-                buffer = io.BytesIO()
-                im.save(buffer, format="PNG")
-                yield rel, {"image": buffer.getvalue(), "label": cls, "domain": domain, "path": rel}
-            self.info.metadata["skipped_files"] = list(self.skipped)
-            if self.skipped:
-                shown = ", ".join(self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
-                warnings.warn(
-                    f"{self._root}: skipped {len(self.skipped)} unreadable image file(s) of {len(self._files)}: {shown}"
-                )
-
-    _FOLDER_BUILDER = DomainImageFolder
+  """The TFDS builder class, defined on first use so that importing this module does not import TFDS."""
+  global _FOLDER_BUILDER
+  if _FOLDER_BUILDER is not None:
     return _FOLDER_BUILDER
+  tfds = _require_tfds()
+  from PIL import Image
+
+  class DomainImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Images of ``root/<domain>/<class>/`` resized to a square and stored as lossless PNG."""
+
+    name = "disam_domain_image_folder"
+    VERSION = tfds.core.Version("1.0.0")
+    # No source file to find checksums next to (nothing is downloaded). Also sidesteps tfds 4.9.10's code_path,
+    # which needs the `importlib_resources` backport (declared only for Python < 3.9) for classes in a package.
+    code_path = None
+
+    def __init__(self, *, root, domains, classes, files, image_size, **kwargs):
+      self._root, self._domains, self._classes = root, domains, classes
+      self._files, self._image_size = files, image_size
+      self.skipped: list[str] = []
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"Image folder {self._root} in layout {_LAYOUT}.",
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(names=self._classes),
+            "domain": tfds.features.ClassLabel(names=self._domains),
+            "path": tfds.features.Text(),
+          }
+        ),
+        metadata=tfds.core.MetadataDict(),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # nothing is downloaded: the images are already on disk
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      size = (self._image_size, self._image_size)
+      for rel, domain, cls in self._files:
+        try:
+          with Image.open(os.path.join(self._root, rel)) as im:
+            im = im.convert("RGB")
+            if im.size != size:
+              im = im.resize(size, Image.BILINEAR)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+          self.skipped.append(rel)
+          _log.debug("skipping unreadable image %s: %s", rel, e)
+          continue
+        buffer = io.BytesIO()
+        im.save(buffer, format="PNG")
+        yield rel, {"image": buffer.getvalue(), "label": cls, "domain": domain, "path": rel}
+      self.info.metadata["skipped_files"] = list(self.skipped)
+      if self.skipped:
+        shown = ", ".join(self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
+        warnings.warn(
+          f"{self._root}: skipped {len(self.skipped)} unreadable image file(s) of {len(self._files)}: {shown}"
+        )
+
+  _FOLDER_BUILDER = DomainImageFolder
+  return _FOLDER_BUILDER
 
 
 def _read_data_source(source, keys: Sequence[str]) -> dict[str, list]:
-    """Reads every example of a TFDS random-access data source.
+  """Reads every example of a TFDS random-access data source.
 
-    One example at a time: image decoding dominates, so batched ``__getitems__`` is barely faster (1.11 s vs 1.25 s
-    for 6,000 32x32 PNGs), and tfds.testing.mock_data only supports item access.
-    """
-    out: dict[str, list] = {k: [] for k in keys}
-    for i in range(len(source)):
-        example = source[i]
-        for k in keys:
-            out[k].append(example[k])
-    return out
+  One example at a time: image decoding dominates, so batched ``__getitems__`` is barely faster (1.11 s vs 1.25 s
+  for 6,000 32x32 PNGs), and tfds.testing.mock_data only supports item access.
+  """
+  out: dict[str, list] = {k: [] for k in keys}
+  for i in range(len(source)):
+    example = source[i]
+    for k in keys:
+      out[k].append(example[k])
+  return out
 
 
 def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
-    del seed  # the folder fixes the domains; splits are seeded in split_dataset
-    tfds = _require_tfds()
-    root = _folder_root(spec, data_dir)
-    image_size = int(image_size or spec.default_image_size)
-    domains, classes, files = _scan_folder(spec, root)
+  del seed  # the folder fixes the domains; splits are seeded in split_dataset
+  tfds = _require_tfds()
+  root = _folder_root(spec, data_dir)
+  image_size = int(image_size or spec.default_image_size)
+  domains, classes, files = _scan_folder(spec, root)
 
-    if os.environ.get(TFDS_DIR_ENV):
-        tfds_dir = os.environ[TFDS_DIR_ENV]
-    elif spec.folder is None:
-        tfds_dir = os.path.join(root, ".tfds")  # hidden: the root's subfolders are the domains
-    else:
-        tfds_dir = os.path.join(os.path.dirname(root), "tfds")
-    fingerprint = _fingerprint(root, files, domains, classes, image_size)
-    builder = _folder_builder_class()(
-        root=root,
-        domains=domains,
-        classes=classes,
-        files=files,
-        image_size=image_size,
-        data_dir=tfds_dir,
-        file_format="array_record",
-        config=tfds.core.BuilderConfig(
-            name=f"{spec.name}_{image_size}px_{fingerprint}",
-            description=f"{root} resized to {image_size}x{image_size}",
-        ),
-    )
-    if not builder.is_prepared():
-        _log.info("converting %s (%d files) to TFDS under %s", root, len(files), builder.data_dir)
-    builder.download_and_prepare()  # reuses an existing conversion of the same files
-    table = _read_data_source(builder.as_data_source(split="train"), ("image", "label", "domain", "path"))
+  if os.environ.get(TFDS_DIR_ENV):
+    tfds_dir = os.environ[TFDS_DIR_ENV]
+  elif spec.folder is None:
+    tfds_dir = os.path.join(root, ".tfds")  # hidden: the root's subfolders are the domains
+  else:
+    tfds_dir = os.path.join(os.path.dirname(root), "tfds")
+  fingerprint = _fingerprint(root, files, domains, classes, image_size)
+  builder = _folder_builder_class()(
+    root=root,
+    domains=domains,
+    classes=classes,
+    files=files,
+    image_size=image_size,
+    data_dir=tfds_dir,
+    file_format="array_record",
+    config=tfds.core.BuilderConfig(
+      name=f"{spec.name}_{image_size}px_{fingerprint}",
+      description=f"{root} resized to {image_size}x{image_size}",
+    ),
+  )
+  if not builder.is_prepared():
+    _log.info("converting %s (%d files) to TFDS under %s", root, len(files), builder.data_dir)
+  builder.download_and_prepare()  # reuses an existing conversion of the same files
+  table = _read_data_source(builder.as_data_source(split="train"), ("image", "label", "domain", "path"))
 
-    domain_of = np.asarray(table["domain"], np.int64)
-    paths = np.asarray([p.decode() if isinstance(p, bytes) else str(p) for p in table["path"]])
-    images, labels = [], []
-    for k, d in enumerate(domains):
-        # TFDS stores examples in key-hash order: sort by path for a deterministic order.
-        members = np.flatnonzero(domain_of == k)
-        members = members[np.argsort(paths[members], kind="stable")]
-        if len(members) == 0:
-            raise ValueError(f"{spec.name}: domain {d!r} has no readable images in {root}.")
-        images.append(np.stack([table["image"][i] for i in members]).astype(np.float32) / np.float32(255.0))
-        labels.append(np.asarray([table["label"][i] for i in members], np.int32))
-    return DomainDataset(spec.name, tuple(domains), tuple(classes), tuple(images), tuple(labels))
+  domain_of = np.asarray(table["domain"], np.int64)
+  paths = np.asarray([p.decode() if isinstance(p, bytes) else str(p) for p in table["path"]])
+  images, labels = [], []
+  for k, d in enumerate(domains):
+    # TFDS stores examples in key-hash order: sort by path for a deterministic order.
+    members = np.flatnonzero(domain_of == k)
+    members = members[np.argsort(paths[members], kind="stable")]
+    if len(members) == 0:
+      raise ValueError(f"{spec.name}: domain {d!r} has no readable images in {root}.")
+    images.append(np.stack([table["image"][i] for i in members]).astype(np.float32) / np.float32(255.0))
+    labels.append(np.asarray([table["label"][i] for i in members], np.int32))
+  return DomainDataset(spec.name, tuple(domains), tuple(classes), tuple(images), tuple(labels))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -497,63 +497,63 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size) -> DomainD
 
 
 def _load_tfds(reference: str, data_dir, seed, image_size) -> DomainDataset:
-    """``reference`` is ``<name>[/<config>][/<version>][:<split>,<split>...]``; all splits when none are given."""
-    tfds = _require_tfds()
-    name, _, split_text = reference.partition(":")
-    requested = [s.strip() for s in split_text.split(",") if s.strip()]
-    where = data_dir or "TFDS's default data_dir"
-    not_prepared = (
-        f"TFDS dataset {name!r} is not prepared under {where}. Prepare it there first in array_record format "
-        f"(e.g. `tfds build {name} --file_format=array_record --data_dir=...`, on a machine with TensorFlow and "
-        "network access). No download is attempted here."
+  """``reference`` is ``<name>[/<config>][/<version>][:<split>,<split>...]``; all splits when none are given."""
+  tfds = _require_tfds()
+  name, _, split_text = reference.partition(":")
+  requested = [s.strip() for s in split_text.split(",") if s.strip()]
+  where = data_dir or "TFDS's default data_dir"
+  not_prepared = (
+    f"TFDS dataset {name!r} is not prepared under {where}. Prepare it there first in array_record format "
+    f"(e.g. `tfds build {name} --file_format=array_record --data_dir=...`, on a machine with TensorFlow and "
+    "network access). No download is attempted here."
+  )
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"TFDS dataset {name!r} is neither in the TFDS catalog nor under {where}.") from None
+  splits = requested or list(builder.info.splits)
+  if not splits:
+    raise FileNotFoundError(not_prepared)
+  try:
+    sources = builder.as_data_source(split=splits)  # never download_and_prepare: no network, ever
+  except Exception as e:
+    if not builder.is_prepared():
+      raise FileNotFoundError(not_prepared) from e
+    if "TFRECORD" in str(e).upper():
+      raise ValueError(
+        f"TFDS dataset {name!r} under {where} is stored as tfrecord, which needs TensorFlow to read; "
+        "prepare it again with file_format='array_record'."
+      ) from e
+    raise
+
+  features = dict(builder.info.features.items())
+  image_key, label_key = (list(builder.info.supervised_keys or ()) + [None, None])[:2]
+  if not isinstance(features.get(image_key), tfds.features.Image):
+    image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+  if not isinstance(features.get(label_key), tfds.features.ClassLabel):
+    label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+  if image_key is None or label_key is None:
+    raise ValueError(
+      f"tfds:{name} needs an Image feature and a ClassLabel feature; it has {builder.info.features}."
     )
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"TFDS dataset {name!r} is neither in the TFDS catalog nor under {where}.") from None
-    splits = requested or list(builder.info.splits)
-    if not splits:
-        raise FileNotFoundError(not_prepared)
-    try:
-        sources = builder.as_data_source(split=splits)  # never download_and_prepare: no network, ever
-    except Exception as e:
-        if not builder.is_prepared():
-            raise FileNotFoundError(not_prepared) from e
-        if "TFRECORD" in str(e).upper():
-            raise ValueError(
-                f"TFDS dataset {name!r} under {where} is stored as tfrecord, which needs TensorFlow to read; "
-                "prepare it again with file_format='array_record'."
-            ) from e
-        raise
 
-    features = dict(builder.info.features.items())
-    image_key, label_key = (list(builder.info.supervised_keys or ()) + [None, None])[:2]
-    if not isinstance(features.get(image_key), tfds.features.Image):
-        image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
-    if not isinstance(features.get(label_key), tfds.features.ClassLabel):
-        label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
-    if image_key is None or label_key is None:
-        raise ValueError(
-            f"tfds:{name} needs an Image feature and a ClassLabel feature; it has {builder.info.features}."
-        )
-
-    images, labels = [], []
-    for source in sources:
-        table = _read_data_source(source, (image_key, label_key))
-        images += table[image_key]
-        labels += table[label_key]
-    shapes = {np.shape(x) for x in images}
-    if len(shapes) != 1 and image_size is None:
-        raise ValueError(f"tfds:{name} images have several sizes; pass image_size to resize them to a square.")
-    if image_size is not None:
-        size = int(image_size)
-        pil = _require("PIL.Image", "Resizing images")
-        images = [x if np.shape(x)[:2] == (size, size) else np.asarray(
-            pil.fromarray(np.squeeze(np.asarray(x, np.uint8), -1) if np.shape(x)[-1] == 1 else np.asarray(x, np.uint8))
-            .resize((size, size), pil.BILINEAR)).reshape(size, size, np.shape(x)[-1]) for x in images]
-    pixels = np.stack(images).astype(np.float32) / np.float32(255.0)
-    classes = features[label_key].names
-    return _rotation_domains(f"tfds:{reference}", pixels, np.asarray(labels, np.int64), classes, seed, None)
+  images, labels = [], []
+  for source in sources:
+    table = _read_data_source(source, (image_key, label_key))
+    images += table[image_key]
+    labels += table[label_key]
+  shapes = {np.shape(x) for x in images}
+  if len(shapes) != 1 and image_size is None:
+    raise ValueError(f"tfds:{name} images have several sizes; pass image_size to resize them to a square.")
+  if image_size is not None:
+    size = int(image_size)
+    pil = _require("PIL.Image", "Resizing images")
+    images = [x if np.shape(x)[:2] == (size, size) else np.asarray(
+      pil.fromarray(np.squeeze(np.asarray(x, np.uint8), -1) if np.shape(x)[-1] == 1 else np.asarray(x, np.uint8))
+      .resize((size, size), pil.BILINEAR)).reshape(size, size, np.shape(x)[-1]) for x in images]
+  pixels = np.stack(images).astype(np.float32) / np.float32(255.0)
+  classes = features[label_key].names
+  return _rotation_domains(f"tfds:{reference}", pixels, np.asarray(labels, np.int64), classes, seed, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -562,56 +562,56 @@ def _load_tfds(reference: str, data_dir, seed, image_size) -> DomainDataset:
 
 
 def _folder_spec(name, folder, domains, description):
-    return DatasetSpec(name, _load_image_folder, tuple(domains), (), folder, 224, description)
+  return DatasetSpec(name, _load_image_folder, tuple(domains), (), folder, 224, description)
 
 
 # The animal-mnist labels follow the class order of the package's description (checked against the images).
 _ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
 DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec("rotated_digits", _load_rotated_digits, tuple(map(str, ROTATION_DEGREES)),
-                    tuple(map(str, range(10))), description="scikit-learn's 1,797 8x8 digits in 6 rotation domains"),
-        DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
-                    description="animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains"),
-        _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch"), "PACS (DomainBed layout)"),
-        _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), "VLCS (DomainBed layout)"),
-        _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World"),
-                     "OfficeHome (DomainBed layout)"),
-        _folder_spec("terra_incognita", "terra_incognita",
-                     ("location_100", "location_38", "location_43", "location_46"), "TerraIncognita (DomainBed layout)"),
-        _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-                     "DomainNet (DomainBed layout)"),
-        _folder_spec("image_folder", None, (), "any folder data_dir/<domain>/<class>/*.jpg, domains = subfolders"),
-    )
+  spec.name: spec
+  for spec in (
+    DatasetSpec("rotated_digits", _load_rotated_digits, tuple(map(str, ROTATION_DEGREES)),
+          tuple(map(str, range(10))), description="scikit-learn's 1,797 8x8 digits in 6 rotation domains"),
+    DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
+          description="animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains"),
+    _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch"), "PACS (DomainBed layout)"),
+    _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), "VLCS (DomainBed layout)"),
+    _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World"),
+           "OfficeHome (DomainBed layout)"),
+    _folder_spec("terra_incognita", "terra_incognita",
+           ("location_100", "location_38", "location_43", "location_46"), "TerraIncognita (DomainBed layout)"),
+    _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+           "DomainNet (DomainBed layout)"),
+    _folder_spec("image_folder", None, (), "any folder data_dir/<domain>/<class>/*.jpg, domains = subfolders"),
+  )
 }
 
 
 def load_dataset(
     name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int | None = None
 ) -> DomainDataset:
-    """Loads a registered dataset, or ``tfds:<name>`` (a TFDS dataset prepared under ``data_dir``), by domain.
+  """Loads a registered dataset, or ``tfds:<name>`` (a TFDS dataset prepared under ``data_dir``), by domain.
 
-    Args:
-      name: a key of `DATASETS`, or ``tfds:<name>[:<split>,...]`` for a TFDS image classification dataset already
-        prepared (array_record) under ``data_dir``; its images are split into the six rotation domains.
-      data_dir: for the DomainBed image folders, the folder holding ``PACS/``, ``VLCS/``, ... (or the dataset folder
-        itself); for ``image_folder``, the root whose subfolders are the domains; for ``tfds:``, the TFDS data_dir.
-        Image folders are converted once to TFDS under ``<data_dir>/tfds/`` (``<root>/.tfds/`` for
-        ``image_folder``; ``$DISAM_JAX_TFDS_DIR`` overrides both) and reused while the files are unchanged.
-      seed: seeds the assignment of images to rotation domains (ignored by image folders, whose domains are fixed).
-      image_size: resize images to ``image_size x image_size`` (default: 224 for image folders, native otherwise).
+  Args:
+    name: a key of `DATASETS`, or ``tfds:<name>[:<split>,...]`` for a TFDS image classification dataset already
+      prepared (array_record) under ``data_dir``; its images are split into the six rotation domains.
+    data_dir: for the DomainBed image folders, the folder holding ``PACS/``, ``VLCS/``, ... (or the dataset folder
+      itself); for ``image_folder``, the root whose subfolders are the domains; for ``tfds:``, the TFDS data_dir.
+      Image folders are converted once to TFDS under ``<data_dir>/tfds/`` (``<root>/.tfds/`` for
+      ``image_folder``; ``$DISAM_JAX_TFDS_DIR`` overrides both) and reused while the files are unchanged.
+    seed: seeds the assignment of images to rotation domains (ignored by image folders, whose domains are fixed).
+    image_size: resize images to ``image_size x image_size`` (default: 224 for image folders, native otherwise).
 
-    Returns:
-      A `DomainDataset`.
-    """
-    if name.startswith("tfds:"):
-        return _load_tfds(name[len("tfds:"):], data_dir, seed, image_size)
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or tfds:<name>.")
-    spec = DATASETS[name]
-    return spec.load(spec, data_dir, seed, image_size)
+  Returns:
+    A `DomainDataset`.
+  """
+  if name.startswith("tfds:"):
+    return _load_tfds(name[len("tfds:"):], data_dir, seed, image_size)
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or tfds:<name>.")
+  spec = DATASETS[name]
+  return spec.load(spec, data_dir, seed, image_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -620,139 +620,139 @@ def load_dataset(
 
 
 def _domain_index(ds: DomainDataset, domain) -> int:
-    if isinstance(domain, str):
-        if domain in ds.domains:
-            return ds.domains.index(domain)
-        raise ValueError(f"Unknown domain {domain!r} for {ds.name}; valid domains: {list(ds.domains)}.")
-    if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool):
-        if 0 <= domain < len(ds.domains):
-            return int(domain)
-        hint = f" (an int is a domain index; pass {str(domain)!r} for the domain named so)" if str(domain) in \
-            ds.domains else ""
-        raise ValueError(
-            f"Domain index {domain} out of range for {ds.name}{hint}; valid: 0..{len(ds.domains) - 1} "
-            f"or the names {list(ds.domains)}."
-        )
-    raise ValueError(f"held_out entries must be domain names or indices, got {domain!r}; valid: {list(ds.domains)}.")
+  if isinstance(domain, str):
+    if domain in ds.domains:
+      return ds.domains.index(domain)
+    raise ValueError(f"Unknown domain {domain!r} for {ds.name}; valid domains: {list(ds.domains)}.")
+  if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool):
+    if 0 <= domain < len(ds.domains):
+      return int(domain)
+    hint = f" (an int is a domain index; pass {str(domain)!r} for the domain named so)" if str(domain) in \
+      ds.domains else ""
+    raise ValueError(
+      f"Domain index {domain} out of range for {ds.name}{hint}; valid: 0..{len(ds.domains) - 1} "
+      f"or the names {list(ds.domains)}."
+    )
+  raise ValueError(f"held_out entries must be domain names or indices, got {domain!r}; valid: {list(ds.domains)}.")
 
 
 def split_dataset(
     ds: DomainDataset, held_out: str | int | Sequence[str | int], *, holdout_fraction: float = 0.2, seed: int = 0
 ) -> DomainSplit:
-    """Holds out domains for testing and splits each training domain into train and validation parts.
+  """Holds out domains for testing and splits each training domain into train and validation parts.
 
-    Each training domain is shuffled by a generator seeded with ``(seed, domain index)`` so that its split does
-    not depend on which other domains are held out; the first ``int(n * holdout_fraction)`` shuffled examples
-    become its validation part (DomainBed's training-domain validation), the rest its training part.
+  Each training domain is shuffled by a generator seeded with ``(seed, domain index)`` so that its split does
+  not depend on which other domains are held out; the first ``int(n * holdout_fraction)`` shuffled examples
+  become its validation part (DomainBed's training-domain validation), the rest its training part.
 
-    Args:
-      ds: the dataset.
-      held_out: the test domain(s), by name or index.
-      holdout_fraction: fraction of each training domain kept for validation, in [0, 1).
-      seed: seeds the shuffles.
-    """
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}.")
-    entries = [held_out] if isinstance(held_out, (str, int, np.integer)) else list(held_out)
-    test_idx = [_domain_index(ds, h) for h in entries]
-    if not test_idx:
-        raise ValueError(f"held_out is empty; name at least one of {list(ds.domains)}.")
-    if len(set(test_idx)) != len(test_idx):
-        raise ValueError(f"held_out names a domain twice: {entries}.")
-    train_idx = [i for i in range(len(ds.domains)) if i not in test_idx]
-    if not train_idx:
-        raise ValueError(f"held_out {entries} leaves no training domain in {list(ds.domains)}.")
-    train, val = [], []
-    for i in train_idx:
-        x, y = ds.images[i], ds.labels[i]
-        order = np.random.default_rng((seed, i)).permutation(len(x))
-        n_val = int(len(x) * holdout_fraction)
-        val.append((x[order[:n_val]], y[order[:n_val]]))
-        train.append((x[order[n_val:]], y[order[n_val:]]))
-    return DomainSplit(
-        train_domains=tuple(ds.domains[i] for i in train_idx),
-        test_domains=tuple(ds.domains[i] for i in test_idx),
-        train=tuple(train),
-        val=tuple(val),
-        test=tuple((ds.images[i], ds.labels[i]) for i in test_idx),
-    )
+  Args:
+    ds: the dataset.
+    held_out: the test domain(s), by name or index.
+    holdout_fraction: fraction of each training domain kept for validation, in [0, 1).
+    seed: seeds the shuffles.
+  """
+  if not 0.0 <= holdout_fraction < 1.0:
+    raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}.")
+  entries = [held_out] if isinstance(held_out, (str, int, np.integer)) else list(held_out)
+  test_idx = [_domain_index(ds, h) for h in entries]
+  if not test_idx:
+    raise ValueError(f"held_out is empty; name at least one of {list(ds.domains)}.")
+  if len(set(test_idx)) != len(test_idx):
+    raise ValueError(f"held_out names a domain twice: {entries}.")
+  train_idx = [i for i in range(len(ds.domains)) if i not in test_idx]
+  if not train_idx:
+    raise ValueError(f"held_out {entries} leaves no training domain in {list(ds.domains)}.")
+  train, val = [], []
+  for i in train_idx:
+    x, y = ds.images[i], ds.labels[i]
+    order = np.random.default_rng((seed, i)).permutation(len(x))
+    n_val = int(len(x) * holdout_fraction)
+    val.append((x[order[:n_val]], y[order[:n_val]]))
+    train.append((x[order[n_val:]], y[order[n_val:]]))
+  return DomainSplit(
+    train_domains=tuple(ds.domains[i] for i in train_idx),
+    test_domains=tuple(ds.domains[i] for i in test_idx),
+    train=tuple(train),
+    val=tuple(val),
+    test=tuple((ds.images[i], ds.labels[i]) for i in test_idx),
+  )
 
 
 class DomainBatchSampler:
-    """DomainBed batching: each step, every training domain contributes ``batch_size_per_domain`` examples.
+  """DomainBed batching: each step, every training domain contributes ``batch_size_per_domain`` examples.
 
-    Examples are drawn with replacement (DomainBed's infinite loaders do the same) from one seeded NumPy stream,
-    domain after domain. `state()` / `restore()` capture the stream so a resumed run draws the identical batches.
+  Examples are drawn with replacement (DomainBed's infinite loaders do the same) from one seeded NumPy stream,
+  domain after domain. `state()` / `restore()` capture the stream so a resumed run draws the identical batches.
 
-    Args:
-      train: ``(x, y)`` per training domain, e.g. ``split.train``.
-      batch_size_per_domain: examples per domain per step.
-      seed: seeds the stream.
-      domain_names: optional names used in error messages.
-    """
+  Args:
+    train: ``(x, y)`` per training domain, e.g. ``split.train``.
+    batch_size_per_domain: examples per domain per step.
+    seed: seeds the stream.
+    domain_names: optional names used in error messages.
+  """
 
-    def __init__(
-        self,
-        train: Sequence[tuple[np.ndarray, np.ndarray]],
-        batch_size_per_domain: int,
-        seed: int,
-        *,
-        domain_names: Sequence[str] | None = None,
-    ):
-        if not train:
-            raise ValueError("DomainBatchSampler needs at least one training domain.")
-        if int(batch_size_per_domain) < 1:
-            raise ValueError(f"batch_size_per_domain must be >= 1, got {batch_size_per_domain}.")
-        names = list(domain_names) if domain_names is not None else [f"#{i}" for i in range(len(train))]
-        self._x = [np.asarray(x, np.float32) for x, _ in train]
-        self._y = [np.asarray(y, np.int32) for _, y in train]
-        self._batch = int(batch_size_per_domain)
-        for name, x, y in zip(names, self._x, self._y):
-            if len(x) != len(y):
-                raise ValueError(f"Training domain {name}: {len(x)} images but {len(y)} labels.")
-            if self._batch > len(x):
-                raise ValueError(
-                    f"batch_size_per_domain={self._batch} exceeds the {len(x)} training examples of domain {name}. "
-                    "Sampling is with replacement, but a per-domain batch larger than the domain is almost "
-                    "certainly a mistake."
-                )
-        if len({x.shape[1:] for x in self._x}) > 1:
-            raise ValueError(f"Training domains have different image shapes: {[x.shape[1:] for x in self._x]}.")
-        self._rng = np.random.default_rng(seed)
-        self._steps = 0
-
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        """Returns images ``[M, b, H, W, C]`` float32 and labels ``[M, b]`` int32, one row per training domain."""
-        picks = [self._rng.integers(0, len(x), size=self._batch) for x in self._x]
-        self._steps += 1
-        return (
-            np.stack([x[p] for x, p in zip(self._x, picks)]),
-            np.stack([y[p] for y, p in zip(self._y, picks)]),
+  def __init__(
+      self,
+      train: Sequence[tuple[np.ndarray, np.ndarray]],
+      batch_size_per_domain: int,
+      seed: int,
+      *,
+      domain_names: Sequence[str] | None = None,
+  ):
+    if not train:
+      raise ValueError("DomainBatchSampler needs at least one training domain.")
+    if int(batch_size_per_domain) < 1:
+      raise ValueError(f"batch_size_per_domain must be >= 1, got {batch_size_per_domain}.")
+    names = list(domain_names) if domain_names is not None else [f"#{i}" for i in range(len(train))]
+    self._x = [np.asarray(x, np.float32) for x, _ in train]
+    self._y = [np.asarray(y, np.int32) for _, y in train]
+    self._batch = int(batch_size_per_domain)
+    for name, x, y in zip(names, self._x, self._y):
+      if len(x) != len(y):
+        raise ValueError(f"Training domain {name}: {len(x)} images but {len(y)} labels.")
+      if self._batch > len(x):
+        raise ValueError(
+          f"batch_size_per_domain={self._batch} exceeds the {len(x)} training examples of domain {name}. "
+          "Sampling is with replacement, but a per-domain batch larger than the domain is almost "
+          "certainly a mistake."
         )
+    if len({x.shape[1:] for x in self._x}) > 1:
+      raise ValueError(f"Training domains have different image shapes: {[x.shape[1:] for x in self._x]}.")
+    self._rng = np.random.default_rng(seed)
+    self._steps = 0
 
-    def __iter__(self):
-        return self
+  def next(self) -> tuple[np.ndarray, np.ndarray]:
+    """Returns images ``[M, b, H, W, C]`` float32 and labels ``[M, b]`` int32, one row per training domain."""
+    picks = [self._rng.integers(0, len(x), size=self._batch) for x in self._x]
+    self._steps += 1
+    return (
+      np.stack([x[p] for x, p in zip(self._x, picks)]),
+      np.stack([y[p] for y, p in zip(self._y, picks)]),
+    )
 
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.next()
+  def __iter__(self):
+    return self
 
-    def state(self) -> dict[str, Any]:
-        """A JSON-serializable snapshot: the bit generator state plus what it must be restored into."""
-        return {
-            "bit_generator": self._rng.bit_generator.state,
-            "steps": self._steps,
-            "batch_size_per_domain": self._batch,
-            "domain_sizes": [len(x) for x in self._x],
-        }
+  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    return self.next()
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continues the stream captured by `state()` (from a sampler over the same domains and batch size)."""
-        mine = (self._batch, [len(x) for x in self._x])
-        theirs = (state.get("batch_size_per_domain"), list(state.get("domain_sizes", [])))
-        if mine != theirs:
-            raise ValueError(
-                f"Sampler state is for batch size {theirs[0]} over domain sizes {theirs[1]}; this sampler has "
-                f"batch size {mine[0]} over {mine[1]}."
-            )
-        self._rng.bit_generator.state = state["bit_generator"]
-        self._steps = int(state.get("steps", 0))
+  def state(self) -> dict[str, Any]:
+    """A JSON-serializable snapshot: the bit generator state plus what it must be restored into."""
+    return {
+      "bit_generator": self._rng.bit_generator.state,
+      "steps": self._steps,
+      "batch_size_per_domain": self._batch,
+      "domain_sizes": [len(x) for x in self._x],
+    }
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues the stream captured by `state()` (from a sampler over the same domains and batch size)."""
+    mine = (self._batch, [len(x) for x in self._x])
+    theirs = (state.get("batch_size_per_domain"), list(state.get("domain_sizes", [])))
+    if mine != theirs:
+      raise ValueError(
+        f"Sampler state is for batch size {theirs[0]} over domain sizes {theirs[1]}; this sampler has "
+        f"batch size {mine[0]} over {mine[1]}."
+      )
+    self._rng.bit_generator.state = state["bit_generator"]
+    self._steps = int(state.get("steps", 0))
