@@ -36,6 +36,22 @@ def test_unknown_dataset_lists_valid_names():
     data.load_dataset("rotated_mnistt")
 
 
+@pytest.mark.parametrize(
+  "blocked, name, message",
+  [
+    ("sklearn.datasets", "rotated_digits", r"pip install 'disam_jax\[harness\]'"),
+    ("tensorflow_datasets", "image_folder", r"pip install 'disam_jax\[harness\]'"),
+    ("tensorflow_datasets", "tfds:mnist", r"pip install 'disam_jax\[harness\]'"),
+    ("animal_mnist", "rotated_animals", "pip install --no-deps animal-mnist==0.4"),
+  ],
+)
+def test_missing_optional_dependency_names_the_install(monkeypatch, tmp_path, blocked, name, message):
+  monkeypatch.setattr(data, "_FOLDER_BUILDER", None)
+  monkeypatch.setitem(sys.modules, blocked, None)  # makes `import blocked` raise ImportError
+  with pytest.raises(ImportError, match=message):
+    data.load_dataset(name, data_dir=str(tmp_path))
+
+
 def test_registry_has_domainbed_domain_tables():
   assert data.DATASETS["pacs"].domains == ("art_painting", "cartoon", "photo", "sketch")
   assert data.DATASETS["office_home"].domains == ("Art", "Clipart", "Product", "Real World")
