@@ -12,6 +12,7 @@ Skipped where torch is not installed.
 import copy
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # `benchmarks` is not an installed package; import it from the checkout
+  sys.path.insert(0, str(_ROOT))
 from benchmarks import torch_disam as td  # noqa: E402
 
 REFERENCE = pathlib.Path(__file__).parent / "data" / "disam_reference_v1.json"
