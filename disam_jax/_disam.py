@@ -155,6 +155,7 @@ def disam(
     adaptive: bool = False,
     domain_weights: Union[str, jax.typing.ArrayLike] = 'uniform',
     has_aux: bool = False,
+    aux_example: Any = None,
     num_domains: Optional[int] = None,
     batch_axis_name: Optional[str] = None,
     per_device_perturbation: bool = False,
@@ -182,8 +183,9 @@ def disam(
   `optax.chain(a, disam(...), b)` the chain forwards `domain_loss_fn` to every member: `b` acts on DISAM's updates
   as usual, but `a`'s output is discarded because DISAM recomputes the gradient.
 
-  Non-finite losses propagate into the updates (nothing is silently zeroed); wrap the transformation in
-  `optax.apply_if_finite(disam(...), max_consecutive_errors)` to skip such steps. A zero gradient gives a zero
+  Non-finite losses propagate into the updates (nothing is silently zeroed). To skip such steps, put
+  `optax.apply_if_finite` inside base_tx, `disam(optax.apply_if_finite(sgd, max_consecutive_errors=5))`: it then
+  sees the sharpness-aware gradient. (Wrapped around disam it would only inspect the ignored incoming updates.) A zero gradient gives a zero
   perturbation (the norm has a 1e-12 floor), never NaN.
 
   Args:
@@ -197,6 +199,9 @@ def disam(
       the official code effectively computes), or a `[M]` array of fixed weights (renormalized over present
       domains). The same weights define `L` and `V`.
     has_aux: `domain_loss_fn` returns `(domain_losses, aux)`; the unperturbed aux is kept in `state.aux`.
+    aux_example: with `has_aux`, a pytree of arrays shaped like the aux (e.g. the model's current BatchNorm
+      statistics): `init` stores it as `state.aux` instead of `None`, so the state keeps one structure across
+      steps. Needed where the state must not change structure: `nnx.Optimizer`, a `lax.scan` carry, `lax.cond`.
     num_domains: M, if known: fixes the shape of `state.domain_losses` from `init` (needed when the state is a
       `lax.scan` carry) and checks every call against it.
     batch_axis_name: under `pmap`/`shard_map`, the mapped axis holding slices of the batch: domain loss sums and
@@ -241,6 +246,9 @@ def disam(
   base_tx = optax.with_extra_args_support(base_tx)
   lam_may_be_positive = callable(lam) or float(lam) > 0
 
+  if aux_example is not None and not has_aux:
+    raise ValueError('aux_example is only meaningful with has_aux=True.')
+
   def init_fn(params):
     m = 0 if num_domains is None else num_domains
     zero = jnp.zeros([], jnp.float32)
@@ -253,7 +261,7 @@ def disam(
         variance=zero,
         perturbation_norm=zero,
         grad_norm=zero,
-        aux=None,
+        aux=aux_example,
     )
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):

@@ -501,10 +501,13 @@ def test_gradient_accumulation_inside_the_loss_function_equals_big_batch():
         ({'domain_weights': [1.0, -1.0]}, 'finite values >= 0'),
         ({'domain_weights': [1.0, 1.0], 'num_domains': 3}, '2 entries but num_domains=3'),
         ({'per_device_perturbation': True}, 'needs batch_axis_name'),
+        ({'aux_example': {'a': 1.0}}, 'only meaningful with has_aux=True'),
+        ({'num_domains': 0}, 'num_domains must be a positive int'),
+        ({'rho': 'big'}, None),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(TypeError if match is None else ValueError, match=match or 'float or an optax schedule'):
     disam_jax.disam(optax.sgd(0.1), **kwargs)
 
 

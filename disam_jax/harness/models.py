@@ -1,0 +1,615 @@
+"""Networks for the domain-generalization harness, in Flax NNX.
+
+A registry (``MODELS``) of DomainBed's networks plus a small ViT, and the two
+helpers the training step uses to run a model as a pure function:
+
+* ``functional_model(model)`` splits a model into ``(graphdef, params,
+  model_state)``: ``params`` are the ``nnx.Param`` variables (what the optimizer
+  and the sharpness-aware perturbation act on), ``model_state`` is everything
+  else (BatchNorm running statistics, dropout RNG counters; possibly empty).
+* ``apply_model(graphdef, params, model_state, x, train=...)`` is pure: it
+  returns the logits and the new ``model_state`` instead of mutating anything.
+
+Why the split matters for SAM/DISAM: a sharpness-aware step evaluates the model
+twice, once at the weights and once at the perturbed weights. Calling a
+BatchNorm network twice in train mode would update its running statistics twice,
+the second time with statistics of a model that is never deployed (davda54/sam
+#17, #30). With ``apply_model`` the training code keeps the ``model_state`` from
+the unperturbed pass and throws away the perturbed pass's one. Feeding both
+passes the same ``model_state`` also gives them the same dropout mask.
+
+Every model takes NHWC float inputs, returns logits ``[n, num_classes]`` and is
+built as ``backbone`` (the featurizer, DomainBed's ``Featurizer``) followed by
+an optional dropout and ``classifier`` (an ``nnx.Linear``). ``model.n_features``
+is the backbone's output width. Models start in train mode (NNX's default);
+switch with ``model.train()`` / ``model.eval()``.
+
+Example::
+
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> model = create_model('mnist_cnn', num_classes=10, input_shape=(28, 28, 1),
+  ...                      rngs=nnx.Rngs(0))
+  >>> graphdef, params, model_state = functional_model(model)
+  >>> logits, model_state = apply_model(graphdef, params, model_state,
+  ...                                   jnp.zeros((2, 28, 28, 1)), train=True)
+  >>> logits.shape
+  (2, 10)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "MODELS",
+    "create_model",
+    "functional_model",
+    "apply_model",
+    "save_weights",
+    "load_pretrained",
+    "convert_torchvision_resnet",
+    "MLP",
+    "MNISTCNN",
+    "ResNet",
+    "ViT",
+]
+
+# Torch's padding=1 for a 3x3 convolution. Flax's 'SAME' agrees with it at stride 1
+# but pads only the bottom/right side at stride 2, which shifts the sampling grid;
+# explicit padding keeps converted PyTorch weights computing the same function.
+_PAD1 = ((1, 1), (1, 1))
+_BN_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (torch's momentum=0.1)
+_BN_EPSILON = 1e-5
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+  if len(input_shape) != 3:
+    raise ValueError(f"input_shape must be (height, width, channels), got {input_shape!r}")
+  return tuple(int(d) for d in input_shape)  # type: ignore[return-value]
+
+
+class _Classifier(nnx.Module):
+  """``backbone -> [dropout] -> classifier``; subclasses build ``backbone``."""
+
+  backbone: nnx.Module
+  n_features: int
+
+  def _init_head(self, num_classes, dropout, dtype, param_dtype, rngs):
+    # No Dropout module at rate 0, so such models carry no RNG state.
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.classifier = nnx.Linear(self.n_features, num_classes, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = self.backbone(x)
+    if self.dropout is not None:
+      features = self.dropout(features)
+    return self.classifier(features)
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+class _MLPBackbone(nnx.Module):
+
+  def __init__(self, n_inputs, hidden, depth, dtype, param_dtype, rngs):
+    widths = [n_inputs] + [hidden] * depth
+    self.layers = nnx.List([
+        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for a, b in zip(widths[:-1], widths[1:])
+    ])
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return x
+
+
+class MLP(_Classifier):
+  """``flatten -> [Dense(hidden) -> relu] * depth -> Dense(num_classes)``.
+
+  DomainBed's MLP (used for ColoredMNIST-style inputs). ``dropout`` applies to the
+  features before the classifier.
+  """
+
+  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
+               hidden: int = 256, depth: int = 2, dropout: float = 0.0,
+               dtype=None, param_dtype=jnp.float32):
+    h, w, c = _check_input_shape(input_shape)
+    self.backbone = _MLPBackbone(h * w * c, hidden, depth, dtype, param_dtype, rngs)
+    self.n_features = hidden
+    self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+
+# ----------------------------------------------------------------------- MNIST CNN
+
+
+class _MNISTCNNBackbone(nnx.Module):
+  # Layer names follow DomainBed's conv1..conv4; its GroupNorms are called bn0..bn3
+  # there and norm0..norm3 here.
+
+  def __init__(self, in_channels, dtype, param_dtype, rngs):
+    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding=_PAD1, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+    norm = functools.partial(nnx.GroupNorm, num_groups=8, epsilon=1e-5, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = conv(in_channels, 64, strides=1)
+    self.conv2 = conv(64, 128, strides=2)
+    self.conv3 = conv(128, 128, strides=1)
+    self.conv4 = conv(128, 128, strides=1)
+    self.norm0 = norm(64)
+    self.norm1 = norm(128)
+    self.norm2 = norm(128)
+    self.norm3 = norm(128)
+
+  def __call__(self, x):
+    x = self.norm0(nnx.relu(self.conv1(x)))
+    x = self.norm1(nnx.relu(self.conv2(x)))
+    x = self.norm2(nnx.relu(self.conv3(x)))
+    x = self.norm3(nnx.relu(self.conv4(x)))
+    return jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1))
+
+
+class MNISTCNN(_Classifier):
+  """DomainBed's ``MNIST_CNN`` featurizer plus a linear classifier.
+
+  ``conv3x3(64) -> relu -> GroupNorm(8)``, ``conv3x3(128, stride 2) -> relu ->
+  GroupNorm(8)``, two more ``conv3x3(128) -> relu -> GroupNorm(8)``, global average
+  pool, ``Dense(num_classes)``. Convolutions have biases and torch's padding=1; no
+  BatchNorm, so ``model_state`` is empty. Works for any input of at least 2x2
+  pixels (8x8 digits, 28x28 MNIST).
+  """
+
+  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
+               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32):
+    _, _, c = _check_input_shape(input_shape)
+    self.backbone = _MNISTCNNBackbone(c, dtype, param_dtype, rngs)
+    self.n_features = 128
+    self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+
+# -------------------------------------------------------------------------- ResNet
+
+
+class _FrozenBatchNorm(nnx.BatchNorm):
+  """BatchNorm that always uses (and never updates) its running statistics."""
+
+  def __call__(self, x, use_running_average=None, **kwargs):
+    return super().__call__(x, use_running_average=True, **kwargs)
+
+
+class _ResNetLayers:
+  """Layer factories shared by the blocks (torchvision's initialization)."""
+
+  def __init__(self, freeze_bn, dtype, param_dtype, rngs):
+    self.conv = functools.partial(
+        nnx.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    self.norm = functools.partial(_FrozenBatchNorm if freeze_bn else nnx.BatchNorm,
+                                  momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def downsample(self, cin, cout, stride):
+    return nnx.List([self.conv(cin, cout, (1, 1), strides=stride, padding="VALID"),
+                     self.norm(cout)])
+
+
+def _shortcut(downsample, x):
+  if downsample is None:
+    return x
+  conv, norm = downsample
+  return norm(conv(x))
+
+
+class BasicBlock(nnx.Module):
+  expansion = 1
+
+  def __init__(self, cin, planes, stride, layers: _ResNetLayers):
+    cout = planes * self.expansion
+    self.conv1 = layers.conv(cin, planes, (3, 3), strides=stride, padding=_PAD1)
+    self.bn1 = layers.norm(planes)
+    self.conv2 = layers.conv(planes, cout, (3, 3), padding=_PAD1)
+    self.bn2 = layers.norm(cout)
+    needs_projection = stride != 1 or cin != cout
+    self.downsample = layers.downsample(cin, cout, stride) if needs_projection else None
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return nnx.relu(y + _shortcut(self.downsample, x))
+
+
+class Bottleneck(nnx.Module):
+  """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+  expansion = 4
+
+  def __init__(self, cin, planes, stride, layers: _ResNetLayers):
+    cout = planes * self.expansion
+    self.conv1 = layers.conv(cin, planes, (1, 1), padding="VALID")
+    self.bn1 = layers.norm(planes)
+    self.conv2 = layers.conv(planes, planes, (3, 3), strides=stride, padding=_PAD1)
+    self.bn2 = layers.norm(planes)
+    self.conv3 = layers.conv(planes, cout, (1, 1), padding="VALID")
+    self.bn3 = layers.norm(cout)
+    needs_projection = stride != 1 or cin != cout
+    self.downsample = layers.downsample(cin, cout, stride) if needs_projection else None
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = nnx.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return nnx.relu(y + _shortcut(self.downsample, x))
+
+
+class _ResNetBackbone(nnx.Module):
+  # Attribute names mirror torchvision (conv1, bn1, layer1..layer4, downsample/0|1)
+  # so that `convert_torchvision_resnet` is a renaming plus transposes.
+
+  def __init__(self, block, stage_sizes, in_channels, width, small_input_stem, freeze_bn,
+               dtype, param_dtype, rngs):
+    layers = _ResNetLayers(freeze_bn, dtype, param_dtype, rngs)
+    self.small_input_stem = small_input_stem
+    if small_input_stem:
+      self.conv1 = layers.conv(in_channels, width, (3, 3), strides=1, padding=_PAD1)
+    else:
+      self.conv1 = layers.conv(in_channels, width, (7, 7), strides=2, padding=((3, 3), (3, 3)))
+    self.bn1 = layers.norm(width)
+    cin = width
+    for stage, num_blocks in enumerate(stage_sizes):
+      planes = width * 2**stage
+      blocks = []
+      for i in range(num_blocks):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        blocks.append(block(cin, planes, stride, layers))
+        cin = planes * block.expansion
+      setattr(self, f"layer{stage + 1}", nnx.List(blocks))
+    self.num_stages = len(stage_sizes)
+    self.n_features = cin
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    if not self.small_input_stem:
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD1)
+    for stage in range(self.num_stages):
+      for block in getattr(self, f"layer{stage + 1}"):
+        x = block(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+class ResNet(_Classifier):
+  """ResNet-18/50 (torchvision layout) with ``nnx.BatchNorm`` (momentum 0.9, eps 1e-5).
+
+  Stem: for inputs taller than 64 pixels, ImageNet's ``conv7x7/2 -> BN -> relu ->
+  maxpool3x3/2``; for inputs of height <= 64, the CIFAR-style ``conv3x3/1 -> BN ->
+  relu`` without max-pool (keeps resolution on small images and avoids max-pool,
+  whose backward pass is slow on XLA CPU). Override with ``small_input_stem``.
+
+  Args:
+    num_classes: classifier outputs.
+    input_shape: ``(height, width, channels)``.
+    rngs: initialization RNGs (``dropout`` stream used when ``dropout > 0``).
+    block: ``BasicBlock`` or ``Bottleneck``.
+    stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)``.
+    width: channels of the stem and of the first stage (64 in the paper); smaller
+      values give fast test models.
+    dropout: dropout rate before the classifier (DomainBed's ``resnet_dropout``).
+    small_input_stem: ``None`` picks by input height as above.
+
+    freeze_bn: BatchNorm always normalizes with its running statistics and never
+      updates them, in train mode too (its scale and bias still train).
+      DomainBed's ResNet does this (``freeze_bn``) when fine-tuning ImageNet
+      weights; the default, False, is standard BatchNorm.
+  """
+
+  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
+               block: type = BasicBlock, stage_sizes: Sequence[int] = (2, 2, 2, 2),
+               width: int = 64, dropout: float = 0.0, small_input_stem: bool | None = None,
+               freeze_bn: bool = False, dtype=None, param_dtype=jnp.float32):
+    h, _, c = _check_input_shape(input_shape)
+    if small_input_stem is None:
+      small_input_stem = h <= 64
+    self.backbone = _ResNetBackbone(block, tuple(stage_sizes), c, width, bool(small_input_stem),
+                                    freeze_bn, dtype, param_dtype, rngs)
+    self.n_features = self.backbone.n_features
+    self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+class _EncoderBlock(nnx.Module):
+  """Pre-LayerNorm transformer block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``."""
+
+  def __init__(self, dim, heads, mlp_dim, dtype, param_dtype, rngs):
+    self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False, dtype=dtype,
+                                            param_dtype=param_dtype, keep_rngs=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attention(self.norm1(x))
+    return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
+
+
+class _ViTBackbone(nnx.Module):
+
+  def __init__(self, input_shape, patch_size, dim, depth, heads, mlp_ratio, pool,
+               dtype, param_dtype, rngs):
+    h, w, c = input_shape
+    if h % patch_size or w % patch_size:
+      raise ValueError(f"input {h}x{w} is not divisible into {patch_size}x{patch_size} patches")
+    if pool not in ("cls", "mean"):
+      raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    self.patch_size = patch_size
+    self.pool = pool
+    num_tokens = (h // patch_size) * (w // patch_size) + (pool == "cls")
+    # A linear map of flattened (p, p, c) patches: the same function as a p x p
+    # stride-p convolution, and a plain matmul on CPU.
+    self.patch_embed = nnx.Linear(patch_size * patch_size * c, dim, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    init = nnx.initializers.normal(0.02)
+    self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim), param_dtype)) if pool == "cls" else None
+    self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, dim), param_dtype))
+    self.blocks = nnx.List([
+        _EncoderBlock(dim, heads, mlp_ratio * dim, dtype, param_dtype, rngs) for _ in range(depth)
+    ])
+    self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    p = self.patch_size
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = self.patch_embed(x.reshape(n, (h // p) * (w // p), p * p * c))
+    if self.cls_token is not None:
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.pos_embed[...].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x)
+    x = self.norm(x)
+    return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+
+
+class ViT(_Classifier):
+  """A small Vision Transformer (defaults: ViT-Tiny width on 32x32 images).
+
+  Patch 4 -> 64 tokens (+ class token), dim 192, 6 pre-LN blocks with 3 heads and a
+  4x MLP, final LayerNorm, class-token (or ``pool='mean'``) readout, ``Dense``.
+  """
+
+  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
+               patch_size: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
+               mlp_ratio: int = 4, pool: str = "cls", dropout: float = 0.0,
+               dtype=None, param_dtype=jnp.float32):
+    shape = _check_input_shape(input_shape)
+    self.backbone = _ViTBackbone(shape, patch_size, dim, depth, heads, mlp_ratio, pool,
+                                 dtype, param_dtype, rngs)
+    self.n_features = dim
+    self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+
+# ------------------------------------------------------------------------ registry
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "mlp": MLP,
+    "mnist_cnn": MNISTCNN,
+    "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
+    "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
+    "vit_tiny": ViT,
+}
+
+
+def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
+                 rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
+  """Builds the registry model ``name``.
+
+  Args:
+    name: a key of ``MODELS``: 'mlp', 'mnist_cnn', 'resnet18', 'resnet50', 'vit_tiny'.
+    num_classes: number of logits.
+    input_shape: ``(height, width, channels)`` of one NHWC example.
+    rngs: ``nnx.Rngs`` for initialization (and dropout, if any).
+    **kwargs: model options, e.g. ``hidden`` (mlp), ``width``/``dropout`` (resnets),
+      ``depth``/``dim`` (vit_tiny), ``dtype``/``param_dtype`` (all).
+
+  Returns:
+    The model, in train mode.
+
+  Raises:
+    ValueError: unknown ``name``.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+  return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=rngs,
+                      **kwargs)
+
+
+# --------------------------------------------------------------- functional form
+
+
+def functional_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """Splits ``model`` into ``(graphdef, params, model_state)``.
+
+  ``params`` holds the ``nnx.Param`` variables; ``model_state`` everything else
+  (``nnx.BatchStat`` running statistics, dropout RNG counters), possibly empty.
+  """
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, model_state
+
+
+def apply_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
+                x: jax.Array, *, train: bool) -> tuple[jax.Array, nnx.State]:
+  """Runs the model as a pure function (usable inside ``jax.jit``/``jax.grad``).
+
+  Args:
+    graphdef, params, model_state: from ``functional_model``; ``params`` may be
+      perturbed or traced.
+    x: NHWC inputs.
+    train: ``True`` uses batch statistics in BatchNorm and active dropout, and
+      returns the updated running statistics / RNG counters; ``False`` uses the
+      running averages, no dropout, and returns ``model_state`` itself.
+
+  Returns:
+    ``(logits, new_model_state)``; ``new_model_state`` has the structure of
+    ``model_state``. Nothing passed in is mutated, so a caller can run several
+    passes from the same ``model_state`` and keep whichever result it wants.
+  """
+  # copy=True: without it the merged module would share (and its BatchNorm would
+  # write into) the Variable objects of the states passed in.
+  model = nnx.merge(graphdef, params, model_state, copy=True)
+  if train:
+    model.train()
+  else:
+    model.eval()
+  logits = model(x)
+  if not train:
+    return logits, model_state
+  return logits, nnx.state(model, nnx.Not(nnx.Param))
+
+
+# ------------------------------------------------------------------------ weights
+
+# Saved: parameters and running statistics; not RNG keys/counters.
+_WEIGHTS = nnx.Not(nnx.RngState)
+
+
+def _weight_variables(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
+  flat = nnx.to_flat_state(nnx.state(model, _WEIGHTS))
+  return {"/".join(str(k) for k in path): (path, var) for path, var in flat}
+
+
+def save_weights(model: nnx.Module, path: str | os.PathLike) -> list[str]:
+  """Writes the model's weights to ``path`` in the ``load_pretrained`` .npz format.
+
+  The file is written at ``path`` exactly (no '.npz' appended). Returns the keys.
+  """
+  arrays = {key: np.asarray(jax.device_get(var.get_value()))
+            for key, (_, var) in _weight_variables(model).items()}
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return sorted(arrays)
+
+
+def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool = False) -> list[str]:
+  """Loads weights from a local .npz file into ``model`` in place (no download).
+
+  File format: an ``np.savez`` archive with one array per variable. The key is
+  ``'/'.join`` of the variable's path in the NNX state, e.g.
+  ``'backbone/conv1/kernel'``, ``'backbone/layer1/0/bn1/mean'``,
+  ``'classifier/bias'``; the values use Flax layouts:
+
+  * convolution kernel ``[kh, kw, in, out]`` (HWIO),
+  * dense kernel ``[in, out]``,
+  * BatchNorm/GroupNorm/LayerNorm ``scale``, ``bias``; BatchNorm ``mean``, ``var``.
+
+  Parameters and BatchNorm statistics are stored; RNG state is not.
+  ``save_weights`` writes this format. From PyTorch: rename ``.`` to ``/``,
+  ``weight`` to ``kernel`` (conv, linear) or ``scale`` (norms), ``running_mean``/
+  ``running_var`` to ``mean``/``var``, drop ``num_batches_tracked``, and transpose
+  conv weights OIHW -> HWIO (``w.transpose(2, 3, 1, 0)``) and linear weights
+  ``(out, in)`` -> ``(in, out)`` (``w.T``). ``convert_torchvision_resnet`` does
+  this for torchvision ResNets::
+
+    sd = {k: v.numpy() for k, v in torchvision.models.resnet50(weights=...).state_dict().items()}
+    np.savez('resnet50.npz', **convert_torchvision_resnet(sd))
+
+  Args:
+    model: the model to fill.
+    path: the .npz file.
+    strict: if True, every key of the model and of the file must match with equal
+      shapes. If False, keys whose shapes differ (typically the classifier head of
+      a model with another number of classes, or an ImageNet stem loaded into the
+      small-input stem) are skipped with a warning and keep their initial values,
+      file keys the model lacks are ignored, and model keys the file lacks keep
+      their initial values.
+
+  Returns:
+    The sorted list of loaded keys.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: in strict mode, a shape mismatch (naming the key and both shapes)
+      or a missing/unexpected key; in any mode, a non-empty file of which no key
+      could be loaded (a wrong file or a naming mismatch, never silently ignored).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no weights file at {path!r}")
+  with np.load(path, allow_pickle=False) as archive:
+    arrays = {key: archive[key] for key in archive.files}
+  variables = _weight_variables(model)
+
+  mismatched = []
+  for key in sorted(arrays.keys() & variables.keys()):
+    model_shape = tuple(variables[key][1].shape)
+    file_shape = tuple(arrays[key].shape)
+    if model_shape != file_shape:
+      if strict:
+        raise ValueError(f"shape mismatch for {key!r}: model has {model_shape}, "
+                         f"{path!r} has {file_shape}")
+      mismatched.append(f"{key} (model {model_shape}, file {file_shape})")
+  missing = sorted(variables.keys() - arrays.keys())
+  unexpected = sorted(arrays.keys() - variables.keys())
+  if strict and (missing or unexpected):
+    raise ValueError(f"keys do not match {path!r}: missing from file {missing}, "
+                     f"not in model {unexpected}")
+  if mismatched:
+    warnings.warn(f"load_pretrained skipped keys with other shapes: {mismatched}", stacklevel=2)
+
+  updates, loaded = [], []
+  for key in sorted(arrays.keys() & variables.keys()):
+    state_path, var = variables[key]
+    if tuple(var.shape) != tuple(arrays[key].shape):
+      continue
+    updates.append((state_path, var.replace(jnp.asarray(arrays[key], dtype=var.dtype))))
+    loaded.append(key)
+  if arrays and not loaded:
+    raise ValueError(f"none of the {len(arrays)} keys in {path!r} matches the model "
+                     f"(file keys e.g. {sorted(arrays)[:3]}, model keys e.g. {sorted(variables)[:3]})")
+  nnx.update(model, nnx.from_flat_state(updates))
+  return loaded
+
+
+def convert_torchvision_resnet(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Maps a torchvision ResNet ``state_dict`` (values as NumPy arrays) to our keys.
+
+  ``conv1.weight`` -> ``backbone/conv1/kernel`` (OIHW -> HWIO), ``layerI.J.bnK.*``
+  -> ``backbone/layerI/J/bnK/{scale,bias,mean,var}``, ``fc.*`` -> ``classifier/*``
+  (weight transposed to ``(in, out)``); ``num_batches_tracked`` is dropped. Torch
+  keeps the unbiased batch variance in ``running_var``; Flax the biased one; the
+  difference is a factor ``n/(n-1)`` over ImageNet-sized batches, i.e. negligible.
+  Load the result into a model built with ``small_input_stem=False`` (ImageNet stem).
+  """
+  renamed_leaves = {"running_mean": "mean", "running_var": "var", "bias": "bias"}
+  out = {}
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    *modules, leaf = key.split(".")
+    if leaf == "num_batches_tracked":
+      continue
+    if leaf == "weight":
+      if value.ndim == 4:
+        leaf, value = "kernel", value.transpose(2, 3, 1, 0)
+      elif value.ndim == 2:
+        leaf, value = "kernel", value.T
+      else:
+        leaf = "scale"
+    elif leaf in renamed_leaves:
+      leaf = renamed_leaves[leaf]
+    else:
+      raise ValueError(f"unexpected torchvision key {key!r}")
+    prefix = ["classifier"] if modules == ["fc"] else ["backbone", *modules]
+    out["/".join(prefix + [leaf])] = np.ascontiguousarray(value)
+  return out
