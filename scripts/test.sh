@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Quick start, command 2: the test suite (pytest; exit code 5, "no tests collected", is a failure too).
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+cd "$ROOT"
+exec python -m pytest "$@"
