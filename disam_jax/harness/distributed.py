@@ -1,0 +1,169 @@
+"""Multi-process training on JAX's own distributed runtime (multi-controller JAX).
+
+Every process runs the same program. `initialize` joins the processes through `jax.distributed.initialize`
+(coordinator address, process count and id from arguments or the usual `JAX_COORDINATOR_ADDRESS`,
+`JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` variables; on TPU pods and SLURM/Open MPI clusters JAX detects them itself).
+A global `Mesh` spans every device of every process with one axis, `data`; the `[M, b, ...]` batch is sharded
+along the per-domain batch axis `b`, so every device holds a slice of every domain. Each process materializes only
+its own slice (`local_batch_slice`) and `jax.make_array_from_process_local_data` assembles the global array; under
+`jax.jit` the per-domain loss sums and counts, and both DISAM gradients, are reduced over all devices by XLA, so
+N processes take exactly the step one device takes on the whole batch.
+"""
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+class DistributedError(RuntimeError):
+  """A multi-process configuration or runtime problem, with a message meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """How this process joins a multi-process job. All None: a single process (nothing to initialize).
+
+  Attributes:
+    coordinator_address: `host:port` of process 0's coordinator service.
+    num_processes: total number of processes.
+    process_id: this process's id in `[0, num_processes)`.
+    initialization_timeout: seconds to wait for every process to join before failing.
+    heartbeat_timeout: seconds after which a silent (dead) process is declared failed and every other process is
+      stopped with an error naming it, instead of hanging.
+  """
+
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  initialization_timeout: int = 60
+  heartbeat_timeout: int = 20
+
+  @classmethod
+  def from_env(cls, **overrides) -> 'DistributedConfig':
+    """Fills unset fields from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+
+    def env_int(name):
+      value = os.environ.get(name)
+      if value is None or value == '':
+        return None
+      try:
+        return int(value)
+      except ValueError:
+        raise DistributedError(f'{name}={value!r} is not an integer.') from None
+
+    values = {
+        'coordinator_address': os.environ.get('JAX_COORDINATOR_ADDRESS') or None,
+        'num_processes': env_int('JAX_NUM_PROCESSES'),
+        'process_id': env_int('JAX_PROCESS_ID'),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+  @property
+  def is_multi_process(self) -> bool:
+    return self.num_processes is not None and self.num_processes > 1
+
+  def validate(self) -> None:
+    if not self.is_multi_process:
+      if self.process_id not in (None, 0):
+        raise DistributedError(
+            f'process id {self.process_id} given for a single-process run (num_processes={self.num_processes}).'
+        )
+      return
+    if self.coordinator_address is None:
+      raise DistributedError(
+          f'num_processes={self.num_processes} needs a coordinator address (host:port of process 0): pass '
+          '--coordinator-address or set JAX_COORDINATOR_ADDRESS.'
+      )
+    if ':' not in self.coordinator_address:
+      raise DistributedError(f'coordinator address {self.coordinator_address!r} must be host:port.')
+    if self.process_id is None:
+      raise DistributedError('a multi-process run needs --process-id (or JAX_PROCESS_ID) on every process.')
+    if not 0 <= self.process_id < self.num_processes:
+      raise DistributedError(
+          f'process id {self.process_id} is out of range for num_processes={self.num_processes} '
+          f'(valid ids: 0..{self.num_processes - 1}).'
+      )
+
+
+def initialize(config: DistributedConfig) -> None:
+  """Joins the multi-process job described by `config` (no-op for a single process).
+
+  Must run before any other JAX computation. On CPU, cross-process collectives go through gloo.
+  """
+  config.validate()
+  if not config.is_multi_process:
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(
+        coordinator_address=config.coordinator_address,
+        num_processes=config.num_processes,
+        process_id=config.process_id,
+        initialization_timeout=config.initialization_timeout,
+        heartbeat_timeout_seconds=config.heartbeat_timeout,
+    )
+  except Exception as e:  # jaxlib raises XlaRuntimeError / RuntimeError with a gRPC status inside.
+    raise DistributedError(
+        f'process {config.process_id} of {config.num_processes} could not join the coordinator at '
+        f'{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is '
+        f'the address reachable from here? ({type(e).__name__}: {str(e).splitlines()[0][:300]})'
+    ) from e
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh named `data` over all devices of all processes (global device order)."""
+  return Mesh(np.array(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Shards `[M, b, ...]` along the per-domain batch axis `b`: every device holds a slice of every domain."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(per_domain_batch: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if per_domain_batch % n:
+    raise DistributedError(
+        f'the per-domain batch size {per_domain_batch} is not divisible by the number of devices {n} '
+        f'({jax.process_count()} process(es) x {jax.local_device_count()} device(s)): every device must hold '
+        f'the same slice of every domain. Use a multiple of {n}.'
+    )
+
+
+def local_batch_slice(per_domain_batch: int, mesh: Mesh) -> slice:
+  """The slice of the per-domain batch axis that this process's devices hold."""
+  check_batch_divisible(per_domain_batch, mesh)
+  sharding = batch_sharding(mesh)
+  index_map = sharding.addressable_devices_indices_map((1, per_domain_batch))
+  starts = sorted({idx[1].start or 0 for idx in index_map.values()})
+  per_device = per_domain_batch // mesh.devices.size
+  start, stop = starts[0], starts[-1] + per_device
+  if stop - start != per_device * len(starts):
+    raise DistributedError('this process\'s devices do not hold a contiguous slice of the batch.')
+  return slice(start, stop)
+
+
+def global_batch(mesh: Mesh, local_arrays, per_domain_batch: int):
+  """Assembles global `[M, b, ...]` arrays from each process's `[M, b_local, ...]` slices."""
+  sharding = batch_sharding(mesh)
+
+  def assemble(local):
+    shape = (local.shape[0], per_domain_batch) + local.shape[2:]
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+  return jax.tree.map(assemble, local_arrays)
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
