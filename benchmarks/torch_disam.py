@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -524,32 +525,37 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--per-domain-batch", type=int, default=32)
   ap.add_argument("--num-classes", type=int, default=10)
   ap.add_argument("--threads", type=int, default=2)
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant per round")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant per round")
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="the four variants are timed round-robin this many times, so that load from other "
+                       "processes on a shared machine hits them alike; min and median are over all rounds")
   args = ap.parse_args(argv)
 
   variants = [("ERM", "erm", "grouped"), ("SAM", "sam", "grouped"),
               ("DISAM grouped", "disam", "grouped"), ("DISAM per_sample", "disam", "per_sample")]
   print(f"torch {torch.__version__}, threads={args.threads}, M={args.num_domains} domains x "
         f"{args.per_domain_batch} per domain, {args.num_classes} classes, SGD(momentum 0.9), "
-        f"rho 0.05, lam 0.1; median (min) ms per step over {args.repeats} steps after {args.warmup} warm-up")
+        f"rho 0.05, lam 0.1; ms per step: min (median) over {args.rounds} rounds x {args.repeats} steps, "
+        f"{args.warmup} warm-up per round; ratios of minima")
   header = (f"{'model':<10} {'input':<9} {'ERM':>18} {'SAM':>18} {'DISAM grouped':>18} "
             f"{'DISAM per_sample':>18} {'grp/ERM':>8} {'grp/SAM':>8} {'ps/ERM':>8} {'ps/SAM':>8}")
   print(header)
   print("-" * len(header))
   for name in args.models:
     shape = _DEFAULT_SHAPES[name]
-    res = {}
-    for label, algo, mode in variants:
-      res[label] = time_torch_step(name, algo, num_domains=args.num_domains,
-                                   per_domain_batch=args.per_domain_batch, input_shape=shape,
-                                   num_classes=args.num_classes, repeats=args.repeats,
-                                   warmup=args.warmup, threads=args.threads, per_domain=mode)
-    med = {k: v["median_ms"] for k, v in res.items()}
-    cells = " ".join(f"{med[k]:8.1f} ({res[k]['min_ms']:7.1f})" for k, *_ in variants)
-    g, p = med["DISAM grouped"], med["DISAM per_sample"]
-    print(f"{name:<10} {'x'.join(map(str, shape)):<9} {cells} {g / med['ERM']:8.2f} {g / med['SAM']:8.2f} "
-          f"{p / med['ERM']:8.2f} {p / med['SAM']:8.2f}", flush=True)
+    times: dict[str, list[float]] = {label: [] for label, *_ in variants}
+    for _ in range(args.rounds):
+      for label, algo, mode in variants:
+        times[label] += time_torch_step(
+            name, algo, num_domains=args.num_domains, per_domain_batch=args.per_domain_batch,
+            input_shape=shape, num_classes=args.num_classes, repeats=args.repeats, warmup=args.warmup,
+            threads=args.threads, per_domain=mode)["times_ms"]
+    best = {k: min(v) for k, v in times.items()}
+    cells = " ".join(f"{best[k]:8.1f} ({statistics.median(times[k]):7.1f})" for k, *_ in variants)
+    g, p = best["DISAM grouped"], best["DISAM per_sample"]
+    print(f"{name:<10} {'x'.join(map(str, shape)):<9} {cells} {g / best['ERM']:8.2f} {g / best['SAM']:8.2f} "
+          f"{p / best['ERM']:8.2f} {p / best['SAM']:8.2f}   (load avg {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":
