@@ -12,6 +12,8 @@ N processes take exactly the step one device takes on the whole batch.
 
 import dataclasses
 import os
+import socket
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -36,6 +38,8 @@ class DistributedConfig:
     initialization_timeout: seconds to wait for every process to join before failing.
     heartbeat_timeout: seconds after which a silent (dead) process is declared failed and every other process is
       stopped with an error naming it, instead of hanging.
+    auto: let JAX detect the cluster (Cloud TPU pod slices, SLURM, Open MPI, ...): `jax.distributed.initialize()`
+      with no arguments.
   """
 
   coordinator_address: Optional[str] = None
@@ -43,6 +47,7 @@ class DistributedConfig:
   process_id: Optional[int] = None
   initialization_timeout: int = 60
   heartbeat_timeout: int = 20
+  auto: bool = False
 
   @classmethod
   def from_env(cls, **overrides) -> 'DistributedConfig':
@@ -67,9 +72,13 @@ class DistributedConfig:
 
   @property
   def is_multi_process(self) -> bool:
-    return self.num_processes is not None and self.num_processes > 1
+    return self.auto or (self.num_processes is not None and self.num_processes > 1)
 
   def validate(self) -> None:
+    if self.auto:
+      return
+    if self.num_processes is not None and self.num_processes < 1:
+      raise DistributedError(f'num_processes must be >= 1; got {self.num_processes}.')
     if not self.is_multi_process:
       if self.process_id not in (None, 0):
         raise DistributedError(
@@ -100,12 +109,19 @@ def initialize(config: DistributedConfig) -> None:
   config.validate()
   if not config.is_multi_process:
     return
+  if not config.auto and config.process_id != 0:
+    # jaxlib aborts the whole process (a C++ fatal error, not an exception) when it cannot reach the coordinator;
+    # probe the address first so the user gets a message instead of a stack trace.
+    _wait_for_coordinator(config)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  where = {} if config.auto else dict(
+      coordinator_address=config.coordinator_address,
+      num_processes=config.num_processes,
+      process_id=config.process_id,
+  )
   try:
     jax.distributed.initialize(
-        coordinator_address=config.coordinator_address,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
+        **where,
         initialization_timeout=config.initialization_timeout,
         heartbeat_timeout_seconds=config.heartbeat_timeout,
     )
@@ -115,6 +131,23 @@ def initialize(config: DistributedConfig) -> None:
         f'{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is '
         f'the address reachable from here? ({type(e).__name__}: {str(e).splitlines()[0][:300]})'
     ) from e
+
+
+def _wait_for_coordinator(config: DistributedConfig) -> None:
+  host, _, port = config.coordinator_address.rpartition(':')
+  deadline = time.monotonic() + config.initialization_timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+        return
+    except (OSError, ValueError) as e:
+      if time.monotonic() > deadline:
+        raise DistributedError(
+            f'process {config.process_id} of {config.num_processes} could not join the coordinator at '
+            f'{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is '
+            f'the address reachable from here? ({type(e).__name__}: {e})'
+        ) from e
+      time.sleep(0.5)
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
