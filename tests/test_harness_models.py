@@ -271,6 +271,17 @@ def test_train_mode_updates_running_statistics_like_numpy():
   assert model.backbone.bn1.use_running_average
 
 
+def test_stateful_train_and_eval_modes():
+  model = models.ResNet(num_classes=3, input_shape=BN_SHAPE, rngs=_rngs(), width=8, stage_sizes=(1,))
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(4, *BN_SHAPE)), jnp.float32)
+  model.eval()
+  model(x)
+  np.testing.assert_array_equal(np.asarray(model.backbone.bn1.mean[...]), np.zeros(8))
+  model.train()
+  model(x)
+  assert not np.allclose(np.asarray(model.backbone.bn1.mean[...]), 0.0)
+
+
 def test_apply_model_outside_jit_is_pure_too():
   # Outside jit nnx.merge would hand the caller's Variable objects to the module;
   # a one-stage ResNet keeps this eager test fast.
