@@ -61,6 +61,8 @@ __all__ = [
     "MLP",
     "MNISTCNN",
     "ResNet",
+    "BasicBlock",
+    "Bottleneck",
     "ViT",
 ]
 
