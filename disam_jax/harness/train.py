@@ -1,0 +1,796 @@
+"""Training: the pure train/eval steps and the DomainBed-style leave-one-domain-out loop.
+
+The step, for every algorithm (`algorithms.make_optimizer`: ERM, SAM, DISAM)::
+
+  x [M, b, H, W, C], y [M, b]  ->  one forward pass over the flattened [M*b] batch (BatchNorm sees all domains)
+  domain_loss_fn(params) = (DomainLosses of the per-example cross-entropy grouped [M, b], new model_state)
+  updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=domain_loss_fn)
+
+The model state (BatchNorm running statistics, dropout RNG counters) is the aux output of `domain_loss_fn`. SAM
+and DISAM evaluate it twice, at the weights and at the perturbed weights; the optimizer keeps the aux of the
+*unperturbed* pass (`DisamState.aux`) and the step writes that back, so the running statistics never see the
+perturbed weights. Both passes start from the same model state (same dropout mask).
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(params, model_state, x) -> logits` are pure and
+place nothing on devices: under `jax.jit` with a sharded batch (`NamedSharding` along the per-domain batch axis)
+they run unchanged.
+
+`run_cell` trains one (algorithm, held-out domain, seed) combination with training-domain validation, orbax
+checkpoints (the latest and the best) and exact resume; `run_experiment` loops over all combinations and collects
+the results that `report` turns into tables and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from disam_jax._disam import find_disam_state
+from disam_jax._domain_losses import grouped_domain_loss_fn
+from disam_jax.harness import algorithms as algorithms_lib
+from disam_jax.harness import data as data_lib
+from disam_jax.harness.algorithms import HParams
+
+__all__ = [
+  "CellResult",
+  "ExperimentConfig",
+  "TrainState",
+  "TrainingDiverged",
+  "harden_domain",
+  "init_model",
+  "make_eval_step",
+  "make_train_step",
+  "run_cell",
+  "run_experiment",
+  "load_latest_state",
+  "select_best",
+]
+
+
+class TrainingDiverged(RuntimeError):
+  """Training produced a non-finite loss or parameters. The message names the step and the domain losses."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes.
+
+  Attributes:
+    params: the model's `nnx.Param` variables (what the optimizer updates and SAM/DISAM perturb).
+    model_state: the model's other variables: BatchNorm running statistics, dropout RNG state (possibly empty).
+    opt_state: the optimizer state (a `DisamState` for every registered algorithm).
+    step: int32 scalar, number of steps taken.
+  """
+
+  params: Any
+  model_state: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(params, model_state, tx.init(params), jnp.zeros([], jnp.int32))
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs) -> Callable:
+  """Returns the pure `train_step(state, batch) -> (state, metrics)` for a model and an optimizer.
+
+  Args:
+    graphdef: from `models.functional_model`.
+    tx: from `algorithms.make_optimizer` (has_aux=True; its state holds a `DisamState`).
+
+  Returns:
+    `train_step(state: TrainState, batch: (x [M, b, ...], y [M, b])) -> (TrainState, metrics)`, with metrics a dict
+    of float32 arrays: `loss` (the training loss `mean_i L_i` at the weights before the step), `domain_losses`
+    `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`. Jit it.
+  """
+  from disam_jax.harness.models import apply_model
+
+  def train_step(state: TrainState, batch):
+    x, y = batch
+
+    def per_example_loss(params, inputs, labels):
+      logits, new_model_state = apply_model(graphdef, params, state.model_state, inputs, train=True)
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+      return losses, new_model_state
+
+    grouped = grouped_domain_loss_fn(per_example_loss, has_aux=True)
+    updates, opt_state = tx.update(
+      None, state.opt_state, state.params, domain_loss_fn=lambda p: grouped(p, x, y)
+    )
+    stats = find_disam_state(opt_state)
+    new_state = TrainState(
+      params=optax.apply_updates(state.params, updates),
+      model_state=stats.aux,  # from the unperturbed forward pass
+      opt_state=opt_state,
+      step=state.step + 1,
+    )
+    metrics = {
+      "loss": stats.loss,
+      "domain_losses": stats.domain_losses,
+      "variance": stats.variance,
+      "perturbation_norm": stats.perturbation_norm,
+      "grad_norm": stats.grad_norm,
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: Any) -> Callable:
+  """Returns the pure `eval_step(params, model_state, x) -> logits` (eval mode: running statistics, no dropout)."""
+  from disam_jax.harness.models import apply_model
+
+  def eval_step(params, model_state, x):
+    logits, _ = apply_model(graphdef, params, model_state, x, train=False)
+    return logits
+
+  return eval_step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+_all_finite_jit = jax.jit(_all_finite)
+
+
+def _chunk_size(n: int, max_batch: int) -> int:
+  """Power-of-two chunk sizes (at most `max_batch`) so evaluation compiles a handful of shapes, not one per set."""
+  return min(max_batch, 1 << max(0, (n - 1).bit_length()))
+
+
+def predict(eval_step: Callable, params: Any, model_state: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """Predicted classes of `x` in chunks of `batch_size` (the last chunk zero-padded)."""
+  out = []
+  for start in range(0, len(x), batch_size):
+    chunk = x[start : start + batch_size]
+    size = _chunk_size(len(chunk), batch_size)
+    if size != len(chunk):
+      chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+    logits = eval_step(params, model_state, chunk)
+    out.append(np.asarray(jnp.argmax(logits, axis=-1))[: min(batch_size, len(x) - start)])
+  return np.concatenate(out) if out else np.zeros([0], np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# DomainBed uses ResNet-50 for the image folders; for the small rotated datasets it uses MNIST_CNN, which is about
+# 60x slower per step than the MLP on a CPU (0.5 s vs 8 ms on 8x8 digits, 2 cores), so the CPU default is the MLP.
+_DEFAULT_MODELS = {"rotated_digits": "mlp", "rotated_animals": "mlp"}
+
+
+def default_model(dataset: str) -> str:
+  return _DEFAULT_MODELS.get(dataset, "mlp" if dataset.startswith("tfds:") else "resnet50")
+
+
+def init_model(
+    model: str,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    seed: int,
+    model_kwargs: Optional[dict[str, Any]] = None,
+    pretrained: Optional[str] = None,
+) -> tuple[Any, Any, Any]:
+  """Builds a registry model as `(graphdef, params, model_state)`, initialized from `seed`.
+
+  Initialization runs under one `jax.jit` (eager initialization compiles every parameter shape separately).
+  `pretrained`: a `.npz` file in `models.load_pretrained`'s format, loaded over the initialization (keys whose
+  shapes differ, e.g. the classifier, keep their initial values).
+  """
+  from flax import nnx
+
+  from disam_jax.harness import models
+
+  kwargs = dict(model_kwargs or {})
+
+  def build(key):
+    return models.create_model(
+      model, num_classes=num_classes, input_shape=tuple(input_shape), rngs=nnx.Rngs(key), **kwargs
+    )
+
+  graphdef = models.functional_model(nnx.eval_shape(lambda: build(jax.random.key(0))))[0]
+  params, model_state = jax.jit(lambda key: models.functional_model(build(key))[1:])(jax.random.key(seed))
+  if pretrained is not None:
+    module = nnx.merge(graphdef, params, model_state)
+    models.load_pretrained(module, pretrained)
+    graphdef, params, model_state = models.functional_model(module)
+  return graphdef, params, model_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """What `run_experiment` trains: every (algorithm, held-out domain, seed) combination.
+
+  Attributes:
+    dataset: a name of `data.DATASETS` or ``tfds:<name>``.
+    data_dir: where image-folder / TFDS datasets live (None for the bundled ones).
+    image_size: resize images to this side length (None: the dataset's default).
+    model: a name of `models.MODELS`; None picks `default_model(dataset)`.
+    model_kwargs: extra model options (e.g. ``{"width": 16}``, ``{"hidden": 128}``).
+    pretrained: optional `.npz` weights (see `models.load_pretrained`).
+    algorithms: names from `algorithms.ALGORITHMS`.
+    held_out: domains to hold out, one at a time (None: every domain).
+    seeds: trial seeds; a seed fixes the rotation-domain assignment, the train/validation split, the model
+      initialization and the batch stream, so all algorithms of one seed see the same data in the same order.
+    steps: training steps per run.
+    eval_every: evaluate (validation and held-out accuracy) and checkpoint every this many steps (and at the end).
+    hparams: optimizer and algorithm hyperparameters.
+    holdout_fraction: fraction of each training domain kept for validation.
+    hard_domain: optionally make one training domain harder (see `harden_domain`).
+    hard_domain_fraction: keep this fraction of the hard domain's training examples.
+    hard_domain_label_noise: replace this fraction of the hard domain's training labels by a random other class.
+    eval_batch_size: examples per evaluation forward pass.
+  """
+
+  dataset: str = "rotated_digits"
+  data_dir: Optional[str] = None
+  image_size: Optional[int] = None
+  model: Optional[str] = None
+  model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  pretrained: Optional[str] = None
+  algorithms: tuple[str, ...] = ("erm", "sam", "disam")
+  held_out: Optional[tuple[str, ...]] = None
+  seeds: tuple[int, ...] = (0,)
+  steps: int = 300
+  eval_every: int = 50
+  hparams: HParams = dataclasses.field(default_factory=HParams)
+  holdout_fraction: float = 0.2
+  hard_domain: Optional[str] = None
+  hard_domain_fraction: float = 1.0
+  hard_domain_label_noise: float = 0.0
+  eval_batch_size: int = 512
+
+  @property
+  def model_name(self) -> str:
+    return self.model or default_model(self.dataset)
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["model"] = self.model_name
+    return out
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "ExperimentConfig":
+    d = dict(d)
+    d["hparams"] = HParams(**d.get("hparams", {}))
+    for key in ("algorithms", "seeds"):
+      d[key] = tuple(d[key])
+    if d.get("held_out") is not None:
+      d["held_out"] = tuple(d["held_out"])
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+  def validate(self) -> None:
+    """Checks what can be checked without data; raises ValueError with a message for the user."""
+    from disam_jax.harness import models
+
+    for name in self.algorithms:
+      if name not in algorithms_lib.ALGORITHMS:
+        raise ValueError(f"Unknown algorithm {name!r}; valid: {', '.join(algorithms_lib.ALGORITHMS)}.")
+    if not self.algorithms:
+      raise ValueError("No algorithm given; valid: " + ", ".join(algorithms_lib.ALGORITHMS) + ".")
+    if len(set(self.algorithms)) != len(self.algorithms):
+      raise ValueError(f"An algorithm is named twice: {list(self.algorithms)}.")
+    if self.model_name not in models.MODELS:
+      raise ValueError(f"Unknown model {self.model_name!r}; valid: {', '.join(sorted(models.MODELS))}.")
+    if not self.dataset.startswith("tfds:") and self.dataset not in data_lib.DATASETS:
+      raise ValueError(
+        f"Unknown dataset {self.dataset!r}; valid: {', '.join(data_lib.DATASETS)}, or tfds:<name>."
+      )
+    if not isinstance(self.steps, int) or self.steps < 1:
+      raise ValueError(f"steps must be a positive integer; got {self.steps!r}.")
+    if not isinstance(self.eval_every, int) or self.eval_every < 1:
+      raise ValueError(f"eval_every must be a positive integer; got {self.eval_every!r}.")
+    if not self.seeds:
+      raise ValueError("No seed given.")
+    if any(not isinstance(s, int) or s < 0 for s in self.seeds):
+      raise ValueError(f"seeds must be integers >= 0; got {list(self.seeds)}.")
+    if len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"A seed is given twice: {list(self.seeds)}.")
+    if not 0.0 < self.holdout_fraction < 1.0:
+      raise ValueError(f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}.")
+    if not (0.0 < self.hard_domain_fraction <= 1.0):
+      raise ValueError(f"hard_domain_fraction must be in (0, 1]; got {self.hard_domain_fraction}.")
+    if not (0.0 <= self.hard_domain_label_noise <= 1.0):
+      raise ValueError(f"hard_domain_label_noise must be in [0, 1]; got {self.hard_domain_label_noise}.")
+    if self.hard_domain is None and (self.hard_domain_fraction != 1.0 or self.hard_domain_label_noise != 0.0):
+      raise ValueError("hard_domain_fraction / hard_domain_label_noise need hard_domain (which domain to harden).")
+    if self.eval_batch_size < 1:
+      raise ValueError(f"eval_batch_size must be >= 1; got {self.eval_batch_size}.")
+    self.hparams.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data preparation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def harden_domain(
+    split: data_lib.DomainSplit,
+    domain: str,
+    *,
+    fraction: float = 1.0,
+    label_noise: float = 0.0,
+    num_classes: int,
+    seed: int,
+) -> data_lib.DomainSplit:
+  """Makes one training domain harder: fewer training examples and/or noisy training labels.
+
+  Only the training part changes; its validation part and the held-out domains are untouched, so accuracies stay
+  comparable. If `domain` is held out in this split, the split is returned unchanged.
+
+  Args:
+    split: the split to modify.
+    domain: name of the training domain to harden.
+    fraction: keep a random `fraction` of its training examples (at least one).
+    label_noise: replace a random `label_noise` fraction of its (kept) training labels by a uniformly drawn
+      *different* class.
+    num_classes: number of classes.
+    seed: seeds both random choices.
+  """
+  if domain not in split.train_domains:
+    return split
+  i = split.train_domains.index(domain)
+  x, y = split.train[i]
+  rng = np.random.default_rng((seed, 7919, i))
+  if fraction < 1.0:
+    keep = np.sort(rng.permutation(len(x))[: max(1, int(round(len(x) * fraction)))])
+    x, y = x[keep], y[keep]
+  if label_noise > 0.0:
+    y = y.copy()
+    flip = rng.permutation(len(y))[: int(round(len(y) * label_noise))]
+    y[flip] = (y[flip] + rng.integers(1, num_classes, size=len(flip))) % num_classes
+  train = list(split.train)
+  train[i] = (x, y)
+  return dataclasses.replace(split, train=tuple(train))
+
+
+def _cell_split(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out: str, seed: int):
+  split = data_lib.split_dataset(ds, held_out, holdout_fraction=config.holdout_fraction, seed=seed)
+  if config.hard_domain is not None:
+    split = harden_domain(
+      split,
+      config.hard_domain,
+      fraction=config.hard_domain_fraction,
+      label_noise=config.hard_domain_label_noise,
+      num_classes=ds.num_classes,
+      seed=seed,
+    )
+  return split
+
+
+def load_data(config: ExperimentConfig, seed: int) -> data_lib.DomainDataset:
+  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=seed, image_size=config.image_size)
+
+
+def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[str, ...]:
+  """Validates the held-out domains, the hard domain and the batch size against `ds`; returns the held-out list."""
+  held_out = tuple(ds.domains) if config.held_out is None else tuple(config.held_out)
+  for d in held_out:
+    if d not in ds.domains:
+      raise ValueError(f"Held-out domain {d!r} does not exist in {ds.name}; its domains are {list(ds.domains)}.")
+  if len(set(held_out)) != len(held_out):
+    raise ValueError(f"A held-out domain is named twice: {list(held_out)}.")
+  if "disam" in config.algorithms and len(ds.domains) - 1 < 2:
+    raise ValueError(
+      f"{ds.name} has {len(ds.domains)} domains, so holding one out leaves one training domain: DISAM needs at "
+      "least two (the variance of a single domain loss is 0; that would be SAM)."
+    )
+  if config.hard_domain is not None and config.hard_domain not in ds.domains:
+    raise ValueError(f"Hard domain {config.hard_domain!r} does not exist in {ds.name}; its domains are "
+                     f"{list(ds.domains)}.")
+  for d in held_out:
+    split = _cell_split(config, ds, d, config.seeds[0])
+    for name, (x, _) in zip(split.train_domains, split.train):
+      if config.hparams.batch_size > len(x):
+        raise ValueError(
+          f"batch size {config.hparams.batch_size} per domain is larger than training domain {name!r}, which has "
+          f"{len(x)} training examples (held-out domain {d!r}, {1 - config.holdout_fraction:.0%} of the domain"
+          + (", after --hard-domain-fraction" if name == config.hard_domain else "")
+          + f"). Use --batch-size {len(x)} or less."
+        )
+  return held_out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One (algorithm, held-out domain, seed) run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CellResult:
+  """The outcome of one run.
+
+  Attributes:
+    algorithm, held_out, seed: which run.
+    steps: steps trained.
+    selected: the evaluation with the best mean training-domain validation accuracy (earliest on ties):
+      ``{"step", "val_acc", "test_acc"}``.
+    last: the evaluation at the last step, same keys.
+    evals: every evaluation: ``{"step", "val_acc": {domain: acc}, "val_acc_mean", "test_acc"}``.
+    seconds: wall time of the training (this session's part, when resumed).
+    directory: the run's directory.
+  """
+
+  algorithm: str
+  held_out: str
+  seed: int
+  steps: int
+  selected: dict[str, Any]
+  last: dict[str, Any]
+  evals: list[dict[str, Any]]
+  seconds: float
+  directory: str
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+  return {"step": record["step"], "val_acc": record["val_acc_mean"], "test_acc": record["test_acc"]}
+
+
+def select_best(evals: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Training-domain validation: the evaluation with the highest mean validation accuracy, earliest on ties."""
+  if not evals:
+    raise ValueError("No evaluation to select from.")
+  best = evals[0]
+  for record in evals[1:]:
+    if record["val_acc_mean"] > best["val_acc_mean"]:
+      best = record
+  return best
+
+
+def _safe_name(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
+
+
+def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int) -> str:
+  return os.path.join(run_dir, "cells", f"{_safe_name(algorithm)}_heldout-{_safe_name(held_out)}_seed-{seed}")
+
+
+def _float(x) -> float:
+  return float(np.asarray(x))
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops the lines of steps after `last_step` (written after the checkpoint a resumed run restarts from)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line)
+    except (json.JSONDecodeError, KeyError):
+      break  # a line cut by the kill; everything after it is from the lost part too
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
+@dataclasses.dataclass
+class _Compiled:
+  """Jitted functions shared by every run of an experiment with the same model and algorithm."""
+
+  graphdef: Any
+  txs: dict[str, Any]
+  train_steps: dict[str, Callable]
+  eval_step: Callable
+
+
+def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int) -> _Compiled:
+  txs, steps = {}, {}
+  for name in config.algorithms:
+    tx = algorithms_lib.make_optimizer(name, config.hparams, num_domains=num_domains, aux_example=model_state)
+    txs[name] = tx
+    steps[name] = jax.jit(make_train_step(graphdef, tx))
+  return _Compiled(graphdef, txs, steps, jax.jit(make_eval_step(graphdef)))
+
+
+def run_cell(
+    config: ExperimentConfig,
+    algorithm: str,
+    split: data_lib.DomainSplit,
+    seed: int,
+    init: tuple[Any, Any],
+    compiled: _Compiled,
+    directory: str,
+    *,
+    resume: bool = False,
+    on_step: Optional[Callable[[int, dict[str, Any]], None]] = None,
+) -> CellResult:
+  """Trains `algorithm` on `split` for `config.steps` steps, evaluating and checkpointing every `eval_every`.
+
+  Writes `directory/metrics.jsonl` (one line per step: loss, per-domain losses, variance, perturbation and gradient
+  norms, wall time; at evaluation steps also the validation and held-out accuracies), `directory/checkpoints/`
+  (the latest and the best checkpoint) and `directory/result.json`.
+
+  Args:
+    config: the experiment configuration (steps, eval_every, hparams, eval_batch_size are used).
+    algorithm: the algorithm name (a key of `compiled.train_steps`).
+    split: the data split (one held-out domain).
+    seed: seeds the batch stream.
+    init: `(params, model_state)` to start from.
+    compiled: jitted steps from `_compile`.
+    directory: this run's directory.
+    resume: continue from the latest checkpoint in `directory` if there is one (otherwise start fresh). The
+      resumed run ends with exactly the parameters of an uninterrupted one.
+    on_step: called after every step with `(step, metrics)` (host floats); an exception raised there stops
+      training (the checkpoints written so far remain).
+
+  Raises:
+    TrainingDiverged: a non-finite loss, per-domain loss or gradient, or non-finite parameters at an evaluation.
+  """
+  from disam_jax.harness.checkpoint import CheckpointStore
+
+  os.makedirs(directory, exist_ok=True)
+  held_out = split.test_domains[0]
+  train_domains = list(split.train_domains)
+  sampler = data_lib.DomainBatchSampler(
+    split.train, config.hparams.batch_size, seed, domain_names=split.train_domains
+  )
+  tx = compiled.txs[algorithm]
+  train_step = compiled.train_steps[algorithm]
+  state = init_train_state(init[0], init[1], tx)
+
+  # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
+  eval_names = [("val", d) for d in train_domains] + [("test", d) for d in split.test_domains]
+  eval_parts = list(split.val) + list(split.test)
+  eval_x = np.concatenate([x for x, _ in eval_parts])
+  eval_y = np.concatenate([y for _, y in eval_parts])
+  eval_owner = np.concatenate([np.full(len(y), k) for k, (_, y) in enumerate(eval_parts)])
+
+  def evaluate(state: TrainState, step: int) -> dict[str, Any]:
+    if not bool(_all_finite_jit(state.params)):
+      raise TrainingDiverged(
+        f"Training diverged ({algorithm}, held-out {held_out}, seed {seed}): the parameters are not finite at "
+        f"step {step}. Lower --lr or --rho."
+      )
+    pred = predict(compiled.eval_step, state.params, state.model_state, eval_x, config.eval_batch_size)
+    correct = np.bincount(eval_owner, weights=(pred == eval_y), minlength=len(eval_parts))
+    total = np.bincount(eval_owner, minlength=len(eval_parts))
+    acc = correct / np.maximum(total, 1)
+    val = {d: float(a) for (kind, d), a in zip(eval_names, acc) if kind == "val"}
+    test = [float(a) for (kind, _), a in zip(eval_names, acc) if kind == "test"]
+    return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
+            "test_acc": test[0]}
+
+  store = CheckpointStore(os.path.join(directory, "checkpoints"))
+  metrics_path = os.path.join(directory, "metrics.jsonl")
+  evals: list[dict[str, Any]] = []
+  start = time.perf_counter()
+  try:
+    latest = store.latest_step() if resume else None
+    if latest is not None:
+      state, meta = store.restore(latest, state)
+      sampler.restore(meta["sampler"])
+      evals = list(meta["evals"])
+      _truncate_metrics(metrics_path, latest)
+      log = open(metrics_path, "a")
+    else:
+      log = open(metrics_path, "w")
+    with log:
+      step = int(state.step)
+
+      def checkpoint(record, state, step):
+        evals.append(record)
+        best = select_best(evals)
+        store.save(step, state, {"step": step, "sampler": sampler.state(), "evals": evals},
+                   keep=(best["step"],))
+        line = {"step": step, "eval": {"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
+                                       "test_acc": {held_out: record["test_acc"]}}}
+        return line
+
+      if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
+        log.write(json.dumps(checkpoint(evaluate(state, 0), state, 0)) + "\n")
+      while step < config.steps:
+        batch = sampler.next()
+        state, metrics = train_step(state, batch)
+        step += 1
+        metrics = jax.device_get(metrics)
+        domain_losses = [float(v) for v in metrics["domain_losses"]]
+        values = [_float(metrics["loss"]), _float(metrics["grad_norm"])] + domain_losses
+        if not all(math.isfinite(v) for v in values):
+          listing = ", ".join(f"{d}: {v:.4g}" for d, v in zip(train_domains, domain_losses))
+          good = store.latest_step()
+          raise TrainingDiverged(
+            f"Training diverged at step {step} ({algorithm}, held-out {held_out}, seed {seed}): loss "
+            f"{values[0]:.4g}, gradient norm {values[1]:.4g}, per-domain losses {{{listing}}}. "
+            f"The last good checkpoint is step {good} in {store.directory}. Lower --lr or --rho."
+          )
+        line = {
+          "step": step,
+          "loss": values[0],
+          "domain_losses": dict(zip(train_domains, domain_losses)),
+          "variance": _float(metrics["variance"]),
+          "perturbation_norm": _float(metrics["perturbation_norm"]),
+          "grad_norm": values[1],
+          "time": round(time.perf_counter() - start, 4),
+        }
+        if step % config.eval_every == 0 or step == config.steps:
+          line.update(checkpoint(evaluate(state, step), state, step))
+        log.write(json.dumps(line) + "\n")
+        if on_step is not None:
+          on_step(step, line)
+  finally:
+    store.close()
+
+  result = CellResult(
+    algorithm=algorithm,
+    held_out=held_out,
+    seed=seed,
+    steps=config.steps,
+    selected=_summary(select_best(evals)),
+    last=_summary(evals[-1]),
+    evals=evals,
+    seconds=round(time.perf_counter() - start, 3),
+    directory=directory,
+  )
+  with open(os.path.join(directory, "result.json"), "w") as f:
+    json.dump(result.to_json(), f, indent=1)
+  return result
+
+
+def load_cell_result(directory: str) -> Optional[CellResult]:
+  path = os.path.join(directory, "result.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return CellResult(**json.load(f))
+
+
+def load_latest_state(directory: str, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
+  """`(state, meta)` of a run's latest checkpoint; `template` is a fresh `TrainState` of the same configuration."""
+  from disam_jax.harness.checkpoint import CheckpointStore
+
+  with CheckpointStore(os.path.join(directory, "checkpoints")) as store:
+    step = store.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {store.directory}.")
+    return store.restore(step, template)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The experiment: every combination
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def new_run_directory(root: str = "runs") -> str:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  path, k = os.path.join(root, stamp), 1
+  while os.path.exists(path):
+    k += 1
+    path = os.path.join(root, f"{stamp}-{k}")
+  return path
+
+
+def prepare(config: ExperimentConfig) -> tuple[data_lib.DomainDataset, tuple[str, ...]]:
+  """Validates `config` and the data; returns the first seed's dataset and the held-out domains.
+
+  Every problem a user can fix (unknown names, missing data, a held-out domain that does not exist, a batch larger
+  than a domain, bad hyperparameters) is raised here as ValueError / FileNotFoundError / ImportError, before any
+  training starts.
+  """
+  config.validate()
+  ds = load_data(config, config.seeds[0])
+  return ds, check_data(config, ds)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    run_dir: str,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Optional[Callable[[str, str, int, int, dict[str, Any]], None]] = None,
+    prepared: Optional[tuple[data_lib.DomainDataset, tuple[str, ...]]] = None,
+) -> list[CellResult]:
+  """Trains every (seed, held-out domain, algorithm) of `config` under `run_dir`; returns the results.
+
+  Writes `run_dir/config.json` and, per run, `run_dir/cells/<algorithm>_heldout-<domain>_seed-<seed>/`. With
+  `resume`, finished runs (a `result.json` for the same number of steps) are loaded instead of trained, and
+  interrupted ones continue from their latest checkpoint. Results of finished runs are also written to
+  `run_dir/results.json` after each run, so an interrupted experiment still reports what it finished.
+
+  Args:
+    config: what to train.
+    run_dir: the run directory.
+    resume: continue a previous call on the same `run_dir`.
+    progress: show a tqdm progress bar over all steps of all runs (on stderr).
+    on_step: called after every step as `on_step(algorithm, held_out, seed, step, metrics)`.
+    prepared: `prepare(config)`'s result, if already computed.
+  """
+  from disam_jax.harness import report
+
+  first_ds, held_out = prepared if prepared is not None else prepare(config)
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(config.to_json(), f, indent=1)
+
+  cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
+  results: list[CellResult] = []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cells) * config.steps, unit="step", dynamic_ncols=True, smoothing=0.05)
+  compiled = None
+  try:
+    for seed in config.seeds:
+      ds = first_ds if seed == config.seeds[0] else load_data(config, seed)
+      init = None
+      for d in held_out:
+        split = _cell_split(config, ds, d, seed)
+        for algorithm in config.algorithms:
+          directory = cell_directory(run_dir, algorithm, d, seed)
+          done = load_cell_result(directory) if resume else None
+          if done is not None and done.steps == config.steps:
+            results.append(done)
+            if bar is not None:
+              bar.update(config.steps)
+            continue
+          if init is None:
+            graphdef, params, model_state = init_model(
+              config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
+              model_kwargs=config.model_kwargs, pretrained=config.pretrained,
+            )
+            init = (params, model_state)
+            if compiled is None:
+              compiled = _compile(config, graphdef, model_state, len(split.train))
+          if bar is not None:
+            bar.set_description(f"{algorithm} held-out {d} seed {seed}")
+            bar.update(_resumed_steps(directory) if resume else 0)
+
+          def step_hook(step, line, algorithm=algorithm, d=d, seed=seed):
+            if bar is not None:
+              bar.update(1)
+              if "loss" in line and step % 10 == 0:
+                bar.set_postfix(loss=f"{line['loss']:.3f}", refresh=False)
+            if on_step is not None:
+              on_step(algorithm, d, seed, step, line)
+
+          results.append(run_cell(config, algorithm, split, seed, init, compiled, directory,
+                                  resume=resume, on_step=step_hook))
+          report.write_results(run_dir, results, config)
+  finally:
+    if bar is not None:
+      bar.close()
+  return results
+
+
+def _resumed_steps(directory: str) -> int:
+  """Steps already done by an interrupted run (its latest checkpoint), for the progress bar."""
+  root = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(root):
+    return 0
+  steps = [int(n) for n in os.listdir(root) if n.isdigit()]
+  return max(steps, default=0)
