@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from disam_jax._disam import find_disam_state
+from disam_jax._disam import DisamState, find_disam_state
 from disam_jax._domain_losses import grouped_domain_loss_fn
 from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
@@ -85,7 +85,11 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(params, model_state, tx.init(params), jnp.zeros([], jnp.int32))
+  """The state before the first step. The optimizer's aux slot starts as this run's own model state."""
+  opt_state = tx.init(params)
+  if isinstance(opt_state, DisamState):
+    opt_state = opt_state._replace(aux=model_state)
+  return TrainState(params, model_state, opt_state, jnp.zeros([], jnp.int32))
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs) -> Callable:
@@ -184,6 +188,32 @@ def default_model(dataset: str) -> str:
   return _DEFAULT_MODELS.get(dataset, "mlp" if dataset.startswith("tfds:") else "resnet50")
 
 
+_INIT_CACHE: dict[tuple, tuple[Any, Callable]] = {}
+
+
+def _model_initializer(model: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]):
+  """`(graphdef, jitted initialize(key, param_key) -> (params, model_state))`, cached per model configuration."""
+  from flax import nnx
+
+  from disam_jax.harness import models
+
+  cache_key = (model, num_classes, input_shape, json.dumps(kwargs, sort_keys=True, default=repr))
+  if cache_key in _INIT_CACHE:
+    return _INIT_CACHE[cache_key]
+
+  def build(key, param_key):
+    return models.create_model(
+      model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(key, params=param_key), **kwargs
+    )
+
+  keys = (jax.random.key(0), jax.random.key(0, impl="rbg"))
+  graphdef = models.functional_model(nnx.eval_shape(lambda: build(*keys)))[0]
+  if len(_INIT_CACHE) >= 16:
+    _INIT_CACHE.clear()
+  _INIT_CACHE[cache_key] = (graphdef, jax.jit(lambda *k: models.functional_model(build(*k))[1:]))
+  return _INIT_CACHE[cache_key]
+
+
 def init_model(
     model: str,
     *,
@@ -195,7 +225,9 @@ def init_model(
 ) -> tuple[Any, Any, Any]:
   """Builds a registry model as `(graphdef, params, model_state)`, initialized from `seed`.
 
-  Initialization runs under one `jax.jit` (eager initialization compiles every parameter shape separately).
+  Initialization runs under one `jax.jit` with an RBG key for the parameters (threefry's bit generator makes XLA
+  compile for tens of seconds on a ResNet's many parameter shapes; RBG for a few); the dropout stream, which ends up
+  in `model_state` and is checkpointed, stays a default (threefry) key from `seed`.
   `pretrained`: a `.npz` file in `models.load_pretrained`'s format, loaded over the initialization (keys whose
   shapes differ, e.g. the classifier, keep their initial values).
   """
@@ -203,15 +235,10 @@ def init_model(
 
   from disam_jax.harness import models
 
-  kwargs = dict(model_kwargs or {})
-
-  def build(key):
-    return models.create_model(
-      model, num_classes=num_classes, input_shape=tuple(input_shape), rngs=nnx.Rngs(key), **kwargs
-    )
-
-  graphdef = models.functional_model(nnx.eval_shape(lambda: build(jax.random.key(0))))[0]
-  params, model_state = jax.jit(lambda key: models.functional_model(build(key))[1:])(jax.random.key(seed))
+  graphdef, initialize = _model_initializer(
+    model, int(num_classes), tuple(int(d) for d in input_shape), dict(model_kwargs or {})
+  )
+  params, model_state = initialize(jax.random.key(seed), jax.random.key(seed, impl="rbg"))
   if pretrained is not None:
     module = nnx.merge(graphdef, params, model_state)
     models.load_pretrained(module, pretrained)
@@ -507,13 +534,28 @@ class _Compiled:
   eval_step: Callable
 
 
+# Jitted steps by (graphdef, algorithm, hparams, num_domains): repeated experiments in one process (a notebook, the
+# tests, resuming) reuse the compiled code. The model state's structure follows from the graphdef; its values only
+# seed `tx.init`'s aux slot, which `init_train_state` overwrites.
+_STEP_CACHE: dict[tuple, tuple[Any, Callable]] = {}
+_EVAL_CACHE: dict[Any, Callable] = {}
+
+
 def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int) -> _Compiled:
   txs, steps = {}, {}
   for name in config.algorithms:
-    tx = algorithms_lib.make_optimizer(name, config.hparams, num_domains=num_domains, aux_example=model_state)
-    txs[name] = tx
-    steps[name] = jax.jit(make_train_step(graphdef, tx))
-  return _Compiled(graphdef, txs, steps, jax.jit(make_eval_step(graphdef)))
+    key = (graphdef, name, config.hparams, num_domains)
+    if key not in _STEP_CACHE:
+      if len(_STEP_CACHE) >= 32:
+        _STEP_CACHE.clear()
+      tx = algorithms_lib.make_optimizer(name, config.hparams, num_domains=num_domains, aux_example=model_state)
+      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx)))
+    txs[name], steps[name] = _STEP_CACHE[key]
+  if graphdef not in _EVAL_CACHE:
+    if len(_EVAL_CACHE) >= 32:
+      _EVAL_CACHE.clear()
+    _EVAL_CACHE[graphdef] = jax.jit(make_eval_step(graphdef))
+  return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef])
 
 
 def run_cell(
