@@ -1,0 +1,142 @@
+"""Tests for `disam-train` (disam_jax.harness.cli): help, bad input, divergence, a small run, resume.
+
+Every bad input must give exit code 2 and a message naming the problem, never a bare traceback. Training runs use
+the MLP with 16 hidden units, batch 8 per domain, one held-out domain and a handful of steps (the jitted step is
+shared with tests/test_harness_train.py through the harness's compile cache).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from disam_jax.harness import cli
+
+TINY = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--no-plots", "--quiet"]
+
+
+def _run(capsys, argv):
+  code = cli.main(argv)
+  out, err = capsys.readouterr()
+  assert "Traceback" not in err
+  return code, out, err
+
+
+def test_help_documents_every_option(capsys):
+  code, out, _ = _run(capsys, ["--help"])
+  assert code == 0
+  options = [s for action in cli.build_parser()._actions for s in action.option_strings]
+  assert len(options) > 25
+  for option in options:
+    assert option in out, option
+  for action in cli.build_parser()._actions:
+    assert action.help, action.option_strings
+
+
+def test_console_script_is_installed():
+  script = os.path.join(os.path.dirname(sys.executable), "disam-train")
+  if not os.path.exists(script):
+    pytest.skip("console script not installed in this environment (pip install -e .)")
+  out = subprocess.run([script, "--list"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "rotated_digits" in out.stdout and "disam" in out.stdout
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--dataset", "rotated_mnist"], "Unknown dataset 'rotated_mnist'; valid: rotated_digits, rotated_animals"),
+    (["--algorithm", "erm", "gsam"], "Unknown algorithm 'gsam'; valid: erm, sam, disam"),
+    (["--model", "resnet34"], "Unknown model 'resnet34'; valid: mlp, mnist_cnn"),
+    (["--optimizer", "lion"], "Unknown optimizer 'lion'; valid: sgd, adam, adamw"),
+    (["--held-out", "90"], "Held-out domain '90' does not exist in rotated_digits; its domains are ['0', '15'"),
+    (["--steps", "0"], "steps must be a positive integer; got 0"),
+    (["--steps", "-5"], "steps must be a positive integer; got -5"),
+    (["--eval-every", "0"], "eval_every must be a positive integer"),
+    (["--batch-size", "1000"], "batch size 1000 per domain is larger than training domain '15', which has 240"),
+    (["--hard-domain", "30", "--hard-domain-fraction", "0.1", "--batch-size", "32"],
+     "larger than training domain '30', which has 24 training examples"),
+    (["--hard-domain", "45°"], "Hard domain '45°' does not exist"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--rho", "-0.1"], "rho must be >= 0"),
+    (["--seeds", "-1"], "seeds must be integers >= 0"),
+  ],
+)
+def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):
+  code, _, err = _run(capsys, argv + ["--output-dir", str(tmp_path / "run"), "--quiet"])
+  assert code == 2
+  assert message in err
+  assert not os.path.exists(tmp_path / "run")  # nothing is written before the input is valid
+
+
+@pytest.mark.parametrize("argv", [["--rho", "nan"], ["--lam", "inf"], ["--lr", "NaN"], ["--steps", "ten"]])
+def test_nan_and_malformed_numbers_are_rejected_by_the_parser(capsys, argv):
+  code, _, err = _run(capsys, argv)
+  assert code == 2
+  assert "expected a finite number" in err or "expected an integer" in err
+
+
+def test_missing_data_folder_explains_the_layout(capsys, tmp_path):
+  code, _, err = _run(capsys, ["--dataset", "pacs", "--data-dir", str(tmp_path), "--output-dir",
+                               str(tmp_path / "run")])
+  assert code == 2
+  assert "PACS" in err and "Expected layout: root/<domain>/<class>/" in err
+
+
+def test_divergence_stops_with_the_step_and_domain_losses_and_exit_3(capsys, tmp_path):
+  run = tmp_path / "run"
+  code, _, err = _run(capsys, ["--algorithm", "erm", "--optimizer", "sgd", "--lr", "1e30", "--steps", "20",
+                               "--eval-every", "10", "--output-dir", str(run)] + TINY)
+  assert code == 3
+  assert "Training diverged at step 2 (erm, held-out 75, seed 0): loss nan" in err
+  assert "per-domain losses {0: nan, 15: nan, 30: nan, 45: nan, 60: nan}" in err
+  assert "The last good checkpoint is step 0" in err
+  cell = run / "cells" / "erm_heldout-75_seed-0"
+  assert os.listdir(cell / "checkpoints") == ["0"]
+
+
+def test_small_run_writes_the_run_directory_and_resume_extends_it_exactly(capsys, tmp_path):
+  base = ["--algorithm", "erm", "disam", "--eval-every", "3"] + TINY
+  full, part = tmp_path / "full", tmp_path / "part"
+  assert _run(capsys, base + ["--steps", "12", "--output-dir", str(full)])[0] == 0
+  for name in ("config.json", "results.md", "results.json"):
+    assert os.path.getsize(full / name) > 0
+  config = json.loads((full / "config.json").read_text())
+  assert config["algorithms"] == ["erm", "disam"] and config["hparams"]["batch_size"] == 8
+  results = json.loads((full / "results.json").read_text())
+  assert {c["algorithm"] for c in results["cells"]} == {"erm", "disam"}
+  assert "| DISAM |" in (full / "results.md").read_text()
+  lines = (full / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 13  # step 0 (evaluation) + 12 steps
+  step = json.loads(lines[3])
+  assert set(step) >= {"step", "loss", "domain_losses", "variance", "perturbation_norm", "grad_norm", "eval"}
+  assert len(step["domain_losses"]) == 5 and step["eval"]["test_acc"].keys() == {"75"}
+
+  # Running into an existing run directory needs --resume; --resume refuses other options.
+  code, _, err = _run(capsys, base + ["--steps", "12", "--output-dir", str(full)])
+  assert code == 2 and "--resume" in err
+  code, _, err = _run(capsys, ["--resume", "--output-dir", str(full), "--lr", "0.1"])
+  assert code == 2 and "--lr: 0.1 on the command line, 0.001 in" in err
+
+  # Train 6 steps, then resume to 12: the same parameters as the uninterrupted 12-step run.
+  assert _run(capsys, base + ["--steps", "6", "--output-dir", str(part)])[0] == 0
+  assert _run(capsys, ["--resume", "--output-dir", str(part), "--steps", "12", "--quiet", "--no-plots"])[0] == 0
+  for algorithm in ("erm", "disam"):
+    a, b = (_latest_leaves(run / "cells" / f"{algorithm}_heldout-75_seed-0") for run in (full, part))
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+      np.testing.assert_array_equal(u, v)
+  resumed = json.loads((part / "results.json").read_text())
+  assert [c["last"] for c in resumed["cells"]] == [c["last"] for c in results["cells"]]
+
+
+def _latest_leaves(cell):
+  import orbax.checkpoint as ocp
+
+  steps = sorted(int(s) for s in os.listdir(cell / "checkpoints"))
+  with ocp.CheckpointManager(str(cell / "checkpoints")) as manager:
+    restored = manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return [np.asarray(jax.device_get(x)) for x in restored["state"]]
