@@ -1,0 +1,78 @@
+"""`python -m benchmarks.step_cost --quick` end to end, so the benchmark cannot rot.
+
+Runs in a subprocess (the benchmark reads XLA_FLAGS before importing jax, and starts its own multi-device
+subprocess), writes into tmp_path, and checks the results JSON and Markdown. Timings are not asserted: this is a
+smoke test, not a timed test. The PyTorch cases are skipped when torch is not importable (CI does not install it).
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_TORCH = importlib.util.find_spec('torch') is not None
+JAX_CASES = ('erm', 'sam', 'disam_lam0', 'disam', 'disam_adaptive')
+
+
+def _run_quick(out_dir, *extra):
+  env = dict(os.environ)
+  # A fresh process with 1 device in the main run (conftest's 8-device flag is for the test process), and XLA's
+  # cheapest backend optimization level: the tiny model's steps are compiled, run once and checked, not studied.
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  env['PYTHONPATH'] = str(_ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+  cmd = [sys.executable, '-m', 'benchmarks.step_cost', '--quick', '--out-dir', str(out_dir), *extra]
+  if not HAS_TORCH:
+    cmd.append('--no-torch')
+  proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_quick_smoke_writes_results(tmp_path):
+  _run_quick(tmp_path)
+  results = json.loads((tmp_path / 'step_cost_quick.json').read_text())
+  markdown = (tmp_path / 'step_cost_quick.md').read_text()
+
+  for key in ('name', 'command', 'date', 'machine', 'versions', 'threads', 'settings', 'load', 'wall_time_s',
+              'step_time', 'domains', 'multi_device', 'targets'):
+    assert key in results, key
+  assert results['quick'] is True
+  assert {'cpu', 'cores', 'platform', 'python'} <= set(results['machine'])
+  assert {'jax', 'jaxlib', 'flax', 'optax', 'disam_jax', 'torch'} <= set(results['versions'])
+  assert {'before', 'after', 'rounds'} <= set(results['load'])
+
+  (model, res), = results['step_time'].items()
+  cases = res['cases']
+  for kind in JAX_CASES:
+    c = cases[kind]
+    assert c['min_ms'] > 0 and c['median_ms'] >= c['min_ms'] and len(c['times_ms']) == 1
+    assert c['compile_s'] > 0 and c['gflops'] > 0
+    assert {'temp', 'argument', 'output', 'alias', 'peak'} <= set(c['memory'])
+  # Two gradient evaluations: XLA's FLOP count of a DISAM step is about twice ERM's, and SAM's.
+  assert 1.5 < cases['disam']['gflops'] / cases['erm']['gflops'] < 2.5
+  assert 0.9 < cases['disam']['gflops'] / cases['sam']['gflops'] < 1.1
+  for ratio in ('disam/sam', 'disam/erm', 'disam_lam0/sam'):
+    assert res['ratios'][ratio] > 0
+  assert res['memory']['disam_minus_erm_in_param_copies'] <= 1.5
+  if HAS_TORCH:
+    for label in ('torch_erm', 'torch_sam', 'torch_disam', 'torch_disam_per_sample'):
+      assert cases[label]['framework'] == 'torch' and cases[label]['min_ms'] > 0
+    assert 'jax_disam/torch_disam' in res['ratios'] and 'torch_disam/torch_erm' in res['ratios']
+
+  sweep = results['domains'][model]
+  assert sweep['num_domains'] == [2, 4] and {'disam_M2', 'disam_M4', 'sam'} <= set(sweep['cases'])
+
+  md = results['multi_device']
+  assert 'error' not in md, md.get('error')
+  md_cases = md['models'][model]['cases']
+  assert {'single_device_jit', 'pmap_2', 'sharded_jit_2'} <= set(md_cases)
+  for c in md_cases.values():  # same parameters as one device on the whole batch
+    assert c['max_abs_diff_vs_single'] < 1e-5
+
+  assert results['targets'] and all({'target', 'value', 'threshold', 'met'} <= set(t) for t in results['targets'])
+  for heading in ('## Step time per case', '## Ratios', '## Compile time, FLOPs and memory', '## Number of domains',
+                  '## Multi-device', '## Targets'):
+    assert heading in markdown, heading
