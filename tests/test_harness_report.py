@@ -126,3 +126,15 @@ def test_report_module_does_not_import_matplotlib_until_plotting():
   code = "import sys, disam_jax.harness.report, disam_jax.harness.cli; print('matplotlib' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_dynamics_table_compares_algorithms_run_by_run(tmp_path):
+  cells = _write_fake_run(str(tmp_path))
+  text = report.dynamics_table(str(tmp_path), cells, threshold=0.2)
+  lines = text.splitlines()
+  header = next(line for line in lines if line.startswith("| Algorithm"))
+  assert "steps to loss ≤ 0.2" in header and "variance (all steps)" in header and "ms / step" in header
+  erm = next(line for line in lines if line.startswith("| ERM |"))
+  assert "| 4/4 |" in erm  # every run gets below 0.2 (the synthetic loss is 2/step + noise < 0.1)
+  assert any(line.startswith("| DISAM vs SAM | 4 |") for line in lines)
+  assert any(line.startswith("| DISAM vs ERM | 4 |") for line in lines)

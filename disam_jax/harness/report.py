@@ -35,6 +35,7 @@ import numpy as np
 __all__ = [
   "SELECTIONS",
   "format_mean_std",
+  "dynamics_table",
   "load_metrics",
   "results_table",
   "steps_to_threshold",
@@ -50,6 +51,7 @@ SELECTIONS = (
   ("last", "last checkpoint"),
 )
 _COLORS = {"erm": "tab:gray", "sam": "tab:blue", "disam": "tab:red"}
+_STYLES = {"sam": "--"}  # SAM and DISAM often overlap: SAM dashed stays visible under DISAM
 
 
 def _as_dict(cell: Any) -> dict[str, Any]:
@@ -255,6 +257,83 @@ def steps_to_threshold(steps: np.ndarray, loss: np.ndarray, threshold: float, wi
   return int(steps[below[0]]) if len(below) else None
 
 
+def _mean_std(values: Sequence[float], fmt: str = "{:.3g}") -> str:
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if len(v) == 0:
+    return "–"
+  if len(v) == 1:
+    return fmt.format(v[0])
+  return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
+
+
+def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold: float = 0.1,
+                   window: Optional[int] = None) -> str:
+  """Training dynamics per algorithm, mean ± std over every run (held-out domain x seed), as Markdown.
+
+  Columns: steps until the moving-average training loss first reaches `threshold` (runs that never do are counted
+  in "reached"), the final training loss (mean of the last 10% of steps), the domain-loss variance averaged over
+  all steps and over the last 10%, the mean perturbation norm and the median wall time per step. When the runs
+  include SAM and DISAM (or ERM and DISAM) with the same held-out domains and seeds, a second table compares them
+  run by run: how often DISAM's mean variance is lower, its held-out accuracy (training-domain validation) at least
+  as high, and the mean paired differences.
+  """
+  cells = [_as_dict(c) for c in (cells if cells is not None else _cells_from_run(run_dir))]
+  metrics = _metrics_by_cell(run_dir, cells)
+  algorithms = _ordered(c["algorithm"] for c in cells)
+  steps = max(int(c["steps"]) for c in cells)
+  window = window or max(1, steps // 50)
+  rows = [
+    f"Moving average over {window} steps; each entry is mean ± std over runs (held-out domains x seeds).",
+    "",
+    f"| Algorithm | steps to loss ≤ {threshold:g} | reached | final loss | variance (all steps) | "
+    "variance (last 10%) | perturbation norm | ms / step |",
+    "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
+  ]
+  per_cell: dict[tuple, dict[str, float]] = {}
+  for a in algorithms:
+    reached, hit, final, var_all, var_end, pnorm, ms = [], 0, [], [], [], [], []
+    group = [c for c in cells if c["algorithm"] == a]
+    for c in group:
+      m = metrics[(a, c["held_out"], int(c["seed"]))]
+      tail = max(1, len(m.steps) // 10)
+      t = steps_to_threshold(m.steps, m.loss, threshold, window)
+      hit += t is not None
+      reached.append(t)
+      final.append(float(m.loss[-tail:].mean()))
+      var_all.append(float(m.variance.mean()))
+      var_end.append(float(m.variance[-tail:].mean()))
+      pnorm.append(float(m.perturbation_norm.mean()))
+      ms.append(1000 * float(np.median(np.diff(m.time))) if len(m.time) > 1 else None)
+      per_cell[(a, c["held_out"], int(c["seed"]))] = {
+        "variance": var_all[-1], "test_acc": float(c["selected"]["test_acc"]), "steps": t,
+      }
+    rows.append(
+      f"| {_display(a)} | {_mean_std(reached, '{:.0f}')} | {hit}/{len(group)} | {_mean_std(final)} | "
+      f"{_mean_std(var_all, '{:.2e}')} | {_mean_std(var_end, '{:.2e}')} | {_mean_std(pnorm)} | {_mean_std(ms, '{:.1f}')} |"
+    )
+  pairs = [(b, "disam") for b in ("sam", "erm") if b in algorithms and "disam" in algorithms]
+  if pairs:
+    rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", "",
+             "| pair | runs | DISAM variance lower | mean variance ratio DISAM / other | DISAM held-out acc ≥ other "
+             "| mean acc difference (points) | DISAM reaches the loss threshold first or together |",
+             "|---|:-:|:-:|:-:|:-:|:-:|:-:|"]
+    for other, mine in pairs:
+      keys = [(h, s) for (a, h, s) in per_cell if a == mine and (other, h, s) in per_cell]
+      if not keys:
+        continue
+      ours = [per_cell[(mine, h, s)] for h, s in keys]
+      theirs = [per_cell[(other, h, s)] for h, s in keys]
+      lower = sum(o["variance"] < t["variance"] for o, t in zip(ours, theirs))
+      ratio = np.mean([o["variance"] / t["variance"] for o, t in zip(ours, theirs) if t["variance"] > 0])
+      acc = sum(o["test_acc"] >= t["test_acc"] for o, t in zip(ours, theirs))
+      diff = 100 * np.mean([o["test_acc"] - t["test_acc"] for o, t in zip(ours, theirs)])
+      inf = float("inf")
+      first = sum((o["steps"] or inf) <= (t["steps"] or inf) for o, t in zip(ours, theirs))
+      rows.append(f"| DISAM vs {_display(other)} | {len(keys)} | {lower}/{len(keys)} | {ratio:.3f} | "
+                  f"{acc}/{len(keys)} | {diff:+.2f} | {first}/{len(keys)} |")
+  return "\n".join(rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,6 +382,7 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
   steps = max(int(c["steps"]) for c in cells)
   window = max(1, steps // 50)
   color = lambda a: _COLORS.get(a)
+  style = lambda a: _STYLES.get(a, "-")
   runs = lambda a, d: [metrics[(a, d, s)] for s in seeds if (a, d, s) in metrics]
   paths = []
 
@@ -312,7 +392,7 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
     every = [m for d in domains for m in runs(a, d)]
     for ax, field in zip(axes[0], ("loss", "variance")):
       x, y = _mean_over(every, field)
-      ax.plot(x, smooth(y, window), label=_display(a), color=color(a), lw=1.5)
+      ax.plot(x, smooth(y, window), label=_display(a), color=color(a), ls=style(a), lw=1.5)
   axes[0][0].set(title="training loss (mean of domain losses)", xlabel="step", yscale="log")
   axes[0][1].set(title="variance of the domain losses", xlabel="step", yscale="log")
   axes[0][0].legend()
@@ -331,14 +411,14 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
       mean_losses = np.stack([m.domain_losses[:length] for m in group]).mean(axis=0)
       for k, name in enumerate(group[0].domains):
         ax.plot(group[0].steps[:length], smooth(mean_losses[:, k], window), lw=1.0, label=f"domain {name}")
-      ax.set(yscale="log", title=f"{_display(a)}, held-out {d}: domain losses", xlabel="step")
+      ax.set(yscale="log", title=f"{_display(a)}, held-out {d}", xlabel="step", ylabel="domain losses")
       if row == 0 and col == 0:
         ax.legend(fontsize=7)
     ax = axes[row][len(algorithms)]
     for a in algorithms:
       x, y = _mean_over(runs(a, d), "variance")
-      ax.plot(x, smooth(y, window), label=_display(a), color=color(a), lw=1.2)
-    ax.set(yscale="log", title=f"held-out {d}: variance of domain losses", xlabel="step")
+      ax.plot(x, smooth(y, window), label=_display(a), color=color(a), ls=style(a), lw=1.2)
+    ax.set(yscale="log", title=f"held-out {d}: variance", xlabel="step")
     ax.legend(fontsize=7)
   paths.append(os.path.join(run_dir, "domain_losses.png"))
   fig.savefig(paths[-1], dpi=90)
@@ -354,7 +434,7 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
       length = min(len(m.eval_steps) for m in group)
       acc = 100 * np.stack([m.test_acc[:length] for m in group])
       x = group[0].eval_steps[:length]
-      ax.plot(x, acc.mean(axis=0), label=_display(a), color=color(a), lw=1.3, marker=".", ms=3)
+      ax.plot(x, acc.mean(axis=0), label=_display(a), color=color(a), ls=style(a), lw=1.3, marker=".", ms=3)
       if len(group) > 1:
         ax.fill_between(x, acc.mean(0) - acc.std(0, ddof=1), acc.mean(0) + acc.std(0, ddof=1),
                         color=color(a), alpha=0.15, lw=0)
@@ -368,13 +448,15 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
 
 
 def write_report(run_dir: str, cells: Optional[Sequence[Any]] = None, config: Any = None,
-                 plots: bool = True) -> list[str]:
-  """Tables and plots for a run directory; returns the paths written."""
+                 plots: bool = True, threshold: float = 0.1) -> list[str]:
+  """Tables (accuracy, and training dynamics with `threshold` for the loss) and plots; returns the paths written."""
   if cells is None:
     with open(os.path.join(run_dir, "results.json")) as f:
       saved = json.load(f)
     cells, config = saved["cells"], config or saved.get("config")
   write_results(run_dir, cells, config)
+  with open(os.path.join(run_dir, "results.md"), "a") as f:
+    f.write("\n## Training dynamics\n\n" + dynamics_table(run_dir, cells, threshold) + "\n")
   written = [os.path.join(run_dir, "results.md"), os.path.join(run_dir, "results.json")]
   if plots:
     written += write_plots(run_dir, cells)
@@ -388,12 +470,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   )
   parser.add_argument("run_dir", help="a run directory written by disam-train (with results.json)")
   parser.add_argument("--no-plots", action="store_true", help="only the tables")
+  parser.add_argument("--threshold", type=float, default=0.1,
+                      help="training-loss threshold for the 'steps to loss' column (default: 0.1)")
   args = parser.parse_args(argv)
   if not os.path.exists(os.path.join(args.run_dir, "results.json")):
     print(f"{parser.prog}: error: {args.run_dir} has no results.json (not a finished disam-train run?)",
           file=sys.stderr)
     return 2
-  for path in write_report(args.run_dir, plots=not args.no_plots):
+  for path in write_report(args.run_dir, plots=not args.no_plots, threshold=args.threshold):
     print(path)
   return 0
 

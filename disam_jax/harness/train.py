@@ -810,6 +810,7 @@ def run_experiment(
               compiled = _compile(config, graphdef, model_state, len(split.train))
           if bar is not None:
             bar.set_description(f"{algorithm} held-out {d} seed {seed}")
+            bar.set_postfix(refresh=False)
             bar.update(_resumed_steps(directory) if resume else 0)
 
           def step_hook(step, line, algorithm=algorithm, d=d, seed=seed):
