@@ -60,9 +60,15 @@ NUM_CLASSES = 10
 RHO, LAM, LR, MOMENTUM = 0.05, 0.1, 0.01, 0.9
 JAX_CASES = ('erm', 'sam', 'disam_lam0', 'disam', 'disam_adaptive')
 TORCH_CASES = ('torch_erm', 'torch_sam', 'torch_disam', 'torch_disam_per_sample')
-# ResNet-18 at batch 128 takes ~10-15 s per ERM step on 2 cores: time only what the targets need from PyTorch.
-TORCH_CASES_BY_MODEL = {'resnet18': ('torch_erm', 'torch_disam')}
+# ResNet-18 at batch 128 takes ~10-15 s per ERM step on 2 cores and the ViT ~4 s: to keep a full run near 15
+# minutes, these time only what the targets need (--all-cases times everything everywhere).
+JAX_CASES_BY_MODEL = {'resnet18': ('erm', 'sam', 'disam')}
+TORCH_CASES_BY_MODEL = {'resnet18': ('torch_erm', 'torch_disam'), 'vit_tiny': ('torch_erm', 'torch_sam', 'torch_disam')}
+# The convolution whose weight gradient runs as GEMMs (benchmarks/fast_conv.py), tried on the convnets.
+CONV_OPTION_CASES = {'mnist_cnn': ('erm', 'disam'), 'resnet18': ('erm',)}
 CONV_MODELS = ('mnist_cnn', 'resnet18')
+# Multi-device: host CPU device counts per model (the CNN's compiles are slow; two counts show the trend).
+MULTIDEVICE_COUNTS = {'mlp': (1, 2, 4, 8), 'mnist_cnn': (2, 8)}
 FLAG_SWEEP = (
     '',
     '--xla_cpu_multi_thread_eigen=false',
@@ -313,12 +319,61 @@ class TorchCase:
     return float(self.loss)
 
 
+def _machine_busy() -> Optional[tuple[int, int]]:
+  """(busy, total) jiffies of the whole machine from /proc/stat, or None off Linux."""
+  try:
+    with open('/proc/stat') as f:
+      vals = [int(v) for v in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return None
+  return sum(vals) - vals[3] - vals[4], sum(vals)
+
+
+class _Sample:
+  """Wall and process CPU time of one sample, and how many cores *other* processes kept busy meanwhile."""
+
+  def __enter__(self):
+    self.busy0, self.cpu0, self.t0 = _machine_busy(), time.process_time(), time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.t0
+    self.cpu = time.process_time() - self.cpu0
+    busy1 = _machine_busy()
+    self.others = None
+    if self.busy0 is not None and busy1 is not None and busy1[1] > self.busy0[1]:
+      cores = os.cpu_count() or 1
+      machine = (busy1[0] - self.busy0[0]) / (busy1[1] - self.busy0[1]) * cores  # busy cores, all processes
+      self.others = max(0.0, machine - self.cpu / max(self.wall, 1e-9))
+
+
+def wait_for_quiet(threshold: float, max_wait_s: float, log) -> float:
+  """Sleeps while other processes keep more than `threshold` cores busy (1 s probes), at most `max_wait_s`."""
+  waited = 0.0
+  while waited < max_wait_s:
+    with _Sample() as probe:
+      time.sleep(1.0)
+    if probe.others is None or probe.others <= threshold:
+      break
+    waited += probe.wall
+    time.sleep(min(4.0, max(0.0, max_wait_s - waited)))
+    waited += 4.0
+  if waited:
+    log(f'    waited {waited:.0f} s for other processes to go below {threshold} busy cores')
+  return waited
+
+
 def time_round_robin(cases: list, *, repeats: int, min_sample_s: float, budget_s: Optional[float],
-                     load_samples: list, log: Callable[[str], None]) -> dict[str, Any]:
+                     load_samples: list, log: Callable[[str], None], quiet: Optional[dict] = None
+                     ) -> dict[str, Any]:
   """Warm-up, then `repeats` rounds over all cases (order rotated each round); each sample runs `inner` steps.
 
   `inner` is chosen per case so that one sample lasts at least `min_sample_s` (fast steps would otherwise be
   dominated by timer and dispatch noise). With `budget_s`, the number of rounds is cut to what fits (at least 2).
+  Each sample records wall time, this process's CPU time (all threads; insensitive to time spent descheduled
+  while other processes run) and the cores other processes kept busy. With `quiet`
+  (`{'threshold': cores, 'max_wait_s': s, 'waited_s': running total}`), each round first waits for the other
+  processes to calm down, within a total waiting budget.
   """
   first = {}
   for case in cases:
@@ -335,12 +390,18 @@ def time_round_robin(cases: list, *, repeats: int, min_sample_s: float, budget_s
   if budget_s is not None and round_s * repeats > budget_s:
     rounds = max(min(repeats, 2), int(budget_s // max(round_s, 1e-9)))
   log(f'    {len(cases)} cases, ~{round_s:.1f} s per round, {rounds} rounds')
+  cpu, others = {c.label: [] for c in cases}, {c.label: [] for c in cases}
   for r in range(rounds):
+    if quiet is not None:
+      quiet['waited_s'] += wait_for_quiet(quiet['threshold'], quiet['max_wait_s'] - quiet['waited_s'], log)
     order = cases[r % len(cases):] + cases[:r % len(cases)]
     for case in order:
-      t0 = time.perf_counter()
-      case.run(inner[case.label])
-      case.times.append((time.perf_counter() - t0) / inner[case.label])
+      with _Sample() as sample:
+        case.run(inner[case.label])
+      case.times.append(sample.wall / inner[case.label])
+      cpu[case.label].append(sample.cpu / inner[case.label])
+      if sample.others is not None:
+        others[case.label].append(sample.others)
     load_samples.append(load_avg()[0])
   out = {}
   for case in cases:
@@ -348,8 +409,12 @@ def time_round_robin(cases: list, *, repeats: int, min_sample_s: float, budget_s
     if not math.isfinite(loss):
       raise FloatingPointError(f'non-finite loss {loss} in case {case.label}')
     ms = [1e3 * t for t in case.times]
+    cpu_ms = [1e3 * t for t in cpu[case.label]]
     out[case.label] = {'framework': case.framework, 'min_ms': round(min(ms), 3),
                        'median_ms': round(statistics.median(ms), 3), 'times_ms': [round(t, 3) for t in ms],
+                       'cpu_min_ms': round(min(cpu_ms), 3), 'cpu_median_ms': round(statistics.median(cpu_ms), 3),
+                       'other_processes_cores': round(statistics.mean(others[case.label]), 2)
+                       if others[case.label] else None,
                        'steps_per_sample': inner[case.label]}
   return out
 
@@ -370,15 +435,16 @@ def bench_step_time(models: dict, args, torch_module, load_samples, log) -> dict
     log(f'  step time: {name} {shape}, M={args.num_domains} x {args.per_domain_batch}')
     x, y = make_batch(args.num_domains, args.per_domain_batch, shape)
     graphdef, params, model_state = build_jax_model(name, shape, kwargs)
-    cases: list = [JaxCase(kind, kind, graphdef, params, model_state, x, y) for kind in JAX_CASES]
-    if args.conv_options and name in CONV_MODELS:
+    jax_kinds = JAX_CASES if args.all_cases else JAX_CASES_BY_MODEL.get(name, JAX_CASES)
+    cases: list = [JaxCase(kind, kind, graphdef, params, model_state, x, y) for kind in jax_kinds]
+    if args.conv_options and name in CONV_OPTION_CASES:
       g2, p2, s2 = build_jax_model(name, shape, kwargs, gemm_weight_grad=True)
-      cases += [JaxCase(f'{kind}+gemm_wgrad', kind, g2, p2, s2, x, y) for kind in ('erm', 'disam')]
+      cases += [JaxCase(f'{kind}+gemm_wgrad', kind, g2, p2, s2, x, y) for kind in CONV_OPTION_CASES[name]]
     if torch_module is not None:
-      for label in TORCH_CASES_BY_MODEL.get(name, TORCH_CASES):
+      for label in TORCH_CASES if args.all_cases else TORCH_CASES_BY_MODEL.get(name, TORCH_CASES):
         cases.append(TorchCase(label, name, shape, kwargs, x, y))
     timed = time_round_robin(cases, repeats=args.repeats, min_sample_s=args.min_sample_s,
-                             budget_s=args.budget_s, load_samples=load_samples, log=log)
+                             budget_s=args.budget_s, load_samples=load_samples, log=log, quiet=args.quiet)
     for case in cases:
       if isinstance(case, JaxCase):
         timed[case.label].update(case.analysis())
@@ -386,9 +452,12 @@ def bench_step_time(models: dict, args, torch_module, load_samples, log) -> dict
     r = lambda a, b, stat='min_ms': _ratio(timed, a, b, stat)
     ratios = {
         'disam/sam': r('disam', 'sam'), 'disam/sam (median)': r('disam', 'sam', 'median_ms'),
+        'disam/sam (cpu)': r('disam', 'sam', 'cpu_min_ms'),
         'disam/erm': r('disam', 'erm'), 'disam/erm (median)': r('disam', 'erm', 'median_ms'),
-        'disam_lam0/sam': r('disam_lam0', 'sam'), 'disam_adaptive/sam': r('disam_adaptive', 'sam'),
-        'sam/erm': r('sam', 'erm'),
+        'disam/erm (cpu)': r('disam', 'erm', 'cpu_min_ms'),
+        'disam_lam0/sam': r('disam_lam0', 'sam'), 'disam_lam0/sam (cpu)': r('disam_lam0', 'sam', 'cpu_min_ms'),
+        'disam_adaptive/sam': r('disam_adaptive', 'sam'),
+        'sam/erm': r('sam', 'erm'), 'sam/erm (cpu)': r('sam', 'erm', 'cpu_min_ms'),
         'jax_disam/torch_disam': r('disam', 'torch_disam'), 'jax_erm/torch_erm': r('erm', 'torch_erm'),
         'jax_sam/torch_sam': r('sam', 'torch_sam'),
         'torch_disam/torch_erm': r('torch_disam', 'torch_erm'),
@@ -434,7 +503,7 @@ def bench_domains(models: dict, args, load_samples, log) -> dict[str, Any]:
     x, y = make_batch(ms[0], total // ms[0], shape)
     cases.append(JaxCase('sam', 'sam', graphdef, params, model_state, x, y))
     timed = time_round_robin(cases, repeats=args.repeats, min_sample_s=args.min_sample_s,
-                             budget_s=args.budget_s, load_samples=load_samples, log=log)
+                             budget_s=args.budget_s, load_samples=load_samples, log=log, quiet=args.quiet)
     for case in cases:
       timed[case.label]['compile_s'] = round(case.compile_s, 3)
     lo, hi = f'disam_M{ms[0]}', f'disam_M{ms[-1]}'
@@ -443,6 +512,7 @@ def bench_domains(models: dict, args, load_samples, log) -> dict[str, Any]:
         'total_batch': total, 'num_domains': ms, 'cases': timed,
         'ratios': {f'M{ms[-1]}/M{ms[0]}': _ratio(timed, hi, lo),
                    f'M{ms[-1]}/M{ms[0]} (median)': _ratio(timed, hi, lo, 'median_ms'),
+                   f'M{ms[-1]}/M{ms[0]} (cpu)': _ratio(timed, hi, lo, 'cpu_min_ms'),
                    'max/min over M': round(max(mins) / min(mins), 4),
                    f'M{ms[0]}/sam': _ratio(timed, lo, 'sam'), f'M{ms[-1]}/sam': _ratio(timed, hi, 'sam')},
     }
@@ -518,7 +588,7 @@ def multidevice_worker(config: dict) -> dict[str, Any]:
       return f, state, (jax.device_put(x, data), jax.device_put(y, data))
 
     variants = {'single_device_jit': single}
-    for n in config['device_counts']:
+    for n in config['device_counts'].get(name, ()):
       if n <= jax.device_count() and b % n == 0:
         variants[f'pmap_{n}'] = lambda n=n: pmapped(n)
         variants[f'sharded_jit_{n}'] = lambda n=n: sharded(n)
@@ -572,9 +642,10 @@ def multidevice_worker(config: dict) -> dict[str, Any]:
 
 
 def bench_multidevice(models: dict, args, log) -> dict[str, Any]:
-  counts = [n for n in args.device_counts]
+  per_model = {k: list(args.device_counts or MULTIDEVICE_COUNTS.get(k, (1, 2, 4, 8))) for k in models}
+  counts = sorted({n for v in per_model.values() for n in v})
   config = {'models': {k: [list(v[0]), v[1]] for k, v in models.items()}, 'num_domains': args.num_domains,
-            'per_domain_batch': args.per_domain_batch, 'device_counts': counts, 'check_steps': 3,
+            'per_domain_batch': args.per_domain_batch, 'device_counts': per_model, 'check_steps': 3,
             'repeats': args.repeats, 'min_sample_s': args.min_sample_s, 'budget_s': args.budget_s}
   log(f'  multi-device: {list(models)} on {counts} host CPU devices (subprocess)')
   # Keep the caller's other XLA flags; replace any device count.
@@ -594,7 +665,7 @@ def flags_worker(config: dict) -> dict[str, Any]:
   shape, kwargs = config['shape'], config['kwargs']
   x, y = make_batch(config['num_domains'], config['per_domain_batch'], shape)
   graphdef, params, model_state = build_jax_model(name, shape, kwargs)
-  cases = [JaxCase(kind, kind, graphdef, params, model_state, x, y) for kind in ('erm', 'disam')]
+  cases = [JaxCase(kind, kind, graphdef, params, model_state, x, y) for kind in config['cases']]
   timed = time_round_robin(cases, repeats=config['repeats'], min_sample_s=config['min_sample_s'],
                            budget_s=None, load_samples=[], log=lambda s: None)
   for case in cases:
@@ -609,14 +680,14 @@ def bench_flags(args, log) -> dict[str, Any]:
   out = {'model': name, 'note': 'each flag set in its own subprocess, run sequentially', 'runs': []}
   for flags in FLAG_SWEEP:
     config = {'model': name, 'shape': list(shape), 'kwargs': kwargs, 'num_domains': args.num_domains,
+              'cases': ['erm'],
               'per_domain_batch': args.per_domain_batch, 'repeats': args.flag_repeats,
               'min_sample_s': args.min_sample_s}
     res = _run_worker('flags', config, flags, timeout=900)
     res['xla_flags'] = flags
     out['runs'].append(res)
     if 'cases' in res:
-      log(f'  flags {flags or "(none)"}: erm {res["cases"]["erm"]["min_ms"]:.1f} ms, '
-          f'disam {res["cases"]["disam"]["min_ms"]:.1f} ms')
+      log(f'  flags {flags or "(none)"}: erm {res["cases"]["erm"]["min_ms"]:.1f} ms')
     else:
       log(f'  flags {flags}: failed: {res.get("error", "")[-300:]}')
   return out
@@ -697,6 +768,13 @@ def to_markdown(results: dict) -> str:
                                               for r in st.values()) + ' |')
     lines.append('| rounds | ' + ' | '.join(str(len(next(iter(r['cases'].values()))['times_ms']))
                                            for r in st.values()) + ' |')
+    lines += ['', 'Process CPU time per step, min ms (all threads of this process; time spent descheduled does not '
+              'count), and the cores other processes kept busy meanwhile (mean over samples):', '',
+              '| case | ' + ' | '.join(st) + ' |', '|---' * (len(st) + 1) + '|']
+    cpu_cell = lambda c: f'{c["cpu_min_ms"]:.1f} / {c["other_processes_cores"]}'
+    for lab in labels:
+      lines.append(f'| {lab} | ' + ' | '.join(cpu_cell(r['cases'][lab]) if lab in r['cases'] else '-'
+                                              for r in st.values()) + ' |')
     lines += ['', '## Ratios (min times)', '']
     keys = []
     for res in st.values():
@@ -755,13 +833,14 @@ def to_markdown(results: dict) -> str:
   fl = results.get('xla_flag_sweep', {})
   if fl.get('runs'):
     lines += [f'## XLA:CPU flags on {fl["model"]} (each in its own process, sequential; median (min) ms)', '',
-              '| XLA_FLAGS | ERM | DISAM | load after |', '|---|---|---|---|']
+              '| XLA_FLAGS | ERM step | compile s | other processes (cores) |', '|---|---|---|---|']
     for run in fl['runs']:
       if 'cases' in run:
-        lines.append(f'| `{run["xla_flags"] or "(none)"}` | {_fmt_ms(run["cases"]["erm"])} | '
-                     f'{_fmt_ms(run["cases"]["disam"])} | {run["load"][0]} |')
+        c = run['cases']['erm']
+        lines.append(f'| `{run["xla_flags"] or "(none)"}` | {_fmt_ms(c)} | {c["compile_s"]:.1f} | '
+                     f'{c["other_processes_cores"]} |')
       else:
-        lines.append(f'| `{run["xla_flags"]}` | failed | failed | - |')
+        lines.append(f'| `{run["xla_flags"]}` | failed | - | - |')
     lines.append('')
   tg = results.get('targets', [])
   if tg:
@@ -791,13 +870,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   ap.add_argument('--sweep-domains', nargs='+', type=int, default=None)
   ap.add_argument('--sweep-batch', type=int, default=None)
   ap.add_argument('--device-counts', nargs='+', type=int, default=None)
+  ap.add_argument('--all-cases', action='store_true', help='every case on every model (slower)')
+  ap.add_argument('--quiet-threshold', type=float, default=None,
+                  help='before each round, wait while other processes keep more than this many cores busy')
+  ap.add_argument('--max-wait-s', type=float, default=300.0, help='total waiting budget for --quiet-threshold')
   ap.add_argument('--no-torch', action='store_true')
   ap.add_argument('--no-multidevice', action='store_true')
   ap.add_argument('--no-flags', action='store_true', help='skip the XLA flag sweep')
   ap.add_argument('--no-conv-options', dest='conv_options', action='store_false',
                   help='skip the GEMM weight-gradient convolution cases')
   ap.add_argument('--flag-model', default='mnist_cnn', choices=sorted(MODELS))
-  ap.add_argument('--flag-repeats', type=int, default=3)
+  ap.add_argument('--flag-repeats', type=int, default=2)
   ap.add_argument('--multidevice-worker', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--flags-worker', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -806,12 +889,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       num_domains=4, per_domain_batch=4 if quick else 32, repeats=1 if quick else 5,
       min_sample_s=0.0 if quick else 0.25, budget_s=None if quick else 300.0,
       sweep_domains=[2, 4] if quick else [2, 4, 8, 16, 32, 64], sweep_batch=16 if quick else 128,
-      device_counts=[2] if quick else [1, 2, 4, 8],
   )
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
+  args.quiet = None if args.quiet_threshold is None else {
+      'threshold': args.quiet_threshold, 'max_wait_s': args.max_wait_s, 'waited_s': 0.0}
   if quick:
+    args.device_counts = args.device_counts or [2]
     args.no_flags = True
     args.conv_options = False
   args.name = args.name or ('step_cost_quick' if quick else 'step_cost')
@@ -872,7 +957,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if not args.no_flags:
     results['xla_flag_sweep'] = bench_flags(args, log)
   results['targets'] = evaluate_targets(results)
-  results['load'] = {'before': load_before, 'after': load_avg(), 'rounds': rounds}
+  results['load'] = {'before': load_before, 'after': load_avg(), 'rounds': rounds,
+                     'waited_for_quiet_s': args.quiet['waited_s'] if args.quiet else None}
   results['wall_time_s'] = round(time.perf_counter() - start, 1)
 
   os.makedirs(args.out_dir, exist_ok=True)
