@@ -401,7 +401,10 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
   paths.append(os.path.join(run_dir, "training_curves.png"))
   fig.savefig(paths[-1], dpi=110)
 
-  # Per-domain losses per algorithm, and the variance compared, one row per held-out domain.
+  # Per-domain losses per algorithm, and the variance compared, one row per held-out domain. A training domain has
+  # the same color in every row.
+  every_domain = _ordered([d for m in metrics.values() for d in m.domains] + list(domains))
+  domain_color = {d: f"C{k % 10}" for k, d in enumerate(every_domain)}
   fig, axes = _figure(len(domains), len(algorithms) + 1, 3.6, 2.8)
   for row, d in enumerate(domains):
     for col, a in enumerate(algorithms):
@@ -410,10 +413,11 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None) -> list[str
       length = min(len(m.steps) for m in group)
       mean_losses = np.stack([m.domain_losses[:length] for m in group]).mean(axis=0)
       for k, name in enumerate(group[0].domains):
-        ax.plot(group[0].steps[:length], smooth(mean_losses[:, k], window), lw=1.0, label=f"domain {name}")
+        ax.plot(group[0].steps[:length], smooth(mean_losses[:, k], window), lw=1.0, label=f"domain {name}",
+                color=domain_color[name])
       ax.set(yscale="log", title=f"{_display(a)}, held-out {d}", xlabel="step", ylabel="domain losses")
-      if row == 0 and col == 0:
-        ax.legend(fontsize=7)
+      if col == 0:
+        ax.legend(fontsize=6)
     ax = axes[row][len(algorithms)]
     for a in algorithms:
       x, y = _mean_over(runs(a, d), "variance")

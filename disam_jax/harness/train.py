@@ -417,6 +417,12 @@ def load_data(config: ExperimentConfig, seed: int) -> data_lib.DomainDataset:
   return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=seed, image_size=config.image_size)
 
 
+def _seed_changes_domains(dataset: str) -> bool:
+  """Image folders have fixed domains (loaded once for all seeds); anything else is reloaded per seed."""
+  spec = data_lib.DATASETS.get(dataset)
+  return not (spec is not None and (spec.folder is not None or dataset == "image_folder"))
+
+
 def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[str, ...]:
   """Validates the held-out domains, the hard domain and the batch size against `ds`; returns the held-out list."""
   held_out = tuple(ds.domains) if config.held_out is None else tuple(config.held_out)
@@ -788,7 +794,10 @@ def run_experiment(
   compiled = None
   try:
     for seed in config.seeds:
-      ds = first_ds if seed == config.seeds[0] else load_data(config, seed)
+      if seed != config.seeds[0] and _seed_changes_domains(config.dataset):
+        ds = load_data(config, seed)
+      else:
+        ds = first_ds
       init = None
       for d in held_out:
         split = _cell_split(config, ds, d, seed)
