@@ -138,3 +138,13 @@ def test_dynamics_table_compares_algorithms_run_by_run(tmp_path):
   assert "| 4/4 |" in erm  # every run gets below 0.2 (the synthetic loss is 2/step + noise < 0.1)
   assert any(line.startswith("| DISAM vs SAM | 4 |") for line in lines)
   assert any(line.startswith("| DISAM vs ERM | 4 |") for line in lines)
+
+
+def test_merge_combines_run_directories_with_renamed_algorithms(tmp_path):
+  _write_fake_run(str(tmp_path / "a"))
+  _write_fake_run(str(tmp_path / "b"))
+  out = tmp_path / "merged"
+  code = report.main([str(out), "--no-plots", "--merge", str(tmp_path / "a"), f"{tmp_path / 'b'}=_lam1"])
+  assert code == 0
+  text = (out / "results.md").read_text()
+  assert "| DISAM_LAM1 |" in text and "| SAM |" in text and "| DISAM_LAM1 vs SAM | 4 |" in text

@@ -37,6 +37,7 @@ __all__ = [
   "format_mean_std",
   "dynamics_table",
   "load_metrics",
+  "merge_runs",
   "results_table",
   "steps_to_threshold",
   "summarize",
@@ -129,7 +130,9 @@ def results_markdown(cells: Sequence[Any], config: Optional[dict[str, Any]] = No
   """Both tables (training-domain validation and last checkpoint) as one Markdown document."""
   cells = [_as_dict(c) for c in cells]
   title = "# Held-out accuracy (%)"
-  if config:
+  if config and "merged" in config:
+    title += "\n\nRuns merged from " + ", ".join(f"`{d}`" for d in config["merged"])
+  elif config:
     hp = config.get("hparams", {})
     title += (
       f"\n\n{config.get('dataset')} · model {config.get('model')} · {config.get('steps')} steps · "
@@ -311,7 +314,7 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       f"| {_display(a)} | {_mean_std(reached, '{:.0f}')} | {hit}/{len(group)} | {_mean_std(final)} | "
       f"{_mean_std(var_all, '{:.2e}')} | {_mean_std(var_end, '{:.2e}')} | {_mean_std(pnorm)} | {_mean_std(ms, '{:.1f}')} |"
     )
-  pairs = [(b, "disam") for b in ("sam", "erm") if b in algorithms and "disam" in algorithms]
+  pairs = [(b, a) for a in algorithms if a.startswith("disam") for b in ("sam", "erm") if b in algorithms]
   if pairs:
     rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", "",
              "| pair | runs | DISAM variance lower | mean variance ratio DISAM / other | DISAM held-out acc ≥ other "
@@ -329,7 +332,7 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       diff = 100 * np.mean([o["test_acc"] - t["test_acc"] for o, t in zip(ours, theirs)])
       inf = float("inf")
       first = sum((o["steps"] or inf) <= (t["steps"] or inf) for o, t in zip(ours, theirs))
-      rows.append(f"| DISAM vs {_display(other)} | {len(keys)} | {lower}/{len(keys)} | {ratio:.3f} | "
+      rows.append(f"| {_display(mine)} vs {_display(other)} | {len(keys)} | {lower}/{len(keys)} | {ratio:.3f} | "
                   f"{acc}/{len(keys)} | {diff:+.2f} | {first}/{len(keys)} |")
   return "\n".join(rows)
 
@@ -467,16 +470,45 @@ def write_report(run_dir: str, cells: Optional[Sequence[Any]] = None, config: An
   return written
 
 
+def merge_runs(sources: Sequence[str]) -> list[dict[str, Any]]:
+  """The runs of several run directories, `"DIR"` or `"DIR=SUFFIX"` (algorithms renamed `<algorithm><SUFFIX>`)."""
+  cells = []
+  for source in sources:
+    directory, _, suffix = source.partition("=")
+    for c in _cells_from_run(directory):
+      c = dict(c)
+      c["algorithm"] += suffix
+      c["directory"] = os.path.abspath(os.path.join(directory, "cells", os.path.basename(c["directory"].rstrip("/"))))
+      cells.append(c)
+  return cells
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m disam_jax.harness.report",
-    description="Rewrites results.md, results.json and the plots of a disam-train run directory.",
+    description="Rewrites results.md, results.json and the plots of a disam-train run directory, or combines "
+                "several (--merge) into a new one.",
   )
-  parser.add_argument("run_dir", help="a run directory written by disam-train (with results.json)")
+  parser.add_argument("run_dir", help="a run directory written by disam-train (with results.json); with --merge, "
+                                      "the directory to write the combined report to")
   parser.add_argument("--no-plots", action="store_true", help="only the tables")
   parser.add_argument("--threshold", type=float, default=0.1,
                       help="training-loss threshold for the 'steps to loss' column (default: 0.1)")
+  parser.add_argument("--merge", nargs="+", metavar="DIR[=SUFFIX]",
+                      help="combine the runs of these run directories (same data and seeds), renaming the "
+                           "algorithms of DIR=SUFFIX to <algorithm><SUFFIX>, e.g. --merge noisy noisy_lam1=_lam1")
   args = parser.parse_args(argv)
+  if args.merge:
+    missing = [d for d in args.merge if not os.path.exists(os.path.join(d.partition("=")[0], "results.json"))]
+    if missing:
+      print(f"{parser.prog}: error: no results.json in {missing}", file=sys.stderr)
+      return 2
+    os.makedirs(args.run_dir, exist_ok=True)
+    cells = merge_runs(args.merge)
+    for path in write_report(args.run_dir, cells, {"merged": list(args.merge)}, plots=not args.no_plots,
+                             threshold=args.threshold):
+      print(path)
+    return 0
   if not os.path.exists(os.path.join(args.run_dir, "results.json")):
     print(f"{parser.prog}: error: {args.run_dir} has no results.json (not a finished disam-train run?)",
           file=sys.stderr)
