@@ -69,12 +69,14 @@ CONV_OPTION_CASES = {'mnist_cnn': ('erm', 'disam'), 'resnet18': ('erm',)}
 CONV_MODELS = ('mnist_cnn', 'resnet18')
 # Multi-device: host CPU device counts per model (the CNN's compiles are slow; two counts show the trend).
 MULTIDEVICE_COUNTS = {'mlp': (1, 2, 4, 8), 'mnist_cnn': (2, 8)}
-FLAG_SWEEP = (
-    '',
-    '--xla_cpu_multi_thread_eigen=false',
-    '--xla_cpu_use_onednn=true',
-    '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY',
-)
+_YNN_OFF = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution,-dot,-eltwise,-reduce'
+# XLA:CPU flags tried per model (ERM step, each in its own process): the convnet for convolutions, the ViT for
+# dots. jaxlib 0.10.2 sends convolutions and dots to YNNPACK by default ("ynn_fusion" in the profile).
+FLAG_SWEEP = {
+    'mnist_cnn': ('', '--xla_cpu_multi_thread_eigen=false', '--xla_cpu_use_onednn=true',
+                  '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY', _YNN_OFF),
+    'vit_tiny': ('', '--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-dot'),
+}
 TARGETS = {
     'disam_over_sam': 1.02,
     'disam_over_erm_convnets': 2.05,
@@ -279,6 +281,8 @@ class JaxCase:
       m['peak'] = m['temp'] + m['argument'] + m['output']  # the brief's figure: temp + argument + output
       m['peak_minus_alias'] = m['peak'] - m['alias']  # outputs written into donated arguments
       out['memory'] = m
+    hlo = self.compiled.as_text()
+    out['hlo_ops'] = {op: hlo.count(f' {op}(') for op in ('convolution', 'dot', 'fusion', 'all-reduce')}
     cost = self.compiled.cost_analysis()
     if isinstance(cost, list):  # older jax returned one dict per computation
       cost = cost[0] if cost else None
@@ -674,20 +678,19 @@ def flags_worker(config: dict) -> dict[str, Any]:
 
 
 def bench_flags(args, log) -> dict[str, Any]:
-  """XLA:CPU flags tried on the convnet (each in its own process; run one after another, not interleaved)."""
-  name = args.flag_model
-  shape, kwargs = MODELS[name]
-  out = {'model': name, 'note': 'each flag set in its own subprocess, run sequentially', 'runs': []}
-  for flags in FLAG_SWEEP:
+  """XLA:CPU flags tried on the convnet and the ViT (each in its own process; sequential, not interleaved)."""
+  out = {'note': 'ERM step; each flag set in its own subprocess, run one after another', 'runs': []}
+  for name, flags in ((n, f) for n in args.flag_models for f in FLAG_SWEEP[n]):
+    shape, kwargs = MODELS[name]
     config = {'model': name, 'shape': list(shape), 'kwargs': kwargs, 'num_domains': args.num_domains,
               'cases': ['erm'],
               'per_domain_batch': args.per_domain_batch, 'repeats': args.flag_repeats,
               'min_sample_s': args.min_sample_s}
     res = _run_worker('flags', config, flags, timeout=900)
-    res['xla_flags'] = flags
+    res['xla_flags'], res['model'] = flags, name
     out['runs'].append(res)
     if 'cases' in res:
-      log(f'  flags {flags or "(none)"}: erm {res["cases"]["erm"]["min_ms"]:.1f} ms')
+      log(f'  flags {name} {flags or "(none)"}: erm {res["cases"]["erm"]["min_ms"]:.1f} ms')
     else:
       log(f'  flags {flags}: failed: {res.get("error", "")[-300:]}')
   return out
@@ -771,7 +774,7 @@ def to_markdown(results: dict) -> str:
     lines += ['', 'Process CPU time per step, min ms (all threads of this process; time spent descheduled does not '
               'count), and the cores other processes kept busy meanwhile (mean over samples):', '',
               '| case | ' + ' | '.join(st) + ' |', '|---' * (len(st) + 1) + '|']
-    cpu_cell = lambda c: f'{c["cpu_min_ms"]:.1f} / {c["other_processes_cores"]}'
+    cpu_cell = lambda c: f'{c["cpu_min_ms"]:.1f} / {c["other_processes_cores"] if c["other_processes_cores"] is not None else "-"}'
     for lab in labels:
       lines.append(f'| {lab} | ' + ' | '.join(cpu_cell(r['cases'][lab]) if lab in r['cases'] else '-'
                                               for r in st.values()) + ' |')
@@ -787,16 +790,17 @@ def to_markdown(results: dict) -> str:
                                             for r in st.values()) + ' |')
     lines += ['', '## Compile time, FLOPs and memory (XLA compiled analysis)', '',
               'peak = temp + argument + output (MiB); alias = outputs written into donated arguments.', '',
-              '| model | case | lower s | compile s | GFLOP/step | temp | argument | output | alias | peak |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+              '| model | case | lower s | compile s | GFLOP/step | conv+dot ops | temp | argument | output | alias | '
+              'peak |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for name, res in st.items():
       for lab, c in res['cases'].items():
         if c['framework'] != 'jax':
           continue
         mem = c.get('memory', {})
         cells = [_mib(mem[k]) if k in mem else '-' for k in ('temp', 'argument', 'output', 'alias', 'peak')]
+        ops = c.get('hlo_ops', {})
         lines.append(f'| {name} | {lab} | {c["lower_s"]:.2f} | {c["compile_s"]:.2f} | {c.get("gflops", "-")} | '
-                     + ' | '.join(cells) + ' |')
+                     f'{ops.get("convolution", 0) + ops.get("dot", 0)} | ' + ' | '.join(cells) + ' |')
     lines += ['', '| model | params MiB | disam - ERM peak MiB | = parameter copies | disam - ERM temp MiB | '
               'disam - SAM peak MiB |', '|---|---|---|---|---|---|']
     for name, res in st.items():
@@ -832,15 +836,15 @@ def to_markdown(results: dict) -> str:
     lines += ['## Multi-device', '', f'failed: {md["error"][-500:]}', '']
   fl = results.get('xla_flag_sweep', {})
   if fl.get('runs'):
-    lines += [f'## XLA:CPU flags on {fl["model"]} (each in its own process, sequential; median (min) ms)', '',
-              '| XLA_FLAGS | ERM step | compile s | other processes (cores) |', '|---|---|---|---|']
+    lines += ['## XLA:CPU flags (ERM step; each in its own process, sequential; median (min) ms)', '',
+              '| model | XLA_FLAGS | ERM step | compile s | other processes (cores) |', '|---|---|---|---|---|']
     for run in fl['runs']:
       if 'cases' in run:
         c = run['cases']['erm']
-        lines.append(f'| `{run["xla_flags"] or "(none)"}` | {_fmt_ms(c)} | {c["compile_s"]:.1f} | '
+        lines.append(f'| {run["model"]} | `{run["xla_flags"] or "(none)"}` | {_fmt_ms(c)} | {c["compile_s"]:.1f} | '
                      f'{c["other_processes_cores"]} |')
       else:
-        lines.append(f'| `{run["xla_flags"]}` | failed | - | - |')
+        lines.append(f'| {run["model"]} | `{run["xla_flags"]}` | failed | - | - |')
     lines.append('')
   tg = results.get('targets', [])
   if tg:
@@ -879,7 +883,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   ap.add_argument('--no-flags', action='store_true', help='skip the XLA flag sweep')
   ap.add_argument('--no-conv-options', dest='conv_options', action='store_false',
                   help='skip the GEMM weight-gradient convolution cases')
-  ap.add_argument('--flag-model', default='mnist_cnn', choices=sorted(MODELS))
+  ap.add_argument('--flag-models', nargs='+', default=list(FLAG_SWEEP), choices=sorted(FLAG_SWEEP))
   ap.add_argument('--flag-repeats', type=int, default=2)
   ap.add_argument('--multidevice-worker', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--flags-worker', default=None, help=argparse.SUPPRESS)
