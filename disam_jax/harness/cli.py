@@ -169,6 +169,20 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="no progress bar and no table on stdout")
   run.add_argument("--list", action="store_true", default=default(False),
                    help="list datasets, models and algorithms, and exit")
+
+  dist = parser.add_argument_group(
+    "distributed", "data-parallel training over several devices and processes (docs/distributed.md); the step "
+    "equals the one-device step on the whole batch")
+  dist.add_argument("--data-parallel", action="store_true", default=default(False),
+                    help="shard each per-domain batch over all devices (implied with several processes)")
+  dist.add_argument("--coordinator-address", default=default(None), metavar="HOST:PORT",
+                    help="process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS)")
+  dist.add_argument("--num-processes", type=_int, default=default(None), metavar="N",
+                    help="number of processes (default: $JAX_NUM_PROCESSES, else 1)")
+  dist.add_argument("--process-id", type=int, default=default(None), metavar="I",
+                    help="this process's id in 0..N-1 (default: $JAX_PROCESS_ID)")
+  dist.add_argument("--distributed-auto", action="store_true", default=default(False),
+                    help="let JAX detect the cluster (Cloud TPU pod slices, SLURM, Open MPI)")
   return parser
 
 
@@ -208,7 +222,8 @@ def config_from_args(args: argparse.Namespace):
   )
 
 
-_RUN_OPTIONS = {"output_dir", "resume", "no_plots", "quiet", "list"}
+_RUN_OPTIONS = {"output_dir", "resume", "no_plots", "quiet", "list", "data_parallel", "coordinator_address",
+                "num_processes", "process_id", "distributed_auto"}
 
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
@@ -271,11 +286,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(_listing())
     return 0
 
+  from disam_jax.harness import distributed
   from disam_jax.harness import report
   from disam_jax.harness import train as train_lib
 
+  try:  # before any JAX computation, as jax.distributed requires
+    dist = distributed.DistributedConfig.from_env(
+      coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+      process_id=args.process_id, auto=args.distributed_auto or None)
+    distributed.initialize(dist)
+  except distributed.DistributedError as e:
+    _error(str(e))
+    return EXIT_BAD_INPUT
+  main_process = distributed.is_main_process()
+  if not main_process:
+    args.quiet = True
+
   try:
     config = config_from_args(args)
+    mesh = None
+    if args.data_parallel or dist.is_multi_process:
+      if dist.is_multi_process and args.output_dir is None:
+        raise BadInput("a multi-process run needs --output-dir: every process must write to the same run directory.")
+      mesh = distributed.data_mesh()
+      distributed.check_batch_divisible(config.hparams.batch_size, mesh)
     if args.resume:
       if args.output_dir is None:
         raise BadInput("--resume needs --output-dir: the run directory to continue.")
@@ -288,7 +322,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{run_dir} already holds a run; continue it with --resume or choose another --output-dir."
         )
     prepared = train_lib.prepare(config)
-  except (BadInput, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    if dist.is_multi_process:  # every process has checked its inputs before process 0 writes anything
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("disam-train: inputs checked")
+  except (BadInput, ValueError, FileNotFoundError, NotADirectoryError, ImportError,
+          distributed.DistributedError) as e:
     _error(str(e))
     return EXIT_BAD_INPUT
 
@@ -297,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(config.seeds)} seed(s), {config.steps} steps each; run directory {run_dir}", file=sys.stderr)
   try:
     results = train_lib.run_experiment(config, run_dir, resume=args.resume, progress=not args.quiet,
-                                       prepared=prepared)
+                                       prepared=prepared, mesh=mesh)
   except train_lib.TrainingDiverged as e:
     _error(str(e))
     return EXIT_DIVERGED
@@ -305,6 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _error(f"interrupted; continue with: {PROG} --resume --output-dir {run_dir}")
     return EXIT_INTERRUPTED
 
+  if not main_process:
+    return 0
   report.write_report(run_dir, results, config, plots=not args.no_plots)
   if not args.quiet:
     with open(os.path.join(run_dir, "results.md")) as f:

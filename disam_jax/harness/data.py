@@ -33,7 +33,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -732,9 +732,16 @@ class DomainBatchSampler:
     self._rng = np.random.default_rng(seed)
     self._steps = 0
 
-  def next(self) -> tuple[np.ndarray, np.ndarray]:
-    """Returns images ``[M, b, H, W, C]`` float32 and labels ``[M, b]`` int32, one row per training domain."""
+  def next(self, local: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns images ``[M, b, H, W, C]`` float32 and labels ``[M, b]`` int32, one row per training domain.
+
+    With `local`, only that slice of the per-domain batch axis is gathered (``[M, b_local, ...]``): in a
+    multi-process run every process draws the same global batch indices from the same stream and loads only its
+    own slice of every domain.
+    """
     picks = [self._rng.integers(0, len(x), size=self._batch) for x in self._x]
+    if local is not None:
+      picks = [p[local] for p in picks]
     self._steps += 1
     return (
       np.stack([x[p] for x, p in zip(self._x, picks)]),

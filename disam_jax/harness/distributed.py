@@ -198,5 +198,14 @@ def global_batch(mesh: Mesh, local_arrays, per_domain_batch: int):
   return jax.tree.map(assemble, local_arrays)
 
 
+def local_replica(tree):
+  """This process's copy of a replicated pytree, as single-device arrays (host-side work such as evaluation)."""
+  def local(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return a.addressable_data(0)
+    return a
+  return jax.tree.map(local, tree)
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0

@@ -41,6 +41,7 @@ from disam_jax._disam import DisamState, find_disam_state
 from disam_jax._domain_losses import grouped_domain_loss_fn
 from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
+from disam_jax.harness import distributed
 from disam_jax.harness.algorithms import HParams
 
 __all__ = [
@@ -575,6 +576,7 @@ def run_cell(
     *,
     resume: bool = False,
     on_step: Optional[Callable[[int, dict[str, Any]], None]] = None,
+    mesh: Optional[Any] = None,
 ) -> CellResult:
   """Trains `algorithm` on `split` for `config.steps` steps, evaluating and checkpointing every `eval_every`.
 
@@ -594,6 +596,10 @@ def run_cell(
       resumed run ends with exactly the parameters of an uninterrupted one.
     on_step: called after every step with `(step, metrics)` (host floats); an exception raised there stops
       training (the checkpoints written so far remain).
+    mesh: a `distributed.data_mesh()` to train data-parallel over every device of every process: the batch is
+      sharded along the per-domain batch axis (each process gathers only its slice), the state is replicated,
+      and only process 0 writes metrics and results (every process takes part in checkpointing). The step equals
+      the one-device step on the whole batch.
 
   Raises:
     TrainingDiverged: a non-finite loss, per-domain loss or gradient, or non-finite parameters at an evaluation.
@@ -609,6 +615,14 @@ def run_cell(
   tx = compiled.txs[algorithm]
   train_step = compiled.train_steps[algorithm]
   state = init_train_state(init[0], init[1], tx)
+  main_process = distributed.is_main_process()
+  if mesh is not None:
+    local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
+    place = lambda state: jax.device_put(state, distributed.replicated(mesh))
+    next_batch = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
+  else:
+    place = lambda state: state
+    next_batch = sampler.next
 
   # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
   eval_names = [("val", d) for d in train_domains] + [("test", d) for d in split.test_domains]
@@ -623,7 +637,9 @@ def run_cell(
         f"Training diverged ({algorithm}, held-out {held_out}, seed {seed}): the parameters are not finite at "
         f"step {step}. Lower --lr or --rho."
       )
-    pred = predict(compiled.eval_step, state.params, state.model_state, eval_x, config.eval_batch_size)
+    # Every process evaluates its own local replica (identical values); only process 0 writes the numbers.
+    params, model_state = distributed.local_replica((state.params, state.model_state))
+    pred = predict(compiled.eval_step, params, model_state, eval_x, config.eval_batch_size)
     correct = np.bincount(eval_owner, weights=(pred == eval_y), minlength=len(eval_parts))
     total = np.bincount(eval_owner, minlength=len(eval_parts))
     acc = correct / np.maximum(total, 1)
@@ -642,10 +658,12 @@ def run_cell(
       state, meta = store.restore(latest, state)
       sampler.restore(meta["sampler"])
       evals = list(meta["evals"])
-      _truncate_metrics(metrics_path, latest)
-      log = open(metrics_path, "a")
+      if main_process:
+        _truncate_metrics(metrics_path, latest)
+      log = open(metrics_path if main_process else os.devnull, "a")
     else:
-      log = open(metrics_path, "w")
+      log = open(metrics_path if main_process else os.devnull, "w")
+    state = place(state)
     with log:
       step = int(state.step)
 
@@ -661,8 +679,7 @@ def run_cell(
       if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
         log.write(json.dumps(checkpoint(evaluate(state, 0), state, 0)) + "\n")
       while step < config.steps:
-        batch = sampler.next()
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, next_batch())
         step += 1
         metrics = jax.device_get(metrics)
         domain_losses = [float(v) for v in metrics["domain_losses"]]
@@ -703,8 +720,9 @@ def run_cell(
     seconds=round(time.perf_counter() - start, 3),
     directory=directory,
   )
-  with open(os.path.join(directory, "result.json"), "w") as f:
-    json.dump(result.to_json(), f, indent=1)
+  if main_process:
+    with open(os.path.join(directory, "result.json"), "w") as f:
+      json.dump(result.to_json(), f, indent=1)
   return result
 
 
@@ -761,6 +779,7 @@ def run_experiment(
     progress: bool = True,
     on_step: Optional[Callable[[str, str, int, int, dict[str, Any]], None]] = None,
     prepared: Optional[tuple[data_lib.DomainDataset, tuple[str, ...]]] = None,
+    mesh: Optional[Any] = None,
 ) -> list[CellResult]:
   """Trains every (seed, held-out domain, algorithm) of `config` under `run_dir`; returns the results.
 
@@ -776,18 +795,21 @@ def run_experiment(
     progress: show a tqdm progress bar over all steps of all runs (on stderr).
     on_step: called after every step as `on_step(algorithm, held_out, seed, step, metrics)`.
     prepared: `prepare(config)`'s result, if already computed.
+    mesh: train data-parallel over this mesh (see `run_cell`); only process 0 writes files and shows progress.
   """
   from disam_jax.harness import report
 
   first_ds, held_out = prepared if prepared is not None else prepare(config)
+  main_process = distributed.is_main_process()
   os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "config.json"), "w") as f:
-    json.dump(config.to_json(), f, indent=1)
+  if main_process:
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+      json.dump(config.to_json(), f, indent=1)
 
   cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
   results: list[CellResult] = []
   bar = None
-  if progress:
+  if progress and main_process:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cells) * config.steps, unit="step", dynamic_ncols=True, smoothing=0.05)
@@ -831,8 +853,9 @@ def run_experiment(
               on_step(algorithm, d, seed, step, line)
 
           results.append(run_cell(config, algorithm, split, seed, init, compiled, directory,
-                                  resume=resume, on_step=step_hook))
-          report.write_results(run_dir, results, config)
+                                  resume=resume, on_step=step_hook, mesh=mesh))
+          if main_process:
+            report.write_results(run_dir, results, config)
   finally:
     if bar is not None:
       bar.close()

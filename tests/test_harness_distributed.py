@@ -1,0 +1,130 @@
+"""The harness under several processes on loopback: same parameters as one device, faults, bad configuration.
+
+Real processes (`python -m disam_jax.harness.cli`), each bounded by a timeout.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from disam_jax.harness import algorithms, train
+from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.launch import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ['--dataset', 'rotated_digits', '--algorithm', 'disam', '--held-out', '75', '--model', 'mlp',
+        '--model-option', 'hidden=16', '--steps', '40', '--eval-every', '2', '--batch-size', '8', '--no-plots',
+        '--quiet']
+TIMEOUT = 240
+
+
+def _env(devices, **extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  env.update(extra)
+  return env
+
+
+def _start(run_dir, num_processes, devices, *extra_args, port=None):
+  port = port or free_port()
+  procs = []
+  for pid in range(num_processes):
+    env = _env(devices)
+    if num_processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(num_processes),
+                 JAX_PROCESS_ID=str(pid))
+    cmd = [sys.executable, '-m', 'disam_jax.harness.cli', *ARGS, '--output-dir', str(run_dir), *extra_args]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=ROOT))
+  return procs
+
+
+def _wait(procs):
+  out = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=TIMEOUT)
+    out.append((p.returncode, stdout, stderr))
+  return out
+
+
+def _final_params(run_dir):
+  config = train.ExperimentConfig(algorithms=('disam',), held_out=('75',), model='mlp', model_kwargs={'hidden': 16},
+                                  hparams=HParams(batch_size=8))
+  graphdef, params, model_state = train.init_model('mlp', num_classes=10, input_shape=(8, 8, 1), seed=0,
+                                                   model_kwargs=config.model_kwargs)
+  tx = algorithms.make_optimizer('disam', config.hparams, num_domains=5, aux_example=model_state)
+  state, meta = train.load_latest_state(train.cell_directory(str(run_dir), 'disam', '75', 0),
+                                        train.init_train_state(params, model_state, tx))
+  assert meta['step'] == 40
+  return jax.tree.leaves(state.params)
+
+
+@pytest.fixture(scope='module')
+def one_device_params(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp('one_device')
+  [(code, _, err)] = _wait(_start(run_dir, 1, 1))
+  assert code == 0, err[-3000:]
+  return _final_params(run_dir)
+
+
+def _assert_same(a, b):
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_two_processes_and_four_devices_equal_one_device(tmp_path, one_device_params):
+  results = _wait(_start(tmp_path / 'two', 2, 2))
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  [(code, _, err)] = _wait(_start(tmp_path / 'four', 1, 4, '--data-parallel'))
+  assert code == 0, err[-3000:]
+  _assert_same(_final_params(tmp_path / 'two'), one_device_params)
+  _assert_same(_final_params(tmp_path / 'four'), one_device_params)
+  # Only process 0 writes the logs and tables.
+  assert (tmp_path / 'two' / 'results.md').exists()
+
+
+def test_killed_process_stops_the_other_and_the_job_resumes_exactly(tmp_path, one_device_params):
+  run_dir = tmp_path / 'fault'
+  procs = _start(run_dir, 2, 2)
+  checkpoints = run_dir / 'cells' / 'disam_heldout-75_seed-0' / 'checkpoints'
+  deadline = time.monotonic() + TIMEOUT
+  while not (checkpoints.is_dir() and any(d.isdigit() and int(d) >= 6 for d in os.listdir(checkpoints))):
+    assert time.monotonic() < deadline and procs[0].poll() is None, 'the run did not reach step 6'
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGKILL)
+  start = time.monotonic()
+  code, _, err = _wait(procs[:1])[0]
+  elapsed = time.monotonic() - start
+  procs[1].wait()
+  assert code != 0, 'process 0 finished before its peer was killed: the fault was not exercised'
+  assert elapsed < 90, f'the surviving process took {elapsed:.0f} s to stop'
+  assert 'stopped sending heartbeats' in err or 'another task died' in err, err[-3000:]
+  # Restart the job: it continues from the last complete checkpoint and ends where an uninterrupted run ends.
+  results = _wait(_start(run_dir, 2, 2, '--resume'))
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  _assert_same(_final_params(run_dir), one_device_params)
+
+
+def test_process_id_out_of_range_is_a_clear_error(tmp_path):
+  env = _env(1, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{free_port()}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID='2')
+  res = subprocess.run([sys.executable, '-m', 'disam_jax.harness.cli', *ARGS, '--output-dir', str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  assert res.returncode == 2
+  assert 'process id 2 is out of range for num_processes=2' in res.stderr
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  res = subprocess.run([sys.executable, '-m', 'disam_jax.harness.cli', *ARGS, '--output-dir', str(tmp_path),
+                        '--data-parallel', '--batch-size', '6'],
+                       env=_env(4), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  assert res.returncode == 2
+  assert 'per-domain batch size 6 is not divisible by the number of devices 4' in res.stderr
