@@ -9,7 +9,8 @@ written as one GEMM per kernel offset:
 
     dW[i, j] = sum_{n, y, x} x_pad[n, y*s + i, x*s + j, :]^T dy[n, y, x, :]      (kh * kw GEMMs, K = N*Ho*Wo)
 
-The strided slice feeding each GEMM sits behind `lax.optimization_barrier`, which stops XLA from fusing the slice
+in a loop over the kh * kw offsets (one input window alive at a time). The strided slice feeding each GEMM sits
+behind `lax.optimization_barrier`, which stops XLA from fusing the slice
 into the dot (a fused dot is emitted as a slow loop nest instead of an Eigen GEMM call). The forward pass and the
 input gradient are XLA's own. Only NHWC/HWIO, no dilation, one feature group; anything else falls back to
 `lax.conv_general_dilated` unchanged.
@@ -59,13 +60,17 @@ def _conv_bwd(strides, padding, residuals, dy):
   sh, sw = strides
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   d = dy.reshape(n * ho * wo, cout)
-  blocks = []
-  for i in range(kh):
-    for j in range(kw):
-      window = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
-      window = lax.optimization_barrier(window.reshape(n * ho * wo, cin))
-      blocks.append(jnp.dot(window.T, d, preferred_element_type=jnp.float32))  # [cin, cout]: HWIO, no transpose
-  dw = jnp.stack(blocks).reshape(kh, kw, cin, cout).astype(w.dtype)
+  span = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
+
+  def offset_grad(k):  # [cin, cout] for kernel offset k = i * kw + j
+    i, j = k // kw, k % kw
+    window = lax.dynamic_slice(xp, (0, i, j, 0), (n, span[0], span[1], cin))[:, ::sh, ::sw, :]
+    window = lax.optimization_barrier(window.reshape(n * ho * wo, cin))
+    return jnp.dot(window.T, d, preferred_element_type=jnp.float32)
+
+  # A loop, not kh * kw unrolled GEMMs: one window of the input is alive at a time (unrolled, XLA schedules all
+  # nine slices first and the step's temporary memory triples).
+  dw = lax.map(offset_grad, jnp.arange(kh * kw)).reshape(kh, kw, cin, cout).astype(w.dtype)
   return dx, dw
 
 

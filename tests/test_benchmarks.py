@@ -76,3 +76,26 @@ def test_quick_smoke_writes_results(tmp_path):
   for heading in ('## Step time per case', '## Ratios', '## Compile time, FLOPs and memory', '## Number of domains',
                   '## Multi-device', '## Targets'):
     assert heading in markdown, heading
+
+
+def test_gemm_weight_grad_conv_matches_xla():
+  """benchmarks/fast_conv.py: same values and gradients as lax.conv_general_dilated (3x3 / 1x1, strides 1 / 2)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks.fast_conv import gemm_weight_grad_conv
+
+  rng = np.random.default_rng(0)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  for kernel, stride, padding in [(3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))), (1, 2, 'VALID'),
+                                  (3, 2, 'SAME'), (3, 1, ((2, 0), (0, 1)))]:
+    x = jnp.asarray(rng.standard_normal((3, 9, 9, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 5, 4)), jnp.float32)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), padding, dimension_numbers=dn)))
+    want = jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w)
+    got = jax.jit(jax.value_and_grad(loss(gemm_weight_grad_conv), argnums=(0, 1)))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
