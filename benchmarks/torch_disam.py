@@ -463,8 +463,8 @@ def time_torch_step(model_name: str, algorithm: str, *, num_domains: int, per_do
   ``x`` (float32 ``[n, H, W, C]`` or ``[M, b, H, W, C]``) and ``y`` to use the same batch as the JAX
   side. ``warmup`` untimed steps, then ``repeats`` timed ones (``time.perf_counter``).
 
-  Returns ``{"min_ms", "median_ms", "times_ms", "torch_version", "threads", ...}`` (plus the
-  configuration and ``num_params``).
+  Returns ``{"min_ms", "median_ms", "times_ms", "torch_version", "threads", ...}`` (wall time, plus
+  ``cpu_times_ms``: process CPU time per step, the configuration and ``num_params``).
   """
   if repeats < 1:
     raise ValueError("repeats must be >= 1")
@@ -487,17 +487,22 @@ def time_torch_step(model_name: str, algorithm: str, *, num_domains: int, per_do
                             adaptive=adaptive, per_domain=per_domain, base=base, lr=lr)
   for _ in range(warmup):
     step(xt, yt, domain_ids)
-  times = []
+  times, cpu_times = [], []
   for _ in range(repeats):
+    c0 = time.process_time()
     t0 = time.perf_counter()
     loss = step(xt, yt, domain_ids)
     times.append((time.perf_counter() - t0) * 1e3)
+    cpu_times.append((time.process_time() - c0) * 1e3)
   if not math.isfinite(float(loss)):
     raise FloatingPointError(f"non-finite loss {float(loss)} while timing {model_name}/{algorithm}")
   return {
       "min_ms": min(times),
       "median_ms": statistics.median(times),
       "times_ms": times,
+      # CPU time of the whole process (all threads) per step: less sensitive than wall time to other
+      # processes on a shared machine; with threads=1 it is close to the compute time of the step.
+      "cpu_times_ms": cpu_times,
       "torch_version": torch.__version__,
       "threads": torch.get_num_threads(),
       "model": model_name,
@@ -530,13 +535,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--rounds", type=int, default=3,
                   help="the four variants are timed round-robin this many times, so that load from other "
                        "processes on a shared machine hits them alike; min and median are over all rounds")
+  ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                  help="wall: time.perf_counter (the benchmark's measure); cpu: process CPU time, steadier "
+                       "when other processes load the machine (best with --threads 1)")
   args = ap.parse_args(argv)
+  key = "times_ms" if args.clock == "wall" else "cpu_times_ms"
 
   variants = [("ERM", "erm", "grouped"), ("SAM", "sam", "grouped"),
               ("DISAM grouped", "disam", "grouped"), ("DISAM per_sample", "disam", "per_sample")]
   print(f"torch {torch.__version__}, threads={args.threads}, M={args.num_domains} domains x "
         f"{args.per_domain_batch} per domain, {args.num_classes} classes, SGD(momentum 0.9), "
-        f"rho 0.05, lam 0.1; ms per step: min (median) over {args.rounds} rounds x {args.repeats} steps, "
+        f"rho 0.05, lam 0.1; {args.clock} ms per step: min (median) over {args.rounds} rounds x {args.repeats} steps, "
         f"{args.warmup} warm-up per round; ratios of minima")
   header = (f"{'model':<10} {'input':<9} {'ERM':>18} {'SAM':>18} {'DISAM grouped':>18} "
             f"{'DISAM per_sample':>18} {'grp/ERM':>8} {'grp/SAM':>8} {'ps/ERM':>8} {'ps/SAM':>8}")
@@ -550,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         times[label] += time_torch_step(
             name, algo, num_domains=args.num_domains, per_domain_batch=args.per_domain_batch,
             input_shape=shape, num_classes=args.num_classes, repeats=args.repeats, warmup=args.warmup,
-            threads=args.threads, per_domain=mode)["times_ms"]
+            threads=args.threads, per_domain=mode)[key]
     best = {k: min(v) for k, v in times.items()}
     cells = " ".join(f"{best[k]:8.1f} ({statistics.median(times[k]):7.1f})" for k, *_ in variants)
     g, p = best["DISAM grouped"], best["DISAM per_sample"]

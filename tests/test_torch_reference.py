@@ -223,6 +223,7 @@ def test_models_build_and_time_every_algorithm(model_name, shape):
                              adaptive=algorithm == "disam")
     assert set(out) >= {"min_ms", "median_ms", "times_ms", "torch_version", "threads"}
     assert len(out["times_ms"]) == 1 and out["min_ms"] > 0 and out["threads"] == 1
+    assert len(out["cpu_times_ms"]) == 1 and out["cpu_times_ms"][0] >= 0
   model = td.build_model(model_name, num_classes=7, input_shape=shape)
   assert model(torch.zeros(3, *shape)).shape == (3, 7)
 
