@@ -183,6 +183,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                     help="this process's id in 0..N-1 (default: $JAX_PROCESS_ID)")
   dist.add_argument("--distributed-auto", action="store_true", default=default(False),
                     help="let JAX detect the cluster (Cloud TPU pod slices, SLURM, Open MPI)")
+  dist.add_argument("--heartbeat-timeout", type=_int, default=default(20), metavar="SECONDS",
+                    help="a process silent this long is declared dead and every other process stops with an error "
+                         "naming it, instead of hanging (default: 20)")
   return parser
 
 
@@ -223,7 +226,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 _RUN_OPTIONS = {"output_dir", "resume", "no_plots", "quiet", "list", "data_parallel", "coordinator_address",
-                "num_processes", "process_id", "distributed_auto"}
+                "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
 
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
@@ -293,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:  # before any JAX computation, as jax.distributed requires
     dist = distributed.DistributedConfig.from_env(
       coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-      process_id=args.process_id, auto=args.distributed_auto or None)
+      process_id=args.process_id, auto=args.distributed_auto or None, heartbeat_timeout=args.heartbeat_timeout)
     distributed.initialize(dist)
   except distributed.DistributedError as e:
     _error(str(e))
