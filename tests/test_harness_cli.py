@@ -63,6 +63,8 @@ def test_console_script_is_installed():
     (["--lr", "-1"], "lr must be > 0"),
     (["--rho", "-0.1"], "rho must be >= 0"),
     (["--seeds", "-1"], "seeds must be integers >= 0"),
+    (["--model-option", "widht=16"], "Model 'mlp' with options {'widht': 16}: "),
+    (["--pretrained", "nowhere.npz"], "No pretrained weights file at 'nowhere.npz'"),
   ],
 )
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):

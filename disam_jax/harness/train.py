@@ -767,8 +767,15 @@ def prepare(config: ExperimentConfig) -> tuple[data_lib.DomainDataset, tuple[str
   training starts.
   """
   config.validate()
+  if config.pretrained is not None and not os.path.isfile(config.pretrained):
+    raise FileNotFoundError(f"No pretrained weights file at {config.pretrained!r} (an .npz; see docs/harness.md).")
   ds = load_data(config, config.seeds[0])
-  return ds, check_data(config, ds)
+  held_out = check_data(config, ds)
+  try:  # builds the model abstractly (shapes only): catches unknown or invalid --model-option values now
+    _model_initializer(config.model_name, ds.num_classes, tuple(ds.input_shape), dict(config.model_kwargs))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"Model {config.model_name!r} with options {config.model_kwargs}: {e}") from None
+  return ds, held_out
 
 
 def run_experiment(
