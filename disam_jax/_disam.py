@@ -63,6 +63,23 @@ class DisamState(NamedTuple):
   aux: Any
 
 
+def _initial_state(base_state: optax.OptState, num_domains: Optional[int], aux_example: Any) -> DisamState:
+  """The state before the first step: metrics zero, `[num_domains]` (or `[0]`) domain fields, aux_example."""
+  m = 0 if num_domains is None else num_domains
+  zero = jnp.zeros([], jnp.float32)
+  return DisamState(
+      count=jnp.zeros([], jnp.int32),
+      base_state=base_state,
+      domain_losses=jnp.zeros([m], jnp.float32),
+      domain_counts=jnp.zeros([m], jnp.float32),
+      loss=zero,
+      variance=zero,
+      perturbation_norm=zero,
+      grad_norm=zero,
+      aux=aux_example,
+  )
+
+
 def _check_hyperparameter(name: str, value: ScalarOrSchedule) -> None:
   """Rejects negative or non-finite rho/lam; probes schedules at a spread of step counts."""
   if callable(value):
@@ -250,19 +267,7 @@ def disam(
     raise ValueError('aux_example is only meaningful with has_aux=True.')
 
   def init_fn(params):
-    m = 0 if num_domains is None else num_domains
-    zero = jnp.zeros([], jnp.float32)
-    return DisamState(
-        count=jnp.zeros([], jnp.int32),
-        base_state=base_tx.init(params),
-        domain_losses=jnp.zeros([m], jnp.float32),
-        domain_counts=jnp.zeros([m], jnp.float32),
-        loss=zero,
-        variance=zero,
-        perturbation_norm=zero,
-        grad_norm=zero,
-        aux=aux_example,
-    )
+    return _initial_state(base_tx.init(params), num_domains, aux_example)
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):
     del updates  # Both gradients come from domain_loss_fn.

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from disam_jax._disam import DisamState, _global_norm, _objective_terms, _split_output, disam
+from disam_jax._disam import DisamState, _global_norm, _initial_state, _objective_terms, _split_output, disam
 
 __all__ = [
   "ALGORITHMS",
@@ -157,19 +157,7 @@ def erm(
   base_tx = optax.with_extra_args_support(base_tx)
 
   def init_fn(params):
-    m = 0 if num_domains is None else num_domains
-    zero = jnp.zeros([], jnp.float32)
-    return DisamState(
-      count=jnp.zeros([], jnp.int32),
-      base_state=base_tx.init(params),
-      domain_losses=jnp.zeros([m], jnp.float32),
-      domain_counts=jnp.zeros([m], jnp.float32),
-      loss=zero,
-      variance=zero,
-      perturbation_norm=zero,
-      grad_norm=zero,
-      aux=aux_example,
-    )
+    return _initial_state(base_tx.init(params), num_domains, aux_example)
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):
     del updates  # the gradient comes from domain_loss_fn, as in disam
