@@ -385,7 +385,7 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
     t0 = time.perf_counter()
     case.run(1)
     first[case.label] = time.perf_counter() - t0
-    if first[case.label] < 2.0:  # a second, timed warm-up step: the first one pays for allocation
+    if first[case.label] < 2.0 and min_sample_s > 0:  # a second, timed warm-up: the first pays for allocation
       t0 = time.perf_counter()
       case.run(1)
       first[case.label] = time.perf_counter() - t0
