@@ -486,7 +486,8 @@ def bench_step_time(models: dict, args, torch_module, load_samples, log) -> dict
     memory = {}
     if all('memory' in timed[k] for k in ('erm', 'sam', 'disam')):
       for k in ('erm', 'sam', 'disam', 'disam_adaptive'):
-        memory[k] = timed[k]['memory']
+        if k in timed:
+          memory[k] = timed[k]['memory']
       extra = timed['disam']['memory']['peak'] - timed['erm']['memory']['peak']
       extra_temp = timed['disam']['memory']['temp'] - timed['erm']['memory']['temp']
       memory['disam_minus_erm_bytes'] = extra
@@ -976,23 +977,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    'data': 'N(0,1) images, uniform labels, seed 0'},
   }
   rounds: list[float] = []
-  log(f'step_cost: {args.name}, load {load_before}, jax devices {jax.device_count()}')
-  results['step_time'] = bench_step_time(models, args, torch_module, rounds, log)
-  results['domains'] = bench_domains(sweep_models, args, rounds, log)
-  if not args.no_multidevice and md_models:
-    results['multi_device'] = bench_multidevice(md_models, args, log)
-  if not args.no_flags:
-    results['xla_flag_sweep'] = bench_flags(args, log)
-  results['targets'] = evaluate_targets(results)
-  results['load'] = {'before': load_before, 'after': load_avg(), 'rounds': rounds,
-                     'waited_for_quiet_s': args.quiet['waited_s'] if args.quiet else None}
-  results['wall_time_s'] = round(time.perf_counter() - start, 1)
-
   os.makedirs(args.out_dir, exist_ok=True)
   json_path = os.path.join(args.out_dir, f'{args.name}.json')
   md_path = os.path.join(args.out_dir, f'{args.name}.md')
-  with open(json_path, 'w') as f:
-    json.dump(results, f, indent=1)
+
+  def save():  # after every section, so that a long run interrupted late keeps what it measured
+    results['load'] = {'before': load_before, 'after': load_avg(), 'rounds': rounds,
+                       'waited_for_quiet_s': args.quiet['waited_s'] if args.quiet else None}
+    results['wall_time_s'] = round(time.perf_counter() - start, 1)
+    with open(json_path, 'w') as f:
+      json.dump(results, f, indent=1)
+
+  log(f'step_cost: {args.name}, load {load_before}, jax devices {jax.device_count()}')
+  results['step_time'] = {}
+  for name, model in models.items():
+    results['step_time'].update(bench_step_time({name: model}, args, torch_module, rounds, log))
+    save()
+  results['domains'] = bench_domains(sweep_models, args, rounds, log)
+  save()
+  if not args.no_multidevice and md_models:
+    results['multi_device'] = bench_multidevice(md_models, args, log)
+    save()
+  if not args.no_flags:
+    results['xla_flag_sweep'] = bench_flags(args, log)
+  results['targets'] = evaluate_targets(results)
+  save()
   markdown = to_markdown(results)
   with open(md_path, 'w') as f:
     f.write(markdown)
