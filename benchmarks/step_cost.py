@@ -60,20 +60,27 @@ NUM_CLASSES = 10
 RHO, LAM, LR, MOMENTUM = 0.05, 0.1, 0.01, 0.9
 JAX_CASES = ('erm', 'sam', 'disam_lam0', 'disam', 'disam_adaptive')
 TORCH_CASES = ('torch_erm', 'torch_sam', 'torch_disam', 'torch_disam_per_sample')
-# ResNet-18 at batch 128 takes ~10-15 s per ERM step on 2 cores and the ViT ~4 s: to keep a full run near 15
-# minutes, these time only what the targets need (--all-cases times everything everywhere).
-JAX_CASES_BY_MODEL = {'resnet18': ('erm', 'sam', 'disam')}
+# XLA configurations of the JAX cases, as per-jit compiler options (so both run interleaved in one process):
+# '' is XLA:CPU out of the box; 'ynn_off' turns off the YNNPACK fusions that jaxlib 0.10.2 uses by default for
+# convolutions and dots. On this CPU YNNPACK's convolution weight gradients are slow and erratic (2-4x), so the
+# convnets run 1.5-3x faster without it (docs/performance.md). A case label is `kind` or `kind/config`.
+XLA_CONFIGS = {'': None, 'ynn_off': {'xla_cpu_experimental_ynn_fusion_type': ''}}
+_DEFAULT_SPECS = tuple((k, '') for k in JAX_CASES) + tuple((k, 'ynn_off') for k in ('erm', 'sam', 'disam'))
+# ResNet-18 at batch 128 takes ~20 s per ERM step out of the box (6 s without YNNPACK) and the ViT ~2.5 s: to
+# keep a full run near 15 minutes these time fewer cases (--all-cases times every case in both configurations).
+JAX_SPECS_BY_MODEL = {
+    'resnet18': (('erm', ''), ('erm', 'ynn_off'), ('sam', 'ynn_off'), ('disam', 'ynn_off')),
+}
 TORCH_CASES_BY_MODEL = {'resnet18': ('torch_erm', 'torch_disam'), 'vit_tiny': ('torch_erm', 'torch_sam', 'torch_disam')}
-# The convolution whose weight gradient runs as GEMMs (benchmarks/fast_conv.py), tried on the convnets.
-CONV_OPTION_CASES = {'mnist_cnn': ('erm', 'disam'), 'resnet18': ('erm',)}
 CONV_MODELS = ('mnist_cnn', 'resnet18')
 # Multi-device: host CPU device counts per model (the CNN's compiles are slow: its largest count only).
 MULTIDEVICE_COUNTS = {'mlp': (1, 2, 4, 8), 'mnist_cnn': (8,)}
 _YNN_OFF = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution,-dot,-eltwise,-reduce'
 # XLA:CPU flags tried per model (ERM step, each in its own process): the convnet for convolutions, the ViT for
-# dots. jaxlib 0.10.2 sends convolutions and dots to YNNPACK by default ("ynn_fusion" in the profile).
+# dots. jaxlib 0.10.2 sends convolutions and dots to YNNPACK by default ("ynn_fusion" in the profile); _YNN_OFF is
+# the process-wide form of the 'ynn_off' configuration.
 FLAG_SWEEP = {
-    'mnist_cnn': ('', '--xla_cpu_use_onednn=true',
+    'mnist_cnn': ('', '--xla_cpu_multi_thread_eigen=false', '--xla_cpu_use_onednn=true',
                   '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY', _YNN_OFF),
     'vit_tiny': ('', _YNN_OFF),
 }
@@ -232,6 +239,10 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int):
   return tx, step
 
 
+def _label(kind: str, config: str) -> str:
+  return f'{kind}/{config}' if config else kind
+
+
 def _nbytes(tree) -> int:
   import jax
   return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree)))
@@ -242,7 +253,8 @@ class JaxCase:
 
   framework = 'jax'
 
-  def __init__(self, label: str, kind: str, graphdef, params, model_state, x, y):
+  def __init__(self, label: str, kind: str, graphdef, params, model_state, x, y,
+               compiler_options: Optional[dict] = None):
     import jax
     import jax.numpy as jnp
     self.label, self.kind = label, kind
@@ -256,7 +268,7 @@ class JaxCase:
     t0 = time.perf_counter()
     lowered = jitted.lower(*self.state, self.x, self.y)
     t1 = time.perf_counter()
-    self.compiled = lowered.compile()
+    self.compiled = lowered.compile(compiler_options=compiler_options)
     t2 = time.perf_counter()
     self.lower_s, self.compile_s = t1 - t0, t2 - t1
     self.loss = None
@@ -447,11 +459,17 @@ def bench_step_time(models: dict, args, torch_module, load_samples, log) -> dict
     log(f'  step time: {name} {shape}, M={args.num_domains} x {args.per_domain_batch}')
     x, y = make_batch(args.num_domains, args.per_domain_batch, shape)
     graphdef, params, model_state = build_jax_model(name, shape, kwargs)
-    jax_kinds = JAX_CASES if args.all_cases else JAX_CASES_BY_MODEL.get(name, JAX_CASES)
-    cases: list = [JaxCase(kind, kind, graphdef, params, model_state, x, y) for kind in jax_kinds]
-    if args.conv_options and name in CONV_OPTION_CASES:
+    if args.all_cases:
+      specs = tuple((k, c) for c in XLA_CONFIGS for k in JAX_CASES)
+    elif args.quick:  # every kind once, and one compile with compiler options
+      specs = tuple((k, '') for k in JAX_CASES) + (('disam', 'ynn_off'),)
+    else:
+      specs = JAX_SPECS_BY_MODEL.get(name, _DEFAULT_SPECS)
+    cases: list = [JaxCase(_label(kind, config), kind, graphdef, params, model_state, x, y,
+                           compiler_options=XLA_CONFIGS[config]) for kind, config in specs]
+    if args.gemm_wgrad and name in CONV_MODELS:
       g2, p2, s2 = build_jax_model(name, shape, kwargs, gemm_weight_grad=True)
-      cases += [JaxCase(f'{kind}+gemm_wgrad', kind, g2, p2, s2, x, y) for kind in CONV_OPTION_CASES[name]]
+      cases += [JaxCase(f'{kind}/gemm_wgrad', kind, g2, p2, s2, x, y) for kind in ('erm', 'sam', 'disam')]
     if torch_module is not None:
       for label in TORCH_CASES if args.all_cases else TORCH_CASES_BY_MODEL.get(name, TORCH_CASES):
         cases.append(TorchCase(label, name, shape, kwargs, x, y))
@@ -479,21 +497,32 @@ def bench_step_time(models: dict, args, torch_module, load_samples, log) -> dict
         'torch_disam/torch_sam': r('torch_disam', 'torch_sam'),
         'torch_per_sample/torch_disam': r('torch_disam_per_sample', 'torch_disam'),
         'jax_disam/torch_per_sample': r('disam', 'torch_disam_per_sample'),
-        'gemm_wgrad: erm/erm': r('erm+gemm_wgrad', 'erm'),
-        'gemm_wgrad: jax_erm/torch_erm': r('erm+gemm_wgrad', 'torch_erm'),
-        'gemm_wgrad: jax_disam/torch_disam': r('disam+gemm_wgrad', 'torch_disam'),
+        'ynn_off: disam/sam': r('disam/ynn_off', 'sam/ynn_off'),
+        'ynn_off: disam/sam (paired)': r('disam/ynn_off', 'sam/ynn_off', 'paired'),
+        'ynn_off: disam/erm': r('disam/ynn_off', 'erm/ynn_off'),
+        'ynn_off: disam/erm (paired)': r('disam/ynn_off', 'erm/ynn_off', 'paired'),
+        'ynn_off: sam/erm': r('sam/ynn_off', 'erm/ynn_off'),
+        'ynn_off: erm / default erm': r('erm/ynn_off', 'erm'),
+        'ynn_off: jax_erm/torch_erm': r('erm/ynn_off', 'torch_erm'),
+        'ynn_off: jax_disam/torch_disam': r('disam/ynn_off', 'torch_disam'),
+        'ynn_off: jax_disam/torch_disam (paired)': r('disam/ynn_off', 'torch_disam', 'paired'),
+        'gemm_wgrad: disam/sam': r('disam/gemm_wgrad', 'sam/gemm_wgrad'),
+        'gemm_wgrad: disam/erm': r('disam/gemm_wgrad', 'erm/gemm_wgrad'),
+        'gemm_wgrad: jax_erm/torch_erm': r('erm/gemm_wgrad', 'torch_erm'),
     }
     memory = {}
-    if all('memory' in timed[k] for k in ('erm', 'sam', 'disam')):
-      for k in ('erm', 'sam', 'disam', 'disam_adaptive'):
-        if k in timed:
-          memory[k] = timed[k]['memory']
-      extra = timed['disam']['memory']['peak'] - timed['erm']['memory']['peak']
-      extra_temp = timed['disam']['memory']['temp'] - timed['erm']['memory']['temp']
-      memory['disam_minus_erm_bytes'] = extra
-      memory['disam_minus_erm_temp_bytes'] = extra_temp
-      memory['disam_minus_sam_bytes'] = timed['disam']['memory']['peak'] - timed['sam']['memory']['peak']
-      memory['disam_minus_erm_in_param_copies'] = round(extra / params_bytes, 3)
+    for config in XLA_CONFIGS:  # the first configuration with ERM, SAM and DISAM timed
+      lab = {k: _label(k, config) for k in ('erm', 'sam', 'disam', 'disam_adaptive')}
+      if all(lab[k] in timed and 'memory' in timed[lab[k]] for k in ('erm', 'sam', 'disam')):
+        memory = {'config': config or 'default'}
+        memory.update({k: timed[lab[k]]['memory'] for k in lab if lab[k] in timed})
+        peak = {k: timed[lab[k]]['memory']['peak'] for k in ('erm', 'sam', 'disam')}
+        memory['disam_minus_erm_bytes'] = peak['disam'] - peak['erm']
+        memory['disam_minus_erm_temp_bytes'] = (timed[lab['disam']]['memory']['temp']
+                                                - timed[lab['erm']]['memory']['temp'])
+        memory['disam_minus_sam_bytes'] = peak['disam'] - peak['sam']
+        memory['disam_minus_erm_in_param_copies'] = round((peak['disam'] - peak['erm']) / params_bytes, 3)
+        break
     out[name] = {
         'input_shape': list(shape), 'model_kwargs': kwargs, 'num_domains': args.num_domains,
         'per_domain_batch': args.per_domain_batch, 'batch': args.num_domains * args.per_domain_batch,
@@ -510,14 +539,15 @@ def bench_domains(models: dict, args, load_samples, log) -> dict[str, Any]:
   for name, (shape, kwargs) in models.items():
     total = args.sweep_batch
     ms = [m for m in args.sweep_domains if total % m == 0]
-    log(f'  domains: {name}, total batch {total}, M in {ms}')
+    log(f'  domains: {name}, total batch {total}, M in {ms}, XLA config {args.sweep_config or "default"}')
     graphdef, params, model_state = build_jax_model(name, shape, kwargs)
     cases = []
+    options = XLA_CONFIGS[args.sweep_config]
     for m in ms:
       x, y = make_batch(m, total // m, shape)
-      cases.append(JaxCase(f'disam_M{m}', 'disam', graphdef, params, model_state, x, y))
+      cases.append(JaxCase(f'disam_M{m}', 'disam', graphdef, params, model_state, x, y, compiler_options=options))
     x, y = make_batch(ms[0], total // ms[0], shape)
-    cases.append(JaxCase('sam', 'sam', graphdef, params, model_state, x, y))
+    cases.append(JaxCase('sam', 'sam', graphdef, params, model_state, x, y, compiler_options=options))
     timed = time_round_robin(cases, repeats=args.repeats, min_sample_s=args.min_sample_s,
                              budget_s=args.budget_s and args.budget_s / 2, load_samples=load_samples, log=log,
                              quiet=args.quiet)
@@ -526,7 +556,7 @@ def bench_domains(models: dict, args, load_samples, log) -> dict[str, Any]:
     lo, hi = f'disam_M{ms[0]}', f'disam_M{ms[-1]}'
     mins = [timed[f'disam_M{m}']['min_ms'] for m in ms]
     out[name] = {
-        'total_batch': total, 'num_domains': ms, 'cases': timed,
+        'total_batch': total, 'num_domains': ms, 'xla_config': args.sweep_config or 'default', 'cases': timed,
         'ratios': {f'M{ms[-1]}/M{ms[0]}': _ratio(timed, hi, lo),
                    f'M{ms[-1]}/M{ms[0]} (median)': _ratio(timed, hi, lo, 'median_ms'),
                    f'M{ms[-1]}/M{ms[0]} (paired)': _ratio(timed, hi, lo, 'paired'),
@@ -569,15 +599,25 @@ def multidevice_worker(config: dict) -> dict[str, Any]:
     x, y = make_batch(m, b, shape)
     base = optax.sgd(LR, momentum=MOMENTUM)
 
-    def make_step(tx):
+    def per_example(q, xf, yf):
+      logits, _ = apply_model(graphdef, q, model_state, xf, train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yf)
+
+    def device_major(q, xb, yb):
+      # xb [n, M, b/n, ...] sharded on its first axis: flattening keeps each device's examples contiguous, so
+      # GSPMD keeps the batch sharded. (Sharding the b axis of an [M, b, ...] batch does not survive the model's
+      # [M*b, ...] flatten: GSPMD then all-gathers it and every device computes the whole batch.)
+      n_, m_, k_ = xb.shape[:3]
+      losses = per_example(q, xb.reshape((-1,) + xb.shape[3:]), yb.reshape(-1)).reshape(n_, m_, k_)
+      return disam_jax.DomainLosses(losses.sum(axis=(0, 2)), jnp.full((m_,), n_ * k_, jnp.float32))
+
+    def make_step(tx, loss_fn=disam_jax.grouped_domain_loss_fn(per_example)):
       def step(p, s, xb, yb):
-        def per_example(q, xf, yf):
-          logits, _ = apply_model(graphdef, q, model_state, xf, train=True)
-          return optax.softmax_cross_entropy_with_integer_labels(logits, yf)
-        fn = disam_jax.grouped_domain_loss_fn(per_example)
-        u, s = tx.update(None, s, p, domain_loss_fn=lambda q: fn(q, xb, yb))
+        u, s = tx.update(None, s, p, domain_loss_fn=lambda q: loss_fn(q, xb, yb))
         return optax.apply_updates(p, u), s
       return step
+
+    split = lambda a, n: a.reshape(m, n, b // n, *a.shape[2:]).swapaxes(0, 1)  # [n, M, b/n, ...]
 
     tx1 = disam_jax.disam(base, RHO, LAM, num_domains=m)
     txp = disam_jax.disam(base, RHO, LAM, num_domains=m, batch_axis_name='batch')
@@ -591,19 +631,18 @@ def multidevice_worker(config: dict) -> dict[str, Any]:
 
     def pmapped(n):
       f = jax.pmap(make_step(txp), axis_name='batch', devices=jax.devices()[:n], donate_argnums=(0, 1))
-      split = lambda a: a.reshape(m, n, b // n, *a.shape[2:]).swapaxes(0, 1)  # [n, M, b/n, ...]
       rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + np.shape(a)), t)
       p = rep(params)
       state = [p, rep(jax.device_get(tx1.init(jax.tree.map(jnp.asarray, params))))]
-      return f, state, (split(x), split(y))
+      return f, state, (split(x, n), split(y, n))
 
     def sharded(n):
       mesh = Mesh(np.array(jax.devices()[:n]), ('data',))
-      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, 'data'))
-      f = jax.jit(make_step(tx1), donate_argnums=(0, 1))
+      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+      f = jax.jit(make_step(tx1, device_major), donate_argnums=(0, 1))
       p = jax.device_put(jax.tree.map(jnp.array, params), rep)
       state = [p, jax.device_put(tx1.init(p), rep)]
-      return f, state, (jax.device_put(x, data), jax.device_put(y, data))
+      return f, state, (jax.device_put(split(x, n), data), jax.device_put(split(y, n), data))
 
     variants = {'single_device_jit': single}
     for n in config['device_counts'].get(name, ()):
@@ -727,22 +766,24 @@ def evaluate_targets(results: dict) -> list[dict[str, Any]]:
 
   for model, res in results.get('step_time', {}).items():
     rt = res['ratios']
-    add(f'{model}: disam / optax SAM', rt.get('disam/sam'), TARGETS['disam_over_sam'], rt.get('disam/sam (paired)'))
-    add(f'{model}: disam(lam=0) / optax SAM', rt.get('disam_lam0/sam'), TARGETS['disam_over_sam'],
+    for config, pre in (('default', ''), ('ynn_off', 'ynn_off: ')):
+      add(f'{model} [{config}]: disam / optax SAM', rt.get(f'{pre}disam/sam'), TARGETS['disam_over_sam'],
+          rt.get(f'{pre}disam/sam (paired)'))
+      if model in CONV_MODELS:
+        add(f'{model} [{config}]: disam / ERM', rt.get(f'{pre}disam/erm'), TARGETS['disam_over_erm_convnets'],
+            rt.get(f'{pre}disam/erm (paired)'))
+      if 'torch_disam/torch_erm' in rt:
+        add(f'{model} [{config}]: JAX disam/ERM <= PyTorch disam/ERM (= threshold)', rt.get(f'{pre}disam/erm'),
+            rt['torch_disam/torch_erm'])
+      add(f'{model} [{config}]: JAX ERM / PyTorch ERM', rt.get(f'{pre}jax_erm/torch_erm'), 1.0)
+      add(f'{model} [{config}]: JAX disam / PyTorch disam', rt.get(f'{pre}jax_disam/torch_disam'), 1.0,
+          rt.get(f'{pre}jax_disam/torch_disam (paired)'))
+    add(f'{model} [default]: disam(lam=0) / optax SAM', rt.get('disam_lam0/sam'), TARGETS['disam_over_sam'],
         rt.get('disam_lam0/sam (paired)'))
-    if model in CONV_MODELS:
-      add(f'{model}: disam / ERM', rt.get('disam/erm'), TARGETS['disam_over_erm_convnets'],
-          rt.get('disam/erm (paired)'))
-    if 'torch_disam/torch_erm' in rt and 'disam/erm' in rt:
-      add(f'{model}: JAX disam/ERM <= PyTorch disam/ERM (= threshold)', rt['disam/erm'],
-          rt['torch_disam/torch_erm'])
-    add(f'{model}: JAX ERM / PyTorch ERM', rt.get('jax_erm/torch_erm'), 1.0)
-    add(f'{model}: JAX disam / PyTorch disam', rt.get('jax_disam/torch_disam'), 1.0,
-        rt.get('jax_disam/torch_disam (paired)'))
     mem = res.get('memory', {})
     if 'disam_minus_erm_in_param_copies' in mem:
-      add(f'{model}: disam - ERM peak memory, in parameter copies', mem['disam_minus_erm_in_param_copies'],
-          TARGETS['memory_extra_param_copies'])
+      add(f'{model} [{mem["config"]}]: disam - ERM peak memory, in parameter copies',
+          mem['disam_minus_erm_in_param_copies'], TARGETS['memory_extra_param_copies'])
   for model, res in results.get('domains', {}).items():
     ms = res['num_domains']
     key = f'M{ms[-1]}/M{ms[0]}'
@@ -821,12 +862,13 @@ def to_markdown(results: dict) -> str:
         ops = c.get('hlo_ops', {})
         lines.append(f'| {name} | {lab} | {c["lower_s"]:.2f} | {c["compile_s"]:.2f} | {c.get("gflops", "-")} | '
                      f'{ops.get("convolution", 0) + ops.get("dot", 0)} | ' + ' | '.join(cells) + ' |')
-    lines += ['', '| model | params MiB | disam - ERM peak MiB | = parameter copies | disam - ERM temp MiB | '
-              'disam - SAM peak MiB |', '|---|---|---|---|---|---|']
+    lines += ['', '| model | XLA config | params MiB | disam - ERM peak MiB | = parameter copies | '
+              'disam - ERM temp MiB | disam - SAM peak MiB |', '|---|---|---|---|---|---|---|']
     for name, res in st.items():
       mem = res.get('memory', {})
       if mem:
-        lines.append(f'| {name} | {_mib(res["params_bytes"])} | {_mib(mem["disam_minus_erm_bytes"])} | '
+        lines.append(f'| {name} | {mem["config"]} | {_mib(res["params_bytes"])} | '
+                     f'{_mib(mem["disam_minus_erm_bytes"])} | '
                      f'{mem["disam_minus_erm_in_param_copies"]:.3f} | {_mib(mem["disam_minus_erm_temp_bytes"])} | '
                      f'{_mib(mem["disam_minus_sam_bytes"])} |')
   dom = results.get('domains', {})
@@ -905,8 +947,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   ap.add_argument('--no-torch', action='store_true')
   ap.add_argument('--no-multidevice', action='store_true')
   ap.add_argument('--no-flags', action='store_true', help='skip the XLA flag sweep')
-  ap.add_argument('--no-conv-options', dest='conv_options', action='store_false',
-                  help='skip the GEMM weight-gradient convolution cases')
+  ap.add_argument('--gemm-wgrad', action='store_true',
+                  help='also time the convnets with benchmarks/fast_conv.py (weight gradients as GEMMs)')
+  ap.add_argument('--sweep-config', default='ynn_off', choices=sorted(XLA_CONFIGS),
+                  help="XLA configuration of the domain sweep ('' = out of the box)")
   ap.add_argument('--flag-models', nargs='+', default=list(FLAG_SWEEP), choices=sorted(FLAG_SWEEP))
   ap.add_argument('--flag-repeats', type=int, default=2)
   ap.add_argument('--multidevice-worker', default=None, help=argparse.SUPPRESS)
@@ -926,7 +970,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   if quick:
     args.device_counts = args.device_counts or [2]
     args.no_flags = True
-    args.conv_options = False
   args.name = args.name or ('step_cost_quick' if quick else 'step_cost')
   return args
 
