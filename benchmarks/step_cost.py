@@ -66,10 +66,13 @@ TORCH_CASES = ('torch_erm', 'torch_sam', 'torch_disam', 'torch_disam_per_sample'
 # convnets run 1.5-3x faster without it (docs/performance.md). A case label is `kind` or `kind/config`.
 XLA_CONFIGS = {'': None, 'ynn_off': {'xla_cpu_experimental_ynn_fusion_type': ''}}
 _DEFAULT_SPECS = tuple((k, '') for k in JAX_CASES) + tuple((k, 'ynn_off') for k in ('erm', 'sam', 'disam'))
-# ResNet-18 at batch 128 takes ~20 s per ERM step out of the box (6 s without YNNPACK) and the ViT ~2.5 s: to
-# keep a full run near 15 minutes these time fewer cases (--all-cases times every case in both configurations).
+# To keep a full run near 15 minutes the larger models time fewer cases (--all-cases: every case in both
+# configurations). The convnets get all five kinds where their steps are stable and fast (ynn_off); ResNet-18
+# (~20 s per ERM step out of the box, ~6 s without YNNPACK) only ERM out of the box, as the reference.
 JAX_SPECS_BY_MODEL = {
+    'mnist_cnn': tuple((k, '') for k in ('erm', 'sam', 'disam')) + tuple((k, 'ynn_off') for k in JAX_CASES),
     'resnet18': (('erm', ''), ('erm', 'ynn_off'), ('sam', 'ynn_off'), ('disam', 'ynn_off')),
+    'vit_tiny': tuple((k, '') for k in JAX_CASES) + (('erm', 'ynn_off'), ('disam', 'ynn_off')),
 }
 TORCH_CASES_BY_MODEL = {'resnet18': ('torch_erm', 'torch_disam'), 'vit_tiny': ('torch_erm', 'torch_sam', 'torch_disam')}
 CONV_MODELS = ('mnist_cnn', 'resnet18')
@@ -80,7 +83,7 @@ _YNN_OFF = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_c
 # dots. jaxlib 0.10.2 sends convolutions and dots to YNNPACK by default ("ynn_fusion" in the profile); _YNN_OFF is
 # the process-wide form of the 'ynn_off' configuration.
 FLAG_SWEEP = {
-    'mnist_cnn': ('', '--xla_cpu_multi_thread_eigen=false', '--xla_cpu_use_onednn=true',
+    'mnist_cnn': ('', '--xla_cpu_use_onednn=true',
                   '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY', _YNN_OFF),
     'vit_tiny': ('', _YNN_OFF),
 }
@@ -345,16 +348,27 @@ def _machine_busy() -> Optional[tuple[int, int]]:
   return sum(vals) - vals[3] - vals[4], sum(vals)
 
 
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (fresh pages touched: XLA's temporary buffers each step)."""
+  try:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  except (ImportError, OSError):
+    return 0
+
+
 class _Sample:
   """Wall and process CPU time of one sample, and how many cores *other* processes kept busy meanwhile."""
 
   def __enter__(self):
+    self.faults0 = _minor_faults()
     self.busy0, self.cpu0, self.t0 = _machine_busy(), time.process_time(), time.perf_counter()
     return self
 
   def __exit__(self, *exc):
     self.wall = time.perf_counter() - self.t0
     self.cpu = time.process_time() - self.cpu0
+    self.faults = _minor_faults() - self.faults0
     busy1 = _machine_busy()
     self.others = None
     if self.busy0 is not None and busy1 is not None and busy1[1] > self.busy0[1]:
@@ -410,7 +424,7 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
   else:
     rounds = int(min(max_rounds, max(2, budget_s // max(round_s, 1e-9))))
   log(f'    {len(cases)} cases, ~{round_s:.1f} s per round, {rounds} rounds')
-  cpu, others = {c.label: [] for c in cases}, {c.label: [] for c in cases}
+  cpu, others, faults = ({c.label: [] for c in cases} for _ in range(3))
   for r in range(rounds):
     if quiet is not None:
       quiet['waited_s'] += wait_for_quiet(quiet['threshold'], quiet['max_wait_s'] - quiet['waited_s'], log)
@@ -420,6 +434,7 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
         case.run(inner[case.label])
       case.times.append(sample.wall / inner[case.label])
       cpu[case.label].append(sample.cpu / inner[case.label])
+      faults[case.label].append(sample.faults / inner[case.label])
       if sample.others is not None:
         others[case.label].append(sample.others)
     load_samples.append(load_avg()[0])
@@ -435,6 +450,7 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
                        'cpu_min_ms': round(min(cpu_ms), 3), 'cpu_median_ms': round(statistics.median(cpu_ms), 3),
                        'other_processes_cores': round(statistics.mean(others[case.label]), 2)
                        if others[case.label] else None,
+                       'page_faults_per_step': int(statistics.median(faults[case.label])),
                        'steps_per_sample': inner[case.label]}
   return out
 
@@ -487,6 +503,8 @@ def bench_step_time(models: dict, args, torch_module, load_samples, log) -> dict
         'disam/erm (paired)': r('disam', 'erm', 'paired'), 'disam/erm (cpu)': r('disam', 'erm', 'cpu_min_ms'),
         'disam_lam0/sam': r('disam_lam0', 'sam'), 'disam_lam0/sam (paired)': r('disam_lam0', 'sam', 'paired'),
         'disam_lam0/sam (cpu)': r('disam_lam0', 'sam', 'cpu_min_ms'),
+        'ynn_off: disam_lam0/sam': r('disam_lam0/ynn_off', 'sam/ynn_off'),
+        'ynn_off: disam_adaptive/sam': r('disam_adaptive/ynn_off', 'sam/ynn_off'),
         'disam_adaptive/sam': r('disam_adaptive', 'sam'),
         'sam/erm': r('sam', 'erm'), 'sam/erm (cpu)': r('sam', 'erm', 'cpu_min_ms'),
         'jax_disam/torch_disam': r('disam', 'torch_disam'), 'jax_erm/torch_erm': r('erm', 'torch_erm'),
@@ -780,6 +798,7 @@ def evaluate_targets(results: dict) -> list[dict[str, Any]]:
           rt.get(f'{pre}jax_disam/torch_disam (paired)'))
     add(f'{model} [default]: disam(lam=0) / optax SAM', rt.get('disam_lam0/sam'), TARGETS['disam_over_sam'],
         rt.get('disam_lam0/sam (paired)'))
+    add(f'{model} [ynn_off]: disam(lam=0) / optax SAM', rt.get('ynn_off: disam_lam0/sam'), TARGETS['disam_over_sam'])
     mem = res.get('memory', {})
     if 'disam_minus_erm_in_param_copies' in mem:
       add(f'{model} [{mem["config"]}]: disam - ERM peak memory, in parameter copies',
@@ -833,9 +852,11 @@ def to_markdown(results: dict) -> str:
     lines.append('| rounds | ' + ' | '.join(str(len(next(iter(r['cases'].values()))['times_ms']))
                                            for r in st.values()) + ' |')
     lines += ['', 'Process CPU time per step, min ms (all threads of this process; time spent descheduled does not '
-              'count), and the cores other processes kept busy meanwhile (mean over samples):', '',
+              'count) / minor page faults per step (fresh pages touched) / cores other processes kept busy '
+              'meanwhile (mean over samples):', '',
               '| case | ' + ' | '.join(st) + ' |', '|---' * (len(st) + 1) + '|']
-    cpu_cell = lambda c: f'{c["cpu_min_ms"]:.1f} / {c["other_processes_cores"] if c["other_processes_cores"] is not None else "-"}'
+    cpu_cell = lambda c: (f'{c["cpu_min_ms"]:.1f} / {c["page_faults_per_step"] / 1e3:.1f}k / '
+                          f'{c["other_processes_cores"] if c["other_processes_cores"] is not None else "-"}')
     for lab in labels:
       lines.append(f'| {lab} | ' + ' | '.join(cpu_cell(r['cases'][lab]) if lab in r['cases'] else '-'
                                               for r in st.values()) + ' |')
