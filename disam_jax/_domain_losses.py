@@ -14,6 +14,12 @@ All of them return a `DomainLosses(total, count)` pair rather than means: sums a
 devices (`psum`) and let DISAM drop domains that are absent from a batch (count 0) instead of counting them as a
 loss of 0. A `domain_loss_fn` may also return a plain `[M]` vector of means; DISAM then treats every domain as
 present with equal count.
+
+Precision: sums and counts are accumulated, and returned, in float32 whatever the per-example losses' dtype
+(float64 when x64 is enabled and the losses are float64). Summed in bfloat16, the result's rounding alone costs
+up to 0.2%, and a segment sum of 1024 losses drawn uniform on [0, 3] came out 34% low (the running total stops
+growing once it dwarfs each addend); float16 sums overflow past 65504, and a bfloat16 count of 1021 reads 1020. The gradient still flows back to the per-example losses in their own dtype (the cast's transpose), so
+bfloat16 compute with float32 parameters costs nothing extra.
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -24,8 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _accumulation_dtype(dtype: Any) -> jnp.dtype:
+  """float64 for float64 losses (x64 enabled), else float32: the dtype sums and counts are accumulated in."""
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 class DomainLosses(NamedTuple):
   """Per-domain loss sums and example counts.
+
+  The helpers of this module return both in float32 (float64 for float64 losses under x64), never in a
+  low-precision dtype of the losses.
 
   Attributes:
     total: `[M]` float, sum of the per-example losses of each domain.
@@ -52,7 +66,7 @@ def domain_losses_from_grouped(
     mask: optional `[M, b]` bool/0-1 array, False for padding examples.
 
   Returns:
-    `DomainLosses` with `total` and `count` of shape `[M]`.
+    `DomainLosses` with `total` and `count` of shape `[M]`, float32 (float64 for float64 losses).
   """
   losses = jnp.asarray(per_example_losses)
   if losses.ndim != 2:
@@ -60,16 +74,14 @@ def domain_losses_from_grouped(
         'domain_losses_from_grouped expects per-example losses of shape [M, b] '
         f'(domains, per-domain batch); got shape {losses.shape}.'
     )
+  acc = _accumulation_dtype(losses.dtype)
+  wide = losses.astype(acc)
   if mask is None:
-    count = jnp.full(losses.shape[:1], losses.shape[1], dtype=jnp.float32)
-    return DomainLosses(losses.sum(axis=1), count)
+    return DomainLosses(wide.sum(axis=1), jnp.full(losses.shape[:1], losses.shape[1], dtype=acc))
   mask = jnp.asarray(mask)
   if mask.shape != losses.shape:
     raise ValueError(f'mask shape {mask.shape} does not match losses shape {losses.shape}.')
-  weights = mask.astype(losses.dtype)
-  return DomainLosses(
-      jnp.sum(jnp.where(mask, losses, 0), axis=1), weights.sum(axis=1).astype(jnp.float32)
-  )
+  return DomainLosses(jnp.sum(jnp.where(mask, wide, 0), axis=1), mask.astype(acc).sum(axis=1))
 
 
 def domain_losses_from_ids(
@@ -84,7 +96,8 @@ def domain_losses_from_ids(
     num_domains: static M.
 
   Returns:
-    `DomainLosses` with `total` and `count` of shape `[M]`; a domain absent from the batch has count 0.
+    `DomainLosses` with `total` and `count` of shape `[M]`, float32 (float64 for float64 losses); a domain
+    absent from the batch has count 0.
   """
   if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:
     raise ValueError(f'num_domains must be a static positive int; got {num_domains!r}.')
@@ -103,10 +116,9 @@ def domain_losses_from_ids(
       raise ValueError(
           f'domain_ids must lie in [0, {num_domains}); found {sorted(set(bad.tolist()))[:10]}.'
       )
-  total = jax.ops.segment_sum(losses, domain_ids, num_segments=num_domains)
-  count = jax.ops.segment_sum(
-      jnp.ones_like(losses, dtype=jnp.float32), domain_ids, num_segments=num_domains
-  )
+  acc = _accumulation_dtype(losses.dtype)
+  total = jax.ops.segment_sum(losses.astype(acc), domain_ids, num_segments=num_domains)
+  count = jax.ops.segment_sum(jnp.ones_like(losses, dtype=acc), domain_ids, num_segments=num_domains)
   return DomainLosses(total, count)
 
 
@@ -150,11 +162,16 @@ def vmapped_domain_loss_fn(per_example_loss_fn: Callable[..., chex.Array]) -> Ca
     per_example_loss_fn: `(params, inputs [b, ...], labels [b, ...]) -> losses [b]`.
 
   Returns:
-    `fn(params, inputs [M, b, ...], labels [M, b, ...]) -> [M]` mean loss per domain.
+    `fn(params, inputs [M, b, ...], labels [M, b, ...]) -> [M]` mean loss per domain, float32 (float64 for
+    float64 losses).
   """
 
+  def mean(losses):
+    losses = jnp.asarray(losses)
+    return jnp.mean(losses.astype(_accumulation_dtype(losses.dtype)))
+
   def fn(params, inputs, labels):
-    per_domain = jax.vmap(lambda x, y: jnp.mean(per_example_loss_fn(params, x, y)))
+    per_domain = jax.vmap(lambda x, y: mean(per_example_loss_fn(params, x, y)))
     return per_domain(inputs, labels)
 
   return fn
