@@ -5,13 +5,15 @@ keyword arguments to `tx.update`, and NNX needs the model split into parameters 
 perturbs) and the rest (BatchNorm statistics, RNG counters), merged back inside the loss function.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
+import jax
 import optax
 from flax import nnx
 from flax.training import train_state as linen_train_state
 
 from disam_jax._disam import DisamState, disam, find_disam_state
+from disam_jax._domain_losses import DomainLosses
 
 
 def apply_disam(
@@ -62,30 +64,89 @@ def nnx_optimizer(
 
 
 def nnx_update(
-    optimizer: nnx.Optimizer, model: nnx.Module, loss_fn: Callable[[nnx.Module], Any], **extra_args
-) -> DisamState:
+    optimizer: nnx.Optimizer,
+    model: nnx.Module,
+    loss_fn: Callable[[nnx.Module], Any],
+    *,
+    has_aux: bool = False,
+    **extra_args,
+) -> Union[DisamState, tuple[DisamState, Any]]:
   """One DISAM step on an NNX model, in place (call it inside `nnx.jit`).
+
+  Example, logging accuracy from the unperturbed forward pass (no third forward pass)::
+
+    def loss_fn(model):
+      logits = model(x)                                          # [M*b, classes]
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return disam_jax.domain_losses_from_grouped(losses.reshape(m, b)), logits
+    state, logits = disam_jax.nnx_update(optimizer, model, loss_fn, has_aux=True)
 
   Args:
     optimizer: from `nnx_optimizer(model, ...)`.
     model: the module; its `optimizer.wrt` variables are updated by the step and its other state (BatchNorm
       statistics) is set to the one of the *unperturbed* forward pass — the perturbed pass's is discarded.
-    loss_fn: `loss_fn(model) -> [M]` per-domain losses (or `DomainLosses`) for the current batch.
+    loss_fn: `loss_fn(model) -> [M]` per-domain losses (or `DomainLosses`) for the current batch; with `has_aux`,
+      `loss_fn(model) -> (losses, aux)`, `aux` any pytree of arrays (logits, metrics).
+    has_aux: whether `loss_fn` returns `(losses, aux)`, as in `jax.value_and_grad`.
     **extra_args: forwarded to `tx.update`.
 
   Returns:
-    The `DisamState` of the step (per-domain losses, loss, variance, norms).
+    The `DisamState` of the step (per-domain losses, loss, variance, norms); with `has_aux`, `(DisamState, aux)`
+    with `aux` from the *unperturbed* pass (the perturbed pass's is discarded). The aux is not kept in the
+    optimizer state: `DisamState.aux` holds the model's non-`wrt` state only, so the state's structure is fixed.
   """
   graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
   def domain_loss_fn(p):
     # copy=True: a fresh module per evaluation, so the perturbed pass cannot touch `model`'s variables.
     evaluated = nnx.merge(graphdef, p, rest, copy=True)
-    losses = loss_fn(evaluated)
+    losses, user_aux = _split_user_output(loss_fn(evaluated), has_aux)
     _, _, new_rest = nnx.split(evaluated, optimizer.wrt, ...)
-    return losses, nnx.as_pure(new_rest)
+    model_state = nnx.as_pure(new_rest)
+    return losses, ((model_state, user_aux) if has_aux else model_state)
 
-  optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
+  if not has_aux:
+    optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
+    state = find_disam_state(nnx.as_pure(optimizer.opt_state))
+    nnx.update(model, state.aux)
+    return state
+
+  # DISAM returns the unperturbed aux in its state; take the user's part out before the optimizer stores the state
+  # (nnx.Optimizer keeps its state's structure fixed). Both calls run in this trace, so no tracer escapes.
+  tx, user_aux = optimizer.tx, []
+
+  def update_keeping_model_state(updates, opt_state, p, **kwargs):
+    updates, new_opt_state = tx.update(updates, opt_state, p, **kwargs)
+    model_state, aux = find_disam_state(new_opt_state).aux
+    user_aux.append(aux)
+    return updates, _replace_disam_state(new_opt_state, lambda s: s._replace(aux=model_state))
+
+  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_keeping_model_state)
+  try:
+    optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
+  finally:
+    optimizer.tx = tx
   state = find_disam_state(nnx.as_pure(optimizer.opt_state))
   nnx.update(model, state.aux)
-  return state
+  return state, user_aux[0]
+
+
+def _split_user_output(out: Any, has_aux: bool) -> tuple[Any, Any]:
+  """(losses, aux) from what an NNX `loss_fn` returned, refusing a tuple that `has_aux` does not announce."""
+  is_pair = isinstance(out, tuple) and not isinstance(out, DomainLosses) and len(out) == 2
+  if has_aux and not is_pair:
+    raise ValueError(
+        f'nnx_update(..., has_aux=True) needs loss_fn to return (losses, aux); got {type(out).__name__}.'
+    )
+  if not has_aux and isinstance(out, tuple) and not isinstance(out, DomainLosses):
+    raise ValueError(
+        'loss_fn returned a tuple: if it is (losses, aux), call nnx_update(optimizer, model, loss_fn, '
+        'has_aux=True), which returns (DisamState, aux).'
+    )
+  return out if has_aux else (out, None)
+
+
+def _replace_disam_state(opt_state: optax.OptState, fn: Callable[[DisamState], DisamState]) -> optax.OptState:
+  """`opt_state` with its (single) `DisamState` replaced by `fn(DisamState)`."""
+  is_disam = lambda x: isinstance(x, DisamState)
+  return jax.tree.map(lambda s: fn(s) if is_disam(s) else s, opt_state, is_leaf=is_disam)

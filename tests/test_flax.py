@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import linen, nnx
 from flax.training import train_state
 
@@ -70,3 +71,61 @@ def test_nnx_step_keeps_batchnorm_statistics_of_the_unperturbed_pass():
   assert state.domain_losses.shape == (M,) and int(state.count) == 1
   state = step(model, optimizer)  # a second step runs with the same state structure
   assert int(state.count) == 2
+
+
+def _numpy_bn_net_logits(model, x):
+  """Logits of `_BNNet` in training mode (BatchNorm on batch statistics), in float64 NumPy."""
+  get = lambda v: np.asarray(v[...], np.float64)
+  h = x @ get(model.dense.kernel) + get(model.dense.bias)
+  h = (h - h.mean(axis=0)) / np.sqrt(h.var(axis=0) + model.bn.epsilon) * get(model.bn.scale) + get(model.bn.bias)
+  return np.maximum(h, 0) @ get(model.head.kernel) + get(model.head.bias)
+
+
+def test_nnx_update_returns_aux_of_the_unperturbed_pass_without_a_third_forward_pass():
+  x, y, _ = make_problem(42)
+  xf, yf = jnp.asarray(x.reshape(M * B, D), jnp.float32), jnp.asarray(y.reshape(M * B))
+  model, twin = _BNNet(nnx.Rngs(0)), _BNNet(nnx.Rngs(0))
+  expected_logits = _numpy_bn_net_logits(model, x.reshape(M * B, D))
+  optimizer = disam_jax.nnx_optimizer(model, optax.sgd(0.5), rho=0.5, lam=0.3, num_domains=M)
+  twin_optimizer = disam_jax.nnx_optimizer(twin, optax.sgd(0.5), rho=0.5, lam=0.3, num_domains=M)
+  calls = []
+
+  def losses_and_logits(m):
+    calls.append(1)
+    logits = m(xf)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, yf).reshape(M, B).mean(axis=1)
+    return losses, {'logits': logits, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == yf)}
+
+  @nnx.jit
+  def step(model, optimizer):
+    return disam_jax.nnx_update(optimizer, model, losses_and_logits, has_aux=True)
+
+  @nnx.jit
+  def plain_step(model, optimizer):
+    return disam_jax.nnx_update(optimizer, model, lambda m: losses_and_logits(m)[0])
+
+  state, aux = step(model, optimizer)
+  assert len(calls) == 2  # the unperturbed and the perturbed pass: the aux rides on the first
+  np.testing.assert_allclose(aux['logits'], expected_logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(aux['accuracy'], np.mean(expected_logits.argmax(-1) == y.reshape(-1)))
+  # The step itself is the one without aux, and the optimizer state does not keep the aux.
+  twin_state = plain_step(twin, twin_optimizer)
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(twin)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(state.domain_losses, twin_state.domain_losses)
+  assert jax.tree.structure(state) == jax.tree.structure(twin_state)
+  state, aux = step(model, optimizer)  # a second step, same structure, aux at the new weights
+  assert int(state.count) == 2
+  np.testing.assert_allclose(aux['logits'], _numpy_bn_net_logits(twin, x.reshape(M * B, D)), rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_update_refuses_an_unannounced_or_missing_aux():
+  x, y, _ = make_problem(43)
+  xf = jnp.asarray(x.reshape(M * B, D), jnp.float32)
+  model = _BNNet(nnx.Rngs(0))
+  optimizer = disam_jax.nnx_optimizer(model, optax.sgd(0.1), num_domains=M)
+  losses = lambda m: jnp.mean(m(xf) ** 2, axis=1).reshape(M, B).mean(axis=1)
+  with pytest.raises(ValueError, match=r'has_aux=True\), which returns \(DisamState, aux\)'):
+    disam_jax.nnx_update(optimizer, model, lambda m: (losses(m), m(xf)))
+  with pytest.raises(ValueError, match=r'needs loss_fn to return \(losses, aux\); got'):
+    disam_jax.nnx_update(optimizer, model, losses, has_aux=True)
