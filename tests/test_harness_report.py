@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from disam_jax.harness import report
 
@@ -64,12 +65,25 @@ def test_steps_to_threshold_and_smoothing():
   np.testing.assert_allclose(report.smooth(np.array([1.0, 2, 3, 4]), 2), [1, 1.5, 2.5, 3.5])
 
 
-def _write_fake_run(run_dir, steps=30, eval_every=10):
+def _config(**changes):
+  config = {"dataset": "rotated_digits", "data_dir": None, "image_size": None, "model": "mlp", "model_kwargs": {},
+            "pretrained": None, "algorithms": ["erm", "sam", "disam"], "held_out": None, "seeds": [0, 1],
+            "steps": 30, "eval_every": 10, "holdout_fraction": 0.2, "hard_domain": None, "hard_domain_fraction": 1.0,
+            "hard_domain_label_noise": 0.0, "eval_batch_size": 512,
+            "hparams": {"optimizer": "adam", "lr": 0.001, "weight_decay": 0.0, "batch_size": 64, "rho": 0.05,
+                        "lam": 0.1, "adaptive": False}}
+  for key, value in changes.items():
+    (config["hparams"] if key in config["hparams"] else config)[key] = value
+  return config
+
+
+def _write_fake_run(run_dir, steps=30, eval_every=10, algorithms=("erm", "sam", "disam"), held_outs=("0", "75"),
+                    config=None, weights=False, cosine=False):
   """A run directory with synthetic metrics.jsonl files, as disam-train writes them."""
   rng = np.random.default_rng(0)
   cells = []
-  for algorithm in ("erm", "sam", "disam"):
-    for held_out in ("0", "75"):
+  for algorithm in algorithms:
+    for held_out in held_outs:
       for seed in (0, 1):
         directory = os.path.join(run_dir, "cells", f"{algorithm}_heldout-{held_out}_seed-{seed}")
         os.makedirs(directory)
@@ -82,13 +96,17 @@ def _write_fake_run(run_dir, steps=30, eval_every=10):
               line.update(loss=float(np.mean(list(losses.values()))), domain_losses=losses,
                           variance=float(np.var(list(losses.values()))), perturbation_norm=0.5, grad_norm=1.0,
                           time=step * 0.01)
+              if weights:
+                line["perturbation_weights"] = {d: 0.5 + 0.1 * k * (algorithm == "disam")
+                                                for k, d in enumerate(train_domains)}
+                line["sam_cosine"] = 0.9 if cosine and algorithm == "disam" else None
             if step % eval_every == 0:
               line["eval"] = {"val_acc": {d: 0.5 for d in train_domains}, "val_acc_mean": 0.5,
                               "test_acc": {held_out: float(0.1 + step / steps * 0.8)}}
             f.write(json.dumps(line) + "\n")
         cells.append(_cell(algorithm, held_out, seed, 0.8, 0.9, directory) | {"steps": steps})
   with open(os.path.join(run_dir, "results.json"), "w") as f:
-    json.dump({"config": None, "cells": cells}, f)
+    json.dump({"config": config, "cells": cells}, f)
   return cells
 
 
@@ -147,3 +165,213 @@ def test_merge_combines_run_directories_with_renamed_algorithms(tmp_path):
   assert code == 0
   text = (out / "results.md").read_text()
   assert "| DISAM_LAM1 |" in text and "| SAM |" in text and "| DISAM_LAM1 vs SAM | 4 |" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merges that never lose a run, atomic output
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _merge(capsys, out, *sources, plots=False):
+  code = report.main([str(out)] + ([] if plots else ["--no-plots"]) + ["--merge", *map(str, sources)])
+  return code, capsys.readouterr().err
+
+
+def _leftovers(parent):
+  return sorted(p for p in os.listdir(parent) if p.startswith("."))
+
+
+def test_merge_refuses_two_copies_of_one_run_and_names_the_suffix_to_add(tmp_path, capsys):
+  _write_fake_run(str(tmp_path / "main"), algorithms=("disam",), config=_config())
+  _write_fake_run(str(tmp_path / "main_lam05"), algorithms=("disam",), config=_config(lam=0.5))
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "main", tmp_path / "main_lam05")
+  assert code == 2
+  assert "'disam' run with held-out domain 0 and seed 0" in err and "keep only one" in err
+  assert f"{tmp_path / 'main_lam05'}=_main_lam05" in err
+  assert not os.path.exists(tmp_path / "out") and _leftovers(tmp_path) == []
+  # With the suggested suffix both rows are kept, each with its own lam.
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "main", f"{tmp_path / 'main_lam05'}=_lam05")
+  assert code == 0, err
+  saved = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert saved["rows"]["disam"]["lam"] == 0.1 and saved["rows"]["disam_lam05"]["lam"] == 0.5
+  assert saved["rows"]["disam_lam05"]["run"] == str(tmp_path / "main_lam05")
+  assert len(saved["cells"]) == 8
+
+
+def test_merge_refuses_runs_on_different_data_and_writes_nothing(tmp_path, capsys):
+  _write_fake_run(str(tmp_path / "digits"), config=_config())
+  _write_fake_run(str(tmp_path / "pacs"), held_outs=("photo", "sketch"), config=_config(dataset="pacs"))
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "digits", f"{tmp_path / 'pacs'}=_pacs", plots=True)
+  assert code == 2
+  assert "different data: dataset is rotated_digits in" in err and "pacs in" in err
+  assert not os.path.exists(tmp_path / "out") and _leftovers(tmp_path) == []
+
+
+def test_merge_lists_the_differences_and_every_rows_settings(tmp_path, capsys):
+  _write_fake_run(str(tmp_path / "short"), config=_config(steps=300))
+  _write_fake_run(str(tmp_path / "long"), algorithms=("disam",), config=_config(steps=20000, lam=0.5))
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "short", f"{tmp_path / 'long'}=_long")
+  assert code == 0, err
+  text = (tmp_path / "out" / "results.md").read_text()
+  assert f"steps (`{tmp_path / 'short'}`: 300, `{tmp_path / 'long'}`: 20000)" in text
+  assert "lam (" in text
+  settings = text[text.index("## Settings of each row"):].splitlines()
+  header = settings[2]
+  assert header.startswith("| Algorithm | run | dataset") is False and "| steps |" in header and "| lam |" in header
+  row = next(line for line in settings if line.startswith("| DISAM_LONG |"))
+  assert "| 20000 |" in row and "| 0.5 |" in row
+  row = next(line for line in settings if line.startswith("| SAM |"))
+  assert "| 300 |" in row and "| 0.1 |" in row
+
+
+def test_merge_refuses_a_row_that_would_mix_settings(tmp_path, capsys):
+  # Different seeds, so no run clashes, but one DISAM row would average 300-step and 20,000-step runs.
+  short = _write_fake_run(str(tmp_path / "short"), algorithms=("disam",), config=_config(steps=300))
+  _write_fake_run(str(tmp_path / "long"), algorithms=("disam",), config=_config(steps=20000))
+  saved = json.loads((tmp_path / "long" / "results.json").read_text())
+  for c in saved["cells"]:
+    c["seed"] += 2
+  (tmp_path / "long" / "results.json").write_text(json.dumps(saved))
+  assert short
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "short", tmp_path / "long")
+  assert code == 2
+  assert "row DISAM would mix runs with different settings (steps: 300 in" in err and "=_long" in err
+
+
+def test_merge_of_different_held_out_domains_draws_every_plot(tmp_path, capsys):
+  _write_fake_run(str(tmp_path / "a"), held_outs=("0",), config=_config())
+  _write_fake_run(str(tmp_path / "b"), algorithms=("disam",), held_outs=("75",), config=_config(lam=0.5))
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "a", f"{tmp_path / 'b'}=_lam05", plots=True)
+  assert code == 0, err
+  assert {"training_curves.png", "domain_losses.png", "heldout_accuracy.png"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_a_failing_report_leaves_no_half_written_output(tmp_path, capsys, monkeypatch):
+  _write_fake_run(str(tmp_path / "a"), config=_config())
+  _write_fake_run(str(tmp_path / "b"), config=_config(lam=0.5))
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("plotting failed")
+
+  monkeypatch.setattr(report, "write_plots", broken)
+  try:
+    _merge(capsys, tmp_path / "out", tmp_path / "a", f"{tmp_path / 'b'}=_b", plots=True)
+  except RuntimeError:
+    pass
+  assert not os.path.exists(tmp_path / "out") and _leftovers(tmp_path) == []
+  # Regenerating a run directory in place: the old results stay whole.
+  before = (tmp_path / "a" / "results.json").read_text()
+  try:
+    report.write_report(str(tmp_path / "a"))
+  except RuntimeError:
+    pass
+  assert (tmp_path / "a" / "results.json").read_text() == before
+  assert not os.path.exists(tmp_path / "a" / "results.md") and _leftovers(tmp_path / "a") == []
+
+
+def test_merge_replaces_an_earlier_merged_report_but_not_a_run_directory(tmp_path, capsys):
+  _write_fake_run(str(tmp_path / "a"), config=_config())
+  _write_fake_run(str(tmp_path / "b"), config=_config(lam=0.5))
+  assert _merge(capsys, tmp_path / "out", tmp_path / "a", f"{tmp_path / 'b'}=_b")[0] == 0
+  assert _merge(capsys, tmp_path / "out", tmp_path / "a", f"{tmp_path / 'b'}=_c")[0] == 0
+  assert "| DISAM_C |" in (tmp_path / "out" / "results.md").read_text()
+  code, err = _merge(capsys, tmp_path / "a", tmp_path / "b")
+  assert code == 2 and "not an earlier merged report" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report cells, data warnings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_threshold_cell_when_no_run_reaches_the_threshold(tmp_path):
+  cells = _write_fake_run(str(tmp_path))
+  text = report.dynamics_table(str(tmp_path), cells, threshold=1e-6)
+  row = next(line for line in text.splitlines() if line.startswith("| DISAM vs SAM |"))
+  assert row.endswith("| – (neither reached it) |")
+  assert "| 0/4 |" in next(line for line in text.splitlines() if line.startswith("| DISAM |"))
+
+
+def test_data_warnings_are_counted_in_results(tmp_path):
+  cells = _write_fake_run(str(tmp_path), config=_config())
+  (tmp_path / "data.json").write_text(json.dumps({
+    "dataset": "image_folder", "domains": {"a": 3, "b": 4},
+    "unreadable_files": ["a/x/broken.jpg", "b/y/bad.png"], "warnings": ["domain 'a' has no folder for class(es) ['z']"]}))
+  report.write_report(str(tmp_path), cells, _config(), plots=False)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["data_warnings"] == 3
+  text = (tmp_path / "results.md").read_text()
+  assert "Data: 2 unreadable image file(s) skipped (a/x/broken.jpg, b/y/bad.png); 1 other warning(s)" in text
+  (tmp_path / "data.json").write_text(json.dumps({"dataset": "rotated_digits", "domains": {},
+                                                  "unreadable_files": [], "warnings": []}))
+  report.write_report(str(tmp_path), cells, _config(), plots=False)
+  assert "Data: no warnings." in (tmp_path / "results.md").read_text()
+  assert json.loads((tmp_path / "results.json").read_text())["data_warnings"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots a reader can compare
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """The matplotlib figures `write_plots` saves, by file name."""
+  from matplotlib.figure import Figure
+
+  saved = {}
+  original = Figure.savefig
+
+  def capture(self, path, *args, **kwargs):
+    saved[os.path.basename(path)] = self
+    return original(self, path, *args, **kwargs)
+
+  monkeypatch.setattr(Figure, "savefig", capture)
+  return saved
+
+
+def _lines(ax):
+  return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_plots_distinguish_algorithms_and_zoom_the_accuracy_axes(tmp_path, figures):
+  cells = _write_fake_run(str(tmp_path))
+  report.write_plots(str(tmp_path), cells)
+  # Every algorithm has its own color, line style and marker; markers of coinciding curves sit at other steps.
+  ax = figures["training_curves.png"].axes[0]
+  styles = {a: (line.get_color(), str(line.get_linestyle()), line.get_marker(), str(line.get_markevery()))
+            for a, line in _lines(ax).items() if a in ("ERM", "SAM", "DISAM")}
+  for k in range(4):
+    assert len({s[k] for s in styles.values()}) == 3, styles
+  # A paired DISAM - SAM panel under the curves.
+  titles = [a.get_title() for a in figures["training_curves.png"].axes]
+  assert "training loss: DISAM − SAM (paired runs)" in titles
+  acc = figures["heldout_accuracy.png"]
+  diff = next(a for a in acc.axes if a.get_title() == "DISAM − SAM, paired by seed")
+  assert {"held-out 0", "held-out 75", "mean"} <= set(_lines(diff))
+  # Accuracy axes start above the initialization's 10% and include the later evaluations (37% .. 90%).
+  panel = next(a for a in acc.axes if a.get_title() == "held-out domain 0")
+  low, high = panel.get_ylim()
+  assert 10.0 < low < 100 * (0.1 + 0.8 / 3) and high >= 90.0
+  # The per-domain losses: one legend naming every training domain, and one per variance panel.
+  losses = figures["domain_losses.png"]
+  assert [t.get_text() for t in losses.legends[0].get_texts()] == [f"training domain {d}" for d in ("0", "75", "15")]
+  assert all(a.get_legend() is not None for a in losses.axes if a.get_title().endswith("variance"))
+
+
+def test_mechanism_plot_shows_perturbation_weights_and_the_cosine_when_logged(tmp_path, figures):
+  cells = _write_fake_run(str(tmp_path / "plain"))
+  assert "mechanism.png" not in [os.path.basename(p) for p in report.write_plots(str(tmp_path / "plain"), cells)]
+  cells = _write_fake_run(str(tmp_path / "weights"), weights=True)
+  paths = report.write_plots(str(tmp_path / "weights"), cells)
+  assert os.path.join(str(tmp_path / "weights"), "mechanism.png") in paths
+  fig = figures["mechanism.png"]
+  assert [a.get_title() for a in fig.axes] == ["DISAM, held-out 0: weights c_i", "DISAM, held-out 75: weights c_i"]
+  np.testing.assert_allclose(fig.axes[0].get_lines()[1].get_ydata()[-1], 0.6)  # c of the second training domain
+  assert "--diagnostics" in fig._suptitle.get_text()
+  cells = _write_fake_run(str(tmp_path / "cosine"), weights=True, cosine=True)
+  report.write_plots(str(tmp_path / "cosine"), cells)
+  titles = [a.get_title() for a in figures["mechanism.png"].axes]
+  assert "held-out 0: cos(DISAM, SAM direction)" in titles
+  cos = next(a for a in figures["mechanism.png"].axes if a.get_title() == "held-out 0: cos(DISAM, SAM direction)")
+  np.testing.assert_allclose(_lines(cos)["DISAM"].get_ydata(), 0.9)
