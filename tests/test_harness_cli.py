@@ -142,3 +142,62 @@ def _latest_leaves(cell):
   with ocp.CheckpointManager(str(cell / "checkpoints")) as manager:
     restored = manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return [np.asarray(jax.device_get(x)) for x in restored["state"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Defaults that work, validation before any write, data warnings in the results
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_hard_domain_runs_with_the_default_batch_size(capsys, tmp_path):
+  run = tmp_path / "run"
+  code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--hard-domain", "0", "--steps",
+                               "2", "--algorithm", "erm", "--no-plots", "--quiet", "--output-dir", str(run)])
+  assert code == 0, err
+  assert "batch size 24 per domain instead of the default 64: training domain '0' has only 24" in err
+  assert json.loads((run / "config.json").read_text())["hparams"]["batch_size"] == 24
+  # An explicit batch size is never changed: too large is an error, as before.
+  code, _, err = _run(capsys, ["--hard-domain", "0", "--batch-size", "32", "--output-dir", str(tmp_path / "r2"),
+                               "--quiet"])
+  assert code == 2 and "Use --batch-size 24 or less" in err
+
+
+def _image_folder(root, domains, broken=False):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for d in domains:
+    for c in ("x", "y"):
+      os.makedirs(os.path.join(root, d, c))
+      for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(os.path.join(root, d, c, f"{i}.png"))
+  if broken:
+    with open(os.path.join(root, domains[0], "x", "broken.jpg"), "wb") as f:
+      f.write(b"\xff\xd8 not a JPEG")
+
+
+def test_one_domain_folder_is_refused_before_anything_is_written(capsys, tmp_path):
+  _image_folder(str(tmp_path / "data"), ["only"])
+  cache = tmp_path / "cache"
+  for algorithms in (["erm"], ["erm", "disam"]):
+    code, _, err = _run(capsys, ["--dataset", "image_folder", "--data-dir", str(tmp_path / "data"), "--algorithm",
+                                 *algorithms, "--cache-dir", str(cache), "--output-dir", str(tmp_path / "run"),
+                                 "--quiet"])
+    assert code == 2
+    assert "image_folder has 1 domain(s) (only), so holding one out leaves no training domain" in err
+  assert not cache.exists() and not (tmp_path / "run").exists()
+  assert sorted(os.listdir(tmp_path / "data")) == ["only"]
+
+
+def test_unreadable_images_are_counted_in_the_results_of_every_run(capsys, tmp_path):
+  _image_folder(str(tmp_path / "data"), ["a", "b", "c"], broken=True)
+  for k in range(2):  # converting, then on the cached conversion
+    run = tmp_path / f"run{k}"
+    code, _, err = _run(capsys, ["--dataset", "image_folder", "--data-dir", str(tmp_path / "data"), "--image-size",
+                                 "8", "--model", "mlp", "--model-option", "hidden=16", "--held-out", "c", "--algorithm",
+                                 "erm", "--steps", "2", "--cache-dir", str(tmp_path / "cache"), "--output-dir",
+                                 str(run), "--no-plots", "--quiet"])
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["data_warnings"] == 1
+    assert "Data: 1 unreadable image file(s) skipped (a/x/broken.jpg)" in (run / "results.md").read_text()
+  assert sorted(os.listdir(tmp_path / "data")) == ["a", "b", "c"]

@@ -13,8 +13,11 @@ from disam_jax.harness import data
 
 
 @pytest.fixture(autouse=True)
-def _default_tfds_dir(monkeypatch):
+def _default_tfds_dir(monkeypatch, tmp_path):
+  """The default cache (XDG) inside the test's folder, never the user's ~/.cache."""
   monkeypatch.delenv(data.TFDS_DIR_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))
+  return str(tmp_path / "xdg_cache" / "disam_jax" / "tfds")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Module hygiene and registry
@@ -214,7 +217,7 @@ def _build_files(tfds_dir):
   }
 
 
-def test_image_folder_end_to_end(folder):
+def test_image_folder_end_to_end(folder, _default_tfds_dir):
   root, pixels = folder
   with pytest.warns(UserWarning, match="skipped 1 unreadable image file.*broken.jpg"):
     ds = data.load_dataset("image_folder", data_dir=root, image_size=8)
@@ -228,13 +231,14 @@ def test_image_folder_end_to_end(folder):
     np.testing.assert_array_equal(ds.images[k], images)  # PNG storage is lossless
   assert 2 not in ds.labels[1]
 
-  # The second load reuses the conversion: nothing under .tfds is rewritten, no skipped-file warning again.
-  tfds_dir = os.path.join(root, ".tfds")
+  assert ds.unreadable_files == (os.path.join("d3", "dog", "broken.jpg"),)
+  # The second load reuses the conversion (nothing in the cache is rewritten) and reports the skipped file again.
+  tfds_dir = _default_tfds_dir
   before = _build_files(tfds_dir)
   assert any("array_record" in p for p in before)
-  with warnings.catch_warnings():
-    warnings.filterwarnings("error", message=".*unreadable")
+  with pytest.warns(UserWarning, match="skipped 1 unreadable image file.*broken.jpg"):
     again = data.load_dataset("image_folder", data_dir=root, image_size=8)
+  assert again.unreadable_files == ds.unreadable_files
   assert _build_files(tfds_dir) == before
   for a, b in zip(ds.images, again.images):
     np.testing.assert_array_equal(a, b)
@@ -259,7 +263,8 @@ def test_named_dataset_in_domainbed_layout(tmp_path):
   assert ds.domains == domains and ds.classes == ("Alarm_Clock", "Bike")
   assert [len(x) for x in ds.images] == [4] * 4
   np.testing.assert_array_equal(ds.images[3], _expected(pixels, "Real World", list(ds.classes))[0])
-  assert os.path.isdir(tmp_path / "tfds" / "disam_domain_image_folder")
+  assert not os.path.exists(tmp_path / "tfds")  # nothing beside or inside the dataset folder
+  assert os.path.isdir(tmp_path / "xdg_cache" / "disam_jax" / "tfds" / "disam_domain_image_folder")
   # data_dir may also be the dataset folder itself.
   same = data.load_dataset("office_home", data_dir=str(tmp_path / "office_home"), image_size=8)
   np.testing.assert_array_equal(same.images[0], ds.images[0])
@@ -271,7 +276,9 @@ def test_tfds_dir_can_be_redirected(tmp_path, monkeypatch):
   monkeypatch.setenv(data.TFDS_DIR_ENV, str(tmp_path / "cache"))
   data.load_dataset("image_folder", data_dir=root, image_size=8)
   assert os.path.isdir(tmp_path / "cache" / "disam_domain_image_folder")
-  assert not os.path.exists(os.path.join(root, ".tfds"))
+  data.load_dataset("image_folder", data_dir=root, image_size=8, cache_dir=str(tmp_path / "chosen"))
+  assert os.path.isdir(tmp_path / "chosen" / "disam_domain_image_folder")
+  assert os.listdir(root) == ["a", "b"] or sorted(os.listdir(root)) == ["a", "b"]
 
 
 def test_class_missing_from_a_domain_is_warned_and_classes_are_the_union(tmp_path):
@@ -283,9 +290,41 @@ def test_class_missing_from_a_domain_is_warned_and_classes_are_the_union(tmp_pat
   messages = " ".join(str(w.message) for w in record)
   assert "domain 'a' has no folder for class(es) ['z']" in messages
   assert "domain 'b' has no folder for class(es) ['y']" in messages
+  assert len(ds.warnings) == 2 and data.describe(ds)["warnings"] == list(ds.warnings)
   assert ds.classes == ("x", "y", "z")
   np.testing.assert_array_equal(ds.labels[0], [0, 1])
   np.testing.assert_array_equal(ds.labels[1], [0, 2])
+
+
+def test_image_folder_leaves_the_dataset_folder_and_the_console_alone(tmp_path, capfd, monkeypatch,
+                                                                     _default_tfds_dir):
+  """Nothing written into the dataset folder, no TFDS chatter (download lines, progress bars, absl/OpenCV warnings),
+  no scratch folder left in the temporary directory."""
+  import tempfile
+
+  root = str(tmp_path / "r")
+  _write_folder(root, domains=("a", "b"), classes=("x",), per_class=2)
+  listing = lambda: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs + [""])
+  before = listing()
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  capfd.readouterr()
+  for _ in range(2):  # converting, then reading the conversion back
+    data.load_dataset("image_folder", data_dir=root, image_size=8)
+  out, err = capfd.readouterr()
+  assert out == "" and err == "", (out, err)
+  assert listing() == before
+  assert os.listdir(scratch) == []
+  assert os.path.isdir(_default_tfds_dir)
+
+
+def test_dataset_domains_lists_domains_without_converting(tmp_path, _default_tfds_dir):
+  root = str(tmp_path / "r")
+  _write_folder(root, domains=("only",), classes=("x",), per_class=1)
+  assert data.dataset_domains("image_folder", root) == ("only",)
+  assert data.dataset_domains("rotated_digits") == tuple(map(str, data.ROTATION_DEGREES))
+  assert not os.path.exists(_default_tfds_dir)
 
 
 def test_bad_layouts_give_clear_errors(tmp_path):

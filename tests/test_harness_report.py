@@ -296,7 +296,8 @@ def test_data_warnings_are_counted_in_results(tmp_path):
   cells = _write_fake_run(str(tmp_path), config=_config())
   (tmp_path / "data.json").write_text(json.dumps({
     "dataset": "image_folder", "domains": {"a": 3, "b": 4},
-    "unreadable_files": ["a/x/broken.jpg", "b/y/bad.png"], "warnings": ["domain 'a' has no folder for class(es) ['z']"]}))
+    "unreadable_files": ["a/x/broken.jpg", "b/y/bad.png"],
+    "warnings": ["domain 'a' has no folder for class(es) ['z']"]}))
   report.write_report(str(tmp_path), cells, _config(), plots=False)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["data_warnings"] == 3

@@ -101,6 +101,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                          "no download)")
   data.add_argument("--data-dir", default=default(None), metavar="DIR",
                     help="folder holding the DomainBed image folders (PACS/, VLCS/, ...) or the TFDS data_dir")
+  data.add_argument("--cache-dir", default=default(None), metavar="DIR",
+                    help="where image folders are converted to TFDS, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
+                         "else ~/.cache/disam_jax/tfds; nothing is written into the dataset folder)")
   data.add_argument("--image-size", type=_int, default=default(None), metavar="N",
                     help="resize images to N x N (default: 224 for image folders, native size otherwise)")
   data.add_argument("--held-out", nargs="+", default=default(None), metavar="DOMAIN",
@@ -147,7 +150,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      help="weight decay inside the base optimizer: L2 for sgd/adam, decoupled for adamw "
                           "(default: 0)")
   train.add_argument("--batch-size", type=_int, default=default(None), metavar="B",
-                     help="examples per training domain per step (default: 64 for small images, 32 otherwise)")
+                     help="examples per training domain per step (default: 64 for small images, 32 otherwise; "
+                          "a default larger than the smallest training domain is lowered to its size, with a notice)")
   train.add_argument("--rho", type=_finite_float, default=default(hp.rho),
                      help=f"SAM/DISAM perturbation radius (default: {hp.rho})")
   train.add_argument("--lam", type=_finite_float, default=default(hp.lam),
@@ -208,6 +212,7 @@ def config_from_args(args: argparse.Namespace):
     dataset=args.dataset,
     data_dir=args.data_dir,
     image_size=args.image_size,
+    cache_dir=args.cache_dir,
     model=args.model,
     model_kwargs=dict(args.model_option or []),
     pretrained=args.pretrained,
@@ -225,8 +230,8 @@ def config_from_args(args: argparse.Namespace):
   )
 
 
-_RUN_OPTIONS = {"output_dir", "resume", "no_plots", "quiet", "list", "data_parallel", "coordinator_address",
-                "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
+_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "quiet", "list", "data_parallel",
+                "coordinator_address", "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
 
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
@@ -258,7 +263,9 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
     )
   if "steps" in explicit and fresh.steps < stored.steps:
     raise BadInput(f"--resume: --steps {fresh.steps} is below the run's {stored.steps}; it can only grow.")
-  return dataclasses.replace(stored, steps=fresh.steps if "steps" in explicit else stored.steps)
+  given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+  return dataclasses.replace(stored, steps=fresh.steps if "steps" in explicit else stored.steps,
+                             cache_dir=fresh.cache_dir if "cache_dir" in given else stored.cache_dir)
 
 
 def _listing() -> str:
@@ -271,6 +278,21 @@ def _listing() -> str:
   lines += ["models:", "  " + ", ".join(sorted(MODELS))]
   lines += ["algorithms:"] + [f"  {n:16s} {s.description}" for n, s in ALGORITHMS.items()]
   return "\n".join(lines)
+
+
+def _show_data_notices(show: bool) -> None:
+  """Prints the data layer's notices (e.g. that an image folder is being converted, once) on stderr, or not."""
+  import logging
+
+  log = logging.getLogger("disam_jax.harness.data")
+  handler = next((h for h in log.handlers if getattr(h, "_disam_train", False)), None)
+  if handler is None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler._disam_train = True
+    log.addHandler(handler)
+  handler.setLevel(logging.INFO if show else logging.CRITICAL + 1)
+  log.setLevel(logging.INFO)
 
 
 def _error(message: str) -> None:
@@ -312,7 +334,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if dist.is_multi_process and args.output_dir is None:
         raise BadInput("a multi-process run needs --output-dir: every process must write to the same run directory.")
       mesh = distributed.data_mesh()
-      distributed.check_batch_divisible(config.hparams.batch_size, mesh)
     if args.resume:
       if args.output_dir is None:
         raise BadInput("--resume needs --output-dir: the run directory to continue.")
@@ -324,7 +345,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise BadInput(
           f"{run_dir} already holds a run; continue it with --resume or choose another --output-dir."
         )
-    prepared = train_lib.prepare(config)
+    _show_data_notices(not args.quiet)
+    # A default batch size is fitted to the smallest training domain; one given explicitly is checked instead.
+    fit = args.batch_size is None and not args.resume
+    config, prepared, notice = train_lib.prepare_and_fit(config, fit_batch=fit)
+    if notice and main_process:
+      print(f"{PROG}: {notice}", file=sys.stderr)
+    if mesh is not None:
+      distributed.check_batch_divisible(config.hparams.batch_size, mesh)
     if dist.is_multi_process:  # every process has checked its inputs before process 0 writes anything
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("disam-train: inputs checked")

@@ -10,6 +10,10 @@ domain and class names. Three mechanisms cover all registered names:
   ``terra_incognita``, ``domain_net``, and the generic ``image_folder``). The folder is converted once into a
   tensorflow-datasets (TFDS) dataset in array_record format (resized, re-encoded as lossless PNG) and read back as
   NumPy through TFDS's random-access data source, so TensorFlow itself is never needed. Nothing is ever downloaded.
+  The conversion is a cache outside the dataset folder (`default_cache_dir`: ``$XDG_CACHE_HOME/disam_jax/tfds``,
+  else ``~/.cache/disam_jax/tfds``; ``cache_dir=`` or ``$DISAM_JAX_TFDS_DIR`` to choose), so shared and read-only
+  datasets stay untouched. TFDS's own console output (its "Downloading and preparing" lines, progress bars and
+  absl warnings) is silenced, and its scratch folders are removed.
 * ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``.
 
 Only numpy and the standard library are imported here; scikit-learn, tensorflow-datasets, Pillow and animal-mnist
@@ -25,12 +29,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -44,6 +51,9 @@ __all__ = [
   "DomainDataset",
   "DomainSplit",
   "ROTATION_DEGREES",
+  "dataset_domains",
+  "default_cache_dir",
+  "describe",
   "load_dataset",
   "split_dataset",
 ]
@@ -53,7 +63,7 @@ _log = logging.getLogger(__name__)
 _HARNESS_EXTRA = "pip install 'disam_jax[harness]'"
 ROTATION_DEGREES = (0, 15, 30, 45, 60, 75)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# Where image-folder datasets are converted to TFDS; overrides the default next to the data (e.g. read-only data).
+# Where image-folder datasets are converted to TFDS when no cache_dir is given; overrides `default_cache_dir()`.
 TFDS_DIR_ENV = "DISAM_JAX_TFDS_DIR"
 # Bump when the stored format changes so that older conversions are not reused.
 _FOLDER_FORMAT_VERSION = "1"
@@ -79,6 +89,8 @@ class DomainDataset:
     classes: class names; a label ``k`` means ``classes[k]``.
     images: one float32 array ``[n_i, H, W, C]`` with values in [0, 1] per domain.
     labels: one int32 array ``[n_i]`` per domain.
+    unreadable_files: image files that could not be decoded and were skipped (paths relative to the folder).
+    warnings: other problems found in the data (e.g. a class folder missing from a domain), one message each.
   """
 
   name: str
@@ -86,6 +98,8 @@ class DomainDataset:
   classes: tuple[str, ...]
   images: tuple[np.ndarray, ...]
   labels: tuple[np.ndarray, ...]
+  unreadable_files: tuple[str, ...] = ()
+  warnings: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not (len(self.domains) == len(self.images) == len(self.labels)):
@@ -309,8 +323,8 @@ def _folder_root(spec: DatasetSpec, data_dir: str | None) -> str:
   )
 
 
-def _scan_folder(spec: DatasetSpec, root: str):
-  """Lists domains, classes (sorted union over domains) and image files; validates the layout."""
+def _folder_domains(spec: DatasetSpec, root: str) -> list[str]:
+  """The domain folders of `root` (the registered ones, which must all exist, or every visible subfolder)."""
   if spec.domains:
     missing = [d for d in spec.domains if not os.path.isdir(os.path.join(root, d))]
     if missing:
@@ -319,11 +333,16 @@ def _scan_folder(spec: DatasetSpec, root: str):
         f"{spec.name}: domain folder(s) {missing} missing in {root}, which has {_visible_dirs(root)}; "
         f"{spec.name} needs all of {list(spec.domains)}.",
       )
-    domains = list(spec.domains)
-  else:
-    domains = _visible_dirs(root)
-    if not domains:
-      raise _layout_error(ValueError, f"{spec.name}: {root} contains no domain folders.")
+    return list(spec.domains)
+  domains = _visible_dirs(root)
+  if not domains:
+    raise _layout_error(ValueError, f"{spec.name}: {root} contains no domain folders.")
+  return domains
+
+
+def _scan_folder(spec: DatasetSpec, root: str):
+  """Lists domains, classes (sorted union over domains), image files and warnings; validates the layout."""
+  domains = _folder_domains(spec, root)
   classes_by_domain = {}
   for d in domains:
     classes_by_domain[d] = _visible_dirs(os.path.join(root, d))
@@ -332,10 +351,11 @@ def _scan_folder(spec: DatasetSpec, root: str):
   # Classes are the union over domains so that a label means the same class everywhere; a class folder missing
   # from a domain only means that domain has no images of it (warned, as it often signals an incomplete copy).
   classes = sorted(set().union(*classes_by_domain.values()))
+  notes = []
   for d in domains:
     absent = sorted(set(classes) - set(classes_by_domain[d]))
     if absent:
-      warnings.warn(f"{spec.name}: domain {d!r} has no folder for class(es) {absent}; it has no images of them.")
+      notes.append(f"{spec.name}: domain {d!r} has no folder for class(es) {absent}; it has no images of them.")
   files = []  # (relative path, domain, class)
   for d in domains:
     count = 0
@@ -348,7 +368,7 @@ def _scan_folder(spec: DatasetSpec, root: str):
             count += 1
     if count == 0:
       raise _layout_error(ValueError, f"{spec.name}: domain {d!r} in {root} has no .jpg/.jpeg/.png images.")
-  return domains, classes, files
+  return domains, classes, files, notes
 
 
 def _fingerprint(root: str, files, domains, classes, image_size: int) -> str:
@@ -420,12 +440,8 @@ def _folder_builder_class():
         buffer = io.BytesIO()
         im.save(buffer, format="PNG")
         yield rel, {"image": buffer.getvalue(), "label": cls, "domain": domain, "path": rel}
+      # Kept with the conversion, so that every later load reports them too (`_load_image_folder` warns).
       self.info.metadata["skipped_files"] = list(self.skipped)
-      if self.skipped:
-        shown = ", ".join(self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
-        warnings.warn(
-          f"{self._root}: skipped {len(self.skipped)} unreadable image file(s) of {len(self._files)}: {shown}"
-        )
 
   _FOLDER_BUILDER = DomainImageFolder
   return _FOLDER_BUILDER
@@ -445,37 +461,72 @@ def _read_data_source(source, keys: Sequence[str]) -> dict[str, list]:
   return out
 
 
-def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
+def default_cache_dir() -> str:
+  """Where image folders are converted to TFDS by default: ``$DISAM_JAX_TFDS_DIR`` if set, else
+  ``$XDG_CACHE_HOME/disam_jax/tfds`` (``~/.cache/disam_jax/tfds`` when XDG_CACHE_HOME is unset)."""
+  if os.environ.get(TFDS_DIR_ENV):
+    return os.path.abspath(os.path.expanduser(os.environ[TFDS_DIR_ENV]))
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(os.path.abspath(xdg), "disam_jax", "tfds")
+
+
+@contextlib.contextmanager
+def _quiet_tfds(tfds):
+  """Silences TFDS while it converts or reads: its stdout lines ("Downloading and preparing dataset", although
+  nothing is downloaded), progress bars and absl warnings (OpenCV missing, custom configuration), and removes the
+  scratch folders it makes with `tempfile` (one empty /tmp/tmp*tfds per new builder otherwise)."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+
+  absl = logging.getLogger("absl")
+  level, progress, tempdir = absl.level, getattr(tqdm_utils, "_active", True), tempfile.tempdir
+  scratch = tempfile.mkdtemp(prefix="disam_jax-tfds-")
+  absl.setLevel(logging.ERROR)
+  tfds.display_progress_bar(False)
+  tempfile.tempdir = scratch
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tempfile.tempdir = tempdir
+    tfds.display_progress_bar(progress)
+    absl.setLevel(level)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=None) -> DomainDataset:
   del seed  # the folder fixes the domains; splits are seeded in split_dataset
   tfds = _require_tfds()
   root = _folder_root(spec, data_dir)
   image_size = int(image_size or spec.default_image_size)
-  domains, classes, files = _scan_folder(spec, root)
+  domains, classes, files, notes = _scan_folder(spec, root)
+  for note in notes:
+    warnings.warn(note)
 
-  if os.environ.get(TFDS_DIR_ENV):
-    tfds_dir = os.environ[TFDS_DIR_ENV]
-  elif spec.folder is None:
-    tfds_dir = os.path.join(root, ".tfds")  # hidden: the root's subfolders are the domains
-  else:
-    tfds_dir = os.path.join(os.path.dirname(root), "tfds")
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
   fingerprint = _fingerprint(root, files, domains, classes, image_size)
-  builder = _folder_builder_class()(
-    root=root,
-    domains=domains,
-    classes=classes,
-    files=files,
-    image_size=image_size,
-    data_dir=tfds_dir,
-    file_format="array_record",
-    config=tfds.core.BuilderConfig(
-      name=f"{spec.name}_{image_size}px_{fingerprint}",
-      description=f"{root} resized to {image_size}x{image_size}",
-    ),
-  )
-  if not builder.is_prepared():
-    _log.info("converting %s (%d files) to TFDS under %s", root, len(files), builder.data_dir)
-  builder.download_and_prepare()  # reuses an existing conversion of the same files
-  table = _read_data_source(builder.as_data_source(split="train"), ("image", "label", "domain", "path"))
+  with _quiet_tfds(tfds):
+    builder = _folder_builder_class()(
+      root=root,
+      domains=domains,
+      classes=classes,
+      files=files,
+      image_size=image_size,
+      data_dir=cache_dir,
+      file_format="array_record",
+      config=tfds.core.BuilderConfig(
+        name=f"{spec.name}_{image_size}px_{fingerprint}",
+        description=f"{root} resized to {image_size}x{image_size}",
+      ),
+    )
+    if not builder.is_prepared():
+      _log.info("converting %s (%d image files) to TFDS under %s, once: later runs reuse it while the files are "
+                "unchanged", root, len(files), builder.data_dir)
+    builder.download_and_prepare()  # reuses an existing conversion of the same files
+    skipped = tuple(builder.info.metadata.get("skipped_files", ()))
+    table = _read_data_source(builder.as_data_source(split="train"), ("image", "label", "domain", "path"))
+  if skipped:  # on every load, converted now or earlier
+    shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s) of {len(files)}: {shown}")
 
   domain_of = np.asarray(table["domain"], np.int64)
   paths = np.asarray([p.decode() if isinstance(p, bytes) else str(p) for p in table["path"]])
@@ -488,7 +539,8 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size) -> DomainD
       raise ValueError(f"{spec.name}: domain {d!r} has no readable images in {root}.")
     images.append(np.stack([table["image"][i] for i in members]).astype(np.float32) / np.float32(255.0))
     labels.append(np.asarray([table["label"][i] for i in members], np.int32))
-  return DomainDataset(spec.name, tuple(domains), tuple(classes), tuple(images), tuple(labels))
+  return DomainDataset(spec.name, tuple(domains), tuple(classes), tuple(images), tuple(labels),
+                       unreadable_files=skipped, warnings=tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -510,6 +562,11 @@ def _square_uint8(image: np.ndarray, size: int) -> np.ndarray:
 def _load_tfds(reference: str, data_dir, seed, image_size) -> DomainDataset:
   """``reference`` is ``<name>[/<config>][/<version>][:<split>,<split>...]``; all splits when none are given."""
   tfds = _require_tfds()
+  with _quiet_tfds(tfds):
+    return _read_tfds(tfds, reference, data_dir, seed, image_size)
+
+
+def _read_tfds(tfds, reference: str, data_dir, seed, image_size) -> DomainDataset:
   name, _, split_text = reference.partition(":")
   requested = [s.strip() for s in split_text.split(",") if s.strip()]
   where = data_dir or "TFDS's default data_dir"
@@ -596,7 +653,8 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def load_dataset(
-    name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int | None = None
+    name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int | None = None,
+    cache_dir: str | None = None,
 ) -> DomainDataset:
   """Loads a registered dataset, or ``tfds:<name>`` (a TFDS dataset prepared under ``data_dir``), by domain.
 
@@ -605,14 +663,15 @@ def load_dataset(
       prepared (array_record) under ``data_dir``; its images are split into the six rotation domains.
     data_dir: for the DomainBed image folders, the folder holding ``PACS/``, ``VLCS/``, ... (or the dataset folder
       itself); for ``image_folder``, the root whose subfolders are the domains; for ``tfds:``, the TFDS data_dir.
-      Image folders are converted once to TFDS under ``<data_dir>/tfds/`` (``<root>/.tfds/`` for
-      ``image_folder``; ``$DISAM_JAX_TFDS_DIR`` overrides both) and reused while the files are unchanged (same
+      Image folders are converted once to TFDS under ``cache_dir`` and reused while the files are unchanged (same
       names, sizes and modification times); a changed folder is converted again beside the old conversion, which
-      can be deleted. Corrupt images are skipped with one warning at conversion time (their list is kept in the
-      conversion's metadata.json). All images are held in memory as float32: fine for PACS, VLCS, OfficeHome and
-      TerraIncognita at 224 px (6 to 15 GB), not for all of DomainNet (586k images, 350 GB).
+      can be deleted. Nothing is written into ``data_dir``. Corrupt images are skipped, listed in the result's
+      ``unreadable_files`` and warned about on every load (the list is kept with the conversion). All images are
+      held in memory as float32: fine for PACS, VLCS, OfficeHome and TerraIncognita at 224 px (6 to 15 GB), not
+      for all of DomainNet (586k images, 350 GB).
     seed: seeds the assignment of images to rotation domains (ignored by image folders, whose domains are fixed).
     image_size: resize images to ``image_size x image_size`` (default: 224 for image folders, native otherwise).
+    cache_dir: where image folders are converted (default: `default_cache_dir()`, outside the dataset folder).
 
   Returns:
     A `DomainDataset`.
@@ -622,7 +681,35 @@ def load_dataset(
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or tfds:<name>.")
   spec = DATASETS[name]
+  if spec.load is _load_image_folder:
+    return spec.load(spec, data_dir, seed, image_size, cache_dir=cache_dir)
   return spec.load(spec, data_dir, seed, image_size)
+
+
+def dataset_domains(name: str, data_dir: str | None = None) -> tuple[str, ...]:
+  """The domain names `load_dataset(name, data_dir=...)` will have, found without loading or converting anything
+  (an image folder's layout is checked and its domain folders listed), so that settings can be validated before
+  anything is written."""
+  if name.startswith("tfds:"):
+    return tuple(str(d) for d in ROTATION_DEGREES)
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or tfds:<name>.")
+  spec = DATASETS[name]
+  if spec.load is _load_image_folder:
+    return tuple(_folder_domains(spec, _folder_root(spec, data_dir)))
+  return spec.domains
+
+
+def describe(ds: DomainDataset) -> dict[str, Any]:
+  """A JSON summary of a loaded dataset: examples per domain, classes, and every data warning (unreadable files
+  skipped, other warnings), as `train.run_experiment` writes it to ``data.json`` for the report."""
+  return {
+    "dataset": ds.name,
+    "domains": {d: int(len(y)) for d, y in zip(ds.domains, ds.labels)},
+    "classes": len(ds.classes),
+    "unreadable_files": list(ds.unreadable_files),
+    "warnings": list(ds.warnings),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------

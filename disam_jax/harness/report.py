@@ -678,8 +678,8 @@ def _plot_domain_losses(out_dir, algorithms, domains, window, styles, runs, doma
     ax.set(yscale="log", title=f"held-out {d}: variance", xlabel="step")
     ax.legend(fontsize=7)
   names = [name for name in domain_color if name in handles]
-  fig.legend([handles[name] for name in names], [f"training domain {name}" for name in names], loc="outside upper center",
-             ncols=min(len(names), 6), fontsize=8)
+  fig.legend([handles[name] for name in names], [f"training domain {name}" for name in names],
+             loc="outside upper center", ncols=min(len(names), 6), fontsize=8)
   path = os.path.join(out_dir, "domain_losses.png")
   fig.savefig(path, dpi=90)
   return path

@@ -133,6 +133,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs) ->
       "perturbation_norm": stats.perturbation_norm,
       "grad_norm": stats.grad_norm,
     }
+    for name in ("perturbation_weights", "sam_cosine"):  # DISAM's mechanism, in states that carry it
+      if getattr(stats, name, None) is not None:
+        metrics[name] = getattr(stats, name)
     return new_state, metrics
 
   return train_step
@@ -260,6 +263,7 @@ class ExperimentConfig:
     dataset: a name of `data.DATASETS` or ``tfds:<name>``.
     data_dir: where image-folder / TFDS datasets live (None for the bundled ones).
     image_size: resize images to this side length (None: the dataset's default).
+    cache_dir: where image folders are converted to TFDS (None: `data.default_cache_dir()`).
     model: a name of `models.MODELS`; None picks `default_model(dataset)`.
     model_kwargs: extra model options (e.g. ``{"width": 16}``, ``{"hidden": 128}``).
     pretrained: optional `.npz` weights (see `models.load_pretrained`).
@@ -280,6 +284,7 @@ class ExperimentConfig:
   dataset: str = "rotated_digits"
   data_dir: Optional[str] = None
   image_size: Optional[int] = None
+  cache_dir: Optional[str] = None
   model: Optional[str] = None
   model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   pretrained: Optional[str] = None
@@ -415,7 +420,8 @@ def _cell_split(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out: 
 
 
 def load_data(config: ExperimentConfig, seed: int) -> data_lib.DomainDataset:
-  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=seed, image_size=config.image_size)
+  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=seed, image_size=config.image_size,
+                               cache_dir=config.cache_dir)
 
 
 def _seed_changes_domains(dataset: str) -> bool:
@@ -424,32 +430,61 @@ def _seed_changes_domains(dataset: str) -> bool:
   return not (spec is not None and (spec.folder is not None or dataset == "image_folder"))
 
 
-def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[str, ...]:
-  """Validates the held-out domains, the hard domain and the batch size against `ds`; returns the held-out list."""
-  held_out = tuple(ds.domains) if config.held_out is None else tuple(config.held_out)
+def check_domains(config: ExperimentConfig, name: str, domains: Sequence[str]) -> tuple[str, ...]:
+  """Validates the held-out and hard domains against the dataset's domain names; returns the held-out list."""
+  held_out = tuple(domains) if config.held_out is None else tuple(config.held_out)
   for d in held_out:
-    if d not in ds.domains:
-      raise ValueError(f"Held-out domain {d!r} does not exist in {ds.name}; its domains are {list(ds.domains)}.")
+    if d not in domains:
+      raise ValueError(f"Held-out domain {d!r} does not exist in {name}; its domains are {list(domains)}.")
   if len(set(held_out)) != len(held_out):
     raise ValueError(f"A held-out domain is named twice: {list(held_out)}.")
-  if "disam" in config.algorithms and len(ds.domains) - 1 < 2:
+  left = len(domains) - 1
+  if left < 1 or ("disam" in config.algorithms and left < 2):
     raise ValueError(
-      f"{ds.name} has {len(ds.domains)} domains, so holding one out leaves one training domain: DISAM needs at "
-      "least two (the variance of a single domain loss is 0; that would be SAM)."
+      f"{name} has {len(domains)} domain(s) ({', '.join(domains)}), so holding one out leaves "
+      + ("no training domain: leave-one-domain-out needs at least 2 domains"
+         if left < 1 else "one training domain: DISAM needs at least two (the variance of a single domain loss is "
+         "0; that would be SAM)") + "."
     )
-  if config.hard_domain is not None and config.hard_domain not in ds.domains:
-    raise ValueError(f"Hard domain {config.hard_domain!r} does not exist in {ds.name}; its domains are "
-                     f"{list(ds.domains)}.")
+  if config.hard_domain is not None and config.hard_domain not in domains:
+    raise ValueError(f"Hard domain {config.hard_domain!r} does not exist in {name}; its domains are "
+                     f"{list(domains)}.")
+  return held_out
+
+
+def _smallest_training_domain(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out: Sequence[str]):
+  """`(examples, training domain, held-out domain)` of the smallest training part over every held-out choice."""
+  sizes = []
   for d in held_out:
     split = _cell_split(config, ds, d, config.seeds[0])
-    for name, (x, _) in zip(split.train_domains, split.train):
-      if config.hparams.batch_size > len(x):
-        raise ValueError(
-          f"batch size {config.hparams.batch_size} per domain is larger than training domain {name!r}, which has "
-          f"{len(x)} training examples (held-out domain {d!r}, {1 - config.holdout_fraction:.0%} of the domain"
-          + (", after --hard-domain-fraction" if name == config.hard_domain else "")
-          + f"). Use --batch-size {len(x)} or less."
-        )
+    sizes += [(len(x), name, d) for name, (x, _) in zip(split.train_domains, split.train)]
+  return min(sizes, key=lambda t: t[0])
+
+
+def fit_batch_size(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[ExperimentConfig, Optional[str]]:
+  """Caps the per-domain batch size at the smallest training domain (for a default batch size, which must work
+  for every documented setting, e.g. --hard-domain); returns the config and a notice saying so, or None."""
+  size, name, held_out = _smallest_training_domain(config, ds, check_domains(config, ds.name, ds.domains))
+  if config.hparams.batch_size <= size:
+    return config, None
+  notice = (f"batch size {size} per domain instead of the default {config.hparams.batch_size}: training domain "
+            f"{name!r} has only {size} training examples (held-out domain {held_out!r}"
+            + (", after --hard-domain-fraction" if name == config.hard_domain else "")
+            + "). Pass --batch-size to choose it.")
+  return dataclasses.replace(config, hparams=dataclasses.replace(config.hparams, batch_size=size)), notice
+
+
+def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[str, ...]:
+  """Validates the held-out domains, the hard domain and the batch size against `ds`; returns the held-out list."""
+  held_out = check_domains(config, ds.name, ds.domains)
+  size, name, d = _smallest_training_domain(config, ds, held_out)
+  if config.hparams.batch_size > size:
+    raise ValueError(
+      f"batch size {config.hparams.batch_size} per domain is larger than training domain {name!r}, which has "
+      f"{size} training examples (held-out domain {d!r}, {1 - config.holdout_fraction:.0%} of the domain"
+      + (", after --hard-domain-fraction" if name == config.hard_domain else "")
+      + f"). Use --batch-size {size} or less."
+    )
   return held_out
 
 
@@ -512,6 +547,17 @@ def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int) -> st
 
 def _float(x) -> float:
   return float(np.asarray(x))
+
+
+def _mechanism(metrics: dict[str, Any], train_domains: Sequence[str]) -> dict[str, Any]:
+  """The metrics line's `perturbation_weights` {domain: c_i} and `sam_cosine` (None when not computed)."""
+  out = {}
+  if "perturbation_weights" in metrics:
+    out["perturbation_weights"] = dict(zip(train_domains, (float(v) for v in metrics["perturbation_weights"])))
+  if "sam_cosine" in metrics:
+    cosine = _float(metrics["sam_cosine"])
+    out["sam_cosine"] = cosine if math.isfinite(cosine) else None
+  return out
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -700,6 +746,7 @@ def run_cell(
           "perturbation_norm": _float(metrics["perturbation_norm"]),
           "grad_norm": values[1],
           "time": round(time.perf_counter() - start, 4),
+          **_mechanism(metrics, train_domains),
         }
         if step % config.eval_every == 0 or step == config.steps:
           line.update(checkpoint(evaluate(state, step), state, step))
@@ -764,18 +811,33 @@ def prepare(config: ExperimentConfig) -> tuple[data_lib.DomainDataset, tuple[str
 
   Every problem a user can fix (unknown names, missing data, a held-out domain that does not exist, a batch larger
   than a domain, bad hyperparameters) is raised here as ValueError / FileNotFoundError / ImportError, before any
-  training starts.
+  training starts; everything that can be checked without the data (including the domain names, and an image
+  folder's layout) before the data is loaded or converted.
+  """
+  return prepare_and_fit(config)[1]
+
+
+def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
+  """`prepare`, optionally fitting a default batch size to the data (`fit_batch_size`).
+
+  Returns:
+    `(config, (dataset, held_out), notice)`: the config (with the batch size used), `prepare`'s result, and the
+    notice of `fit_batch_size` (None when nothing changed).
   """
   config.validate()
   if config.pretrained is not None and not os.path.isfile(config.pretrained):
     raise FileNotFoundError(f"No pretrained weights file at {config.pretrained!r} (an .npz; see docs/harness.md).")
+  check_domains(config, config.dataset, data_lib.dataset_domains(config.dataset, config.data_dir))
   ds = load_data(config, config.seeds[0])
+  notice = None
+  if fit_batch:
+    config, notice = fit_batch_size(config, ds)
   held_out = check_data(config, ds)
   try:  # builds the model abstractly (shapes only): catches unknown or invalid --model-option values now
     _model_initializer(config.model_name, ds.num_classes, tuple(ds.input_shape), dict(config.model_kwargs))
   except (TypeError, ValueError) as e:
     raise ValueError(f"Model {config.model_name!r} with options {config.model_kwargs}: {e}") from None
-  return ds, held_out
+  return config, (ds, held_out), notice
 
 
 def run_experiment(
@@ -812,6 +874,8 @@ def run_experiment(
   if main_process:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
       json.dump(config.to_json(), f, indent=1)
+    with open(os.path.join(run_dir, "data.json"), "w") as f:  # the data warnings, for the report
+      json.dump(data_lib.describe(first_ds), f, indent=1)
 
   cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
   results: list[CellResult] = []
