@@ -376,3 +376,22 @@ def test_mechanism_plot_shows_perturbation_weights_and_the_cosine_when_logged(tm
   assert "held-out 0: cos(DISAM, SAM direction)" in titles
   cos = next(a for a in figures["mechanism.png"].axes if a.get_title() == "held-out 0: cos(DISAM, SAM direction)")
   np.testing.assert_allclose(_lines(cos)["DISAM"].get_ydata(), 0.9)
+
+
+def test_docs_sample_output_is_what_the_report_prints():
+  """docs/harness.md shows the start of the main job's printed report: every line but the numbers must be what
+  `results_markdown` writes for the default configuration."""
+  from disam_jax.harness import train
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "docs", "harness.md")) as f:
+    text = f.read()
+  sample = text[text.index("```\n# Held-out accuracy") + 4:]
+  sample = sample[:sample.index("```")].rstrip("\n").splitlines()
+  domains = ["0", "15", "30", "45", "60", "75"]
+  cells = [_cell(a, d, 0, 0.9, 0.9) for a in ("erm", "sam", "disam") for d in domains]
+  data = {"dataset": "rotated_digits", "domains": {}, "unreadable_files": [], "warnings": []}
+  printed = report.results_markdown(cells, train.ExperimentConfig(), data).splitlines()[:len(sample)]
+  numbers = lambda line: line.startswith(("| ERM |", "| SAM |", "| DISAM |"))
+  assert [line for line in sample if not numbers(line)] == [line for line in printed if not numbers(line)]
+  assert [line.split(" |")[0] for line in sample if numbers(line)] == ["| ERM", "| SAM", "| DISAM"]
