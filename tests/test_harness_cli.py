@@ -49,7 +49,9 @@ def test_console_script_is_installed():
   "argv, message",
   [
     (["--dataset", "rotated_mnist"], "Unknown dataset 'rotated_mnist'; valid: rotated_digits, rotated_animals"),
-    (["--algorithm", "erm", "gsam"], "Unknown algorithm 'gsam'; valid: erm, sam, disam"),
+    (["--algorithm", "erm", "gsan"], "Unknown algorithm 'gsan'; valid: erm, sam, disam"),
+    (["--algorithm", "coral+disam"], "Unknown algorithm 'coral+disam' (did you mean disam+coral?"),
+    (["--fishr-ema", "1"], "fishr_ema must be in [0, 1)"),
     (["--model", "resnet34"], "Unknown model 'resnet34'; valid: mlp, mnist_cnn"),
     (["--optimizer", "lion"], "Unknown optimizer 'lion'; valid: sgd, adam, adamw"),
     (["--held-out", "90"], "Held-out domain '90' does not exist in rotated_digits; its domains are ['0', '15'"),

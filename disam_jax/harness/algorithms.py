@@ -2,19 +2,26 @@
 
 Every algorithm is built by `make_optimizer(name, hparams, num_domains=M, aux_example=model_state)` and returns an
 `optax.GradientTransformationExtraArgs` whose `update(None, state, params, domain_loss_fn=f)` computes its own
-gradient(s) through `f(params) -> (DomainLosses, new_model_state)`, and whose state is (or holds) a
-`disam_jax.DisamState`, so the training step, the logged metrics (per-domain losses, their variance, norms) and
-the BatchNorm write-back are the same code for all of them:
+gradient(s) through `f(params) -> (DomainLosses, aux)`, and whose state is (or holds) a `disam_jax.DisamState`, so
+the training step, the logged metrics (per-domain losses, their variance, norms) and the BatchNorm write-back are
+the same code for all of them. An algorithm is a sharpness-aware *rule* and optionally a DomainBed *penalty*:
 
-* ``erm``: the base optimizer on the gradient of the mean of the per-domain losses (one forward and one backward
-  pass; `erm` below);
-* ``sam``: `disam_jax.disam` with ``lam = 0`` (SAM, Foret et al. 2021; ``adaptive`` gives ASAM);
-* ``disam``: `disam_jax.disam` (Zhang et al., ICLR 2024).
+* rules (`RULES`): ``erm`` (the base optimizer on the gradient of the mean of the per-domain losses: one forward
+  and one backward pass; `erm` below), ``sam`` (`disam_jax.disam` with ``lam = 0``; Foret et al. 2021; with
+  ``adaptive`` it is ASAM, Kwon et al. 2021), ``disam`` (`disam_jax.disam`, Zhang et al., ICLR 2024);
+* penalties (`PENALTIES`, `disam_jax.harness.penalties`): ``coral``, ``vrex``, ``fishr``, DomainBed's definitions,
+  which change the *training loss* `L + w_t P` (every pass); `make_penalty(name, hparams)` gives the penalty that
+  `train.make_train_step` adds to every domain's loss, and the rule's base optimizer is re-initialized at the
+  penalty's anneal step as DomainBed re-initializes Adam;
+* names: a rule (``disam``), a penalty alone (``coral``: ERM on CORAL's loss), or ``RULE+PENALTY`` (``disam+coral``:
+  DISAM's perturbation and update on CORAL's loss; DISAM's variance term stays that of the plain cross-entropies,
+  in the perturbation only).
 
 `HParams` and `default_hparams` are the one place for hyperparameter defaults, as DomainBed's
 ``hparams_registry``: for small images (rotated digits/animals, ``tfds:``) Adam, lr 1e-3, weight decay 0 and 64
 examples per domain per step; for the DomainBed image folders Adam, lr 5e-5, weight decay 0, 32 per domain.
-rho 0.05 and lam 0.1 are the paper's defaults.
+rho 0.05 and lam 0.1 are the paper's defaults; the penalty defaults are DomainBed's (cited at each field), with
+the anneal steps at DomainBed's fraction of the run (`HParams.for_run`).
 """
 
 from __future__ import annotations
@@ -28,16 +35,21 @@ import jax.numpy as jnp
 import optax
 
 from disam_jax._disam import DisamState, _global_norm, _initial_state, _objective_terms, _split_output, disam
+from disam_jax.harness import penalties
 
 __all__ = [
   "ALGORITHMS",
   "BASE_OPTIMIZERS",
+  "PENALTIES",
+  "RULES",
   "AlgorithmSpec",
   "HParams",
   "base_optimizer",
+  "check_algorithm",
   "default_hparams",
   "erm",
   "make_optimizer",
+  "make_penalty",
 ]
 
 
@@ -58,7 +70,15 @@ class HParams:
     batch_size: examples per training domain per step.
     rho: perturbation radius (SAM, DISAM).
     lam: weight of the domain-loss variance in DISAM's perturbation.
-    adaptive: ASAM form of the perturbation (SAM, DISAM).
+    adaptive: ASAM form of the perturbation (every sharpness-aware rule): ``sam`` with it is ASAM (Kwon et al.
+      2021), ``disam`` with it the official DISAM code's ``adaptive`` flag.
+    alpha: GSAM's / SAGM's alpha; None takes the rule's published default (see `disam_jax.disam`).
+    coral_gamma: CORAL's penalty weight (DomainBed's ``mmd_gamma``).
+    vrex_lambda: V-REx's penalty weight after the anneal (1 before it).
+    vrex_anneal_steps: V-REx's anneal step (the base optimizer is re-initialized there); None: `for_run`.
+    fishr_lambda: Fishr's penalty weight after the anneal (0 before it).
+    fishr_ema: Fishr's moving-average factor of the per-domain gradient variances.
+    fishr_anneal_steps: Fishr's anneal step (the base optimizer is re-initialized there if > 0); None: `for_run`.
   """
 
   optimizer: str = "adam"
@@ -68,22 +88,57 @@ class HParams:
   rho: float = 0.05
   lam: float = 0.1
   adaptive: bool = False
+  alpha: Optional[float] = None
+  coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
+  vrex_lambda: float = 10.0  # DomainBed hparams_registry: vrex_lambda 1e1
+  vrex_anneal_steps: Optional[int] = None  # DomainBed: vrex_penalty_anneal_iters 500 (of 5000 steps)
+  fishr_lambda: float = 1000.0  # DomainBed hparams_registry (Fishr): lambda 1000
+  fishr_ema: float = 0.95  # DomainBed hparams_registry (Fishr): ema 0.95
+  fishr_anneal_steps: Optional[int] = None  # DomainBed (Fishr): penalty_anneal_iters 1500 (of 5000 steps)
+
+  def for_run(self, steps: int) -> "HParams":
+    """These hyperparameters with the anneal steps left at None set to DomainBed's fraction of a `steps` run.
+
+    DomainBed trains 5000 steps and anneals V-REx at 500 (10%) and Fishr at 1500 (30%); the harness's runs are
+    far shorter (300 steps by default), so the default keeps the fraction: `round(0.1 * steps)` and
+    `round(0.3 * steps)`. Values already set are kept.
+    """
+    return dataclasses.replace(
+      self,
+      vrex_anneal_steps=_fraction(self.vrex_anneal_steps, _VREX_ANNEAL_FRACTION, steps),
+      fishr_anneal_steps=_fraction(self.fishr_anneal_steps, _FISHR_ANNEAL_FRACTION, steps),
+    )
 
   def validate(self) -> None:
     """Raises ValueError with a readable message for values no run can use."""
     if self.optimizer not in BASE_OPTIMIZERS:
       raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid: {', '.join(BASE_OPTIMIZERS)}.")
-    for name in ("lr", "weight_decay", "rho", "lam"):
+    finite = ("lr", "weight_decay", "rho", "lam", "coral_gamma", "vrex_lambda", "fishr_lambda", "fishr_ema")
+    for name in finite + (("alpha",) if self.alpha is not None else ()):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or not math.isfinite(value):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number; got {value!r}.")
     if self.lr <= 0:
       raise ValueError(f"lr must be > 0; got {self.lr}.")
-    for name in ("weight_decay", "rho", "lam"):
+    for name in ("weight_decay", "rho", "lam", "coral_gamma", "vrex_lambda", "fishr_lambda"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+    if not 0 <= self.fishr_ema < 1:
+      raise ValueError(f"fishr_ema must be in [0, 1); got {self.fishr_ema}.")
+    for name in ("vrex_anneal_steps", "fishr_anneal_steps"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
     if not isinstance(self.batch_size, int) or self.batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer (examples per domain); got {self.batch_size!r}.")
+
+
+_VREX_ANNEAL_FRACTION = 500 / 5000  # DomainBed: vrex_penalty_anneal_iters 500 of its default 5000 steps
+_FISHR_ANNEAL_FRACTION = 1500 / 5000  # DomainBed: penalty_anneal_iters 1500 of its default 5000 steps
+
+
+def _fraction(value: Optional[int], fraction: float, steps: int) -> int:
+  return int(round(fraction * steps)) if value is None else value
 
 
 # DomainBed's hparams_registry: SMALL_IMAGES get lr 1e-3 and batch 64, the others lr 5e-5 and batch 32; weight
@@ -193,39 +248,113 @@ def erm(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# A registered algorithm is a sharpness-aware *rule* (how the gradient handed to the base optimizer is computed) and
+# optionally a DomainBed *penalty* (what the training loss is): "rule", "penalty" (ERM's rule) or "rule+penalty".
+
+
+def _erm_rule(base, hp, **kw):
+  return erm(base, **kw)
+
+
+def _sam_rule(lam_on: bool, rule: Optional[str] = None):
+  def build(base, hp, **kw):
+    extra = {} if rule is None else {"rule": rule, "alpha": hp.alpha}
+    return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, **extra, **kw)
+
+  return build
+
+
+# name -> (build(base_tx, hparams, **state_kwargs), description)
+RULES: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str]] = {
+  "erm": (_erm_rule, "ERM: the base optimizer on the mean of the domain losses"),
+  "sam": (_sam_rule(False), "SAM (Foret et al. 2021; ASAM with --adaptive): DISAM with lam = 0"),
+  "disam": (_sam_rule(True), "DISAM (Zhang et al. 2024): perturbation along grad(L - lam * Var_i L_i)"),
+}
+
+# name -> (penalty(hparams) -> penalties.Penalty, description)
+PENALTIES: dict[str, tuple[Callable[[HParams], penalties.Penalty], str]] = {
+  "coral": (lambda hp: penalties.coral(hp.coral_gamma),
+            "CORAL (Sun & Saenko 2016): + coral_gamma * feature mean/covariance differences between domains"),
+  "vrex": (lambda hp: penalties.vrex(hp.vrex_lambda, _anneal(hp, "vrex_anneal_steps")),
+           "V-REx (Krueger et al. 2021): + vrex_lambda * Var_i L_i (weight 1 before the anneal step)"),
+  "fishr": (lambda hp: penalties.fishr(hp.fishr_lambda, hp.fishr_ema, _anneal(hp, "fishr_anneal_steps")),
+            "Fishr (Rame et al. 2022): + fishr_lambda * variance across domains of head-gradient variances"),
+}
+
+
+def _anneal(hp: HParams, name: str) -> int:
+  value = getattr(hp, name)
+  if value is None:
+    raise ValueError(f"{name} is None: set it, or call HParams.for_run(steps) for DomainBed's fraction of the run.")
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgorithmSpec:
-  """One registry entry: `build(base_tx, hparams, **state_kwargs)` returns the transformation."""
+  """One registry entry: the sharpness-aware `rule` (a key of `RULES`) and an optional `penalty` (of `PENALTIES`)."""
 
   name: str
-  build: Callable[..., optax.GradientTransformationExtraArgs]
+  rule: str
+  penalty: Optional[str]
   description: str
 
+  def build(self, base_tx, hparams: HParams, **state_kwargs) -> optax.GradientTransformationExtraArgs:
+    """The transformation: the rule on `base_tx` (re-initialized at the penalty's anneal step, as DomainBed)."""
+    penalty = self.make_penalty(hparams)
+    if penalty is not None and penalty.reset_step is not None:
+      base_tx = penalties.reset_at(base_tx, penalty.reset_step)
+    return RULES[self.rule][0](base_tx, hparams, **state_kwargs)
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {
-  spec.name: spec
-  for spec in (
-    AlgorithmSpec(
-      "erm", lambda base, hp, **kw: erm(base, **kw), "ERM: the base optimizer on the mean of the domain losses"
-    ),
-    AlgorithmSpec(
-      "sam",
-      lambda base, hp, **kw: disam(base, hp.rho, 0.0, adaptive=hp.adaptive, **kw),
-      "SAM (ASAM with --adaptive): DISAM with lam = 0",
-    ),
-    AlgorithmSpec(
-      "disam",
-      lambda base, hp, **kw: disam(base, hp.rho, hp.lam, adaptive=hp.adaptive, **kw),
-      "DISAM: perturbation along grad(L - lam * Var_i L_i)",
-    ),
-  )
-}
+  def make_penalty(self, hparams: HParams) -> Optional[penalties.Penalty]:
+    return None if self.penalty is None else PENALTIES[self.penalty][0](hparams)
+
+
+_DISPLAY = {"sam": "SAM", "disam": "DISAM", "gsam": "GSAM", "sagm": "SAGM", "disam_gsam": "DISAM on GSAM",
+            "disam_sagm": "DISAM on SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
+
+
+def _specs():
+  for rule, (_, rule_text) in RULES.items():
+    yield AlgorithmSpec(rule, rule, None, rule_text)
+  for penalty, (_, penalty_text) in PENALTIES.items():
+    yield AlgorithmSpec(penalty, "erm", penalty, penalty_text)
+  for penalty, (_, penalty_text) in PENALTIES.items():
+    for rule in RULES:
+      if rule != "erm":
+        yield AlgorithmSpec(f"{rule}+{penalty}", rule, penalty,
+                            f"{_DISPLAY[rule]} on {_DISPLAY[penalty]}'s training loss")
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {spec.name: spec for spec in _specs()}
+
+
+def _unknown(algorithm: str) -> str:
+  rule, plus, penalty = algorithm.partition("+")
+  hint = ""
+  if plus and f"{penalty}+{rule}" in ALGORITHMS:
+    hint = f" (did you mean {penalty}+{rule}? the rule comes first, then the penalty)"
+  return f"Unknown algorithm {algorithm!r}{hint}; valid: {', '.join(ALGORITHMS)}."
+
+
+def check_algorithm(algorithm: str) -> AlgorithmSpec:
+  """The registry entry of `algorithm`; ValueError naming the valid ones (and the right order of a combination)."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(_unknown(algorithm))
+  return ALGORITHMS[algorithm]
+
+
+def make_penalty(algorithm: str, hparams: HParams) -> Optional[penalties.Penalty]:
+  """The training-loss penalty of `algorithm` (None for erm and the sharpness-aware rules alone)."""
+  return check_algorithm(algorithm).make_penalty(hparams)
 
 
 def make_optimizer(
     algorithm: str, hparams: HParams, *, num_domains: int, aux_example: Any = None
 ) -> optax.GradientTransformationExtraArgs:
-  """The transformation of `algorithm` ('erm', 'sam', 'disam') with `hparams`' base optimizer inside.
+  """The transformation of `algorithm` (a key of `ALGORITHMS`) with `hparams`' base optimizer inside.
+
+  An algorithm with a penalty also needs `make_penalty(algorithm, hparams)` in the training step (see
+  `train.make_train_step`); the transformation alone only carries the penalty's optimizer reset.
 
   Args:
     algorithm: a key of `ALGORITHMS`.
@@ -236,10 +365,7 @@ def make_optimizer(
   Returns:
     An `optax.GradientTransformationExtraArgs` built with `has_aux=True`, whose state is a `DisamState`.
   """
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f"Unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}.")
+  spec = check_algorithm(algorithm)
   hparams.validate()
   base_tx = base_optimizer(hparams.optimizer, hparams.lr, hparams.weight_decay)
-  return ALGORITHMS[algorithm].build(
-    base_tx, hparams, has_aux=True, aux_example=aux_example, num_domains=num_domains
-  )
+  return spec.build(base_tx, hparams, has_aux=True, aux_example=aux_example, num_domains=num_domains)

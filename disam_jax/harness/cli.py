@@ -77,7 +77,7 @@ def _model_option(text: str) -> tuple[str, Any]:
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   """The argument parser. With `suppress_defaults`, parsing yields only the options given explicitly."""
-  from disam_jax.harness.algorithms import ALGORITHMS, BASE_OPTIMIZERS, HParams
+  from disam_jax.harness.algorithms import BASE_OPTIMIZERS, PENALTIES, RULES, HParams
   from disam_jax.harness.data import DATASETS
 
   hp = HParams()
@@ -134,7 +134,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
   train = parser.add_argument_group("training")
   train.add_argument("--algorithm", nargs="+", default=default(["erm", "sam", "disam"]), metavar="ALG",
-                     help=f"one or more of {', '.join(ALGORITHMS)} (default: erm sam disam)")
+                     help=f"one or more of: a rule ({', '.join(RULES)}), a DomainBed penalty "
+                          f"({', '.join(PENALTIES)}, trained with ERM) or RULE+PENALTY, e.g. disam+coral (all in "
+                          "--list; default: erm sam disam)")
   train.add_argument("--seeds", nargs="+", type=_int, default=default([0]), metavar="S",
                      help="trial seeds: data split, initialization and batch order (default: 0)")
   train.add_argument("--steps", type=_int, default=default(DEFAULT_STEPS), metavar="N",
@@ -157,7 +159,26 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   train.add_argument("--lam", type=_finite_float, default=default(hp.lam),
                      help=f"DISAM's weight of the domain-loss variance (default: {hp.lam})")
   train.add_argument("--adaptive", action="store_true", default=default(False),
-                     help="adaptive (ASAM) perturbation for SAM and DISAM")
+                     help="adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive is ASAM)")
+  train.add_argument("--alpha", type=_finite_float, default=default(None),
+                     help="GSAM's / SAGM's alpha (default: the rule's published default)")
+  penalty = parser.add_argument_group(
+    "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
+    "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
+  penalty.add_argument("--coral-gamma", type=_finite_float, default=default(hp.coral_gamma), metavar="G",
+                       help=f"CORAL's penalty weight, DomainBed's mmd_gamma (default: {hp.coral_gamma})")
+  penalty.add_argument("--vrex-lambda", type=_finite_float, default=default(hp.vrex_lambda), metavar="L",
+                       help=f"V-REx's penalty weight after the anneal step, 1 before (default: {hp.vrex_lambda})")
+  penalty.add_argument("--vrex-anneal-steps", type=_int, default=default(None), metavar="N",
+                       help="V-REx's anneal step, where the base optimizer is also re-initialized (default: 10%% "
+                            "of --steps)")
+  penalty.add_argument("--fishr-lambda", type=_finite_float, default=default(hp.fishr_lambda), metavar="L",
+                       help=f"Fishr's penalty weight after the anneal step, 0 before (default: {hp.fishr_lambda})")
+  penalty.add_argument("--fishr-ema", type=_finite_float, default=default(hp.fishr_ema), metavar="E",
+                       help=f"Fishr's moving-average factor (default: {hp.fishr_ema})")
+  penalty.add_argument("--fishr-anneal-steps", type=_int, default=default(None), metavar="N",
+                       help="Fishr's anneal step, where the base optimizer is also re-initialized (default: 30%% "
+                            "of --steps)")
   train.add_argument("--eval-batch-size", type=_int, default=default(512), metavar="N",
                      help="examples per evaluation forward pass (default: 512)")
 
@@ -203,8 +224,10 @@ def config_from_args(args: argparse.Namespace):
 
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-    batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive,
-  )
+    batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
+    coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
+    fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
+  ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
   fraction = args.hard_domain_fraction
   if fraction is None:
     fraction = 0.1 if args.hard_domain is not None and not args.hard_domain_label_noise else 1.0
@@ -277,6 +300,7 @@ def _listing() -> str:
   lines += ["  tfds:<name>      a TFDS image dataset prepared under --data-dir, in 6 rotation domains"]
   lines += ["models:", "  " + ", ".join(sorted(MODELS))]
   lines += ["algorithms:"] + [f"  {n:16s} {s.description}" for n, s in ALGORITHMS.items()]
+  lines += ["  (RULE+PENALTY: the rule's update on the penalized training loss; the table is in docs/harness.md)"]
   return "\n".join(lines)
 
 

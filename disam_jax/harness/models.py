@@ -43,7 +43,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,8 @@ __all__ = [
     "create_model",
     "functional_model",
     "apply_model",
+    "apply_model_with_head",
+    "Head",
     "save_weights",
     "load_pretrained",
     "convert_torchvision_resnet",
@@ -92,11 +94,15 @@ class _Classifier(nnx.Module):
     self.classifier = nnx.Linear(self.n_features, num_classes, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def head_inputs(self, x: jax.Array) -> jax.Array:
+    """The classifier's input ``[n, n_features]``: backbone features after the optional dropout."""
     features = self.backbone(x)
     if self.dropout is not None:
       features = self.dropout(features)
-    return self.classifier(features)
+    return features
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.classifier(self.head_inputs(x))
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -474,6 +480,11 @@ def apply_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.Stat
     ``model_state``. Nothing passed in is mutated, so a caller can run several
     passes from the same ``model_state`` and keep whichever result it wants.
   """
+  model = _merged(graphdef, params, model_state, train)
+  return model(x), _new_model_state(model, model_state, train)
+
+
+def _merged(graphdef, params, model_state, train: bool) -> nnx.Module:
   # copy=True: without it the merged module would share (and its BatchNorm would
   # write into) the Variable objects of the states passed in.
   model = nnx.merge(graphdef, params, model_state, copy=True)
@@ -481,10 +492,42 @@ def apply_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.Stat
     model.train()
   else:
     model.eval()
-  logits = model(x)
-  if not train:
-    return logits, model_state
-  return logits, nnx.state(model, nnx.Not(nnx.Param))
+  return model
+
+
+def _new_model_state(model, model_state, train: bool):
+  return nnx.state(model, nnx.Not(nnx.Param)) if train else model_state
+
+
+class Head(NamedTuple):
+  """The classifier head of one forward pass (``apply_model_with_head``).
+
+  Attributes:
+    features: ``[n, n_features]`` the classifier's inputs (after dropout).
+    apply: ``apply(head_params, z [k, n_features]) -> logits [k, num_classes]``,
+      the classifier as a pure function.
+    params: the classifier's parameters: the very arrays of ``params``, so a
+      function of them is differentiated with respect to the model's parameters.
+  """
+
+  features: jax.Array
+  apply: Callable[[Any, jax.Array], jax.Array]
+  params: Any
+
+
+def apply_model_with_head(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
+                          x: jax.Array, *, train: bool) -> tuple[jax.Array, Head, nnx.State]:
+  """``apply_model`` that also returns the classifier head: ``(logits, Head, new_model_state)``.
+
+  For penalties on the features (CORAL) or on per-example gradients of the head
+  (Fishr). Same forward pass, same logits as ``apply_model``.
+  """
+  model = _merged(graphdef, params, model_state, train)
+  features = model.head_inputs(x)
+  logits = model.classifier(features)
+  head_graphdef, head_params = nnx.split(model.classifier)
+  apply = lambda hp, z: nnx.merge(head_graphdef, hp)(z)
+  return logits, Head(features, apply, head_params), _new_model_state(model, model_state, train)
 
 
 # ------------------------------------------------------------------------ weights

@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from disam_jax._disam import DisamState, find_disam_state
-from disam_jax._domain_losses import grouped_domain_loss_fn
+from disam_jax._disam import DisamState, _objective_terms, find_disam_state
+from disam_jax._domain_losses import domain_losses_from_grouped, grouped_domain_loss_fn
 from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
 from disam_jax.harness import distributed
+from disam_jax.harness import penalties as penalties_lib
 from disam_jax.harness.algorithms import HParams
 
 __all__ = [
@@ -85,47 +86,94 @@ class TrainState(NamedTuple):
   step: jax.Array
 
 
-def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation) -> TrainState:
-  """The state before the first step. The optimizer's aux slot starts as this run's own model state."""
+class PenaltyAux(NamedTuple):
+  """The aux output of the domain loss function of an algorithm with a training-loss penalty (CORAL, V-REx, Fishr).
+
+  The optimizer keeps the one of the unperturbed pass (`DisamState.aux`), so the penalty's running state (Fishr's
+  moving average) advances once per step, like the BatchNorm statistics.
+
+  Attributes:
+    model_state: the model's new state.
+    penalty_state: the penalty's new running state (`()` for CORAL and V-REx).
+    penalty: float32 scalar, the unweighted penalty `P`.
+    domain_losses: `[M]` float32, the plain per-domain cross-entropies (without the penalty), for the logs.
+    loss: float32 scalar, their mean.
+  """
+
+  model_state: Any
+  penalty_state: Any
+  penalty: jax.Array
+  domain_losses: jax.Array
+  loss: jax.Array
+
+
+def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation,
+                     penalty: Optional[penalties_lib.Penalty] = None) -> TrainState:
+  """The state before the first step. The optimizer's aux slot starts as this run's own model state.
+
+  With a `penalty` (from `algorithms.make_penalty`), the aux slot is a `PenaltyAux` holding the penalty's initial
+  state (e.g. Fishr's moving averages, zero).
+  """
   opt_state = tx.init(params)
+  aux = model_state
+  if penalty is not None:
+    m = find_disam_state(opt_state).domain_losses.shape[0]
+    zero = jnp.zeros([], jnp.float32)
+    aux = PenaltyAux(model_state, penalty.init(m, params["classifier"]), zero, jnp.zeros([m], jnp.float32), zero)
   if isinstance(opt_state, DisamState):
-    opt_state = opt_state._replace(aux=model_state)
+    opt_state = opt_state._replace(aux=aux)
   return TrainState(params, model_state, opt_state, jnp.zeros([], jnp.int32))
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs) -> Callable:
+def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
+                    penalty: Optional[penalties_lib.Penalty] = None) -> Callable:
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for a model and an optimizer.
 
   Args:
     graphdef: from `models.functional_model`.
     tx: from `algorithms.make_optimizer` (has_aux=True; its state holds a `DisamState`).
+    penalty: the algorithm's training-loss penalty (`algorithms.make_penalty`; None for erm/sam/disam). It is
+      added to every domain's loss (`penalties.add_penalty`), so it is part of the training loss of every pass
+      while DISAM's variance stays that of the plain cross-entropies. The state must come from
+      `init_train_state(..., penalty)`.
 
   Returns:
     `train_step(state: TrainState, batch: (x [M, b, ...], y [M, b])) -> (TrainState, metrics)`, with metrics a dict
-    of float32 arrays: `loss` (the training loss `mean_i L_i` at the weights before the step), `domain_losses`
-    `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`. Jit it.
+    of float32 arrays: `loss` (the cross-entropy `mean_i L_i` at the weights before the step), `domain_losses`
+    `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`; with a penalty also
+    `penalty` (unweighted `P`) and `objective` (the minimized `L + w_t P`). Jit it.
   """
-  from disam_jax.harness.models import apply_model
+  from disam_jax.harness.models import apply_model, apply_model_with_head
+
+  def per_example_loss(params, model_state, inputs, labels):
+    logits, new_model_state = apply_model(graphdef, params, model_state, inputs, train=True)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return losses, new_model_state
+
+  def penalized_domain_losses(params, state: TrainState, x, y):
+    m, b = y.shape
+    prior = find_disam_state(state.opt_state).aux
+    logits, head, new_model_state = apply_model_with_head(
+      graphdef, params, state.model_state, x.reshape((m * b,) + x.shape[2:]), train=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y.reshape(-1))
+    plain = domain_losses_from_grouped(ce.reshape(m, b))
+    means, _, loss, _ = _objective_terms(plain.total, plain.count, "uniform")
+    outputs = penalties_lib.DomainOutputs(
+      features=head.features.reshape((m, b) + head.features.shape[1:]), labels=y, domain_losses=means,
+      head=head.apply, head_params=head.params)
+    value, penalty_state = penalty.value(outputs, prior.penalty_state)
+    losses = penalties_lib.add_penalty(plain, penalty.weight(state.step) * value)
+    return losses, PenaltyAux(new_model_state, penalty_state, value, means, loss)
 
   def train_step(state: TrainState, batch):
     x, y = batch
-
-    def per_example_loss(params, inputs, labels):
-      logits, new_model_state = apply_model(graphdef, params, state.model_state, inputs, train=True)
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-      return losses, new_model_state
-
-    grouped = grouped_domain_loss_fn(per_example_loss, has_aux=True)
-    updates, opt_state = tx.update(
-      None, state.opt_state, state.params, domain_loss_fn=lambda p: grouped(p, x, y)
-    )
+    if penalty is None:
+      grouped = grouped_domain_loss_fn(lambda p, i, l: per_example_loss(p, state.model_state, i, l), has_aux=True)
+      domain_loss_fn = lambda p: grouped(p, x, y)
+    else:
+      domain_loss_fn = lambda p: penalized_domain_losses(p, state, x, y)
+    updates, opt_state = tx.update(None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn)
     stats = find_disam_state(opt_state)
-    new_state = TrainState(
-      params=optax.apply_updates(state.params, updates),
-      model_state=stats.aux,  # from the unperturbed forward pass
-      opt_state=opt_state,
-      step=state.step + 1,
-    )
     metrics = {
       "loss": stats.loss,
       "domain_losses": stats.domain_losses,
@@ -136,6 +184,17 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs) ->
     for name in ("perturbation_weights", "sam_cosine"):  # DISAM's mechanism, in states that carry it
       if getattr(stats, name, None) is not None:
         metrics[name] = getattr(stats, name)
+    model_state = stats.aux  # from the unperturbed forward pass
+    if penalty is not None:
+      model_state = stats.aux.model_state
+      metrics.update(loss=stats.aux.loss, domain_losses=stats.aux.domain_losses, penalty=stats.aux.penalty,
+                     objective=stats.loss)
+    new_state = TrainState(
+      params=optax.apply_updates(state.params, updates),
+      model_state=model_state,
+      opt_state=opt_state,
+      step=state.step + 1,
+    )
     return new_state, metrics
 
   return train_step
@@ -325,8 +384,7 @@ class ExperimentConfig:
     from disam_jax.harness import models
 
     for name in self.algorithms:
-      if name not in algorithms_lib.ALGORITHMS:
-        raise ValueError(f"Unknown algorithm {name!r}; valid: {', '.join(algorithms_lib.ALGORITHMS)}.")
+      algorithms_lib.check_algorithm(name)
     if not self.algorithms:
       raise ValueError("No algorithm given; valid: " + ", ".join(algorithms_lib.ALGORITHMS) + ".")
     if len(set(self.algorithms)) != len(self.algorithms):
@@ -585,6 +643,7 @@ class _Compiled:
   txs: dict[str, Any]
   train_steps: dict[str, Callable]
   eval_step: Callable
+  penalties: Optional[dict[str, Any]] = None  # algorithm -> its training-loss penalty (None: none)
 
 
 # Jitted steps by (graphdef, algorithm, hparams, num_domains): repeated experiments in one process (a notebook, the
@@ -595,20 +654,22 @@ _EVAL_CACHE: dict[Any, Callable] = {}
 
 
 def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int) -> _Compiled:
-  txs, steps = {}, {}
+  txs, steps, penalties = {}, {}, {}
+  hparams = config.hparams.for_run(config.steps)  # anneal steps left at None: DomainBed's fraction of the run
   for name in config.algorithms:
-    key = (graphdef, name, config.hparams, num_domains)
+    key = (graphdef, name, hparams, num_domains)
     if key not in _STEP_CACHE:
       if len(_STEP_CACHE) >= 32:
         _STEP_CACHE.clear()
-      tx = algorithms_lib.make_optimizer(name, config.hparams, num_domains=num_domains, aux_example=model_state)
-      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx)))
-    txs[name], steps[name] = _STEP_CACHE[key]
+      tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state)
+      penalty = algorithms_lib.make_penalty(name, hparams)
+      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty)), penalty)
+    txs[name], steps[name], penalties[name] = _STEP_CACHE[key]
   if graphdef not in _EVAL_CACHE:
     if len(_EVAL_CACHE) >= 32:
       _EVAL_CACHE.clear()
     _EVAL_CACHE[graphdef] = jax.jit(make_eval_step(graphdef))
-  return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef])
+  return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef], penalties)
 
 
 def run_cell(
@@ -660,7 +721,7 @@ def run_cell(
   )
   tx = compiled.txs[algorithm]
   train_step = compiled.train_steps[algorithm]
-  state = init_train_state(init[0], init[1], tx)
+  state = init_train_state(init[0], init[1], tx, (compiled.penalties or {}).get(algorithm))
   main_process = distributed.is_main_process()
   if mesh is not None:
     local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
@@ -748,6 +809,8 @@ def run_cell(
           "time": round(time.perf_counter() - start, 4),
           **_mechanism(metrics, train_domains),
         }
+        if "penalty" in metrics:
+          line.update(penalty=_float(metrics["penalty"]), objective=_float(metrics["objective"]))
         if step % config.eval_every == 0 or step == config.steps:
           line.update(checkpoint(evaluate(state, step), state, step))
         log.write(json.dumps(line) + "\n")
