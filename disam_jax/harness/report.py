@@ -537,6 +537,23 @@ def _figure(rows: int, cols: int, width: float = 4.0, height: float = 3.0):
   return fig, axes
 
 
+def _domain_order(names: Sequence[str]) -> list[str]:
+  """Domain names in the order they appear, or numerically when they are all numbers (rotation angles)."""
+  names = _ordered(names)
+  try:
+    return sorted(names, key=float)
+  except ValueError:
+    return names
+
+
+def _domain_legend(fig, handles: dict[str, Any], order: Sequence[str], loc: str) -> None:
+  """One figure legend naming every training domain by its color (the same in every panel)."""
+  names = [name for name in order if name in handles]
+  width = fig.get_size_inches()[0]
+  fig.legend([handles[name] for name in names], [f"training domain {name}" for name in names], loc=loc,
+             ncols=max(1, min(len(names), int(width / 1.6))), fontsize=8)
+
+
 def _styles(algorithms: Sequence[str]) -> dict[str, tuple[Any, Any, str]]:
   """(color, line style, marker) per algorithm, all three different between any two algorithms shown."""
   out, k = {}, 0
@@ -610,7 +627,7 @@ def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None, out_dir: Op
   styles = _styles(algorithms)
   runs = lambda a, d: [metrics[(a, d, s)] for s in seeds if (a, d, s) in metrics]
   comparisons = _comparisons(metrics, algorithms)
-  every_domain = _ordered(list(domains) + [d for m in metrics.values() for d in m.domains])
+  every_domain = _domain_order(list(domains) + [d for m in metrics.values() for d in m.domains])
   domain_color = {d: f"C{k % 10}" for k, d in enumerate(every_domain)}
   paths = [
     _plot_training_curves(out_dir, metrics, algorithms, domains, seeds, window, styles, comparisons),
@@ -637,7 +654,8 @@ def _plot_training_curves(out_dir, metrics, algorithms, domains, seeds, window, 
       pairs = _pairs(metrics, mine, other)
       color = styles[mine][0]
       x, diff = _paired(pairs, "loss", window, lambda p, q: p - q)
-      _difference_panel(axes[1][0], x, diff, color, f"{_display(mine)} − {_display(other)} ({len(pairs)} pairs)")
+      _difference_panel(axes[1][0], x, diff, color,
+                        f"{_display(mine)} − {_display(other)} (mean of {len(pairs)} pairs; band: range)")
       x, ratio = _paired(pairs, "variance", window, lambda p, q: np.maximum(p, 1e-30) / np.maximum(q, 1e-30))
       _difference_panel(axes[1][1], x, ratio, color, f"{_display(mine)} / {_display(other)}", log=True)
     axes[1][0].set(title="training loss: DISAM − SAM (paired runs)", xlabel="step")
@@ -677,9 +695,7 @@ def _plot_domain_losses(out_dir, algorithms, domains, window, styles, runs, doma
         _line(ax, x, smooth(y, window), styles[a], k, len(algorithms), lw=1.2, label=_display(a))
     ax.set(yscale="log", title=f"held-out {d}: variance", xlabel="step")
     ax.legend(fontsize=7)
-  names = [name for name in domain_color if name in handles]
-  fig.legend([handles[name] for name in names], [f"training domain {name}" for name in names],
-             loc="outside upper center", ncols=min(len(names), 6), fontsize=8)
+  _domain_legend(fig, handles, list(domain_color), "outside upper center")
   path = os.path.join(out_dir, "domain_losses.png")
   fig.savefig(path, dpi=90)
   return path
@@ -752,12 +768,24 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
   if not variants:
     return None
   has_cosine = any(np.isfinite(m.sam_cosine).any() for a in variants for d in domains for m in runs(a, d))
-  cols = len(variants) + (1 if has_cosine else 0)
-  fig, axes = _figure(len(domains), cols, 4.0, 2.7)
+  per_domain = len(variants) + (1 if has_cosine else 0)
+  if per_domain == 1:  # one panel per held-out domain: a grid, as the accuracy plot
+    cols = min(3, len(domains))
+    rows = math.ceil(len(domains) / cols)
+    place = lambda row, col: (row // cols, row % cols)
+  else:  # a row per held-out domain
+    rows, cols = len(domains), per_domain
+    place = lambda row, col: (row, col)
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(max(4.0 * cols, 8.0), 2.8 * rows + 0.6), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for k in range(len(domains), rows * cols if per_domain == 1 else 0):
+    axes[k // cols][k % cols].set_visible(False)
   handles = {}
   for row, d in enumerate(domains):
     for col, a in enumerate(variants):
-      ax = axes[row][col]
+      ax = axes[place(row, col)[0]][place(row, col)[1]]
       group = [m for m in runs(a, d) if m.perturbation_weights is not None]
       if not group:
         ax.set_visible(False)
@@ -774,7 +802,7 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
       ax.axhline(0.0, color="gray", lw=0.5)
       ax.set(title=f"{_display(a)}, held-out {d}: weights c_i", xlabel="step", ylabel="c_i")
     if has_cosine:
-      ax = axes[row][cols - 1]
+      ax = axes[row][per_domain - 1]
       for k, a in enumerate(variants):
         group = [m for m in runs(a, d) if np.isfinite(m.sam_cosine).any()]
         if group:
@@ -783,12 +811,10 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
       ax.axhline(1.0, color="black", lw=0.8, ls=":")
       ax.set(title=f"held-out {d}: cos(DISAM, SAM direction)", xlabel="step", ylabel="cosine")
       ax.legend(fontsize=7)
-  names = [name for name in domain_color if name in handles]
-  fig.legend([handles[name] for name in names], [f"training domain {name}" for name in names],
-             loc="outside upper center", ncols=min(len(names), 6), fontsize=8)
+  _domain_legend(fig, handles, list(domain_color), "outside lower center")
   note = "" if has_cosine else "; the cosine with SAM's direction needs disam-train --diagnostics"
   fig.suptitle("DISAM's perturbation g_p = Σ c_i ∇L_i, c_i = a_i (1 − 2 lam (L_i − L)): domains behind the mean "
-               f"are perturbed less (means over seeds, moving average over {window} steps{note})", fontsize=8)
+               f"are perturbed less\n(means over seeds, moving average over {window} steps{note})", fontsize=9)
   path = os.path.join(out_dir, "mechanism.png")
   fig.savefig(path, dpi=90)
   return path
