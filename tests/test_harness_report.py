@@ -395,3 +395,12 @@ def test_docs_sample_output_is_what_the_report_prints():
   numbers = lambda line: line.startswith(("| ERM |", "| SAM |", "| DISAM |"))
   assert [line for line in sample if not numbers(line)] == [line for line in printed if not numbers(line)]
   assert [line.split(" |")[0] for line in sample if numbers(line)] == ["| ERM", "| SAM", "| DISAM"]
+
+
+def test_a_disam_variant_is_compared_with_its_own_sam(tmp_path, figures):
+  cells = _write_fake_run(str(tmp_path), algorithms=("sam", "disam", "sam+coral", "disam+coral"), held_outs=("0",))
+  report.write_plots(str(tmp_path), cells)
+  titles = [a.get_title() for a in figures["heldout_accuracy.png"].axes]
+  assert "DISAM+CORAL − SAM+CORAL, paired by seed" in titles and "DISAM − SAM, paired by seed" in titles
+  text = report.dynamics_table(str(tmp_path), cells)
+  assert "| DISAM+CORAL vs SAM+CORAL | 2 |" in text

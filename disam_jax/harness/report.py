@@ -476,7 +476,8 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       f"| {_display(a)} | {_mean_std(reached, '{:.0f}')} | {hit}/{len(group)} | {_mean_std(final)} | "
       f"{_mean_std(var_all, '{:.2e}')} | {_mean_std(var_end, '{:.2e}')} | {_mean_std(pnorm)} | {_mean_std(ms, '{:.1f}')} |"
     )
-  pairs = [(b, a) for a in algorithms if a.startswith("disam") for b in ("sam", "erm") if b in algorithms]
+  pairs = [(b, a) for a in algorithms if a.startswith("disam")
+           for b in _ordered([_sam_of(a, algorithms), "sam", "erm"]) if b in algorithms]
   if pairs:
     rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", "",
              "| pair | runs | DISAM variance lower | mean variance ratio DISAM / other | DISAM held-out acc ≥ other "
@@ -576,9 +577,17 @@ def _line(ax, x, y, style, k: int, n: int, lw: float = 1.4, **kwargs):
                  **kwargs)
 
 
+def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
+  """The SAM counterpart of a DISAM variant: ``disam+coral`` -> ``sam+coral``, ``disam_lam1`` -> ``sam_lam1`` when
+  present, else ``sam``."""
+  twin = "sam" + algorithm[len("disam"):]
+  return twin if twin in algorithms else "sam"
+
+
 def _comparisons(metrics, algorithms: Sequence[str]) -> list[tuple[str, str]]:
-  """(DISAM variant, SAM) pairs to draw differences for: those with runs of the same held-out domain and seed."""
-  return [(a, "sam") for a in algorithms if a.startswith("disam") and _pairs(metrics, a, "sam")]
+  """(DISAM variant, its SAM) pairs to draw differences for: those with runs of the same held-out domain and seed."""
+  pairs = [(a, _sam_of(a, algorithms)) for a in algorithms if a.startswith("disam")]
+  return [(a, b) for a, b in pairs if _pairs(metrics, a, b)]
 
 
 def _pairs(metrics, mine: str, other: str) -> list[tuple[Metrics, Metrics, str]]:

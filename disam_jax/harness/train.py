@@ -497,7 +497,7 @@ def check_domains(config: ExperimentConfig, name: str, domains: Sequence[str]) -
   if len(set(held_out)) != len(held_out):
     raise ValueError(f"A held-out domain is named twice: {list(held_out)}.")
   left = len(domains) - 1
-  if left < 1 or ("disam" in config.algorithms and left < 2):
+  if left < 1 or (any(a.startswith("disam") for a in config.algorithms) and left < 2):
     raise ValueError(
       f"{name} has {len(domains)} domain(s) ({', '.join(domains)}), so holding one out leaves "
       + ("no training domain: leave-one-domain-out needs at least 2 domains"
