@@ -534,3 +534,32 @@ def test_sampler_rejects_batch_larger_than_a_domain():
   with pytest.raises(ValueError, match=r"#2"):
     data.DomainBatchSampler(split.train, 17, seed=0)
   data.DomainBatchSampler(split.train, 16, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Colored digits (DomainBed's ColoredMNIST construction)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_colored_digits_statistics_match_coloredmnist():
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  grey = {img.astype(np.float32).tobytes(): int(t) for img, t in zip(digits.images / 16.0, digits.target)}
+  ds = data.load_dataset("colored_digits", seed=0)
+  assert ds.domains == ("agree90", "agree80", "agree10") and ds.num_classes == 2
+  assert sum(len(y) for y in ds.labels) == len(digits.target)
+  targets = {"agree90": 0.9, "agree80": 0.8, "agree10": 0.1}
+  for name, x, y in zip(ds.domains, ds.images, ds.labels):
+    assert x.shape[1:] == (8, 8, 2) and x.dtype == np.float32
+    red, green = x[..., 0].reshape(len(x), -1), x[..., 1].reshape(len(x), -1)
+    assert not np.any((red.max(1) > 0) & (green.max(1) > 0)), "one channel per image, the other zero"
+    color = (green.max(1) > 0).astype(np.int32)          # channel 1 holds the image when colour = 1
+    digit = np.asarray([grey[(r + g).reshape(8, 8).astype(np.float32).tobytes()] for r, g in zip(red, green)])
+    n = len(y)
+    for observed, target in (((color == y).mean(), targets[name]), ((y == (digit < 5)).mean(), 0.75)):
+      sd = np.sqrt(target * (1 - target) / n)           # binomial standard error
+      assert abs(observed - target) < 4 * sd, (name, observed, target)
+  same = data.load_dataset("colored_digits", seed=0)
+  other = data.load_dataset("colored_digits", seed=1)
+  assert np.array_equal(same.images[0], ds.images[0]) and not np.array_equal(other.labels[0], ds.labels[0])

@@ -143,7 +143,7 @@ def _fraction(value: Optional[int], fraction: float, steps: int) -> int:
 
 # DomainBed's hparams_registry: SMALL_IMAGES get lr 1e-3 and batch 64, the others lr 5e-5 and batch 32; weight
 # decay 0 by default everywhere; Adam is ERM's optimizer.
-_SMALL_IMAGE_DATASETS = ("rotated_digits", "rotated_animals")
+_SMALL_IMAGE_DATASETS = ("rotated_digits", "rotated_animals", "colored_digits")
 
 
 def default_hparams(dataset: str, **overrides: Any) -> HParams:

@@ -120,6 +120,17 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   data.add_argument("--hard-domain-label-noise", type=_finite_float, default=default(0.0), metavar="P",
                     help="fraction of the hard domain's training labels replaced by a random other class "
                          "(default: 0)")
+  data.add_argument("--imbalance", type=_finite_float, default=default(1.0), metavar="R",
+                    help="subsample the training domains geometrically so the first keeps all and the last 1/R of "
+                         "its training examples (default: 1, off)")
+  data.add_argument("--domain-label-noise", type=_finite_float, default=default(0.0), metavar="P",
+                    help="move a fraction P of every training domain's examples to a random other training domain "
+                         "(wrong domain labels; default: 0)")
+  data.add_argument("--sub-domains", type=_int, default=default(1), metavar="K",
+                    help="split every training domain into K random sub-domains (many small domains; default: 1)")
+  data.add_argument("--infer-domains", type=_int, default=default(0), metavar="K",
+                    help="ignore the domain labels: train on K pseudo-domains from k-means on the pooled training "
+                         "images (validation and test unchanged; default: 0, off)")
 
   model = parser.add_argument_group("model")
   model.add_argument("--model", default=default(None), metavar="NAME",
@@ -249,6 +260,10 @@ def config_from_args(args: argparse.Namespace):
     hard_domain=args.hard_domain,
     hard_domain_fraction=fraction,
     hard_domain_label_noise=args.hard_domain_label_noise,
+    imbalance=args.imbalance,
+    domain_label_noise=args.domain_label_noise,
+    sub_domains=args.sub_domains,
+    infer_domains=args.infer_domains,
     eval_batch_size=args.eval_batch_size,
   )
 

@@ -45,6 +45,7 @@ from typing import Any, Optional
 import numpy as np
 
 __all__ = [
+  "COLOR_DOMAINS",
   "DATASETS",
   "DatasetSpec",
   "DomainBatchSampler",
@@ -136,6 +137,8 @@ class DomainSplit:
     train: ``(x, y)`` per training domain: the part used for training (``1 - holdout_fraction``).
     val: ``(x, y)`` per training domain: the rest, for training-domain validation (model selection).
     test: ``(x, y)`` per held-out domain: all of its data.
+    val_domains: names of the `val` parts when the training part was regrouped into other domains
+      (`harness.regimes`); empty: the same as `train_domains`.
   """
 
   train_domains: tuple[str, ...]
@@ -143,6 +146,7 @@ class DomainSplit:
   train: tuple[tuple[np.ndarray, np.ndarray], ...]
   val: tuple[tuple[np.ndarray, np.ndarray], ...]
   test: tuple[tuple[np.ndarray, np.ndarray], ...]
+  val_domains: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +291,49 @@ def _load_rotated_animals(spec: DatasetSpec, data_dir, seed, image_size) -> Doma
   with (folder / "animal_label_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
     labels = np.asarray(pickle.load(f))
   return _rotation_domains(spec.name, images / np.float32(255.0), labels, spec.classes, seed, image_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Colored digits (ColoredMNIST construction)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Domain name -> probability that the colour disagrees with the (noisy) label; DomainBed's '+90%', '+80%', '-90%'.
+COLOR_DOMAINS = (("agree90", 0.1), ("agree80", 0.2), ("agree10", 0.9))
+COLOR_LABEL_NOISE = 0.25
+
+
+def _color_domains(name: str, images: np.ndarray, digits: np.ndarray, seed: int) -> DomainDataset:
+  """DomainBed's ColoredMNIST construction on any grey digit images ``[n, H, W]`` in [0, 1].
+
+  The pool is shuffled by a seeded permutation and dealt into the three domains of `COLOR_DOMAINS` (example k to
+  domain k mod 3). In each domain: label = (digit < 5), flipped with probability 0.25; colour = label, flipped with
+  the domain's probability e (0.1, 0.2, 0.9); the image is put in channel `colour` of a 2-channel image and the
+  other channel is zero. Colour agrees with the label with probability 1 - e (0.9, 0.8, 0.1): a shortcut that
+  predicts the label better than the shape (0.75) in the first two domains and is reversed in the third.
+  """
+  rng = np.random.default_rng((seed, 31337))
+  order = rng.permutation(len(images))
+  xs, ys = [], []
+  for k, (_, flip_color) in enumerate(COLOR_DOMAINS):
+    idx = order[k :: len(COLOR_DOMAINS)]
+    labels = (digits[idx] < 5).astype(np.int32) ^ (rng.random(len(idx)) < COLOR_LABEL_NOISE).astype(np.int32)
+    colors = labels ^ (rng.random(len(idx)) < flip_color).astype(np.int32)
+    x = np.zeros(images[idx].shape + (2,), np.float32)
+    x[np.arange(len(idx)), ..., colors] = images[idx]
+    xs.append(x)
+    ys.append(labels)
+  return DomainDataset(name=name, domains=tuple(d for d, _ in COLOR_DOMAINS), classes=("digit>=5", "digit<5"),
+                       images=tuple(xs), labels=tuple(ys))
+
+
+def _load_colored_digits(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
+  del data_dir  # bundled with scikit-learn
+  datasets = _require("sklearn.datasets", "colored_digits (scikit-learn's bundled digits)")
+  digits = datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)
+  if image_size is not None:
+    images = _resize(images[..., None], image_size)[..., 0]
+  return _color_domains(spec.name, images, digits.target, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -637,6 +684,9 @@ DATASETS: dict[str, DatasetSpec] = {
   for spec in (
     DatasetSpec("rotated_digits", _load_rotated_digits, tuple(map(str, ROTATION_DEGREES)),
           tuple(map(str, range(10))), description="scikit-learn's 1,797 8x8 digits in 6 rotation domains"),
+    DatasetSpec("colored_digits", _load_colored_digits, tuple(d for d, _ in COLOR_DOMAINS), ("digit>=5", "digit<5"),
+          description="scikit-learn's digits as DomainBed's ColoredMNIST: digit<5 with 25% label noise, a colour "
+                      "agreeing with the label 90%/80%/10% (hold out agree10)"),
     DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
           description="animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains"),
     _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch"), "PACS (DomainBed layout)"),

@@ -43,6 +43,7 @@ from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
 from disam_jax.harness import distributed
 from disam_jax.harness import penalties as penalties_lib
+from disam_jax.harness import regimes
 from disam_jax.harness.algorithms import HParams
 
 __all__ = [
@@ -244,7 +245,7 @@ def predict(eval_step: Callable, params: Any, model_state: Any, x: np.ndarray, b
 
 # DomainBed uses ResNet-50 for the image folders; for the small rotated datasets it uses MNIST_CNN, which is about
 # 60x slower per step than the MLP on a CPU (0.5 s vs 8 ms on 8x8 digits, 2 cores), so the CPU default is the MLP.
-_DEFAULT_MODELS = {"rotated_digits": "mlp", "rotated_animals": "mlp"}
+_DEFAULT_MODELS = {"rotated_digits": "mlp", "rotated_animals": "mlp", "colored_digits": "mlp"}
 
 
 def default_model(dataset: str) -> str:
@@ -337,6 +338,12 @@ class ExperimentConfig:
     hard_domain: optionally make one training domain harder (see `harden_domain`).
     hard_domain_fraction: keep this fraction of the hard domain's training examples.
     hard_domain_label_noise: replace this fraction of the hard domain's training labels by a random other class.
+    imbalance: subsample the training domains to a largest/smallest size ratio (`regimes.imbalance`; 1: off).
+    domain_label_noise: move this fraction of every training domain's examples to a random other training domain
+      (`regimes.shuffle_domain_labels`).
+    sub_domains: split every training domain into this many sub-domains (`regimes.split_domains`; 1: off).
+    infer_domains: train on this many k-means pseudo-domains instead of the domain labels (`regimes.infer_domains`;
+      0: off).
     eval_batch_size: examples per evaluation forward pass.
   """
 
@@ -357,6 +364,10 @@ class ExperimentConfig:
   hard_domain: Optional[str] = None
   hard_domain_fraction: float = 1.0
   hard_domain_label_noise: float = 0.0
+  imbalance: float = 1.0
+  domain_label_noise: float = 0.0
+  sub_domains: int = 1
+  infer_domains: int = 0
   eval_batch_size: int = 512
 
   @property
@@ -413,6 +424,17 @@ class ExperimentConfig:
       raise ValueError(f"hard_domain_label_noise must be in [0, 1]; got {self.hard_domain_label_noise}.")
     if self.hard_domain is None and (self.hard_domain_fraction != 1.0 or self.hard_domain_label_noise != 0.0):
       raise ValueError("hard_domain_fraction / hard_domain_label_noise need hard_domain (which domain to harden).")
+    if not self.imbalance >= 1.0:
+      raise ValueError(f"imbalance must be >= 1 (largest / smallest training domain); got {self.imbalance}.")
+    if not 0.0 <= self.domain_label_noise <= 1.0:
+      raise ValueError(f"domain_label_noise must be in [0, 1]; got {self.domain_label_noise}.")
+    if not isinstance(self.sub_domains, int) or self.sub_domains < 1:
+      raise ValueError(f"sub_domains must be a positive integer; got {self.sub_domains!r}.")
+    if not isinstance(self.infer_domains, int) or self.infer_domains < 0 or self.infer_domains == 1:
+      raise ValueError(f"infer_domains must be 0 (off) or >= 2; got {self.infer_domains!r}.")
+    if self.infer_domains and (self.domain_label_noise or self.sub_domains != 1):
+      raise ValueError("infer_domains replaces the domain labels; it cannot be combined with domain_label_noise "
+                       "or sub_domains.")
     if self.eval_batch_size < 1:
       raise ValueError(f"eval_batch_size must be >= 1; got {self.eval_batch_size}.")
     self.hparams.validate()
@@ -474,7 +496,9 @@ def _cell_split(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out: 
       num_classes=ds.num_classes,
       seed=seed,
     )
-  return split
+  return regimes.apply_regimes(split, seed=seed, imbalance_ratio=config.imbalance,
+                               domain_label_noise=config.domain_label_noise, sub_domains=config.sub_domains,
+                               inferred_domains=config.infer_domains)
 
 
 def load_data(config: ExperimentConfig, seed: int) -> data_lib.DomainDataset:
@@ -732,7 +756,7 @@ def run_cell(
     next_batch = sampler.next
 
   # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
-  eval_names = [("val", d) for d in train_domains] + [("test", d) for d in split.test_domains]
+  eval_names = [("val", d) for d in (split.val_domains or train_domains)] + [("test", d) for d in split.test_domains]
   eval_parts = list(split.val) + list(split.test)
   eval_x = np.concatenate([x for x, _ in eval_parts])
   eval_y = np.concatenate([y for _, y in eval_parts])
