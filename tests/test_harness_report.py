@@ -404,3 +404,50 @@ def test_a_disam_variant_is_compared_with_its_own_sam(tmp_path, figures):
   assert "DISAM+CORAL − SAM+CORAL, paired by seed" in titles and "DISAM − SAM, paired by seed" in titles
   text = report.dynamics_table(str(tmp_path), cells)
   assert "| DISAM+CORAL vs SAM+CORAL | 2 |" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paired differences with a t interval
+# ---------------------------------------------------------------------------------------------------------------------
+
+T_975 = {4: 2.776445, 9: 2.262157}  # two-sided 95% Student t quantiles (printed tables) for 4 and 9 dof
+
+
+def test_paired_difference_matches_a_hand_computation():
+  mine = [0.9, 0.7, 1.6, 0.8, 1.3, 0.1, 1.4, 0.7, 1.1, 0.6]
+  theirs = [0.4, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+  d = [a - b for a, b in zip(mine, theirs)]
+  n = len(d)
+  mean = sum(d) / n
+  sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
+  half = T_975[9] * sd / n ** 0.5
+  p = report.paired_difference(mine, theirs)
+  assert p["n"] == 10
+  np.testing.assert_allclose([p["mean"], p["low"], p["high"]], [mean, mean - half, mean + half], rtol=1e-6)
+  assert p["resolved"] and p["low"] > 0
+  covering = report.paired_difference([1.0, 2.0, 0.0, 1.5, 0.5], [1.2, 1.0, 0.5, 1.5, 0.5])
+  d = np.array([-0.2, 1.0, -0.5, 0.0, 0.0])
+  half = T_975[4] * d.std(ddof=1) / np.sqrt(5)
+  np.testing.assert_allclose([covering["low"], covering["high"]], [d.mean() - half, d.mean() + half], rtol=1e-6)
+  assert not covering["resolved"]
+  assert report.paired_difference([1.0], [0.0]) == {"n": 1, "mean": 1.0, "low": None, "high": None,
+                                                    "resolved": False}
+
+
+def test_paired_table_says_no_difference_resolved_when_the_interval_covers_zero(tmp_path):
+  cells = _write_fake_run(str(tmp_path))
+  # held-out accuracy: DISAM - SAM = +2, +3 points on the (held-out, seed) pairs of "0", +2, +3 on those of "75"
+  bump = {("0", 0): 0.02, ("0", 1): 0.03, ("75", 0): 0.02, ("75", 1): 0.03}
+  for c in cells:
+    if c["algorithm"] == "disam":
+      c["selected"] = dict(c["selected"], test_acc=0.8 + bump[(c["held_out"], c["seed"])])
+  text = report.paired_table(str(tmp_path), cells, threshold=0.2)
+  row = next(line for line in text.splitlines() if line.startswith("| DISAM − SAM |"))
+  d = np.array([2.0, 3.0, 2.0, 3.0])
+  half = 3.182446 * d.std(ddof=1) / 2  # t_{0.975, 3}
+  assert f"| 4 | +2.50 [{2.5 - half:+.2f}, {2.5 + half:+.2f}] |" in row
+  assert "no difference resolved" not in row.split("|")[3]
+  # the synthetic variances are independent noise: their ratio is not resolved from 1 on 4 pairs
+  assert "no difference resolved" in row.split("|")[4]
+  assert any(line.startswith("| DISAM − ERM | 4 |") for line in text.splitlines())
+  assert "Paired differences" in report.dynamics_table(str(tmp_path), cells, threshold=0.2)

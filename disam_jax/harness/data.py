@@ -684,11 +684,11 @@ DATASETS: dict[str, DatasetSpec] = {
   for spec in (
     DatasetSpec("rotated_digits", _load_rotated_digits, tuple(map(str, ROTATION_DEGREES)),
           tuple(map(str, range(10))), description="scikit-learn's 1,797 8x8 digits in 6 rotation domains"),
+    DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
+          description="animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains"),
     DatasetSpec("colored_digits", _load_colored_digits, tuple(d for d, _ in COLOR_DOMAINS), ("digit>=5", "digit<5"),
           description="scikit-learn's digits as DomainBed's ColoredMNIST: digit<5 with 25% label noise, a colour "
                       "agreeing with the label 90%/80%/10% (hold out agree10)"),
-    DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
-          description="animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains"),
     _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch"), "PACS (DomainBed layout)"),
     _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), "VLCS (DomainBed layout)"),
     _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World"),

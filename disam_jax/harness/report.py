@@ -56,6 +56,8 @@ __all__ = [
   "dynamics_table",
   "load_metrics",
   "merge_runs",
+  "paired_difference",
+  "paired_table",
   "results_table",
   "row_settings",
   "steps_to_threshold",
@@ -500,7 +502,99 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       first_cell = f"{first}/{len(decided)}" if decided else "– (neither reached it)"
       rows.append(f"| {_display(mine)} vs {_display(other)} | {len(keys)} | {lower}/{len(keys)} | {ratio:.3f} | "
                   f"{acc}/{len(keys)} | {diff:+.2f} | {first_cell} |")
+  paired = paired_table(run_dir, cells, threshold, window)
+  if paired:
+    rows += ["", paired]
   return "\n".join(rows)
+
+def paired_difference(mine: Sequence[float], theirs: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+  """Mean of the paired differences `mine - theirs` (same held-out domain and seed) with a t-based confidence
+  interval: ``mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n)`` (sd with ddof=1). `resolved` is False when the
+  interval covers 0 (or n < 2: no interval): then no difference is resolved, whatever the sign of the mean.
+
+  Returns:
+    ``{"n", "mean", "low", "high", "resolved"}`` (low/high None when n < 2).
+  """
+  from scipy import stats  # scikit-learn's dependency, in the harness extra
+
+  d = np.asarray(mine, np.float64) - np.asarray(theirs, np.float64)
+  n = len(d)
+  if n == 0:
+    return {"n": 0, "mean": None, "low": None, "high": None, "resolved": False}
+  mean = float(d.mean())
+  if n < 2:
+    return {"n": 1, "mean": mean, "low": None, "high": None, "resolved": False}
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+  low, high = mean - half, mean + half
+  return {"n": n, "mean": mean, "low": low, "high": high, "resolved": bool(low > 0 or high < 0)}
+
+
+def _interval(p: dict[str, Any], fmt: str, scale: float = 1.0, transform=None) -> str:
+  if p["mean"] is None:
+    return "–"
+  f = transform or (lambda v: v * scale)
+  if p["low"] is None:
+    return f"{fmt.format(f(p['mean']))} (n=1)"
+  verdict = "" if p["resolved"] else ", no difference resolved"
+  return f"{fmt.format(f(p['mean']))} [{fmt.format(f(p['low']))}, {fmt.format(f(p['high']))}]{verdict}"
+
+
+def _partners(algorithm: str, algorithms: Sequence[str]) -> list[str]:
+  """What a DISAM row is compared with: its SAM counterpart (``disam_x`` -> ``sam_x``, ``disam+coral`` ->
+  ``sam+coral``), the unsuffixed ``disam`` for a suffixed one, then ``sam`` and ``erm``."""
+  candidates = [_sam_of(algorithm, algorithms)] if algorithm.startswith("disam") else []
+  if "_" in algorithm:
+    candidates.append(algorithm.split("_", 1)[0])
+  candidates += ["sam", "erm"]
+  out = []
+  for c in candidates:
+    if c != algorithm and c in algorithms and c not in out:
+      out.append(c)
+  return out
+
+
+def paired_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold: float = 0.1,
+                 window: Optional[int] = None, confidence: float = 0.95) -> str:
+  """Paired differences, DISAM rows against their partners (`_partners`), matched by held-out domain and seed
+  (same initialization and batches), as Markdown: mean difference [confidence interval] (`paired_difference`) of
+  the held-out accuracy (training-domain validation; points), of the log of the mean domain-loss variance (shown
+  as the ratio DISAM / other, exp of the interval ends), and of the steps to the loss threshold (pairs in which
+  both reached it). "no difference resolved" marks intervals that cover 0."""
+  cells = [_as_dict(c) for c in (cells if cells is not None else _cells_from_run(run_dir))]
+  metrics = _metrics_by_cell(run_dir, cells)
+  algorithms = _ordered(c["algorithm"] for c in cells)
+  steps = max(int(c["steps"]) for c in cells)
+  window = window or max(1, steps // 50)
+  per = {}
+  for c in cells:
+    key = (c["algorithm"], c["held_out"], int(c["seed"]))
+    m = metrics[key]
+    per[key] = {"acc": 100 * float(c["selected"]["test_acc"]), "logvar": math.log(max(float(m.variance.mean()), 1e-300)),
+                "steps": steps_to_threshold(m.steps, m.loss, threshold, window)}
+  rows = []
+  for mine in algorithms:
+    if not mine.startswith("disam"):
+      continue
+    for other in _partners(mine, algorithms):
+      keys = sorted((h, s) for (a, h, s) in per if a == mine and (other, h, s) in per)
+      if not keys:
+        continue
+      a = [per[(mine, h, s)] for h, s in keys]
+      b = [per[(other, h, s)] for h, s in keys]
+      acc = paired_difference([x["acc"] for x in a], [x["acc"] for x in b], confidence)
+      var = paired_difference([x["logvar"] for x in a], [x["logvar"] for x in b], confidence)
+      both = [(x["steps"], y["steps"]) for x, y in zip(a, b) if x["steps"] is not None and y["steps"] is not None]
+      st = paired_difference([x for x, _ in both], [y for _, y in both], confidence)
+      rows.append(f"| {_display(mine)} − {_display(other)} | {len(keys)} | {_interval(acc, '{:+.2f}')} | "
+                  f"{_interval(var, '{:.3f}', transform=math.exp)} | {_interval(st, '{:+.1f}')} ({len(both)}) |")
+  if not rows:
+    return ""
+  head = [f"Paired differences (same held-out domain and seed), mean [{confidence:.0%} t-interval]; "
+          "\"no difference resolved\" when the interval covers 0 (ratio: 1):", "",
+          f"| pair | pairs | held-out accuracy (points) | variance ratio (all steps) | steps to loss ≤ {threshold:g} "
+          "(pairs where both reached it) |", "|---|:-:|:-:|:-:|:-:|"]
+  return "\n".join(head + rows)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Plots
