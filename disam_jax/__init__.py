@@ -4,6 +4,7 @@
 `domain_loss_fn=f` with `f(params) -> [M]` per-domain losses. See README.md.
 """
 
+from disam_jax._accumulation import accumulate_domain_losses
 from disam_jax._disam import DisamState
 from disam_jax._disam import disam
 from disam_jax._disam import find_disam_state
@@ -21,6 +22,7 @@ __version__ = '0.1.0'
 __all__ = (
     'DisamState',
     'DomainLosses',
+    'accumulate_domain_losses',
     'apply_disam',
     'disam',
     'domain_losses_from_grouped',

@@ -1,0 +1,145 @@
+"""What gradient accumulation costs: `accumulate_domain_losses` at k = 1, 2, 4, 8 micro-batches, fixed total batch.
+
+    python -m benchmarks.accumulation            # ~5 min on 2 cores: results/accumulation.md
+    python -m benchmarks.accumulation --quick    # seconds: a tiny MLP, k = 1, 2, for the smoke test
+
+For each model, one DISAM step (`disam(sgd(0.01, 0.9), rho=0.05, lam=0.1)`) on the same 4-domain batch:
+`plain` (the grouped domain loss of the whole batch, no accumulation), then the batch split into k micro-batches
+along the per-domain axis with `remat=True` (the default), and k=8 with `remat=False` for comparison. Reported:
+XLA's compiled `memory_analysis()` temp size (the temporaries the step allocates, i.e. activations and gradients;
+arguments: params, optimizer state and the batch, the same in every case, excluded) and the min/median step time
+over rounds timed round-robin (case order rotated each round, so machine noise hits every case alike), each also
+as a ratio to `plain` of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import disam_jax
+from disam_jax.harness.models import apply_model, create_model, functional_model
+
+MODELS = {'mlp': ((28, 28, 1), 4, 256), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
+QUICK = {'mlp': ((8, 8, 1), 4, 16)}
+
+
+def make_step(graphdef, model_state, num_domains, k, remat):
+  """`(tx, jitted step(params, opt_state, x, y))`; k=None is the plain whole-batch domain loss on x [M, b, ...],
+  else x is [k, M, b // k, ...] (micro-batches laid out by the input pipeline, so no copy inside the step)."""
+
+  def per_example_loss(params, inputs, labels):
+    logits, new_state = apply_model(graphdef, params, model_state, inputs, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels), new_state
+
+  per_batch = disam_jax.grouped_domain_loss_fn(per_example_loss, has_aux=True)
+  tx = disam_jax.disam(optax.sgd(0.01, momentum=0.9), 0.05, 0.1, has_aux=True, aux_example=model_state,
+                       num_domains=num_domains)
+
+  def step(params, opt_state, x, y):
+    if k is None:
+      domain_loss_fn = lambda p: per_batch(p, x, y)
+    else:
+      domain_loss_fn = disam_jax.accumulate_domain_losses(per_batch, x, y, has_aux=True, remat=remat)
+    updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=domain_loss_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  return tx, jax.jit(step, donate_argnums=(0, 1))
+
+
+def measure_model(name, input_shape, m, b, ks, rounds):
+  """Rows of (case, temp memory, step time, ratios to plain) for one model."""
+  model = create_model(name, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
+  graphdef, params, model_state = functional_model(model)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(m, b) + input_shape).astype(np.float32)
+  y = rng.integers(0, 10, size=(m, b))
+  split = lambda a, k: np.swapaxes(a.reshape((m, k, b // k) + a.shape[2:]), 0, 1)
+  cases = [('plain', None, True)] + [(f'k={k}', k, True) for k in ks] + [(f'k={ks[-1]} no remat', ks[-1], False)]
+  built = {}
+  for label, k, remat in cases:
+    tx, step = make_step(graphdef, model_state, m, k, remat)
+    batch = (jnp.asarray(x), jnp.asarray(y)) if k is None else (jnp.asarray(split(x, k)), jnp.asarray(split(y, k)))
+    fresh = jax.tree.map(jnp.array, params)
+    state = (fresh, tx.init(fresh))
+    compiled = step.lower(*state, *batch).compile()
+    state = compiled(*state, *batch)  # warm up
+    jax.block_until_ready(state)
+    built[label] = {'compiled': compiled, 'state': state, 'batch': batch, 'times': [],
+                    'temp': compiled.memory_analysis().temp_size_in_bytes}
+  for r in range(rounds):
+    order = cases[r % len(cases):] + cases[:r % len(cases)]
+    for label, _, _ in order:
+      case = built[label]
+      t0 = time.perf_counter()
+      case['state'] = case['compiled'](*case['state'], *case['batch'])
+      jax.block_until_ready(case['state'])
+      case['times'].append(time.perf_counter() - t0)
+  base = built['plain']
+  rows = []
+  for label, _, _ in cases:
+    c = built[label]
+    rows.append({
+        'case': label, 'temp_mib': c['temp'] / 2**20, 'temp_ratio': c['temp'] / base['temp'],
+        'min_ms': 1e3 * min(c['times']), 'min_ratio': min(c['times']) / min(base['times']),
+        'median_ms': 1e3 * statistics.median(c['times']),
+        'median_ratio': statistics.median(c['times']) / statistics.median(base['times']),
+    })
+  params_mib = sum(v.nbytes for v in jax.tree.leaves(params)) / 2**20
+  return rows, params_mib, x.nbytes / 2**20
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='a tiny MLP at k = 1, 2 with two rounds (smoke test)')
+  parser.add_argument('--rounds', type=int, default=None, help='timed rounds per model (default 8; quick 2)')
+  parser.add_argument('--out-dir', default=str(pathlib.Path(__file__).parent / 'results'))
+  args = parser.parse_args(argv)
+  models, ks = (QUICK, (1, 2)) if args.quick else (MODELS, (1, 2, 4, 8))
+  rounds = args.rounds or (2 if args.quick else 8)
+  load0 = os.getloadavg()
+  start = time.perf_counter()
+  results = {name: measure_model(name, shape, m, b, ks, rounds) for name, (shape, m, b) in models.items()}
+  wall, load1 = time.perf_counter() - start, os.getloadavg()
+  lines = [
+      '# Gradient accumulation: `accumulate_domain_losses` at a fixed total batch',
+      '',
+      f'`python -m benchmarks.accumulation{" --quick" if args.quick else ""}`, '
+      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, '
+      f'{os.cpu_count()} cores, JAX {jax.__version__}; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; '
+      f'{wall:.0f} s. One DISAM step (SGD momentum, rho 0.05, lam 0.1), {rounds} rounds timed round-robin.',
+      '',
+      'temp = XLA `memory_analysis().temp_size_in_bytes` of the compiled step (arguments excluded: params, '
+      'optimizer state and the batch, the same in every case); ratios are to `plain` (the whole batch, no '
+      'accumulation) in the same run. `k=K` splits every domain\'s examples into K micro-batches (laid out '
+      '`[K, M, b/K, ...]` on the host) summed with `lax.scan`, the micro-batch body under `jax.checkpoint`.',
+  ]
+  for name, (rows, params_mib, batch_mib) in results.items():
+    shape, m, b = models[name]
+    lines += ['', f'## {name} ({m} domains x {b} examples, input {shape}; params {params_mib:.2f} MiB, '
+              f'batch {batch_mib:.2f} MiB)', '',
+              '| case | temp MiB | temp / plain | min ms | min / plain | median ms | median / plain |',
+              '|---|---|---|---|---|---|---|']
+    lines += [f"| {r['case']} | {r['temp_mib']:.2f} | {r['temp_ratio']:.2f} | {r['min_ms']:.1f} | "
+              f"{r['min_ratio']:.2f} | {r['median_ms']:.1f} | {r['median_ratio']:.2f} |" for r in rows]
+  out = pathlib.Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / ('accumulation_quick.md' if args.quick else 'accumulation.md')
+  path.write_text('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()
