@@ -15,10 +15,14 @@ with per-domain mean losses `L_i`, domain weights `a_i`, `L = sum_i a_i L_i` and
 
 is ONE vector-Jacobian product of the domain loss function with cotangent `c` (Eq. 7 folded into the backward
 pass): two forward and two backward passes per step whatever M is, exactly SAM's cost. `c_i` may be negative for a
-domain far above the mean; that is the algorithm ("elastic calibration"), not a bug.
+domain far above the mean; that is the algorithm ("elastic calibration"), not a bug. The weights `c_i` are kept in
+the state (`perturbation_weights`) so the mechanism can be watched.
 """
 
+import functools
 import math
+import operator
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -29,27 +33,37 @@ import optax
 
 from disam_jax._domain_losses import DomainLosses
 
-ScalarOrSchedule = Union[float, optax.Schedule]
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 _NORM_EPS = 1e-12
 
 
 class DisamState(NamedTuple):
-  """State of `disam`.
+  """State of `disam`. Its structure, shapes and dtypes are fixed by `init` and never change.
+
+  The metrics are float32, or float64 when the parameters are float64 (the dtype of the widest floating parameter,
+  at least float32).
 
   Attributes:
     count: int32 scalar, number of `update` calls; drives `rho`/`lam` schedules.
     base_state: the state of the base optimizer.
-    domain_losses: `[M]` float32 per-domain mean losses at the unperturbed weights of the last step (0 for a domain
-      absent from that batch). Shape `[num_domains]` from `init` when `num_domains` is given, else `[0]` until the
-      first update.
-    domain_counts: `[M]` float32 number of examples of each domain in the last batch (1 per domain and device when
-      `domain_loss_fn` returns plain means).
-    loss: float32 scalar, training loss `L(w)` of the last step.
-    variance: float32 scalar, variance of the domain losses `V(w)` of the last step.
-    perturbation_norm: float32 scalar, `||g_p||` (adaptive: `|| |w| g_p ||`), the norm that scaled `eps`.
-    grad_norm: float32 scalar, `||g||`, norm of the sharpness-aware gradient handed to `base_tx`.
+    domain_losses: `[M]` per-domain mean losses `L_i` at the unperturbed weights of the last step (0 for a domain
+      absent from that batch). Kept only when `num_domains=M` is given: without it M is unknown at `init`, and these
+      `[M]` fields are `None` from `init` on, so that the state's structure never changes (the scalars are always
+      kept).
+    domain_counts: `[M]` number of examples of each domain in the last batch (1 per domain and device when
+      `domain_loss_fn` returns plain means). `None` without `num_domains`.
+    perturbation_weights: `[M]` the weights `c_i` of the perturbation direction `g_p = sum_i c_i grad L_i`,
+      `c_i = a_i (1 - 2 lam (L_i - L))` (the cotangent DISAM already computes; 0 for absent domains). `c_i < 0` when
+      `2 lam (L_i - L) > 1`: the perturbation then *descends* that domain's loss. `None` without `num_domains`.
+    loss: scalar training loss `L(w) = sum_i a_i L_i` of the last step: the weighted mean of the domain means, which
+      is the batch mean only when every domain has the same count (or with `domain_weights='count'`).
+    variance: scalar variance of the domain losses `V(w) = sum_i a_i (L_i - L)^2` of the last step.
+    perturbation_norm: scalar `||g_p||` (adaptive: `|| |w| g_p ||`), the norm that scaled `eps`.
+    grad_norm: scalar `||g||`, norm of the sharpness-aware gradient handed to `base_tx`.
+    sam_cosine: scalar cosine between DISAM's `g_p` and SAM's direction `grad L(w)` with `diagnostics=True` (one
+      extra backward pass); NaN otherwise. 1 at `lam=0`.
     aux: with `has_aux=True`, the auxiliary output of `domain_loss_fn` at the *unperturbed* weights (the
-      perturbed evaluation's aux is discarded); `None` until the first update, and always without `has_aux`.
+      perturbed evaluation's aux is discarded); `aux_example` until the first update (`None` without it).
   """
 
   count: chex.Array
@@ -61,29 +75,52 @@ class DisamState(NamedTuple):
   perturbation_norm: chex.Array
   grad_norm: chex.Array
   aux: Any
+  perturbation_weights: chex.Array
+  sam_cosine: chex.Array
 
 
-def _initial_state(base_state: optax.OptState, num_domains: Optional[int], aux_example: Any) -> DisamState:
-  """The state before the first step: metrics zero, `[num_domains]` (or `[0]`) domain fields, aux_example."""
-  m = 0 if num_domains is None else num_domains
-  zero = jnp.zeros([], jnp.float32)
+def _metric_dtype(params: Any) -> jnp.dtype:
+  """float32, or the widest floating dtype among the parameters if wider (float64 under x64)."""
+  floats = [jnp.result_type(x) for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  return functools.reduce(jnp.promote_types, floats, jnp.dtype(jnp.float32))
+
+
+def _initial_state(
+    base_state: optax.OptState, num_domains: Optional[int], aux_example: Any, dtype: Any = jnp.float32
+) -> DisamState:
+  """The state before the first step: metrics zero, `[num_domains]` (or None) domain fields, aux_example."""
+  per_domain = None if num_domains is None else jnp.zeros([num_domains], dtype)
+  zero = jnp.zeros([], dtype)
   return DisamState(
       count=jnp.zeros([], jnp.int32),
       base_state=base_state,
-      domain_losses=jnp.zeros([m], jnp.float32),
-      domain_counts=jnp.zeros([m], jnp.float32),
+      domain_losses=per_domain,
+      domain_counts=per_domain,
       loss=zero,
       variance=zero,
       perturbation_norm=zero,
       grad_norm=zero,
       aux=aux_example,
+      perturbation_weights=per_domain,
+      sam_cosine=jnp.full([], jnp.nan, dtype),
   )
 
 
+_SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def _concrete_float(value: Any) -> Optional[float]:
+  """`float(value)`, or None when value is traced (e.g. a hyperparameter of optax.inject_hyperparams under jit)."""
+  try:
+    return float(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+
+
 def _check_hyperparameter(name: str, value: ScalarOrSchedule) -> None:
-  """Rejects negative or non-finite rho/lam; probes schedules at a spread of step counts."""
+  """Rejects negative or non-finite rho/lam; probes schedules at a spread of step counts; skips traced values."""
   if callable(value):
-    for step in (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000):
+    for step in _SCHEDULE_PROBES:
       v = float(value(jnp.asarray(step, jnp.int32)))
       if not math.isfinite(v) or v < 0:
         raise ValueError(
@@ -91,16 +128,43 @@ def _check_hyperparameter(name: str, value: ScalarOrSchedule) -> None:
             'perturbation to descend the loss (a warmup that starts below 0 is the usual cause).'
         )
     return
+  if isinstance(value, (jax.Array, np.ndarray)) and jnp.ndim(value):
+    raise ValueError(f'{name} must be a scalar; got an array of shape {jnp.shape(value)}.')
   try:
-    v = float(value)
+    v = _concrete_float(value)
   except (TypeError, ValueError):
     raise TypeError(f'{name} must be a float or an optax schedule; got {value!r}.') from None
-  if not math.isfinite(v) or v < 0:
+  if v is not None and (not math.isfinite(v) or v < 0):
     raise ValueError(f'{name} must be finite and >= 0; got {name}={value!r}.')
 
 
-def _at_step(value: ScalarOrSchedule, count: chex.Array) -> chex.Array:
-  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+def _may_be_positive(value: ScalarOrSchedule) -> Optional[bool]:
+  """Whether lam can be > 0: schedules at the probe steps; None when traced (unknown)."""
+  if callable(value):
+    return any(float(value(jnp.asarray(s, jnp.int32))) > 0 for s in _SCHEDULE_PROBES)
+  v = _concrete_float(value)
+  return None if v is None else v > 0
+
+
+def _at_step(value: ScalarOrSchedule, count: chex.Array, dtype: Any) -> chex.Array:
+  return jnp.asarray(value(count) if callable(value) else value, dtype)
+
+
+def _static_num_domains(num_domains: Any) -> Optional[int]:
+  if num_domains is None:
+    return None
+  try:
+    m = operator.index(num_domains)  # int, numpy integer, or a concrete integer array (inject_hyperparams' init)
+  except jax.errors.TracerIntegerConversionError:
+    raise ValueError(
+        'num_domains must be static (it sets the state\'s shape). With optax.inject_hyperparams, list it in '
+        "static_args: inject_hyperparams(disam, static_args=('base_tx', 'num_domains'))."
+    ) from None
+  except TypeError:
+    m = None
+  if m is None or isinstance(num_domains, bool) or m < 1:
+    raise ValueError(f'num_domains must be a positive int; got {num_domains!r}.')
+  return m
 
 
 def _split_output(out: Any, has_aux: bool) -> tuple[DomainLosses, Any]:
@@ -131,12 +195,13 @@ def _split_output(out: Any, has_aux: bool) -> tuple[DomainLosses, Any]:
     )
   if not jnp.issubdtype(total.dtype, jnp.floating):
     raise ValueError(f'domain losses must be floating point; got dtype {total.dtype}.')
-  return DomainLosses(total, jax.lax.stop_gradient(count.astype(jnp.float32))), aux
+  count_dtype = jnp.promote_types(count.dtype, jnp.float32) if jnp.issubdtype(count.dtype, jnp.floating) else jnp.float32
+  return DomainLosses(total, jax.lax.stop_gradient(count.astype(count_dtype))), aux
 
 
 def _domain_weights(weighting: Union[str, chex.Array], count: chex.Array) -> chex.Array:
   """`[M]` weights a_i over the domains present in the batch (count > 0), summing to 1 (0 if none present)."""
-  present = (count > 0).astype(jnp.float32)
+  present = (count > 0).astype(count.dtype)
   if isinstance(weighting, str):
     raw = present if weighting == 'uniform' else count
   else:
@@ -145,12 +210,13 @@ def _domain_weights(weighting: Union[str, chex.Array], count: chex.Array) -> che
           f'domain_weights has {weighting.shape[0]} entries but domain_loss_fn returned {count.shape[0]} '
           'domain losses.'
       )
-    raw = weighting * present
-  return raw / jnp.maximum(raw.sum(), jnp.finfo(jnp.float32).tiny)
+    raw = weighting.astype(count.dtype) * present
+  return raw / jnp.maximum(raw.sum(), jnp.finfo(count.dtype).tiny)
 
 
 def _objective_terms(total: chex.Array, count: chex.Array, weighting) -> tuple[chex.Array, ...]:
-  """(domain means, weights, L, V) from float32 global sums and counts; absent domains carry weight 0."""
+  """(domain means, weights, L, V) from global sums and counts (in total's dtype); absent domains weigh 0."""
+  count = count.astype(total.dtype)
   means = total / jnp.maximum(count, 1.0)
   weights = _domain_weights(weighting, count)
   loss = jnp.sum(weights * means)
@@ -158,10 +224,136 @@ def _objective_terms(total: chex.Array, count: chex.Array, weighting) -> tuple[c
   return means, weights, loss, variance
 
 
+def _wide(x: chex.Array) -> chex.Array:
+  """x in float32, or in its own dtype if wider (bf16/fp16 -> float32, float64 stays float64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _global_norm(tree: Any) -> chex.Array:
-  """L2 norm over all leaves, accumulated in float32 (bf16 params)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+  """L2 norm over all leaves, accumulated in float32 or wider (bf16 params; float64 stays float64)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(_wide(x))) for x in jax.tree.leaves(tree)))
+
+
+def _vdot(a: Any, b: Any) -> chex.Array:
+  return sum(jnp.sum(_wide(x) * _wide(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _device_local(tree: Any, axis_name: Optional[str]) -> Any:
+  """Marks values as varying over `axis_name` (shard_map with check_vma=True; a no-op without it and under pmap).
+
+  DISAM differentiates w.r.t. a device-local copy of the replicated params and sums the local gradients itself;
+  without the cast, shard_map's checked mode would sum them implicitly in the transpose (and reject the cotangent
+  computed from the psum-ed domain losses).
+  """
+  if axis_name is None:
+    return tree
+
+  def cast(x):
+    aval = jax.typeof(x)
+    manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; earlier releases call it `vma`
+    if axis_name in (manual.varying if manual is not None else getattr(aval, 'vma', frozenset())):
+      return x
+    return jax.lax.pcast(x, axis_name, to='varying')
+
+  return jax.tree.map(cast, tree)
+
+
+def _resolve_mask(perturbation_mask: Any, params: Any) -> Any:
+  """A bool per params leaf from what `optax.masked` accepts: a (prefix) tree of bools, or a callable of params."""
+  mask = perturbation_mask(params) if callable(perturbation_mask) else perturbation_mask
+  try:
+    # A bool at an inner node of `params` applies to every leaf below it (optax.masked's prefix semantics).
+    return jax.tree.map(lambda keep, sub: jax.tree.map(lambda _: keep, sub), mask, params)
+  except ValueError as e:
+    raise ValueError(
+        'perturbation_mask must be a pytree of bools with the structure of params, or a prefix of it (as '
+        f'optax.masked accepts), or a function of params returning one: {e}'
+    ) from None
+
+
+def _apply_mask(tree: Any, mask: Any) -> Any:
+  def keep_or_zero(g, keep):
+    if isinstance(keep, (bool, np.bool_)):
+      return g if keep else jnp.zeros_like(g)
+    return jnp.where(keep, g, jnp.zeros_like(g))  # traced or array bools
+
+  return jax.tree.map(keep_or_zero, tree, mask)
+
+
+# -- composition with optax wrappers --------------------------------------------------------------------------------
+# DISAM computes both of its gradients from `domain_loss_fn`; a wrapper that hands it incoming updates (or calls it
+# under a `lax.cond` that must also produce updates without it) cannot be honoured. These refusals happen at trace
+# time, with the way to get what the wrapper was meant to do.
+
+_WHERE_TO = (
+    'Put gradient transformations (clipping, weight decay, apply_if_finite, masking of the update, ...) inside '
+    'base_tx, where they act on the sharpness-aware gradient: disam(optax.chain(optax.clip_by_global_norm(1.0), '
+    'optax.sgd(lr)), rho, lam). For gradient accumulation, evaluate the micro-batches inside domain_loss_fn with '
+    'disam_jax.accumulate_domain_losses (not optax.MultiSteps).'
+)
+
+
+def _refuse_enclosing_wrapper(fn: Callable) -> None:
+  """Raises if `fn` (disam's init or update) is called by an optax wrapper whose work DISAM would silently drop.
+
+  Found by walking the Python call stack at init / trace time (optax passes no other trace of who called us).
+  """
+  frame = sys._getframe(2)
+  for _ in range(64):
+    if frame is None:
+      return
+    module = frame.f_globals.get('__name__', '')
+    if module == 'optax.transforms._accumulation':
+      raise ValueError(
+          'disam cannot run inside optax.MultiSteps: MultiSteps would hand it the averaged gradients of the '
+          'micro-batches, which DISAM cannot use (it recomputes both gradients), and step on the last micro-batch '
+          'only. Evaluate all micro-batches inside domain_loss_fn instead, with disam_jax.accumulate_domain_losses: '
+          'both DISAM gradients then see the whole batch.'
+      )
+    if module == 'optax.transforms._conditionality':
+      raise ValueError(
+          'disam cannot be wrapped by optax.apply_if_finite / conditionally_transform / conditionally_mask: the '
+          'wrapper inspects the incoming updates, which DISAM does not use, and must produce updates without '
+          'calling it. Put the wrapper inside base_tx, e.g. disam(optax.apply_if_finite(optax.sgd(lr), '
+          'max_consecutive_errors=5), rho, lam): it then sees the sharpness-aware gradient.'
+      )
+    if module == 'optax.transforms._combining' and frame.f_locals.get('fn') is fn:
+      members = frame.f_locals.get('update_fns', ())
+      if members and members[0] is not fn:
+        raise ValueError(
+            'disam is not the first member of this optax.chain: the members before it would act on updates that '
+            'disam does not use (it recomputes both gradients from domain_loss_fn), so their work would be '
+            'dropped. ' + _WHERE_TO + ' Members after disam act on its updates as usual.'
+        )
+      return
+    frame = frame.f_back
+
+
+def _check_params(fn: Callable, params: Any) -> None:
+  if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+    raise ValueError(
+        'disam cannot run inside optax.masked / optax.multi_transform: domain_loss_fn must see all the params, '
+        'and masked hands disam only a subset. To perturb a subset, use disam(..., perturbation_mask=mask); to '
+        'update a subset, put the mask inside base_tx: disam(optax.multi_transform({"train": optax.sgd(lr), '
+        '"freeze": optax.set_to_zero()}, labels), ...).'
+    )
+  _refuse_enclosing_wrapper(fn)
+
+
+def _check_call(update_fn: Callable, updates: Any, params: Any, domain_loss_fn: Any) -> None:
+  if domain_loss_fn is None:
+    raise ValueError(
+        'disam needs the per-domain losses: call tx.update(None, state, params, domain_loss_fn=f) with '
+        'f(params) -> [M] losses. (In optax.chain, pass domain_loss_fn to the chain\'s update.)'
+    )
+  if params is None:
+    raise ValueError('disam needs params: call tx.update(None, state, params, domain_loss_fn=f).')
+  _check_params(update_fn, params)
+  if jax.tree.leaves(updates):
+    raise ValueError(
+        'disam computes both of its gradients from domain_loss_fn, so it cannot use incoming updates: pass None '
+        'as the first argument of update (tx.update(None, state, params, domain_loss_fn=f)). ' + _WHERE_TO
+    )
 
 
 def disam(
@@ -177,40 +369,42 @@ def disam(
     batch_axis_name: Optional[str] = None,
     per_device_perturbation: bool = False,
     perturbation_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
   Example::
 
-    tx = disam_jax.disam(optax.sgd(0.01, momentum=0.9), rho=0.05, lam=0.1)
+    tx = disam_jax.disam(optax.sgd(0.01, momentum=0.9), rho=0.05, lam=0.1, num_domains=M)
     opt_state = tx.init(params)
     f = lambda p: per_domain_mean_losses(p, batch)          # -> [M]
     updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=f)
     params = optax.apply_updates(params, updates)
 
-  `update(updates, state, params, *, domain_loss_fn, **extra_args)` evaluates both gradients through
-  `domain_loss_fn`, so the incoming `updates` are ignored (pass `None`; a gradient pytree passed there is discarded,
-  not added). `params` is required. Other `extra_args` are forwarded to `base_tx`. `domain_loss_fn(params)` returns
-  the per-domain losses at `params`: a `[M]` vector of means, a `DomainLosses(total, count)` (see
+  `update(None, state, params, *, domain_loss_fn, **extra_args)` evaluates both gradients through
+  `domain_loss_fn`, so it takes no incoming updates: pass `None` (a gradient pytree there is refused, never
+  silently discarded). `params` is required. Other `extra_args` are forwarded to `base_tx`. `domain_loss_fn(params)`
+  returns the per-domain losses at `params`: a `[M]` vector of means, a `DomainLosses(total, count)` (see
   `grouped_domain_loss_fn`, `domain_losses_from_ids`), or `(either, aux)` with `has_aux=True`.
 
-  Where things go: gradient clipping, weight decay and anything else that should act on the sharpness-aware
-  gradient belong *inside* `base_tx` (e.g. `optax.chain(optax.clip_by_global_norm(1.0),
-  optax.add_decayed_weights(1e-4), optax.sgd(lr, 0.9))`); `base_tx` is applied at the unperturbed weights. In
-  `optax.chain(a, disam(...), b)` the chain forwards `domain_loss_fn` to every member: `b` acts on DISAM's updates
-  as usual, but `a`'s output is discarded because DISAM recomputes the gradient.
+  Where things go: gradient clipping, weight decay, `optax.apply_if_finite`, masks of the update and anything else
+  that should act on the sharpness-aware gradient belong *inside* `base_tx` (e.g. `optax.chain(
+  optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-4), optax.sgd(lr, 0.9))`); `base_tx` is applied at
+  the unperturbed weights. `optax.chain(disam(...), b)` works (`b` acts on DISAM's updates); wrappers whose work
+  DISAM would drop (a chain member before disam, `MultiSteps`, `apply_if_finite` around it, `masked`,
+  `multi_transform`) are refused at trace time with what to write instead. `optax.inject_hyperparams(disam,
+  static_args=('base_tx',))` works under `jit` (rho and lam traced; list `num_domains` in `static_args` too).
 
-  Non-finite losses propagate into the updates (nothing is silently zeroed). To skip such steps, put
-  `optax.apply_if_finite` inside base_tx, `disam(optax.apply_if_finite(sgd, max_consecutive_errors=5))`: it then
-  sees the sharpness-aware gradient. (Wrapped around disam it would only inspect the ignored incoming updates.) A zero gradient gives a zero
+  Non-finite losses propagate into the updates (nothing is silently zeroed). A zero gradient gives a zero
   perturbation (the norm has a 1e-12 floor), never NaN.
 
   Args:
     base_tx: the optimizer applied to the sharpness-aware gradient `g` at the unperturbed weights.
     rho: perturbation radius (>= 0), or an optax schedule of the step count kept in the state. `rho=0` is
-      exactly `base_tx` on the gradient of `L`.
+      exactly `base_tx` on the gradient of `L`. Checked when concrete (a traced value is taken as given).
     lam: weight of the domain-loss variance in the perturbation objective (>= 0), or a schedule. `lam=0` is
-      exactly SAM. Paper defaults: rho 0.05, lam 0.1.
+      exactly SAM. Paper defaults: rho 0.05, lam 0.1. Its effect scales with the loss scale: `V` is quadratic in
+      the losses, so `c_i` depends on `lam * (L_i - L)`; multiplying the losses by s multiplies `lam`'s effect by s.
     adaptive: ASAM form, `eps = rho * w^2 * g_p / (|| |w| g_p || + 1e-12)` (the official code's flag).
     domain_weights: `'uniform'` (paper: `a_i = 1/M` over the domains present), `'count'` (`a_i = n_i / n`, what
       the official code effectively computes), or a `[M]` array of fixed weights (renormalized over present
@@ -219,16 +413,22 @@ def disam(
     aux_example: with `has_aux`, a pytree of arrays shaped like the aux (e.g. the model's current BatchNorm
       statistics): `init` stores it as `state.aux` instead of `None`, so the state keeps one structure across
       steps. Needed where the state must not change structure: `nnx.Optimizer`, a `lax.scan` carry, `lax.cond`.
-    num_domains: M, if known: fixes the shape of `state.domain_losses` from `init` (needed when the state is a
-      `lax.scan` carry) and checks every call against it.
-    batch_axis_name: under `pmap`/`shard_map`, the mapped axis holding slices of the batch: domain loss sums and
-      counts are summed over it before the variance, and both gradients are reduced, so N devices take the same
-      step as one device on the whole batch. Not needed under `jit` with sharded arrays (GSPMD).
+    num_domains: M (an int or numpy integer). Without it, the `[M]` fields of the state (`domain_losses`,
+      `domain_counts`, `perturbation_weights`) are `None` (M is unknown at `init`, and the state's structure
+      never changes); with it they are `[M]` and every call is checked against M.
+    batch_axis_name: under `pmap`/`shard_map` (with or without `check_vma`), the mapped axis holding slices of the
+      batch: domain loss sums and counts are summed over it before the variance, and both gradients are reduced,
+      so N devices take the same step as one device on the whole batch. Not needed under `jit` with sharded
+      arrays (GSPMD).
     per_device_perturbation: with `batch_axis_name`, each device perturbs with its own local `g_p` from its own
-      domain losses ("m-sharpness", as google-research/sam); only the final gradients are averaged. Off by
-      default: the perturbation is global (synchronized).
-    perturbation_mask: a pytree of bools matching `params` (or a function of `params` returning one): only
-      `True` leaves are perturbed and the norm is taken over them alone (SAM-ON style).
+      domain losses ("m-sharpness", as google-research/sam); only the perturbation changes: the final gradient is
+      still that of the global `L` (global weights and counts), and the logged losses are global. Off by default:
+      the perturbation is global (synchronized).
+    perturbation_mask: what `optax.masked` accepts, for the perturbation: a pytree of bools matching `params` or a
+      prefix of it (`{'encoder': True, 'head': False}`), Python or (traced) JAX bools, or a function of `params`
+      returning one. Only `True` leaves are perturbed and the norm is taken over them alone (SAM-ON style).
+    diagnostics: also compute `state.sam_cosine`, the cosine between `g_p` and SAM's `grad L(w)` (one extra
+      backward pass, no extra forward pass); NaN when off.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `DisamState`.
@@ -239,11 +439,14 @@ def disam(
   """
   _check_hyperparameter('rho', rho)
   _check_hyperparameter('lam', lam)
+  num_domains = _static_num_domains(num_domains)
   if isinstance(domain_weights, str):
     if domain_weights not in ('uniform', 'count'):
       raise ValueError(
           f"domain_weights must be 'uniform', 'count' or a [M] array; got {domain_weights!r}."
       )
+    weighting = domain_weights
+  elif isinstance(domain_weights, jax.core.Tracer):  # inject_hyperparams under jit: checked at init
     weighting = domain_weights
   else:
     weighting = np.asarray(domain_weights, np.float32)
@@ -256,42 +459,33 @@ def disam(
           f'domain_weights has {weighting.shape[0]} entries but num_domains={num_domains}.'
       )
     weighting = jnp.asarray(weighting)
-  if num_domains is not None and (not isinstance(num_domains, int) or num_domains < 1):
-    raise ValueError(f'num_domains must be a positive int; got {num_domains!r}.')
   if per_device_perturbation and batch_axis_name is None:
     raise ValueError('per_device_perturbation=True needs batch_axis_name (the pmap/shard_map axis).')
-  base_tx = optax.with_extra_args_support(base_tx)
-  lam_may_be_positive = callable(lam) or float(lam) > 0
-
   if aux_example is not None and not has_aux:
     raise ValueError('aux_example is only meaningful with has_aux=True.')
+  base_tx = optax.with_extra_args_support(base_tx)
+  lam_may_be_positive = _may_be_positive(lam)
 
   def init_fn(params):
-    return _initial_state(base_tx.init(params), num_domains, aux_example)
+    _check_params(init_fn, params)
+    return _initial_state(base_tx.init(params), num_domains, aux_example, _metric_dtype(params))
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):
-    del updates  # Both gradients come from domain_loss_fn.
-    if domain_loss_fn is None:
-      raise ValueError(
-          'disam needs the per-domain losses: call tx.update(None, state, params, domain_loss_fn=f) with '
-          'f(params) -> [M] losses. (In optax.chain, pass domain_loss_fn to the chain\'s update.)'
-      )
-    if params is None:
-      raise ValueError('disam needs params: call tx.update(updates, state, params, domain_loss_fn=f).')
-    rho_t, lam_t = _at_step(rho, state.count), _at_step(lam, state.count)
-    reduce_losses = batch_axis_name is not None and not per_device_perturbation
+    _check_call(update_fn, updates, params, domain_loss_fn)
+    dtype = state.loss.dtype  # fixed by init: float32, or float64 with float64 params
+    rho_t, lam_t = _at_step(rho, state.count, dtype), _at_step(lam, state.count, dtype)
+    axis = batch_axis_name
 
     def local_totals(p):
       losses, aux = _split_output(domain_loss_fn(p), has_aux)
       return losses.total, (losses.count, aux)
 
     # Pass 1, unperturbed: forward, the objective on global sums, one backward with cotangent dJ/dtotal.
-    total, vjp_fn, (count, aux) = jax.vjp(local_totals, params, has_aux=True)
+    total, vjp_fn, (count, aux) = jax.vjp(local_totals, _device_local(params, axis), has_aux=True)
     m = total.shape[0]
-    expected = num_domains if num_domains is not None else (state.domain_losses.shape[0] or m)
-    if m != expected:
+    if num_domains is not None and m != num_domains:
       raise ValueError(
-          f'domain_loss_fn returned {m} domain losses, but this optimizer state holds {expected} '
+          f'domain_loss_fn returned {m} domain losses, but this optimizer was built with num_domains={num_domains} '
           '(the number of domains must not change between steps).'
       )
     if m == 1 and lam_may_be_positive:
@@ -299,56 +493,74 @@ def disam(
           f'domain_loss_fn returned a single domain loss with lam={lam!r}: the variance of one domain is '
           'identically 0, so DISAM would silently be SAM. Use lam=0 for SAM, or return one loss per domain.'
       )
-    total32 = total.astype(jnp.float32)
-    if reduce_losses:
-      total32, count = jax.lax.psum((total32, count), batch_axis_name)
+    wide = jnp.promote_types(dtype, total.dtype)
+    local_total, local_count = total.astype(wide), count.astype(wide)
+    global_total, global_count = local_total, local_count
+    if axis is not None:
+      global_total, global_count = jax.lax.psum((local_total, local_count), axis)
+    means, weights, loss, variance = _objective_terms(global_total, global_count, weighting)
+
+    # The perturbation objective J = L - lam V, on the global sums (or this device's, per-device).
+    pert_total, pert_count = (local_total, local_count) if per_device_perturbation else (global_total, global_count)
 
     def perturbation_objective(t):
-      means, weights, loss, variance = _objective_terms(t, count, weighting)
-      return loss - lam_t * variance, (means, weights, loss, variance)
+      _, w_i, l, v = _objective_terms(t, pert_count, weighting)
+      return l - lam_t * v, w_i
 
-    cotangent, (means, weights, loss, variance) = jax.grad(perturbation_objective, has_aux=True)(total32)
-    (g_p,) = vjp_fn(cotangent.astype(total.dtype))
-    if reduce_losses:
-      g_p = jax.lax.psum(g_p, batch_axis_name)
+    cotangent, pert_weights = jax.grad(perturbation_objective, has_aux=True)(pert_total)
+    reduce_g_p = axis is not None and not per_device_perturbation
 
-    mask = perturbation_mask(params) if callable(perturbation_mask) else perturbation_mask
+    def backward(cot):  # the VJP of the unperturbed pass, summed over devices when the perturbation is global
+      (grad,) = vjp_fn(_device_local(cot.astype(total.dtype), axis))
+      return jax.lax.psum(grad, axis) if reduce_g_p else grad
+
+    mask = None if perturbation_mask is None else _resolve_mask(perturbation_mask, params)
+    g_p = backward(cotangent)
     if mask is not None:
-      g_p = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), g_p, mask)
+      g_p = _apply_mask(g_p, mask)
     if adaptive:
-      scaled = jax.tree.map(lambda g, w: jnp.abs(w.astype(jnp.float32)) * g.astype(jnp.float32), g_p, params)
+      scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
       p_norm = _global_norm(scaled)
-      direction = jax.tree.map(lambda s, w: jnp.abs(w.astype(jnp.float32)) * s, scaled, params)
+      direction = jax.tree.map(lambda s, w: jnp.abs(_wide(w)) * s, scaled, params)
     else:
       p_norm = _global_norm(g_p)
-      direction = jax.tree.map(lambda g: g.astype(jnp.float32), g_p)
+      direction = jax.tree.map(_wide, g_p)
     scale = rho_t / (p_norm + _NORM_EPS)
-    perturbed = jax.tree.map(lambda w, d: (w.astype(jnp.float32) + scale * d).astype(w.dtype), params, direction)
+    perturbed = jax.tree.map(lambda w, d: (_wide(w) + scale * d).astype(w.dtype), params, direction)
 
-    # Pass 2, perturbed: gradient of the plain training loss L; its aux (e.g. BatchNorm statistics) is dropped.
-    grad_weights = weights / jnp.maximum(count, 1.0)
+    if diagnostics:  # SAM's direction grad L(w): the same VJP with cotangent a_i / n_i (no extra forward pass)
+      g_sam = backward(pert_weights / jnp.maximum(pert_count, 1.0))
+      if mask is not None:
+        g_sam = _apply_mask(g_sam, mask)
+      cosine = _vdot(g_p, g_sam) / (_global_norm(g_p) * _global_norm(g_sam) + _NORM_EPS)
+    else:
+      cosine = jnp.full([], jnp.nan)
+
+    # Pass 2, perturbed: gradient of the plain global training loss L; its aux (e.g. BatchNorm statistics) is dropped.
+    grad_weights = weights / jnp.maximum(global_count, 1.0)
 
     def perturbed_loss(p):
       losses, _ = _split_output(domain_loss_fn(p), has_aux)
       return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
 
-    g = jax.grad(perturbed_loss)(perturbed)
-    if reduce_losses:
-      g = jax.lax.psum(g, batch_axis_name)
-    elif batch_axis_name is not None:  # per-device perturbation: average the local sharpness-aware gradients
-      g = jax.lax.pmean(g, batch_axis_name)
+    g = jax.grad(perturbed_loss)(_device_local(perturbed, axis))
+    if axis is not None:
+      g = jax.lax.psum(g, axis)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
+    per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)  # None without num_domains
     new_state = DisamState(
         count=optax.safe_increment(state.count),
         base_state=base_state,
-        domain_losses=means,
-        domain_counts=count,
-        loss=loss,
-        variance=variance,
-        perturbation_norm=p_norm,
-        grad_norm=_global_norm(g),
+        domain_losses=per_domain(means),
+        domain_counts=per_domain(global_count),
+        loss=loss.astype(dtype),
+        variance=variance.astype(dtype),
+        perturbation_norm=p_norm.astype(dtype),
+        grad_norm=_global_norm(g).astype(dtype),
         aux=aux,
+        perturbation_weights=per_domain(cotangent * pert_count),
+        sam_cosine=cosine.astype(dtype),
     )
     return new_updates, new_state
 

@@ -238,6 +238,8 @@ def erm(
       perturbation_norm=jnp.zeros([], jnp.float32),
       grad_norm=_global_norm(grads),
       aux=aux,
+      perturbation_weights=jax.tree.map(jnp.zeros_like, state.perturbation_weights),  # no perturbation
+      sam_cosine=jnp.full_like(state.sam_cosine, jnp.nan),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
