@@ -105,27 +105,30 @@ def nnx_update(
     model_state = nnx.as_pure(new_rest)
     return losses, ((model_state, user_aux) if has_aux else model_state)
 
-  if not has_aux:
-    optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
-    state = find_disam_state(nnx.as_pure(optimizer.opt_state))
-    nnx.update(model, state.aux)
-    return state
-
-  # DISAM returns the unperturbed aux in its state; take the user's part out before the optimizer stores the state
-  # (nnx.Optimizer keeps its state's structure fixed). Both calls run in this trace, so no tracer escapes.
+  # nnx.Optimizer.update takes a gradient argument and hands it to tx.update; DISAM computes both gradients from
+  # domain_loss_fn and refuses incoming updates, so the tx is wrapped to pass None. With has_aux, the user's part of
+  # DISAM's unperturbed aux is also taken out before the optimizer stores the state (nnx.Optimizer keeps its
+  # state's structure fixed). Both calls run in this trace, so no tracer escapes.
   tx, user_aux = optimizer.tx, []
 
-  def update_keeping_model_state(updates, opt_state, p, **kwargs):
-    updates, new_opt_state = tx.update(updates, opt_state, p, **kwargs)
-    model_state, aux = find_disam_state(new_opt_state).aux
-    user_aux.append(aux)
-    return updates, _replace_disam_state(new_opt_state, lambda s: s._replace(aux=model_state))
+  def update_from_domain_loss_fn(updates, opt_state, p, **kwargs):
+    del updates  # the params passed as nnx's gradient argument below
+    updates, new_opt_state = tx.update(None, opt_state, p, **kwargs)
+    if has_aux:
+      model_state, aux = find_disam_state(new_opt_state).aux
+      user_aux.append(aux)
+      new_opt_state = _replace_disam_state(new_opt_state, lambda s: s._replace(aux=model_state))
+    return updates, new_opt_state
 
-  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_keeping_model_state)
+  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_from_domain_loss_fn)
   try:
     optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
   finally:
     optimizer.tx = tx
+  if not has_aux:
+    state = find_disam_state(nnx.as_pure(optimizer.opt_state))
+    nnx.update(model, state.aux)
+    return state
   state = find_disam_state(nnx.as_pure(optimizer.opt_state))
   nnx.update(model, state.aux)
   return state, user_aux[0]

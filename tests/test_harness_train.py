@@ -79,7 +79,7 @@ def test_step_matches_disam_on_hand_written_losses(mlp, algorithm, hparams, base
   step = jax.jit(train.make_train_step(graphdef, tx))
   state = train.init_train_state(params, model_state, tx)
 
-  ref_tx = disam_jax.disam(base_tx, hparams.rho, lam, adaptive=hparams.adaptive)
+  ref_tx = disam_jax.disam(base_tx, hparams.rho, lam, adaptive=hparams.adaptive, num_domains=M)
 
   @jax.jit
   def ref_step(ref_params, ref_state, x, y):

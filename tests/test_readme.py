@@ -24,7 +24,7 @@ def test_plain_optax_snippet():
   x, y = _batch()
   dense = linen.Dense(3)
   params = dense.init(jax.random.key(0), x[0])
-  env = {'params': params, 'apply': dense.apply, 'x': x, 'y': y}
+  env = {'params': params, 'apply': dense.apply, 'x': x, 'y': y, 'M': M}
   exec(BLOCKS['Usage with plain optax'], env)
   assert env['opt_state'].domain_losses.shape == (M,)
 
