@@ -620,10 +620,11 @@ def test_count_weighting_equals_per_example_mean_and_weighted_variance():
     per_example = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(xf, jnp.float32) @ q['w'] + q['b'], yf)
     return disam_jax.domain_losses_from_ids(per_example, ids, 3)
 
-  tx = disam_jax.disam(optax.sgd(1.0), rho, lam, domain_weights='count')
+  tx = disam_jax.disam(optax.sgd(1.0), rho, lam, domain_weights='count', num_domains=3)
   p = to_jax(params)
   updates, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
   assert_tree_close({k: -updates[k] for k in updates}, expected, atol=2e-6)
+  np.testing.assert_allclose(state.perturbation_weights, c, rtol=1e-5)  # c_i of the means, from sums and counts
   np.testing.assert_allclose(state.variance, a @ (losses - mean) ** 2, rtol=1e-4)
 
 
@@ -683,6 +684,17 @@ def test_bfloat16_params():
   # The perturbed point itself is rounded to bf16 (as the params), so allow a few roundings.
   assert err(expected) <= 4, err(expected)
   assert err(sgd) > 30 and err(sam) > 30, (err(sgd), err(sam))
+
+
+def test_norms_of_bfloat16_params_are_float32():
+  """A linear loss whose gradients are exact in bf16: ||g_p|| = sqrt(3 * 1.5^2) and ||g|| to float32 precision
+  (a bf16 norm would be 2.59375 instead of 2.598076)."""
+  p = {'w': jnp.zeros(3, jnp.bfloat16)}
+  f = lambda q: jnp.stack([1.0 * q['w'].astype(jnp.float32).sum(), 2.0 * q['w'].astype(jnp.float32).sum()])
+  tx = disam_jax.disam(optax.sgd(0.1), 0.05, 0.0)
+  _, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
+  np.testing.assert_allclose(float(state.perturbation_norm), math.sqrt(3 * 1.5**2), rtol=1e-6)
+  np.testing.assert_allclose(float(state.grad_norm), math.sqrt(3 * 1.5**2), rtol=1e-6)
 
 
 def test_non_finite_loss_composes_with_apply_if_finite():
