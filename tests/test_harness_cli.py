@@ -203,3 +203,39 @@ def test_unreadable_images_are_counted_in_the_results_of_every_run(capsys, tmp_p
     assert json.loads((run / "results.json").read_text())["data_warnings"] == 1
     assert "Data: 1 unreadable image file(s) skipped (a/x/broken.jpg)" in (run / "results.md").read_text()
   assert sorted(os.listdir(tmp_path / "data")) == ["a", "b", "c"]
+
+
+def test_diagnostics_log_the_cosine_between_disam_and_sam_directions(capsys, tmp_path):
+  base = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps", "4", "--eval-every", "2",
+          "--algorithm", "sam", "disam", "--diagnostics", "--quiet"]
+  cosine = {}
+  for lam in (0.0, 2.0):
+    run = tmp_path / f"lam{lam}"
+    code, _, err = _run(capsys, base + ["--lam", str(lam), "--output-dir", str(run)])
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["hparams"]["diagnostics"] is True
+    lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
+    cosine[lam] = np.asarray([line["sam_cosine"] for line in lines if "loss" in line])
+    sam = [json.loads(line) for line in (run / "cells" / "sam_heldout-75_seed-0" / "metrics.jsonl").open()]
+    assert all(line.get("sam_cosine") is None for line in sam)  # 1 by definition: not computed for SAM
+  np.testing.assert_allclose(cosine[0.0], 1.0, atol=1e-5)  # lam 0: DISAM's direction is SAM's
+  assert np.all(cosine[2.0] < 1.0 - 1e-6) and np.all(cosine[2.0] > -1.0)
+
+
+def test_main_job_logs_the_perturbation_weights_and_draws_the_mechanism_panel(capsys, tmp_path):
+  run = tmp_path / "run"
+  code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps", "6",
+                               "--eval-every", "3", "--algorithm", "sam", "disam", "--lam", "0.5", "--quiet",
+                               "--output-dir", str(run)])
+  assert code == 0, err
+  assert (run / "mechanism.png").exists()
+  lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
+  lines = [line for line in lines if "loss" in line]
+  assert len(lines) == 6
+  for line in lines:
+    # c_i = a_i (1 - 2 lam (L_i - L)) with a_i = 1/M, from the logged domain losses (same step, unperturbed weights).
+    losses = np.asarray(list(line["domain_losses"].values()))
+    expected = (1 - 2 * 0.5 * (losses - losses.mean())) / len(losses)
+    np.testing.assert_allclose(list(line["perturbation_weights"].values()), expected, rtol=1e-5, atol=1e-7)
+    assert list(line["perturbation_weights"]) == list(line["domain_losses"])
+    assert line["sam_cosine"] is None  # diagnostics off

@@ -70,6 +70,8 @@ class HParams:
     batch_size: examples per training domain per step.
     rho: perturbation radius (SAM, DISAM).
     lam: weight of the domain-loss variance in DISAM's perturbation.
+    diagnostics: DISAM rules also compute, every step, the cosine between DISAM's perturbation direction and SAM's
+      (`DisamState.sam_cosine`; one extra backward pass per step). SAM's is 1 by definition and is not computed.
     adaptive: ASAM form of the perturbation (every sharpness-aware rule): ``sam`` with it is ASAM (Kwon et al.
       2021), ``disam`` with it the official DISAM code's ``adaptive`` flag.
     alpha: GSAM's / SAGM's alpha; None takes the rule's published default (see `disam_jax.disam`).
@@ -87,6 +89,7 @@ class HParams:
   batch_size: int = 64
   rho: float = 0.05
   lam: float = 0.1
+  diagnostics: bool = False
   adaptive: bool = False
   alpha: Optional[float] = None
   coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
@@ -261,6 +264,8 @@ def _erm_rule(base, hp, **kw):
 def _sam_rule(lam_on: bool, rule: Optional[str] = None):
   def build(base, hp, **kw):
     extra = {} if rule is None else {"rule": rule, "alpha": hp.alpha}
+    if lam_on and hp.diagnostics:
+      extra["diagnostics"] = True
     return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, **extra, **kw)
 
   return build

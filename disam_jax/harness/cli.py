@@ -169,6 +169,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      help=f"SAM/DISAM perturbation radius (default: {hp.rho})")
   train.add_argument("--lam", type=_finite_float, default=default(hp.lam),
                      help=f"DISAM's weight of the domain-loss variance (default: {hp.lam})")
+  train.add_argument("--diagnostics", action="store_true", default=default(False),
+                     help="for DISAM, also log the cosine between its perturbation direction and SAM's every step "
+                          "(mechanism.png; one extra backward pass per DISAM step)")
   train.add_argument("--adaptive", action="store_true", default=default(False),
                      help="adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive is ASAM)")
   train.add_argument("--alpha", type=_finite_float, default=default(None),
@@ -236,6 +239,7 @@ def config_from_args(args: argparse.Namespace):
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
     batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
+    diagnostics=args.diagnostics,
     coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
     fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
   ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
