@@ -17,6 +17,21 @@ is ONE vector-Jacobian product of the domain loss function with cotangent `c` (E
 pass): two forward and two backward passes per step whatever M is, exactly SAM's cost. `c_i` may be negative for a
 domain far above the mean; that is the algorithm ("elastic calibration"), not a bug. The weights `c_i` are kept in
 the state (`perturbation_weights`) so the mechanism can be watched.
+
+The SAM family (`rule=`) shares this one step; the rules differ only in the perturbed point and the final gradient,
+both from `g_p` (the ascent gradient at `w`) and `g_adv = grad L(w_adv)` (the gradient at the perturbed point):
+
+    sam:   w_adv = w + rho g_p / ||g_p||                final  g_adv
+    gsam:  w_adv = w + rho g_p / ||g_p||                final  g_adv - alpha g_perp,  g_perp = g_p - (<g_p, g_adv> /
+                                                              ||g_adv||^2) g_adv       (Zhuang et al., ICLR 2022)
+    sagm:  w_adv = w + (rho / ||g_p|| - alpha) g_p     final  (g_p + g_adv) / 2      (Wang et al., CVPR 2023)
+
+At lam = 0, `g_p = grad L(w)` and these are exactly GSAM and SAGM as their official code computes them. At lam > 0
+the unperturbed gradient entering GSAM's and SAGM's final gradient is DISAM's `g_p = grad (L - lam V)` -- what the
+official DISAM code wires (its optimizer reuses the first backward pass), and the only choice that keeps the step at
+two forward and two backward passes (`grad L(w)` would be a third backward pass). Consequence: SAGM's update then
+carries `-(lam / 2) grad V`, i.e. the step *increases* V by `lr lam / 2 |grad V|^2` to first order, and GSAM's
+`g_perp` includes V's gradient; the paper does not say which it meant.
 """
 
 import functools
@@ -35,6 +50,13 @@ from disam_jax._domain_losses import DomainLosses
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 _NORM_EPS = 1e-12
+
+# alpha=None takes the rule's published default:
+# - gsam 0.2: the official GSAM example (juntang-zhuang/GSAM, example/train.py, `--alpha 0.2`); the paper tunes
+#   alpha in {0.01, ..., 0.3} (Zhuang et al., ICLR 2022, Sec. 5). No DomainBed setting is published for GSAM.
+# - sagm 0.001: the official SAGM DomainBed hyperparameters (Wang-pengfei/SAGM, domainbed/hparams_registry.py,
+#   SAGM_DG: rho 0.05, alpha 0.001).
+_DEFAULT_ALPHA = {'gsam': 0.2, 'sagm': 0.001}
 
 
 class DisamState(NamedTuple):
@@ -370,6 +392,8 @@ def disam(
     per_device_perturbation: bool = False,
     perturbation_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     diagnostics: bool = False,
+    rule: str = 'sam',
+    alpha: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
@@ -429,6 +453,11 @@ def disam(
       returning one. Only `True` leaves are perturbed and the norm is taken over them alone (SAM-ON style).
     diagnostics: also compute `state.sam_cosine`, the cosine between `g_p` and SAM's `grad L(w)` (one extra
       backward pass, no extra forward pass); NaN when off.
+    rule: the sharpness-aware rule the domain-inspired perturbation is put under: `'sam'` (the paper's DISAM),
+      `'gsam'` (Zhuang et al., ICLR 2022) or `'sagm'` (Wang et al., CVPR 2023); see the module docstring for each
+      update. All three cost two forward and two backward passes; `lam=0` is plain SAM / GSAM / SAGM.
+    alpha: GSAM's weight of the orthogonal component, or SAGM's step back along `g_p` (>= 0, or a schedule);
+      `None` takes the rule's published default (gsam 0.2, sagm 0.001). Only for `rule='gsam'` / `'sagm'`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `DisamState`.
@@ -436,9 +465,23 @@ def disam(
   References:
     Zhang et al., Domain-Inspired Sharpness-Aware Minimization Under Domain Shifts, ICLR 2024 (Eq. 6-8).
     Foret et al., Sharpness-Aware Minimization, ICLR 2021. Kwon et al., ASAM, ICML 2021.
+    Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022 (GSAM, Algorithm 1).
+    Wang et al., Sharpness-Aware Gradient Matching for Domain Generalization, CVPR 2023 (SAGM, Algorithm 1).
   """
   _check_hyperparameter('rho', rho)
   _check_hyperparameter('lam', lam)
+  if rule not in ('sam', 'gsam', 'sagm'):
+    raise ValueError(f"rule must be 'sam', 'gsam' or 'sagm'; got {rule!r}.")
+  if rule == 'sam' and alpha is not None:
+    raise ValueError("alpha is GSAM's / SAGM's parameter: pass rule='gsam' or rule='sagm', or drop alpha.")
+  if rule != 'sam':
+    alpha = _DEFAULT_ALPHA[rule] if alpha is None else alpha
+    _check_hyperparameter('alpha', alpha)
+    if per_device_perturbation:
+      raise ValueError(
+          f"rule={rule!r} combines the unperturbed gradient into the final one, which per_device_perturbation "
+          "keeps per device: use the global perturbation (per_device_perturbation=False) with GSAM/SAGM."
+      )
   num_domains = _static_num_domains(num_domains)
   if isinstance(domain_weights, str):
     if domain_weights not in ('uniform', 'count'):
@@ -515,9 +558,8 @@ def disam(
       return jax.lax.psum(grad, axis) if reduce_g_p else grad
 
     mask = None if perturbation_mask is None else _resolve_mask(perturbation_mask, params)
-    g_p = backward(cotangent)
-    if mask is not None:
-      g_p = _apply_mask(g_p, mask)
+    g_ascent = backward(cotangent)  # g_p on every parameter: GSAM/SAGM combine it into the final gradient
+    g_p = g_ascent if mask is None else _apply_mask(g_ascent, mask)
     if adaptive:
       scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
       p_norm = _global_norm(scaled)
@@ -526,6 +568,8 @@ def disam(
       p_norm = _global_norm(g_p)
       direction = jax.tree.map(_wide, g_p)
     scale = rho_t / (p_norm + _NORM_EPS)
+    if rule == 'sagm':  # SAGM's perturbed point w + (rho / ||g|| - alpha) g (official code; adaptive: times w^2)
+      scale = scale - _at_step(alpha, state.count, dtype)
     perturbed = jax.tree.map(lambda w, d: (_wide(w) + scale * d).astype(w.dtype), params, direction)
 
     if diagnostics:  # SAM's direction grad L(w): the same VJP with cotangent a_i / n_i (no extra forward pass)
@@ -546,6 +590,8 @@ def disam(
     g = jax.grad(perturbed_loss)(_device_local(perturbed, axis))
     if axis is not None:
       g = jax.lax.psum(g, axis)
+    if rule != 'sam':
+      g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
     per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)  # None without num_domains
@@ -565,6 +611,22 @@ def disam(
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any) -> Any:
+  """GSAM's / SAGM's gradient from the unperturbed ascent gradient `g_w` and the perturbed one `g_adv`.
+
+  gsam: `g_adv - alpha (g_w - <g_w, g_adv> / ||g_adv||^2 g_adv)` (the official code's eps placement);
+  sagm: `(g_w + g_adv) / 2`. Elementwise work only: no pass through the model.
+  """
+  if rule == 'sagm':
+    return jax.tree.map(lambda a, b: ((_wide(a) + _wide(b)) / 2).astype(b.dtype), g_w, g_adv)
+  norm_w, norm_adv = _global_norm(g_w), _global_norm(g_adv)
+  cosine = _vdot(g_w, g_adv) / (norm_w * norm_adv + _NORM_EPS)
+  parallel = cosine * norm_w / (norm_adv + _NORM_EPS)  # <g_w, g_adv> / ||g_adv||^2, eps-guarded
+  return jax.tree.map(
+      lambda a, b: (_wide(b) - alpha * (_wide(a) - parallel * _wide(b))).astype(b.dtype), g_w, g_adv
+  )
 
 
 def find_disam_state(opt_state: optax.OptState) -> DisamState:
