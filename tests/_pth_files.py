@@ -87,3 +87,20 @@ def write_legacy_pth(path, arrays, extra=b""):
 def system_call_item(command):
   """A state-dict item whose value is ``os.system(command)``: what a malicious checkpoint carries."""
   return _str("evil") + _global("os", "system") + _tuple([_str(command)]) + b"R"
+
+
+def write_safetensors(path, arrays):
+  """The safetensors layout: little-endian u64 header size, JSON header, one data buffer."""
+  import json
+
+  names = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16",
+           np.dtype(np.int64): "I64", np.dtype(np.bool_): "BOOL"}
+  header, chunks, offset = {"__metadata__": {"format": "np"}}, [], 0
+  for k, a in arrays.items():
+    b = np.require(a, requirements="C").tobytes()
+    header[k] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+    chunks.append(b)
+    offset += len(b)
+  h = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h + b"".join(chunks))

@@ -75,7 +75,7 @@ def _conv_nhwc(x, kernel, stride=1, pad=1):
 
 
 def test_registry_names():
-  assert set(models.MODELS) == {"mlp", "mnist_cnn", "resnet18", "resnet50", "vit_tiny"}
+  assert set(models.MODELS) == {"mlp", "mnist_cnn", "resnet18", "resnet50", "mobilenet_v2", "vit_tiny"}
 
 
 def test_unknown_model_name_lists_valid_names():
@@ -425,9 +425,13 @@ def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
     models.load_pretrained(model, tmp_path / "absent.npz")
   unrelated = tmp_path / "unrelated.npz"
-  np.savez(unrelated, **{"conv1.weight": np.zeros((3, 3))})
+  np.savez(unrelated, **{"conv1/weight": np.zeros((3, 3))})
   with pytest.raises(ValueError, match="none of the 1 keys"):
     models.load_pretrained(model, unrelated)
+  torchvision_file = tmp_path / "tv.npz"
+  np.savez(torchvision_file, **{"conv1.weight": np.zeros((3, 3))})
+  with pytest.raises(ValueError, match="torchvision-layout.*MLP has no torchvision counterpart.*mobilenet_v2"):
+    models.load_pretrained(model, torchvision_file)
 
 
 def test_convert_torchvision_layout(tmp_path):
@@ -467,3 +471,156 @@ def test_convert_torchvision_layout(tmp_path):
   features = rng.normal(size=(2, 64)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(model.classifier(jnp.asarray(features))),
                              features @ fc_out_in.T + fc_bias, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------ torchvision checkpoints, MobileNetV2
+
+from tests import _pth_files, _reference_mobilenet  # noqa: E402
+from tests.test_harness_weight_files import mobilenet_v2_path  # noqa: E402
+
+# ImageNet classes of the published checkpoint's top-5 on scikit-image's photos (224 px center crop of the
+# 256-px resize), from the independent NumPy forward in tests/_reference_mobilenet.py: Egyptian cat, tiger cat,
+# tabby, lynx, plastic bag; espresso, consomme, cup, soup bowl, coffee mug; space shuttle, drilling platform,
+# missile, obelisk, torch.
+PHOTO_TOP5 = {"chelsea": [285, 282, 281, 287, 728], "coffee": [967, 925, 968, 809, 504],
+              "rocket": [812, 540, 657, 682, 862]}
+
+
+def _imagenet_crop(image):
+  from PIL import Image
+
+  im = Image.fromarray(image).convert("RGB")
+  w, h = im.size
+  s = 256 / min(w, h)
+  im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
+  w, h = im.size
+  left, top = (w - 224) // 2, (h - 224) // 2
+  return np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255
+
+
+def test_mobilenet_v2_parameter_count_matches_torchvision():
+  model = _abstract_model("mobilenet_v2", (224, 224, 3), 1000)
+  assert _param_count(model) == 3_504_872  # torchvision.models.mobilenet_v2()
+  converted = models.convert_torchvision(
+      {k: np.zeros(s, np.float32) for k, s in _reference_mobilenet.state_dict_shapes()}, head="classifier.1")
+  variables = {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+  assert {k: v.shape for k, v in converted.items()} == variables  # every key and shape, both ways
+
+
+def test_mobilenet_v2_from_a_torchvision_checkpoint_equals_numpy(tmp_path):
+  """A random torchvision-layout state dict written as .pth, loaded strictly; logits vs the NumPy forward."""
+  sd = _reference_mobilenet.random_state_dict(seed=1, num_classes=10)
+  _pth_files.write_zip_pth(tmp_path / "mnv2.pth", sd)
+  model = create_model("mobilenet_v2", num_classes=10, input_shape=(32, 32, 3), rngs=_rngs())
+  models.load_pretrained(model, tmp_path / "mnv2.pth", strict=True)
+  model.eval()
+  x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  _, expected = _reference_mobilenet.forward(sd, x)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mobilenet_v2_imagenet_checkpoint_on_real_photos():
+  skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed (pip install scikit-image)")
+  path = mobilenet_v2_path()
+  from disam_jax.harness.weight_files import read_weights
+
+  sd = read_weights(path)
+  model = create_model("mobilenet_v2", num_classes=1000, input_shape=(224, 224, 3), rngs=_rngs())
+  assert len(models.load_pretrained(model, path, strict=True)) == 262
+  model.eval()
+  x = np.stack([_imagenet_crop(getattr(skimage_data, name)()) for name in PHOTO_TOP5])
+
+  # first layers: the stem and the first inverted-residual block, against the NumPy forward
+  reference, expected_logits = _reference_mobilenet.forward(sd, x)
+  backbone = model.backbone
+  h0 = models._conv_bn_relu6(backbone.features[0], models._normalize_input(jnp.asarray(x), "imagenet"))
+  h1 = backbone.features[1](h0)
+  np.testing.assert_allclose(np.asarray(h0), reference[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(h1), reference[1], rtol=1e-4, atol=1e-4)
+
+  logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
+  top5 = np.argsort(-logits, axis=1)[:, :5]
+  assert [int(c) for c in top5[:, 0]] == [285, 967, 812]  # Egyptian cat, espresso, space shuttle
+  assert top5.tolist() == list(PHOTO_TOP5.values())
+
+
+def _torchvision_resnet18_state_dict(width=8, num_classes=5, seed=0):
+  """Keys and shapes of torchvision's resnet18 (at a reduced width), random values."""
+  rng = np.random.default_rng(seed)
+  sd = {}
+
+  def bn(prefix, c):
+    sd[prefix + "weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    sd[prefix + "bias"] = rng.normal(size=c).astype(np.float32) * 0.1
+    sd[prefix + "running_mean"] = rng.normal(size=c).astype(np.float32) * 0.1
+    sd[prefix + "running_var"] = rng.uniform(0.5, 2, c).astype(np.float32)
+    sd[prefix + "num_batches_tracked"] = np.asarray(100, np.int64)
+
+  conv = lambda o, i, k: (rng.normal(size=(o, i, k, k)) * np.sqrt(2 / (i * k * k))).astype(np.float32)
+  sd["conv1.weight"] = conv(width, 3, 7)
+  bn("bn1.", width)
+  cin = width
+  for stage in range(1, 5):
+    planes = width * 2 ** (stage - 1)
+    for j in range(2):
+      p = f"layer{stage}.{j}."
+      sd[p + "conv1.weight"] = conv(planes, cin, 3)
+      bn(p + "bn1.", planes)
+      sd[p + "conv2.weight"] = conv(planes, planes, 3)
+      bn(p + "bn2.", planes)
+      if j == 0 and stage > 1:
+        sd[p + "downsample.0.weight"] = conv(planes, cin, 1)
+        bn(p + "downsample.1.", planes)
+      cin = planes
+  sd["fc.weight"] = rng.normal(size=(num_classes, cin)).astype(np.float32)
+  sd["fc.bias"] = rng.normal(size=num_classes).astype(np.float32)
+  return sd
+
+
+def test_resnet_loads_torchvision_pth_safetensors_and_npz_alike(tmp_path):
+  sd = _torchvision_resnet18_state_dict()
+  files = {"pth": tmp_path / "r.pth", "legacy": tmp_path / "legacy.pth", "safetensors": tmp_path / "r.safetensors",
+           "npz": tmp_path / "r.npz"}
+  _pth_files.write_zip_pth(files["pth"], sd)
+  _pth_files.write_legacy_pth(files["legacy"], sd)
+  _pth_files.write_safetensors(files["safetensors"], sd)
+  np.savez(files["npz"], **sd)
+  try:
+    import torch
+
+    files["torch"] = tmp_path / "torch.pth"
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, files["torch"])
+  except ImportError:
+    pass
+  x = np.random.default_rng(1).uniform(size=(2, 72, 72, 3)).astype(np.float32)
+  outputs = {}
+  for name, path in files.items():
+    model = create_model("resnet18", num_classes=5, input_shape=(72, 72, 3), rngs=_rngs(), width=8)
+    assert len(models.load_pretrained(model, path, strict=True)) == len(sd) - 20  # no num_batches_tracked
+    np.testing.assert_array_equal(np.asarray(model.backbone.layer3[0].downsample[0].kernel[...]),
+                                  sd["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(model.backbone.layer4[1].bn2.var[...]), sd["layer4.1.bn2.running_var"])
+    np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), sd["fc.weight"].T)
+    model.eval()
+    outputs[name] = np.asarray(model(jnp.asarray(x)))
+  for name in files:
+    np.testing.assert_array_equal(outputs[name], outputs["pth"])
+
+
+def test_adapters_start_as_the_identity(tmp_path):
+  sd = _reference_mobilenet.random_state_dict(seed=2, num_classes=4)
+  _pth_files.write_zip_pth(tmp_path / "m.pth", sd)
+  x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 3)), jnp.float32)
+  plain = create_model("mobilenet_v2", num_classes=4, input_shape=(32, 32, 3), rngs=_rngs())
+  adapted = create_model("mobilenet_v2", num_classes=4, input_shape=(32, 32, 3), rngs=_rngs(), adapter_dim=4)
+  for m in (plain, adapted):
+    models.load_pretrained(m, tmp_path / "m.pth")
+    m.eval()
+  adapters = [k for k, _ in nnx.to_flat_state(nnx.state(adapted, nnx.Param)) if "adapter" in map(str, k)]
+  assert len(adapters) == 17 * 4  # down/up kernel and bias after each of the 17 blocks
+  assert _param_count(adapted) - _param_count(plain) == sum(2 * c * 4 + 4 + c for c in
+      [16] + [24] * 2 + [32] * 3 + [64] * 4 + [96] * 3 + [160] * 3 + [320])
+  np.testing.assert_allclose(np.asarray(adapted(x)), np.asarray(plain(x)), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="input_norm"):
+    create_model("mobilenet_v2", num_classes=4, input_shape=(32, 32, 1), rngs=_rngs())

@@ -59,12 +59,15 @@ __all__ = [
     "Head",
     "save_weights",
     "load_pretrained",
+    "convert_torchvision",
     "convert_torchvision_resnet",
     "MLP",
     "MNISTCNN",
     "ResNet",
     "BasicBlock",
     "Bottleneck",
+    "MobileNetV2",
+    "Adapter",
     "ViT",
 ]
 
@@ -187,6 +190,59 @@ class MNISTCNN(_Classifier):
     self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
 
 
+# ------------------------------------------------ pretrained-backbone building blocks
+
+# torchvision's ImageNet preprocessing: images in [0, 1], then (x - mean) / std per RGB channel.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_INPUT_NORMS = ("none", "imagenet")
+
+
+def _check_input_norm(input_norm, channels):
+  if input_norm not in _INPUT_NORMS:
+    raise ValueError(f"input_norm must be one of {_INPUT_NORMS}, got {input_norm!r}")
+  if input_norm == "imagenet" and channels != 3:
+    raise ValueError(f"input_norm='imagenet' needs RGB inputs (3 channels), got {channels}")
+  return input_norm
+
+
+def _normalize_input(x, input_norm):
+  if input_norm == "imagenet":
+    mean = jnp.asarray(_IMAGENET_MEAN, x.dtype)
+    std = jnp.asarray(_IMAGENET_STD, x.dtype)
+    x = (x - mean) / std
+  return x
+
+
+class Adapter(nnx.Module):
+  """A residual bottleneck adapter for parameter-efficient fine-tuning: ``x + up(relu(down(x)))``.
+
+  ``down``: 1x1 convolution ``C -> dim``; ``up``: 1x1 convolution ``dim -> C`` initialized to zero, so a model
+  with adapters computes exactly its pretrained function until the adapters train (Houlsby et al. 2019; the
+  convolutional form of Conv-Adapter). Inputs NHWC ``[n, h, w, C]``; ``2 * C * dim + dim + C`` parameters.
+  """
+
+  def __init__(self, channels: int, dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.down = nnx.Conv(channels, dim, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up = nnx.Conv(dim, channels, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                       kernel_init=nnx.initializers.zeros_init())
+
+  def __call__(self, x):
+    return x + self.up(nnx.relu(self.down(x)))
+
+
+def _adapter(adapter_dim, channels, dtype, param_dtype, rngs):
+  if adapter_dim < 0:
+    raise ValueError(f"adapter_dim must be >= 0 (0: no adapters), got {adapter_dim}")
+  if not adapter_dim:
+    return None
+  return Adapter(channels, adapter_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _with_adapter(adapter, x):
+  return x if adapter is None else adapter(x)
+
+
 # -------------------------------------------------------------------------- ResNet
 
 
@@ -200,7 +256,8 @@ class _FrozenBatchNorm(nnx.BatchNorm):
 class _ResNetLayers:
   """Layer factories shared by the blocks (torchvision's initialization)."""
 
-  def __init__(self, freeze_bn, dtype, param_dtype, rngs):
+  def __init__(self, freeze_bn, dtype, param_dtype, rngs, adapter_dim=0):
+    self.adapter = functools.partial(_adapter, adapter_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv = functools.partial(
         nnx.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"))
@@ -231,11 +288,12 @@ class BasicBlock(nnx.Module):
     self.bn2 = layers.norm(cout)
     needs_projection = stride != 1 or cin != cout
     self.downsample = layers.downsample(cin, cout, stride) if needs_projection else None
+    self.adapter = layers.adapter(cout)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))
     y = self.bn2(self.conv2(y))
-    return nnx.relu(y + _shortcut(self.downsample, x))
+    return _with_adapter(self.adapter, nnx.relu(y + _shortcut(self.downsample, x)))
 
 
 class Bottleneck(nnx.Module):
@@ -252,12 +310,13 @@ class Bottleneck(nnx.Module):
     self.bn3 = layers.norm(cout)
     needs_projection = stride != 1 or cin != cout
     self.downsample = layers.downsample(cin, cout, stride) if needs_projection else None
+    self.adapter = layers.adapter(cout)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))
     y = nnx.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
-    return nnx.relu(y + _shortcut(self.downsample, x))
+    return _with_adapter(self.adapter, nnx.relu(y + _shortcut(self.downsample, x)))
 
 
 class _ResNetBackbone(nnx.Module):
@@ -265,8 +324,9 @@ class _ResNetBackbone(nnx.Module):
   # so that `convert_torchvision_resnet` is a renaming plus transposes.
 
   def __init__(self, block, stage_sizes, in_channels, width, small_input_stem, freeze_bn,
-               dtype, param_dtype, rngs):
-    layers = _ResNetLayers(freeze_bn, dtype, param_dtype, rngs)
+               dtype, param_dtype, rngs, adapter_dim=0, input_norm="none"):
+    layers = _ResNetLayers(freeze_bn, dtype, param_dtype, rngs, adapter_dim)
+    self.input_norm = _check_input_norm(input_norm, in_channels)
     self.small_input_stem = small_input_stem
     if small_input_stem:
       self.conv1 = layers.conv(in_channels, width, (3, 3), strides=1, padding=_PAD1)
@@ -286,6 +346,7 @@ class _ResNetBackbone(nnx.Module):
     self.n_features = cin
 
   def __call__(self, x):
+    x = _normalize_input(x, self.input_norm)
     x = nnx.relu(self.bn1(self.conv1(x)))
     if not self.small_input_stem:
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD1)
@@ -317,20 +378,149 @@ class ResNet(_Classifier):
       updates them, in train mode too (its scale and bias still train).
       DomainBed's ResNet does this (``freeze_bn``) when fine-tuning ImageNet
       weights; the default, False, is standard BatchNorm.
+    adapter_dim: if > 0, an `Adapter` of this bottleneck width after every block
+      (``backbone/layerI/J/adapter``), zero-initialized, for parameter-efficient
+      fine-tuning (``--train-only adapters``).
+    input_norm: ``'imagenet'`` standardizes [0, 1] RGB inputs with ImageNet's mean
+      and std first (what torchvision's weights expect); ``'none'`` (default) does not.
     dtype, param_dtype: computation and parameter dtypes (Flax semantics).
+
+  Loads torchvision checkpoints (``resnet18-f37072fd.pth``, ``resnet50-0676ba61.pth``)
+  with `load_pretrained`: torchvision's ``fc`` is our ``classifier``.
   """
+
+  torchvision_head = "fc"
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
                block: type = BasicBlock, stage_sizes: Sequence[int] = (2, 2, 2, 2),
                width: int = 64, dropout: float = 0.0, small_input_stem: bool | None = None,
-               freeze_bn: bool = False, dtype=None, param_dtype=jnp.float32):
+               freeze_bn: bool = False, adapter_dim: int = 0, input_norm: str = "none",
+               dtype=None, param_dtype=jnp.float32):
     h, _, c = _check_input_shape(input_shape)
     if small_input_stem is None:
       small_input_stem = h <= 64
     self.backbone = _ResNetBackbone(block, tuple(stage_sizes), c, width, bool(small_input_stem),
-                                    freeze_bn, dtype, param_dtype, rngs)
+                                    freeze_bn, dtype, param_dtype, rngs, adapter_dim, input_norm)
     self.n_features = self.backbone.n_features
     self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+  def last_block(self) -> nnx.Module:
+    """The last residual block (``--train-only last_block``)."""
+    return getattr(self.backbone, f"layer{self.backbone.num_stages}")[-1]
+
+
+# --------------------------------------------------------------------- MobileNetV2
+
+
+def _make_divisible(v, divisor=8):
+  # torchvision's _make_divisible: round to a multiple of divisor, never below 90% of v.
+  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def _conv_bn(layers, cin, cout, kernel, stride=1, groups=1):
+  """torchvision's Conv2dNormActivation without the activation: ``[conv, bn]`` (keys ``.0``, ``.1``)."""
+  pad = ((kernel - 1) // 2,) * 2
+  return nnx.List([layers.conv(cin, cout, (kernel, kernel), strides=stride, padding=(pad, pad),
+                               feature_group_count=groups),
+                   layers.norm(cout)])
+
+
+def _conv_bn_relu6(conv_bn, x):
+  conv, bn = conv_bn
+  return jax.nn.relu6(bn(conv(x)))
+
+
+class _InvertedResidual(nnx.Module):
+  # torchvision's InvertedResidual: conv = [expand 1x1 ConvBNReLU6 (if t != 1), depthwise 3x3 ConvBNReLU6,
+  # project 1x1 conv, BN]; residual connection when stride 1 and cin == cout.
+
+  def __init__(self, cin, cout, stride, expand_ratio, layers):
+    hidden = int(round(cin * expand_ratio))
+    self.use_residual = stride == 1 and cin == cout
+    parts = [_conv_bn(layers, cin, hidden, 1)] if expand_ratio != 1 else []
+    parts += [_conv_bn(layers, hidden, hidden, 3, stride, groups=hidden),
+              layers.conv(hidden, cout, (1, 1), padding="VALID"), layers.norm(cout)]
+    self.conv = nnx.List(parts)
+    self.adapter = layers.adapter(cout)
+
+  def __call__(self, x):
+    *conv_bns, project, bn = self.conv
+    y = x
+    for conv_bn in conv_bns:
+      y = _conv_bn_relu6(conv_bn, y)
+    y = bn(project(y))
+    return _with_adapter(self.adapter, x + y if self.use_residual else y)
+
+
+# torchvision's inverted_residual_setting: expansion t, channels c, repeats n, first stride s.
+_MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                         (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class _MobileNetV2Backbone(nnx.Module):
+  # features[0] stem ConvBNReLU6 3x3/2, features[1..17] inverted residuals, features[18] ConvBNReLU6 1x1 to 1280:
+  # the attribute names and indices of torchvision's mobilenet_v2, so a checkpoint loads by renaming.
+
+  def __init__(self, in_channels, width_mult, freeze_bn, adapter_dim, input_norm, dtype, param_dtype, rngs):
+    layers = _ResNetLayers(freeze_bn, dtype, param_dtype, rngs, adapter_dim)
+    self.input_norm = _check_input_norm(input_norm, in_channels)
+    cin = _make_divisible(32 * width_mult)
+    self.n_features = _make_divisible(1280 * max(1.0, width_mult))
+    features = [_conv_bn(layers, in_channels, cin, 3, 2)]
+    for t, c, n, s in _MOBILENET_V2_SETTING:
+      cout = _make_divisible(c * width_mult)
+      for i in range(n):
+        features.append(_InvertedResidual(cin, cout, s if i == 0 else 1, t, layers))
+        cin = cout
+    features.append(_conv_bn(layers, cin, self.n_features, 1))
+    self.features = nnx.List(features)
+
+  def __call__(self, x):
+    x = _normalize_input(x, self.input_norm)
+    stem, *blocks, last = self.features
+    x = _conv_bn_relu6(stem, x)
+    for block in blocks:
+      x = block(x)
+    x = _conv_bn_relu6(last, x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+class MobileNetV2(_Classifier):
+  """MobileNetV2 (Sandler et al. 2018) with torchvision's layout, for fine-tuning its ImageNet checkpoint.
+
+  ``features``: a 3x3/2 stem (32 channels), 17 inverted-residual blocks (expansion 6 except the first, depthwise
+  3x3 convolutions, ReLU6, linear bottlenecks), a 1x1 convolution to 1280 channels; global average pool;
+  ``classifier`` (torchvision's ``classifier.1``). 3.50M parameters at 1000 classes. Convolutions pad like torch;
+  BatchNorm momentum 0.9 (torch's 0.1), eps 1e-5. Output stride 32: works on any input of at least 1x1.
+
+  Args:
+    num_classes, input_shape, rngs: as every model.
+    width_mult: channel multiplier (1.0 for the published weights).
+    dropout: dropout before the classifier (torchvision trains with 0.2; default 0).
+    freeze_bn: BatchNorm always uses (never updates) its running statistics.
+    adapter_dim: if > 0, an `Adapter` after every inverted-residual block (``backbone/features/K/adapter``).
+    input_norm: ``'imagenet'`` (default: what the published weights expect) standardizes [0, 1] RGB inputs with
+      ImageNet's mean and std; ``'none'`` feeds inputs unchanged.
+    dtype, param_dtype: computation and parameter dtypes.
+
+  ``load_pretrained(model, 'mobilenet_v2-b0353104.pth')`` loads torchvision's checkpoint.
+  """
+
+  torchvision_head = "classifier.1"
+
+  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs, width_mult: float = 1.0,
+               dropout: float = 0.0, freeze_bn: bool = False, adapter_dim: int = 0, input_norm: str = "imagenet",
+               dtype=None, param_dtype=jnp.float32):
+    _, _, c = _check_input_shape(input_shape)
+    self.backbone = _MobileNetV2Backbone(c, width_mult, freeze_bn, adapter_dim, input_norm, dtype, param_dtype,
+                                         rngs)
+    self.n_features = self.backbone.n_features
+    self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+  def last_block(self) -> nnx.Module:
+    """The last stage of ``features`` (the 1x1 convolution to 1280 channels and its BatchNorm)."""
+    return self.backbone.features[-1]
 
 
 # ----------------------------------------------------------------------------- ViT
@@ -416,6 +606,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "mnist_cnn": MNISTCNN,
     "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
     "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
+    "mobilenet_v2": MobileNetV2,
     "vit_tiny": ViT,
 }
 
@@ -553,53 +744,61 @@ def save_weights(model: nnx.Module, path: str | os.PathLike) -> list[str]:
   return sorted(arrays)
 
 
+def _is_torchvision_layout(keys) -> bool:
+  return bool(keys) and all("/" not in k for k in keys) and any("." in k for k in keys)
+
+
 def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool = False) -> list[str]:
-  """Loads weights from a local .npz file into ``model`` in place (no download).
+  """Loads weights from a local file into ``model`` in place (no download).
 
-  File format: an ``np.savez`` archive with one array per variable. The key is
-  ``'/'.join`` of the variable's path in the NNX state, e.g.
-  ``'backbone/conv1/kernel'``, ``'backbone/layer1/0/bn1/mean'``,
-  ``'classifier/bias'``; the values use Flax layouts:
+  Files are read by `disam_jax.harness.weight_files.read_weights` (no torch needed, no
+  code from the file ever runs): ``.pth``/``.pt`` (``torch.save``'d state dicts, read by
+  a restricted unpickler), ``.safetensors``, ``.npz`` (``allow_pickle=False``). Two key
+  layouts are recognized:
 
-  * convolution kernel ``[kh, kw, in, out]`` (HWIO),
-  * dense kernel ``[in, out]``,
-  * BatchNorm/GroupNorm/LayerNorm ``scale``, ``bias``; BatchNorm ``mean``, ``var``.
-
-  Parameters and BatchNorm statistics are stored; RNG state is not.
-  ``save_weights`` writes this format. From PyTorch: rename ``.`` to ``/``,
-  ``weight`` to ``kernel`` (conv, linear) or ``scale`` (norms), ``running_mean``/
-  ``running_var`` to ``mean``/``var``, drop ``num_batches_tracked``, and transpose
-  conv weights OIHW -> HWIO (``w.transpose(2, 3, 1, 0)``) and linear weights
-  ``(out, in)`` -> ``(in, out)`` (``w.T``). ``convert_torchvision_resnet`` does
-  this for torchvision ResNets::
-
-    sd = {k: v.numpy() for k, v in torchvision.models.resnet50(weights=...).state_dict().items()}
-    np.savez('resnet50.npz', **convert_torchvision_resnet(sd))
+  * torchvision's (keys with dots, e.g. ``layer1.0.conv1.weight``, ``features.0.0.weight``):
+    converted by `convert_torchvision` for models that mirror torchvision (``resnet18``,
+    ``resnet50``, ``mobilenet_v2``; the model's ``torchvision_head`` names the classifier).
+    E.g. torchvision's ``resnet50-0676ba61.pth`` (DomainBed's ImageNet initialization) or
+    ``mobilenet_v2-b0353104.pth``.
+  * ours: ``'/'.join`` of the variable's path in the NNX state, e.g.
+    ``'backbone/conv1/kernel'``, ``'backbone/layer1/0/bn1/mean'``, ``'classifier/bias'``,
+    with Flax layouts: convolution kernels ``[kh, kw, in, out]`` (HWIO), dense kernels
+    ``[in, out]``, norm ``scale``/``bias``, BatchNorm ``mean``/``var``. ``save_weights``
+    writes it (as .npz).
 
   Args:
     model: the model to fill.
-    path: the .npz file.
+    path: the weights file.
     strict: if True, every key of the model and of the file must match with equal
       shapes. If False, keys whose shapes differ (typically the classifier head of
       a model with another number of classes, or an ImageNet stem loaded into the
       small-input stem) are skipped with a warning and keep their initial values,
-      file keys the model lacks are ignored, and model keys the file lacks keep
-      their initial values.
+      file keys the model lacks are ignored, and model keys the file lacks (e.g.
+      adapters) keep their initial values.
 
   Returns:
-    The sorted list of loaded keys.
+    The sorted list of loaded keys (in our layout).
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
-    ValueError: in strict mode, a shape mismatch (naming the key and both shapes)
-      or a missing/unexpected key; in any mode, a non-empty file of which no key
-      could be loaded (a wrong file or a naming mismatch, never silently ignored).
+    ValueError: an unsupported or unsafe file (`weight_files.WeightFileError`); a
+      torchvision-layout file for a model without torchvision's layout; in strict mode, a
+      shape mismatch (naming the key and both shapes) or a missing/unexpected key; in any
+      mode, a non-empty file of which no key could be loaded (a wrong file or a naming
+      mismatch, never silently ignored).
   """
+  from disam_jax.harness.weight_files import read_weights
+
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no weights file at {path!r}")
-  with np.load(path, allow_pickle=False) as archive:
-    arrays = {key: archive[key] for key in archive.files}
+  arrays = read_weights(path)
+  if _is_torchvision_layout(arrays.keys()):
+    head = getattr(model, "torchvision_head", None)
+    if head is None:
+      raise ValueError(f"{path!r} is a torchvision-layout state dict (keys like {next(iter(arrays))!r}), but "
+                       f"{type(model).__name__} has no torchvision counterpart; models that load torchvision "
+                       "checkpoints: resnet18, resnet50, mobilenet_v2")
+    arrays = convert_torchvision(arrays, head=head)
   variables = _weight_variables(model)
 
   mismatched = []
@@ -633,17 +832,19 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool 
   return loaded
 
 
-def convert_torchvision_resnet(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Maps a torchvision ResNet ``state_dict`` (values as NumPy arrays) to our keys.
+def convert_torchvision(state_dict: Mapping[str, Any], *, head: str) -> dict[str, np.ndarray]:
+  """Maps a torchvision ``state_dict`` (values as NumPy arrays) to our keys and layouts.
 
-  ``conv1.weight`` -> ``backbone/conv1/kernel`` (OIHW -> HWIO), ``layerI.J.bnK.*``
-  -> ``backbone/layerI/J/bnK/{scale,bias,mean,var}``, ``fc.*`` -> ``classifier/*``
-  (weight transposed to ``(in, out)``); ``num_batches_tracked`` is dropped. Torch
-  keeps the unbiased batch variance in ``running_var``; Flax the biased one; the
-  difference is a factor ``n/(n-1)`` over ImageNet-sized batches, i.e. negligible.
-  Load the result into a model built with ``small_input_stem=False`` (ImageNet stem).
+  ``<module path>.weight`` of a convolution -> ``backbone/<module/path>/kernel``, transposed
+  OIHW -> HWIO (depthwise ``[C, 1, kh, kw]`` -> ``[kh, kw, 1, C]``, Flax's grouped layout);
+  BatchNorm ``weight``/``bias``/``running_mean``/``running_var`` -> ``scale``/``bias``/``mean``/
+  ``var``; the classifier ``<head>.*`` (``'fc'`` for ResNets, ``'classifier.1'`` for
+  MobileNetV2) -> ``classifier/*``, its weight transposed ``(out, in)`` -> ``(in, out)``;
+  ``num_batches_tracked`` is dropped. Torch's ``running_var`` (the unbiased batch variance)
+  is used as is: in evaluation both frameworks normalize with the stored value.
   """
   renamed_leaves = {"running_mean": "mean", "running_var": "var", "bias": "bias"}
+  head_modules = head.split(".")
   out = {}
   for key, value in state_dict.items():
     value = np.asarray(value)
@@ -661,6 +862,14 @@ def convert_torchvision_resnet(state_dict: Mapping[str, Any]) -> dict[str, np.nd
       leaf = renamed_leaves[leaf]
     else:
       raise ValueError(f"unexpected torchvision key {key!r}")
-    prefix = ["classifier"] if modules == ["fc"] else ["backbone", *modules]
+    prefix = ["classifier"] if modules == head_modules else ["backbone", *modules]
     out["/".join(prefix + [leaf])] = np.ascontiguousarray(value)
   return out
+
+
+def convert_torchvision_resnet(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """`convert_torchvision` for torchvision ResNets (classifier ``fc``).
+
+  Load the result into a model built with ``small_input_stem=False`` (ImageNet stem).
+  """
+  return convert_torchvision(state_dict, head="fc")
