@@ -498,6 +498,14 @@ def _imagenet_crop(image):
   return np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255
 
 
+def _loaded_model(name, path, num_classes, input_shape, **kwargs):
+  """A model whose every variable comes from `path` (strict): built abstractly, no initialization compute."""
+  model = _abstract_model(name, input_shape, num_classes, **kwargs)
+  loaded = models.load_pretrained(model, path, strict=True)
+  model.eval()
+  return model, loaded
+
+
 def test_mobilenet_v2_parameter_count_matches_torchvision():
   model = _abstract_model("mobilenet_v2", (224, 224, 3), 1000)
   assert _param_count(model) == 3_504_872  # torchvision.models.mobilenet_v2()
@@ -511,12 +519,11 @@ def test_mobilenet_v2_from_a_torchvision_checkpoint_equals_numpy(tmp_path):
   """A random torchvision-layout state dict written as .pth, loaded strictly; logits vs the NumPy forward."""
   sd = _reference_mobilenet.random_state_dict(seed=1, num_classes=10)
   _pth_files.write_zip_pth(tmp_path / "mnv2.pth", sd)
-  model = create_model("mobilenet_v2", num_classes=10, input_shape=(32, 32, 3), rngs=_rngs())
-  models.load_pretrained(model, tmp_path / "mnv2.pth", strict=True)
-  model.eval()
+  model, _ = _loaded_model("mobilenet_v2", tmp_path / "mnv2.pth", 10, (32, 32, 3))
   x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   _, expected = _reference_mobilenet.forward(sd, x)
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), expected, rtol=1e-4, atol=1e-4)
+  forward = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(x))), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_mobilenet_v2_imagenet_checkpoint_on_real_photos():
@@ -525,9 +532,8 @@ def test_mobilenet_v2_imagenet_checkpoint_on_real_photos():
   from disam_jax.harness.weight_files import read_weights
 
   sd = read_weights(path)
-  model = create_model("mobilenet_v2", num_classes=1000, input_shape=(224, 224, 3), rngs=_rngs())
-  assert len(models.load_pretrained(model, path, strict=True)) == 262
-  model.eval()
+  model, loaded = _loaded_model("mobilenet_v2", path, 1000, (224, 224, 3))
+  assert len(loaded) == 262
   x = np.stack([_imagenet_crop(getattr(skimage_data, name)()) for name in PHOTO_TOP5])
 
   # first layers: the stem and the first inverted-residual block, against the NumPy forward
@@ -596,31 +602,35 @@ def test_resnet_loads_torchvision_pth_safetensors_and_npz_alike(tmp_path):
   x = np.random.default_rng(1).uniform(size=(2, 72, 72, 3)).astype(np.float32)
   outputs = {}
   for name, path in files.items():
-    model = create_model("resnet18", num_classes=5, input_shape=(72, 72, 3), rngs=_rngs(), width=8)
-    assert len(models.load_pretrained(model, path, strict=True)) == len(sd) - 20  # no num_batches_tracked
+    model, loaded = _loaded_model("resnet18", path, 5, (72, 72, 3), width=8)
+    assert len(loaded) == len(sd) - 20  # no num_batches_tracked
     np.testing.assert_array_equal(np.asarray(model.backbone.layer3[0].downsample[0].kernel[...]),
                                   sd["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(np.asarray(model.backbone.layer4[1].bn2.var[...]), sd["layer4.1.bn2.running_var"])
     np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), sd["fc.weight"].T)
-    model.eval()
     outputs[name] = np.asarray(model(jnp.asarray(x)))
   for name in files:
     np.testing.assert_array_equal(outputs[name], outputs["pth"])
 
 
 def test_adapters_start_as_the_identity(tmp_path):
-  sd = _reference_mobilenet.random_state_dict(seed=2, num_classes=4)
-  _pth_files.write_zip_pth(tmp_path / "m.pth", sd)
-  x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 3)), jnp.float32)
-  plain = create_model("mobilenet_v2", num_classes=4, input_shape=(32, 32, 3), rngs=_rngs())
-  adapted = create_model("mobilenet_v2", num_classes=4, input_shape=(32, 32, 3), rngs=_rngs(), adapter_dim=4)
+  sd = _torchvision_resnet18_state_dict(num_classes=4)
+  _pth_files.write_zip_pth(tmp_path / "r.pth", sd)
+  x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 72, 72, 3)), jnp.float32)
+  plain = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8)
+  adapted = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8, adapter_dim=2)
   for m in (plain, adapted):
-    models.load_pretrained(m, tmp_path / "m.pth")
+    models.load_pretrained(m, tmp_path / "r.pth")
     m.eval()
-  adapters = [k for k, _ in nnx.to_flat_state(nnx.state(adapted, nnx.Param)) if "adapter" in map(str, k)]
-  assert len(adapters) == 17 * 4  # down/up kernel and bias after each of the 17 blocks
-  assert _param_count(adapted) - _param_count(plain) == sum(2 * c * 4 + 4 + c for c in
-      [16] + [24] * 2 + [32] * 3 + [64] * 4 + [96] * 3 + [160] * 3 + [320])
-  np.testing.assert_allclose(np.asarray(adapted(x)), np.asarray(plain(x)), rtol=1e-6, atol=1e-6)
+  forward = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(np.asarray(forward(adapted, x)), np.asarray(forward(plain, x)), rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(adapted.backbone.layer4[1].adapter.down.kernel[...])).sum() > 0  # only `up` is zero
+
+  abstract = _abstract_model("mobilenet_v2", (32, 32, 3), 4, adapter_dim=4)
+  adapters = [k for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)) if "adapter" in map(str, k)]
+  assert len(adapters) == 17 * 4  # down/up kernel and bias after each of the 17 inverted-residual blocks
+  widths = [16] + [24] * 2 + [32] * 3 + [64] * 4 + [96] * 3 + [160] * 3 + [320]
+  assert _param_count(abstract) - _param_count(_abstract_model("mobilenet_v2", (32, 32, 3), 4)) == \
+      sum(2 * c * 4 + 4 + c for c in widths)
   with pytest.raises(ValueError, match="input_norm"):
-    create_model("mobilenet_v2", num_classes=4, input_shape=(32, 32, 1), rngs=_rngs())
+    _abstract_model("mobilenet_v2", (32, 32, 1), 4)
