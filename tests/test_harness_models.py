@@ -602,7 +602,7 @@ def test_resnet_loads_torchvision_pth_safetensors_and_npz_alike(tmp_path):
   x = np.random.default_rng(1).uniform(size=(2, 72, 72, 3)).astype(np.float32)
   outputs = {}
   for name, path in files.items():
-    model, loaded = _loaded_model("resnet18", path, 5, (72, 72, 3), width=8)
+    model, loaded = _loaded_model("resnet18", path, 5, (72, 72, 3), width=8, input_norm="imagenet")
     assert len(loaded) == len(sd) - 20  # no num_batches_tracked
     np.testing.assert_array_equal(np.asarray(model.backbone.layer3[0].downsample[0].kernel[...]),
                                   sd["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0))
@@ -617,8 +617,10 @@ def test_adapters_start_as_the_identity(tmp_path):
   sd = _torchvision_resnet18_state_dict(num_classes=4)
   _pth_files.write_zip_pth(tmp_path / "r.pth", sd)
   x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 72, 72, 3)), jnp.float32)
-  plain = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8)
-  adapted = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8, adapter_dim=2)
+  plain = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8,
+                       input_norm="imagenet")
+  adapted = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8, adapter_dim=2,
+                         input_norm="imagenet")
   for m in (plain, adapted):
     models.load_pretrained(m, tmp_path / "r.pth")
     m.eval()

@@ -198,6 +198,7 @@ def erm(
     has_aux: bool = False,
     aux_example: Any = None,
     num_domains: Optional[int] = None,
+    perturbation_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Empirical risk minimization with `disam`'s interface: one pass, `base_tx` on `grad L(w)`.
 
@@ -211,7 +212,10 @@ def erm(
     has_aux: `domain_loss_fn` returns `(domain_losses, aux)`; aux is kept in `state.aux`.
     aux_example: with `has_aux`, the initial `state.aux` (fixes the state's structure).
     num_domains: M, fixes the shape of `state.domain_losses` from `init`.
+    perturbation_mask: accepted so that every rule takes the same arguments; ERM perturbs nothing, so there is
+      nothing to restrict (which parameters train is the base optimizer's mask, see `peft`).
   """
+  del perturbation_mask
   base_tx = optax.with_extra_args_support(base_tx)
 
   def init_fn(params):
@@ -356,7 +360,7 @@ def make_penalty(algorithm: str, hparams: HParams) -> Optional[penalties.Penalty
 
 
 def make_optimizer(
-    algorithm: str, hparams: HParams, *, num_domains: int, aux_example: Any = None
+    algorithm: str, hparams: HParams, *, num_domains: int, aux_example: Any = None, trainable_mask: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   """The transformation of `algorithm` (a key of `ALGORITHMS`) with `hparams`' base optimizer inside.
 
@@ -368,6 +372,9 @@ def make_optimizer(
     hparams: the run's `HParams`.
     num_domains: M training domains (fixes the state's shape).
     aux_example: the model state (BatchNorm statistics; possibly empty) returned as aux by `domain_loss_fn`.
+    trainable_mask: parameter-efficient fine-tuning (`peft.trainable_mask`): a pytree of bools shaped like the
+      params; only True leaves train (base optimizer masked), are perturbed (norm over them) and are
+      differentiated. None trains everything.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` built with `has_aux=True`, whose state is a `DisamState`.
@@ -375,4 +382,10 @@ def make_optimizer(
   spec = check_algorithm(algorithm)
   hparams.validate()
   base_tx = base_optimizer(hparams.optimizer, hparams.lr, hparams.weight_decay)
-  return spec.build(base_tx, hparams, has_aux=True, aux_example=aux_example, num_domains=num_domains)
+  if trainable_mask is None:
+    return spec.build(base_tx, hparams, has_aux=True, aux_example=aux_example, num_domains=num_domains)
+  from disam_jax.harness import peft
+
+  tx = spec.build(peft.masked_optimizer(base_tx, trainable_mask), hparams, has_aux=True, aux_example=aux_example,
+                  num_domains=num_domains, perturbation_mask=trainable_mask)
+  return peft.freeze_gradients(tx, trainable_mask)

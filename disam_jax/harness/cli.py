@@ -140,8 +140,15 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      metavar="KEY=VALUE", dest="model_option",
                      help="model constructor option, repeatable, e.g. --model-option width=16 (resnets), "
                           "hidden=128 (mlp), dropout=0.1")
-  model.add_argument("--pretrained", default=default(None), metavar="NPZ",
-                     help="initial weights: an .npz in models.load_pretrained's format (see docs/harness.md)")
+  model.add_argument("--pretrained", default=default(None), metavar="FILE",
+                     help="initial weights: a .pth (torch.save'd state dict, read without torch by a restricted "
+                          "unpickler), .safetensors or .npz, in torchvision's layout (resnet18/50, mobilenet_v2; "
+                          "e.g. resnet50-0676ba61.pth) or ours (see docs/harness.md)")
+  model.add_argument("--train-only", nargs="+", default=default(None), metavar="PART", dest="train_only",
+                     help="parameter-efficient fine-tuning: train (and perturb) only these parts: head, last_block, "
+                          "norm (normalization scale/bias), adapters (with --model-option adapter_dim=N), all, or "
+                          "a parameter path prefix such as backbone/layer4; frozen BatchNorm statistics: "
+                          "--model-option freeze_bn=true")
 
   train = parser.add_argument_group("training")
   train.add_argument("--algorithm", nargs="+", default=default(["erm", "sam", "disam"]), metavar="ALG",
@@ -254,6 +261,7 @@ def config_from_args(args: argparse.Namespace):
     model=args.model,
     model_kwargs=dict(args.model_option or []),
     pretrained=args.pretrained,
+    train_only=None if args.train_only is None else tuple(args.train_only),
     algorithms=tuple(args.algorithm),
     held_out=None if args.held_out is None else tuple(args.held_out),
     seeds=tuple(args.seeds),

@@ -798,6 +798,9 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool 
       raise ValueError(f"{path!r} is a torchvision-layout state dict (keys like {next(iter(arrays))!r}), but "
                        f"{type(model).__name__} has no torchvision counterpart; models that load torchvision "
                        "checkpoints: resnet18, resnet50, mobilenet_v2")
+    if getattr(getattr(model, "backbone", None), "input_norm", "imagenet") == "none":
+      warnings.warn("torchvision's weights expect inputs standardized with ImageNet's mean and std; build the model "
+                    "with input_norm='imagenet' (--model-option input_norm=imagenet)", stacklevel=2)
     arrays = convert_torchvision(arrays, head=head)
   variables = _weight_variables(model)
 

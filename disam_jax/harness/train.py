@@ -292,8 +292,9 @@ def init_model(
   Initialization runs under one `jax.jit` with an RBG key for the parameters (threefry's bit generator makes XLA
   compile for tens of seconds on a ResNet's many parameter shapes; RBG for a few); the dropout stream, which ends up
   in `model_state` and is checkpointed, stays a default (threefry) key from `seed`.
-  `pretrained`: a `.npz` file in `models.load_pretrained`'s format, loaded over the initialization (keys whose
-  shapes differ, e.g. the classifier, keep their initial values).
+  `pretrained`: a weights file (`.pth`, `.safetensors` or `.npz`; our layout or torchvision's, see
+  `models.load_pretrained`), loaded over the initialization (keys whose shapes differ, e.g. the classifier, and
+  keys the file lacks, e.g. adapters, keep their initial values).
   """
   from flax import nnx
 
@@ -326,7 +327,9 @@ class ExperimentConfig:
     cache_dir: where image folders are converted to TFDS (None: `data.default_cache_dir()`).
     model: a name of `models.MODELS`; None picks `default_model(dataset)`.
     model_kwargs: extra model options (e.g. ``{"width": 16}``, ``{"hidden": 128}``).
-    pretrained: optional `.npz` weights (see `models.load_pretrained`).
+    pretrained: optional initial weights, `.pth`/`.safetensors`/`.npz` (see `models.load_pretrained`).
+    train_only: parameter-efficient fine-tuning: `peft` selectors (``head``, ``last_block``, ``norm``,
+      ``adapters``, ``all``) or parameter-path prefixes; only those parameters train and are perturbed. None: all.
     algorithms: names from `algorithms.ALGORITHMS`.
     held_out: domains to hold out, one at a time (None: every domain).
     seeds: trial seeds; a seed fixes the rotation-domain assignment, the train/validation split, the model
@@ -354,6 +357,7 @@ class ExperimentConfig:
   model: Optional[str] = None
   model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   pretrained: Optional[str] = None
+  train_only: Optional[tuple[str, ...]] = None
   algorithms: tuple[str, ...] = ("erm", "sam", "disam")
   held_out: Optional[tuple[str, ...]] = None
   seeds: tuple[int, ...] = (0,)
@@ -385,8 +389,9 @@ class ExperimentConfig:
     d["hparams"] = HParams(**d.get("hparams", {}))
     for key in ("algorithms", "seeds"):
       d[key] = tuple(d[key])
-    if d.get("held_out") is not None:
-      d["held_out"] = tuple(d["held_out"])
+    for key in ("held_out", "train_only"):
+      if d.get(key) is not None:
+        d[key] = tuple(d[key])
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -677,15 +682,17 @@ _STEP_CACHE: dict[tuple, tuple[Any, Callable]] = {}
 _EVAL_CACHE: dict[Any, Callable] = {}
 
 
-def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int) -> _Compiled:
+def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int,
+             trainable_mask: Any = None) -> _Compiled:
   txs, steps, penalties = {}, {}, {}
   hparams = config.hparams.for_run(config.steps)  # anneal steps left at None: DomainBed's fraction of the run
   for name in config.algorithms:
-    key = (graphdef, name, hparams, num_domains)
+    key = (graphdef, name, hparams, num_domains, config.train_only)  # the mask follows from graphdef and train_only
     if key not in _STEP_CACHE:
       if len(_STEP_CACHE) >= 32:
         _STEP_CACHE.clear()
-      tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state)
+      tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state,
+                                         trainable_mask=trainable_mask)
       penalty = algorithms_lib.make_penalty(name, hparams)
       _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty)), penalty)
     txs[name], steps[name], penalties[name] = _STEP_CACHE[key]
@@ -913,7 +920,8 @@ def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
   """
   config.validate()
   if config.pretrained is not None and not os.path.isfile(config.pretrained):
-    raise FileNotFoundError(f"No pretrained weights file at {config.pretrained!r} (an .npz; see docs/harness.md).")
+    raise FileNotFoundError(f"No pretrained weights file at {config.pretrained!r} (.pth, .safetensors or .npz; see "
+                            "docs/harness.md).")
   check_domains(config, config.dataset, data_lib.dataset_domains(config.dataset, config.data_dir))
   ds = load_data(config, config.seeds[0])
   notice = None
@@ -921,10 +929,24 @@ def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
     config, notice = fit_batch_size(config, ds)
   held_out = check_data(config, ds)
   try:  # builds the model abstractly (shapes only): catches unknown or invalid --model-option values now
-    _model_initializer(config.model_name, ds.num_classes, tuple(ds.input_shape), dict(config.model_kwargs))
+    graphdef, initialize = _model_initializer(config.model_name, ds.num_classes, tuple(ds.input_shape),
+                                              dict(config.model_kwargs))
   except (TypeError, ValueError) as e:
     raise ValueError(f"Model {config.model_name!r} with options {config.model_kwargs}: {e}") from None
+  key = jax.random.key(0)
+  _trainable_mask(config, graphdef, *jax.eval_shape(initialize, key, key))  # checks --train-only now
   return config, (ds, held_out), notice
+
+
+def _trainable_mask(config: ExperimentConfig, graphdef: Any, params: Any, model_state: Any) -> Any:
+  """`peft.trainable_mask` of `config.train_only` (None: everything trains)."""
+  if config.train_only is None:
+    return None
+  from flax import nnx
+
+  from disam_jax.harness import peft
+
+  return peft.trainable_mask(nnx.merge(graphdef, params, model_state), config.train_only)
 
 
 def run_experiment(
@@ -996,7 +1018,8 @@ def run_experiment(
             )
             init = (params, model_state)
             if compiled is None:
-              compiled = _compile(config, graphdef, model_state, len(split.train))
+              compiled = _compile(config, graphdef, model_state, len(split.train),
+                                  _trainable_mask(config, graphdef, params, model_state))
           if bar is not None:
             bar.set_description(f"{algorithm} held-out {d} seed {seed}")
             bar.set_postfix(refresh=False)
