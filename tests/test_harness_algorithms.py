@@ -239,3 +239,21 @@ def test_algorithm_trains_end_to_end_in_disam_train(tiny_run, algorithm):
   assert all(line["penalty"] >= 0 for line in steps)
   config = json.loads((tiny_run / "config.json").read_text())
   assert config["hparams"]["vrex_anneal_steps"] == 2 and config["hparams"]["fishr_lambda"] == 1000.0
+
+
+def test_report_merge_keeps_every_algorithm_apart(tiny_run, tmp_path):
+  import shutil
+
+  from disam_jax.harness import report
+
+  other = tmp_path / "other"
+  shutil.copytree(tiny_run, other)
+  cells, config, data = report.merge_runs([str(tiny_run), f"{other}=_b"])
+  names = {c["algorithm"] for c in cells}
+  assert names == set(END_TO_END) | {f"{a}_b" for a in END_TO_END}
+  out = tmp_path / "merged"
+  out.mkdir()
+  report.write_report(str(out), cells, config, plots=False, data=data)
+  text = (out / "results.md").read_text()
+  for name in names:
+    assert f"| {name.upper()} |" in text, name
