@@ -14,6 +14,7 @@ come from it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -26,18 +27,23 @@ from disam_jax.harness import algorithms, train
 from disam_jax.harness.algorithms import HParams
 
 M, B, SHAPE, CLASSES = 5, 64, (8, 8, 1), 10
-MODELS = {"mlp": ("MLP (256 hidden, 2 layers)", 100), "mnist_cnn": ("DomainBed MNIST CNN", 2)}  # steps per timing
+MODELS = {"mlp": ("MLP (256 hidden, 2 layers)", 300), "mnist_cnn": ("DomainBed MNIST CNN", 2)}  # steps per timing
 
 
 def _algorithms() -> list[str]:
   """Every rule and penalty, and DISAM (or DISAM on SAGM, if registered) on every penalty."""
-  names = list(algorithms.RULES) + list(algorithms.PENALTIES)
+  names = list(algorithms.RULES) + ["sam" + ADAPTIVE] + list(algorithms.PENALTIES)
   names += [n for n in algorithms.ALGORITHMS if n.startswith("disam+")]
   names += [n for n in ("disam_sagm+coral",) if n in algorithms.ALGORITHMS]
   return names
 
 
+ADAPTIVE = " --adaptive"  # a name ending in it: the algorithm with HParams(adaptive=True) (ASAM for sam)
+
+
 def _step(model: str, algorithm: str, hparams: HParams):
+  if algorithm.endswith(ADAPTIVE):
+    algorithm, hparams = algorithm[: -len(ADAPTIVE)], dataclasses.replace(hparams, adaptive=True)
   graphdef, params, model_state = train.init_model(model, num_classes=CLASSES, input_shape=SHAPE, seed=0)
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=M, aux_example=model_state)
   penalty = algorithms.make_penalty(algorithm, hparams)
