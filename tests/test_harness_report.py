@@ -367,14 +367,17 @@ def test_mechanism_plot_shows_perturbation_weights_and_the_cosine_when_logged(tm
   paths = report.write_plots(str(tmp_path / "weights"), cells)
   assert os.path.join(str(tmp_path / "weights"), "mechanism.png") in paths
   fig = figures["mechanism.png"]
-  assert [a.get_title() for a in fig.axes] == ["DISAM, held-out 0: weights c_i", "DISAM, held-out 75: weights c_i"]
+  # The fake weights are 0.5 and 0.6 against SAM's 1/2: up to 20% from SAM's.
+  assert [a.get_title() for a in fig.axes] == [f"DISAM, held-out {d}: weights c_i\n(up to 20% from SAM's)"
+                                               for d in ("0", "75")]
   np.testing.assert_allclose(fig.axes[0].get_lines()[1].get_ydata()[-1], 0.6)  # c of the second training domain
   assert "--diagnostics" in fig._suptitle.get_text()
   cells = _write_fake_run(str(tmp_path / "cosine"), weights=True, cosine=True)
   report.write_plots(str(tmp_path / "cosine"), cells)
   titles = [a.get_title() for a in figures["mechanism.png"].axes]
-  assert "held-out 0: cos(DISAM, SAM direction)" in titles
-  cos = next(a for a in figures["mechanism.png"].axes if a.get_title() == "held-out 0: cos(DISAM, SAM direction)")
+  cosine_title = "held-out 0: cosine of DISAM's\nand SAM's perturbation directions"
+  assert cosine_title in titles
+  cos = next(a for a in figures["mechanism.png"].axes if a.get_title() == cosine_title)
   np.testing.assert_allclose(_lines(cos)["DISAM"].get_ydata(), 0.9)
 
 

@@ -895,15 +895,18 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
         continue
       length = min(len(m.steps) for m in group)
       weights = np.stack([m.perturbation_weights[:length] for m in group]).mean(axis=0)
+      smoothed = smooth(weights, window)
       for k, name in enumerate(group[0].domains):
-        (handles[name],) = ax.plot(group[0].steps[:length], smooth(weights[:, k], window), lw=1.1,
-                                   color=domain_color[name])
+        (handles[name],) = ax.plot(group[0].steps[:length], smoothed[:, k], lw=1.1, color=domain_color[name])
       uniform = 1.0 / len(group[0].domains)
       ax.axhline(uniform, color="black", lw=0.8, ls=":")
       ax.annotate(f"SAM: 1/{len(group[0].domains)}", (0.01, uniform), xycoords=("axes fraction", "data"),
                   fontsize=7, va="bottom")
-      ax.axhline(0.0, color="gray", lw=0.5)
-      ax.set(title=f"{_display(a)}, held-out {d}: weights c_i", xlabel="step", ylabel="c_i")
+      if smoothed.min() < 0.25 * uniform:  # the axis is not stretched to 0 when nothing comes near it
+        ax.axhline(0.0, color="gray", lw=0.5)
+      deviation = float(np.max(np.abs(smoothed - uniform))) / uniform
+      ax.set(xlabel="step", ylabel="c_i")
+      ax.set_title(f"{_display(a)}, held-out {d}: weights c_i\n(up to {deviation:.0%} from SAM's)", fontsize=9)
     if has_cosine:
       ax = axes[row][per_domain - 1]
       for k, a in enumerate(variants):
@@ -912,7 +915,8 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
           x, y = _mean_over(group, "sam_cosine")
           _line(ax, x, smooth(y, window), styles[a], k, len(variants), lw=1.2, label=_display(a))
       ax.axhline(1.0, color="black", lw=0.8, ls=":")
-      ax.set(title=f"held-out {d}: cos(DISAM, SAM direction)", xlabel="step", ylabel="cosine")
+      ax.set(xlabel="step", ylabel="cosine")
+      ax.set_title(f"held-out {d}: cosine of DISAM's\nand SAM's perturbation directions", fontsize=9)
       ax.legend(fontsize=7)
   _domain_legend(fig, handles, list(domain_color), "outside lower center")
   note = "" if has_cosine else "; the cosine with SAM's direction needs disam-train --diagnostics"
