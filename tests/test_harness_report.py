@@ -400,6 +400,14 @@ def test_docs_sample_output_is_what_the_report_prints():
   assert [line.split(" |")[0] for line in sample if numbers(line)] == ["| ERM", "| SAM", "| DISAM"]
 
 
+def test_sam_counterparts():
+  algorithms = ["sam", "gsam", "disam", "disam_gsam", "sam+coral", "disam+coral", "gsam+coral", "disam_gsam+coral",
+                "disam_lam1"]
+  assert [report._sam_of(a, algorithms) for a in algorithms if a.startswith("disam")] == [
+    "sam", "gsam", "sam+coral", "gsam+coral", "sam"]
+  assert report._sam_of("disam_lam1", algorithms + ["sam_lam1"]) == "sam_lam1"
+
+
 def test_a_disam_variant_is_compared_with_its_own_sam(tmp_path, figures):
   cells = _write_fake_run(str(tmp_path), algorithms=("sam", "disam", "sam+coral", "disam+coral"), held_outs=("0",))
   report.write_plots(str(tmp_path), cells)

@@ -672,10 +672,14 @@ def _line(ax, x, y, style, k: int, n: int, lw: float = 1.4, **kwargs):
 
 
 def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
-  """The SAM counterpart of a DISAM variant: ``disam+coral`` -> ``sam+coral``, ``disam_lam1`` -> ``sam_lam1`` when
-  present, else ``sam``."""
-  twin = "sam" + algorithm[len("disam"):]
-  return twin if twin in algorithms else "sam"
+  """The SAM counterpart of a DISAM variant, the first present of: ``sam`` + the rest (``disam+coral`` ->
+  ``sam+coral``, ``disam_lam1`` -> ``sam_lam1``), the rule it modifies (``disam_gsam`` -> ``gsam``,
+  ``disam_gsam+coral`` -> ``gsam+coral``), ``sam``."""
+  rest = algorithm[len("disam"):]
+  for twin in ("sam" + rest, rest[1:] if rest.startswith("_") else None):
+    if twin and twin in algorithms:
+      return twin
+  return "sam"
 
 
 def _comparisons(metrics, algorithms: Sequence[str]) -> list[tuple[str, str]]:
