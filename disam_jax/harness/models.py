@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from disam_jax.harness import fast_conv as _fast_conv
+
 __all__ = [
     "MODELS",
     "create_model",
@@ -612,7 +614,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 
 
 def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
-                 rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
+                 rngs: nnx.Rngs, fast_conv: bool = True, **kwargs: Any) -> nnx.Module:
   """Builds the registry model ``name``.
 
   Args:
@@ -620,6 +622,9 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
     num_classes: number of logits.
     input_shape: ``(height, width, channels)`` of one NHWC example.
     rngs: ``nnx.Rngs`` for initialization (and dropout, if any).
+    fast_conv: every ``nnx.Conv`` uses ``fast_conv.conv_general_dilated`` (the same
+      function as ``lax.conv_general_dilated``, with a GEMM weight gradient on the CPU
+      backend; other backends keep XLA's). ``False``: Flax's default.
     **kwargs: model options, e.g. ``hidden`` (mlp), ``width``/``dropout`` (resnets),
       ``depth``/``dim`` (vit_tiny), ``dtype``/``param_dtype`` (all).
 
@@ -637,8 +642,11 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
-  return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=rngs,
-                      **kwargs)
+  model = MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=rngs,
+                       **kwargs)
+  if fast_conv:
+    _fast_conv.use_fast_conv(model)
+  return model
 
 
 # --------------------------------------------------------------- functional form

@@ -42,6 +42,7 @@ from disam_jax._domain_losses import domain_losses_from_grouped, grouped_domain_
 from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
 from disam_jax.harness import distributed
+from disam_jax.harness import fast_conv
 from disam_jax.harness import penalties as penalties_lib
 from disam_jax.harness import regimes
 from disam_jax.harness.algorithms import HParams
@@ -694,12 +695,13 @@ def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_doma
       tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state,
                                          trainable_mask=trainable_mask)
       penalty = algorithms_lib.make_penalty(name, hparams)
-      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty)), penalty)
+      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty),
+                                      compiler_options=fast_conv.compiler_options()), penalty)
     txs[name], steps[name], penalties[name] = _STEP_CACHE[key]
   if graphdef not in _EVAL_CACHE:
     if len(_EVAL_CACHE) >= 32:
       _EVAL_CACHE.clear()
-    _EVAL_CACHE[graphdef] = jax.jit(make_eval_step(graphdef))
+    _EVAL_CACHE[graphdef] = jax.jit(make_eval_step(graphdef), compiler_options=fast_conv.compiler_options())
   return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef], penalties)
 
 

@@ -1,0 +1,179 @@
+"""disam_jax.harness.fast_conv: equal to lax.conv_general_dilated (and to a NumPy convolution), CPU-only paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from disam_jax.harness import fast_conv, models
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _data(x_shape, w_shape, dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(x_shape).astype(dtype)
+  w = rng.standard_normal(w_shape).astype(dtype)
+  return x, w
+
+
+def _value_and_grads(conv, x, w, cot, **kwargs):
+  """Forward value and (dx, dw) of <conv(x, w), cot> (a fixed random cotangent, not a symmetric one)."""
+  f = lambda x, w: conv(x, w, **kwargs)
+  y, vjp = jax.vjp(jax.jit(f), x, w)
+  return (y, *vjp(cot))
+
+
+def _numpy_conv(x, w, strides, pads):
+  """Hand-written NHWC/HWIO cross-correlation in float64, and its weight gradient for a cotangent."""
+  x = np.pad(x.astype(np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+  kh, kw = w.shape[:2]
+  ho = (x.shape[1] - kh) // strides[0] + 1
+  wo = (x.shape[2] - kw) // strides[1] + 1
+  windows = np.stack([np.stack([x[:, i:i + (ho - 1) * strides[0] + 1:strides[0],
+                                  j:j + (wo - 1) * strides[1] + 1:strides[1], :] for j in range(kw)], 0)
+                      for i in range(kh)], 0)  # [kh, kw, N, Ho, Wo, Cin]
+  y = np.einsum('ijnhwc,ijco->nhwo', windows, w.astype(np.float64))
+  weight_grad = lambda cot: np.einsum('ijnhwc,nhwo->ijco', windows, cot.astype(np.float64))
+  return y, weight_grad
+
+
+CASES = [  # (x shape, w shape, strides, padding): strides, paddings and kernel sizes the harness models use
+    ((3, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
+    ((3, 9, 9, 4), (3, 3, 4, 5), (2, 2), ((1, 1), (1, 1))),
+    ((2, 10, 11, 3), (7, 7, 3, 6), (2, 2), ((3, 3), (3, 3))),
+    ((3, 8, 8, 4), (1, 1, 4, 6), (2, 2), 'VALID'),
+    ((3, 8, 7, 4), (3, 3, 4, 5), (1, 2), 'SAME'),
+    ((2, 9, 9, 2), (3, 2, 2, 3), (2, 1), ((0, 2), (1, 0))),
+]
+
+
+@pytest.mark.parametrize('x_shape,w_shape,strides,padding', CASES)
+def test_equals_lax_conv_forward_and_gradients(x_shape, w_shape, strides, padding):
+  x, w = _data(x_shape, w_shape)
+  kwargs = dict(window_strides=strides, padding=padding, dimension_numbers=_DN)
+  ref_y = lax.conv_general_dilated(x, w, **kwargs)
+  cot = np.random.default_rng(1).standard_normal(ref_y.shape).astype(np.float32)
+  got = _value_and_grads(fast_conv.conv_general_dilated, x, w, cot, **kwargs)
+  ref = _value_and_grads(lax.conv_general_dilated, x, w, cot, **kwargs)
+  for name, a, b in zip(('y', 'dx', 'dw'), got, ref):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()), err_msg=name)
+
+
+def test_weight_gradient_equals_numpy_convolution():
+  x, w = _data((3, 9, 9, 4), (3, 3, 4, 5))
+  pads = ((1, 1), (1, 1))
+  y_np, weight_grad = _numpy_conv(x, w, (2, 2), pads)
+  cot = np.random.default_rng(2).standard_normal(y_np.shape).astype(np.float32)
+  y, _, dw = _value_and_grads(fast_conv.conv_general_dilated, x, w, cot, window_strides=(2, 2), padding=pads,
+                              dimension_numbers=_DN)
+  np.testing.assert_allclose(y, y_np, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, weight_grad(cot), rtol=1e-5, atol=1e-5)
+
+
+def _grad_hlo(conv, x, w, **kwargs):
+  f = lambda x, w: conv(x, w, window_strides=(1, 1), padding='SAME', **kwargs).sum()
+  return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
+
+
+def test_weight_gradient_is_gemms_on_cpu():
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 5))
+  fast = _grad_hlo(fast_conv.conv_general_dilated, x, w, dimension_numbers=_DN)
+  ref = _grad_hlo(lax.conv_general_dilated, x, w, dimension_numbers=_DN)
+  assert jax.default_backend() == 'cpu'
+  assert ref.count(' convolution(') == 2  # input gradient and weight gradient (the forward value is unused)
+  assert fast.count(' convolution(') == 1 and ' dot(' in fast  # the weight gradient is a GEMM
+
+
+def test_other_backends_keep_xla_weight_gradient():
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 5))
+  f = lambda x, w: fast_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_DN).sum()
+  text = jax.jit(jax.grad(f, argnums=1)).trace(x, w).lower(lowering_platforms=('cuda',)).as_text()
+  assert text.count('convolution') >= 1 and 'dot_general' not in text
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(feature_group_count=2),
+    dict(rhs_dilation=(2, 2)),
+    dict(lhs_dilation=(2, 1), padding=((1, 1), (1, 1))),
+    dict(dimension_numbers=('NCHW', 'OIHW', 'NCHW')),
+    dict(preferred_element_type=jnp.float32),
+])
+def test_unsupported_calls_are_lax_conv(kwargs):
+  kwargs = dict(dict(dimension_numbers=_DN), **kwargs)
+  groups = kwargs.get('feature_group_count', 1)
+  if kwargs['dimension_numbers'][0] == 'NCHW':
+    x, w = _data((2, 4, 8, 8), (6, 4 // groups, 3, 3))
+  else:
+    x, w = _data((2, 8, 8, 4), (3, 3, 4 // groups, 6))
+  kw = dict(dict(window_strides=(1, 1), padding='SAME'), **kwargs)
+  ref_y = lax.conv_general_dilated(x, w, **kw)
+  cot = np.random.default_rng(3).standard_normal(ref_y.shape).astype(np.float32)
+  for a, b in zip(_value_and_grads(fast_conv.conv_general_dilated, x, w, cot, **kw),
+                  _value_and_grads(lax.conv_general_dilated, x, w, cot, **kw)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_keeps_dtype_and_accumulates_in_float32(dtype):
+  x, w = _data((4, 8, 8, 8), (3, 3, 8, 4))
+  x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+  kwargs = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=_DN)
+  cot = jnp.ones((4, 8, 8, 4), dtype)
+  y, dx, dw = _value_and_grads(fast_conv.conv_general_dilated, x, w, cot, **kwargs)
+  assert y.dtype == dx.dtype == dw.dtype == dtype
+  _, weight_grad = _numpy_conv(np.asarray(x, np.float32), np.asarray(w, np.float32), (1, 1), ((1, 1), (1, 1)))
+  exact = weight_grad(np.ones((4, 8, 8, 4)))
+  # float32 accumulation: only the final rounding to the low-precision dtype (2^-8 relative for bfloat16)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), exact, rtol=2 ** -7, atol=1e-2)
+
+
+def test_float64():
+  with jax.enable_x64(True):
+    x, w = _data((2, 7, 7, 3), (3, 3, 3, 4), dtype=np.float64)
+    _, weight_grad = _numpy_conv(x, w, (2, 2), ((1, 1), (1, 1)))
+    cot = np.random.default_rng(4).standard_normal((2, 4, 4, 4))
+    y, dx, dw = _value_and_grads(fast_conv.conv_general_dilated, jnp.asarray(x), jnp.asarray(w), jnp.asarray(cot),
+                                 window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=_DN)
+    assert dw.dtype == jnp.float64
+    np.testing.assert_allclose(dw, weight_grad(cot), rtol=1e-12, atol=1e-12)
+
+
+def test_compiler_options_only_on_cpu():
+  assert fast_conv.compiler_options('cpu') == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert fast_conv.compiler_options('gpu') is None and fast_conv.compiler_options('tpu') is None
+  opts = fast_conv.compiler_options()
+  opts['x'] = 1  # a copy: callers cannot change the module's constant
+  assert 'x' not in fast_conv.CPU_COMPILER_OPTIONS
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 5))
+  text = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_DN),
+                 compiler_options=fast_conv.compiler_options()).lower(x, w).compile().as_text()
+  assert '__ynn' not in text
+
+
+def test_use_fast_conv_and_harness_models_default():
+  model = models.create_model('resnet18', num_classes=3, input_shape=(16, 16, 3), rngs=nnx.Rngs(0))
+  convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+  assert len(convs) == 20 and all(m.conv_general_dilated is fast_conv.conv_general_dilated for m in convs)
+  plain = models.create_model('mnist_cnn', num_classes=3, input_shape=(8, 8, 1), rngs=nnx.Rngs(0), fast_conv=False)
+  assert all(m.conv_general_dilated is lax.conv_general_dilated
+             for _, m in nnx.iter_graph(plain) if isinstance(m, nnx.Conv))
+  assert fast_conv.use_fast_conv(plain) == 4
+
+
+def test_model_gradients_unchanged():
+  kwargs = dict(num_classes=3, input_shape=(8, 8, 1))
+  fast = models.create_model('mnist_cnn', rngs=nnx.Rngs(0), **kwargs)
+  plain = models.create_model('mnist_cnn', rngs=nnx.Rngs(0), fast_conv=False, **kwargs)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 8, 8, 1)), jnp.float32)
+
+  def grads(model):
+    graphdef, params, state = models.functional_model(model)
+    loss = lambda p: (models.apply_model(graphdef, p, state, x, train=True)[0] ** 2).sum()
+    return jax.jit(jax.grad(loss))(params)
+
+  for a, b in zip(jax.tree.leaves(grads(fast)), jax.tree.leaves(grads(plain))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
