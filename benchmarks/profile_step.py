@@ -1,6 +1,6 @@
 """Where a step's time goes: jax.profiler over a few steps of step_cost's cases, summed per compiled HLO op.
 
-    python -m benchmarks.profile_step --model mnist_cnn --cases erm disam [--gemm-weight-grad] [--top 15]
+    python -m benchmarks.profile_step --model mnist_cnn --cases erm disam [--config fast] [--top 15]
 
 For each case: the step time, the time per kind of op (convolution, dot, everything else) and the top ops with
 the instruction at the root of each fusion, read from the compiled HLO. The time of an op is summed over the
@@ -73,18 +73,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   ap.add_argument('--cases', nargs='+', default=['erm', 'sam', 'disam'], choices=step_cost.JAX_CASES)
   ap.add_argument('--num-domains', type=int, default=4)
   ap.add_argument('--per-domain-batch', type=int, default=32)
-  ap.add_argument('--gemm-weight-grad', action='store_true', help='benchmarks/fast_conv.py on every nnx.Conv')
+  ap.add_argument('--config', default='', choices=sorted(step_cost.XLA_CONFIGS),
+                  help="step_cost's configuration: '' out of the box, 'ynn_off', 'fast' (the harness's)")
   ap.add_argument('--steps', type=int, default=2)
   ap.add_argument('--top', type=int, default=12)
   args = ap.parse_args(argv)
   shape, kwargs = step_cost.MODELS[args.model]
   x, y = step_cost.make_batch(args.num_domains, args.per_domain_batch, shape)
-  graphdef, params, model_state = step_cost.build_jax_model(args.model, shape, kwargs,
-                                                            gemm_weight_grad=args.gemm_weight_grad)
+  fast, options = step_cost.XLA_CONFIGS[args.config]
+  graphdef, params, model_state = step_cost.build_jax_model(args.model, shape, kwargs, fast_conv=fast)
   print(f'{args.model} {shape}, batch {args.num_domains}x{args.per_domain_batch}, XLA_FLAGS='
         f'"{os.environ.get("XLA_FLAGS", "")}", load {step_cost.load_avg()}')
   for kind in args.cases:
-    case = step_cost.JaxCase(kind, kind, graphdef, params, model_state, x, y)
+    case = step_cost.JaxCase(kind, kind, graphdef, params, model_state, x, y, compiler_options=options)
     res = profile_case(case, args.steps)
     print(f'\n{kind}: {res["step_ms"]} ms/step; op time by kind (ms, summed over threads): {res["by_kind_ms"]}')
     for name, ms, kind_, root in res['top'][:args.top]:
