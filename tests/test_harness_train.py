@@ -228,6 +228,24 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
   assert full[0].evals == resumed[0].evals
 
 
+def test_cells_share_the_initialization_and_the_step_donates_its_state(tmp_path):
+  # The step donates the training state; the cells of one held-out domain start from the same initialization,
+  # which must survive the first cell: the second algorithm trains exactly as it does alone.
+  config = _config(algorithms=("erm", "disam"), steps=5, eval_every=2)
+  both = train.run_experiment(config, str(tmp_path / "both"), progress=False)
+  alone = train.run_experiment(dataclasses.replace(config, algorithms=("disam",)), str(tmp_path / "alone"),
+                               progress=False)
+  assert both[1].evals == alone[0].evals
+  assert _metrics_without_time(str(tmp_path / "both")) == _metrics_without_time(str(tmp_path / "alone"))
+  (_, step), = [v for k, v in train._STEP_CACHE.items() if k[1] == "disam" and k[2] == config.hparams]
+  graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+                                                   model_kwargs=config.model_kwargs)
+  tx = algorithms.make_optimizer("disam", config.hparams, num_domains=5, aux_example=model_state)
+  state = train.init_train_state(params, model_state, tx)
+  batch = (jnp.zeros((5, 8, 8, 8, 1)), jnp.zeros((5, 8), jnp.int32))
+  assert "tf.aliasing_output" in step.lower(state, batch).as_text()
+
+
 def test_checkpoints_keep_latest_and_best_and_selection_picks_best_validation(tmp_path):
   config = _config(steps=8, eval_every=2)
   (result,) = train.run_experiment(config, str(tmp_path / "run"), progress=False)

@@ -695,7 +695,7 @@ def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_doma
       tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state,
                                          trainable_mask=trainable_mask)
       penalty = algorithms_lib.make_penalty(name, hparams)
-      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty),
+      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty), donate_argnums=0,
                                       compiler_options=fast_conv.compiler_options()), penalty)
     txs[name], steps[name], penalties[name] = _STEP_CACHE[key]
   if graphdef not in _EVAL_CACHE:
@@ -723,6 +723,10 @@ def run_cell(
   Writes `directory/metrics.jsonl` (one line per step: loss, per-domain losses, variance, perturbation and gradient
   norms, wall time; at evaluation steps also the validation and held-out accuracies), `directory/checkpoints/`
   (the latest and the best checkpoint) and `directory/result.json`.
+
+  The device never waits on the host between evaluations: the step donates the training state, the next batch is
+  gathered while the current step runs, and each step's metrics are read one step later (evaluation steps are read
+  at once). Divergence is still reported at the step it happened, before any checkpoint of a later step.
 
   Args:
     config: the experiment configuration (steps, eval_every, hparams, eval_batch_size are used).
@@ -759,35 +763,11 @@ def run_cell(
   if mesh is not None:
     local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
     place = lambda state: jax.device_put(state, distributed.replicated(mesh))
-    next_batch = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
+    draw = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
   else:
     place = lambda state: state
-    next_batch = sampler.next
-
-  # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
-  eval_names = [("val", d) for d in (split.val_domains or train_domains)] + [("test", d) for d in split.test_domains]
-  eval_parts = list(split.val) + list(split.test)
-  eval_x = np.concatenate([x for x, _ in eval_parts])
-  eval_y = np.concatenate([y for _, y in eval_parts])
-  eval_owner = np.concatenate([np.full(len(y), k) for k, (_, y) in enumerate(eval_parts)])
-
-  def evaluate(state: TrainState, step: int) -> dict[str, Any]:
-    if not bool(_all_finite_jit(state.params)):
-      raise TrainingDiverged(
-        f"Training diverged ({algorithm}, held-out {held_out}, seed {seed}): the parameters are not finite at "
-        f"step {step}. Lower --lr or --rho."
-      )
-    # Every process evaluates its own local replica (identical values); only process 0 writes the numbers.
-    params, model_state = distributed.local_replica((state.params, state.model_state))
-    pred = predict(compiled.eval_step, params, model_state, eval_x, config.eval_batch_size)
-    correct = np.bincount(eval_owner, weights=(pred == eval_y), minlength=len(eval_parts))
-    total = np.bincount(eval_owner, minlength=len(eval_parts))
-    acc = correct / np.maximum(total, 1)
-    val = {d: float(a) for (kind, d), a in zip(eval_names, acc) if kind == "val"}
-    test = [float(a) for (kind, _), a in zip(eval_names, acc) if kind == "test"]
-    return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
-            "test_acc": test[0]}
-
+    draw = sampler.next
+  evaluate = _evaluator(config, algorithm, split, seed, compiled.eval_step)
   store = CheckpointStore(os.path.join(directory, "checkpoints"))
   metrics_path = os.path.join(directory, "metrics.jsonl")
   evals: list[dict[str, Any]] = []
@@ -803,52 +783,49 @@ def run_cell(
       log = open(metrics_path if main_process else os.devnull, "a")
     else:
       log = open(metrics_path if main_process else os.devnull, "w")
-    state = place(state)
+    # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms).
+    state = jax.tree.map(jnp.copy, place(state))
+    batches = _Prefetcher(sampler, draw)
     with log:
       step = int(state.step)
 
       def checkpoint(record, state, step):
         evals.append(record)
         best = select_best(evals)
-        store.save(step, state, {"step": step, "sampler": sampler.state(), "evals": evals},
+        # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
+        store.save(step, state, {"step": step, "sampler": batches.sampler_state(), "evals": evals},
                    keep=(best["step"],))
-        line = {"step": step, "eval": {"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
+        return {"step": step, "eval": {"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
                                        "test_acc": {held_out: record["test_acc"]}}}
-        return line
 
-      if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
-        log.write(json.dumps(checkpoint(evaluate(state, 0), state, 0)) + "\n")
-      while step < config.steps:
-        state, metrics = train_step(state, next_batch())
-        step += 1
-        metrics = jax.device_get(metrics)
-        domain_losses = [float(v) for v in metrics["domain_losses"]]
-        values = [_float(metrics["loss"]), _float(metrics["grad_norm"])] + domain_losses
-        if not all(math.isfinite(v) for v in values):
-          listing = ", ".join(f"{d}: {v:.4g}" for d, v in zip(train_domains, domain_losses))
-          good = store.latest_step()
-          raise TrainingDiverged(
-            f"Training diverged at step {step} ({algorithm}, held-out {held_out}, seed {seed}): loss "
-            f"{values[0]:.4g}, gradient norm {values[1]:.4g}, per-domain losses {{{listing}}}. "
-            f"The last good checkpoint is step {good} in {store.directory}. Lower --lr or --rho."
-          )
-        line = {
-          "step": step,
-          "loss": values[0],
-          "domain_losses": dict(zip(train_domains, domain_losses)),
-          "variance": _float(metrics["variance"]),
-          "perturbation_norm": _float(metrics["perturbation_norm"]),
-          "grad_norm": values[1],
-          "time": round(time.perf_counter() - start, 4),
-          **_mechanism(metrics, train_domains),
-        }
-        if "penalty" in metrics:
-          line.update(penalty=_float(metrics["penalty"]), objective=_float(metrics["objective"]))
-        if step % config.eval_every == 0 or step == config.steps:
+      def finish(step, metrics, state=None):
+        """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
+        line = _step_line(metrics, step, train_domains, start, store,
+                          context=f"{algorithm}, held-out {held_out}, seed {seed}")
+        if state is not None:
           line.update(checkpoint(evaluate(state, step), state, step))
         log.write(json.dumps(line) + "\n")
         if on_step is not None:
           on_step(step, line)
+
+      if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
+        log.write(json.dumps(checkpoint(evaluate(state, 0), state, 0)) + "\n")
+      # The loop keeps the device busy: each step is dispatched before the host gathers the next batch and reads
+      # the previous step's metrics (by then finished: the device has the new step queued behind it). Evaluation
+      # steps are finished before the next dispatch, since the next step donates the state they evaluate.
+      pending = None
+      while step < config.steps:
+        state, metrics = train_step(state, batches.next())
+        step += 1
+        if step < config.steps:
+          batches.prefetch()
+        if pending is not None:
+          finish(*pending)
+          pending = None
+        if step % config.eval_every == 0 or step == config.steps:
+          finish(step, metrics, state)
+        else:
+          pending = (step, metrics)
   finally:
     store.close()
 
@@ -867,6 +844,101 @@ def run_cell(
     with open(os.path.join(directory, "result.json"), "w") as f:
       json.dump(result.to_json(), f, indent=1)
   return result
+
+
+class _Prefetcher:
+  """Batches drawn one step ahead, so the host gathers the next batch while the device runs the current step.
+
+  `sampler_state()` is the sampler's state before the first batch not yet handed out: what a checkpoint records,
+  so that a resumed run draws the prefetched batch again.
+  """
+
+  def __init__(self, sampler: data_lib.DomainBatchSampler, draw: Callable[[], Any]):
+    self._sampler, self._draw = sampler, draw
+    self._ahead: Optional[tuple[dict[str, Any], Any]] = None
+
+  def prefetch(self) -> None:
+    if self._ahead is None:
+      before = self._sampler.state()
+      self._ahead = (before, self._draw())
+
+  def next(self) -> Any:
+    self.prefetch()
+    batch = self._ahead[1]
+    self._ahead = None
+    return batch
+
+  def sampler_state(self) -> dict[str, Any]:
+    return self._ahead[0] if self._ahead is not None else self._sampler.state()
+
+
+def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str], start: float, store: Any, *,
+               context: str) -> dict[str, Any]:
+  """The metrics.jsonl line of a step from its metrics (fetched to the host here).
+
+  Raises:
+    TrainingDiverged: a non-finite loss, gradient norm or per-domain loss, naming the last good checkpoint.
+  """
+  metrics = jax.device_get(metrics)
+  domain_losses = [float(v) for v in metrics["domain_losses"]]
+  values = [_float(metrics["loss"]), _float(metrics["grad_norm"])] + domain_losses
+  if not all(math.isfinite(v) for v in values):
+    listing = ", ".join(f"{d}: {v:.4g}" for d, v in zip(train_domains, domain_losses))
+    good = store.latest_step()
+    raise TrainingDiverged(
+      f"Training diverged at step {step} ({context}): loss "
+      f"{values[0]:.4g}, gradient norm {values[1]:.4g}, per-domain losses {{{listing}}}. "
+      f"The last good checkpoint is step {good} in {store.directory}. Lower --lr or --rho."
+    )
+  line = {
+    "step": step,
+    "loss": values[0],
+    "domain_losses": dict(zip(train_domains, domain_losses)),
+    "variance": _float(metrics["variance"]),
+    "perturbation_norm": _float(metrics["perturbation_norm"]),
+    "grad_norm": values[1],
+    "time": round(time.perf_counter() - start, 4),
+    **_mechanism(metrics, train_domains),
+  }
+  if "penalty" in metrics:
+    line.update(penalty=_float(metrics["penalty"]), objective=_float(metrics["objective"]))
+  return line
+
+
+def _evaluator(config: ExperimentConfig, algorithm: str, split: data_lib.DomainSplit, seed: int,
+               eval_step: Callable) -> Callable[[TrainState, int], dict[str, Any]]:
+  """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`.
+
+  Raises (from `evaluate`):
+    TrainingDiverged: the parameters are not finite.
+  """
+  held_out = split.test_domains[0]
+  train_domains = list(split.train_domains)
+  # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
+  eval_names = [("val", d) for d in (split.val_domains or train_domains)] + [("test", d) for d in split.test_domains]
+  eval_parts = list(split.val) + list(split.test)
+  eval_x = np.concatenate([x for x, _ in eval_parts])
+  eval_y = np.concatenate([y for _, y in eval_parts])
+  eval_owner = np.concatenate([np.full(len(y), k) for k, (_, y) in enumerate(eval_parts)])
+
+  def evaluate(state: TrainState, step: int) -> dict[str, Any]:
+    if not bool(_all_finite_jit(state.params)):
+      raise TrainingDiverged(
+        f"Training diverged ({algorithm}, held-out {held_out}, seed {seed}): the parameters are not finite at "
+        f"step {step}. Lower --lr or --rho."
+      )
+    # Every process evaluates its own local replica (identical values); only process 0 writes the numbers.
+    params, model_state = distributed.local_replica((state.params, state.model_state))
+    pred = predict(eval_step, params, model_state, eval_x, config.eval_batch_size)
+    correct = np.bincount(eval_owner, weights=(pred == eval_y), minlength=len(eval_parts))
+    total = np.bincount(eval_owner, minlength=len(eval_parts))
+    acc = correct / np.maximum(total, 1)
+    val = {d: float(a) for (kind, d), a in zip(eval_names, acc) if kind == "val"}
+    test = [float(a) for (kind, _), a in zip(eval_names, acc) if kind == "test"]
+    return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
+            "test_acc": test[0]}
+
+  return evaluate
 
 
 def load_cell_result(directory: str) -> Optional[CellResult]:
