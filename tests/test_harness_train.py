@@ -237,11 +237,11 @@ def test_cells_share_the_initialization_and_the_step_donates_its_state(tmp_path)
                                progress=False)
   assert both[1].evals == alone[0].evals
   assert _metrics_without_time(str(tmp_path / "both")) == _metrics_without_time(str(tmp_path / "alone"))
-  (_, step), = [v for k, v in train._STEP_CACHE.items() if k[1] == "disam" and k[2] == config.hparams]
   graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs=config.model_kwargs)
-  tx = algorithms.make_optimizer("disam", config.hparams, num_domains=5, aux_example=model_state)
-  state = train.init_train_state(params, model_state, tx)
+  compiled = train._compile(config, graphdef, model_state, 5)
+  step = compiled.train_steps["disam"]
+  state = train.init_train_state(params, model_state, compiled.txs["disam"])
   batch = (jnp.zeros((5, 8, 8, 8, 1)), jnp.zeros((5, 8), jnp.int32))
   assert "tf.aliasing_output" in step.lower(state, batch).as_text()
 
