@@ -37,7 +37,7 @@ def test_quick_smoke_writes_results(tmp_path):
   markdown = (tmp_path / 'step_cost_quick.md').read_text()
 
   for key in ('name', 'command', 'date', 'machine', 'versions', 'threads', 'settings', 'load', 'wall_time_s',
-              'step_time', 'domains', 'multi_device', 'targets'):
+              'step_time', 'domains', 'multi_device', 'targets', 'harness_loop', 'peak'):
     assert key in results, key
   assert results['quick'] is True
   assert {'cpu', 'cores', 'platform', 'python'} <= set(results['machine'])
@@ -74,7 +74,10 @@ def test_quick_smoke_writes_results(tmp_path):
 
   assert results['peak']['measured_gemm_gflops'] > 0 and cases['disam/fast']['gflop_per_s'] > 0
   assert results['targets'] and all({'target', 'value', 'threshold', 'met'} <= set(t) for t in results['targets'])
-  for heading in ('## Step time per case', '## Ratios', '## Compile time, FLOPs and memory', '## Number of domains',
+  for algorithm in ('erm', 'disam'):
+    loop = results['harness_loop']['algorithms'][algorithm]
+    assert loop['harness']['min_ms'] > 0 and loop['bare']['min_ms'] > 0 and loop['harness/bare'] > 0
+  for heading in ('## Harness loop', '## Step time per case', '## Ratios', '## Compile time, FLOPs and memory', '## Number of domains',
                   '## Multi-device', '## Targets'):
     assert heading in markdown, heading
 

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -15,6 +16,7 @@ from benchmarks.step_cost.config import _REPO, FLAG_SWEEP, LAM, LR, MODELS, MOME
 from benchmarks.step_cost.config import XLA_CONFIGS
 from benchmarks.step_cost.domains import bench_domains
 from benchmarks.step_cost.flags import bench_flags, flags_worker
+from benchmarks.step_cost.harness_loop import bench_harness_loop
 from benchmarks.step_cost.multidevice import bench_multidevice, multidevice_worker
 from benchmarks.step_cost.report import evaluate_targets, to_markdown
 from benchmarks.step_cost.step_time import bench_step_time
@@ -44,6 +46,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   ap.add_argument('--no-torch', action='store_true')
   ap.add_argument('--no-multidevice', action='store_true')
   ap.add_argument('--no-flags', action='store_true', help='skip the XLA flag sweep')
+  ap.add_argument('--no-harness-loop', action='store_true', help='skip the harness-overhead section')
+  ap.add_argument('--harness-steps', type=int, default=300, help='steps per harness / bare-loop sample')
+  ap.add_argument('--harness-rounds', type=int, default=5)
   ap.add_argument('--sweep-config', default='fast', choices=sorted(XLA_CONFIGS),
                   help="XLA configuration of the domain sweep ('' = out of the box)")
   ap.add_argument('--flag-models', nargs='+', default=list(FLAG_SWEEP), choices=sorted(FLAG_SWEEP))
@@ -134,6 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     save()
   results['domains'] = bench_domains(sweep_models, args, rounds, log)
   save()
+  if not args.no_harness_loop:
+    with tempfile.TemporaryDirectory() as tmp:
+      results['harness_loop'] = bench_harness_loop(args, rounds, log, tmp)
+    save()
   if not args.no_multidevice and md_models:
     results['multi_device'] = bench_multidevice(md_models, args, log)
     save()

@@ -40,6 +40,9 @@ def evaluate_targets(results: dict) -> list[dict[str, Any]]:
     if 'disam_minus_erm_in_param_copies' in mem:
       add(f'{model} [{mem["config"]}]: disam - ERM peak memory, in parameter copies',
           mem['disam_minus_erm_in_param_copies'], TARGETS['memory_extra_param_copies'])
+  for algorithm, res in results.get('harness_loop', {}).get('algorithms', {}).items():
+    add(f'harness loop ({algorithm}, mlp): harness ms per step / bare jitted loop (steps/s >= 0.95x bare)',
+        res['harness/bare'], TARGETS['harness_over_bare'], res.get('harness/bare (paired)'))
   for model, res in results.get('domains', {}).items():
     ms = res['num_domains']
     key = f'M{ms[-1]}/M{ms[0]}'
@@ -174,6 +177,18 @@ def to_markdown(results: dict) -> str:
                      f'{c["other_processes_cores"]} |')
       else:
         lines.append(f'| {run["model"]} | `{run["xla_flags"]}` | failed | - | - |')
+    lines.append('')
+  hl = results.get('harness_loop', {})
+  if hl.get('algorithms'):
+    lines += ['## Harness loop (disam-train\'s run_cell against a bare jitted loop of the same compiled step)', '',
+              f'{hl["model"]} on {hl["dataset"]}, {hl["steps"]} steps per sample, {hl["rounds"]} interleaved rounds; '
+              'harness time between the step-2 and last-but-one on_step callbacks (no compile, evaluation or '
+              'checkpoint); bare: one device-resident batch, donated state, one block at the end. Median (min) ms.',
+              '', '| algorithm | harness | bare | harness / bare | paired | harness steps/s / bare steps/s |',
+              '|---|---|---|---|---|---|']
+    for algorithm, res in hl['algorithms'].items():
+      lines.append(f'| {algorithm} | {_fmt_ms(res["harness"])} | {_fmt_ms(res["bare"])} | {res["harness/bare"]:.3f} | '
+                   f'{res["harness/bare (paired)"]:.3f} | {res["harness steps/s / bare steps/s"]:.3f} |')
     lines.append('')
   tg = results.get('targets', [])
   if tg:

@@ -766,7 +766,7 @@ def run_cell(
     draw = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
   else:
     place = lambda state: state
-    draw = sampler.next
+    draw = lambda: jax.device_put(sampler.next())  # the host-to-device copy also overlaps the running step
   evaluate = _evaluator(config, algorithm, split, seed, compiled.eval_step)
   store = CheckpointStore(os.path.join(directory, "checkpoints"))
   metrics_path = os.path.join(directory, "metrics.jsonl")
