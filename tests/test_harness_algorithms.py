@@ -257,3 +257,22 @@ def test_report_merge_keeps_every_algorithm_apart(tiny_run, tmp_path):
   text = (out / "results.md").read_text()
   for name in names:
     assert f"| {name.upper()} |" in text, name
+
+
+def test_fishr_resumes_exactly_with_its_moving_average(tmp_path):
+  """Fishr's moving average and the anneal-step reset live in the optimizer state, which the checkpoint holds."""
+  from disam_jax.harness import cli
+
+  base = ["--algorithm", "disam+fishr", "--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8",
+          "--eval-every", "2", "--fishr-anneal-steps", "3", "--fishr-lambda", "10", "--no-plots", "--quiet"]
+  full, part = tmp_path / "full", tmp_path / "part"
+  assert cli.main(base + ["--steps", "5", "--output-dir", str(full)]) == 0
+  assert cli.main(base + ["--steps", "2", "--output-dir", str(part)]) == 0
+  assert cli.main(["--resume", "--output-dir", str(part), "--steps", "5", "--quiet", "--no-plots"]) == 0
+  read = lambda run: [json.loads(s) for s in open(os.path.join(
+    train.cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))]
+  a, b = read(full), read(part)
+  assert len(a) == len(b) == 6
+  for x, y in zip(a[1:], b[1:]):
+    np.testing.assert_allclose([x["loss"], x["penalty"], x["objective"]], [y["loss"], y["penalty"], y["objective"]],
+                               rtol=1e-6)
