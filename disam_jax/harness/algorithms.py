@@ -27,7 +27,6 @@ the anneal steps at DomainBed's fraction of the run (`HParams.for_run`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Any, Callable, Optional
 
@@ -281,18 +280,14 @@ RULES: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str
   "erm": (_erm_rule, "ERM: the base optimizer on the mean of the domain losses"),
   "sam": (_sam_rule(False), "SAM (Foret et al. 2021; ASAM with --adaptive): DISAM with lam = 0"),
   "disam": (_sam_rule(True), "DISAM (Zhang et al. 2024): perturbation along grad(L - lam * Var_i L_i)"),
+  # GSAM and SAGM: the core's rule option, disam(..., rule='gsam'|'sagm', alpha=None: the published default)
+  "gsam": (_sam_rule(False, "gsam"),
+           "GSAM (Zhuang et al. 2022): g_adv - alpha * (part of grad L(w) orthogonal to g_adv)"),
+  "sagm": (_sam_rule(False, "sagm"),
+           "SAGM (Wang et al. 2023): perturbed at w + (rho/|g| - alpha) g; update (g + g_adv) / 2"),
+  "disam_gsam": (_sam_rule(True, "gsam"), "DISAM on GSAM: GSAM with the ascent gradient grad(L - lam * Var_i L_i)"),
+  "disam_sagm": (_sam_rule(True, "sagm"), "DISAM on SAGM: SAGM with the ascent gradient grad(L - lam * Var_i L_i)"),
 }
-# GSAM and SAGM come from the core's `rule` option (disam(..., rule='gsam'|'sagm', alpha=None)); registered once
-# the core has it.
-if "rule" in inspect.signature(disam).parameters:
-  RULES.update({
-    "gsam": (_sam_rule(False, "gsam"),
-             "GSAM (Zhuang et al. 2022): SAM's gradient g_p minus alpha times grad L's part orthogonal to it"),
-    "sagm": (_sam_rule(False, "sagm"),
-             "SAGM (Wang et al. 2023): perturbed at w + (rho/||g|| - alpha) g, gradients at w and there combined"),
-    "disam_gsam": (_sam_rule(True, "gsam"), "DISAM's perturbation (grad(L - lam * Var_i L_i)) under GSAM"),
-    "disam_sagm": (_sam_rule(True, "sagm"), "DISAM's perturbation (grad(L - lam * Var_i L_i)) under SAGM"),
-  })
 
 # name -> (penalty(hparams) -> penalties.Penalty, description)
 PENALTIES: dict[str, tuple[Callable[[HParams], penalties.Penalty], str]] = {
