@@ -19,7 +19,7 @@ def _per_example(params, x, y):
 
 
 def _step(f, params):
-  tx = disam_jax.disam(optax.sgd(LR), RHO, LAM)
+  tx = disam_jax.disam(optax.sgd(LR), RHO, LAM, num_domains=M)  # num_domains: keep the [M] metrics
   updates, state = jax.jit(lambda p: tx.update(None, tx.init(p), p, domain_loss_fn=f))(params)
   return {k: -updates[k] / LR for k in updates}, state
 

@@ -164,6 +164,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree, mesh: Mesh):
+  """Places a pytree that every process holds identically (e.g. the train state) replicated on `mesh`.
+
+  `jax.device_put` would also do it, but in a multi-process run it first checks that every process passes the same
+  values, and NaN never equals NaN: a state holding a NaN metric (DISAM's `sam_cosine` when diagnostics are off)
+  would be refused. Numeric leaves are therefore assembled from each process's copy without that check; leaves
+  already placed on the global mesh are kept, and the rest (typed PRNG keys) go through `device_put`.
+  """
+  sharding = replicated(mesh)
+
+  def put(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return a
+    if isinstance(a, (jax.Array, np.ndarray, np.generic)) and np.issubdtype(np.dtype(a.dtype), np.number):
+      return jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a))
+    return jax.device_put(a, sharding)
+
+  return jax.tree.map(put, tree)
+
+
 def check_batch_divisible(per_domain_batch: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if per_domain_batch % n:
