@@ -81,3 +81,15 @@ def test_quick_smoke_writes_results(tmp_path):
                   '## Multi-device', '## Targets'):
     assert heading in markdown, heading
 
+
+def test_sam_family_quick_smoke(tmp_path):
+  """benchmarks/sam_family.py --quick runs and its FLOP ratios say what the rules cost (timings not asserted)."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import sam_family
+
+  results = sam_family.main(['--quick', '--rounds', '1', '--out-dir', str(tmp_path)])
+  flops = {r['case']: r['flops_ratio'] for r in results['mlp']}
+  assert flops['disam'] == 1.0 and abs(flops['optax.contrib.sam'] - 1) < 0.02
+  assert abs(flops["disam rule='gsam'"] - 1) < 0.05 and abs(flops["disam rule='sagm'"] - 1) < 0.05  # tiny model
+  assert flops['disam diagnostics=True'] > 1.1  # one more backward pass
+  assert '| disam diagnostics=True |' in (tmp_path / 'sam_family_quick.md').read_text()
