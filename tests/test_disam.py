@@ -404,9 +404,14 @@ def test_multisteps_is_refused_with_a_pointer_to_accumulation():
       jax.jit(lambda p, s: tx.update(updates, s, p, domain_loss_fn=f))(p, tx.init(p))
 
 
-def test_apply_if_finite_around_disam_is_refused_with_a_pointer_inside():
+@pytest.mark.parametrize('wrapper', ['apply_if_finite', 'conditionally_transform', 'conditionally_mask'])
+def test_conditional_wrappers_around_disam_are_refused_with_a_pointer_inside(wrapper):
   p, f = _composition_problem()
-  tx = optax.apply_if_finite(disam_jax.disam(optax.sgd(0.1), 0.05, 0.1), max_consecutive_errors=2)
+  inner = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
+  if wrapper == 'apply_if_finite':
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=2)
+  else:
+    tx = getattr(optax, wrapper)(inner, lambda step, **_: step % 2 == 0, forward_extra_args=True)
   with pytest.raises(ValueError, match=r'apply_if_finite.*inside base_tx'):
     jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f))(p, tx.init(p))
 
