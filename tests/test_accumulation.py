@@ -186,3 +186,20 @@ def test_benchmark_quick_smoke(tmp_path):
   table = (tmp_path / 'accumulation_quick.md').read_text()
   for case in ('| plain |', '| k=1 |', '| k=2 |', '| k=2 no remat |'):
     assert case in table
+
+
+def test_readme_snippet_equals_the_big_batch_step():
+  import pathlib
+  import re
+
+  readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  snippet = re.search(r'## Gradient accumulation\n.*?```python\n(.*?)```', readme, re.S).group(1)
+  x, y, params = make_problem(36, b=8)
+  p = to_jax(params)
+  xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+  tx = disam_jax.disam(optax.sgd(LR), RHO, LAM)
+  env = {'disam_jax': disam_jax, 'per_example_loss': _per_example, 'xs': _split(xj, 4, 1), 'ys': _split(yj, 4, 1),
+         'tx': tx, 'params': p, 'opt_state': tx.init(p)}
+  exec(snippet, env)
+  expected, _ = ref.disam_gradient(params, x, y, NUM_CLASSES, RHO, LAM)
+  assert_tree_close({k: -env['updates'][k] / LR for k in p}, expected, atol=2e-6)
