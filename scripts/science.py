@@ -21,23 +21,40 @@ import numpy as np
 
 from disam_jax.harness import report
 
-# (label, run directory, algorithm) pairs: "A - B" rows; run directories relative to ROOT.
+# regime: (loss threshold for "steps to loss", [(label, (run directory, algorithm) A, B)]): rows "A - B".
+_NOISY = 0.5
 COMPARISONS = {
-  "baseline (rotated digits)": [("DISAM − SAM", ("base", "disam"), ("base", "sam")),
-                                ("SAM − ERM", ("base", "sam"), ("base", "erm"))],
-  "noisy 30° domain (50% wrong labels)": [("DISAM − SAM", ("noisy30", "disam"), ("noisy30", "sam")),
-                                          ("DISAM lam 0.5 − SAM", ("noisy30_lam05", "disam"), ("noisy30", "sam")),
-                                          ("DISAM lam 1 − SAM", ("noisy30_lam1", "disam"), ("noisy30", "sam"))],
-  "colored digits (held out agree10)": [("DISAM − SAM", ("colored", "disam"), ("colored", "sam")),
-                                        ("SAM − ERM", ("colored", "sam"), ("colored", "erm"))],
-  "imbalance 10:1": [("DISAM − SAM", ("imb10", "disam"), ("imb10", "sam"))],
-  "20 small domains (4 per rotation)": [("DISAM − SAM", ("sub4", "disam"), ("sub4", "sam"))],
-  "noisy 30° + 30% wrong domain labels": [("DISAM − SAM", ("noisy30_dln03", "disam"), ("noisy30_dln03", "sam"))],
-  "noisy 30°, 5 inferred domains": [("DISAM − SAM", ("noisy30_infer5", "disam"), ("noisy30_infer5", "sam")),
-                                    ("DISAM inferred − DISAM true", ("noisy30_infer5", "disam"), ("noisy30", "disam"))],
-  "noisy 30°, CORAL penalty": [("DISAM+CORAL − SAM+CORAL", ("noisy30_coral", "disam+coral"),
-                                ("noisy30_coral", "sam+coral"))],
-  "rho 1.5": [("DISAM − SAM", ("rho1.5", "disam"), ("rho1.5", "sam"))],
+  "rotated digits (baseline)": (0.1, [("DISAM − SAM", ("base", "disam"), ("base", "sam")),
+                                      ("SAM − ERM", ("base", "sam"), ("base", "erm")),
+                                      ("DISAM, 5 inferred domains − SAM", ("base_infer5", "disam"),
+                                       ("base_infer5", "sam"))]),
+  "noisy 30° domain (50% wrong class labels)": (_NOISY, [
+    ("DISAM − SAM", ("noisy30", "disam"), ("noisy30", "sam")),
+    ("DISAM lam 0.5 − SAM", ("noisy30_lam05", "disam"), ("noisy30", "sam")),
+    ("DISAM lam 1 − SAM", ("noisy30_lam1", "disam"), ("noisy30", "sam")),
+    ("DISAM+CORAL − SAM+CORAL", ("noisy30_coral", "disam+coral"), ("noisy30_coral", "sam+coral")),
+    ("SAM+CORAL − SAM", ("noisy30_coral", "sam+coral"), ("noisy30", "sam"))]),
+  "noisy 30° + 30% wrong domain labels": (_NOISY, [
+    ("DISAM − SAM", ("noisy30_dln03", "disam"), ("noisy30_dln03", "sam"))]),
+  "noisy 30°, 5 inferred pseudo-domains": (_NOISY, [
+    ("DISAM − SAM", ("noisy30_infer5", "disam"), ("noisy30_infer5", "sam")),
+    ("DISAM inferred − DISAM true labels", ("noisy30_infer5", "disam"), ("noisy30", "disam"))]),
+  "noisy 30°, GSAM / SAGM (held out 75)": (_NOISY, [
+    ("DISAM-GSAM − GSAM", ("noisy30_gsam_sagm", "disam_gsam"), ("noisy30_gsam_sagm", "gsam")),
+    ("DISAM-SAGM − SAGM", ("noisy30_gsam_sagm", "disam_sagm"), ("noisy30_gsam_sagm", "sagm"))]),
+  "colored digits (held out agree10)": (0.2, [("DISAM − SAM", ("colored", "disam"), ("colored", "sam")),
+                                              ("DISAM lam 1 − SAM", ("colored_lam1", "disam"), ("colored", "sam")),
+                                              ("SAM − ERM", ("colored", "sam"), ("colored", "erm"))]),
+  "imbalance 10:1": (0.1, [("DISAM − SAM", ("imb10", "disam"), ("imb10", "sam"))]),
+  "20 small domains (4 per rotation)": (0.1, [("DISAM − SAM", ("sub4", "disam"), ("sub4", "sam"))]),
+  "rotated animals, MLP (held out 75)": (0.5, [("DISAM − SAM", ("animals", "disam"), ("animals", "sam")),
+                                               ("DISAM lam 1 − SAM", ("animals_lam1", "disam"), ("animals", "sam"))]),
+  "rho 1.25 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.25", "disam"), ("rho1.25", "sam"))]),
+  "rho 1.5 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.5", "disam"), ("rho1.5", "sam"))]),
+  "rho 1.75 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.75", "disam"), ("rho1.75", "sam"))]),
+  "noisy 30°, rho 1.5 (held out 75)": (1.0, [("DISAM − SAM", ("noisy30_rho1.5", "disam"), ("noisy30_rho1.5", "sam")),
+                                             ("DISAM lam 1 − SAM", ("noisy30_rho1.5_lam1", "disam"),
+                                              ("noisy30_rho1.5", "sam"))]),
 }
 
 
@@ -68,7 +85,7 @@ def _run_stats(root, name, algorithm, threshold):
   if loaded is None:
     return None
   cells, config = loaded
-  lam = config.get("hparams", {}).get("lam", 0.1)
+  lam = config.get("hparams", {}).get("lam", 0.1) if algorithm.startswith("disam") else 0.0
   out = {}
   for c in cells:
     if c["algorithm"] != algorithm:
@@ -95,11 +112,11 @@ def _fmt(p, fmt="{:+.2f}", f=lambda v: v):
   return f"{fmt.format(f(p['mean']))} [{fmt.format(f(p['low']))}, {fmt.format(f(p['high']))}]{tag}"
 
 
-def tables(root, threshold):
-  lines = ["| regime | comparison | pairs | held-out acc (points) | variance ratio | final loss diff | "
-           f"steps to loss ≤ {threshold:g} (pairs) | A: spread of M·c_i | A: steps with a c_i < 0 |",
+def tables(root):
+  lines = ["| regime | A − B | pairs | held-out acc (points) | variance ratio A / B | final loss A − B | "
+           "steps to loss ≤ t: A − B (pairs) | A: mean spread of M·c_i | A: steps with a c_i < 0 |",
            "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|"]
-  for regime, rows in COMPARISONS.items():
+  for regime, (threshold, rows) in COMPARISONS.items():
     for label, (da, aa), (db, ab) in rows:
       a, b = _run_stats(root, da, aa, threshold), _run_stats(root, db, ab, threshold)
       if not a or not b:
@@ -113,7 +130,7 @@ def tables(root, threshold):
       spread = np.mean([a[k]["w_spread"] for k in keys])
       neg = np.mean([a[k]["w_neg"] for k in keys])
       lines.append(f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {_fmt(var, '{:.3f}', math.exp)} | "
-                   f"{_fmt(fl, '{:+.3f}')} | {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread:.3f} | {neg:.0%} |")
+                   f"{_fmt(fl, '{:+.3f}')} | t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread:.3f} | {neg:.0%} |")
   return "\n".join(lines)
 
 
@@ -133,39 +150,42 @@ def accuracy_table(root):
   return "\n".join(lines)
 
 
-PLOTS = [("baseline", "base", "75", 0), ("noisy 30° domain", "noisy30", "75", 0),
-         ("noisy 30°, lam 1", "noisy30_lam1", "75", 0), ("colored digits", "colored", "agree10", 0),
-         ("imbalance 10:1", "imb10", "75", 0), ("20 small domains", "sub4", "75", 0),
-         ("noisy 30°, 30% wrong domain labels", "noisy30_dln03", "75", 0),
-         ("noisy 30°, 5 inferred domains", "noisy30_infer5", "75", 0)]
+PLOTS = [("rotated digits", "diag_base"), ("noisy 30° domain", "diag_noisy30"),
+         ("noisy 30° domain", "diag_noisy30_lam1"), ("noisy 30°, 5 inferred domains", "diag_noisy30_infer5"),
+         ("colored digits", "diag_colored"), ("colored digits", "diag_colored_lam1")]
 
 
 def plot(root, path):
+  """Top: DISAM's weights M·c_i per training domain (SAM: all 1); bottom: cosine between DISAM's and SAM's
+  perturbation directions; one column per single --diagnostics run (seed 0)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   panels = [p for p in PLOTS if _cells(root, p[1]) is not None]
-  cols = 4
-  rows = math.ceil(len(panels) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=False)
-  for ax, (title, name, held_out, seed) in zip(axes.flat, panels):
+  fig, axes = plt.subplots(2, len(panels), figsize=(3.3 * len(panels), 5.6), squeeze=False)
+  for k, (title, name) in enumerate(panels):
     cells, config = _cells(root, name)
-    lam = config.get("hparams", {}).get("lam", 0.1)
-    cell = next(c for c in cells if c["algorithm"].startswith("disam") and c["held_out"] == held_out
-                and int(c["seed"]) == seed)
-    m = _metrics(root, name, cell)
-    w = report.smooth(_weights(m, lam), max(1, len(m.steps) // 50))
+    lam = config["hparams"]["lam"]
+    m = _metrics(root, name, cells[0])
+    window = max(1, len(m.steps) // 50)
+    w = report.smooth(_weights(m, lam), window)
+    ax = axes[0, k]
     for j, d in enumerate(m.domains):
-      ax.plot(m.steps, w[:, j], lw=1.0, label=d if len(m.domains) <= 6 else None)
+      ax.plot(m.steps, w[:, j], lw=1.0, label=d)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_title(f"{title} (lam {lam:g})", fontsize=9)
+    ax.axhline(0.0, color="gray", lw=0.5)
+    ax.set_title(f"{title}\nlam {lam:g}, held out {cells[0]['held_out']}", fontsize=8)
+    ax.set_ylabel("M · c_i (SAM: 1)" if k == 0 else None)
+    ax.legend(fontsize=5, ncol=2, title="training domain", title_fontsize=5)
+    ax = axes[1, k]
+    ax.plot(m.steps, report.smooth(m.sam_cosine, window), color="tab:red", lw=1.0)
+    ax.set_ylim(min(-0.05, float(np.nanmin(m.sam_cosine)) - 0.05), 1.05)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("step")
-    ax.set_ylabel("M · c_i  (SAM: 1)")
-    if len(m.domains) <= 6:
-      ax.legend(fontsize=6, title="training domain", title_fontsize=6)
-  for ax in list(axes.flat)[len(panels):]:
-    ax.axis("off")
+    ax.set_ylabel("cos(DISAM direction, SAM direction)" if k == 0 else None, fontsize=7)
+  fig.suptitle("DISAM's mechanism per regime: perturbation weights c_i of g_p = Σ c_i ∇L_i (top) and cosine to "
+               "SAM's direction (bottom); 300 steps, MLP, seed 0", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   print(path)
@@ -174,12 +194,11 @@ def plot(root, path):
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("root")
-  parser.add_argument("--threshold", type=float, default=0.5)
   parser.add_argument("--plot")
   args = parser.parse_args(argv)
   print(accuracy_table(args.root))
   print()
-  print(tables(args.root, args.threshold))
+  print(tables(args.root))
   if args.plot:
     plot(args.root, args.plot)
 
