@@ -39,9 +39,9 @@ COMPARISONS = {
   "noisy 30°, 5 inferred pseudo-domains": (_NOISY, [
     ("DISAM − SAM", ("noisy30_infer5", "disam"), ("noisy30_infer5", "sam")),
     ("DISAM inferred − DISAM true labels", ("noisy30_infer5", "disam"), ("noisy30", "disam"))]),
-  "noisy 30°, GSAM / SAGM (held out 75)": (_NOISY, [
-    ("DISAM-GSAM − GSAM", ("noisy30_gsam_sagm", "disam_gsam"), ("noisy30_gsam_sagm", "gsam")),
-    ("DISAM-SAGM − SAGM", ("noisy30_gsam_sagm", "disam_sagm"), ("noisy30_gsam_sagm", "sagm"))]),
+  "noisy 30°, GSAM / SAGM (held out 75; alpha: rule defaults)": (_NOISY, [
+    ("DISAM-GSAM − GSAM", ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "disam_gsam"), ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "gsam")),
+    ("DISAM-SAGM − SAGM", ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "disam_sagm"), ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "sagm"))]),
   "colored digits (held out agree10)": (0.2, [("DISAM − SAM", ("colored", "disam"), ("colored", "sam")),
                                               ("DISAM lam 1 − SAM", ("colored_lam1", "disam"), ("colored", "sam")),
                                               ("SAM − ERM", ("colored", "sam"), ("colored", "erm"))]),
@@ -81,6 +81,11 @@ def _weights(m, lam):
 
 
 def _run_stats(root, name, algorithm, threshold):
+  if "," in name:  # several run directories holding different seeds of one configuration
+    out = {}
+    for part in name.split(","):
+      out.update(_run_stats(root, part, algorithm, threshold) or {})
+    return out or None
   loaded = _cells(root, name)
   if loaded is None:
     return None
