@@ -78,6 +78,7 @@ def measure_model(name, input_shape, m, b, ks, rounds):
     jax.block_until_ready(state)
     built[label] = {'compiled': compiled, 'state': state, 'batch': batch, 'times': [],
                     'temp': compiled.memory_analysis().temp_size_in_bytes}
+    print(f'{name} {label}: compiled, temp {built[label]["temp"] / 2**20:.2f} MiB', flush=True)
   for r in range(rounds):
     order = cases[r % len(cases):] + cases[:r % len(cases)]
     for label, _, _ in order:
