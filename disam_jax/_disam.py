@@ -86,6 +86,9 @@ class DisamState(NamedTuple):
       extra backward pass); NaN otherwise. 1 at `lam=0`.
     aux: with `has_aux=True`, the auxiliary output of `domain_loss_fn` at the *unperturbed* weights (the
       perturbed evaluation's aux is discarded); `aux_example` until the first update (`None` without it).
+    reused_component: with `perturb_every=k > 1`, the params-shaped component `g_v` of the last full step's
+      sharpness-aware gradient orthogonal to its ascent gradient `g_p`, which the steps in between add back to their
+      plain gradient (LookSAM); zeros from `init`. `None` with `perturb_every=1`.
   """
 
   count: chex.Array
@@ -99,6 +102,7 @@ class DisamState(NamedTuple):
   aux: Any
   perturbation_weights: chex.Array
   sam_cosine: chex.Array
+  reused_component: Any = None
 
 
 def _metric_dtype(params: Any) -> jnp.dtype:
@@ -108,7 +112,8 @@ def _metric_dtype(params: Any) -> jnp.dtype:
 
 
 def _initial_state(
-    base_state: optax.OptState, num_domains: Optional[int], aux_example: Any, dtype: Any = jnp.float32
+    base_state: optax.OptState, num_domains: Optional[int], aux_example: Any, dtype: Any = jnp.float32,
+    reused_component: Any = None,
 ) -> DisamState:
   """The state before the first step: metrics zero, `[num_domains]` (or None) domain fields, aux_example."""
   per_domain = None if num_domains is None else jnp.zeros([num_domains], dtype)
@@ -125,6 +130,7 @@ def _initial_state(
       aux=aux_example,
       perturbation_weights=per_domain,
       sam_cosine=jnp.full([], jnp.nan, dtype),
+      reused_component=reused_component,
   )
 
 
@@ -394,6 +400,8 @@ def disam(
     diagnostics: bool = False,
     rule: str = 'sam',
     alpha: Optional[ScalarOrSchedule] = None,
+    perturb_every: int = 1,
+    reuse_weight: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
@@ -458,6 +466,19 @@ def disam(
       update. All three cost two forward and two backward passes; `lam=0` is plain SAM / GSAM / SAGM.
     alpha: GSAM's weight of the orthogonal component, or SAGM's step back along `g_p` (>= 0, or a schedule);
       `None` takes the rule's published default (gsam 0.2, sagm 0.001). Only for `rule='gsam'` / `'sagm'`.
+    perturb_every: k >= 1 (a Python int). k = 1 is the step above, every step. k > 1 amortizes it, LookSAM-style
+      (Liu et al., CVPR 2022): every k-th step (step counts 0, k, 2k, ...) is the full two-pass step and keeps
+      `g_v = g - (<g, g_p> / ||g_p||^2) g_p`, the part of its sharpness-aware gradient `g` orthogonal to its ascent
+      gradient `g_p`; the k - 1 steps in between run ONE forward and backward pass, at `w`, and hand `base_tx`
+      `grad L(w) + reuse_weight * (||grad L(w)|| / ||g_v||) g_v`. Why the gradient component and not the
+      perturbation: the in-between steps still evaluate the loss at the unperturbed weights, so the logged losses,
+      variance, `c_i` and the aux (BatchNorm statistics) are this step's, from the unperturbed pass, exactly as on
+      full steps; reusing `eps` would move that one pass to `w + eps`. `g_v` is taken against `g_p` (not
+      `grad L(w)`, LookSAM's choice for SAM, where the two coincide) so full steps stay at DISAM's two passes; they
+      differ by `lam grad V`. In-between steps log `perturbation_norm` 0 and `sam_cosine` NaN (no perturbation).
+      Not with `per_device_perturbation` (replicas would keep different `g_v`).
+    reuse_weight: LookSAM's alpha (>= 0, or a schedule), the weight of the reused component; `None` takes
+      LookSAM's published 0.7. Only with `perturb_every > 1`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `DisamState`.
@@ -467,6 +488,7 @@ def disam(
     Foret et al., Sharpness-Aware Minimization, ICLR 2021. Kwon et al., ASAM, ICML 2021.
     Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022 (GSAM, Algorithm 1).
     Wang et al., Sharpness-Aware Gradient Matching for Domain Generalization, CVPR 2023 (SAGM, Algorithm 1).
+    Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022 (LookSAM, Algorithm 1).
   """
   _check_hyperparameter('rho', rho)
   _check_hyperparameter('lam', lam)
@@ -483,6 +505,7 @@ def disam(
           "keeps per device: use the global perturbation (per_device_perturbation=False) with GSAM/SAGM."
       )
   num_domains = _static_num_domains(num_domains)
+  perturb_every, reuse_weight = _check_amortization(perturb_every, reuse_weight, per_device_perturbation)
   if isinstance(domain_weights, str):
     if domain_weights not in ('uniform', 'count'):
       raise ValueError(
@@ -511,7 +534,8 @@ def disam(
 
   def init_fn(params):
     _check_params(init_fn, params)
-    return _initial_state(base_tx.init(params), num_domains, aux_example, _metric_dtype(params))
+    reused = None if perturb_every == 1 else jax.tree.map(jnp.zeros_like, params)
+    return _initial_state(base_tx.init(params), num_domains, aux_example, _metric_dtype(params), reused)
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):
     _check_call(update_fn, updates, params, domain_loss_fn)
@@ -557,41 +581,51 @@ def disam(
       (grad,) = vjp_fn(_device_local(cot.astype(total.dtype), axis))
       return jax.lax.psum(grad, axis) if reduce_g_p else grad
 
-    mask = None if perturbation_mask is None else _resolve_mask(perturbation_mask, params)
-    g_ascent = backward(cotangent)  # g_p on every parameter: GSAM/SAGM combine it into the final gradient
-    g_p = g_ascent if mask is None else _apply_mask(g_ascent, mask)
-    if adaptive:
-      scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
-      p_norm = _global_norm(scaled)
-      direction = jax.tree.map(lambda s, w: jnp.abs(_wide(w)) * s, scaled, params)
-    else:
-      p_norm = _global_norm(g_p)
-      direction = jax.tree.map(_wide, g_p)
-    scale = rho_t / (p_norm + _NORM_EPS)
-    if rule == 'sagm':  # SAGM's perturbed point w + (rho / ||g|| - alpha) g (official code; adaptive: times w^2)
-      scale = scale - _at_step(alpha, state.count, dtype)
-    perturbed = jax.tree.map(lambda w, d: (_wide(w) + scale * d).astype(w.dtype), params, direction)
+    grad_weights = weights / jnp.maximum(global_count, 1.0)  # d L / d total_i: grad L = VJP with these
 
-    if diagnostics:  # SAM's direction grad L(w): the same VJP with cotangent a_i / n_i (no extra forward pass)
-      g_sam = backward(pert_weights / jnp.maximum(pert_count, 1.0))
-      if mask is not None:
-        g_sam = _apply_mask(g_sam, mask)
-      cosine = _vdot(g_p, g_sam) / (_global_norm(g_p) * _global_norm(g_sam) + _NORM_EPS)
-    else:
-      cosine = jnp.full([], jnp.nan)
+    def sharpness_aware_gradient():  # the two-pass step: (g handed to base_tx, g_p unmasked, ||g_p||, cosine)
+      mask = None if perturbation_mask is None else _resolve_mask(perturbation_mask, params)
+      g_ascent = backward(cotangent)  # g_p on every parameter: GSAM/SAGM combine it into the final gradient
+      g_p = g_ascent if mask is None else _apply_mask(g_ascent, mask)
+      if adaptive:
+        scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
+        p_norm = _global_norm(scaled)
+        direction = jax.tree.map(lambda s, w: jnp.abs(_wide(w)) * s, scaled, params)
+      else:
+        p_norm = _global_norm(g_p)
+        direction = jax.tree.map(_wide, g_p)
+      scale = rho_t / (p_norm + _NORM_EPS)
+      if rule == 'sagm':  # SAGM's perturbed point w + (rho / ||g|| - alpha) g (official code; adaptive: times w^2)
+        scale = scale - _at_step(alpha, state.count, dtype)
+      perturbed = jax.tree.map(lambda w, d: (_wide(w) + scale * d).astype(w.dtype), params, direction)
 
-    # Pass 2, perturbed: gradient of the plain global training loss L; its aux (e.g. BatchNorm statistics) is dropped.
-    grad_weights = weights / jnp.maximum(global_count, 1.0)
+      if diagnostics:  # SAM's direction grad L(w): the same VJP with cotangent a_i / n_i (no extra forward pass)
+        g_sam = backward(pert_weights / jnp.maximum(pert_count, 1.0))
+        if mask is not None:
+          g_sam = _apply_mask(g_sam, mask)
+        cosine = _vdot(g_p, g_sam) / (_global_norm(g_p) * _global_norm(g_sam) + _NORM_EPS)
+      else:
+        cosine = jnp.full([], jnp.nan)
 
-    def perturbed_loss(p):
-      losses, _ = _split_output(domain_loss_fn(p), has_aux)
-      return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
+      # Pass 2, perturbed: gradient of the plain global training loss L; its aux (e.g. BatchNorm statistics) is dropped.
+      def perturbed_loss(p):
+        losses, _ = _split_output(domain_loss_fn(p), has_aux)
+        return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
 
-    g = jax.grad(perturbed_loss)(_device_local(perturbed, axis))
-    if axis is not None:
-      g = jax.lax.psum(g, axis)
-    if rule != 'sam':
-      g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g)
+      g = jax.grad(perturbed_loss)(_device_local(perturbed, axis))
+      if axis is not None:
+        g = jax.lax.psum(g, axis)
+      if rule != 'sam':
+        g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g)
+      return g, g_ascent, p_norm, cosine
+
+    if perturb_every == 1:
+      g, _, p_norm, cosine = sharpness_aware_gradient()
+      reused = state.reused_component
+    else:  # amortized (LookSAM): a full step every perturb_every steps, one pass reusing g_v in between
+      g, p_norm, cosine, reused = _amortized_gradient(
+          state, params, sharpness_aware_gradient, lambda: backward(grad_weights), perturb_every,
+          _at_step(reuse_weight, state.count, dtype), dtype)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
     per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)  # None without num_domains
@@ -607,6 +641,7 @@ def disam(
         aux=aux,
         perturbation_weights=per_domain(cotangent * pert_count),
         sam_cosine=cosine.astype(dtype),
+        reused_component=reused,
     )
     return new_updates, new_state
 
@@ -627,6 +662,62 @@ def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any) -> Any:
   return jax.tree.map(
       lambda a, b: (_wide(b) - alpha * (_wide(a) - parallel * _wide(b))).astype(b.dtype), g_w, g_adv
   )
+
+
+_LOOKSAM_ALPHA = 0.7  # Liu et al., CVPR 2022 (LookSAM), the published alpha
+
+
+def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_perturbation: bool):
+  """`(k, reuse_weight)` validated: k a static int >= 1; reuse_weight only with k > 1 (None: LookSAM's 0.7)."""
+  try:
+    k = operator.index(perturb_every)
+  except jax.errors.TracerIntegerConversionError:
+    raise ValueError(
+        "perturb_every must be static (it chooses the step's structure). With optax.inject_hyperparams, list it in "
+        "static_args: inject_hyperparams(disam, static_args=('base_tx', 'perturb_every'))."
+    ) from None
+  except TypeError:
+    k = None
+  if k is None or isinstance(perturb_every, bool) or k < 1:
+    raise ValueError(f'perturb_every must be an int >= 1; got {perturb_every!r}.')
+  if k == 1:
+    if reuse_weight is not None:
+      raise ValueError('reuse_weight weighs the component reused between full steps: it needs perturb_every > 1.')
+    return k, None
+  if per_device_perturbation:
+    raise ValueError(
+        'perturb_every > 1 reuses a gradient component between steps, which per_device_perturbation would keep '
+        'different on every device (the replicas would drift apart): use the global perturbation.'
+    )
+  reuse_weight = _LOOKSAM_ALPHA if reuse_weight is None else reuse_weight
+  _check_hyperparameter('reuse_weight', reuse_weight)
+  return k, reuse_weight
+
+
+def _amortized_gradient(state: DisamState, params: Any, full_step: Callable, plain_gradient: Callable, every: int,
+                        reuse_weight: chex.Array, dtype: Any):
+  """LookSAM over DISAM: `full_step()` when `state.count % every == 0`, else one pass plus the reused component.
+
+  Full step: `g` from `full_step` and `g_v = g - (<g, g_p> / ||g_p||^2) g_p` kept. In between:
+  `g = grad L(w) + reuse_weight (||grad L(w)|| / ||g_v||) g_v` with `grad L(w) = plain_gradient()` (the backward
+  pass of the unperturbed forward already run), `g_v` carried unchanged. Returns `(g, ||g_p|| or 0, cosine or NaN,
+  g_v)`; norms and dot products in float32 or wider, every output in the dtype it has on the full step.
+  """
+
+  def full():
+    g, g_ascent, p_norm, cosine = full_step()
+    along = _vdot(g, g_ascent) / (_vdot(g_ascent, g_ascent) + _NORM_EPS)
+    g_v = jax.tree.map(lambda a, b, w: (_wide(a) - along * _wide(b)).astype(w.dtype), g, g_ascent, params)
+    return g, p_norm.astype(dtype), cosine.astype(dtype), g_v
+
+  def in_between():
+    g_w = plain_gradient()
+    g_v = state.reused_component
+    scale = reuse_weight * _global_norm(g_w) / (_global_norm(g_v) + _NORM_EPS)
+    g = jax.tree.map(lambda a, v: (_wide(a) + scale * _wide(v)).astype(a.dtype), g_w, g_v)
+    return g, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), g_v
+
+  return jax.lax.cond(state.count % every == 0, full, in_between)
 
 
 def find_disam_state(opt_state: optax.OptState) -> DisamState:
