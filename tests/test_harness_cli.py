@@ -67,6 +67,7 @@ def test_console_script_is_installed():
     (["--seeds", "-1"], "seeds must be integers >= 0"),
     (["--model-option", "widht=16"], "Model 'mlp' with options {'widht': 16}: "),
     (["--pretrained", "nowhere.npz"], "No pretrained weights file at 'nowhere.npz'"),
+    (["--perturb-every", "0"], "perturb_every must be an int >= 1; got 0"),
   ],
 )
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):
@@ -220,6 +221,18 @@ def test_diagnostics_log_the_cosine_between_disam_and_sam_directions(capsys, tmp
     assert all(line.get("sam_cosine") is None for line in sam)  # 1 by definition: not computed for SAM
   np.testing.assert_allclose(cosine[0.0], 1.0, atol=1e-5)  # lam 0: DISAM's direction is SAM's
   assert np.all(cosine[2.0] < 1.0 - 1e-6) and np.all(cosine[2.0] > -1.0)
+
+
+def test_perturb_every_amortizes_the_sharpness_aware_steps(capsys, tmp_path):
+  run = tmp_path / "run"
+  code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps", "6",
+                               "--eval-every", "3", "--algorithm", "erm", "disam", "--perturb-every", "3", "--quiet",
+                               "--output-dir", str(run)])
+  assert code == 0, err
+  assert json.loads((run / "config.json").read_text())["hparams"]["perturb_every"] == 3
+  lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
+  norms = [line["perturbation_norm"] for line in lines if "loss" in line]
+  assert [n > 0 for n in norms] == [True, False, False, True, False, False]  # full steps at 0 and 3 only
 
 
 def test_main_job_logs_the_perturbation_weights_and_draws_the_mechanism_panel(capsys, tmp_path):

@@ -75,6 +75,9 @@ class HParams:
     adaptive: ASAM form of the perturbation (every sharpness-aware rule): ``sam`` with it is ASAM (Kwon et al.
       2021), ``disam`` with it the official DISAM code's ``adaptive`` flag.
     alpha: GSAM's / SAGM's alpha; None takes the rule's published default (see `disam_jax.disam`).
+    perturb_every: sharpness-aware rules take their full two-pass step every this many steps and reuse its
+      gradient component in between, one pass per step (`disam_jax.disam(..., perturb_every=k)`, LookSAM-style;
+      SAM with it is LookSAM). 1: every step. ERM is unaffected.
     coral_gamma: CORAL's penalty weight (DomainBed's ``mmd_gamma``).
     vrex_lambda: V-REx's penalty weight after the anneal (1 before it).
     vrex_anneal_steps: V-REx's anneal step (the base optimizer is re-initialized there); None: `for_run`.
@@ -92,6 +95,7 @@ class HParams:
   diagnostics: bool = False
   adaptive: bool = False
   alpha: Optional[float] = None
+  perturb_every: int = 1
   coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
   vrex_lambda: float = 10.0  # DomainBed hparams_registry: vrex_lambda 1e1
   vrex_anneal_steps: Optional[int] = None  # DomainBed: vrex_penalty_anneal_iters 500 (of 5000 steps)
@@ -126,6 +130,8 @@ class HParams:
     for name in ("weight_decay", "rho", "lam", "coral_gamma", "vrex_lambda", "fishr_lambda"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+    if isinstance(self.perturb_every, bool) or not isinstance(self.perturb_every, int) or self.perturb_every < 1:
+      raise ValueError(f"perturb_every must be an int >= 1; got {self.perturb_every!r}.")
     if not 0 <= self.fishr_ema < 1:
       raise ValueError(f"fishr_ema must be in [0, 1); got {self.fishr_ema}.")
     for name in ("vrex_anneal_steps", "fishr_anneal_steps"):
@@ -270,6 +276,8 @@ def _sam_rule(lam_on: bool, rule: Optional[str] = None):
     extra = {} if rule is None else {"rule": rule, "alpha": hp.alpha}
     if lam_on and hp.diagnostics:
       extra["diagnostics"] = True
+    if hp.perturb_every != 1:
+      extra["perturb_every"] = hp.perturb_every
     return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, **extra, **kw)
 
   return build

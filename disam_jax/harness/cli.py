@@ -183,6 +183,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      help="adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive is ASAM)")
   train.add_argument("--alpha", type=_finite_float, default=default(None),
                      help="GSAM's / SAGM's alpha (default: the rule's published default)")
+  train.add_argument("--perturb-every", type=_int, default=default(None), metavar="K",
+                     help="amortized sharpness-aware rules: the full two-pass step every K steps, one pass reusing "
+                          "its gradient component in between (LookSAM-style; ERM unaffected; default: 1, every step)")
   penalty = parser.add_argument_group(
     "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
     "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
@@ -246,7 +249,7 @@ def config_from_args(args: argparse.Namespace):
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
     batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
-    diagnostics=args.diagnostics,
+    diagnostics=args.diagnostics, perturb_every=args.perturb_every,
     coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
     fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
   ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
