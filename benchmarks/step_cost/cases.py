@@ -77,10 +77,12 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int):
 
   lam = {'disam_lam0': 0.0}.get(kind, LAM)
   adaptive = kind == 'disam_adaptive'
-  if kind not in ('disam', 'disam_lam0', 'disam_adaptive'):
+  every = perturb_every(kind)
+  if kind not in ('disam', 'disam_lam0', 'disam_adaptive') and every == 1:
     raise ValueError(f'unknown case {kind!r}')
   tx = disam_jax.disam(base, RHO, lam, adaptive=adaptive, num_domains=num_domains, has_aux=has_state,
-                       aux_example=model_state if has_state else None)
+                       aux_example=model_state if has_state else None,
+                       **({'perturb_every': every} if every > 1 else {}))
 
   def step(params, opt_state, ms, x, y):
     if has_state:  # (losses, new model state): the state travels as DISAM's aux, from the unperturbed pass
@@ -93,6 +95,11 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int):
     return optax.apply_updates(params, updates), opt_state, new_ms, opt_state.loss
 
   return tx, step
+
+
+def perturb_every(kind: str) -> int:
+  """k of an amortized DISAM kind 'disam_k<k>' (disam(..., perturb_every=k)); 1 for every other kind."""
+  return int(kind[len('disam_k'):]) if kind.startswith('disam_k') and kind[len('disam_k'):].isdigit() else 1
 
 
 def label(kind: str, config: str) -> str:
@@ -114,6 +121,7 @@ class JaxCase:
     import jax
     import jax.numpy as jnp
     self.label, self.kind = label, kind
+    self.step_multiple = perturb_every(kind)  # samples time whole cycles of k steps: their mean is the average
     num_domains = x.shape[0]
     tx, step = make_jax_step(kind, graphdef, model_state, num_domains)
     fresh = lambda t: jax.tree.map(jnp.array, t)

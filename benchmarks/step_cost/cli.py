@@ -40,6 +40,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   ap.add_argument('--sweep-batch', type=int, default=None)
   ap.add_argument('--device-counts', nargs='+', type=int, default=None)
   ap.add_argument('--all-cases', action='store_true', help='every case on every model (slower)')
+  ap.add_argument('--configs', nargs='+', default=None, choices=['default'] + [c for c in XLA_CONFIGS if c],
+                  help='time the JAX cases in these configurations only (default: the case matrix of config.py)')
+  ap.add_argument('--no-domains', action='store_true', help='skip the domain sweep')
   ap.add_argument('--quiet-threshold', type=float, default=None,
                   help='before each round, wait while other processes keep more than this many cores busy')
   ap.add_argument('--max-wait-s', type=float, default=300.0, help='total waiting budget for --quiet-threshold')
@@ -137,8 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   for name, model in models.items():
     results['step_time'].update(bench_step_time({name: model}, args, torch_module, rounds, log))
     save()
-  results['domains'] = bench_domains(sweep_models, args, rounds, log)
-  save()
+  if not args.no_domains:
+    results['domains'] = bench_domains(sweep_models, args, rounds, log)
+    save()
   if not args.no_harness_loop:
     with tempfile.TemporaryDirectory() as tmp:
       results['harness_loop'] = bench_harness_loop(args, rounds, log, tmp)

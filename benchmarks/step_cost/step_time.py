@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from benchmarks.step_cost.cases import JaxCase, build_jax_model, label, make_batch
-from benchmarks.step_cost.config import (_DEFAULT_SPECS, JAX_CASES, JAX_SPECS_BY_MODEL, TORCH_CASES,
+from benchmarks.step_cost.cases import JaxCase, build_jax_model, label, make_batch, perturb_every
+from benchmarks.step_cost.config import (_DEFAULT_SPECS, AMORTIZED_CASES, JAX_CASES, JAX_SPECS_BY_MODEL, TORCH_CASES,
                                          TORCH_CASES_BY_MODEL, XLA_CONFIGS)
 from benchmarks.step_cost.timing import ratio, time_round_robin
 from benchmarks.step_cost.torch_side import TorchCase
@@ -15,8 +15,11 @@ def _specs(name: str, args) -> tuple[tuple[str, str], ...]:
   if args.all_cases:
     return tuple((k, c) for c in XLA_CONFIGS for k in JAX_CASES)
   if args.quick:  # every kind once, and ERM / DISAM in the harness's configuration (compiler options, fast_conv)
-    return tuple((k, '') for k in JAX_CASES) + (('erm', 'fast'), ('disam', 'fast'))
-  return JAX_SPECS_BY_MODEL.get(name, _DEFAULT_SPECS)
+    return tuple((k, '') for k in JAX_CASES) + (('erm', 'fast'), ('disam', 'fast'), ('disam_k2', 'fast'))
+  specs = JAX_SPECS_BY_MODEL.get(name, _DEFAULT_SPECS)
+  if args.configs is not None:  # e.g. --configs fast ynn_off: only those configurations ('default': out of the box)
+    specs = tuple((k, c) for k, c in specs if (c or 'default') in args.configs)
+  return specs
 
 
 def step_ratios(timed: dict[str, Any]) -> dict[str, float]:
@@ -47,6 +50,10 @@ def step_ratios(timed: dict[str, Any]) -> dict[str, float]:
         f'{pre}jax_disam/torch_disam': r(c('disam'), 'torch_disam'),
         f'{pre}jax_disam/torch_disam (paired)': r(c('disam'), 'torch_disam', 'paired'),
     })
+    for kind in AMORTIZED_CASES:
+      ratios[f'{pre}{kind}/erm'] = r(c(kind), c('erm'))
+      ratios[f'{pre}{kind}/erm (paired)'] = r(c(kind), c('erm'), 'paired')
+      ratios[f'{pre}{kind}/disam'] = r(c(kind), c('disam'))
     if config:
       ratios[f'{pre}erm / default erm'] = r(c('erm'), 'erm')
   return {k: v for k, v in ratios.items() if v is not None}
@@ -78,7 +85,7 @@ def _achieved_gflops(timed: dict[str, Any]) -> None:
       work.setdefault(c.split('/')[0], v['gflops'])
   for c, v in timed.items():
     kind = c[len('torch_'):] if c.startswith('torch_') else c.split('/')[0]
-    if kind in work:
+    if kind in work and perturb_every(kind) == 1:  # amortized steps: XLA counts both branches of their cond
       v['work_gflop'] = work[kind]
       v['gflop_per_s'] = round(work[kind] / (v['min_ms'] / 1e3), 1)
 

@@ -147,6 +147,9 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
       case.run(1)
       first[case.label] = time.perf_counter() - t0
   inner = {c.label: max(1, math.ceil(min_sample_s / max(first[c.label], 1e-6))) for c in cases}
+  for c in cases:  # amortized cases: whole cycles of k steps (the first step of a cycle is the expensive one)
+    k = getattr(c, 'step_multiple', 1)
+    inner[c.label] = k * math.ceil(inner[c.label] / k)
   round_s = sum(first[c.label] * inner[c.label] for c in cases)
   if repeats is not None:
     rounds = repeats
