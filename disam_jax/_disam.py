@@ -400,7 +400,7 @@ def disam(
     diagnostics: bool = False,
     rule: str = 'sam',
     alpha: Optional[ScalarOrSchedule] = None,
-    perturb_every: int = 1,
+    perturb_every: Optional[int] = None,
     reuse_weight: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
@@ -466,7 +466,8 @@ def disam(
       update. All three cost two forward and two backward passes; `lam=0` is plain SAM / GSAM / SAGM.
     alpha: GSAM's weight of the orthogonal component, or SAGM's step back along `g_p` (>= 0, or a schedule);
       `None` takes the rule's published default (gsam 0.2, sagm 0.001). Only for `rule='gsam'` / `'sagm'`.
-    perturb_every: k >= 1 (a Python int). k = 1 is the step above, every step. k > 1 amortizes it, LookSAM-style
+    perturb_every: k >= 1 (a Python int; `None` is 1, and keeps `optax.inject_hyperparams` from tracing it). k = 1
+      is the step above, every step. k > 1 amortizes it, LookSAM-style
       (Liu et al., CVPR 2022): every k-th step (step counts 0, k, 2k, ...) is the full two-pass step and keeps
       `g_v = g - (<g, g_p> / ||g_p||^2) g_p`, the part of its sharpness-aware gradient `g` orthogonal to its ascent
       gradient `g_p`; the k - 1 steps in between run ONE forward and backward pass, at `w`, and hand `base_tx`
@@ -668,7 +669,9 @@ _LOOKSAM_ALPHA = 0.7  # Liu et al., CVPR 2022 (LookSAM), the published alpha
 
 
 def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_perturbation: bool):
-  """`(k, reuse_weight)` validated: k a static int >= 1; reuse_weight only with k > 1 (None: LookSAM's 0.7)."""
+  """`(k, reuse_weight)` validated: k a static int >= 1 (None: 1); reuse_weight only with k > 1 (None: 0.7)."""
+  if perturb_every is None:
+    perturb_every = 1
   try:
     k = operator.index(perturb_every)
   except jax.errors.TracerIntegerConversionError:
