@@ -178,21 +178,26 @@ def _at_step(value: ScalarOrSchedule, count: chex.Array, dtype: Any) -> chex.Arr
   return jnp.asarray(value(count) if callable(value) else value, dtype)
 
 
+def _static_positive_int(name: str, value: Any, sets: str, must_be: str = 'an int >= 1') -> int:
+  """`value` as a static Python int >= 1 (an int, numpy integer or concrete integer array), else a clear error."""
+  try:
+    n = operator.index(value)  # int, numpy integer, or a concrete integer array (inject_hyperparams' init)
+  except jax.errors.TracerIntegerConversionError:
+    raise ValueError(
+        f'{name} must be static (it {sets}). With optax.inject_hyperparams, list it in '
+        f"static_args: inject_hyperparams(disam, static_args=('base_tx', '{name}'))."
+    ) from None
+  except TypeError:
+    n = None
+  if n is None or isinstance(value, bool) or n < 1:
+    raise ValueError(f'{name} must be {must_be}; got {value!r}.')
+  return n
+
+
 def _static_num_domains(num_domains: Any) -> Optional[int]:
   if num_domains is None:
     return None
-  try:
-    m = operator.index(num_domains)  # int, numpy integer, or a concrete integer array (inject_hyperparams' init)
-  except jax.errors.TracerIntegerConversionError:
-    raise ValueError(
-        'num_domains must be static (it sets the state\'s shape). With optax.inject_hyperparams, list it in '
-        "static_args: inject_hyperparams(disam, static_args=('base_tx', 'num_domains'))."
-    ) from None
-  except TypeError:
-    m = None
-  if m is None or isinstance(num_domains, bool) or m < 1:
-    raise ValueError(f'num_domains must be a positive int; got {num_domains!r}.')
-  return m
+  return _static_positive_int('num_domains', num_domains, "sets the state's shape", 'a positive int')
 
 
 def _split_output(out: Any, has_aux: bool) -> tuple[DomainLosses, Any]:
@@ -672,17 +677,7 @@ def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_pertur
   """`(k, reuse_weight)` validated: k a static int >= 1 (None: 1); reuse_weight only with k > 1 (None: 0.7)."""
   if perturb_every is None:
     perturb_every = 1
-  try:
-    k = operator.index(perturb_every)
-  except jax.errors.TracerIntegerConversionError:
-    raise ValueError(
-        "perturb_every must be static (it chooses the step's structure). With optax.inject_hyperparams, list it in "
-        "static_args: inject_hyperparams(disam, static_args=('base_tx', 'perturb_every'))."
-    ) from None
-  except TypeError:
-    k = None
-  if k is None or isinstance(perturb_every, bool) or k < 1:
-    raise ValueError(f'perturb_every must be an int >= 1; got {perturb_every!r}.')
+  k = _static_positive_int('perturb_every', perturb_every, "chooses the step's structure")
   if k == 1:
     if reuse_weight is not None:
       raise ValueError('reuse_weight weighs the component reused between full steps: it needs perturb_every > 1.')
