@@ -128,3 +128,16 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
                        env=_env(4), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
   assert res.returncode == 2
   assert 'per-domain batch size 6 is not divisible by the number of devices 4' in res.stderr
+
+
+def test_replicate_places_nan_metrics_and_typed_keys():
+  """The state may hold NaN (sam_cosine without diagnostics) and typed PRNG keys: both are placed, neither refused."""
+  import jax
+  import numpy as np
+  from disam_jax.harness import distributed
+  mesh = distributed.data_mesh()
+  tree = {'cosine': np.float32(np.nan), 'losses': np.array([1.0, np.nan], np.float32), 'key': jax.random.key(3)}
+  placed = distributed.replicate(tree, mesh)
+  assert np.isnan(np.asarray(placed['cosine'])) and np.asarray(placed['losses'])[0] == 1.0
+  assert jax.random.key_data(placed['key']).tolist() == jax.random.key_data(tree['key']).tolist()
+  assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(placed))

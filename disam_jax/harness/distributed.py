@@ -17,6 +17,7 @@ import time
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -177,7 +178,7 @@ def replicate(tree, mesh: Mesh):
   def put(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
       return a
-    if isinstance(a, (jax.Array, np.ndarray, np.generic)) and np.issubdtype(np.dtype(a.dtype), np.number):
+    if isinstance(a, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(a.dtype, jnp.number):
       return jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a))
     return jax.device_put(a, sharding)
 
