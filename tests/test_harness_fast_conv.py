@@ -40,6 +40,19 @@ def _numpy_conv(x, w, strides, pads):
   return y, weight_grad
 
 
+def _numpy_input_grad(x_shape, w, cot, strides, pads):
+  """dx of <conv(x, w), cot> by scattering each output's cot @ W[i, j]^T back to the input rows it read."""
+  n, h, wd, cin = x_shape
+  kh, kw = w.shape[:2]
+  dx_pad = np.zeros((n, h + sum(pads[0]), wd + sum(pads[1]), cin))
+  for oy in range(cot.shape[1]):
+    for ox in range(cot.shape[2]):
+      for i in range(kh):
+        for j in range(kw):
+          dx_pad[:, oy * strides[0] + i, ox * strides[1] + j, :] += cot[:, oy, ox, :] @ w[i, j].T.astype(np.float64)
+  return dx_pad[:, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + wd, :]
+
+
 CASES = [  # (x shape, w shape, strides, padding): strides, paddings and kernel sizes the harness models use
     ((3, 9, 9, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1))),
     ((3, 9, 9, 4), (3, 3, 4, 5), (2, 2), ((1, 1), (1, 1))),
@@ -47,6 +60,9 @@ CASES = [  # (x shape, w shape, strides, padding): strides, paddings and kernel 
     ((3, 8, 8, 4), (1, 1, 4, 6), (2, 2), 'VALID'),
     ((3, 8, 7, 4), (3, 3, 4, 5), (1, 2), 'SAME'),
     ((2, 9, 9, 2), (3, 2, 2, 3), (2, 1), ((0, 2), (1, 0))),
+    ((2, 11, 10, 3), (2, 2, 3, 4), (3, 3), ((0, 0), (1, 0))),  # kernel smaller than the stride: rows never read
+    ((2, 12, 9, 3), (5, 3, 3, 4), (3, 2), ((2, 1), (0, 2))),
+    ((2, 8, 8, 4), (1, 1, 4, 3), (2, 2), ((1, 1), (0, 1))),  # a padded 1x1
 ]
 
 
@@ -74,25 +90,47 @@ def test_weight_gradient_equals_numpy_convolution():
   np.testing.assert_allclose(dw, weight_grad(cot), rtol=1e-5, atol=1e-5)
 
 
-def _grad_hlo(conv, x, w, **kwargs):
-  f = lambda x, w: conv(x, w, window_strides=(1, 1), padding='SAME', **kwargs).sum()
+@pytest.mark.parametrize('x_shape,w_shape,strides,padding', [c for c in CASES if c[2] != (1, 1)])
+def test_strided_input_gradient_equals_numpy_scatter(x_shape, w_shape, strides, padding):
+  x, w = _data(x_shape, w_shape)
+  pads = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding) if isinstance(padding, str) else padding
+  y_np, _ = _numpy_conv(x, w, strides, pads)
+  cot = np.random.default_rng(2).standard_normal(y_np.shape).astype(np.float32)
+  _, dx, _ = _value_and_grads(fast_conv.conv_general_dilated, x, w, cot, window_strides=strides, padding=padding,
+                              dimension_numbers=_DN)
+  np.testing.assert_allclose(dx, _numpy_input_grad(x_shape, w, cot, strides, pads), rtol=1e-5, atol=1e-4)
+
+
+def _grad_hlo(conv, x, w, strides, **kwargs):
+  f = lambda x, w: conv(x, w, window_strides=strides, padding='SAME', **kwargs).sum()
   return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
 
 
-def test_weight_gradient_is_gemms_on_cpu():
-  x, w = _data((2, 8, 8, 4), (3, 3, 4, 5))
-  fast = _grad_hlo(fast_conv.conv_general_dilated, x, w, dimension_numbers=_DN)
-  ref = _grad_hlo(lax.conv_general_dilated, x, w, dimension_numbers=_DN)
+def test_cpu_gradients_avoid_dilated_input_gradient_and_batch_contracting_pointwise_weight_gradient():
   assert jax.default_backend() == 'cpu'
-  assert ref.count(' convolution(') == 2  # input gradient and weight gradient (the forward value is unused)
-  assert fast.count(' convolution(') == 1 and ' dot(' in fast  # the weight gradient is a GEMM
-
-
-def test_other_backends_keep_xla_weight_gradient():
   x, w = _data((2, 8, 8, 4), (3, 3, 4, 5))
-  f = lambda x, w: fast_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_DN).sum()
-  text = jax.jit(jax.grad(f, argnums=1)).trace(x, w).lower(lowering_platforms=('cuda',)).as_text()
-  assert text.count('convolution') >= 1 and 'dot_general' not in text
+  # Stride 2: XLA's input gradient convolves dy dilated by 2 (lhs_dilate); ours is 4 stride-1 phases.
+  ref = _grad_hlo(lax.conv_general_dilated, x, w, (2, 2), dimension_numbers=_DN)
+  fast = _grad_hlo(fast_conv.conv_general_dilated, x, w, (2, 2), dimension_numbers=_DN)
+  assert 'lhs_dilate=2x2' in ref and 'lhs_dilate' not in fast
+  assert fast.count(' convolution(') == 5  # 4 phases of dx and XLA's weight gradient
+  # Stride 1: both gradients are XLA's.
+  assert _grad_hlo(fast_conv.conv_general_dilated, x, w, (1, 1), dimension_numbers=_DN).count(' convolution(') == 2
+  # 1x1 stride 2 (a ResNet downsample): XLA runs both gradients as convolutions, ours are GEMMs.
+  x, w = _data((2, 8, 8, 4), (1, 1, 4, 5))
+  ref = _grad_hlo(lax.conv_general_dilated, x, w, (2, 2), dimension_numbers=_DN)
+  fast = _grad_hlo(fast_conv.conv_general_dilated, x, w, (2, 2), dimension_numbers=_DN)
+  assert ref.count(' convolution(') == 2 and ' dot(' not in ref
+  assert fast.count(' convolution(') == 0 and fast.count(' dot(') == 2
+
+
+def test_other_backends_keep_xla_gradients():
+  for w_shape in ((3, 3, 4, 5), (1, 1, 4, 5)):
+    x, w = _data((2, 8, 8, 4), w_shape)
+    f = lambda x, w: fast_conv.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=_DN).sum()
+    text = jax.jit(jax.grad(f, argnums=(0, 1))).trace(x, w).lower(lowering_platforms=('cuda',)).as_text()
+    assert text.count('stablehlo.convolution') == 2 and 'dot_general' not in text, w_shape  # dx and dw
+    assert 'lhs_dilate = [2, 2]' in text
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -118,17 +156,20 @@ def test_unsupported_calls_are_lax_conv(kwargs):
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_low_precision_keeps_dtype_and_accumulates_in_float32(dtype):
-  x, w = _data((4, 8, 8, 8), (3, 3, 8, 4))
+@pytest.mark.parametrize('w_shape,strides', [((3, 3, 8, 4), (1, 1)), ((3, 3, 8, 4), (2, 2)), ((1, 1, 8, 4), (2, 2))])
+def test_low_precision_keeps_dtype_and_accumulates_in_float32(dtype, w_shape, strides):
+  x, w = _data((64, 8, 8, 8), w_shape)  # 1,024 to 4,096 terms per weight-gradient entry
   x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
-  kwargs = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=_DN)
-  cot = jnp.ones((4, 8, 8, 4), dtype)
-  y, dx, dw = _value_and_grads(fast_conv.conv_general_dilated, x, w, cot, **kwargs)
+  pads = lax.padtype_to_pads((8, 8), w_shape[:2], strides, 'SAME')
+  xf, wf = np.asarray(x, np.float32), np.asarray(w, np.float32)
+  y_np, weight_grad = _numpy_conv(xf, wf, strides, pads)
+  cot = np.ones(y_np.shape)
+  y, dx, dw = _value_and_grads(fast_conv.conv_general_dilated, x, w, jnp.asarray(cot, dtype), window_strides=strides,
+                               padding='SAME', dimension_numbers=_DN)
   assert y.dtype == dx.dtype == dw.dtype == dtype
-  _, weight_grad = _numpy_conv(np.asarray(x, np.float32), np.asarray(w, np.float32), (1, 1), ((1, 1), (1, 1)))
-  exact = weight_grad(np.ones((4, 8, 8, 4)))
   # float32 accumulation: only the final rounding to the low-precision dtype (2^-8 relative for bfloat16)
-  np.testing.assert_allclose(np.asarray(dw, np.float64), exact, rtol=2 ** -7, atol=1e-2)
+  for got, exact in ((dw, weight_grad(cot)), (dx, _numpy_input_grad(x.shape, wf, cot, strides, pads))):
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -7, atol=2e-2)
 
 
 def test_float64():

@@ -75,27 +75,51 @@ def _xla_conv(x, w, strides, padding, precision):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
 
 
-def _gemm_weight_grad(x, dy, *, kernel_shape, strides, padding, precision):
-  """``dW [kh, kw, Cin, Cout]`` as kh * kw GEMMs ``[Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout]`` (see the module docstring)."""
-  kh, kw, cin, cout = kernel_shape
-  n, ho, wo, _ = dy.shape
-  sh, sw = strides
+def _pointwise_weight_grad(x, dy, *, strides, padding, precision):
+  """``dW [1, 1, Cin, Cout]`` of a 1x1 convolution as one GEMM ``[Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout]``.
+
+  XLA:CPU runs this weight gradient as a convolution with the batch as the contracting dimension, 3x slower than
+  the GEMM on a ResNet's stride-2 1x1 downsample (benchmarks/results/fast_conv_layers.md).
+  """
+  n, ho, wo, cout = dy.shape
+  (sh, sw) = strides
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  window = xp[:, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw, :].reshape(n * ho * wo, -1)
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  d = dy.reshape(n * ho * wo, cout)
-  span = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
+  dw = lax.dot_general(window, dy.reshape(n * ho * wo, cout), (((0,), (0,)), ((), ())), precision=precision,
+                       preferred_element_type=acc)
+  return dw[None, None].astype(x.dtype)
 
-  def offset_grad(k):  # [Cin, Cout] for kernel offset k = i * kw + j
-    i, j = k // kw, k % kw
-    window = lax.dynamic_slice(xp, (0, i, j, 0), (n, span[0], span[1], cin))[:, ::sh, ::sw, :]
-    # The barrier stops XLA from fusing the strided slice into the dot: a fused dot is emitted as a slow loop
-    # nest instead of a GEMM call.
-    window = lax.optimization_barrier(window.reshape(n * ho * wo, cin))
-    return lax.dot_general(window, d, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=acc)
 
-  # A loop, not kh * kw unrolled GEMMs: one window of the input is alive at a time (unrolled, XLA schedules all
-  # the slices first and the step's temporary memory grows by up to kh * kw input copies).
-  return lax.map(offset_grad, jnp.arange(kh * kw)).reshape(kernel_shape).astype(x.dtype)
+def _polyphase_input_grad(dy, w, *, input_shape, strides, padding, precision):
+  """``dx [N, H, W, Cin]`` of a strided convolution as ``sh * sw`` stride-1 convolutions of ``dy``, interleaved.
+
+  With ``x_pad`` the padded input, ``y[o] = sum_i x_pad[o*s + i] W[i]`` (per spatial axis), so an input row
+  ``p = q*s + r`` gets ``dx_pad[p] = sum_m dy[q - m] W[r + m*s]^T``: for each phase ``r`` a stride-1 correlation
+  of ``dy`` with the taps ``W[r::s]`` flipped and transposed. XLA's own input gradient is one convolution of ``dy``
+  dilated by ``s`` (zeros between rows), which does ``s^2`` times the arithmetic on CPU; the phases do the
+  forward's (benchmarks/results/fast_conv_layers.md).
+  """
+  n, h, wd, cin = input_shape
+  _, ho, wo, cout = dy.shape
+  kh, kw = w.shape[:2]
+  (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
+  qh, qw = -(-(h + lo_h + hi_h) // sh), -(-(wd + lo_w + hi_w) // sw)  # rows/columns per phase
+  phases = []
+  for rh in range(sh):
+    row = []
+    for rw in range(sw):
+      taps = w[rh::sh, rw::sw]  # [Mh, Mw, Cin, Cout]
+      mh, mw = taps.shape[:2]
+      if mh == 0 or mw == 0:
+        row.append(jnp.zeros((n, qh, qw, cin), dy.dtype))
+        continue
+      kernel = jnp.swapaxes(taps[::-1, ::-1], 2, 3)  # flipped, [Mh, Mw, Cout, Cin]
+      pads = ((mh - 1, qh - ho), (mw - 1, qw - wo))  # "full" correlation, cut or extended to qh x qw
+      row.append(lax.conv_general_dilated(dy, kernel, (1, 1), pads, dimension_numbers=_NHWC, precision=precision))
+    phases.append(jnp.stack(row, axis=3))  # [N, qh, qw, sw, Cin]
+  dx_pad = jnp.stack(phases, axis=2).reshape(n, qh * sh, qw * sw, cin)  # row q*sh + rh, column q*sw + rw
+  return dx_pad[:, lo_h:lo_h + h, lo_w:lo_w + wd, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -109,11 +133,19 @@ def _conv_fwd(x, w, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
-  (dx,) = jax.vjp(lambda a: _xla_conv(a, w, strides, padding, precision), x)[1](dy)
+  xla_input_grad = lambda dy, w: jax.vjp(lambda a: _xla_conv(a, w, strides, padding, precision), x)[1](dy)[0]
   xla_weight_grad = lambda x, dy: jax.vjp(lambda b: _xla_conv(x, b, strides, padding, precision), w)[1](dy)[0]
-  gemm_weight_grad = functools.partial(_gemm_weight_grad, kernel_shape=w.shape, strides=strides, padding=padding,
-                                       precision=precision)
-  dw = lax.platform_dependent(x, dy, cpu=gemm_weight_grad, default=xla_weight_grad)
+  if strides == (1, 1):
+    dx = xla_input_grad(dy, w)
+  else:
+    polyphase = functools.partial(_polyphase_input_grad, input_shape=x.shape, strides=strides, padding=padding,
+                                  precision=precision)
+    dx = lax.platform_dependent(dy, w, cpu=polyphase, default=xla_input_grad)
+  if w.shape[:2] == (1, 1):
+    pointwise = functools.partial(_pointwise_weight_grad, strides=strides, padding=padding, precision=precision)
+    dw = lax.platform_dependent(x, dy, cpu=pointwise, default=xla_weight_grad)
+  else:
+    dw = xla_weight_grad(x, dy)
   return dx, dw
 
 
