@@ -589,9 +589,9 @@ def disam(
 
     grad_weights = weights / jnp.maximum(global_count, 1.0)  # d L / d total_i: grad L = VJP with these
 
-    def sharpness_aware_gradient():  # the two-pass step: (g handed to base_tx, g_p unmasked, ||g_p||, cosine)
+    def sharpness_aware_gradient(g_ascent):  # the two-pass step: (g handed to base_tx, ||g_p||, cosine)
+      # g_ascent = backward(cotangent): g_p on every parameter (GSAM/SAGM combine it into the final gradient)
       mask = None if perturbation_mask is None else _resolve_mask(perturbation_mask, params)
-      g_ascent = backward(cotangent)  # g_p on every parameter: GSAM/SAGM combine it into the final gradient
       g_p = g_ascent if mask is None else _apply_mask(g_ascent, mask)
       if adaptive:
         scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
@@ -623,15 +623,18 @@ def disam(
         g = jax.lax.psum(g, axis)
       if rule != 'sam':
         g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g)
-      return g, g_ascent, p_norm, cosine
+      return g, p_norm, cosine
 
     if perturb_every == 1:
-      g, _, p_norm, cosine = sharpness_aware_gradient()
+      g, p_norm, cosine = sharpness_aware_gradient(backward(cotangent))
       reused = state.reused_component
     else:  # amortized (LookSAM): a full step every perturb_every steps, one pass reusing g_v in between
+      full_now = state.count % perturb_every == 0
+      # One backward pass of the unperturbed forward outside the cond, with the cotangent of the step's kind:
+      # g_p on a full step, grad L in between (the cond's operands are then params-sized, never activations).
+      first = backward(jnp.where(full_now, cotangent, grad_weights))
       g, p_norm, cosine, reused = _amortized_gradient(
-          state, params, sharpness_aware_gradient, lambda: backward(grad_weights), perturb_every,
-          _at_step(reuse_weight, state.count, dtype), dtype)
+          state, params, full_now, first, sharpness_aware_gradient, _at_step(reuse_weight, state.count, dtype), dtype)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
     per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)  # None without num_domains
@@ -692,30 +695,29 @@ def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_pertur
   return k, reuse_weight
 
 
-def _amortized_gradient(state: DisamState, params: Any, full_step: Callable, plain_gradient: Callable, every: int,
+def _amortized_gradient(state: DisamState, params: Any, full_now: chex.Array, first: Any, full_step: Callable,
                         reuse_weight: chex.Array, dtype: Any):
-  """LookSAM over DISAM: `full_step()` when `state.count % every == 0`, else one pass plus the reused component.
+  """LookSAM over DISAM: `full_step(g_p)` when `full_now`, else the plain gradient plus the reused component.
 
-  Full step: `g` from `full_step` and `g_v = g - (<g, g_p> / ||g_p||^2) g_p` kept. In between:
-  `g = grad L(w) + reuse_weight (||grad L(w)|| / ||g_v||) g_v` with `grad L(w) = plain_gradient()` (the backward
-  pass of the unperturbed forward already run), `g_v` carried unchanged. Returns `(g, ||g_p|| or 0, cosine or NaN,
-  g_v)`; norms and dot products in float32 or wider, every output in the dtype it has on the full step.
+  `first` is the backward pass of the unperturbed forward: `g_p` on a full step, `grad L(w)` in between.
+  Full step: `g` from `full_step(g_p)` and `g_v = g - (<g, g_p> / ||g_p||^2) g_p` kept. In between:
+  `g = grad L(w) + reuse_weight (||grad L(w)|| / ||g_v||) g_v`, `g_v` carried unchanged. Returns `(g, ||g_p|| or 0,
+  cosine or NaN, g_v)`; norms and dot products in float32 or wider, every output in the dtype it has on the full step.
   """
 
-  def full():
-    g, g_ascent, p_norm, cosine = full_step()
+  def full(g_ascent):
+    g, p_norm, cosine = full_step(g_ascent)
     along = _vdot(g, g_ascent) / (_vdot(g_ascent, g_ascent) + _NORM_EPS)
     g_v = jax.tree.map(lambda a, b, w: (_wide(a) - along * _wide(b)).astype(w.dtype), g, g_ascent, params)
     return g, p_norm.astype(dtype), cosine.astype(dtype), g_v
 
-  def in_between():
-    g_w = plain_gradient()
+  def in_between(g_w):
     g_v = state.reused_component
     scale = reuse_weight * _global_norm(g_w) / (_global_norm(g_v) + _NORM_EPS)
     g = jax.tree.map(lambda a, v: (_wide(a) + scale * _wide(v)).astype(a.dtype), g_w, g_v)
     return g, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), g_v
 
-  return jax.lax.cond(state.count % every == 0, full, in_between)
+  return jax.lax.cond(full_now, full, in_between, first)
 
 
 def find_disam_state(opt_state: optax.OptState) -> DisamState:

@@ -75,12 +75,20 @@ def _xla_conv(x, w, strides, padding, precision):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
 
 
-def _pointwise_weight_grad(x, dy, *, strides, padding, precision):
-  """``dW [1, 1, Cin, Cout]`` of a 1x1 convolution as one GEMM ``[Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout]``.
+def _standard_conv(lhs, rhs, pads, precision):
+  """A stride-1 NHWC/HWIO convolution accumulating in float32 or wider, in ``lhs``'s dtype.
 
-  XLA:CPU runs this weight gradient as a convolution with the batch as the contracting dimension, 3x slower than
-  the GEMM on a ResNet's stride-2 1x1 downsample (benchmarks/results/fast_conv_layers.md).
+  Every convolution of the CPU backward pass below has this form (dim_labels ``b01f_01io->b01f``), the one XLA:CPU
+  runs through its Eigen kernels wherever it sits, inside a ``lax.cond`` branch too.
   """
+  acc = jnp.promote_types(lhs.dtype, jnp.float32)
+  out = lax.conv_general_dilated(lhs, rhs, (1, 1), pads, dimension_numbers=_NHWC, precision=precision,
+                                 preferred_element_type=acc)
+  return out.astype(lhs.dtype)
+
+
+def _pointwise_weight_grad(x, dy, *, strides, padding, precision):
+  """``dW [1, 1, Cin, Cout]`` of a 1x1 convolution as one GEMM ``[Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout]``."""
   n, ho, wo, cout = dy.shape
   (sh, sw) = strides
   xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
@@ -91,19 +99,46 @@ def _pointwise_weight_grad(x, dy, *, strides, padding, precision):
   return dw[None, None].astype(x.dtype)
 
 
-def _polyphase_input_grad(dy, w, *, input_shape, strides, padding, precision):
-  """``dx [N, H, W, Cin]`` of a strided convolution as ``sh * sw`` stride-1 convolutions of ``dy``, interleaved.
+def _phase_weight_grad(x, dy, *, kernel_shape, strides, padding, precision):
+  """``dW [kh, kw, Cin, Cout]`` as ``sh * sw`` standard convolutions whose features are the batch.
+
+  Per spatial axis, tap ``i = a + m*s`` reads the input row ``(o + m)*s + a``, i.e. row ``o + m`` of the input's
+  phase ``a`` (``x_pad[a::s]``): ``dW[a + m*s] = sum_{n, o} x_pad[a::s][n, o + m]^T dy[n, o]``, a stride-1 VALID
+  convolution of the phase laid out ``[Cin, H, W, N]`` with ``dy`` laid out ``[Ho, Wo, N, Cout]`` as its kernel.
+  XLA's own weight gradient is one convolution with the batch as contracting dimension (dim_labels
+  ``f01b_i01o->01bf``), which XLA:CPU runs as a naive loop inside a ``lax.cond`` (100x slower).
+  """
+  kh, kw, cin, cout = kernel_shape
+  _, ho, wo, _ = dy.shape
+  (sh, sw) = strides
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  kernel = jnp.transpose(dy, (1, 2, 0, 3))  # [Ho, Wo, N, Cout]
+  dw = jnp.zeros(kernel_shape, x.dtype)
+  for a in range(min(sh, kh)):
+    for b in range(min(sw, kw)):
+      mh, mw = len(range(a, kh, sh)), len(range(b, kw, sw))
+      phase = xp[:, a::sh, b::sw, :][:, :ho + mh - 1, :wo + mw - 1, :]
+      out = _standard_conv(jnp.transpose(phase, (3, 1, 2, 0)), kernel, ((0, 0), (0, 0)), precision)  # [Cin,mh,mw,Cout]
+      dw = dw.at[a::sh, b::sw].set(jnp.transpose(out, (1, 2, 0, 3)))
+  return dw
+
+
+def _phase_input_grad(dy, w, *, input_shape, strides, padding, precision):
+  """``dx [N, H, W, Cin]`` as ``sh * sw`` standard convolutions of ``dy``, interleaved.
 
   With ``x_pad`` the padded input, ``y[o] = sum_i x_pad[o*s + i] W[i]`` (per spatial axis), so an input row
   ``p = q*s + r`` gets ``dx_pad[p] = sum_m dy[q - m] W[r + m*s]^T``: for each phase ``r`` a stride-1 correlation
-  of ``dy`` with the taps ``W[r::s]`` flipped and transposed. XLA's own input gradient is one convolution of ``dy``
-  dilated by ``s`` (zeros between rows), which does ``s^2`` times the arithmetic on CPU; the phases do the
-  forward's (benchmarks/results/fast_conv_layers.md).
+  of ``dy`` with the taps ``W[r::s]`` flipped and transposed. XLA's own input gradient convolves ``dy`` dilated by
+  ``s`` (``s^2`` times the arithmetic on CPU) with a kernel laid out ``01oi``, which XLA:CPU runs 5x slower inside
+  a ``lax.cond``; the phases do the forward's arithmetic in the forward's layout.
   """
   n, h, wd, cin = input_shape
   _, ho, wo, cout = dy.shape
   kh, kw = w.shape[:2]
   (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)) = strides, padding
+  flipped = lambda taps: jnp.swapaxes(taps[::-1, ::-1], 2, 3)  # [Mh, Mw, Cout, Cin]
+  if (sh, sw) == (1, 1):  # one phase, padded to give exactly the H x W input rows
+    return _standard_conv(dy, flipped(w), ((kh - 1 - lo_h, kh - 1 - hi_h), (kw - 1 - lo_w, kw - 1 - hi_w)), precision)
   qh, qw = -(-(h + lo_h + hi_h) // sh), -(-(wd + lo_w + hi_w) // sw)  # rows/columns per phase
   phases = []
   for rh in range(sh):
@@ -111,12 +146,11 @@ def _polyphase_input_grad(dy, w, *, input_shape, strides, padding, precision):
     for rw in range(sw):
       taps = w[rh::sh, rw::sw]  # [Mh, Mw, Cin, Cout]
       mh, mw = taps.shape[:2]
-      if mh == 0 or mw == 0:
+      if mh == 0 or mw == 0:  # a kernel smaller than the stride never reads these rows
         row.append(jnp.zeros((n, qh, qw, cin), dy.dtype))
         continue
-      kernel = jnp.swapaxes(taps[::-1, ::-1], 2, 3)  # flipped, [Mh, Mw, Cout, Cin]
-      pads = ((mh - 1, qh - ho), (mw - 1, qw - wo))  # "full" correlation, cut or extended to qh x qw
-      row.append(lax.conv_general_dilated(dy, kernel, (1, 1), pads, dimension_numbers=_NHWC, precision=precision))
+      # "full" correlation, cut or extended to qh x qw
+      row.append(_standard_conv(dy, flipped(taps), ((mh - 1, qh - ho), (mw - 1, qw - wo)), precision))
     phases.append(jnp.stack(row, axis=3))  # [N, qh, qw, sw, Cin]
   dx_pad = jnp.stack(phases, axis=2).reshape(n, qh * sh, qw * sw, cin)  # row q*sh + rh, column q*sw + rw
   return dx_pad[:, lo_h:lo_h + h, lo_w:lo_w + wd, :]
@@ -135,17 +169,15 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
   xla_input_grad = lambda dy, w: jax.vjp(lambda a: _xla_conv(a, w, strides, padding, precision), x)[1](dy)[0]
   xla_weight_grad = lambda x, dy: jax.vjp(lambda b: _xla_conv(x, b, strides, padding, precision), w)[1](dy)[0]
-  if strides == (1, 1):
-    dx = xla_input_grad(dy, w)
-  else:
-    polyphase = functools.partial(_polyphase_input_grad, input_shape=x.shape, strides=strides, padding=padding,
-                                  precision=precision)
-    dx = lax.platform_dependent(dy, w, cpu=polyphase, default=xla_input_grad)
+  phase_input_grad = functools.partial(_phase_input_grad, input_shape=x.shape, strides=strides, padding=padding,
+                                       precision=precision)
   if w.shape[:2] == (1, 1):
-    pointwise = functools.partial(_pointwise_weight_grad, strides=strides, padding=padding, precision=precision)
-    dw = lax.platform_dependent(x, dy, cpu=pointwise, default=xla_weight_grad)
+    cpu_weight_grad = functools.partial(_pointwise_weight_grad, strides=strides, padding=padding, precision=precision)
   else:
-    dw = xla_weight_grad(x, dy)
+    cpu_weight_grad = functools.partial(_phase_weight_grad, kernel_shape=w.shape, strides=strides, padding=padding,
+                                        precision=precision)
+  dx = lax.platform_dependent(dy, w, cpu=phase_input_grad, default=xla_input_grad)
+  dw = lax.platform_dependent(x, dy, cpu=cpu_weight_grad, default=xla_weight_grad)
   return dx, dw
 
 
