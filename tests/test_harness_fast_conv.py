@@ -219,6 +219,29 @@ def test_use_fast_conv_and_harness_models_default():
   assert fast_conv.use_fast_conv(plain) == 4
 
 
+@pytest.mark.parametrize('name', ['mnist_cnn', 'resnet18'])
+def test_harness_models_take_the_fast_gradient(name):
+  """Every convolution of a harness model goes through fast_conv's custom VJP (nnx.Conv's call, which always
+  passes out_sharding=None, must not fall back to lax's: it did until the first fix)."""
+  model = models.create_model(name, num_classes=3, input_shape=(16, 16, 3), rngs=nnx.Rngs(0))
+  graphdef, params, state = models.functional_model(model)
+  x = jnp.ones((2, 16, 16, 3))
+  loss = lambda p: models.apply_model(graphdef, p, state, x, train=True)[0].sum()
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+  convs = sum(isinstance(m, nnx.Conv) for _, m in nnx.iter_graph(model))
+  # fast_conv's backward chooses the CPU gradients with lax.platform_dependent: one platform_index per gradient
+  # (dx and dw per convolution; the input layer's dx is still traced)
+  assert jaxpr.count('platform_index[') == 2 * convs > 0
+
+
+def test_an_out_sharding_is_passed_to_lax(monkeypatch):
+  calls = []
+  monkeypatch.setattr(fast_conv.lax, 'conv_general_dilated', lambda *a, **k: calls.append(k))
+  x, w = _data((2, 8, 8, 4), (3, 3, 4, 5))
+  fast_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_DN, out_sharding='S')
+  assert calls and calls[0]['out_sharding'] == 'S'
+
+
 def test_model_gradients_unchanged():
   kwargs = dict(num_classes=3, input_shape=(8, 8, 1))
   fast = models.create_model('mnist_cnn', rngs=nnx.Rngs(0), **kwargs)

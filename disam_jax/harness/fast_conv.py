@@ -186,7 +186,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None, **kwargs):
+                         preferred_element_type=None, out_sharding=None, **kwargs):
   """``lax.conv_general_dilated`` (same arguments, same result) with a GEMM weight gradient on CPU.
 
   Args:
@@ -197,22 +197,24 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
   Returns:
     ``[N, Ho, Wo, Cout]``: exactly ``lax.conv_general_dilated``'s forward value. Calls that are not NHWC/HWIO,
-    undilated, ungrouped, of one dtype and without ``preferred_element_type`` or further keyword arguments are
-    passed to ``lax.conv_general_dilated`` unchanged, gradients included.
+    undilated, ungrouped, of one dtype and without ``preferred_element_type``, an ``out_sharding`` or further
+    keyword arguments are passed to ``lax.conv_general_dilated`` unchanged, gradients included. (``nnx.Conv``
+    always passes ``out_sharding``, ``None`` unless the user sets one.)
   """
   plain = (
       _is_nhwc(dimension_numbers)
       and all(d == 1 for d in (lhs_dilation or (1, 1)))
       and all(d == 1 for d in (rhs_dilation or (1, 1)))
       and feature_group_count == 1 and batch_group_count == 1
-      and preferred_element_type is None and not kwargs
+      and preferred_element_type is None and out_sharding is None and not kwargs
       and jnp.ndim(lhs) == 4 and jnp.ndim(rhs) == 4 and jnp.result_type(lhs) == jnp.result_type(rhs)
   )
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                                    precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+                                    precision=precision, preferred_element_type=preferred_element_type,
+                                    **({} if out_sharding is None else {'out_sharding': out_sharding}), **kwargs)
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2], strides, padding)
