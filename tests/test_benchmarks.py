@@ -93,3 +93,14 @@ def test_sam_family_quick_smoke(tmp_path):
   assert abs(flops["disam rule='gsam'"] - 1) < 0.05 and abs(flops["disam rule='sagm'"] - 1) < 0.05  # tiny model
   assert flops['disam diagnostics=True'] > 1.1  # one more backward pass
   assert '| disam diagnostics=True |' in (tmp_path / 'sam_family_quick.md').read_text()
+
+
+def test_conv_layers_quick_smoke(tmp_path):
+  """benchmarks/conv_layers.py --quick times every form of each layer and writes its table (timings not asserted)."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import conv_layers
+
+  results = conv_layers.main(['--quick', '--no-torch', '--out-dir', str(tmp_path)])
+  assert [row['layer'] for row in results['rows']] == ['tiny.s1', 'tiny.s2']
+  assert all(set(row['cases']) == {'xla', 'xla_cond', 'fast', 'fast_cond'} for row in results['rows'])
+  assert '| tiny.s2 | 4, 8, 8, 4, 8, 3, 2 |' in (tmp_path / 'fast_conv_layers_quick.md').read_text()

@@ -1,29 +1,34 @@
-"""Faster convolutions on the CPU backend: compiler options plus a GEMM weight gradient.
+"""Faster convolutions on the CPU backend: compiler options plus gradients in the forward's layout.
 
-XLA:CPU in jaxlib 0.10.2 sends convolutions and dots to YNNPACK by default. On the 2-core AVX2/AVX-512 EPYC this
-project is measured on, YNNPACK's convolution weight gradients run at 10-50 GFLOP/s where the same convolution
-through XLA's own (Eigen) kernels runs at 40-100 (benchmarks/results/step_cost.md): a DomainBed MNIST CNN step
-takes half the time without it. Two things, both applied on the CPU backend only (GPU and TPU keep XLA's kernels):
+Two things, both applied on the CPU backend only (GPU and TPU keep XLA's kernels and gradients):
 
-* ``compiler_options()``: the per-``jax.jit`` compiler options that turn the YNNPACK fusions off
-  (``xla_cpu_experimental_ynn_fusion_type=''``); pass them as ``jax.jit(f, compiler_options=...)`` or compile with
-  ``jitted.lower(...).compile(compiler_options=...)``. ``None`` on other backends. Per jit, not process-wide
+* ``compiler_options()``: the per-``jax.jit`` compiler options that turn XLA:CPU's YNNPACK fusions off
+  (``xla_cpu_experimental_ynn_fusion_type=''``; jaxlib 0.10.2 sends convolutions and dots to YNNPACK by default,
+  whose convolution gradients were the slow part of a convnet step); pass them as ``jax.jit(f, compiler_options=...)``
+  or ``jitted.lower(...).compile(compiler_options=...)``. ``None`` on other backends. Per jit, not process-wide
   ``XLA_FLAGS``: the rest of a program is unaffected.
-* ``conv_general_dilated``: ``lax.conv_general_dilated`` with the same signature whose *weight gradient* runs as
-  one GEMM per kernel offset instead of XLA's weight-gradient convolution (which on CPU transposes the input and
-  the output gradient into a convolution with the batch as contracting dimension)::
+* ``conv_general_dilated``: ``lax.conv_general_dilated`` with the same signature and forward value, whose gradients
+  on CPU are stride-1 convolutions in the forward's own layout (NHWC input, HWIO kernel, dim_labels
+  ``b01f_01io->b01f``), the only layout XLA:CPU runs through its Eigen kernels wherever the convolution sits:
 
-      dW[i, j] = sum_{n, y, x} x_pad[n, y*s + i, x*s + j, :]^T dy[n, y, x, :]      ([Cin, Cout], K = N*Ho*Wo)
+  - input gradient: per spatial phase ``r`` of the stride ``s``, a stride-1 correlation of ``dy`` with the taps
+    ``W[r::s]`` flipped and transposed, the phases interleaved (XLA's own convolves ``dy`` dilated by ``s``: ``s^2``
+    times the arithmetic);
+  - weight gradient: per phase ``a`` of the stride, the input phase ``x_pad[a::s]`` laid out ``[Cin, H, W, N]``
+    convolved with ``dy`` laid out ``[Ho, Wo, N, Cout]`` (XLA's own contracts over the batch in a
+    ``f01b_i01o->01bf`` convolution); a 1x1 kernel's is one GEMM ``[Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout]``.
 
-  The forward pass and the input gradient are XLA's own. The GEMMs accumulate in float32 (float64 for float64
-  inputs) and the result is cast back to the kernel's dtype. Only NHWC/HWIO, undilated, one feature group and one
-  batch group take this path; every other call is ``lax.conv_general_dilated`` unchanged. On a non-CPU backend the
-  weight gradient is XLA's (selected at lowering time with ``lax.platform_dependent``).
+  Inside a ``lax.cond`` branch XLA:CPU does not re-layout a convolution: there its own weight gradient ran 100x and
+  its input gradient 5x slower than in the main computation (a full DISAM step under ``perturb_every`` took 27 s
+  instead of 0.9 s on the DomainBed MNIST CNN). With these gradients a convolution's backward pass costs the same
+  inside a cond as outside (benchmarks/results/fast_conv_layers.md). The convolutions accumulate in float32
+  (float64 for float64 inputs) and return the inputs' dtype. Only NHWC/HWIO, undilated, ungrouped calls take this
+  path (depthwise convolutions do not); every other call is ``lax.conv_general_dilated`` unchanged.
 
 ``use_fast_conv(model)`` sets ``conv_general_dilated`` on every ``nnx.Conv`` of a model; the harness models
 (``disam_jax.harness.models.create_model``) do so by default and the harness compiles its steps with
-``compiler_options()``. Forward and both gradients equal ``lax.conv_general_dilated`` to 1e-5
-(tests/test_harness_fast_conv.py).
+``compiler_options()``. Forward and both gradients equal ``lax.conv_general_dilated`` to 1e-5, and a NumPy
+scatter of ``dy`` for the input gradient (tests/test_harness_fast_conv.py).
 
 Example::
 
@@ -187,7 +192,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, out_sharding=None, **kwargs):
-  """``lax.conv_general_dilated`` (same arguments, same result) with a GEMM weight gradient on CPU.
+  """``lax.conv_general_dilated`` (same arguments, same result) with gradients in the forward's layout on CPU.
 
   Args:
     lhs: input ``[N, H, W, Cin]`` for the fast path.

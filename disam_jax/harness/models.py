@@ -623,8 +623,8 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
     input_shape: ``(height, width, channels)`` of one NHWC example.
     rngs: ``nnx.Rngs`` for initialization (and dropout, if any).
     fast_conv: every ``nnx.Conv`` uses ``fast_conv.conv_general_dilated`` (the same
-      function as ``lax.conv_general_dilated``, with a GEMM weight gradient on the CPU
-      backend; other backends keep XLA's). ``False``: Flax's default.
+      function as ``lax.conv_general_dilated``, whose gradients on the CPU backend are
+      convolutions in the forward's layout; other backends keep XLA's). ``False``: Flax's default.
     **kwargs: model options, e.g. ``hidden`` (mlp), ``width``/``dropout`` (resnets),
       ``depth``/``dim`` (vit_tiny), ``dtype``/``param_dtype`` (all).
 
