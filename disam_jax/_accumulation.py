@@ -49,6 +49,10 @@ def accumulate_domain_losses(
   The step equals the big-batch step exactly (up to float32 summation order) for models without cross-example
   state. With BatchNorm, each micro-batch is normalized with its own statistics, as in any accumulation.
 
+  Randomness (dropout, augmentation): a key that `domain_loss_fn` closes over is the same in every micro-batch, so
+  all k micro-batches would drop the same units. Pass one key per micro-batch as one more micro-batch array
+  instead, e.g. `accumulate_domain_losses(fn, xs, ys, jax.random.split(key, k))` with `fn(params, x, y, key)`.
+
   Args:
     domain_loss_fn: `(params, *micro_batch) -> DomainLosses` for one micro-batch (or a `[M]` vector of means,
       counted as one example per domain per micro-batch, so the result is the mean of the micro-batch means:

@@ -203,3 +203,25 @@ def test_readme_snippet_equals_the_big_batch_step():
   exec(snippet, env)
   expected, _ = ref.disam_gradient(params, x, y, NUM_CLASSES, RHO, LAM)
   assert_tree_close({k: -env['updates'][k] / LR for k in p}, expected, atol=2e-6)
+
+
+def test_a_key_per_micro_batch_gives_each_its_own_dropout_mask():
+  """Keys passed as a micro-batch array (one per micro-batch) reach each micro-batch; the sum equals the NumPy
+  sum of the k dropout-masked losses, and differs from a closed-over key's (the same mask k times)."""
+  k, n = 4, 6
+  w = jnp.arange(1.0, 9.0)  # [8] features
+  x = jnp.ones((k, 1, n, 8))  # [k, M=1, b, 8]
+  keys = jax.random.split(jax.random.key(0), k)
+
+  def per_batch(params, x, key):
+    keep = jax.random.bernoulli(key, 0.5, x.shape)
+    return disam_jax.domain_losses_from_grouped(jnp.sum(jnp.where(keep, x, 0.0) * params, axis=-1))
+
+  total = disam_jax.accumulate_domain_losses(per_batch, x, keys)(w).total
+  masks = [np.asarray(jax.random.bernoulli(keys[j], 0.5, x.shape[1:])) for j in range(k)]
+  expected = sum(float(np.sum(np.where(m, 1.0, 0.0) * np.asarray(w))) for m in masks)
+  np.testing.assert_allclose(float(total[0]), expected, rtol=1e-6)
+  closed = disam_jax.accumulate_domain_losses(lambda p, x: per_batch(p, x, keys[0]), x)(w).total
+  np.testing.assert_allclose(float(closed[0]), k * float(np.sum(np.where(masks[0], 1.0, 0.0) * np.asarray(w))),
+                             rtol=1e-6)
+  assert float(closed[0]) != float(total[0])
