@@ -104,3 +104,16 @@ def test_conv_layers_quick_smoke(tmp_path):
   assert [row['layer'] for row in results['rows']] == ['tiny.s1', 'tiny.s2']
   assert all(set(row['cases']) == {'xla', 'xla_cond', 'fast', 'fast_cond'} for row in results['rows'])
   assert '| tiny.s2 | 4, 8, 8, 4, 8, 3, 2 |' in (tmp_path / 'fast_conv_layers_quick.md').read_text()
+
+
+def test_algorithm_cost_quick_smoke(tmp_path):
+  """benchmarks/algorithm_cost.py --quick measures every harness algorithm; FLOP ratios say what each adds."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import algorithm_cost
+
+  out = tmp_path / 'algorithm_cost.md'
+  results = algorithm_cost.main(['--quick', '--out', str(out)])['mlp']
+  assert results['erm']['flops_ratio'] == 1.0
+  assert 1.9 < results['sam']['flops_ratio'] < 2.1 and 1.9 < results['disam']['flops_ratio'] < 2.1  # two passes
+  assert abs(results['vrex']['flops_ratio'] - 1) < 0.1
+  assert '| disam_sagm+coral |' in out.read_text()
