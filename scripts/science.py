@@ -49,6 +49,11 @@ COMPARISONS = {
   "20 small domains (4 per rotation)": (0.1, [("DISAM − SAM", ("sub4", "disam"), ("sub4", "sam"))]),
   "rotated animals, MLP (held out 75)": (0.5, [("DISAM − SAM", ("animals", "disam"), ("animals", "sam")),
                                                ("DISAM lam 1 − SAM", ("animals_lam1", "disam"), ("animals", "sam"))]),
+  "rotated animals, DomainBed MNIST CNN (held out 75, 16 per domain)": (0.5, [
+    ("DISAM − SAM", ("animals_cnn", "disam"), ("animals_cnn", "sam")),
+    ("DISAM perturb_every 4 − DISAM", ("animals_cnn_k4", "disam"), ("animals_cnn", "disam"))]),
+  "rotated digits, amortized DISAM (held out 75)": (0.1, [
+    (f"DISAM perturb_every {k} − DISAM", (f"k{k}", "disam"), ("k1", "disam")) for k in (2, 4, 8)]),
   "rho 1.25 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.25", "disam"), ("rho1.25", "sam"))]),
   "rho 1.5 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.5", "disam"), ("rho1.5", "sam"))]),
   "rho 1.75 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.75", "disam"), ("rho1.75", "sam"))]),
