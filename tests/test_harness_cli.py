@@ -68,6 +68,9 @@ def test_console_script_is_installed():
     (["--model-option", "widht=16"], "Model 'mlp' with options {'widht': 16}: "),
     (["--pretrained", "nowhere.npz"], "No pretrained weights file at 'nowhere.npz'"),
     (["--perturb-every", "0"], "perturb_every must be an int >= 1; got 0"),
+    (["--reuse-weight", "0.5"], "reuse_weight weighs the gradient component reused between full steps: it needs "
+                                "perturb_every > 1"),
+    (["--perturb-every", "2", "--reuse-weight", "-1"], "reuse_weight must be >= 0; got -1.0"),
   ],
 )
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):
@@ -233,6 +236,29 @@ def test_perturb_every_amortizes_the_sharpness_aware_steps(capsys, tmp_path):
   lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
   norms = [line["perturbation_norm"] for line in lines if "loss" in line]
   assert [n > 0 for n in norms] == [True, False, False, True, False, False]  # full steps at 0 and 3 only
+
+
+def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_steps(capsys, tmp_path):
+  """--reuse-weight 0: the in-between steps are plain gradient steps, so with Adam's first step they equal ERM's
+  update from the same weights: after full step 0 at the same init, DISAM's step 1 gradient norm is the plain
+  gradient's (logged grad_norm), which the default 0.7 makes larger."""
+  norms = {}
+  for weight in ("0", None):
+    run = tmp_path / f"run_{weight}"
+    extra = [] if weight is None else ["--reuse-weight", weight]
+    code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps",
+                                 "4", "--eval-every", "4", "--algorithm", "disam", "--perturb-every", "4", "--quiet",
+                                 "--output-dir", str(run)] + extra)
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["hparams"]["reuse_weight"] == (
+        None if weight is None else float(weight))
+    lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
+    norms[weight] = [line["grad_norm"] for line in lines if "loss" in line]
+  # step 0 (full) is the same; from step 1 the reused component adds 0.7 * ||grad L|| along g_v (g_v _|_ g_p, and
+  # g_p ~ grad L), so the logged norm is about sqrt(1 + 0.49) times the plain one
+  assert norms["0"][0] == pytest.approx(norms[None][0], rel=1e-6)
+  ratio = norms[None][1] / norms["0"][1]
+  assert 1.1 < ratio < 1.35, ratio
 
 
 def test_main_job_logs_the_perturbation_weights_and_draws_the_mechanism_panel(capsys, tmp_path):

@@ -78,6 +78,9 @@ class HParams:
     perturb_every: sharpness-aware rules take their full two-pass step every this many steps and reuse its
       gradient component in between, one pass per step (`disam_jax.disam(..., perturb_every=k)`, LookSAM-style;
       SAM with it is LookSAM). 1: every step. ERM is unaffected.
+    reuse_weight: with perturb_every > 1, the weight of the reused gradient component in the steps in between
+      (`disam_jax.disam(..., reuse_weight=...)`); None: LookSAM's 0.7. 0: the in-between steps are plain gradient
+      steps ("SAM every k steps").
     coral_gamma: CORAL's penalty weight (DomainBed's ``mmd_gamma``).
     vrex_lambda: V-REx's penalty weight after the anneal (1 before it).
     vrex_anneal_steps: V-REx's anneal step (the base optimizer is re-initialized there); None: `for_run`.
@@ -96,6 +99,7 @@ class HParams:
   adaptive: bool = False
   alpha: Optional[float] = None
   perturb_every: int = 1
+  reuse_weight: Optional[float] = None
   coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
   vrex_lambda: float = 10.0  # DomainBed hparams_registry: vrex_lambda 1e1
   vrex_anneal_steps: Optional[int] = None  # DomainBed: vrex_penalty_anneal_iters 500 (of 5000 steps)
@@ -121,7 +125,8 @@ class HParams:
     if self.optimizer not in BASE_OPTIMIZERS:
       raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid: {', '.join(BASE_OPTIMIZERS)}.")
     finite = ("lr", "weight_decay", "rho", "lam", "coral_gamma", "vrex_lambda", "fishr_lambda", "fishr_ema")
-    for name in finite + (("alpha",) if self.alpha is not None else ()):
+    optional = tuple(name for name in ("alpha", "reuse_weight") if getattr(self, name) is not None)
+    for name in finite + optional:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number; got {value!r}.")
@@ -132,6 +137,12 @@ class HParams:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
     if isinstance(self.perturb_every, bool) or not isinstance(self.perturb_every, int) or self.perturb_every < 1:
       raise ValueError(f"perturb_every must be an int >= 1; got {self.perturb_every!r}.")
+    if self.reuse_weight is not None:
+      if self.perturb_every == 1:
+        raise ValueError("reuse_weight weighs the gradient component reused between full steps: it needs "
+                         "perturb_every > 1 (--perturb-every K).")
+      if self.reuse_weight < 0:
+        raise ValueError(f"reuse_weight must be >= 0; got {self.reuse_weight}.")
     if not 0 <= self.fishr_ema < 1:
       raise ValueError(f"fishr_ema must be in [0, 1); got {self.fishr_ema}.")
     for name in ("vrex_anneal_steps", "fishr_anneal_steps"):
@@ -278,6 +289,7 @@ def _sam_rule(lam_on: bool, rule: Optional[str] = None):
       extra["diagnostics"] = True
     if hp.perturb_every != 1:
       extra["perturb_every"] = hp.perturb_every
+      extra["reuse_weight"] = hp.reuse_weight
     return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, **extra, **kw)
 
   return build

@@ -186,6 +186,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   train.add_argument("--perturb-every", type=_int, default=default(None), metavar="K",
                      help="amortized sharpness-aware rules: the full two-pass step every K steps, one pass reusing "
                           "its gradient component in between (LookSAM-style; ERM unaffected; default: 1, every step)")
+  train.add_argument("--reuse-weight", type=_finite_float, default=default(None), metavar="W",
+                     help="with --perturb-every K > 1: weight of the reused gradient component in the steps in "
+                          "between (default: LookSAM's 0.7; 0: plain gradient steps in between)")
   penalty = parser.add_argument_group(
     "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
     "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
@@ -249,7 +252,7 @@ def config_from_args(args: argparse.Namespace):
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
     batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
-    diagnostics=args.diagnostics, perturb_every=args.perturb_every,
+    diagnostics=args.diagnostics, perturb_every=args.perturb_every, reuse_weight=args.reuse_weight,
     coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
     fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
   ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
