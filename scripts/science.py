@@ -51,9 +51,13 @@ COMPARISONS = {
                                                ("DISAM lam 1 − SAM", ("animals_lam1", "disam"), ("animals", "sam"))]),
   "rotated animals, DomainBed MNIST CNN (held out 75, 16 per domain)": (0.5, [
     ("DISAM − SAM", ("animals_cnn", "disam"), ("animals_cnn", "sam")),
-    ("DISAM perturb_every 4 − DISAM", ("animals_cnn_k4", "disam"), ("animals_cnn", "disam"))]),
+    ("DISAM perturb_every 4 − DISAM", ("animals_cnn_k4", "disam"), ("animals_cnn", "disam")),
+    ("DISAM perturb_every 4, reuse weight 0 − DISAM", ("animals_cnn_k4_r0", "disam"), ("animals_cnn", "disam"))]),
+  "pretrained MobileNetV2, head + adapters, VLCS mini (held out SUN09)": (0.5, [
+    ("DISAM − SAM", ("peft", "disam"), ("peft", "sam"))]),
   "rotated digits, amortized DISAM (held out 75)": (0.1, [
-    (f"DISAM perturb_every {k} − DISAM", (f"k{k}", "disam"), ("k1", "disam")) for k in (2, 4, 8)]),
+    *[(f"DISAM perturb_every {k} − DISAM", (f"k{k}", "disam"), ("k1", "disam")) for k in (2, 4, 8)],
+    ("DISAM perturb_every 4, reuse weight 0 − DISAM", ("k4_r0", "disam"), ("k1", "disam"))]),
   "rho 1.25 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.25", "disam"), ("rho1.25", "sam"))]),
   "rho 1.5 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.5", "disam"), ("rho1.5", "sam"))]),
   "rho 1.75 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.75", "disam"), ("rho1.75", "sam"))]),
@@ -162,7 +166,8 @@ def accuracy_table(root):
 
 PLOTS = [("rotated digits", "diag_base"), ("noisy 30° domain", "diag_noisy30"),
          ("noisy 30° domain", "diag_noisy30_lam1"), ("noisy 30°, 5 inferred domains", "diag_noisy30_infer5"),
-         ("colored digits", "diag_colored"), ("colored digits", "diag_colored_lam1")]
+         ("colored digits", "diag_colored"), ("colored digits", "diag_colored_lam1"),
+         ("MobileNetV2 PEFT, VLCS mini", "diag_peft")]
 
 
 def plot(root, path):
@@ -195,7 +200,7 @@ def plot(root, path):
     ax.set_xlabel("step")
     ax.set_ylabel("cos(DISAM direction, SAM direction)" if k == 0 else None, fontsize=7)
   fig.suptitle("DISAM's mechanism per regime: perturbation weights c_i of g_p = Σ c_i ∇L_i (top) and cosine to "
-               "SAM's direction (bottom); 300 steps, MLP, seed 0", fontsize=9)
+               "SAM's direction (bottom); seed 0; MLP, 300 steps (MobileNetV2: 60)", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   print(path)
