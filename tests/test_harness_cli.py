@@ -16,7 +16,8 @@ import pytest
 
 from disam_jax.harness import cli
 
-TINY = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--no-plots", "--quiet"]
+SMALL = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8"]
+TINY = SMALL + ["--no-plots", "--quiet"]
 
 
 def _run(capsys, argv):
@@ -24,6 +25,12 @@ def _run(capsys, argv):
   out, err = capsys.readouterr()
   assert "Traceback" not in err
   return code, out, err
+
+
+def _step_lines(run, algorithm="disam"):
+  """The per-step metrics lines (not the evaluations) of `algorithm`'s cell, held out 75, seed 0."""
+  with open(run / "cells" / f"{algorithm}_heldout-75_seed-0" / "metrics.jsonl") as f:
+    return [line for line in map(json.loads, f) if "loss" in line]
 
 
 def test_help_documents_every_option(capsys):
@@ -210,16 +217,14 @@ def test_unreadable_images_are_counted_in_the_results_of_every_run(capsys, tmp_p
 
 
 def test_diagnostics_log_the_cosine_between_disam_and_sam_directions(capsys, tmp_path):
-  base = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps", "4", "--eval-every", "2",
-          "--algorithm", "sam", "disam", "--diagnostics", "--quiet"]
+  base = SMALL + ["--steps", "4", "--eval-every", "2", "--algorithm", "sam", "disam", "--diagnostics", "--quiet"]
   cosine = {}
   for lam in (0.0, 2.0):
     run = tmp_path / f"lam{lam}"
     code, _, err = _run(capsys, base + ["--lam", str(lam), "--output-dir", str(run)])
     assert code == 0, err
     assert json.loads((run / "config.json").read_text())["hparams"]["diagnostics"] is True
-    lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
-    cosine[lam] = np.asarray([line["sam_cosine"] for line in lines if "loss" in line])
+    cosine[lam] = np.asarray([line["sam_cosine"] for line in _step_lines(run)])
     sam = [json.loads(line) for line in (run / "cells" / "sam_heldout-75_seed-0" / "metrics.jsonl").open()]
     assert all(line.get("sam_cosine") is None for line in sam)  # 1 by definition: not computed for SAM
   np.testing.assert_allclose(cosine[0.0], 1.0, atol=1e-5)  # lam 0: DISAM's direction is SAM's
@@ -228,13 +233,11 @@ def test_diagnostics_log_the_cosine_between_disam_and_sam_directions(capsys, tmp
 
 def test_perturb_every_amortizes_the_sharpness_aware_steps(capsys, tmp_path):
   run = tmp_path / "run"
-  code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps", "6",
-                               "--eval-every", "3", "--algorithm", "erm", "disam", "--perturb-every", "3", "--quiet",
-                               "--output-dir", str(run)])
+  code, _, err = _run(capsys, SMALL + ["--steps", "6", "--eval-every", "3", "--algorithm", "erm", "disam",
+                                       "--perturb-every", "3", "--quiet", "--output-dir", str(run)])
   assert code == 0, err
   assert json.loads((run / "config.json").read_text())["hparams"]["perturb_every"] == 3
-  lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
-  norms = [line["perturbation_norm"] for line in lines if "loss" in line]
+  norms = [line["perturbation_norm"] for line in _step_lines(run)]
   assert [n > 0 for n in norms] == [True, False, False, True, False, False]  # full steps at 0 and 3 only
 
 
@@ -246,14 +249,12 @@ def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_step
   for weight in ("0", None):
     run = tmp_path / f"run_{weight}"
     extra = [] if weight is None else ["--reuse-weight", weight]
-    code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps",
-                                 "4", "--eval-every", "4", "--algorithm", "disam", "--perturb-every", "4", "--quiet",
-                                 "--output-dir", str(run)] + extra)
+    code, _, err = _run(capsys, SMALL + ["--steps", "4", "--eval-every", "4", "--algorithm", "disam",
+                                         "--perturb-every", "4", "--quiet", "--output-dir", str(run)] + extra)
     assert code == 0, err
     assert json.loads((run / "config.json").read_text())["hparams"]["reuse_weight"] == (
         None if weight is None else float(weight))
-    lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
-    norms[weight] = [line["grad_norm"] for line in lines if "loss" in line]
+    norms[weight] = [line["grad_norm"] for line in _step_lines(run)]
   # step 0 (full) is the same; from step 1 the reused component adds 0.7 * ||grad L|| along g_v (g_v _|_ g_p, and
   # g_p ~ grad L), so the logged norm is about sqrt(1 + 0.49) times the plain one
   assert norms["0"][0] == pytest.approx(norms[None][0], rel=1e-6)
@@ -263,13 +264,11 @@ def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_step
 
 def test_main_job_logs_the_perturbation_weights_and_draws_the_mechanism_panel(capsys, tmp_path):
   run = tmp_path / "run"
-  code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--steps", "6",
-                               "--eval-every", "3", "--algorithm", "sam", "disam", "--lam", "0.5", "--quiet",
-                               "--output-dir", str(run)])
+  code, _, err = _run(capsys, SMALL + ["--steps", "6", "--eval-every", "3", "--algorithm", "sam", "disam", "--lam",
+                                       "0.5", "--quiet", "--output-dir", str(run)])
   assert code == 0, err
   assert (run / "mechanism.png").exists()
-  lines = [json.loads(line) for line in (run / "cells" / "disam_heldout-75_seed-0" / "metrics.jsonl").open()]
-  lines = [line for line in lines if "loss" in line]
+  lines = _step_lines(run)
   assert len(lines) == 6
   for line in lines:
     # c_i = a_i (1 - 2 lam (L_i - L)) with a_i = 1/M, from the logged domain losses (same step, unperturbed weights).
