@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 import disam_jax
+from benchmarks.step_cost.timing import write_results
 from disam_jax.harness.models import apply_model, create_model, functional_model
 
 MODELS = {'mlp': ((28, 28, 1), 4, 256), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
@@ -134,10 +135,7 @@ def main(argv=None):
               '|---|---|---|---|---|---|---|']
     lines += [f"| {r['case']} | {r['temp_mib']:.2f} | {r['temp_ratio']:.2f} | {r['min_ms']:.1f} | "
               f"{r['min_ratio']:.2f} | {r['median_ms']:.1f} | {r['median_ratio']:.2f} |" for r in rows]
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / ('accumulation_quick.md' if args.quick else 'accumulation.md')
-  path.write_text('\n'.join(lines) + '\n')
+  path = write_results(args.out_dir, 'accumulation_quick' if args.quick else 'accumulation', '\n'.join(lines) + '\n')
   print('\n'.join(lines))
   print(f'wrote {path}')
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import pathlib
 import time
 
 import jax
@@ -131,11 +129,8 @@ def main(argv=None):
              'load_per_round': [min(load_samples), max(load_samples)] if load_samples else None,
              'batch': batch, 'repeats': repeats, 'rows': rows}
   stem = args.name or ('fast_conv_layers_quick' if args.quick else 'fast_conv_layers')
-  out_dir = pathlib.Path(args.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / f'{stem}.json').write_text(json.dumps(results, indent=1))
-  (out_dir / f'{stem}.md').write_text(_markdown(results, argv))
-  print(f'wrote {out_dir / stem}.json and .md')
+  path = timing.write_results(args.out_dir, stem, _markdown(results, argv), results)
+  print(f'wrote {path.with_suffix(".json")} and .md')
   return results
 
 

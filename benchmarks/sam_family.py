@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 import disam_jax
+from benchmarks.step_cost.timing import write_results
 from disam_jax.harness.models import apply_model, create_model, functional_model
 
 MODELS = {'mlp': ((28, 28, 1), 4, 32), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
@@ -128,10 +129,7 @@ def main(argv=None):
               '|---|---|---|---|---|---|']
     lines += [f"| {r['case']} | {r['gflops']:.4f} | {r['flops_ratio']:.3f} | {r['min_ms']:.2f} | "
               f"{r['median_ms']:.2f} | {r['paired_ratio']:.2f} |" for r in rows]
-  out = pathlib.Path(args.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / ('sam_family_quick.md' if args.quick else 'sam_family.md')
-  path.write_text('\n'.join(lines) + '\n')
+  path = write_results(args.out_dir, 'sam_family_quick' if args.quick else 'sam_family', '\n'.join(lines) + '\n')
   print('\n'.join(lines))
   print(f'wrote {path}')
   return results

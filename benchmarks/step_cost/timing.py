@@ -7,8 +7,10 @@ process's CPU time and how many cores other processes kept busy.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -234,3 +236,15 @@ def cpu_peak(gemm_size: int = 2048, repeats: int = 5) -> dict[str, Any]:
           'of the moment)') if mhz else f'measured {measured} GFLOP/s ({gemm_size}^3 float32 matmul)'
   return {'cores': cores, 'nominal_mhz': mhz, 'nominal_gflops': nominal, 'measured_gemm_gflops': measured,
           'gemm_size': gemm_size, 'note': note}
+
+
+def write_results(out_dir: str, stem: str, markdown: str, data: Optional[dict] = None) -> pathlib.Path:
+  """Writes `<stem>.md` (and `<stem>.json` of `data`, if given) under `out_dir`, created if missing; returns the
+  Markdown file's path. The one results writer of the benchmark scripts outside step_cost's own incremental one."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if data is not None:
+    (out / f'{stem}.json').write_text(json.dumps(data, indent=1))
+  path = out / f'{stem}.md'
+  path.write_text(markdown)
+  return path
