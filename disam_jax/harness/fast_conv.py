@@ -92,11 +92,16 @@ def _standard_conv(lhs, rhs, pads, precision):
   return out.astype(lhs.dtype)
 
 
+def _pad_spatial(x, padding):
+  """``x [N, H, W, C]`` zero-padded by ``padding = ((lo, hi), (lo, hi))`` on H and W (negative values crop)."""
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
 def _pointwise_weight_grad(x, dy, *, strides, padding, precision):
   """``dW [1, 1, Cin, Cout]`` of a 1x1 convolution as one GEMM ``[Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout]``."""
   n, ho, wo, cout = dy.shape
   (sh, sw) = strides
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  xp = _pad_spatial(x, padding)
   window = xp[:, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw, :].reshape(n * ho * wo, -1)
   acc = jnp.promote_types(x.dtype, jnp.float32)
   dw = lax.dot_general(window, dy.reshape(n * ho * wo, cout), (((0,), (0,)), ((), ())), precision=precision,
@@ -116,7 +121,7 @@ def _phase_weight_grad(x, dy, *, kernel_shape, strides, padding, precision):
   kh, kw, cin, cout = kernel_shape
   _, ho, wo, _ = dy.shape
   (sh, sw) = strides
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  xp = _pad_spatial(x, padding)
   kernel = jnp.transpose(dy, (1, 2, 0, 3))  # [Ho, Wo, N, Cout]
   dw = jnp.zeros(kernel_shape, x.dtype)
   for a in range(min(sh, kh)):
