@@ -12,8 +12,39 @@ def test_rotated_digits_example_runs():
   res = subprocess.run([sys.executable, 'examples/rotated_digits.py', '--steps', '3'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
-  rows = [line.split()[0] for line in res.stdout.splitlines()[2:]]
-  assert rows == ['erm', 'sam', 'disam']
+  header, *rows = res.stdout.splitlines()[1:]
+  assert header.split()[7:9] == ['compile', 'ms/step'], header
+  assert [row.split()[0] for row in rows] == ['erm', 'sam', 'disam']
+  for row in rows:  # compile (s) and steady-state step time (ms), reported separately
+    compile_s, step_ms = row.split()[7:9]
+    assert compile_s.endswith('s') and float(compile_s[:-1]) > 0 and float(step_ms) > 0, row
+
+
+def _example(name):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'examples', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_rotated_digits_times_compile_apart_from_steady_state():
+  """The first step (compilation) is timed on its own; the step time is the mean of the others only."""
+  import time
+
+  calls = []
+
+  def step(i):
+    time.sleep(1.0 if not calls else 0.01)  # a first call that "compiles" for 1 s, then 10 ms steps
+    calls.append(i)
+    return i
+
+  counter = iter(range(100))
+  first_s, steady_s = _example('rotated_digits').timed_steps(step, lambda: (next(counter),), 5)
+  assert calls == [0, 1, 2, 3, 4]
+  assert first_s >= 1.0
+  assert 0.01 <= steady_s < 0.1  # the 1 s first call in the mean would give >= 0.2
 
 
 def test_finetune_pretrained_example_runs():
