@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from disam_jax import _sharding
 from disam_jax._domain_losses import DomainLosses
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -262,44 +263,68 @@ def _wide(x: chex.Array) -> chex.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _leaf_dot(x: chex.Array, y: chex.Array) -> chex.Array:
-  """`sum(x * y)` as one dot product accumulated in float32 or wider.
-
-  A dot, not `jnp.sum(x * y)`: XLA:CPU rewrites a large sum into a tree of 32x32 reduce-windows that ran at under
-  1 GB/s, about 0.35 ms per 200k-parameter leaf (the in-between step of `perturb_every` took ~1 ms more than an
-  ERM step on the benchmark MLP); a dot is one GEMV.
-  """
-  wide = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
-  return jax.lax.dot(jnp.ravel(x), jnp.ravel(y), preferred_element_type=wide)
-
-
 def _global_norm(tree: Any) -> chex.Array:
-  """L2 norm over all leaves, accumulated in float32 or wider (bf16 params; float64 stays float64)."""
-  return jnp.sqrt(_vdot(tree, tree))
+  """L2 norm over all leaves of an unsharded (or GSPMD / explicitly sharded) tree, in float32 or wider."""
+  return _sharding.ParamLayout(tree).norm(tree)
 
 
-def _vdot(a: Any, b: Any) -> chex.Array:
-  return sum(_leaf_dot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def _param_layout(params: Any, axes: Optional[tuple], param_specs: Any, domain_loss_fn: Callable,
+                  per_device_perturbation: bool) -> _sharding.ParamLayout:
+  """How `params` are split over the mapped axes, checked against what the loss and the options need.
 
-
-def _device_local(tree: Any, axis_name: Optional[str]) -> Any:
-  """Marks values as varying over `axis_name` (shard_map with check_vma=True; a no-op without it and under pmap).
-
-  DISAM differentiates w.r.t. a device-local copy of the replicated params and sums the local gradients itself;
-  without the cast, shard_map's checked mode would sum them implicitly in the transpose (and reject the cotangent
-  computed from the psum-ed domain losses).
+  Refuses, at trace time: a loss that all-gathers over a batch axis where the layout cannot be seen (pmap, or
+  shard_map with check_vma=False) and `param_specs` is not given (FSDP parameters would be taken as replicated:
+  norms over one slice, gradients summed across different slices); `per_device_perturbation` with parameters
+  split over a batch axis (their gradient is already summed over the devices, so there is no per-device `g_p`).
   """
-  if axis_name is None:
-    return tree
+  if axes is None:
+    if param_specs is not None:
+      raise ValueError(
+          'param_specs describes parameters split inside shard_map/pmap; it needs batch_axis_name. Under jax.jit '
+          'with sharded arrays (GSPMD or an explicit mesh) the layout is in the arrays: drop param_specs.'
+      )
+    return _sharding.ParamLayout(params)
+  layout = _sharding.ParamLayout.of(params, axes, param_specs)
+  if param_specs is None and not _sharding._checks_vma(axes) and _gathers_over(domain_loss_fn, params, axes):
+    raise ValueError(
+        f'domain_loss_fn all-gathers over the batch axis {axes if len(axes) > 1 else axes[0]!r}, which is how '
+        'FSDP parameters are used, but this map does not type values with their layout (pmap, or shard_map with '
+        'check_vma=False), so disam cannot tell split parameters from replicated ones. Use shard_map with '
+        'check_vma=True (the default), or pass disam(..., param_specs=specs) with the in_specs of the params '
+        '(PartitionSpec() for a replicated leaf; param_specs=PartitionSpec() if all are replicated and the '
+        'all-gather is of something else).'
+    )
+  if per_device_perturbation and layout.any_sharded_over_batch:
+    raise ValueError(
+        'per_device_perturbation=True with parameters split over the batch axis (FSDP): their gradient is summed '
+        'over the devices by the all-gather in the loss, so no device has a gradient of its own to perturb with. '
+        'Use the global perturbation (per_device_perturbation=False).'
+    )
+  return layout
 
-  def cast(x):
-    aval = jax.typeof(x)
-    manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; earlier releases call it `vma`
-    if axis_name in (manual.varying if manual is not None else getattr(aval, 'vma', frozenset())):
-      return x
-    return jax.lax.pcast(x, axis_name, to='varying')
 
-  return jax.tree.map(cast, tree)
+_GATHERS = ('all_gather', 'all_gather_invariant')
+
+
+def _gathers_over(domain_loss_fn: Callable, params: Any, axes: tuple) -> bool:
+  """Whether tracing `domain_loss_fn(params)` meets an all-gather over any of `axes` (sub-jaxprs included)."""
+  jaxpr = jax.make_jaxpr(domain_loss_fn)(params).jaxpr
+
+  def walk(j) -> bool:
+    for eqn in j.eqns:
+      if eqn.primitive.name in _GATHERS:
+        names = eqn.params.get('axis_name', ())
+        names = names if isinstance(names, tuple) else (names,)
+        if set(names) & set(axes):
+          return True
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, 'jaxpr', sub)
+          if hasattr(inner, 'eqns') and walk(inner):
+            return True
+    return False
+
+  return walk(jaxpr)
 
 
 def _resolve_mask(perturbation_mask: Any, params: Any) -> Any:
@@ -410,8 +435,9 @@ def disam(
     has_aux: bool = False,
     aux_example: Any = None,
     num_domains: Optional[int] = None,
-    batch_axis_name: Optional[str] = None,
+    batch_axis_name: Optional[Union[str, tuple[str, ...]]] = None,
     per_device_perturbation: bool = False,
+    param_specs: Any = None,
     perturbation_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     diagnostics: bool = False,
     rule: str = 'sam',
@@ -465,9 +491,17 @@ def disam(
       `domain_counts`, `perturbation_weights`) are `None` (M is unknown at `init`, and the state's structure
       never changes); with it they are `[M]` and every call is checked against M.
     batch_axis_name: under `pmap`/`shard_map` (with or without `check_vma`), the mapped axis holding slices of the
-      batch: domain loss sums and counts are summed over it before the variance, and both gradients are reduced,
-      so N devices take the same step as one device on the whole batch. Not needed under `jit` with sharded
-      arrays (GSPMD).
+      batch, or a tuple of axes (`('data', 'fsdp')`) when the batch is split over several: domain loss sums and
+      counts are summed over them before the variance, and both gradients are reduced, so N devices take the same
+      step as one device on the whole batch. Not needed under `jit` with sharded arrays (GSPMD, explicit meshes:
+      parameters and batch may be sharded any way there; every norm is of the whole parameter).
+    param_specs: inside `shard_map` with parameters split over mesh axes (FSDP, tensor parallel): the
+      PartitionSpecs of the params (the in_specs given to shard_map; a prefix tree, `PartitionSpec()` or None for a
+      replicated leaf). Norms and dot products are then taken over whole parameters (each device's slice, summed
+      over the leaf's axes), and a leaf split over a batch axis is taken to be all-gathered inside the loss, which
+      already sums its gradient over that axis. With `check_vma=True` (shard_map's default) the layout is read from
+      the types and `param_specs` is optional (checked if given). Under `pmap` or `check_vma=False` it is needed
+      whenever parameters are split: a loss that all-gathers over a batch axis without it is refused.
     per_device_perturbation: with `batch_axis_name`, each device perturbs with its own local `g_p` from its own
       domain losses ("m-sharpness", as google-research/sam); only the perturbation changes: the final gradient is
       still that of the global `L` (global weights and counts), and the logged losses are global. Off by default:
@@ -558,14 +592,15 @@ def disam(
     _check_call(update_fn, updates, params, domain_loss_fn)
     dtype = state.loss.dtype  # fixed by init: float32, or float64 with float64 params
     rho_t, lam_t = _at_step(rho, state.count, dtype), _at_step(lam, state.count, dtype)
-    axis = batch_axis_name
+    axis = _sharding.axis_names(batch_axis_name) or None
+    layout = _param_layout(params, axis, param_specs, domain_loss_fn, per_device_perturbation)
 
     def local_totals(p):
       losses, aux = _split_output(domain_loss_fn(p), has_aux)
       return losses.total, (losses.count, aux)
 
     # Pass 1, unperturbed: forward, the objective on global sums, one backward with cotangent dJ/dtotal.
-    total, vjp_fn, (count, aux) = jax.vjp(local_totals, _device_local(params, axis), has_aux=True)
+    total, vjp_fn, (count, aux) = jax.vjp(local_totals, layout.device_local(params), has_aux=True)
     m = total.shape[0]
     if num_domains is not None and m != num_domains:
       raise ValueError(
@@ -595,8 +630,8 @@ def disam(
     reduce_g_p = axis is not None and not per_device_perturbation
 
     def backward(cot):  # the VJP of the unperturbed pass, summed over devices when the perturbation is global
-      (grad,) = vjp_fn(_device_local(cot.astype(total.dtype), axis))
-      return jax.lax.psum(grad, axis) if reduce_g_p else grad
+      (grad,) = vjp_fn(layout.device_local(cot.astype(total.dtype)))
+      return layout.sum_gradient(grad) if reduce_g_p else grad
 
     grad_weights = weights / jnp.maximum(global_count, 1.0)  # d L / d total_i: grad L = VJP with these
 
@@ -606,10 +641,10 @@ def disam(
       g_p = g_ascent if mask is None else _apply_mask(g_ascent, mask)
       if adaptive:
         scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
-        p_norm = _global_norm(scaled)
+        p_norm = layout.norm(scaled)
         direction = jax.tree.map(lambda s, w: jnp.abs(_wide(w)) * s, scaled, params)
       else:
-        p_norm = _global_norm(g_p)
+        p_norm = layout.norm(g_p)
         direction = jax.tree.map(_wide, g_p)
       scale = rho_t / (p_norm + _NORM_EPS)
       if rule == 'sagm':  # SAGM's perturbed point w + (rho / ||g|| - alpha) g (official code; adaptive: times w^2)
@@ -620,7 +655,7 @@ def disam(
         g_sam = backward(pert_weights / jnp.maximum(pert_count, 1.0))
         if mask is not None:
           g_sam = _apply_mask(g_sam, mask)
-        cosine = _vdot(g_p, g_sam) / (_global_norm(g_p) * _global_norm(g_sam) + _NORM_EPS)
+        cosine = layout.vdot(g_p, g_sam) / (layout.norm(g_p) * layout.norm(g_sam) + _NORM_EPS)
       else:
         cosine = jnp.full([], jnp.nan)
 
@@ -629,11 +664,9 @@ def disam(
         losses, _ = _split_output(domain_loss_fn(p), has_aux)
         return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
 
-      g = jax.grad(perturbed_loss)(_device_local(perturbed, axis))
-      if axis is not None:
-        g = jax.lax.psum(g, axis)
+      g = layout.sum_gradient(jax.grad(perturbed_loss)(layout.device_local(perturbed)))
       if rule != 'sam':
-        g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g)
+        g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g, layout)
       return g, p_norm, cosine
 
     if perturb_every == 1:
@@ -645,7 +678,8 @@ def disam(
       # g_p on a full step, grad L in between (the cond's operands are then params-sized, never activations).
       first = backward(jnp.where(full_now, cotangent, grad_weights))
       g, p_norm, cosine, reused = _amortized_gradient(
-          state, params, full_now, first, sharpness_aware_gradient, _at_step(reuse_weight, state.count, dtype), dtype)
+          state, params, full_now, first, sharpness_aware_gradient, _at_step(reuse_weight, state.count, dtype), dtype,
+          layout)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
     per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)  # None without num_domains
@@ -657,7 +691,7 @@ def disam(
         loss=loss.astype(dtype),
         variance=variance.astype(dtype),
         perturbation_norm=p_norm.astype(dtype),
-        grad_norm=_global_norm(g).astype(dtype),
+        grad_norm=layout.norm(g).astype(dtype),
         aux=aux,
         perturbation_weights=per_domain(cotangent * pert_count),
         sam_cosine=cosine.astype(dtype),
@@ -668,7 +702,7 @@ def disam(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any) -> Any:
+def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any, layout: _sharding.ParamLayout) -> Any:
   """GSAM's / SAGM's gradient from the unperturbed ascent gradient `g_w` and the perturbed one `g_adv`.
 
   gsam: `g_adv - alpha (g_w - <g_w, g_adv> / ||g_adv||^2 g_adv)` (the official code's eps placement);
@@ -676,8 +710,8 @@ def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any) -> Any:
   """
   if rule == 'sagm':
     return jax.tree.map(lambda a, b: ((_wide(a) + _wide(b)) / 2).astype(b.dtype), g_w, g_adv)
-  norm_w, norm_adv = _global_norm(g_w), _global_norm(g_adv)
-  cosine = _vdot(g_w, g_adv) / (norm_w * norm_adv + _NORM_EPS)
+  norm_w, norm_adv = layout.norm(g_w), layout.norm(g_adv)
+  cosine = layout.vdot(g_w, g_adv) / (norm_w * norm_adv + _NORM_EPS)
   parallel = cosine * norm_w / (norm_adv + _NORM_EPS)  # <g_w, g_adv> / ||g_adv||^2, eps-guarded
   return jax.tree.map(
       lambda a, b: (_wide(b) - alpha * (_wide(a) - parallel * _wide(b))).astype(b.dtype), g_w, g_adv
@@ -707,7 +741,7 @@ def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_pertur
 
 
 def _amortized_gradient(state: DisamState, params: Any, full_now: chex.Array, first: Any, full_step: Callable,
-                        reuse_weight: chex.Array, dtype: Any):
+                        reuse_weight: chex.Array, dtype: Any, layout: _sharding.ParamLayout):
   """LookSAM over DISAM: `full_step(g_p)` when `full_now`, else the plain gradient plus the reused component.
 
   `first` is the backward pass of the unperturbed forward: `g_p` on a full step, `grad L(w)` in between.
@@ -718,13 +752,13 @@ def _amortized_gradient(state: DisamState, params: Any, full_now: chex.Array, fi
 
   def full(g_ascent):
     g, p_norm, cosine = full_step(g_ascent)
-    along = _vdot(g, g_ascent) / (_vdot(g_ascent, g_ascent) + _NORM_EPS)
+    along = layout.vdot(g, g_ascent) / (layout.vdot(g_ascent, g_ascent) + _NORM_EPS)
     g_v = jax.tree.map(lambda a, b, w: (_wide(a) - along * _wide(b)).astype(w.dtype), g, g_ascent, params)
     return g, p_norm.astype(dtype), cosine.astype(dtype), g_v
 
   def in_between(g_w):
     g_v = state.reused_component
-    scale = reuse_weight * _global_norm(g_w) / (_global_norm(g_v) + _NORM_EPS)
+    scale = reuse_weight * layout.norm(g_w) / (layout.norm(g_v) + _NORM_EPS)
     g = jax.tree.map(lambda a, v: (_wide(a) + scale * _wide(v)).astype(a.dtype), g_w, g_v)
     return g, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), g_v
 

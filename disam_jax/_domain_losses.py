@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disam_jax import _sharding
+
 
 def _accumulation_dtype(dtype: Any) -> jnp.dtype:
   """float64 for float64 losses (x64 enabled), else float32: the dtype sums and counts are accumulated in."""
@@ -142,13 +144,41 @@ def grouped_domain_loss_fn(
 
   def fn(params, inputs, labels):
     num_domains, per_domain = jnp.shape(inputs)[:2]
-    flat = lambda a: jnp.reshape(a, (num_domains * per_domain,) + jnp.shape(a)[2:])
+    n = num_domains * per_domain
+    if _per_domain_axis_sharded(inputs, labels):
+      # [M, b@data, ...] under an explicit mesh: merging M into a sharded b is not a local reshape, so the model
+      # sees the batch example-major, [b*M] (each device keeps its own block), and the losses go back to [M, b].
+      flat = lambda a: jnp.reshape(jnp.swapaxes(a, 0, 1), (n,) + jnp.shape(a)[2:])
+      unflat = lambda l: jnp.swapaxes(jnp.reshape(l, (per_domain, num_domains)), 0, 1)
+    else:
+      flat = lambda a: jnp.reshape(a, (n,) + jnp.shape(a)[2:])
+      unflat = lambda l: jnp.reshape(l, (num_domains, per_domain))
     out = per_example_loss_fn(params, flat(inputs), flat(labels))
     losses, aux = out if has_aux else (out, None)
-    grouped = domain_losses_from_grouped(jnp.reshape(losses, (num_domains, per_domain)))
+    grouped = domain_losses_from_grouped(unflat(losses))
     return (grouped, aux) if has_aux else grouped
 
   return fn
+
+
+def _per_domain_axis_sharded(*arrays: Any) -> bool:
+  """Whether any array of a grouped batch is split along its per-domain axis (1) over an Explicit mesh axis.
+
+  Refuses a domain axis (0) split over an Explicit axis: the domains are the groups every device must see.
+  """
+  sharded = False
+  for a in jax.tree.leaves(arrays):
+    spec = _sharding.explicit_spec(a)
+    if spec is None:
+      continue
+    if spec[0]:
+      raise ValueError(
+          f'grouped_domain_loss_fn: the domain axis (0) of a [M, b, ...] batch is sharded over {spec[0]}; shard '
+          "the per-domain batch axis instead (PartitionSpec(None, 'data')), so that every device holds a slice of "
+          'every domain, or pass a flat batch with domain ids to domain_losses_from_ids.'
+      )
+    sharded = sharded or (len(spec) > 1 and bool(spec[1]))
+  return sharded
 
 
 def vmapped_domain_loss_fn(per_example_loss_fn: Callable[..., chex.Array]) -> Callable[..., chex.Array]:

@@ -189,20 +189,22 @@ def test_benchmark_quick_smoke(tmp_path):
 
 
 def test_readme_snippet_equals_the_big_batch_step():
+  """The README's accumulation block, run as written; its `f` then gives the NumPy big-batch DISAM gradient."""
   import pathlib
   import re
 
   readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
   snippet = re.search(r'## Gradient accumulation\n.*?```python\n(.*?)```', readme, re.S).group(1)
-  x, y, params = make_problem(36, b=8)
-  p = to_jax(params)
-  xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+  env = {}
+  exec(snippet, env)  # self-contained: its own toy [M, b, 5] batch, split into k micro-batches
+  assert env['xs'].shape[0] == env['k'] > 1
+  rng = np.random.default_rng(36)
+  params = {'w': rng.normal(size=(5, 2)), 'b': rng.normal(size=2)}
   tx = disam_jax.disam(optax.sgd(LR), RHO, LAM)
-  env = {'disam_jax': disam_jax, 'per_example_loss': _per_example, 'xs': _split(xj, 4, 1), 'ys': _split(yj, 4, 1),
-         'tx': tx, 'params': p, 'opt_state': tx.init(p)}
-  exec(snippet, env)
-  expected, _ = ref.disam_gradient(params, x, y, NUM_CLASSES, RHO, LAM)
-  assert_tree_close({k: -env['updates'][k] / LR for k in p}, expected, atol=2e-6)
+  p = to_jax(params)
+  updates, _ = tx.update(None, tx.init(p), p, domain_loss_fn=env['f'])
+  expected, _ = ref.disam_gradient(params, np.asarray(env['x'], np.float64), np.asarray(env['y']), 2, RHO, LAM)
+  assert_tree_close({k: -updates[k] / LR for k in p}, expected, atol=2e-6)
 
 
 def test_a_key_per_micro_batch_gives_each_its_own_dropout_mask():
