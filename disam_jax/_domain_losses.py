@@ -119,8 +119,15 @@ def domain_losses_from_ids(
           f'domain_ids must lie in [0, {num_domains}); found {sorted(set(bad.tolist()))[:10]}.'
       )
   acc = _accumulation_dtype(losses.dtype)
-  total = jax.ops.segment_sum(losses.astype(acc), domain_ids, num_segments=num_domains)
-  count = jax.ops.segment_sum(jnp.ones_like(losses, dtype=acc), domain_ids, num_segments=num_domains)
+  wide, ones = losses.astype(acc), jnp.ones_like(losses, dtype=acc)
+  if _sharding.explicit_spec(losses) is not None or _sharding.explicit_spec(domain_ids) is not None:
+    # A batch sharded over an explicit mesh: the [M] sums are replicated (each device adds its slice, then one
+    # all-reduce), which JAX must be told for a scatter. Out-of-range ids are dropped, as segment_sum does.
+    add = lambda v: jnp.zeros([num_domains], acc).at[domain_ids].add(
+        v, mode='drop', out_sharding=jax.sharding.PartitionSpec())
+    return DomainLosses(add(wide), add(ones))
+  total = jax.ops.segment_sum(wide, domain_ids, num_segments=num_domains)
+  count = jax.ops.segment_sum(ones, domain_ids, num_segments=num_domains)
   return DomainLosses(total, count)
 
 
