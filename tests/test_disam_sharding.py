@@ -104,6 +104,7 @@ def _sharded_run(tx, layout, axis_type, x, y, params, steps=STEPS):
     xs, ys = shard(x, BATCH), shard(y, BATCH)
     state = tx.init(p)
     state_specs = _state_specs(tx, state, specs)
+    _assert_layout_kept(state, state_specs)  # init itself lays the state out like the params
     state = shard(state, state_specs)
     if axis_type == AxisType.Auto:
       named = lambda sp: jax.tree.map(lambda s: NamedSharding(mesh, s), sp, is_leaf=lambda v: isinstance(v, P))
