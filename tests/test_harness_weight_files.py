@@ -2,8 +2,10 @@
 
 import gzip
 import io
+import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -296,3 +298,139 @@ def test_animal_mnist_loader_uses_the_restricted_unpickler(monkeypatch):
   monkeypatch.setattr(wf, "load_numpy_pickle", lambda *a, **k: calls.append(1) or real(*a, **k))
   ds = data.load_dataset("rotated_animals", seed=0)
   assert len(calls) == 2 and sum(len(y) for y in ds.labels) == 10_000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Crafted and corrupt files: one WeightFileError naming the file, memory bounded by the file size
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _npy_member(shape, descr="<f8", data=b""):
+  """An .npy member whose header declares `shape` whatever `data` holds."""
+  header = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode()
+  header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+  return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data
+
+
+def _safetensors_header(header, data=b"", size=None):
+  h = json.dumps(header).encode()
+  return struct.pack("<Q", len(h) if size is None else size) + h + data
+
+
+def _write_bad_file(tmp_path, kind):
+  """Writes the crafted file `kind` (a key of BAD_FILES) under `tmp_path`; returns its path."""
+  rng = np.random.default_rng(0)
+  name, make = BAD_FILES[kind][:2]
+  path = tmp_path / name
+  if make == "zip":
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+      for member, data in BAD_FILES[kind][3]().items():
+        z.writestr(member, data)
+  elif make == "deflate":
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+      for member, data in BAD_FILES[kind][3]().items():
+        z.writestr(member, data)
+  elif make == "random":
+    path.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  elif callable(make):
+    make(path)
+  else:
+    path.write_bytes(make)
+  return path
+
+
+def _stride0_pth():  # a 4-byte storage viewed as a 16384 x 16384 float32 tensor (1 GiB)
+  return {"archive/data.pkl": _pth_files.state_dict_pickle([("w", "0", np.float32, 1, 0, (1 << 14, 1 << 14),
+                                                             (0, 0))]),
+          "archive/data/0": np.zeros(1, np.float32).tobytes()}
+
+
+def _evil_zip_pth(path):
+  _pth_files.write_zip_pth(path, {"w": np.zeros(2, np.float32)}, extra=_pth_files.system_call_item(f"touch {path}.pwned"))
+
+
+def _evil_legacy_pth(path):
+  _pth_files.write_legacy_pth(path, {"w": np.zeros(2, np.float32)},
+                              extra=_pth_files.system_call_item(f"touch {path}.pwned"))
+
+
+def _object_npz(path):
+  np.savez(path, a=np.array([{"x": 1}], dtype=object))
+
+
+# kind: (file name, how to write it, what the one-line message says, zip members when written as a zip)
+BAD_FILES = {
+  "malicious zip .pth": ("evil.pth", _evil_zip_pth, r"refusing to unpickle the global os\.system.*Nothing"),
+  "malicious legacy .pth": ("evil_legacy.pth", _evil_legacy_pth, r"refusing to unpickle the global os\.system"),
+  "a pickle as .pkl": ("weights.pkl", pickle.dumps({"w": np.zeros(2)}), r"unknown weight file type '\.pkl'"),
+  "object array in .npz": ("obj.npz", _object_npz, "object arrays"),
+  "safetensors header larger than the file": (
+    "big_header.safetensors", _safetensors_header({}, size=1 << 20), "header size 1,048,576 exceeds the file"),
+  "safetensors offsets past the buffer": (
+    "offsets.safetensors", _safetensors_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
+                                               b"\0" * 16), r"spans bytes \[8, 24\)"),
+  "safetensors offsets not integers": (
+    "offsets_str.safetensors", _safetensors_header({"w": {"dtype": "F32", "shape": [1],
+                                                          "data_offsets": ["0", "4"]}}, b"\0" * 4),
+    "non-integer data_offsets"),
+  "safetensors huge declared tensor": (  # 2^32 x 2^32 float32: the int64 product wraps around to 0
+    "huge.safetensors", _safetensors_header({"w": {"dtype": "F32", "shape": [1 << 32, 1 << 32],
+                                                   "data_offsets": [0, 0]}}), "spans bytes"),
+  "pth huge declared tensor": ("stride0.pth", "zip", "declares 1,073,741,824 bytes", _stride0_pth),
+  "pickle with a huge memo index": (  # CPython's unpickler grows its memo to the index: 256 MiB for 4 bytes
+    "memo.pth", "zip", "memo index 16,777,216",
+    lambda: {"archive/data.pkl": b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 24) + b"."}),
+  "npz huge declared array": ("huge.npz", "zip", r"declares shape \(268435456,\)",
+                              lambda: {"w.npy": _npy_member((1 << 28,), data=b"\0" * 64)}),
+  "npz zip bomb": ("bomb.npz", "deflate", "zip member 'w.npy' declares 33,554,560 bytes",
+                   lambda: {"w.npy": _npy_member((1 << 22,), data=bytes(1 << 25))}),
+  "random bytes as .pth": ("random.pth", "random", "not a PyTorch checkpoint"),
+  "random bytes as .safetensors": ("random.safetensors", "random", "exceeds the file"),
+  "random bytes as .npz": ("random.npz", "random", r"unreadable \.npz"),
+  "an empty .pth": ("empty.pth", b"", "not a PyTorch checkpoint"),
+  "a directory named .pth": ("folder.pth", lambda p: os.mkdir(p), "No pretrained weights file"),
+}
+
+
+@pytest.mark.parametrize("kind", [k for k in BAD_FILES if k != "a directory named .pth"])
+def test_crafted_files_raise_one_line_naming_the_file_within_a_memory_bound(tmp_path, kind):
+  import tracemalloc
+
+  path = _write_bad_file(tmp_path, kind)
+  tracemalloc.start()
+  try:
+    with pytest.raises(wf.WeightFileError) as caught:
+      wf.read_weights(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  message = str(caught.value)
+  assert message.startswith(f"{path}: ") and "\n" not in message, message
+  assert re.search(BAD_FILES[kind][2], message), message
+  assert peak < 4 * os.path.getsize(path) + (2 << 20), f"{peak:,} bytes allocated for a {os.path.getsize(path):,}-byte file"
+  assert not os.path.exists(f"{path}.pwned")
+
+
+def test_mutated_files_raise_only_weight_file_errors(tmp_path):
+  """Random byte flips and cuts of valid files of every format: a WeightFileError or a dict, never anything else."""
+  rng = np.random.default_rng(0)
+  arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16)}
+  _pth_files.write_zip_pth(tmp_path / "w.pth", arrays)
+  _pth_files.write_legacy_pth(tmp_path / "w_legacy.pth", arrays)
+  _pth_files.write_safetensors(tmp_path / "w.safetensors", arrays)
+  np.savez(tmp_path / "w.npz", **arrays)
+  np.savez_compressed(tmp_path / "w_compressed.npz", **arrays)
+  for source in ("w.pth", "w_legacy.pth", "w.safetensors", "w.npz", "w_compressed.npz"):
+    good = (tmp_path / source).read_bytes()
+    target = tmp_path / f"m_{source}"
+    for trial in range(300):
+      data = bytearray(good)
+      for i in rng.integers(0, len(data), rng.integers(1, 4)):
+        data[i] = rng.integers(0, 256)
+      if trial % 3 == 0:
+        data = data[: rng.integers(0, len(data))]
+      target.write_bytes(bytes(data))
+      try:
+        wf.read_weights(target)
+      except wf.WeightFileError as e:
+        assert str(e).startswith(str(target)) and "\n" not in str(e), str(e)

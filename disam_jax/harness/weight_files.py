@@ -17,8 +17,11 @@
 ``load_numpy_pickle(file)`` is the same idea for pickled NumPy arrays (e.g. a package's data files): it admits only
 ``numpy.ndarray`` reconstruction of non-object dtypes.
 
-Truncated or corrupt files raise `WeightFileError` naming the file and what is wrong. Only the standard library and
-NumPy are imported (bfloat16 through ``ml_dtypes``, a JAX dependency, when a file holds bfloat16).
+Truncated, corrupt or crafted files raise `WeightFileError` naming the file and what is wrong, in one line. Memory is
+bounded by the file's size: every size a file declares (a tensor's shape and strides, a zip member's uncompressed
+size, an ``.npy`` header's shape) is checked against `_Budget` (16 times the file size, plus 1 MiB) before anything
+of that size is allocated, so a few-kilobyte file cannot make the reader allocate gigabytes. Only the standard
+library and NumPy are imported (bfloat16 through ``ml_dtypes``, a JAX dependency, when a file holds bfloat16).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from __future__ import annotations
 import collections
 import io
 import json
+import math
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
@@ -53,6 +58,50 @@ class WeightFileError(ValueError):
 
 class UnsafeWeightsError(WeightFileError):
   """A pickle asked for a global outside the allow-list: refused, nothing from the file was executed."""
+
+
+_EXPANSION = 16
+
+
+class _Budget:
+  """The bytes the reader of one file may allocate: `_EXPANSION` times the file size, plus 1 MiB.
+
+  Owns the memory bound: every allocation whose size the file declares is `take`n from it first. Normal files need
+  at most about 3x (stored storages, their tensor copies, tied weights copied twice); zip members compressed more
+  than `_EXPANSION`-fold (a zip bomb) and shapes or strides declaring more than the file holds are refused.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.size = os.path.getsize(path)
+    self.left = _EXPANSION * self.size + (1 << 20)
+
+  def take(self, nbytes: int, what: str) -> None:
+    """Reserves `nbytes` for `what`, or raises WeightFileError naming the file."""
+    if nbytes < 0 or nbytes > self.left:
+      raise WeightFileError(
+        f"{self.path}: {what} declares {nbytes:,} bytes, more than a {self.size:,}-byte file can hold "
+        f"({_EXPANSION}x its size at most); refused before allocating (corrupt or crafted file)")
+    self.left -= nbytes
+
+
+def _ints(values, what: str, where: str) -> tuple[int, ...]:
+  """`values` as a tuple of non-negative Python ints (a tensor's size or stride); WeightFileError otherwise."""
+  if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                       for v in values):
+    raise WeightFileError(f"{where}: bad tensor {what} {str(values)[:80]!r} (expected a tuple of integers >= 0)")
+  return tuple(values)
+
+
+# What a corrupt pickle makes the unpickler raise (only our stand-ins are ever called, so nothing else can).
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+                  OverflowError, RecursionError, MemoryError, struct.error)
+# What a corrupt zip archive makes zipfile raise.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,20 +141,22 @@ class _PendingTensor:
   def __init__(self, storage, offset, size, stride):
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
-  def resolve(self, storages: Mapping[str, np.ndarray], where: str) -> np.ndarray:
+  def resolve(self, storages: Mapping[str, np.ndarray], where: str, budget: _Budget) -> np.ndarray:
     key, dtype = self.storage
     if key not in storages:
       raise WeightFileError(f"{where}: tensor storage {key!r} is missing from the file (truncated?)")
     flat = storages[key]
     if flat.dtype != dtype:
       flat = flat.view(dtype)
-    size, stride, offset = tuple(self.size), tuple(self.stride), int(self.offset)
-    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-      raise WeightFileError(f"{where}: bad tensor geometry size={size} stride={stride} offset={offset}")
+    size, stride = _ints(self.size, "size", where), _ints(self.stride, "stride", where)
+    offset = self.offset
+    if len(size) != len(stride) or not isinstance(offset, int) or offset < 0:
+      raise WeightFileError(f"{where}: bad tensor geometry size={size} stride={stride} offset={offset!r}")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if last >= flat.size:
       raise WeightFileError(f"{where}: a tensor of size {size} reads past the end of its storage {key!r} "
                             f"({flat.size} elements; truncated?)")
+    budget.take(math.prod(size) * flat.itemsize, f"a tensor of size {size}")  # stride 0 can declare any size
     if not all(size):
       return np.zeros(size, dtype)
     view = np.lib.stride_tricks.as_strided(flat[offset:], size, tuple(s * flat.itemsize for s in stride))
@@ -237,6 +288,28 @@ def _check_plain_arrays(obj, where: str):
     raise UnsafeWeightsError(f"{where}: unexpected object of type {type(obj).__name__}")
 
 
+def _scan_pickle(data: io.BytesIO, where: str) -> None:
+  """Reads the opcodes of the next pickle in `data` without running any, then rewinds; refuses memo indices that a
+  pickle of this size cannot need.
+
+  Owns the unpickler's own memory bound: CPython's unpickler grows its memo table to the largest index a PUT names,
+  so a 5-byte LONG_BINPUT of index 2**32 would make it allocate 32 GiB. Indices are numbered from 0, so a genuine
+  pickle never names one beyond its length in bytes.
+  """
+  import pickletools
+
+  with data.getbuffer() as view:
+    start, limit = data.tell(), view.nbytes
+  try:
+    for opcode, arg, _ in pickletools.genops(data):
+      if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= limit:
+        raise WeightFileError(f"{where}: the pickle names memo index {arg:,} in {limit:,} bytes; refused (corrupt "
+                              "or crafted file)")
+  except ValueError as e:
+    raise WeightFileError(f"{where}: corrupt or truncated pickle: {_one_line(e)}") from e
+  data.seek(start)
+
+
 def load_numpy_pickle(file: BinaryIO, *, where: str = "pickle") -> Any:
   """Unpickles plain NumPy arrays (and lists/tuples/dicts of them) from `file`; refuses anything else.
 
@@ -244,11 +317,13 @@ def load_numpy_pickle(file: BinaryIO, *, where: str = "pickle") -> Any:
   `UnsafeWeightsError` before it is called. Truncated data raises `WeightFileError`.
   """
   try:
-    obj = _NumpyUnpickler(file).load()
-  except UnsafeWeightsError:
+    data = io.BytesIO(file.read())
+    _scan_pickle(data, where)
+    obj = _NumpyUnpickler(data).load()
+  except WeightFileError:
     raise
-  except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, IndexError, struct.error) as e:
-    raise WeightFileError(f"{where}: not a readable NumPy pickle (truncated or corrupt): {e}") from e
+  except _PICKLE_ERRORS + (OSError, zlib.error) as e:
+    raise WeightFileError(f"{where}: not a readable NumPy pickle (truncated or corrupt): {_one_line(e)}") from e
   _check_plain_arrays(obj, where)
   return obj
 
@@ -261,16 +336,18 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-def _unpickle(data: BinaryIO, load_storage, where: str):
+def _unpickle(data: io.BytesIO, load_storage, where: str):
+  """The next pickle of `data` through `_TensorUnpickler`, after `_scan_pickle`."""
   try:
+    _scan_pickle(data, where)
     return _TensorUnpickler(data, load_storage).load()
   except WeightFileError:
     raise
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, struct.error) as e:
-    raise WeightFileError(f"{where}: corrupt or truncated pickle: {e}") from e
+  except _PICKLE_ERRORS as e:
+    raise WeightFileError(f"{where}: corrupt or truncated pickle: {_one_line(e)}") from e
 
 
-def _flatten(obj, where: str, storages) -> dict[str, np.ndarray]:
+def _flatten(obj, where: str, storages, budget: _Budget) -> dict[str, np.ndarray]:
   """The state dict of `obj`: a (possibly `{'state_dict': ...}`-wrapped) mapping of names to tensors."""
   if isinstance(obj, Mapping) and not any(isinstance(v, _PendingTensor) for v in obj.values()):
     nested = [k for k in ("state_dict", "model", "model_state_dict") if isinstance(obj.get(k), Mapping)]
@@ -281,25 +358,38 @@ def _flatten(obj, where: str, storages) -> dict[str, np.ndarray]:
   out = {}
   for key, value in obj.items():
     if not isinstance(value, _PendingTensor):
-      raise WeightFileError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a flat "
-                            "state dict (torch.save(model.state_dict(), path))")
-    out[str(key)] = value.resolve(storages, where)
+      raise WeightFileError(f"{where}: entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor; expected "
+                            "a flat state dict (torch.save(model.state_dict(), path))")
+    out[str(key)] = value.resolve(storages, where, budget)
   return out
 
 
+def _read_member(archive: zipfile.ZipFile, name: str, budget: _Budget) -> bytes:
+  """The bytes of one zip member, its declared uncompressed size taken from `budget` first (zipfile never reads
+  past it); KeyError if there is no such member, WeightFileError if it is unreadable."""
+  info = archive.getinfo(name)
+  budget.take(info.file_size, f"zip member {name!r}")
+  try:
+    return archive.read(info)
+  except _ZIP_ERRORS as e:
+    raise WeightFileError(f"{budget.path}: {name} is unreadable (truncated or corrupt): {_one_line(e)}") from e
+
+
 def _read_zip_pth(path: str) -> dict[str, np.ndarray]:
+  budget = _Budget(path)
   try:
     archive = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError) as e:
-    raise WeightFileError(f"{path}: not a readable zip archive (truncated?): {e}") from e
+  except _ZIP_ERRORS as e:
+    raise WeightFileError(f"{path}: not a readable zip archive (truncated?): {_one_line(e)}") from e
   with archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("data.pkl")]
     if len(pickles) != 1:
-      raise WeightFileError(f"{path}: a torch zip checkpoint holds one '<name>/data.pkl'; found {pickles or 'none'}")
+      raise WeightFileError(f"{path}: a torch zip checkpoint holds one '<name>/data.pkl'; found "
+                            f"{pickles[:3] or 'none'}")
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = prefix + "byteorder"
-    if byteorder in names and archive.read(byteorder).strip() not in (b"little", b""):
+    if byteorder in names and _read_member(archive, byteorder, budget).strip() not in (b"little", b""):
       raise WeightFileError(f"{path}: big-endian checkpoints are not supported")
     storages: dict[str, np.ndarray] = {}
 
@@ -307,25 +397,23 @@ def _read_zip_pth(path: str) -> dict[str, np.ndarray]:
       if key in storages:
         return
       try:
-        raw = archive.read(f"{prefix}data/{key}")
+        raw = _read_member(archive, f"{prefix}data/{key}", budget)
       except KeyError:
-        raise WeightFileError(f"{path}: storage {key!r} is missing from the archive (truncated?)") from None
-      except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise WeightFileError(f"{path}: storage {key!r} is unreadable (truncated or corrupt): {e}") from e
+        raise WeightFileError(f"{path}: storage {key[:80]!r} is missing from the archive (truncated?)") from None
       if len(raw) % dtype.itemsize:
-        raise WeightFileError(f"{path}: storage {key!r} has {len(raw)} bytes, not a multiple of {dtype}")
+        raise WeightFileError(f"{path}: storage {key[:80]!r} has {len(raw)} bytes, not a multiple of {dtype}")
       storages[key] = np.frombuffer(raw, dtype)
 
-    try:
-      data = archive.read(pickles[0])
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise WeightFileError(f"{path}: {pickles[0]} is unreadable (truncated or corrupt): {e}") from e
-    obj = _unpickle(io.BytesIO(data), load_storage, path)
-    return _flatten(obj, path, storages)
+    obj = _unpickle(io.BytesIO(_read_member(archive, pickles[0], budget)), load_storage, path)
+    return _flatten(obj, path, storages, budget)
 
 
 def _read_legacy_pth(path: str) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
+  budget = _Budget(path)
+  budget.take(budget.size, "the file")
+  with open(path, "rb") as raw_file:  # in memory: the unpickler's reads are then bounded by the file size
+    f = io.BytesIO(raw_file.read())
+  with f:
     def header(what):
       return _unpickle(f, lambda *a: None, f"{path} ({what})")
 
@@ -354,13 +442,13 @@ def _read_legacy_pth(path: str) -> dict[str, np.ndarray]:
         raise WeightFileError(f"{path}: truncated: storage {key!r} is missing (file ends early)")
       (numel,) = struct.unpack("<q", raw_size)
       nbytes = numel * dtypes[key].itemsize
-      if numel < 0 or nbytes > os.path.getsize(path):
+      if numel < 0 or nbytes > budget.size:
         raise WeightFileError(f"{path}: corrupt size {numel} for storage {key!r}")
       raw = f.read(nbytes)
       if len(raw) != nbytes:
         raise WeightFileError(f"{path}: truncated: storage {key!r} has {len(raw)} of its {nbytes} bytes")
       storages[key] = np.frombuffer(raw, dtypes[key])
-  return _flatten(obj, path, storages)
+  return _flatten(obj, path, storages, budget)
 
 
 def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -401,21 +489,46 @@ _SAFETENSORS_DTYPES = {
 _MAX_HEADER = 100 << 20
 
 
+def _safetensors_entry(path: str, name: str, info: Any, buffer_size: int) -> tuple[np.dtype, tuple, int, int]:
+  """`(dtype, shape, begin, end)` of one header entry, every field checked (types, extent within the buffer)."""
+  try:
+    dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+  except (KeyError, TypeError, ValueError):
+    raise WeightFileError(f"{path}: bad header entry for {name[:80]!r}: {str(info)[:120]!r}") from None
+  if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+    raise WeightFileError(f"{path}: {name[:80]!r} has unsupported dtype {str(dtype_name)[:20]}")
+  shape = _ints(shape, "shape", f"{path}: {name[:80]!r}")
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in (begin, end)):
+    raise WeightFileError(f"{path}: {name[:80]!r} has non-integer data_offsets {str(info['data_offsets'])[:60]}")
+  make = _SAFETENSORS_DTYPES[dtype_name]
+  dtype = make() if make is _bfloat16 else np.dtype(make)
+  expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge declared shape cannot wrap around
+  if not (0 <= begin <= end <= buffer_size) or end - begin != expected:
+    raise WeightFileError(f"{path}: {name[:80]!r} spans bytes [{begin}, {end}) for shape {shape} {dtype_name} "
+                          f"({expected:,} bytes); the data buffer has {buffer_size:,} bytes (truncated or corrupt)")
+  return dtype, shape, begin, end
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a ``.safetensors`` file (8-byte little-endian header size, JSON header, data buffer) into NumPy."""
+  """Reads a ``.safetensors`` file (8-byte little-endian header size, JSON header, data buffer) into NumPy.
+
+  Every header entry is checked against the data buffer before its bytes are copied; the header may not claim
+  more than the file holds.
+  """
   path = os.fspath(path)
+  budget = _Budget(path)
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
       raise WeightFileError(f"{path}: too short for a safetensors file (truncated?)")
     (n,) = struct.unpack("<Q", raw)
-    size = os.path.getsize(path)
-    if n > min(_MAX_HEADER, size - 8):
-      raise WeightFileError(f"{path}: header size {n} exceeds the file (truncated or not safetensors)")
+    if n > min(_MAX_HEADER, budget.size - 8):
+      raise WeightFileError(f"{path}: header size {n:,} exceeds the file's {budget.size:,} bytes (truncated or "
+                            "not safetensors)")
     try:
       header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise WeightFileError(f"{path}: unreadable safetensors header: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+      raise WeightFileError(f"{path}: unreadable safetensors header: {_one_line(e)}") from e
     buffer = f.read()
   if not isinstance(header, dict):
     raise WeightFileError(f"{path}: safetensors header is not a JSON object")
@@ -423,52 +536,93 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    try:
-      dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError) as e:
-      raise WeightFileError(f"{path}: bad header entry for {name!r}: {info!r}") from e
-    if dtype_name not in _SAFETENSORS_DTYPES:
-      raise WeightFileError(f"{path}: {name!r} has unsupported dtype {dtype_name}")
-    make = _SAFETENSORS_DTYPES[dtype_name]
-    dtype = make() if make is _bfloat16 else np.dtype(make)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if not (0 <= begin <= end <= len(buffer)) or end - begin != expected or any(d < 0 for d in shape):
-      raise WeightFileError(f"{path}: {name!r} spans bytes [{begin}, {end}) for shape {shape} {dtype_name}; the data "
-                            f"buffer has {len(buffer)} bytes (truncated or corrupt)")
-    out[name] = np.frombuffer(buffer, dtype, count=expected // dtype.itemsize, offset=begin).reshape(shape).copy()
+    dtype, shape, begin, end = _safetensors_entry(path, name, info, len(buffer))
+    budget.take(end - begin, f"tensor {name[:80]!r}")  # entries may overlap: each copy counts
+    out[name] = np.frombuffer(buffer, dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape).copy()
   return out
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads an ``.npz`` archive with ``allow_pickle=False`` (object arrays are refused by NumPy)."""
-  path = os.fspath(path)
+def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> np.ndarray:
+  """One ``.npy`` member: its header parsed by NumPy (a literal, never code), its declared shape checked against
+  the member's size before the data is read."""
+  path, name = budget.path, info.filename
+  budget.take(info.file_size, f"zip member {name[:80]!r}")
   try:
-    with np.load(path, allow_pickle=False) as archive:
-      return {key: archive[key] for key in archive.files}
-  except ValueError as e:
-    if "allow_pickle" in str(e):
-      raise UnsafeWeightsError(f"{path}: holds object arrays (pickles); refused") from e
-    raise WeightFileError(f"{path}: unreadable .npz: {e}") from e
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
-    raise WeightFileError(f"{path}: unreadable .npz (truncated or corrupt): {e}") from e
+    with archive.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise WeightFileError(f"{path}: {name}: unsupported .npy format version {version}")
+      if dtype.hasobject:
+        raise UnsafeWeightsError(f"{path}: {name} holds object arrays (pickles); refused")
+      nbytes, room = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()
+      if nbytes != room:
+        raise WeightFileError(f"{path}: {name} declares shape {shape} {dtype} ({nbytes:,} bytes) but holds {room:,} "
+                              "bytes of data (truncated or corrupt)")
+      data = f.read(nbytes)
+  except WeightFileError:
+    raise
+  except _ZIP_ERRORS + (SyntaxError, TypeError, KeyError) as e:
+    raise WeightFileError(f"{path}: {name} is unreadable (truncated or corrupt): {_one_line(e)}") from e
+  if len(data) != nbytes:
+    raise WeightFileError(f"{path}: {name} is truncated ({len(data):,} of {nbytes:,} bytes)")
+  budget.take(nbytes, f"the copy of {name[:80]!r}")
+  array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+  return array.copy(order="K")  # writable, like np.load's
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads an ``.npz`` archive of plain arrays (``np.savez`` / ``np.savez_compressed``), refusing object arrays.
+
+  The archive is parsed here rather than by ``np.load``, which allocates an array of the header's declared shape
+  before reading its data: here every member's header is checked against the member's size first.
+  """
+  path = os.fspath(path)
+  budget = _Budget(path)
+  try:
+    archive = zipfile.ZipFile(path)
+  except _ZIP_ERRORS as e:
+    raise WeightFileError(f"{path}: unreadable .npz (truncated or corrupt): {_one_line(e)}") from e
+  out = {}
+  with archive:
+    for info in archive.infolist():
+      if not info.filename.endswith(".npy"):
+        raise WeightFileError(f"{path}: member {info.filename[:80]!r} is not an .npy array (not an np.savez file)")
+      out[info.filename[: -len(".npy")]] = _read_npy_member(archive, info, budget)
+  return out
+
+
+_READERS = {".pth": read_pth, ".pt": read_pth, ".bin": read_pth, ".safetensors": read_safetensors,
+            ".npz": read_npz}
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a weight file by its suffix: ``.pth``/``.pt``/``.bin`` (`read_pth`), ``.safetensors``, ``.npz``.
 
+  Owns the contract every caller relies on (the CLI prints the message as its one error line): whatever the bytes,
+  the only exceptions are FileNotFoundError and `WeightFileError`, whose message starts with the path.
+
   Raises:
     FileNotFoundError: no such file.
-    ValueError: an unknown suffix (the message lists the supported ones); `WeightFileError` and
-      `UnsafeWeightsError` (both ValueErrors) for bad or unsafe files.
+    WeightFileError: an unknown suffix (the message lists the supported ones), an unreadable file (permissions, a
+      directory), a truncated, corrupt or crafted file; `UnsafeWeightsError` (a subclass) for pickled code or
+      object arrays. Both are ValueErrors.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no weights file at {path!r}")
   suffix = os.path.splitext(path)[1].lower()
-  if suffix in (".pth", ".pt", ".bin"):
-    return read_pth(path)
-  if suffix == ".safetensors":
-    return read_safetensors(path)
-  if suffix == ".npz":
-    return read_npz(path)
-  raise ValueError(f"{path}: unknown weight file type {suffix!r}; supported: {', '.join(WEIGHT_SUFFIXES)}")
+  if suffix not in _READERS:
+    raise WeightFileError(f"{path}: unknown weight file type {suffix!r}; supported: {', '.join(WEIGHT_SUFFIXES)}")
+  try:
+    return _READERS[suffix](path)
+  except WeightFileError as e:
+    message = _one_line(e)
+    if message.startswith(path):
+      raise
+    raise type(e)(f"{path}: {message}") from e
+  except OSError as e:
+    raise WeightFileError(f"{path}: cannot read the file: {e.strerror or _one_line(e)}") from e
