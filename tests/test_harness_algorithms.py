@@ -247,6 +247,7 @@ def tiny_run(tmp_path_factory):
   return run
 
 
+@pytest.mark.slow  # 12 algorithms in one run; default tier: test_fishr_resumes_exactly_with_its_moving_average
 @pytest.mark.parametrize("algorithm", END_TO_END)
 def test_algorithm_trains_end_to_end_in_disam_train(tiny_run, algorithm):
   results = json.loads((tiny_run / "results.json").read_text())
@@ -263,6 +264,7 @@ def test_algorithm_trains_end_to_end_in_disam_train(tiny_run, algorithm):
   assert config["hparams"]["vrex_anneal_steps"] == 2 and config["hparams"]["fishr_lambda"] == 1000.0
 
 
+@pytest.mark.slow  # needs tiny_run; default tier: test_harness_report's merge tests
 def test_report_merge_keeps_every_algorithm_apart(tiny_run, tmp_path):
   import shutil
 

@@ -79,6 +79,7 @@ def _assert_same(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
+@pytest.mark.slow  # default tier: test_distributed.py's 2x2 = 1x4 = 1x1 worker
 def test_two_processes_and_four_devices_equal_one_device(tmp_path, one_device_params):
   results = _wait(_start(tmp_path / 'two', 2, 2))
   for code, _, err in results:
@@ -91,6 +92,7 @@ def test_two_processes_and_four_devices_equal_one_device(tmp_path, one_device_pa
   assert (tmp_path / 'two' / 'results.md').exists()
 
 
+@pytest.mark.slow  # default tier: test_distributed.py's launcher fault test, test_harness_train's exact resume
 def test_killed_process_stops_the_other_and_the_job_resumes_exactly(tmp_path, one_device_params):
   run_dir = tmp_path / 'fault'
   procs = _start(run_dir, 2, 2, '--heartbeat-timeout', '5')
