@@ -434,3 +434,68 @@ def test_mutated_files_raise_only_weight_file_errors(tmp_path):
         wf.read_weights(target)
       except wf.WeightFileError as e:
         assert str(e).startswith(str(target)) and "\n" not in str(e), str(e)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --pretrained in disam-train: exit 2, one line naming the file, nothing written, no code run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_cli_refuses_a_bad_pretrained_file_in_one_line(capsys, tmp_path, kind):
+  from tests.test_harness_cli import SMALL, _run
+
+  path = _write_bad_file(tmp_path, kind)
+  code, _, err = _run(capsys, SMALL + ["--pretrained", str(path), "--output-dir", str(tmp_path / "run"), "--quiet"])
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("disam-train: error: "), err
+  assert str(path) in lines[0] and re.search(BAD_FILES[kind][2], lines[0]), lines[0]
+  assert not (tmp_path / "run").exists() and not os.path.exists(f"{path}.pwned")
+
+
+def _mlp_weights(path, **options):
+  """Our .npz layout of the MLP for rotated digits (64 inputs, 10 classes, or `num_classes`)."""
+  from flax import nnx
+
+  from disam_jax.harness import models, train
+
+  num_classes = options.pop("num_classes", 10)
+  graphdef, params, state = train.init_model("mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1,
+                                             model_kwargs=options)
+  models.save_weights(nnx.merge(graphdef, params, state), path)
+  return path
+
+
+def test_cli_refuses_weights_of_another_configuration_naming_the_first_shape(capsys, tmp_path):
+  from tests.test_harness_cli import SMALL, _run
+
+  path = _mlp_weights(tmp_path / "mlp32.npz", hidden=32)  # SMALL builds hidden=16: only classifier/bias would fit
+  code, _, err = _run(capsys, SMALL + ["--pretrained", str(path), "--output-dir", str(tmp_path / "run"), "--quiet"])
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert f"{path}: does not fit model 'mlp' with options {{'hidden': 16}}: backbone/layers/0/bias is (32,) in the " \
+         "file and (16,) in the model (4 weight(s) differ; only the classifier may)" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_loads_a_file_whose_classifier_has_another_number_of_classes(capsys, tmp_path):
+  from tests.test_harness_cli import TINY, _run
+
+  path = _mlp_weights(tmp_path / "mlp7.npz", hidden=16, num_classes=7)
+  code, _, err = _run(capsys, TINY + ["--pretrained", str(path), "--algorithm", "erm", "--steps", "1",
+                                      "--output-dir", str(tmp_path / "run")])
+  assert code == 0, err
+  assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_real_cli_runs_no_code_from_a_malicious_checkpoint(tmp_path):
+  """The console entry point in its own process: exit 2, one stderr line, and the payload's file never appears."""
+  path = _write_bad_file(tmp_path, "malicious zip .pth")
+  from tests.test_harness_cli import SMALL
+
+  out = subprocess.run([sys.executable, "-c", "import sys; from disam_jax.harness.cli import main; sys.exit(main())",
+                        *SMALL, "--pretrained", str(path), "--output-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.splitlines() == [out.stderr.strip()] and "refusing to unpickle the global os.system" in out.stderr
+  assert not os.path.exists(f"{path}.pwned") and not (tmp_path / "run").exists()

@@ -1008,8 +1008,58 @@ def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
   except (TypeError, ValueError) as e:
     raise ValueError(f"Model {config.model_name!r} with options {config.model_kwargs}: {e}") from None
   key = jax.random.key(0)
-  _trainable_mask(config, graphdef, *jax.eval_shape(initialize, key, key))  # checks --train-only now
+  abstract = jax.eval_shape(initialize, key, key)
+  _trainable_mask(config, graphdef, *abstract)  # checks --train-only now
+  _check_pretrained(config, graphdef, *abstract)
   return config, (ds, held_out), notice
+
+
+# Keys whose shapes may differ from a pretrained file's: the classifier (another number of classes) and the stem of a
+# ResNet for small inputs, which cannot take torchvision's 7x7 ImageNet stem. They keep their initialization.
+_MAY_DIFFER = ("classifier/", "backbone/conv1/kernel")
+
+
+def _check_pretrained(config: ExperimentConfig, graphdef: Any, params: Any, model_state: Any) -> None:
+  """Reads `config.pretrained` and matches it against the model's shapes (abstractly: nothing is computed), so a
+  bad file stops the run before anything is written.
+
+  Raises:
+    ValueError: one line starting with the file's path: an unreadable, unsafe or crafted file
+      (`weight_files.WeightFileError`), a torchvision file for a model without torchvision's layout, a file of
+      which no weight fits the model, or one whose weights have other shapes than the model's anywhere but
+      `_MAY_DIFFER` (a checkpoint of another model or other --model-option values).
+  """
+  if config.pretrained is None:
+    return
+  from flax import nnx
+
+  from disam_jax.harness import models
+  from disam_jax.harness import weight_files
+
+  path, module = config.pretrained, nnx.merge(graphdef, params, model_state)
+  arrays = weight_files.read_weights(path)
+  if arrays and all("/" not in k for k in arrays) and any("." in k for k in arrays):  # torchvision's layout
+    head = getattr(module, "torchvision_head", None)
+    if head is None:
+      raise ValueError(f"{path}: a torchvision state dict, but model {config.model_name!r} has no torchvision "
+                       "counterpart (resnet18, resnet50 and mobilenet_v2 do)")
+    try:
+      arrays = models.convert_torchvision(arrays, head=head)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
+  shapes = {"/".join(map(str, p)): tuple(v.shape)
+            for p, v in nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState)))}
+  common = sorted(arrays.keys() & shapes.keys())
+  differ = [k for k in common if tuple(arrays[k].shape) != shapes[k]]
+  wrong = [k for k in differ if not k.startswith(_MAY_DIFFER)]
+  if wrong:
+    k = wrong[0]
+    raise ValueError(f"{path}: does not fit model {config.model_name!r} with options {config.model_kwargs}: {k} is "
+                     f"{tuple(arrays[k].shape)} in the file and {shapes[k]} in the model ({len(wrong)} weight(s) "
+                     "differ; only the classifier may). A checkpoint of another model or other --model-option values?")
+  if arrays and len(differ) == len(common):
+    raise ValueError(f"{path}: none of its {len(arrays)} weights fits model {config.model_name!r} (file keys e.g. "
+                     f"{sorted(arrays)[:2]}, model keys e.g. {sorted(shapes)[:2]})")
 
 
 def _trainable_mask(config: ExperimentConfig, graphdef: Any, params: Any, model_state: Any) -> Any:
