@@ -38,6 +38,7 @@ import functools
 import math
 import operator
 import sys
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -505,7 +506,10 @@ def disam(
     per_device_perturbation: with `batch_axis_name`, each device perturbs with its own local `g_p` from its own
       domain losses ("m-sharpness", as google-research/sam); only the perturbation changes: the final gradient is
       still that of the global `L` (global weights and counts), and the logged losses are global. Off by default:
-      the perturbation is global (synchronized).
+      the perturbation is global (synchronized). A device whose slice holds one domain only has a local variance
+      of 0, so `lam` does nothing there: that is warned about at run time (give every device every domain).
+      Refused with parameters split over the batch axis (FSDP): their gradient is summed by the loss's
+      all-gather, so no device has a `g_p` of its own.
     perturbation_mask: what `optax.masked` accepts, for the perturbation: a pytree of bools matching `params` or a
       prefix of it (`{'encoder': True, 'head': False}`), Python or (traced) JAX bools, or a function of `params`
       returning one. Only `True` leaves are perturbed and the norm is taken over them alone (SAM-ON style).
@@ -603,10 +607,7 @@ def disam(
     total, vjp_fn, (count, aux) = jax.vjp(local_totals, layout.device_local(params), has_aux=True)
     m = total.shape[0]
     if num_domains is not None and m != num_domains:
-      raise ValueError(
-          f'domain_loss_fn returned {m} domain losses, but this optimizer was built with num_domains={num_domains} '
-          '(the number of domains must not change between steps).'
-      )
+      raise ValueError(_wrong_domain_count(m, num_domains, axis))
     if m == 1 and lam_may_be_positive:
       raise ValueError(
           f'domain_loss_fn returned a single domain loss with lam={lam!r}: the variance of one domain is '
@@ -627,6 +628,8 @@ def disam(
       return l - lam_t * v, w_i
 
     cotangent, pert_weights = jax.grad(perturbation_objective, has_aux=True)(pert_total)
+    if per_device_perturbation and lam_may_be_positive is not False:
+      _warn_if_one_local_domain(pert_count)
     reduce_g_p = axis is not None and not per_device_perturbation
 
     def backward(cot):  # the VJP of the unperturbed pass, summed over devices when the perturbation is global
@@ -700,6 +703,42 @@ def disam(
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _wrong_domain_count(m: int, num_domains: int, axes: Optional[tuple]) -> str:
+  """Why `domain_loss_fn` returned m losses where num_domains were expected, and what to write instead."""
+  said = f'domain_loss_fn returned {m} values, but this optimizer was built with num_domains={num_domains}: '
+  if m > num_domains:
+    return said + (
+        'it must return one loss per domain (or DomainLosses of [M] sums and counts), not per-example losses. '
+        'Group them: disam_jax.domain_losses_from_grouped(losses.reshape(M, b)), '
+        'disam_jax.domain_losses_from_ids(losses, domain_ids, M), or wrap the per-example loss in '
+        'disam_jax.grouped_domain_loss_fn. (If these are domain losses, the number of domains must not change '
+        'between steps: build the optimizer with the right num_domains.)'
+    )
+  if axes is not None:
+    return said + (
+        "under pmap/shard_map the loss sees only this device's block of the batch, and this block holds only "
+        f'{m} of the domains (the batch is split along its domain axis). Split the per-domain axis instead '
+        "(in_specs PartitionSpec(None, 'data') for an [M, b, ...] batch), or return "
+        'disam_jax.domain_losses_from_ids(losses, domain_ids, M) with the global domain ids: every device then '
+        'returns all M domains (count 0 for those it does not hold).'
+    )
+  return said + 'the number of domains must not change between steps (pass the same M every step).'
+
+
+def _warn_if_one_local_domain(local_count: chex.Array) -> None:
+  """Warns (once per call site, at run time) when a device's batch holds at most one domain under
+  per_device_perturbation: its local variance is then 0 and lam has no effect on its perturbation."""
+
+  def warn():
+    warnings.warn(
+        'per_device_perturbation=True: a device holds the examples of at most one domain, so its local domain-loss '
+        'variance is 0 and lam has no effect on its perturbation (it is SAM there). Give every device a slice of '
+        'every domain (split the per-domain batch axis), or use the global perturbation '
+        '(per_device_perturbation=False).', stacklevel=1)
+
+  jax.lax.cond(jnp.sum(local_count > 0) <= 1, lambda: jax.debug.callback(warn), lambda: None)
 
 
 def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any, layout: _sharding.ParamLayout) -> Any:

@@ -839,7 +839,7 @@ def test_loss_fn_returning_non_vector():
 
 def test_number_of_domains_must_not_change():
   tx = disam_jax.disam(optax.sgd(0.1), num_domains=3)
-  with pytest.raises(ValueError, match='returned 4 domain losses, but this optimizer was built with num_domains=3'):
+  with pytest.raises(ValueError, match='returned 4 values, but this optimizer was built with num_domains=3'):
     _update(tx, lambda q: jnp.ones(4) * q['w'].sum())
 
 

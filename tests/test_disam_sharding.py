@@ -365,3 +365,55 @@ def test_param_specs_without_batch_axis_name_are_refused():
     tx = disam_jax.disam(optax.sgd(0.5), param_specs=LAYOUTS['fsdp'])
     x, y, params = _problem()
     tx.update(None, tx.init(params), params, domain_loss_fn=lambda q: grouped(q, x, y))
+
+
+# -- messages for pod layouts ----------------------------------------------------------------------------------------
+
+def test_a_grouped_loss_on_a_devices_block_of_domains_says_so():
+  """The batch split along its domain axis: each device's grouped loss sees 1 of the 4 domains."""
+  x, y, params = _problem()
+  mesh = _mesh(AxisType.Auto)
+  tx = disam_jax.disam(optax.sgd(0.5), 0.1, 0.5, num_domains=M, batch_axis_name='data')
+  loss = _local_loss('fsdp')
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=P())
+  def step(p, xb, yb):
+    return tx.update(None, tx.init(p), p, domain_loss_fn=lambda q: grouped(q, xb, yb))[0]
+
+  with pytest.raises(ValueError, match=r"returned 1 values.*only this device's block.*domain_losses_from_ids"):
+    jax.jit(step)(params, x, y)
+
+
+def test_per_example_losses_by_mistake_are_named():
+  x, y, params = _problem()
+  tx = disam_jax.disam(optax.sgd(0.5), 0.1, 0.5, num_domains=M)
+  per_examples = lambda q: per_example(q, x.reshape(M * B, D), y.reshape(M * B))
+  with pytest.raises(ValueError, match=r'returned 32 values.*not per-example losses.*domain_losses_from_grouped'):
+    tx.update(None, tx.init(params), params, domain_loss_fn=per_examples)
+
+
+@pytest.mark.parametrize('one_domain_per_device', [True, False])
+def test_per_device_perturbation_warns_when_a_device_holds_one_domain(one_domain_per_device):
+  """m-sharpness with one domain per device: the local variance is 0, lam does nothing there; warned at run time."""
+  import warnings
+
+  rng = np.random.default_rng(7)
+  n = M * B
+  ids = np.repeat(np.arange(M), B) if one_domain_per_device else np.tile(np.arange(M), B)
+  x = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, C, size=n))
+  _, _, params = _problem()
+  tx = disam_jax.disam(optax.sgd(0.5), 0.1, 0.5, num_domains=M, batch_axis_name='d', per_device_perturbation=True)
+  mesh = jax.make_mesh((4,), ('d',), axis_types=(AxisType.Auto,))
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P('d'), P('d'), P('d')), out_specs=P())
+  def step(p, xb, yb, ib):
+    f = lambda q: disam_jax.domain_losses_from_ids(per_example(q, xb, yb), ib, M)
+    return tx.update(None, tx.init(p), p, domain_loss_fn=f)[1].loss
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    jax.block_until_ready(jax.jit(step)(params, x, y, jnp.asarray(ids)))
+    jax.effects_barrier()
+  said = [w for w in caught if 'lam has no effect' in str(w.message)]
+  assert bool(said) == one_domain_per_device
