@@ -153,9 +153,11 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit], ids=['auto', 'explicit'])
-@pytest.mark.parametrize('option', list(OPTIONS))
+@pytest.mark.parametrize('option,axis_type', [(o, AxisType.Explicit) for o in OPTIONS] + [
+    ('perturb_every', AxisType.Auto)], ids=[f'{o}-explicit' for o in OPTIONS] + ['perturb_every-auto'])
 def test_every_rule_and_option_on_fsdp_x_tp(option, axis_type):
+  """Explicit axes for every option (GSPMD Auto for the cond of perturb_every; the compiled-HLO test below covers
+  every rule under Auto axes)."""
   x, y, params = _problem(1)
   make = lambda: disam_jax.disam(optax.adam(0.02), 0.1, 0.5, num_domains=M, **OPTIONS[option])
   expected, expected_state = _run(make(), params, x, y)
@@ -316,15 +318,17 @@ def _shard_map_run(tx, layout, x, y, params, check_vma=True, steps=STEPS):
   return p, s
 
 
-@pytest.mark.parametrize('layout', ['fsdp', 'fsdp_tp'])
-@pytest.mark.parametrize('option', ['sam', 'gsam', 'perturb_every'])
+@pytest.mark.parametrize('layout,option', [('fsdp', 'sam'), ('fsdp_tp', 'sam'), ('fsdp_tp', 'gsam'),
+                                           ('fsdp_tp', 'perturb_every')])
 def test_shard_map_with_split_params_equals_one_device(layout, option):
-  """check_vma=True: the layout is read from the types; norms over whole parameters, FSDP gradients not re-summed."""
+  """check_vma=True: the layout is read from the types; norms over whole parameters, FSDP gradients not re-summed.
+  perturb_every=2 over 2 steps: one full step, one in between."""
   x, y, params = _problem(3)
   kwargs = {'sam': {}, 'gsam': dict(rule='gsam'), 'perturb_every': dict(perturb_every=2)}[option]
   make = lambda **kw: disam_jax.disam(optax.adam(0.02), 0.1, 0.5, num_domains=M, diagnostics=True, **kwargs, **kw)
-  expected, expected_state = _run(make(), params, x, y)
-  p, s = _shard_map_run(make(batch_axis_name='data'), layout, x, y, params)
+  steps = 2 if option == 'perturb_every' else STEPS
+  expected, expected_state = _run(make(), params, x, y, steps=steps)
+  p, s = _shard_map_run(make(batch_axis_name='data'), layout, x, y, params, steps=steps)
   assert_tree_close(p, expected, atol=1e-5)
   for field in ('loss', 'variance', 'perturbation_norm', 'grad_norm', 'sam_cosine'):
     np.testing.assert_allclose(getattr(s, field), getattr(expected_state, field), rtol=1e-5, err_msg=field)
@@ -417,3 +421,48 @@ def test_per_device_perturbation_warns_when_a_device_holds_one_domain(one_domain
     jax.effects_barrier()
   said = [w for w in caught if 'lam has no effect' in str(w.message)]
   assert bool(said) == one_domain_per_device
+
+
+# -- NNX: nnx.Optimizer over variables sharded by their partitioning metadata ----------------------------------------
+
+def test_nnx_optimizer_with_sharded_variables_equals_one_device():
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs, sharded):
+      init, zeros = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
+      part = (lambda f, names: nnx.with_partitioning(f, names)) if sharded else (lambda f, names: f)
+      self.l1 = nnx.Linear(D, H, kernel_init=part(init, ('data', 'model')), bias_init=part(zeros, ('model',)),
+                           rngs=rngs)
+      self.l2 = nnx.Linear(H, C, kernel_init=part(init, ('model', 'data')), rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  def run(model, x, y):
+    optimizer = disam_jax.nnx_optimizer(model, optax.adam(0.02), 0.1, 0.5, num_domains=M)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+      def loss_fn(m):
+        losses = optax.softmax_cross_entropy_with_integer_labels(m(x.reshape(M * B, D)), y.reshape(M * B))
+        return disam_jax.domain_losses_from_grouped(losses.reshape(M, B))
+      return disam_jax.nnx_update(optimizer, model, loss_fn)
+
+    for _ in range(STEPS):
+      step(model, optimizer, x, y)
+    return model, optimizer
+
+  x, y, _ = _problem(6)
+  expected, _ = run(MLP(nnx.Rngs(0), sharded=False), x, y)
+  mesh = _mesh(AxisType.Auto)
+  with jax.set_mesh(mesh):
+    model = MLP(nnx.Rngs(0), sharded=True)  # flax places each variable by its partitioning metadata
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, BATCH))
+    model, optimizer = run(model, put(x), put(y))
+  for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(expected)), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert model.l1.kernel[...].sharding.spec == P('data', 'model')
+  assert model.l2.kernel[...].sharding.spec == P('model', 'data')
+  moments = [a for a in jax.tree.leaves(nnx.state(optimizer)) if getattr(a, 'ndim', 0) == 2]
+  assert len(moments) == 4 and {a.sharding.spec for a in moments} == {P('data', 'model'), P('model', 'data')}
