@@ -4,6 +4,7 @@ Real processes (`python -m disam_jax.harness.cli`), each bounded by a timeout.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,3 +144,61 @@ def test_replicate_places_nan_metrics_and_typed_keys():
   assert np.isnan(np.asarray(placed['cosine'])) and np.asarray(placed['losses'])[0] == 1.0
   assert jax.random.key_data(placed['key']).tolist() == jax.random.key_data(tree['key']).tolist()
   assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(placed))
+
+
+def test_fsdp_mesh_run_resumed_from_a_sharded_checkpoint_equals_one_device(tmp_path, one_device_params):
+  """--mesh data=4,fsdp=2 on 8 devices: weights and optimizer state split 2 ways, batch over all 8; stopped at step
+  20 (checkpoint written from the sharded state), resumed to 40: the parameters of one device's uninterrupted run."""
+  run_dir = tmp_path / 'fsdp'
+  mesh_args = ('--mesh', 'data=4,fsdp=2')
+  [(code, _, err)] = _wait(_start(run_dir, 1, 8, *mesh_args, '--steps', '20'))
+  assert code == 0, err[-3000:]
+  [(code, _, err)] = _wait(_start(run_dir, 1, 8, *mesh_args, '--resume'))
+  assert code == 0, err[-3000:]
+  _assert_same(_final_params(run_dir), one_device_params)
+
+
+def test_a_bad_mesh_is_one_clear_line(tmp_path):
+  res = subprocess.run([sys.executable, '-m', 'disam_jax.harness.cli', *ARGS, '--output-dir', str(tmp_path / 'r'),
+                        '--mesh', 'data=4,fsdp=4'], env=_env(8), capture_output=True, text=True, timeout=TIMEOUT,
+                       cwd=ROOT)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert "--mesh 'data=4,fsdp=4' has 16 devices but there are 8" in res.stderr and 'Traceback' not in res.stderr
+  assert not (tmp_path / 'r').exists()
+
+
+@pytest.mark.parametrize('mesh,message', [
+    ('data=4,model=2', "expected 'data=N' or 'data=N,fsdp=K'"),
+    ('data=4,data=2', "expected 'data=N' or 'data=N,fsdp=K'"),
+    ('data=x', "the size of 'data' must be an integer"),
+    ('data=0,fsdp=8', "the size of 'data' must be >= 1"),
+])
+def test_parse_mesh_refuses_bad_specs(mesh, message):
+  from disam_jax.harness import distributed
+  with pytest.raises(distributed.DistributedError, match=re.escape(message)):
+    distributed.parse_mesh(mesh)
+
+
+def test_place_state_splits_weights_and_their_optimizer_state_fsdp_style():
+  """In this 8-device process: leaves of 2+ dims split over 'fsdp' along their largest divisible dimension, the
+  rest replicated; local_replica gathers the full values back."""
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import PartitionSpec as P
+  from disam_jax.harness import distributed
+  mesh = distributed.parse_mesh('data=4,fsdp=2')
+  assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {'data': 4, 'fsdp': 2}
+  params = {'w': np.arange(64 * 16, dtype=np.float32).reshape(64, 16), 'odd': np.ones((3, 5), np.float32),
+            'b': np.ones(16, np.float32)}
+  state = {'params': params, 'adam': optax.adam(0.1).init(params)}
+  placed = distributed.place_state(state, mesh)
+  assert placed['params']['w'].sharding.spec == P('fsdp', None)
+  assert placed['adam'][0].mu['w'].sharding.spec == P('fsdp', None)  # the moments are split like their weight
+  assert placed['params']['odd'].sharding.is_fully_replicated  # no dimension divisible by 2
+  assert placed['params']['b'].sharding.is_fully_replicated
+  assert distributed.batch_sharding(mesh).spec == P(None, ('data', 'fsdp'))
+  back = distributed.local_replica(placed)
+  np.testing.assert_array_equal(np.asarray(back['params']['w']), params['w'])
+  assert len(back['params']['w'].sharding.device_set) == 1
+  assert distributed.fsdp_sharding((8, 64), mesh).spec == P(None, 'fsdp')  # the largest divisible dimension
+  assert distributed.place_state(state, distributed.data_mesh())['params']['w'].sharding.is_fully_replicated

@@ -227,6 +227,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     "equals the one-device step on the whole batch")
   dist.add_argument("--data-parallel", action="store_true", default=default(False),
                     help="shard each per-domain batch over all devices (implied with several processes)")
+  dist.add_argument("--mesh", default=default(None), metavar="data=N,fsdp=K",
+                    help="a device mesh: the batch is split over all of it and, with fsdp=K, every weight of 2 or "
+                    "more dimensions (and its optimizer state) is split K ways (FSDP); sizes multiply to the "
+                    "device count. Implies --data-parallel")
   dist.add_argument("--coordinator-address", default=default(None), metavar="HOST:PORT",
                     help="process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS)")
   dist.add_argument("--num-processes", type=_int, default=default(None), metavar="N",
@@ -286,7 +290,7 @@ def config_from_args(args: argparse.Namespace):
   )
 
 
-_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "quiet", "list", "data_parallel",
+_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "quiet", "list", "data_parallel", "mesh",
                 "coordinator_address", "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
 
 
@@ -387,10 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     config = config_from_args(args)
     mesh = None
-    if args.data_parallel or dist.is_multi_process:
+    if args.data_parallel or args.mesh or dist.is_multi_process:
       if dist.is_multi_process and args.output_dir is None:
         raise BadInput("a multi-process run needs --output-dir: every process must write to the same run directory.")
-      mesh = distributed.data_mesh()
+      mesh = distributed.parse_mesh(args.mesh) if args.mesh else distributed.data_mesh()
     if args.resume:
       if args.output_dir is None:
         raise BadInput("--resume needs --output-dir: the run directory to continue.")

@@ -156,9 +156,76 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(np.array(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
+FSDP_AXIS = 'fsdp'
+_MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+
+def parse_mesh(text: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The mesh of `--mesh data=4,fsdp=2`: axes `data` and (optionally) `fsdp`, sizes multiplying to the device count.
+
+  The batch is split over every axis (each device holds a slice of every domain); the 2-D-or-more weights are also
+  split over `fsdp` (`fsdp_sharding`), so each device stores 1/fsdp of them and GSPMD gathers them for the step.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {}
+  for part in text.split(','):
+    name, eq, value = part.strip().partition('=')
+    if not eq or name not in _MESH_AXES or name in sizes:
+      raise DistributedError(
+          f"--mesh {text!r}: expected 'data=N' or 'data=N,fsdp=K' (axes {', '.join(_MESH_AXES)}, each once).")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise DistributedError(f'--mesh {text!r}: the size of {name!r} must be an integer; got {value!r}.') from None
+    if sizes[name] < 1:
+      raise DistributedError(f'--mesh {text!r}: the size of {name!r} must be >= 1.')
+  sizes.setdefault(DATA_AXIS, 1)
+  shape = tuple(sizes.get(a, 1) for a in _MESH_AXES)
+  if int(np.prod(shape)) != len(devices):
+    raise DistributedError(
+        f'--mesh {text!r} has {int(np.prod(shape))} devices but there are {len(devices)} '
+        f'({jax.process_count()} process(es) x {jax.local_device_count()} device(s)): the sizes must multiply to '
+        f'{len(devices)}.'
+    )
+  return Mesh(np.array(devices).reshape(shape), _MESH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Shards `[M, b, ...]` along the per-domain batch axis `b`: every device holds a slice of every domain."""
-  return NamedSharding(mesh, P(None, DATA_AXIS))
+  """Shards `[M, b, ...]` along the per-domain batch axis `b` over every mesh axis: every device holds a slice of
+  every domain."""
+  axes = tuple(mesh.axis_names)
+  return NamedSharding(mesh, P(None, axes[0] if len(axes) == 1 else axes))
+
+
+def fsdp_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """FSDP: an array of 2 or more dimensions split over the `fsdp` axis along its largest dimension that it
+  divides; vectors, scalars, indivisible arrays (and every array without an `fsdp` axis) are replicated."""
+  k = dict(zip(mesh.axis_names, mesh.devices.shape)).get(FSDP_AXIS, 1)
+  spec = [None] * len(shape)
+  if k > 1 and len(shape) >= 2:
+    divisible = [d for d in range(len(shape)) if shape[d] % k == 0]
+    if divisible:
+      spec[max(divisible, key=lambda d: (shape[d], -d))] = FSDP_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def place_state(tree, mesh: Mesh):
+  """Places the train state on `mesh`: replicated (`replicate`) on a data-only mesh; with an `fsdp` axis, every
+  leaf of 2 or more dimensions (weights, and the optimizer's moments and DISAM's buffers shaped like them) split by
+  `fsdp_sharding`, the rest replicated. Every process holds the same full values; each keeps its shards."""
+  if FSDP_AXIS not in mesh.axis_names:
+    return replicate(tree, mesh)
+
+  def put(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return a
+    if isinstance(a, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(a.dtype, jnp.number):
+      host = np.asarray(a)
+      sharding = fsdp_sharding(host.shape, mesh)
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.device_put(a, replicated(mesh))
+
+  return jax.tree.map(put, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -220,11 +287,20 @@ def global_batch(mesh: Mesh, local_arrays, per_domain_batch: int):
 
 
 def local_replica(tree):
-  """This process's copy of a replicated pytree, as single-device arrays (host-side work such as evaluation)."""
+  """This process's full copy of a placed pytree, as single-device arrays (host-side work such as evaluation).
+
+  A replicated leaf is read from this process's first device; a leaf split over devices (FSDP) is gathered: within
+  the process when it holds every shard, else from every process (a collective: every process must call this).
+  """
   def local(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      return a.addressable_data(0)
-    return a
+    if not isinstance(a, jax.Array):
+      return a
+    if a.is_fully_replicated:
+      return a if a.is_fully_addressable else a.addressable_data(0)
+    if a.is_fully_addressable:
+      return jnp.asarray(np.asarray(a))
+    from jax.experimental import multihost_utils
+    return jnp.asarray(multihost_utils.process_allgather(a, tiled=True))
   return jax.tree.map(local, tree)
 
 

@@ -762,7 +762,7 @@ def run_cell(
   main_process = distributed.is_main_process()
   if mesh is not None:
     local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
-    place = lambda state: distributed.replicate(state, mesh)
+    place = lambda state: distributed.place_state(state, mesh)  # replicated, or FSDP with an fsdp axis
     draw = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
   else:
     place = lambda state: state
