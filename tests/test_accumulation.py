@@ -178,6 +178,7 @@ def test_bad_arguments_are_refused():
     disam_jax.accumulate_domain_losses(lambda q, xb: (f(q, xb), 0), jnp.ones((4, 2)))(1.0)
 
 
+@pytest.mark.slow  # default tier: test_peak_memory_does_not_grow_with_the_batch_when_split_in_micro_batches
 def test_benchmark_quick_smoke(tmp_path):
   """`python -m benchmarks.accumulation --quick` runs and writes its table (timings are not asserted)."""
   from benchmarks import accumulation

@@ -12,6 +12,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 JAX_CASES = ('erm', 'sam', 'disam_lam0', 'disam', 'disam_adaptive')
@@ -31,6 +33,8 @@ def _run_quick(out_dir, *extra):
   return proc
 
 
+@pytest.mark.slow  # default tier: test_sam_family_quick_smoke (a benchmark's --quick run and results writer),
+# test_disam's FLOP ratios, test_disam_distributed's multi-device equality
 def test_quick_smoke_writes_results(tmp_path):
   _run_quick(tmp_path)
   results = json.loads((tmp_path / 'step_cost_quick.json').read_text())
