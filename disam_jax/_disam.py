@@ -37,7 +37,6 @@ carries `-(lam / 2) grad V`, i.e. the step *increases* V by `lr lam / 2 |grad V|
 import functools
 import math
 import operator
-import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -48,6 +47,7 @@ import numpy as np
 import optax
 
 from disam_jax import _sharding
+from disam_jax import _wrappers
 from disam_jax._domain_losses import DomainLosses
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -350,64 +350,10 @@ def _apply_mask(tree: Any, mask: Any) -> Any:
   return jax.tree.map(keep_or_zero, tree, mask)
 
 
-# -- composition with optax wrappers --------------------------------------------------------------------------------
-# DISAM computes both of its gradients from `domain_loss_fn`; a wrapper that hands it incoming updates (or calls it
-# under a `lax.cond` that must also produce updates without it) cannot be honoured. These refusals happen at trace
-# time, with the way to get what the wrapper was meant to do.
-
-_WHERE_TO = (
-    'Put gradient transformations (clipping, weight decay, apply_if_finite, masking of the update, ...) inside '
-    'base_tx, where they act on the sharpness-aware gradient: disam(optax.chain(optax.clip_by_global_norm(1.0), '
-    'optax.sgd(lr)), rho, lam). For gradient accumulation, evaluate the micro-batches inside domain_loss_fn with '
-    'disam_jax.accumulate_domain_losses (not optax.MultiSteps).'
-)
-
-
-def _refuse_enclosing_wrapper(fn: Callable) -> None:
-  """Raises if `fn` (disam's init or update) is called by an optax wrapper whose work DISAM would silently drop.
-
-  Found by walking the Python call stack at init / trace time (optax passes no other trace of who called us).
-  """
-  frame = sys._getframe(2)
-  for _ in range(64):
-    if frame is None:
-      return
-    module = frame.f_globals.get('__name__', '')
-    if module == 'optax.transforms._accumulation':
-      raise ValueError(
-          'disam cannot run inside optax.MultiSteps: MultiSteps would hand it the averaged gradients of the '
-          'micro-batches, which DISAM cannot use (it recomputes both gradients), and step on the last micro-batch '
-          'only. Evaluate all micro-batches inside domain_loss_fn instead, with disam_jax.accumulate_domain_losses: '
-          'both DISAM gradients then see the whole batch.'
-      )
-    if module == 'optax.transforms._conditionality':
-      raise ValueError(
-          'disam cannot be wrapped by optax.apply_if_finite / conditionally_transform / conditionally_mask: the '
-          'wrapper inspects the incoming updates, which DISAM does not use, and must produce updates without '
-          'calling it. Put the wrapper inside base_tx, e.g. disam(optax.apply_if_finite(optax.sgd(lr), '
-          'max_consecutive_errors=5), rho, lam): it then sees the sharpness-aware gradient.'
-      )
-    if module == 'optax.transforms._combining' and frame.f_locals.get('fn') is fn:
-      members = frame.f_locals.get('update_fns', ())
-      if members and members[0] is not fn:
-        raise ValueError(
-            'disam is not the first member of this optax.chain: the members before it would act on updates that '
-            'disam does not use (it recomputes both gradients from domain_loss_fn), so their work would be '
-            'dropped. ' + _WHERE_TO + ' Members after disam act on its updates as usual.'
-        )
-      return
-    frame = frame.f_back
-
-
 def _check_params(fn: Callable, params: Any) -> None:
-  if any(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
-    raise ValueError(
-        'disam cannot run inside optax.masked / optax.multi_transform: domain_loss_fn must see all the params, '
-        'and masked hands disam only a subset. To perturb a subset, use disam(..., perturbation_mask=mask); to '
-        'update a subset, put the mask inside base_tx: disam(optax.multi_transform({"train": optax.sgd(lr), '
-        '"freeze": optax.set_to_zero()}, labels), ...).'
-    )
-  _refuse_enclosing_wrapper(fn)
+  """The params are all of them (not a masked subset) and no enclosing optax wrapper would drop disam's work."""
+  _wrappers.check_params(params)
+  _wrappers.refuse_enclosing_wrapper(fn)
 
 
 def _check_call(update_fn: Callable, updates: Any, params: Any, domain_loss_fn: Any) -> None:
@@ -422,7 +368,7 @@ def _check_call(update_fn: Callable, updates: Any, params: Any, domain_loss_fn: 
   if jax.tree.leaves(updates):
     raise ValueError(
         'disam computes both of its gradients from domain_loss_fn, so it cannot use incoming updates: pass None '
-        'as the first argument of update (tx.update(None, state, params, domain_loss_fn=f)). ' + _WHERE_TO
+        'as the first argument of update (tx.update(None, state, params, domain_loss_fn=f)). ' + _wrappers.WHERE_TO
     )
 
 
