@@ -14,18 +14,108 @@ A checkpoint is one orbax step directory holding two items:
 directory when they coincide). Saves are asynchronous (orbax writes in a background thread while training
 continues); `close()` waits for them. A checkpoint is only visible once completely written, so a run killed
 mid-save resumes from the previous one.
+
+Faults (docs/harness.md, "Faults"): the temporary folder of a save killed in flight is removed when the store is
+opened again; `meta` records a CRC-32 of every array and of itself, so a checkpoint whose files were truncated,
+removed or overwritten is detected on restore (orbax restores overwritten data files silently) and
+`restore_latest` falls back to the previous one, saying so; a save that fails (disk full, read-only) raises one
+`CheckpointError` line and never deletes the previous checkpoint; SIGINT and SIGTERM wait until an orbax call is
+done (`deferred_signals`), so an interrupt never leaves a save half-abandoned or orbax printing tracebacks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
+import shutil
+import signal
+import threading
+import zlib
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
-__all__ = ["CheckpointStore", "state_from_leaves", "state_to_leaves"]
+__all__ = ["CheckpointError", "CheckpointStore", "UnreadableCheckpoint", "deferred_signals", "state_from_leaves",
+           "state_to_leaves", "write_json"]
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read. The message is one line naming the directory and the reason."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint's files are missing, truncated or overwritten (not a failure to write)."""
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` through a temporary file in the same folder and a rename: a kill or a full disk
+  leaves the previous file or the new one, never half of one."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def deferred_signals():
+  """Holds SIGINT and SIGTERM until the block is done, then delivers them to the handlers that were installed.
+
+  Owns the guarantee that an interrupt never lands inside an orbax call: there orbax logs a traceback, forgets the
+  step being written and returns while its background thread still writes, which then fails at interpreter
+  shutdown ("cannot schedule new futures after shutdown"). Outside the main thread (where handlers cannot be
+  installed) the block runs as is.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  held: list[int] = []
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  for s in previous:
+    signal.signal(s, lambda signum, frame: held.append(signum))
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    if held:
+      handler = previous[held[0]]
+      if callable(handler):
+        handler(held[0], None)
+      elif handler == signal.SIG_DFL:
+        signal.raise_signal(held[0])
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's error records (tracebacks of failures `CheckpointStore` re-raises as one `CheckpointError`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _reason(e: BaseException) -> str:
+  """One line saying why an orbax/tensorstore call failed: the OS error when there is one, else the message."""
+  text = " ".join(str(e).split())
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror} (errno {e.errno})"
+  return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _checksums(leaves: list[np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+  """CRC-32 of every array's bytes and of the JSON of `meta`: what `CheckpointStore.restore` verifies."""
+  crc = [zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)) for x in leaves]
+  return {"leaves": crc, "meta": zlib.crc32(json.dumps(meta, sort_keys=True).encode())}
 
 
 def _is_key(x: Any) -> bool:
@@ -70,21 +160,63 @@ class CheckpointStore:
   Args:
     directory: where the step folders go (created if missing).
     asynchronous: write in a background thread (default); `close()` waits for pending writes.
+
+  Every orbax call runs under `deferred_signals`; orbax failures are raised as `CheckpointError`.
   """
 
   def __init__(self, directory: str, *, asynchronous: bool = True):
     import orbax.checkpoint as ocp  # imported here: only training needs orbax
 
-    # orbax logs every save at INFO through absl; the harness reports progress itself.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # orbax logs every save at INFO through absl; the harness reports progress itself, and failures as one line.
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.WARNING)
+    if not any(isinstance(f, _QuietOrbax) for f in absl.filters):
+      absl.addFilter(_QuietOrbax())
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=True, enable_async_checkpointing=asynchronous
-      ),
-    )
+    self._pending: Optional[int] = None  # the step of a save that may still be in flight
+    with deferred_signals(), self._failure("open the checkpoints"):
+      self._remove_temporary()  # of a save killed in flight: never a checkpoint, and it may be large
+      self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                             enable_async_checkpointing=asynchronous),
+      )
+
+  @contextlib.contextmanager
+  def _failure(self, what: str, error: type = CheckpointError):
+    """Raises orbax's errors inside the block as one `error` line saying what failed and what is kept."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise ValueError, OSError, RuntimeError... for I/O failures
+      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) else []
+      kept = f"; the checkpoint of step {steps[-1]} is kept" if steps else ""
+      raise error(f"could not {what} in {self.directory}: {_reason(e)}{kept}") from None
+
+  def _wait(self) -> None:
+    """Waits for the save in flight; CheckpointError if it failed (its temporary folder is removed)."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      with self._failure(f"write the checkpoint of step {step}"):
+        self._manager.wait_until_finished()
+        if not os.path.isdir(os.path.join(self.directory, str(step))):
+          raise OSError(f"step {step} was not finalized")
+    except CheckpointError:
+      self._remove_temporary(step)  # free the space the failed save took
+      raise
+
+  def _remove_temporary(self, step: Optional[int] = None) -> None:
+    """Removes orbax's temporary folders of unfinished saves (of `step`, or all); only process 0, which writes them
+    (another process opening its store late must not remove a folder process 0 is writing)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if ".orbax-checkpoint-tmp" in name and (step is None or name.startswith(f"{step}.")):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def steps(self) -> list[int]:
     """Steps with a complete checkpoint, ascending."""
@@ -102,40 +234,83 @@ class CheckpointStore:
       state: the training state pytree.
       meta: JSON-serializable dictionary.
       keep: older steps to keep (the best one).
+
+    Raises:
+      CheckpointError: this save or the one before failed (disk full, read-only directory...); no older checkpoint
+        has been deleted.
     """
     ocp = self._ocp
-    # Deleting needs the previous asynchronous write to have finished; by now it almost always has.
-    self._manager.wait_until_finished()
-    if step in self._manager.all_steps():  # re-saving a step (e.g. a resumed run's last eval): replace it
-      self._manager.delete(step)
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_to_leaves(state)), meta=ocp.args.JsonSave(meta)
-      ),
-      force=True,
-    )
-    for old in self._manager.all_steps():
-      if old != step and old not in keep:
-        self._manager.wait_until_finished()
-        self._manager.delete(old)
+    leaves = state_to_leaves(state)
+    meta = {**meta, "checksums": _checksums(leaves, meta)}
+    with deferred_signals():
+      # Deleting needs the previous asynchronous write to have finished; by now it almost always has.
+      self._wait()
+      with self._failure(f"write the checkpoint of step {step}"):
+        if step in self._manager.all_steps():  # re-saving a step (e.g. a resumed run's last eval): replace it
+          self._manager.delete(step)
+        self._pending = step
+        self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True
+        )
+      for old in self._manager.all_steps():
+        if old != step and old not in keep:
+          self._wait()  # the new checkpoint is complete before an older one goes
+          with self._failure(f"delete the checkpoint of step {old}"):
+            self._manager.delete(old)
 
   def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
-    """Returns `(state, meta)` of the checkpoint at `step`; `template` gives the state's structure and dtypes."""
+    """Returns `(state, meta)` of the checkpoint at `step`; `template` gives the state's structure and dtypes.
+
+    Raises:
+      FileNotFoundError: no checkpoint of `step`.
+      UnreadableCheckpoint: its files are unreadable, missing, or do not match the checksums written with them.
+      ValueError: the checkpoint is of another configuration (`state_from_leaves`).
+    """
     ocp = self._ocp
-    self._manager.wait_until_finished()
-    if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory} (steps: {self.steps()}).")
-    target = [np.zeros(np.shape(x), np.asarray(x).dtype) for x in state_to_leaves(template)]
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-    )
-    return state_from_leaves(list(restored["state"]), template), dict(restored["meta"])
+    with deferred_signals():
+      self._wait()
+      if step not in self._manager.all_steps():
+        raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory} (steps: {self.steps()}).")
+      target = [np.zeros(np.shape(x), np.asarray(x).dtype) for x in state_to_leaves(template)]
+      with self._failure(f"read the checkpoint of step {step}", UnreadableCheckpoint):
+        restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
+    leaves, meta = [np.asarray(x) for x in restored["state"]], dict(restored["meta"] or {})
+    stored = meta.pop("checksums", None)  # absent in checkpoints written before checksums were
+    if stored is not None and stored != _checksums(leaves, meta):
+      raise UnreadableCheckpoint(f"the checkpoint of step {step} in {self.directory} does not match its checksums: "
+                                 "its files were truncated or overwritten")
+    return state_from_leaves(leaves, template), meta
+
+  def restore_latest(self, template: Any) -> Optional[tuple[int, Any, dict[str, Any], list[str]]]:
+    """`(step, state, meta, notes)` of the latest readable checkpoint, None if there is none at all.
+
+    A checkpoint that cannot be read (`UnreadableCheckpoint`) is skipped for the one before it; `notes` says which
+    and why, for the caller to show.
+
+    Raises:
+      UnreadableCheckpoint: there are checkpoints but none is readable (the message lists each one's reason).
+    """
+    notes = []
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(step, template)
+        return step, state, meta, notes
+      except UnreadableCheckpoint as e:
+        notes.append(str(e))
+    if notes:
+      raise UnreadableCheckpoint(f"no readable checkpoint in {self.directory}: " + "; ".join(notes))
+    return None
 
   def close(self) -> None:
-    """Waits for pending writes and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending writes and releases the manager (CheckpointError if the last save failed)."""
+    with deferred_signals():
+      try:
+        self._wait()
+      finally:
+        with self._failure("close the checkpoints"):
+          self._manager.close()
 
   def __enter__(self):
     return self

@@ -5,8 +5,10 @@
 trains every algorithm with every held-out domain and seed, shows a progress bar, prints a DomainBed-style table
 (held-out accuracy, mean ± std over seeds; model selection by training-domain validation and by the last
 checkpoint) and writes a run directory (see docs/harness.md). Exit codes: 0 success, 2 bad input (unknown names,
-missing data, impossible settings; the message says what to change), 3 training diverged (non-finite loss; the
-last good checkpoint is kept), 130 interrupted (resume with --resume).
+missing data, impossible settings, unreadable weight files or checkpoints, a run directory in use; the message says
+what to change), 3 training diverged (non-finite loss; the last good checkpoint is kept), 4 the run directory could
+not be written (disk full, read-only; the last good checkpoint is kept), 130 interrupted by Ctrl-C or SIGTERM
+(resume with --resume). Every fault is one line on stderr; docs/harness.md, "Faults", lists what is kept.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
 PROG = "disam-train"
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_WRITE_FAILED = 4
 EXIT_INTERRUPTED = 130
 
 # Defaults of the main job, measured on 2 shared CPU cores: 6 held-out domains x 3 algorithms x 1 seed of the MLP
@@ -42,7 +49,8 @@ with metrics.jsonl (one line per step), result.json and checkpoints/ (orbax: lat
 results.json (the tables); training_curves.png, domain_losses.png, heldout_accuracy.png.
 
 Exit codes: 0 success, 2 bad input, 3 training diverged (non-finite loss; the last good checkpoint is kept),
-130 interrupted (continue with --resume --output-dir DIR).
+4 the run directory could not be written (disk full, read-only), 130 interrupted by Ctrl-C or SIGTERM (continue
+with --resume --output-dir DIR).
 """
 
 
@@ -301,8 +309,7 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     raise BadInput(f"--resume: {run_dir} has no config.json (not a disam-train run directory).")
-  with open(path) as f:
-    stored = ExperimentConfig.from_json(json.load(f))
+  stored = _stored_config(run_dir)
   explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv))) - _RUN_OPTIONS
   stored_json, fresh_json = stored.to_json(), fresh.to_json()
   flat = lambda d: {**{k: v for k, v in d.items() if k != "hparams"}, **d["hparams"]}
@@ -328,6 +335,29 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
                              cache_dir=fresh.cache_dir if "cache_dir" in given else stored.cache_dir)
 
 
+def _stored_config(run_dir: str):
+  """The `ExperimentConfig` of `run_dir`: its config.json, or if that is unreadable (truncated by a kill or a full
+  disk) the copy in results.json, saying so; BadInput naming the file if neither can be read."""
+  from disam_jax.harness.train import ExperimentConfig
+
+  problems = []
+  for name in ("config.json", "results.json"):
+    path = os.path.join(run_dir, name)
+    try:
+      with open(path, errors="replace") as f:
+        saved = json.load(f)
+      config = ExperimentConfig.from_json(saved if name == "config.json" else saved["config"])
+    except FileNotFoundError:
+      continue
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+      problems.append(f"{path} is unreadable ({' '.join(str(e).split())[:100]})")
+      continue
+    if problems:
+      print(f"{PROG}: {problems[0]}; using the configuration recorded in {path}", file=sys.stderr)
+    return config
+  raise BadInput(f"--resume: {'; '.join(problems)}: the run's options are lost; start a new --output-dir.")
+
+
 def _listing() -> str:
   from disam_jax.harness.algorithms import ALGORITHMS
   from disam_jax.harness.data import DATASETS
@@ -342,27 +372,58 @@ def _listing() -> str:
 
 
 def _show_data_notices(show: bool) -> None:
-  """Prints the data layer's notices (e.g. that an image folder is being converted, once) on stderr, or not."""
+  """Prints the data layer's notices (e.g. that an image folder is being converted, once) on stderr, or not; the
+  training loop's warnings (a checkpoint skipped on resume, metrics lines lost) always."""
   import logging
 
-  log = logging.getLogger("disam_jax.harness.data")
-  handler = next((h for h in log.handlers if getattr(h, "_disam_train", False)), None)
-  if handler is None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    handler._disam_train = True
-    log.addHandler(handler)
-  handler.setLevel(logging.INFO if show else logging.CRITICAL + 1)
-  log.setLevel(logging.INFO)
+  for name, level in (("disam_jax.harness.data", logging.INFO if show else logging.CRITICAL + 1),
+                      ("disam_jax.harness.train", logging.WARNING)):
+    log = logging.getLogger(name)
+    handler = next((h for h in log.handlers if getattr(h, "_disam_train", False)), None)
+    if handler is None:
+      handler = logging.StreamHandler()
+      handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+      handler._disam_train = True
+      log.addHandler(handler)
+    if name.endswith(".train"):
+      log.propagate = False  # printed here once, not again by a root handler (absl installs one)
+    handler.stream = sys.stderr  # this call's (a caller may have replaced and closed the one of the last call)
+    handler.setLevel(level)
+    log.setLevel(logging.INFO)
 
 
 def _error(message: str) -> None:
   print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, handled like Ctrl-C: checkpoints written so far are kept and the resume command is printed."""
+
+
+def _terminate(signum, frame):
+  raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the command line; returns the exit code (the console script exits with it)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  """Runs the command line; returns the exit code (the console script exits with it).
+
+  Owns the process-level fault handling: SIGTERM raises `_Terminated` (a KeyboardInterrupt) while it runs, so a
+  scheduler's termination is handled like Ctrl-C; an interrupt before training starts is one line, exit 130.
+  """
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+  try:
+    return _main(list(sys.argv[1:] if argv is None else argv))
+  except KeyboardInterrupt as e:
+    _error(f"{'terminated (SIGTERM)' if isinstance(e, _Terminated) else 'interrupted'} before training started; "
+           "nothing was trained")
+    return EXIT_INTERRUPTED
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
   parser = build_parser()
   try:
     args = parser.parse_args(argv)
@@ -373,8 +434,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
   from disam_jax.harness import distributed
-  from disam_jax.harness import report
-  from disam_jax.harness import train as train_lib
 
   try:  # before any JAX computation, as jax.distributed requires
     dist = distributed.DistributedConfig.from_env(
@@ -389,60 +448,159 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.quiet = True
 
   try:
-    config = config_from_args(args)
-    mesh = None
-    if args.data_parallel or args.mesh or dist.is_multi_process:
-      if dist.is_multi_process and args.output_dir is None:
-        raise BadInput("a multi-process run needs --output-dir: every process must write to the same run directory.")
-      mesh = distributed.parse_mesh(args.mesh) if args.mesh else distributed.data_mesh()
-    if args.resume:
-      if args.output_dir is None:
-        raise BadInput("--resume needs --output-dir: the run directory to continue.")
-      config = _resumed_config(args.output_dir, argv, config)
-      run_dir = args.output_dir
-    else:
-      run_dir = args.output_dir or train_lib.new_run_directory("runs")
-      if os.path.exists(os.path.join(run_dir, "config.json")):
-        raise BadInput(
-          f"{run_dir} already holds a run; continue it with --resume or choose another --output-dir."
-        )
-    _show_data_notices(not args.quiet)
-    # A default batch size is fitted to the smallest training domain; one given explicitly is checked instead.
-    fit = args.batch_size is None and not args.resume
-    config, prepared, notice = train_lib.prepare_and_fit(config, fit_batch=fit)
-    if notice and main_process:
-      print(f"{PROG}: {notice}", file=sys.stderr)
-    if mesh is not None:
-      distributed.check_batch_divisible(config.hparams.batch_size, mesh)
-    if dist.is_multi_process:  # every process has checked its inputs before process 0 writes anything
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("disam-train: inputs checked")
+    config, run_dir, prepared, mesh = _checked_run(args, argv, dist)
+    lock = _lock_run_directory(run_dir, resume=args.resume) if main_process else None
   except (BadInput, ValueError, FileNotFoundError, NotADirectoryError, ImportError,
           distributed.DistributedError) as e:
     _error(str(e))
     return EXIT_BAD_INPUT
+  except OSError as e:  # e.g. a read-only --output-dir
+    _error(_write_failure(e, run_dir=None))
+    return EXIT_WRITE_FAILED
+  try:
+    return _train(args, config, run_dir, prepared, mesh, main_process)
+  finally:
+    if lock is not None:
+      _unlock_run_directory(run_dir, lock)
 
+
+def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
+  """Validates everything before anything is written: `(config, run_dir, prepared, mesh)`; raises BadInput & co."""
+  from disam_jax.harness import distributed
+  from disam_jax.harness import train as train_lib
+
+  config = config_from_args(args)
+  mesh = None
+  if args.data_parallel or args.mesh or dist.is_multi_process:
+    if dist.is_multi_process and args.output_dir is None:
+      raise BadInput("a multi-process run needs --output-dir: every process must write to the same run directory.")
+    mesh = distributed.parse_mesh(args.mesh) if args.mesh else distributed.data_mesh()
+  if args.resume:
+    if args.output_dir is None:
+      raise BadInput("--resume needs --output-dir: the run directory to continue.")
+    config = _resumed_config(args.output_dir, argv, config)
+    run_dir = args.output_dir
+  else:
+    run_dir = args.output_dir or train_lib.new_run_directory("runs")
+    _check_new_run_directory(run_dir)
+  _show_data_notices(not args.quiet)
+  # A default batch size is fitted to the smallest training domain; one given explicitly is checked instead.
+  fit = args.batch_size is None and not args.resume
+  config, prepared, notice = train_lib.prepare_and_fit(config, fit_batch=fit)
+  if notice and distributed.is_main_process():
+    print(f"{PROG}: {notice}", file=sys.stderr)
+  if mesh is not None:
+    distributed.check_batch_divisible(config.hparams.batch_size, mesh)
+  if dist.is_multi_process:  # every process has checked its inputs before process 0 writes anything
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("disam-train: inputs checked")
+  return config, run_dir, prepared, mesh
+
+
+def _check_new_run_directory(run_dir: str) -> None:
+  if os.path.exists(os.path.join(run_dir, "config.json")):
+    raise BadInput(f"{run_dir} already holds a run; continue it with --resume or choose another --output-dir.")
+
+
+def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_process: bool) -> int:
+  """Trains and reports; every fault of a run is one line and its exit code (the module docstring's table)."""
+  from disam_jax.harness import checkpoint
+  from disam_jax.harness import report
+  from disam_jax.harness import train as train_lib
+
+  resume = f"continue with: {PROG} --resume --output-dir {run_dir}"
   if not args.quiet:
     print(f"{PROG}: {len(config.algorithms)} algorithm(s) x {len(prepared[1])} held-out domain(s) x "
           f"{len(config.seeds)} seed(s), {config.steps} steps each; run directory {run_dir}", file=sys.stderr)
   try:
     results = train_lib.run_experiment(config, run_dir, resume=args.resume, progress=not args.quiet,
                                        prepared=prepared, mesh=mesh)
+    if main_process:
+      report.write_report(run_dir, results, config, plots=not args.no_plots)
   except train_lib.TrainingDiverged as e:
     _error(str(e))
     return EXIT_DIVERGED
-  except KeyboardInterrupt:
-    _error(f"interrupted; continue with: {PROG} --resume --output-dir {run_dir}")
+  except KeyboardInterrupt as e:
+    _error(f"{'terminated (SIGTERM)' if isinstance(e, _Terminated) else 'interrupted'}; {resume}")
     return EXIT_INTERRUPTED
-
-  if not main_process:
-    return 0
-  report.write_report(run_dir, results, config, plots=not args.no_plots)
-  if not args.quiet:
+  except checkpoint.UnreadableCheckpoint as e:
+    _error(f"{e}. Delete that checkpoints folder to train the run again from step 0.")
+    return EXIT_BAD_INPUT
+  except checkpoint.CheckpointError as e:
+    _error(f"{e}. Make room (or make {run_dir} writable) and {resume}")
+    return EXIT_WRITE_FAILED
+  except OSError as e:
+    _error(_write_failure(e, run_dir))
+    return EXIT_WRITE_FAILED
+  if main_process and not args.quiet:
     with open(os.path.join(run_dir, "results.md")) as f:
       print(f.read())
     print(f"Run directory: {run_dir}")
   return 0
+
+
+def _write_failure(e: OSError, run_dir: Optional[str]) -> str:
+  """One line for a failed write (disk full, read-only, permissions): the file, the reason and what to do."""
+  where = e.filename or "the run directory"
+  text = f"cannot write {where}: {e.strerror or e}"
+  if run_dir is None:
+    return text + "."
+  return (f"{text}; the checkpoints written so far are kept. Make room (or make {run_dir} writable) and continue "
+          f"with: {PROG} --resume --output-dir {run_dir}")
+
+
+def _lock_run_directory(run_dir: str, *, resume: bool) -> Optional[int]:
+  """Takes `run_dir/.lock` (flock) for this process; returns its descriptor (None where flock does not exist).
+
+  Owns "one run per directory": a second run refuses (BadInput naming the PID the lock file holds) instead of
+  interleaving its files with the first's. The kernel releases the lock when its process dies, however it dies,
+  so the lock file of a killed run is stale by construction: it is taken over, with a notice. A new run checks
+  again, under the lock, that no run finished into `run_dir` meanwhile.
+  """
+  try:
+    import fcntl
+  except ImportError:
+    return None
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, ".lock")
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+      os.close(fd)
+      raise BadInput(f"{run_dir} is in use by another {PROG} run ({holder}; lock file {path}): wait for it to end "
+                     "or stop it; two runs in one directory would interleave their checkpoints.") from None
+    try:
+      if os.path.samestat(os.fstat(fd), os.stat(path)):  # not unlinked by a run that just ended
+        break
+    except FileNotFoundError:
+      pass
+    os.close(fd)
+  stale = os.read(fd, 200).decode(errors="replace").strip()
+  if stale:
+    print(f"{PROG}: {path} was left by {stale}, which is no longer running (killed?): taking it over",
+          file=sys.stderr)
+  os.ftruncate(fd, 0)
+  os.lseek(fd, 0, os.SEEK_SET)
+  os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+           .encode())
+  if not resume:
+    try:
+      _check_new_run_directory(run_dir)
+    except BadInput:
+      _unlock_run_directory(run_dir, fd)
+      raise
+  return fd
+
+
+def _unlock_run_directory(run_dir: str, fd: int) -> None:
+  try:
+    os.unlink(os.path.join(run_dir, ".lock"))
+  except OSError:
+    pass
+  os.close(fd)
 
 
 if __name__ == "__main__":

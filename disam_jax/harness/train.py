@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -61,6 +62,9 @@ __all__ = [
   "load_latest_state",
   "select_best",
 ]
+
+
+_log = logging.getLogger(__name__)  # notices of a resumed run (a checkpoint skipped, metrics lines lost)
 
 
 class TrainingDiverged(RuntimeError):
@@ -649,18 +653,29 @@ def _mechanism(metrics: dict[str, Any], train_domains: Sequence[str]) -> dict[st
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops the lines of steps after `last_step` (written after the checkpoint a resumed run restarts from)."""
+  """Drops the lines of steps after `last_step` (written after the checkpoint a resumed run restarts from).
+
+  A line cut by a kill ends the file; everything after it is from the lost part too. Lines lost before
+  `last_step` (a truncated or overwritten file) are said on the log: those steps will have no metrics line.
+  """
   if not os.path.exists(path):
+    _log.warning(f"{path} is missing: steps 0-{last_step} of this run will have no metrics line")
     return
-  with open(path) as f:
+  with open(path, errors="replace") as f:
     lines = [line for line in f if line.strip()]
-  kept = []
+  kept, last = [], -1
   for line in lines:
     try:
-      if json.loads(line)["step"] <= last_step:
-        kept.append(line)
-    except (json.JSONDecodeError, KeyError):
-      break  # a line cut by the kill; everything after it is from the lost part too
+      step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      break
+    if step > last_step:
+      break
+    kept.append(line)
+    last = step
+  if last < last_step:
+    _log.warning(f"{path} is unreadable after step {last} (line {len(kept) + 1}), before the checkpoint of step "
+                 f"{last_step}: steps {last + 1}-{last_step} of this run will have no metrics line")
   with open(path, "w") as f:
     f.writelines(kept)
 
@@ -748,7 +763,7 @@ def run_cell(
   Raises:
     TrainingDiverged: a non-finite loss, per-domain loss or gradient, or non-finite parameters at an evaluation.
   """
-  from disam_jax.harness.checkpoint import CheckpointStore
+  from disam_jax.harness.checkpoint import CheckpointStore, write_json
 
   os.makedirs(directory, exist_ok=True)
   held_out = split.test_domains[0]
@@ -773,15 +788,21 @@ def run_cell(
   evals: list[dict[str, Any]] = []
   start = time.perf_counter()
   try:
-    latest = store.latest_step() if resume else None
-    if latest is not None:
-      state, meta = store.restore(latest, state)
+    restored = store.restore_latest(state) if resume else None  # UnreadableCheckpoint if none is readable
+    latest = None
+    if restored is not None:
+      latest, state, meta, notes = restored
+      for note in notes:
+        _log.warning(f"{note}; resuming from step {latest}, the latest readable checkpoint")
       sampler.restore(meta["sampler"])
       evals = list(meta["evals"])
       if main_process:
         _truncate_metrics(metrics_path, latest)
       log = open(metrics_path if main_process else os.devnull, "a")
     else:
+      if resume and main_process and os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+        _log.warning(f"{store.directory} holds no checkpoint although {metrics_path} has lines: training this run "
+                     "again from step 0")
       log = open(metrics_path if main_process else os.devnull, "w")
     # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms).
     state = jax.tree.map(jnp.copy, place(state))
@@ -789,27 +810,32 @@ def run_cell(
     with log:
       step = int(state.step)
 
-      def checkpoint(record, state, step):
+      def checkpoint(record, state, step, line):
+        """Logs `line` with the evaluation `record`, then checkpoints. The log is flushed first: every metrics line
+        up to a checkpoint is on disk before it, so a run killed after the checkpoint resumes with all of them."""
         evals.append(record)
+        line.update(step=step, eval={"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
+                                     "test_acc": {held_out: record["test_acc"]}})
+        log.write(json.dumps(line) + "\n")
+        log.flush()
         best = select_best(evals)
         # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
         store.save(step, state, {"step": step, "sampler": batches.sampler_state(), "evals": evals},
                    keep=(best["step"],))
-        return {"step": step, "eval": {"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
-                                       "test_acc": {held_out: record["test_acc"]}}}
 
       def finish(step, metrics, state=None):
         """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
         line = _step_line(metrics, step, train_domains, start, store,
                           context=f"{algorithm}, held-out {held_out}, seed {seed}")
         if state is not None:
-          line.update(checkpoint(evaluate(state, step), state, step))
-        log.write(json.dumps(line) + "\n")
+          checkpoint(evaluate(state, step), state, step, line)
+        else:
+          log.write(json.dumps(line) + "\n")
         if on_step is not None:
           on_step(step, line)
 
       if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
-        log.write(json.dumps(checkpoint(evaluate(state, 0), state, 0)) + "\n")
+        checkpoint(evaluate(state, 0), state, 0, {})
       # The loop keeps the device busy: each step is dispatched before the host gathers the next batch and reads
       # the previous step's metrics (by then finished: the device has the new step queued behind it). Evaluation
       # steps are finished before the next dispatch, since the next step donates the state they evaluate.
@@ -841,8 +867,7 @@ def run_cell(
     directory=directory,
   )
   if main_process:
-    with open(os.path.join(directory, "result.json"), "w") as f:
-      json.dump(result.to_json(), f, indent=1)
+    write_json(os.path.join(directory, "result.json"), result.to_json())
   return result
 
 
@@ -942,11 +967,18 @@ def _evaluator(config: ExperimentConfig, algorithm: str, split: data_lib.DomainS
 
 
 def load_cell_result(directory: str) -> Optional[CellResult]:
+  """The `result.json` of a finished run; None if there is none, or if it is unreadable (said on the log: a resumed
+  experiment then rebuilds it from the run's latest checkpoint)."""
   path = os.path.join(directory, "result.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return CellResult(**json.load(f))
+  try:
+    with open(path, errors="replace") as f:
+      return CellResult(**json.load(f))
+  except (OSError, ValueError, TypeError) as e:
+    _log.warning(f"{path} is unreadable ({' '.join(str(e).split())[:120]}): rebuilding it from the run's latest "
+                 "checkpoint")
+    return None
 
 
 def load_latest_state(directory: str, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
@@ -1105,10 +1137,10 @@ def run_experiment(
   main_process = distributed.is_main_process()
   os.makedirs(run_dir, exist_ok=True)
   if main_process:
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-      json.dump(config.to_json(), f, indent=1)
-    with open(os.path.join(run_dir, "data.json"), "w") as f:  # the data warnings, for the report
-      json.dump(data_lib.describe(first_ds), f, indent=1)
+    from disam_jax.harness.checkpoint import write_json
+
+    write_json(os.path.join(run_dir, "config.json"), config.to_json())
+    write_json(os.path.join(run_dir, "data.json"), data_lib.describe(first_ds))  # the data warnings, for the report
 
   cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
   results: list[CellResult] = []
