@@ -372,6 +372,42 @@ def _check_call(update_fn: Callable, updates: Any, params: Any, domain_loss_fn: 
     )
 
 
+def _checked_rule(rule: str, alpha: Any, per_device_perturbation: bool) -> Any:
+  """The rule's alpha (its published default for None), refusing what the rule cannot take."""
+  if rule not in ('sam', 'gsam', 'sagm'):
+    raise ValueError(f"rule must be 'sam', 'gsam' or 'sagm'; got {rule!r}.")
+  if rule == 'sam':
+    if alpha is not None:
+      raise ValueError("alpha is GSAM's / SAGM's parameter: pass rule='gsam' or rule='sagm', or drop alpha.")
+    return None
+  alpha = _DEFAULT_ALPHA[rule] if alpha is None else alpha
+  _check_hyperparameter('alpha', alpha)
+  if per_device_perturbation:
+    raise ValueError(
+        f"rule={rule!r} combines the unperturbed gradient into the final one, which per_device_perturbation "
+        "keeps per device: use the global perturbation (per_device_perturbation=False) with GSAM/SAGM."
+    )
+  return alpha
+
+
+def _checked_domain_weights(domain_weights: Any, num_domains: Optional[int]) -> Any:
+  """'uniform' / 'count', a traced array (inject_hyperparams under jit: checked at init), or a checked [M] array."""
+  if isinstance(domain_weights, str):
+    if domain_weights not in ('uniform', 'count'):
+      raise ValueError(f"domain_weights must be 'uniform', 'count' or a [M] array; got {domain_weights!r}.")
+    return domain_weights
+  if isinstance(domain_weights, jax.core.Tracer):
+    return domain_weights
+  weighting = np.asarray(domain_weights, np.float32)
+  if weighting.ndim != 1 or not np.all(np.isfinite(weighting)) or np.any(weighting < 0):
+    raise ValueError(f'domain_weights must be a vector of finite values >= 0; got {domain_weights!r}.')
+  if not weighting.sum() > 0:
+    raise ValueError('domain_weights must not be all zero.')
+  if num_domains is not None and weighting.shape[0] != num_domains:
+    raise ValueError(f'domain_weights has {weighting.shape[0]} entries but num_domains={num_domains}.')
+  return jnp.asarray(weighting)
+
+
 def disam(
     base_tx: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -493,39 +529,10 @@ def disam(
   """
   _check_hyperparameter('rho', rho)
   _check_hyperparameter('lam', lam)
-  if rule not in ('sam', 'gsam', 'sagm'):
-    raise ValueError(f"rule must be 'sam', 'gsam' or 'sagm'; got {rule!r}.")
-  if rule == 'sam' and alpha is not None:
-    raise ValueError("alpha is GSAM's / SAGM's parameter: pass rule='gsam' or rule='sagm', or drop alpha.")
-  if rule != 'sam':
-    alpha = _DEFAULT_ALPHA[rule] if alpha is None else alpha
-    _check_hyperparameter('alpha', alpha)
-    if per_device_perturbation:
-      raise ValueError(
-          f"rule={rule!r} combines the unperturbed gradient into the final one, which per_device_perturbation "
-          "keeps per device: use the global perturbation (per_device_perturbation=False) with GSAM/SAGM."
-      )
+  alpha = _checked_rule(rule, alpha, per_device_perturbation)
   num_domains = _static_num_domains(num_domains)
   perturb_every, reuse_weight = _check_amortization(perturb_every, reuse_weight, per_device_perturbation)
-  if isinstance(domain_weights, str):
-    if domain_weights not in ('uniform', 'count'):
-      raise ValueError(
-          f"domain_weights must be 'uniform', 'count' or a [M] array; got {domain_weights!r}."
-      )
-    weighting = domain_weights
-  elif isinstance(domain_weights, jax.core.Tracer):  # inject_hyperparams under jit: checked at init
-    weighting = domain_weights
-  else:
-    weighting = np.asarray(domain_weights, np.float32)
-    if weighting.ndim != 1 or not np.all(np.isfinite(weighting)) or np.any(weighting < 0):
-      raise ValueError(f'domain_weights must be a vector of finite values >= 0; got {domain_weights!r}.')
-    if not weighting.sum() > 0:
-      raise ValueError('domain_weights must not be all zero.')
-    if num_domains is not None and weighting.shape[0] != num_domains:
-      raise ValueError(
-          f'domain_weights has {weighting.shape[0]} entries but num_domains={num_domains}.'
-      )
-    weighting = jnp.asarray(weighting)
+  weighting = _checked_domain_weights(domain_weights, num_domains)
   if per_device_perturbation and batch_axis_name is None:
     raise ValueError('per_device_perturbation=True needs batch_axis_name (the pmap/shard_map axis).')
   if aux_example is not None and not has_aux:
@@ -542,111 +549,50 @@ def disam(
     _check_call(update_fn, updates, params, domain_loss_fn)
     dtype = state.loss.dtype  # fixed by init: float32, or float64 with float64 params
     rho_t, lam_t = _at_step(rho, state.count, dtype), _at_step(lam, state.count, dtype)
+    alpha_t = None if alpha is None else _at_step(alpha, state.count, dtype)
     axis = _sharding.axis_names(batch_axis_name) or None
     layout = _param_layout(params, axis, param_specs, domain_loss_fn, per_device_perturbation)
 
-    def local_totals(p):
-      losses, aux = _split_output(domain_loss_fn(p), has_aux)
-      return losses.total, (losses.count, aux)
-
-    # Pass 1, unperturbed: forward, the objective on global sums, one backward with cotangent dJ/dtotal.
-    total, vjp_fn, (count, aux) = jax.vjp(local_totals, layout.device_local(params), has_aux=True)
-    m = total.shape[0]
-    if num_domains is not None and m != num_domains:
-      raise ValueError(_wrong_domain_count(m, num_domains, axis))
-    if m == 1 and lam_may_be_positive:
-      raise ValueError(
-          f'domain_loss_fn returned a single domain loss with lam={lam!r}: the variance of one domain is '
-          'identically 0, so DISAM would silently be SAM. Use lam=0 for SAM, or return one loss per domain.'
-      )
-    wide = jnp.promote_types(dtype, total.dtype)
-    local_total, local_count = total.astype(wide), count.astype(wide)
-    global_total, global_count = local_total, local_count
-    if axis is not None:
-      global_total, global_count = jax.lax.psum((local_total, local_count), axis)
-    means, weights, loss, variance = _objective_terms(global_total, global_count, weighting)
-
-    # The perturbation objective J = L - lam V, on the global sums (or this device's, per-device).
-    pert_total, pert_count = (local_total, local_count) if per_device_perturbation else (global_total, global_count)
-
-    def perturbation_objective(t):
-      _, w_i, l, v = _objective_terms(t, pert_count, weighting)
-      return l - lam_t * v, w_i
-
-    cotangent, pert_weights = jax.grad(perturbation_objective, has_aux=True)(pert_total)
+    # Pass 1, unperturbed: forward; the statistics of the global sums; backward passes share its VJP.
+    total, count, aux, vjp_fn = _unperturbed_pass(domain_loss_fn, has_aux, params, layout)
+    _check_domain_count(total.shape[0], num_domains, axis, lam, lam_may_be_positive)
+    stats = _domain_statistics(total, count, dtype, axis, weighting, lam_t, per_device_perturbation)
     if per_device_perturbation and lam_may_be_positive is not False:
-      _warn_if_one_local_domain(pert_count)
+      _warn_if_one_local_domain(stats.pert_count)
     reduce_g_p = axis is not None and not per_device_perturbation
 
     def backward(cot):  # the VJP of the unperturbed pass, summed over devices when the perturbation is global
       (grad,) = vjp_fn(layout.device_local(cot.astype(total.dtype)))
       return layout.sum_gradient(grad) if reduce_g_p else grad
 
-    grad_weights = weights / jnp.maximum(global_count, 1.0)  # d L / d total_i: grad L = VJP with these
-
-    def sharpness_aware_gradient(g_ascent):  # the two-pass step: (g handed to base_tx, ||g_p||, cosine)
-      # g_ascent = backward(cotangent): g_p on every parameter (GSAM/SAGM combine it into the final gradient)
+    def sharpness_aware_gradient(g_ascent):  # the two-pass step from g_ascent = g_p: (g for base_tx, ||g_p||, cos)
       mask = None if perturbation_mask is None else _resolve_mask(perturbation_mask, params)
       g_p = g_ascent if mask is None else _apply_mask(g_ascent, mask)
-      if adaptive:
-        scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
-        p_norm = layout.norm(scaled)
-        direction = jax.tree.map(lambda s, w: jnp.abs(_wide(w)) * s, scaled, params)
-      else:
-        p_norm = layout.norm(g_p)
-        direction = jax.tree.map(_wide, g_p)
-      scale = rho_t / (p_norm + _NORM_EPS)
-      if rule == 'sagm':  # SAGM's perturbed point w + (rho / ||g|| - alpha) g (official code; adaptive: times w^2)
-        scale = scale - _at_step(alpha, state.count, dtype)
-      perturbed = jax.tree.map(lambda w, d: (_wide(w) + scale * d).astype(w.dtype), params, direction)
-
+      perturbed, p_norm = _ascent_point(params, g_p, rho_t, alpha_t if rule == 'sagm' else None, adaptive, layout)
+      cosine = jnp.full([], jnp.nan)
       if diagnostics:  # SAM's direction grad L(w): the same VJP with cotangent a_i / n_i (no extra forward pass)
-        g_sam = backward(pert_weights / jnp.maximum(pert_count, 1.0))
-        if mask is not None:
-          g_sam = _apply_mask(g_sam, mask)
-        cosine = layout.vdot(g_p, g_sam) / (layout.norm(g_p) * layout.norm(g_sam) + _NORM_EPS)
-      else:
-        cosine = jnp.full([], jnp.nan)
-
-      # Pass 2, perturbed: gradient of the plain global training loss L; its aux (e.g. BatchNorm statistics) is dropped.
-      def perturbed_loss(p):
-        losses, _ = _split_output(domain_loss_fn(p), has_aux)
-        return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
-
-      g = layout.sum_gradient(jax.grad(perturbed_loss)(layout.device_local(perturbed)))
+        g_sam = backward(stats.pert_weights / jnp.maximum(stats.pert_count, 1.0))
+        cosine = _cosine(g_p, g_sam if mask is None else _apply_mask(g_sam, mask), layout)
+      g = _perturbed_gradient(domain_loss_fn, has_aux, perturbed, stats.grad_weights, layout)
       if rule != 'sam':
-        g = _final_gradient(rule, _at_step(alpha, state.count, dtype), g_ascent, g, layout)
+        g = _final_gradient(rule, alpha_t, g_ascent, g, layout)
       return g, p_norm, cosine
 
     if perturb_every == 1:
-      g, p_norm, cosine = sharpness_aware_gradient(backward(cotangent))
+      g, p_norm, cosine = sharpness_aware_gradient(backward(stats.cotangent))
       reused = state.reused_component
     else:  # amortized (LookSAM): a full step every perturb_every steps, one pass reusing g_v in between
       full_now = state.count % perturb_every == 0
       # One backward pass of the unperturbed forward outside the cond, with the cotangent of the step's kind:
       # g_p on a full step, grad L in between (the cond's operands are then params-sized, never activations).
-      first = backward(jnp.where(full_now, cotangent, grad_weights))
+      first = backward(jnp.where(full_now, stats.cotangent, stats.grad_weights))
       g, p_norm, cosine, reused = _amortized_gradient(
           state, params, full_now, first, sharpness_aware_gradient, _at_step(reuse_weight, state.count, dtype), dtype,
           layout)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
-    per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)  # None without num_domains
-    new_state = DisamState(
-        count=optax.safe_increment(state.count),
-        base_state=base_state,
-        domain_losses=per_domain(means),
-        domain_counts=per_domain(global_count),
-        loss=loss.astype(dtype),
-        variance=variance.astype(dtype),
-        perturbation_norm=p_norm.astype(dtype),
-        grad_norm=layout.norm(g).astype(dtype),
-        aux=aux,
-        perturbation_weights=per_domain(cotangent * pert_count),
-        sam_cosine=cosine.astype(dtype),
-        reused_component=reused,
-    )
-    return new_updates, new_state
+    metrics = (p_norm, layout.norm(g), cosine)
+    return new_updates, _next_state(state, base_state, stats, metrics, aux, reused, dtype)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -685,6 +631,119 @@ def _warn_if_one_local_domain(local_count: chex.Array) -> None:
         '(per_device_perturbation=False).', stacklevel=1)
 
   jax.lax.cond(jnp.sum(local_count > 0) <= 1, lambda: jax.debug.callback(warn), lambda: None)
+
+
+# -- the stages of one step, in the order `update` runs them ----------------------------------------------------------
+
+def _unperturbed_pass(domain_loss_fn: Callable, has_aux: bool, params: Any, layout: _sharding.ParamLayout):
+  """Pass 1 at `w`: `(total [M], count [M], aux, vjp)` of this device's domain-loss sums; `vjp(cotangent)` is the
+  gradient of `sum_i cotangent_i total_i`, so every backward pass of the step reuses this one forward pass."""
+
+  def local_totals(p):
+    losses, aux = _split_output(domain_loss_fn(p), has_aux)
+    return losses.total, (losses.count, aux)
+
+  total, vjp_fn, (count, aux) = jax.vjp(local_totals, layout.device_local(params), has_aux=True)
+  return total, count, aux, vjp_fn
+
+
+def _check_domain_count(m: int, num_domains: Optional[int], axes: Optional[tuple], lam: Any,
+                        lam_may_be_positive: Optional[bool]) -> None:
+  if num_domains is not None and m != num_domains:
+    raise ValueError(_wrong_domain_count(m, num_domains, axes))
+  if m == 1 and lam_may_be_positive:
+    raise ValueError(
+        f'domain_loss_fn returned a single domain loss with lam={lam!r}: the variance of one domain is '
+        'identically 0, so DISAM would silently be SAM. Use lam=0 for SAM, or return one loss per domain.'
+    )
+
+
+class _Statistics(NamedTuple):
+  """The domain statistics of one step (global over devices unless `pert_*`, the perturbation's own)."""
+  means: chex.Array          # [M] L_i
+  count: chex.Array          # [M] n_i, summed over devices
+  loss: chex.Array           # L = sum_i a_i L_i
+  variance: chex.Array       # V = sum_i a_i (L_i - L)^2
+  grad_weights: chex.Array   # [M] dL/dtotal_i = a_i / n_i: grad L is the VJP with these
+  pert_count: chex.Array     # [M] the counts the perturbation is formed from (this device's, per-device)
+  pert_weights: chex.Array   # [M] a_i of the perturbation's counts
+  cotangent: chex.Array      # [M] dJ/dtotal_i of J = L - lam V: g_p is the VJP with these
+
+
+def _domain_statistics(total: chex.Array, count: chex.Array, dtype: Any, axes: Optional[tuple], weighting: Any,
+                       lam_t: chex.Array, per_device: bool) -> _Statistics:
+  """Eq. 6 on the sums and counts of the whole batch (psummed over `axes`), and Eq. 7's cotangent:
+  `c_i / n_i` with `c_i = a_i (1 - 2 lam (L_i - L))`, from the global sums (this device's, per-device)."""
+  wide = jnp.promote_types(dtype, total.dtype)
+  local_total, local_count = total.astype(wide), count.astype(wide)
+  global_total, global_count = local_total, local_count
+  if axes is not None:
+    global_total, global_count = jax.lax.psum((local_total, local_count), axes)
+  means, weights, loss, variance = _objective_terms(global_total, global_count, weighting)
+  pert_total, pert_count = (local_total, local_count) if per_device else (global_total, global_count)
+
+  def perturbation_objective(t):
+    _, w_i, l, v = _objective_terms(t, pert_count, weighting)
+    return l - lam_t * v, w_i
+
+  cotangent, pert_weights = jax.grad(perturbation_objective, has_aux=True)(pert_total)
+  grad_weights = weights / jnp.maximum(global_count, 1.0)
+  return _Statistics(means, global_count, loss, variance, grad_weights, pert_count, pert_weights, cotangent)
+
+
+def _ascent_point(params: Any, g_p: Any, rho_t: chex.Array, sagm_alpha: Optional[chex.Array], adaptive: bool,
+                  layout: _sharding.ParamLayout) -> tuple[Any, chex.Array]:
+  """Eq. 8: `(w + rho g_p / ||g_p||, ||g_p||)`; ASAM: `w + rho w^2 g_p / || |w| g_p ||`; SAGM (`sagm_alpha`):
+  `w + (rho / ||g_p|| - alpha) g_p` (the official code; adaptive: times w^2). In the params' dtypes."""
+  if adaptive:
+    scaled = jax.tree.map(lambda g, w: jnp.abs(_wide(w)) * _wide(g), g_p, params)
+    p_norm = layout.norm(scaled)
+    direction = jax.tree.map(lambda s, w: jnp.abs(_wide(w)) * s, scaled, params)
+  else:
+    p_norm = layout.norm(g_p)
+    direction = jax.tree.map(_wide, g_p)
+  scale = rho_t / (p_norm + _NORM_EPS)
+  if sagm_alpha is not None:
+    scale = scale - sagm_alpha
+  return jax.tree.map(lambda w, d: (_wide(w) + scale * d).astype(w.dtype), params, direction), p_norm
+
+
+def _cosine(a: Any, b: Any, layout: _sharding.ParamLayout) -> chex.Array:
+  """`<a, b> / (||a|| ||b||)`, eps-guarded (diagnostics: DISAM's g_p against SAM's grad L(w))."""
+  return layout.vdot(a, b) / (layout.norm(a) * layout.norm(b) + _NORM_EPS)
+
+
+def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: Any, grad_weights: chex.Array,
+                        layout: _sharding.ParamLayout) -> Any:
+  """Pass 2: `g = grad L(w_adv)`, the plain training loss (no variance term) at the perturbed point, summed over
+  devices; its aux (e.g. BatchNorm statistics) is dropped."""
+
+  def perturbed_loss(p):
+    losses, _ = _split_output(domain_loss_fn(p), has_aux)
+    return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
+
+  return layout.sum_gradient(jax.grad(perturbed_loss)(layout.device_local(perturbed)))
+
+
+def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics: tuple, aux: Any, reused: Any,
+                dtype: Any) -> DisamState:
+  """The state after the step: `metrics = (||g_p||, ||g||, cosine)`; `[M]` fields None without num_domains."""
+  p_norm, grad_norm, cosine = metrics
+  per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)
+  return DisamState(
+      count=optax.safe_increment(state.count),
+      base_state=base_state,
+      domain_losses=per_domain(stats.means),
+      domain_counts=per_domain(stats.count),
+      loss=stats.loss.astype(dtype),
+      variance=stats.variance.astype(dtype),
+      perturbation_norm=p_norm.astype(dtype),
+      grad_norm=grad_norm.astype(dtype),
+      aux=aux,
+      perturbation_weights=per_domain(stats.cotangent * stats.pert_count),
+      sam_cosine=cosine.astype(dtype),
+      reused_component=reused,
+  )
 
 
 def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any, layout: _sharding.ParamLayout) -> Any:
