@@ -82,7 +82,9 @@ class DisamState(NamedTuple):
     loss: scalar training loss `L(w) = sum_i a_i L_i` of the last step: the weighted mean of the domain means, which
       is the batch mean only when every domain has the same count (or with `domain_weights='count'`).
     variance: scalar variance of the domain losses `V(w) = sum_i a_i (L_i - L)^2` of the last step.
-    perturbation_norm: scalar `||g_p||` (adaptive: `|| |w| g_p ||`), the norm that scaled `eps`.
+    perturbation_norm: scalar `||g_p||` (adaptive: `|| |w| g_p ||`), the norm that scaled `eps`. With
+      `per_device_perturbation`, this, `perturbation_weights` and `sam_cosine` are each device's own, logged as
+      their mean over the devices (so every device holds the same state: shard_map's out_specs `P()` hold).
     grad_norm: scalar `||g||`, norm of the sharpness-aware gradient handed to `base_tx`.
     sam_cosine: scalar cosine between DISAM's `g_p` and SAM's direction `grad L(w)` with `diagnostics=True` (one
       extra backward pass); NaN otherwise. 1 at `lam=0`.
@@ -591,7 +593,10 @@ def disam(
           layout)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
-    metrics = (p_norm, layout.norm(g), cosine)
+    c = stats.cotangent * stats.pert_count  # the weights c_i of g_p = sum_i c_i grad L_i
+    if per_device_perturbation:  # each device's own: logged as their mean, so the state is the same on every device
+      p_norm, cosine, c = jax.lax.pmean((p_norm, cosine, c), axis)
+    metrics = (p_norm, layout.norm(g), cosine, c)
     return new_updates, _next_state(state, base_state, stats, metrics, aux, reused, dtype)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -727,8 +732,8 @@ def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: Any,
 
 def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics: tuple, aux: Any, reused: Any,
                 dtype: Any) -> DisamState:
-  """The state after the step: `metrics = (||g_p||, ||g||, cosine)`; `[M]` fields None without num_domains."""
-  p_norm, grad_norm, cosine = metrics
+  """The state after the step: `metrics = (||g_p||, ||g||, cosine, c)`; `[M]` fields None without num_domains."""
+  p_norm, grad_norm, cosine, c = metrics
   per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)
   return DisamState(
       count=optax.safe_increment(state.count),
@@ -740,7 +745,7 @@ def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics:
       perturbation_norm=p_norm.astype(dtype),
       grad_norm=grad_norm.astype(dtype),
       aux=aux,
-      perturbation_weights=per_domain(stats.cotangent * stats.pert_count),
+      perturbation_weights=per_domain(c),
       sam_cosine=cosine.astype(dtype),
       reused_component=reused,
   )

@@ -466,3 +466,27 @@ def test_nnx_optimizer_with_sharded_variables_equals_one_device():
   assert model.l2.kernel[...].sharding.spec == P('model', 'data')
   moments = [a for a in jax.tree.leaves(nnx.state(optimizer)) if getattr(a, 'ndim', 0) == 2]
   assert len(moments) == 4 and {a.sharding.spec for a in moments} == {P('data', 'model'), P('model', 'data')}
+
+
+def test_per_device_perturbation_logs_the_mean_over_devices_and_keeps_the_state_replicated():
+  """m-sharpness under shard_map(check_vma=True) with the state's out_specs P(): accepted (each device's own norm
+  and weights are logged as their mean), and the logged norm is the mean of the one-device norms of the slices."""
+  x, y, params = _problem(8)
+  n = 2
+  mesh = jax.make_mesh((n,), ('d',), axis_types=(AxisType.Auto,))
+  tx = disam_jax.disam(optax.sgd(0.5), 0.1, 0.5, num_domains=M, batch_axis_name='d', per_device_perturbation=True)
+  state = tx.init(params)
+  specs = jax.tree.map(lambda _: P(), state)
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P(None, 'd'), P(None, 'd')), out_specs=specs)
+  def step(p, s, xb, yb):
+    return tx.update(None, s, p, domain_loss_fn=lambda q: grouped(q, xb, yb))[1]
+
+  logged = jax.jit(step)(params, state, x, y)
+  one = disam_jax.disam(optax.sgd(0.5), 0.1, 0.5, num_domains=M)
+  per_slice = [one.update(None, one.init(params), params, domain_loss_fn=lambda q, i=i: grouped(
+      q, x[:, i * B // n:(i + 1) * B // n], y[:, i * B // n:(i + 1) * B // n]))[1] for i in range(n)]
+  np.testing.assert_allclose(logged.perturbation_norm, np.mean([s.perturbation_norm for s in per_slice]), rtol=1e-5)
+  np.testing.assert_allclose(logged.perturbation_weights,
+                             np.mean([s.perturbation_weights for s in per_slice], axis=0), rtol=1e-5)
+  assert not np.allclose(per_slice[0].perturbation_norm, per_slice[1].perturbation_norm)
