@@ -154,3 +154,183 @@ def test_sigkill_during_a_checkpoint_save_then_resume_ends_as_an_uninterrupted_r
   code, err = _resume(capsys, run)
   assert code == 0, err
   _assert_same_results(run, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM, Ctrl-C while orbax writes, two runs on one directory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _wait_for(condition, what, timeout=120):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.1)
+
+
+def test_a_second_run_is_refused_by_the_lock_and_sigterm_stops_the_first_like_ctrl_c(capsys, tmp_path, reference):
+  run = tmp_path / "run"
+  first = _faulty_run("hold:4", FAULT_RUN + ["--output-dir", str(run)], wait=False)  # holds before step 4's save
+  try:
+    _wait_for(lambda: (run / CELL / "checkpoints" / "2").exists(), "the first run's checkpoint of step 2")
+    code, err = _resume(capsys, run)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{run} is in use by another disam-train run (PID {first.pid} on " in err
+    assert f"lock file {run / '.lock'}" in err
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+  finally:
+    first.kill()
+  assert first.returncode == 130
+  assert err.splitlines() == [f"disam-train: error: terminated (SIGTERM); continue with: disam-train --resume "
+                              f"--output-dir {run}"]
+  assert not (run / ".lock").exists()
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  _assert_same_results(run, reference)
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_notice(capsys, tmp_path, reference):
+  run = _copy(reference, tmp_path)
+  (run / CELL / "result.json").unlink()
+  (run / ".lock").write_text("PID 999999 on elsewhere, started 2020-01-01 00:00:00\n")
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  assert f"{run / '.lock'} was left by PID 999999 on elsewhere, started 2020-01-01 00:00:00, which is no longer " \
+         "running (killed?): taking it over" in err
+  _assert_same_results(run, reference)
+
+
+def test_ctrl_c_while_orbax_writes_finishes_the_save_quietly_and_exits_130(capsys, tmp_path, reference):
+  run = tmp_path / "run"
+  interrupted = _faulty_run("sigint_during_save:4", FAULT_RUN + ["--output-dir", str(run)])  # Ctrl-C twice
+  assert interrupted.returncode == 130, interrupted.stderr
+  assert interrupted.stderr.splitlines() == [f"disam-train: error: interrupted; continue with: disam-train --resume "
+                                             f"--output-dir {run}"]
+  assert sorted(os.listdir(run / CELL / "checkpoints")) == ["4"]  # the save in flight was finished
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  _assert_same_results(run, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corrupt checkpoints, truncated result, config and metrics files of a run being resumed
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _copy(reference, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(reference, run)
+  return run
+
+
+def _data_files(step_dir):
+  """The array data files of a checkpoint (OCDBT's `d/` folders)."""
+  return [os.path.join(d, n) for d, _, names in os.walk(step_dir / "state") for n in names
+          if os.path.basename(d) == "d"]
+
+
+def _truncate(step_dir):
+  for path in _data_files(step_dir):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _remove_meta(step_dir):
+  os.remove(step_dir / "meta" / "metadata")
+
+
+def _overwrite(step_dir):  # same length, other bytes: orbax restores such files without an error
+  rng = np.random.default_rng(0)
+  for path in _data_files(step_dir):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      f.seek(size // 4)
+      f.write(rng.integers(0, 256, size // 2, dtype=np.uint8).tobytes())
+
+
+def _flip(step_dir):  # 8 bytes of the largest array file: orbax restores it silently, with other values
+  path = max(_data_files(step_dir), key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2: len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 8])
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt, reason, real_process", [
+  (_truncate, "could not read the checkpoint of step 8 in", True),
+  (_remove_meta, "could not read the checkpoint of step 8 in", False),
+  (_overwrite, "could not read the checkpoint of step 8 in", True),
+  (_flip, "the checkpoint of step 8 in {} does not match its checksums", False),
+])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before_saying_so(capsys, tmp_path, reference, corrupt,
+                                                                           reason, real_process):
+  """Resumed in a real process where tensorstore's callbacks of a failed read would print tracebacks until exit."""
+  run = _copy(reference, tmp_path)
+  (run / CELL / "result.json").unlink()  # interrupted after its last checkpoint: --resume restores it
+  corrupt(run / CELL / "checkpoints" / "8")
+  if real_process:
+    done = subprocess.run([sys.executable, "-m", "disam_jax.harness.cli", "--resume", "--output-dir", str(run),
+                           "--quiet", "--no-plots"], capture_output=True, text=True, timeout=300)
+    code, err = done.returncode, done.stderr
+  else:
+    code, err = _resume(capsys, run)
+  assert code == 0, err
+  assert len(err.splitlines()) == 1, err
+  assert reason.format(run / CELL / "checkpoints") in err
+  assert err.endswith("; resuming from step 4, the latest readable checkpoint\n"), err
+  _assert_same_results(run, reference)
+
+
+def test_no_readable_checkpoint_exits_2_naming_the_folder_and_retrains_nothing(capsys, tmp_path, reference):
+  run = _copy(reference, tmp_path)
+  (run / CELL / "result.json").unlink()
+  for step in ("4", "8"):
+    _overwrite(run / CELL / "checkpoints" / step)
+  metrics = (run / CELL / "metrics.jsonl").read_text()
+  code, err = _resume(capsys, run)
+  assert code == 2 and err.count("\n") == 1, err
+  assert f"disam-train: error: no readable checkpoint in {run / CELL / 'checkpoints'}: " in err
+  assert "Delete that checkpoints folder to train the run again from step 0." in err
+  assert (run / CELL / "metrics.jsonl").read_text() == metrics and not (run / CELL / "result.json").exists()
+
+
+def _cut(path):
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_result_is_rebuilt_from_the_checkpoint_saying_so(capsys, tmp_path, reference):
+  run = _copy(reference, tmp_path)
+  _cut(run / CELL / "result.json")
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  assert f"{run / CELL / 'result.json'} is unreadable (" in err and "rebuilding it from the run's latest checkpoint" in err
+  _assert_same_results(run, reference)
+
+
+def test_a_truncated_config_falls_back_to_the_copy_in_the_results_or_exits_2(capsys, tmp_path, reference):
+  run = _copy(reference, tmp_path)
+  _cut(run / "config.json")
+  (run / CELL / "result.json").unlink()
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  assert f"{run / 'config.json'} is unreadable (" in err
+  assert f"using the configuration recorded in {run / 'results.json'}" in err
+  _assert_same_results(run, reference)
+  _cut(run / "config.json")
+  _cut(run / "results.json")
+  code, err = _resume(capsys, run)
+  assert code == 2 and err.count("\n") == 1, err
+  assert f"--resume: {run / 'config.json'} is unreadable (" in err and "the run's options are lost" in err
+
+
+def test_truncated_metrics_are_said_and_the_tables_stay_those_of_the_uninterrupted_run(capsys, tmp_path, reference):
+  run = _copy(reference, tmp_path)
+  (run / CELL / "result.json").unlink()
+  _cut(run / CELL / "metrics.jsonl")
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  assert f"{run / CELL / 'metrics.jsonl'} is unreadable after step 3 (line 5), before the checkpoint of step 8: " \
+         "steps 4-8 of this run will have no metrics line" in err
+  assert json.loads((run / "results.json").read_text())["tables"] == \
+      json.loads((reference / "results.json").read_text())["tables"]

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import zlib
 from typing import Any, Optional
@@ -99,6 +100,23 @@ class _QuietOrbax(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_abandoned_callbacks() -> None:
+  """Drops, from `sys.unraisablehook`, the RuntimeError("Event loop is closed") of tensorstore callbacks that
+  finish after orbax has given up on a read (a corrupt checkpoint: the first failed read closes orbax's event loop,
+  the others then print one traceback each, at any time until exit). Everything else goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_disam_quiet", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._disam_quiet = True
+  sys.unraisablehook = hook
 
 
 def _reason(e: BaseException) -> str:
@@ -172,6 +190,7 @@ class CheckpointStore:
     absl.setLevel(logging.WARNING)
     if not any(isinstance(f, _QuietOrbax) for f in absl.filters):
       absl.addFilter(_QuietOrbax())
+    _quiet_abandoned_callbacks()
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
     self._pending: Optional[int] = None  # the step of a save that may still be in flight
@@ -192,7 +211,7 @@ class CheckpointStore:
       raise
     except Exception as e:  # orbax and tensorstore raise ValueError, OSError, RuntimeError... for I/O failures
       steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) else []
-      kept = f"; the checkpoint of step {steps[-1]} is kept" if steps else ""
+      kept = f"; the checkpoint of step {steps[-1]} is kept" if steps and error is CheckpointError else ""
       raise error(f"could not {what} in {self.directory}: {_reason(e)}{kept}") from None
 
   def _wait(self) -> None:

@@ -561,10 +561,13 @@ def _lock_run_directory(run_dir: str, *, resume: bool) -> Optional[int]:
     import fcntl
   except ImportError:
     return None
-  os.makedirs(run_dir, exist_ok=True)
   path = os.path.join(run_dir, ".lock")
-  while True:
+  try:
+    os.makedirs(run_dir, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:  # the first write of a run: a read-only or full disk shows here
+    raise OSError(e.errno, e.strerror, run_dir) from None
+  while True:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -578,6 +581,7 @@ def _lock_run_directory(run_dir: str, *, resume: bool) -> Optional[int]:
     except FileNotFoundError:
       pass
     os.close(fd)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   stale = os.read(fd, 200).decode(errors="replace").strip()
   if stale:
     print(f"{PROG}: {path} was left by {stale}, which is no longer running (killed?): taking it over",
