@@ -645,11 +645,28 @@ def _unperturbed_pass(domain_loss_fn: Callable, has_aux: bool, params: Any, layo
   gradient of `sum_i cotangent_i total_i`, so every backward pass of the step reuses this one forward pass."""
 
   def local_totals(p):
-    losses, aux = _split_output(domain_loss_fn(p), has_aux)
+    losses, aux = _split_output(_evaluate(domain_loss_fn, p), has_aux)
     return losses.total, (losses.count, aux)
 
   total, vjp_fn, (count, aux) = jax.vjp(local_totals, layout.device_local(params), has_aux=True)
   return total, count, aux, vjp_fn
+
+
+def _evaluate(domain_loss_fn: Callable, params: Any) -> Any:
+  """`domain_loss_fn(params)`, turning Flax NNX's TraceContextError (a module's BatchNorm statistics mutated from
+  inside DISAM's trace, e.g. `nnx.Optimizer(model, disam(...))`) into what to write instead."""
+  try:
+    return domain_loss_fn(params)
+  except Exception as e:
+    if type(e).__name__ == 'TraceContextError' and type(e).__module__.startswith('flax'):
+      raise ValueError(
+          'domain_loss_fn mutated a Flax NNX variable (e.g. BatchNorm statistics) of a module that lives outside '
+          "DISAM's trace, which Flax forbids (TraceContextError). With NNX, build the optimizer with "
+          'disam_jax.nnx_optimizer(model, base_tx, rho, lam) and step with disam_jax.nnx_update(optimizer, model, '
+          'loss_fn): each pass then runs on a fresh copy of the model, and the statistics of the unperturbed pass '
+          'are written back.'
+      ) from e
+    raise
 
 
 def _check_domain_count(m: int, num_domains: Optional[int], axes: Optional[tuple], lam: Any,
@@ -724,7 +741,7 @@ def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: Any,
   devices; its aux (e.g. BatchNorm statistics) is dropped."""
 
   def perturbed_loss(p):
-    losses, _ = _split_output(domain_loss_fn(p), has_aux)
+    losses, _ = _split_output(_evaluate(domain_loss_fn, p), has_aux)
     return jnp.sum(grad_weights.astype(losses.total.dtype) * losses.total)
 
   return layout.sum_gradient(jax.grad(perturbed_loss)(layout.device_local(perturbed)))

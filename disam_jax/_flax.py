@@ -5,7 +5,7 @@ keyword arguments to `tx.update`, and NNX needs the model split into parameters 
 perturbs) and the rest (BatchNorm statistics, RNG counters), merged back inside the loss function.
 """
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import optax
@@ -46,15 +46,15 @@ def nnx_optimizer(
     rho: Any = 0.05,
     lam: Any = 0.1,
     *,
-    num_domains: int,
+    num_domains: Optional[int] = None,
     wrt: Any = nnx.Param,
     **disam_kwargs,
 ) -> nnx.Optimizer:
   """An `nnx.Optimizer` running `disam` on `model`'s `wrt` variables, ready for `nnx_update`.
 
   The model's other state (BatchNorm statistics, RNG counters) travels as DISAM's aux, so the optimizer is built
-  with `has_aux=True`, `aux_example` = that state and a fixed `num_domains`: NNX keeps the optimizer state's
-  structure fixed.
+  with `has_aux=True` and `aux_example` = that state: NNX keeps the optimizer state's structure fixed.
+  `num_domains` is optional, as for `disam`: without it the state's `[M]` fields (`domain_losses`, ...) are None.
   """
   _, _, rest = nnx.split(model, wrt, ...)
   tx = disam(

@@ -129,3 +129,37 @@ def test_nnx_update_refuses_an_unannounced_or_missing_aux():
     disam_jax.nnx_update(optimizer, model, lambda m: (losses(m), m(xf)))
   with pytest.raises(ValueError, match=r'needs loss_fn to return \(losses, aux\); got'):
     disam_jax.nnx_update(optimizer, model, losses, has_aux=True)
+
+
+def test_nnx_optimizer_without_num_domains_steps_with_none_per_domain_fields():
+  x, y = jnp.asarray(np.random.default_rng(0).normal(size=(M, 4, D)), jnp.float32), jnp.zeros((M, 4), jnp.int32)
+  model = _BNNet(nnx.Rngs(0))
+  optimizer = disam_jax.nnx_optimizer(model, optax.sgd(0.5), rho=0.5, lam=0.3)
+  m, b = y.shape
+
+  def loss_fn(mod):
+    losses = optax.softmax_cross_entropy_with_integer_labels(mod(x.reshape((m * b,) + x.shape[2:])), y.reshape(-1))
+    return disam_jax.domain_losses_from_grouped(losses.reshape(m, b))
+
+  state = nnx.jit(lambda mod, opt: disam_jax.nnx_update(opt, mod, loss_fn))(model, optimizer)
+  assert state.domain_losses is None and np.isfinite(float(state.loss))
+
+
+def test_nnx_optimizer_built_by_hand_on_batchnorm_points_to_nnx_update():
+  """nnx.Optimizer(model, disam(...)) with BatchNorm: Flax's TraceContextError becomes a pointer to nnx_update."""
+  model = _BNNet(nnx.Rngs(0))
+  x, y = jnp.ones((M, 4, D)), jnp.zeros((M, 4), jnp.int32)
+  optimizer = nnx.Optimizer(model, disam_jax.disam(optax.sgd(0.1), num_domains=M), wrt=nnx.Param)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(p):
+    out = nnx.merge(graphdef, p, rest)(x.reshape(M * 4, D))
+    losses = optax.softmax_cross_entropy_with_integer_labels(out, y.reshape(-1))
+    return disam_jax.domain_losses_from_grouped(losses.reshape(M, 4))
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, None, domain_loss_fn=loss_fn)
+
+  with pytest.raises(ValueError, match=r'TraceContextError.*nnx_optimizer.*nnx_update'):
+    step(model, optimizer)
