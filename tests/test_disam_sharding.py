@@ -68,8 +68,8 @@ def _mesh(axis_type):
   return jax.make_mesh((4, 2), ('data', 'model'), axis_types=(axis_type, axis_type))
 
 
-def _run(tx, params, x, y, steps=STEPS, jit=jax.jit):
-  state = tx.init(params)
+def _run(tx, params, x, y, steps=STEPS, jit=jax.jit, state=None):
+  state = tx.init(params) if state is None else state
 
   @jit
   def step(p, s, xb, yb):
@@ -85,13 +85,6 @@ def _state_specs(tx, state, specs):
   """The PartitionSpec of every state leaf: params-shaped leaves like the params, the rest replicated."""
   return optax.tree_map_params(tx, lambda _, s: s, state, specs, transform_non_params=lambda _: P(),
                                is_leaf=lambda v: isinstance(v, P))
-
-
-def _params_shaped_leaves(tx, state, params):
-  """(path, leaf, param spec) for every params-shaped leaf of the state."""
-  found = []
-  optax.tree_map_params(tx, lambda leaf, spec: found.append((leaf, spec)), state, params)
-  return found
 
 
 def _sharded_run(tx, layout, axis_type, x, y, params, steps=STEPS):
@@ -112,14 +105,7 @@ def _sharded_run(tx, layout, axis_type, x, y, params, steps=STEPS):
                               out_shardings=(named(specs), named(state_specs)))
     else:
       jit = jax.jit
-
-    @jit
-    def step(p, s, xb, yb):
-      u, s = tx.update(None, s, p, domain_loss_fn=lambda q: grouped(q, xb, yb))
-      return optax.apply_updates(p, u), s
-
-    for _ in range(steps):
-      p, state = step(p, state, xs, ys)
+    p, state = _run(tx, p, xs, ys, steps, jit, state)
   return p, state, state_specs
 
 
