@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quick start, command 2: the test suite (pytest; exit code 5, "no tests collected", is a failure too).
+# Quick start, command 2: the test suite (pytest; exit code 5, "no tests collected", is a failure too). The default
+# run skips the `slow` tier (pyproject addopts); `bash scripts/test.sh -m slow` runs it, as .ci/run does.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 exec python -m pytest "$@"
