@@ -115,8 +115,14 @@ def _assert_layout_kept(tree, specs):
         leaf.sharding.spec, spec)
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit], ids=['auto', 'explicit'])
-@pytest.mark.parametrize('layout', list(LAYOUTS))
+_SLOW = pytest.mark.slow  # the default tier keeps FSDP x TP in both modes, which covers both kinds of split
+
+
+@pytest.mark.parametrize('layout,axis_type', [
+    ('fsdp_tp', AxisType.Auto), ('fsdp_tp', AxisType.Explicit),
+    pytest.param('fsdp', AxisType.Auto, marks=_SLOW), pytest.param('fsdp', AxisType.Explicit, marks=_SLOW),
+    pytest.param('tp', AxisType.Auto, marks=_SLOW), pytest.param('tp', AxisType.Explicit, marks=_SLOW),
+], ids=['fsdp_tp-auto', 'fsdp_tp-explicit', 'fsdp-auto', 'fsdp-explicit', 'tp-auto', 'tp-explicit'])
 def test_sharded_params_equal_one_device_and_keep_their_sharding(layout, axis_type):
   x, y, params = _problem()
   make = lambda: disam_jax.disam(optax.adam(0.02), 0.1, 0.5, num_domains=M)
@@ -139,7 +145,8 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize('option,axis_type', [(o, AxisType.Explicit) for o in OPTIONS] + [
+@pytest.mark.parametrize('option,axis_type', [
+    pytest.param(o, AxisType.Explicit, marks=() if o == 'gsam' else _SLOW) for o in OPTIONS] + [
     ('perturb_every', AxisType.Auto)], ids=[f'{o}-explicit' for o in OPTIONS] + ['perturb_every-auto'])
 def test_every_rule_and_option_on_fsdp_x_tp(option, axis_type):
   """Explicit axes for every option (GSPMD Auto for the cond of perturb_every; the compiled-HLO test below covers
@@ -190,8 +197,10 @@ def _float_all_gather_shapes(compiled_text):
   return sorted(s for s in shapes if s[0] in 'fb')  # f32/f16/f64/bf16
 
 
-@pytest.mark.parametrize('kwargs', [{}, dict(rule='gsam'), dict(rule='sagm'), dict(perturb_every=2),
-                                    dict(diagnostics=True)], ids=['sam', 'gsam', 'sagm', 'perturb_every', 'diag'])
+@pytest.mark.parametrize('kwargs', [{}, pytest.param(dict(rule='gsam'), marks=_SLOW),
+                                    pytest.param(dict(rule='sagm'), marks=_SLOW), dict(perturb_every=2),
+                                    pytest.param(dict(diagnostics=True), marks=_SLOW)],
+                         ids=['sam', 'gsam', 'sagm', 'perturb_every', 'diag'])
 def test_no_parameter_shaped_all_gather_beyond_erm(kwargs):
   """GSPMD FSDP x TP: the floating-point all-gathers of DISAM's compiled step are ERM's (flattening a 2-D-sharded leaf
   for a norm added one parameter-shaped gather per leaf and norm). perturb_every's cond gathers the int labels once
@@ -304,7 +313,8 @@ def _shard_map_run(tx, layout, x, y, params, check_vma=True, steps=STEPS):
   return p, s
 
 
-@pytest.mark.parametrize('layout,option', [('fsdp', 'sam'), ('fsdp_tp', 'sam'), ('fsdp_tp', 'gsam'),
+@pytest.mark.parametrize('layout,option', [pytest.param('fsdp', 'sam', marks=_SLOW), ('fsdp_tp', 'sam'),
+                                           pytest.param('fsdp_tp', 'gsam', marks=_SLOW),
                                            ('fsdp_tp', 'perturb_every')])
 def test_shard_map_with_split_params_equals_one_device(layout, option):
   """check_vma=True: the layout is read from the types; norms over whole parameters, FSDP gradients not re-summed.

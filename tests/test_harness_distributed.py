@@ -146,6 +146,7 @@ def test_replicate_places_nan_metrics_and_typed_keys():
   assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(placed))
 
 
+@pytest.mark.slow  # default tier: test_place_state_splits_weights..., the bad-mesh line, test_harness_train's resume
 def test_fsdp_mesh_run_resumed_from_a_sharded_checkpoint_equals_one_device(tmp_path, one_device_params):
   """--mesh data=4,fsdp=2 on 8 devices: weights and optimizer state split 2 ways, batch over all 8; stopped at step
   20 (checkpoint written from the sharded state), resumed to 40: the parameters of one device's uninterrupted run."""
