@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -462,3 +463,108 @@ def test_paired_table_says_no_difference_resolved_when_the_interval_covers_zero(
   assert "no difference resolved" in row.split("|")[4]
   assert any(line.startswith("| DISAM − ERM | 4 |") for line in text.splitlines())
   assert "Paired differences" in report.dynamics_table(str(tmp_path), cells, threshold=0.2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs: one line, exit 2; incomplete runs: said, averaged only over complete seeds
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _damage(run_dir, how):
+  path = os.path.join(run_dir, "results.json")
+  if how == "a directory":
+    os.remove(path)
+    os.mkdir(path)
+  elif how == "no results.json":
+    os.remove(path)
+  else:
+    text = open(path).read()
+    content = {"empty": "", "not JSON": "<html>not found</html>", "truncated": text[: len(text) // 2],
+               "JSON but no cells": json.dumps({"config": None}), "a cell without its result":
+               json.dumps({"cells": [{"algorithm": "erm"}]})}[how]
+    with open(path, "w") as f:
+      f.write(content)
+
+
+BAD_RESULTS = {
+  "empty": "results.json is empty",
+  "not JSON": "results.json is not valid JSON (Expecting value at line 1, column 1: truncated?)",
+  "truncated": "results.json is not valid JSON (",
+  "a directory": "results.json is a directory, not a results file",
+  "no results.json": "has no results.json (not a disam-train run directory, or no run has started)",
+  "JSON but no cells": 'results.json is not a disam-train results file (no list of "cells")',
+  "a cell without its result": "results.json: run 0 of its cells is not a run result (lacks ['held_out', ",
+}
+
+
+@pytest.mark.parametrize("how", list(BAD_RESULTS))
+def test_merge_and_report_of_a_bad_results_file_exit_2_in_one_line(tmp_path, capsys, how):
+  _write_fake_run(str(tmp_path / "a"), algorithms=("erm",))
+  _write_fake_run(str(tmp_path / "b"), algorithms=("disam",))
+  _damage(tmp_path / "b", how)
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "a", tmp_path / "b")
+  assert code == 2 and err.count("\n") == 1 and BAD_RESULTS[how] in err, err
+  assert str(tmp_path / "b") in err and not os.path.exists(tmp_path / "out") and _leftovers(tmp_path) == []
+  code = report.main([str(tmp_path / "b"), "--no-plots"])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and BAD_RESULTS[how] in err, err
+
+
+def test_merge_of_one_run_twice_exits_2_in_one_line(tmp_path, capsys):
+  _write_fake_run(str(tmp_path / "a"))
+  for twice in (tmp_path / "a", f"{tmp_path}/./a", f"{tmp_path / 'a'}/=_again"):
+    code, err = _merge(capsys, tmp_path / "out", tmp_path / "a", twice)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'a'} is given twice" in err or "is given twice (as " in err, err
+  shutil.copytree(tmp_path / "a", tmp_path / "copy")  # the same runs under another name
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "a", tmp_path / "copy")
+  assert code == 2 and err.count("\n") == 1 and "the report would keep only one of them" in err, err
+  assert not os.path.exists(tmp_path / "out")
+
+
+def _data_json(run_dir, domains=("0", "15", "75")):
+  with open(os.path.join(run_dir, "data.json"), "w") as f:
+    json.dump({"dataset": "rotated_digits", "domains": {d: 100 for d in domains}, "classes": 10,
+               "unreadable_files": [], "warnings": []}, f)
+
+
+def test_report_of_an_interrupted_run_lists_the_missing_runs_and_averages_only_complete_seeds(tmp_path, capsys):
+  run = str(tmp_path / "run")
+  _write_fake_run(run, algorithms=("erm",), held_outs=("0",), config=_config(seeds=[0, 1, 2]))  # seeds 0, 1
+  _data_json(run)  # 3 domains x 3 algorithms x 3 seeds configured, 2 runs finished
+  assert report.main([run, "--no-plots"]) == 0
+  err = capsys.readouterr().err
+  assert "warning: incomplete: 25 of the 27 runs configured have no result (e.g. sam held-out 0 seed 0)" in err
+  text = open(os.path.join(run, "results.md")).read()
+  assert "**Incomplete: 25 of the 27 runs configured have no result** (interrupted, failed or not started): sam " \
+         "held-out 0 seed 0, disam held-out 0 seed 0, erm held-out 15 seed 0" in text
+  assert "and 13 more (all in results.json)" in text
+  assert "| Algorithm | 0 | 15 | 75 | Avg |" in text
+  assert "| ERM | 80.0 ± 0.0 (2/3 seeds) | – | – | – |" in text  # no Avg from one domain of three
+  assert "| SAM | – | – | – | – |" in text and "| DISAM | – | – | – | – |" in text
+  saved = json.loads(open(os.path.join(run, "results.json")).read())
+  assert saved["runs_configured"] == 27 and len(saved["missing"]) == 25
+  assert saved["missing"][0] == {"algorithm": "sam", "held_out": "0", "seed": 0}
+  assert saved["tables"]["selected"]["erm"]["Avg"] == {"mean": None, "std": None, "n": 0}
+
+
+def test_a_merge_of_interrupted_runs_lists_the_missing_runs_of_every_source(tmp_path, capsys):
+  for name, algorithms in (("a", ("erm", "sam")), ("b", ("disam",))):
+    _write_fake_run(str(tmp_path / name), algorithms=algorithms, held_outs=("0", "15"),
+                    config=_config(algorithms=list(algorithms)))
+    _data_json(str(tmp_path / name))
+  code, err = _merge(capsys, tmp_path / "out", tmp_path / "a", f"{tmp_path / 'b'}=_lam1")
+  assert code == 0 and "warning: incomplete: 6 of the 18 runs configured have no result" in err, err
+  text = (tmp_path / "out" / "results.md").read_text()
+  assert "erm held-out 75 seed 0" in text and "disam_lam1 held-out 75 seed 0" in text
+  assert "| DISAM_LAM1 | 80.0 ± 0.0 | 80.0 ± 0.0 | – | – |" in text
+
+
+def test_a_complete_run_says_nothing_about_missing_runs(tmp_path, capsys):
+  run = str(tmp_path / "run")
+  _write_fake_run(run, held_outs=("0", "15", "75"), config=_config())
+  _data_json(run)
+  assert report.main([run, "--no-plots"]) == 0
+  assert "incomplete" not in capsys.readouterr().err
+  text = open(os.path.join(run, "results.md")).read()
+  assert "Incomplete" not in text and "| ERM | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 |" in text

@@ -50,11 +50,15 @@ from typing import Any, Optional
 import numpy as np
 
 __all__ = [
+  "BadResults",
   "MergeError",
   "SELECTIONS",
   "format_mean_std",
   "dynamics_table",
+  "expected_runs",
   "load_metrics",
+  "load_results",
+  "missing_runs",
   "merge_runs",
   "paired_difference",
   "paired_table",
@@ -105,21 +109,27 @@ def format_mean_std(values: Sequence[float]) -> str:
   return f"{pct.mean():.1f} ± {pct.std(ddof=1):.1f}"
 
 
-def summarize(cells: Sequence[Any], selection: str = "selected") -> dict[str, Any]:
+def summarize(cells: Sequence[Any], selection: str = "selected",
+              expected: Optional[Sequence[tuple[str, str, int]]] = None) -> dict[str, Any]:
   """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
 
   Args:
     cells: run results (`train.CellResult` or their JSON dicts with algorithm, held_out, seed and
       `selection` -> {"test_acc"}).
     selection: "selected" (training-domain validation) or "last".
+    expected: the (algorithm, held-out domain, seed) runs the configuration asks for (`expected_runs`), when known:
+      its algorithms and domains are rows and columns even without a finished run, so an average never covers
+      fewer domains than configured.
 
   Returns:
     ``{"algorithms": [...], "domains": [...], "accuracy": {alg: {domain: {seed: acc}}},
-    "average": {alg: {seed: acc}}}`` (average only over seeds that have every domain).
+    "average": {alg: {seed: acc}}, "seeds": {alg: {domain: n}}}`` (average only over seeds that have every
+    domain; `seeds`: how many seeds each entry should have, 0 when not known).
   """
   cells = [_as_dict(c) for c in cells]
-  algorithms = _ordered(c["algorithm"] for c in cells)
-  domains = _ordered(c["held_out"] for c in cells)
+  expected = list(expected or [])
+  algorithms = _ordered([a for a, _, _ in expected] + [c["algorithm"] for c in cells])
+  domains = _ordered([d for _, d, _ in expected] + [c["held_out"] for c in cells])
   accuracy: dict[str, dict[str, dict[int, float]]] = {a: {d: {} for d in domains} for a in algorithms}
   for c in cells:
     accuracy[c["algorithm"]][c["held_out"]][int(c["seed"])] = float(c[selection]["test_acc"])
@@ -127,24 +137,77 @@ def summarize(cells: Sequence[Any], selection: str = "selected") -> dict[str, An
   for a in algorithms:
     seeds = set.intersection(*(set(accuracy[a][d]) for d in domains)) if domains else set()
     average[a] = {s: float(np.mean([accuracy[a][d][s] for d in domains])) for s in sorted(seeds)}
-  return {"algorithms": algorithms, "domains": domains, "accuracy": accuracy, "average": average}
+  wanted = {a: {d: sum(1 for e in expected if e[:2] == (a, d)) for d in domains} for a in algorithms}
+  return {"algorithms": algorithms, "domains": domains, "accuracy": accuracy, "average": average, "seeds": wanted}
 
 
-def results_table(cells: Sequence[Any], selection: str = "selected") -> str:
-  """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± std (%) over seeds."""
-  s = summarize(cells, selection)
+def _entry(values: Sequence[float], wanted: int) -> str:
+  """`format_mean_std`, marked `(k/n seeds)` when fewer than the `wanted` n seeds finished."""
+  text = format_mean_std(values)
+  return f"{text} ({len(values)}/{wanted} seeds)" if values and len(values) < wanted else text
+
+
+def results_table(cells: Sequence[Any], selection: str = "selected",
+                  expected: Optional[Sequence[tuple[str, str, int]]] = None) -> str:
+  """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± std (%) over seeds.
+
+  With `expected` (see `summarize`), an entry with fewer seeds than configured says so, and an algorithm or domain
+  without any finished run shows –.
+  """
+  s = summarize(cells, selection, expected)
   header = ["Algorithm"] + [str(d) for d in s["domains"]] + ["Avg"]
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
   for a in s["algorithms"]:
     row = [_display(a)]
-    row += [format_mean_std(list(s["accuracy"][a][d].values())) for d in s["domains"]]
-    row.append(format_mean_std(list(s["average"][a].values())))
+    row += [_entry(list(s["accuracy"][a][d].values()), s["seeds"][a][d]) for d in s["domains"]]
+    row.append(_entry(list(s["average"][a].values()), max(s["seeds"][a].values(), default=0)))
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
+def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
+  """The (algorithm, held-out domain, seed) runs `config` asks for, in training order; None when not known.
+
+  Owns what "complete" means for a report: the configuration's algorithms x held-out domains (every domain of
+  `data` — data.json — when `held_out` is None) x seeds; for a merged report (`merge_runs`), every source's, with
+  its suffix. None without a configuration, or with held_out None and no domains in `data`.
+  """
+  if not config:
+    return None
+  if "merged" in config:
+    out = []
+    for source in config["merged"]:
+      directory, _, suffix = source.partition("=")
+      runs = expected_runs((config.get("runs") or {}).get(directory), ((data or {}).get("runs") or {}).get(directory))
+      if runs is None:
+        return None
+      out += [(a + suffix, d, s) for a, d, s in runs]
+    return out
+  domains = config.get("held_out") or list((data or {}).get("domains") or [])
+  if not domains or not config.get("algorithms") or not config.get("seeds"):
+    return None
+  return [(a, str(d), int(s)) for s in config["seeds"] for d in domains for a in config["algorithms"]]
+
+
+def missing_runs(cells: Sequence[Any], expected: Optional[Sequence[tuple]]) -> list[tuple]:
+  """The runs of `expected` that `cells` lacks (none when `expected` is None)."""
+  have = {(c["algorithm"], str(c["held_out"]), int(c["seed"])) for c in map(_as_dict, cells)}
+  return [e for e in expected or [] if e not in have]
+
+
+def _missing_note(missing: Sequence[tuple], expected: Sequence[tuple]) -> str:
+  """The line that says a report is incomplete, and which runs it lacks."""
+  shown = ", ".join(f"{a} held-out {d} seed {s}" for a, d, s in missing[:12])
+  more = f" and {len(missing) - 12} more (all in results.json)" if len(missing) > 12 else ""
+  return (f"**Incomplete: {len(missing)} of the {len(expected)} runs configured have no result** (interrupted, "
+          f"failed or not started): {shown}{more}. An entry with fewer seeds than configured says k/n seeds; Avg "
+          "averages only the seeds that have every held-out domain (– when none has).")
+
+
 def _seed_note(cells: Sequence[dict[str, Any]]) -> str:
   seeds = sorted({int(c["seed"]) for c in cells})
+  if not seeds:
+    return "No run has finished yet"
   if len(seeds) == 1:
     return f"1 seed ({seeds[0]}): no standard deviation"
   return f"mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
@@ -159,6 +222,49 @@ _NOT_ROW = {"algorithms", "held_out", "seeds", "eval_batch_size", "data_dir", "c
 
 class MergeError(ValueError):
   """Run directories that cannot be combined into one report; the message says why and what to do."""
+
+
+class BadResults(ValueError):
+  """A run directory's results.json (or data.json) that cannot be read; the one-line message names the file."""
+
+
+_CELL_KEYS = ("algorithm", "held_out", "seed", "steps", "selected", "last", "directory")
+
+
+def load_results(directory: str) -> dict[str, Any]:
+  """The saved results.json of a run directory, checked: a dict whose "cells" are run results.
+
+  Raises:
+    BadResults: naming the file and what is wrong with it: no such directory, no results.json, a results.json that
+      is a directory, empty, not JSON (truncated?) or not a disam-train results file.
+  """
+  path = os.path.join(directory, "results.json")
+  if not os.path.isdir(directory):
+    raise BadResults(f"{directory}: {'a file' if os.path.exists(directory) else 'no such directory'}, not a run "
+                     "directory")
+  if os.path.isdir(path):
+    raise BadResults(f"{path} is a directory, not a results file")
+  try:
+    with open(path, errors="replace") as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise BadResults(f"{directory} has no results.json (not a disam-train run directory, or no run has started)") \
+      from None
+  except OSError as e:
+    raise BadResults(f"{path}: cannot read it: {e.strerror}") from None
+  try:
+    saved = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise BadResults(f"{path} is empty" if not text.strip() else
+                     f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}: truncated?)") from None
+  cells = saved.get("cells") if isinstance(saved, dict) else None
+  if not isinstance(cells, list):
+    raise BadResults(f"{path} is not a disam-train results file (no list of \"cells\")")
+  for k, c in enumerate(cells):
+    lacking = [key for key in _CELL_KEYS if not isinstance(c, dict) or key not in c]
+    if lacking or not all(isinstance(c[key], dict) and "test_acc" in c[key] for key in ("selected", "last")):
+      raise BadResults(f"{path}: run {k} of its cells is not a run result (lacks {lacking or 'test_acc'})")
+  return saved
 
 
 def _flat(config: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -265,8 +371,12 @@ def results_markdown(cells: Sequence[Any], config: Optional[dict[str, Any]] = No
       )
   data_lines = _data_lines(data)
   parts = [title, ""] + ([*data_lines, ""] if data_lines else [])
+  expected = expected_runs(config, data)
+  missing = missing_runs(cells, expected)
+  if missing:
+    parts += [_missing_note(missing, expected), ""]
   for key, name in SELECTIONS:
-    parts += [f"## Model selection: {name}", "", _seed_note(cells) + ".", "", results_table(cells, key), ""]
+    parts += [f"## Model selection: {name}", "", _seed_note(cells) + ".", "", results_table(cells, key, expected), ""]
   return "\n".join(parts) + settings
 
 
@@ -285,11 +395,16 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _data_summary(run_dir: str) -> Optional[dict[str, Any]]:
+  """The run's data.json, None if it has none; BadResults naming it if it is unreadable."""
   path = os.path.join(run_dir, "data.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, errors="replace") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise BadResults(f"{path} is unreadable ({' '.join(str(e).split())[:100]}): delete it to report without the "
+                     "data warnings") from None
 
 
 def _warning_count(data: Optional[dict[str, Any]]) -> Optional[int]:
@@ -309,9 +424,10 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
   if data is None:
     data = _data_summary(run_dir)
   out_dir = out_dir or run_dir
+  expected = expected_runs(config, data)
   tables = {}
   for key, _ in SELECTIONS:
-    s = summarize(cells, key)
+    s = summarize(cells, key, expected)
     tables[key] = {
       a: {
         **{d: _stats(list(s["accuracy"][a][d].values())) for d in s["domains"]},
@@ -320,7 +436,9 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
       for a in s["algorithms"]
     }
   saved = {"config": config, "rows": row_settings(cells, config), "data": data,
-           "data_warnings": _warning_count(data), "tables": tables, "cells": cells}
+           "data_warnings": _warning_count(data), "tables": tables, "cells": cells,
+           "runs_configured": None if expected is None else len(expected),
+           "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)]}
   _write_text(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
   _write_text(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
 
@@ -939,11 +1057,13 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
 def _render(run_dir: str, out_dir: str, cells, config, data, plots: bool, threshold: float) -> list[str]:
   """Writes every output file into `out_dir`, reading the runs' metrics under `run_dir`; returns the names."""
   write_results(run_dir, cells, config, data=data, out_dir=out_dir)
+  written = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.json")]
+  if not cells:  # nothing finished yet: the tables (all –) and what is missing
+    return [os.path.basename(p) for p in written]
   path = os.path.join(out_dir, "results.md")
   with open(path) as f:
     text = f.read()
   _write_text(path, text + "\n## Training dynamics\n\n" + dynamics_table(run_dir, cells, threshold) + "\n")
-  written = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.json")]
   if plots:
     written += write_plots(run_dir, cells, out_dir=out_dir)
   return [os.path.basename(p) for p in written]
@@ -957,8 +1077,7 @@ def write_report(run_dir: str, cells: Optional[Sequence[Any]] = None, config: An
   error leaves the previous report (if any) untouched rather than half of a new one.
   """
   if cells is None:
-    with open(os.path.join(run_dir, "results.json")) as f:
-      saved = json.load(f)
+    saved = load_results(run_dir)
     cells, config = saved["cells"], config or saved.get("config")
     data = data or saved.get("data")
   cells = [_as_dict(c) for c in cells]
@@ -992,13 +1111,14 @@ def merge_runs(sources: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, 
   with different steps or lam). Other differences between the directories (e.g. another lam for a suffixed row)
   are allowed and listed: `config["differences"]`, and each row's settings in `row_settings`.
   """
-  labels, runs, data, cells = [], {}, {}, []
+  labels, runs, data, cells, real = [], {}, {}, [], {}
   for source in sources:
     directory, _, suffix = source.partition("=")
-    if directory in runs:
-      raise MergeError(f"{directory} is given twice; give it once (with a suffix if you want it renamed).")
-    with open(os.path.join(directory, "results.json")) as f:
-      saved = json.load(f)
+    same = real.setdefault(os.path.realpath(directory), directory)
+    if directory in runs or same != directory:
+      raise MergeError(f"{directory} is given twice{f' (as {same})' if same != directory else ''}; give it once "
+                       "(with a suffix if you want it renamed).")
+    saved = load_results(directory)
     labels.append(directory)
     runs[directory] = saved.get("config")
     summary = saved.get("data") or _data_summary(directory)
@@ -1107,6 +1227,8 @@ def write_merged_report(out_dir: str, sources: Sequence[str], plots: bool = True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The report command; returns its exit code: 0 written (with a warning on stderr when runs are missing), 2 bad
+  input (one line naming the file: an unreadable results.json, a merge that would lose or mix runs)."""
   parser = argparse.ArgumentParser(
     prog="python -m disam_jax.harness.report",
     description="Rewrites results.md, results.json and the plots of a disam-train run directory, or combines "
@@ -1123,25 +1245,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "two directories holding the same algorithm, held-out domain and seed, or one row mixing "
                            "different settings, are refused with the suffix to add")
   args = parser.parse_args(argv)
-  if args.merge:
-    missing = [d for d in args.merge if not os.path.exists(os.path.join(d.partition("=")[0], "results.json"))]
-    if missing:
-      print(f"{parser.prog}: error: no results.json in {missing}", file=sys.stderr)
-      return 2
-    try:
+  try:
+    if args.merge:
       paths = write_merged_report(args.run_dir, args.merge, plots=not args.no_plots, threshold=args.threshold)
-    except MergeError as e:
-      print(f"{parser.prog}: error: {e}", file=sys.stderr)
-      return 2
-    for path in paths:
-      print(path)
-    return 0
-  if not os.path.exists(os.path.join(args.run_dir, "results.json")):
-    print(f"{parser.prog}: error: {args.run_dir} has no results.json (not a finished disam-train run?)",
-          file=sys.stderr)
+    else:
+      paths = write_report(args.run_dir, plots=not args.no_plots, threshold=args.threshold)
+  except (MergeError, BadResults) as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2
-  for path in write_report(args.run_dir, plots=not args.no_plots, threshold=args.threshold):
+  except OSError as e:  # the output folder: read-only, disk full
+    print(f"{parser.prog}: error: cannot write {e.filename or args.run_dir}: {e.strerror or e}", file=sys.stderr)
+    return 2
+  for path in paths:
     print(path)
+  saved = load_results(os.path.dirname(paths[0]))
+  missing = saved.get("missing") or []
+  if missing:
+    first = missing[0]
+    print(f"{parser.prog}: warning: incomplete: {len(missing)} of the {saved['runs_configured']} runs configured "
+          f"have no result (e.g. "
+          f"{first['algorithm']} held-out {first['held_out']} seed {first['seed']}); results.md lists them, and its "
+          "averages cover only complete seeds", file=sys.stderr)
   return 0
 
 

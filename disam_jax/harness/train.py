@@ -1141,6 +1141,8 @@ def run_experiment(
 
     write_json(os.path.join(run_dir, "config.json"), config.to_json())
     write_json(os.path.join(run_dir, "data.json"), data_lib.describe(first_ds))  # the data warnings, for the report
+    if not os.path.exists(os.path.join(run_dir, "results.json")):  # a report works (all runs missing) from now on
+      report.write_results(run_dir, [], config)
 
   cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
   results: list[CellResult] = []
