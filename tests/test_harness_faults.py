@@ -10,6 +10,7 @@ checkpoint every 2 (lr 0.01 makes the best checkpoint, step 4, differ from the l
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -42,11 +43,10 @@ def save(self, s, *args, **kwargs):
   if s == step and what == "hold":  # holds the run (and its lock) until a signal ends it
     time.sleep(120)
   if s == step and what == "fill_disk":
-    with open(os.environ["DISAM_FILL"], "wb") as f:
+    with open(os.environ["DISAM_FILL"], "wb", buffering=0) as f:  # until the disk is full
       try:
         while True:
           f.write(b"\0" * 4096)
-          f.flush()
       except OSError:
         pass
   real_save(self, s, *args, **kwargs)
@@ -334,3 +334,68 @@ def test_truncated_metrics_are_said_and_the_tables_stay_those_of_the_uninterrupt
          "steps 4-8 of this run will have no metrics line" in err
   assert json.loads((run / "results.json").read_text())["tables"] == \
       json.loads((reference / "results.json").read_text())["tables"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A full disk, a read-only output directory (a small tmpfs in a mount namespace of its own)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _in_mount_namespace(tmp_path, script):
+  """Runs the shell `script` with a 16 MB tmpfs mounted at tmp_path/mnt, in a user and mount namespace of its own
+  (`unshare -rm`: no privileges needed); skips where namespaces are not available."""
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
+  if shutil.which("unshare") is None:
+    pytest.skip("needs unshare (util-linux) for a tmpfs of its own")
+  probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
+  if probe.returncode:
+    pytest.skip(f"mount namespaces are not available: {probe.stderr.decode().strip()}")
+  done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs {mnt} && {script}"],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  return mnt
+
+
+def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_resume_finishes_the_run(capsys, tmp_path, reference):
+  from disam_jax.harness import report
+
+  out, mnt = tmp_path / "out", tmp_path / "mnt"
+  out.mkdir()
+  run = mnt / "run"
+  command = shlex.join([sys.executable, "-c", _FAULT, *FAULT_RUN, "--output-dir", str(run)])
+  _in_mount_namespace(tmp_path, f"DISAM_FAULT=fill_disk:6 DISAM_FILL={mnt}/filler {command} 2> {out}/err; "
+                                f"echo $? > {out}/code; cp -a {run} {out}/run")  # the filler stays behind
+  assert (out / "code").read_text().strip() == "4"
+  assert (out / "err").read_text().splitlines() == [
+    f"disam-train: error: could not write the checkpoint of step 6 in {run / CELL / 'checkpoints'}: No space left on "
+    f"device (errno 28); the checkpoint of step 4 is kept. Make room (or make {run} writable) and continue with: "
+    f"disam-train --resume --output-dir {run}"]
+  copy = out / "run"  # as it was on the full disk
+  # Step 4 intact (a temporary folder of step 6 may remain when orbax still wrote into it: the next open removes it)
+  assert [n for n in os.listdir(copy / CELL / "checkpoints") if n.isdigit()] == ["4"]
+  assert report.main([str(copy), "--no-plots"]) == 0  # the report works on what is there
+  assert "incomplete: 1 of the 1 runs configured have no result" in capsys.readouterr().err
+  code, err = _resume(capsys, copy)
+  assert code == 0, err
+  _assert_same_results(copy, reference)
+
+
+def test_a_read_only_output_directory_is_one_line_and_changes_nothing(tmp_path, reference):
+  out, mnt = tmp_path / "out", tmp_path / "mnt"
+  out.mkdir()
+  run = mnt / "run"
+  cli = [sys.executable, "-m", "disam_jax.harness.cli"]
+  resume = shlex.join(cli + ["--resume", "--output-dir", str(run), "--quiet", "--no-plots"])
+  new = shlex.join(cli + FAULT_RUN + ["--output-dir", str(mnt / "new")])
+  _in_mount_namespace(tmp_path, f"cp -a {reference} {run} && rm {run / CELL / 'result.json'} && ls -lR {run} > "
+                                f"{out}/before && mount -o remount,ro {mnt} && {{ {resume} 2> {out}/err_resume; "
+                                f"echo $? > {out}/code_resume; {new} 2> {out}/err_new; echo $? > {out}/code_new; "
+                                f"ls -lR {run} > {out}/after; }}")
+  assert (out / "code_resume").read_text().strip() == "4"
+  assert (out / "err_resume").read_text().splitlines() == [f"disam-train: error: cannot write {run}: Read-only file "
+                                                           "system."]
+  assert (out / "code_new").read_text().strip() == "4"
+  assert (out / "err_new").read_text().splitlines() == [f"disam-train: error: cannot write {mnt / 'new'}: Read-only "
+                                                        "file system."]
+  assert (out / "after").read_text() == (out / "before").read_text()

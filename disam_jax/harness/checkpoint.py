@@ -96,10 +96,19 @@ def deferred_signals():
 
 
 class _QuietOrbax(logging.Filter):
-  """Drops orbax's error records (tracebacks of failures `CheckpointStore` re-raises as one `CheckpointError`)."""
+  """Drops orbax's error records (tracebacks of failures `CheckpointStore` re-raises as one `CheckpointError`),
+  keeping the last exception they carry: orbax logs, and does not raise, a background write that failed."""
+
+  last: Optional[BaseException] = None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    orbax = f"{os.sep}orbax{os.sep}"
+    # asyncio's "Task exception was never retrieved" of orbax's write tasks comes from asyncio, naming orbax's code
+    if record.levelno >= logging.ERROR and (orbax in record.pathname or orbax in record.getMessage()):
+      if record.exc_info and record.exc_info[1] is not None:
+        _QuietOrbax.last = record.exc_info[1]
+      return False
+    return True
 
 
 def _quiet_abandoned_callbacks() -> None:
@@ -188,12 +197,14 @@ class CheckpointStore:
     # orbax logs every save at INFO through absl; the harness reports progress itself, and failures as one line.
     absl = logging.getLogger("absl")
     absl.setLevel(logging.WARNING)
-    if not any(isinstance(f, _QuietOrbax) for f in absl.filters):
-      absl.addFilter(_QuietOrbax())
+    for log in (absl, logging.getLogger("asyncio")):
+      if not any(isinstance(f, _QuietOrbax) for f in log.filters):
+        log.addFilter(_QuietOrbax())
     _quiet_abandoned_callbacks()
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
     self._pending: Optional[int] = None  # the step of a save that may still be in flight
+    self._failed = False  # a CheckpointError was raised: `close` then adds no second one
     with deferred_signals(), self._failure("open the checkpoints"):
       self._remove_temporary()  # of a save killed in flight: never a checkpoint, and it may be large
       self._manager = ocp.CheckpointManager(
@@ -210,7 +221,9 @@ class CheckpointStore:
     except CheckpointError:
       raise
     except Exception as e:  # orbax and tensorstore raise ValueError, OSError, RuntimeError... for I/O failures
-      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) else []
+      self._failed = self._failed or error is CheckpointError
+      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) \
+        else []
       kept = f"; the checkpoint of step {steps[-1]} is kept" if steps and error is CheckpointError else ""
       raise error(f"could not {what} in {self.directory}: {_reason(e)}{kept}") from None
 
@@ -223,7 +236,7 @@ class CheckpointStore:
       with self._failure(f"write the checkpoint of step {step}"):
         self._manager.wait_until_finished()
         if not os.path.isdir(os.path.join(self.directory, str(step))):
-          raise OSError(f"step {step} was not finalized")
+          raise _QuietOrbax.last or OSError(f"orbax did not finalize step {step}")
     except CheckpointError:
       self._remove_temporary(step)  # free the space the failed save took
       raise
@@ -267,10 +280,14 @@ class CheckpointStore:
       with self._failure(f"write the checkpoint of step {step}"):
         if step in self._manager.all_steps():  # re-saving a step (e.g. a resumed run's last eval): replace it
           self._manager.delete(step)
+        _QuietOrbax.last = None
+        try:
+          self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(leaves),
+                                                           meta=ocp.args.JsonSave(meta)), force=True)
+        except BaseException:
+          self._remove_temporary(step)
+          raise
         self._pending = step
-        self._manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True
-        )
       for old in self._manager.all_steps():
         if old != step and old not in keep:
           self._wait()  # the new checkpoint is complete before an older one goes
@@ -323,13 +340,22 @@ class CheckpointStore:
     return None
 
   def close(self) -> None:
-    """Waits for pending writes and releases the manager (CheckpointError if the last save failed)."""
+    """Waits for pending writes and releases the manager.
+
+    Raises:
+      CheckpointError: the last save or the release failed, unless a failure was raised before (that first one is
+        what to report: after a full disk, orbax's own release fails too).
+    """
+    errors, earlier = [], self._failed
     with deferred_signals():
-      try:
-        self._wait()
-      finally:
-        with self._failure("close the checkpoints"):
-          self._manager.close()
+      for step in (self._wait, self._manager.close):
+        try:
+          with self._failure("close the checkpoints"):
+            step()
+        except CheckpointError as e:
+          errors.append(e)
+    if errors and not earlier:
+      raise errors[0]
 
   def __enter__(self):
     return self

@@ -541,7 +541,7 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
 
 def _write_failure(e: OSError, run_dir: Optional[str]) -> str:
   """One line for a failed write (disk full, read-only, permissions): the file, the reason and what to do."""
-  where = e.filename or "the run directory"
+  where = e.filename or (f"into {run_dir}" if run_dir else "the run directory")
   text = f"cannot write {where}: {e.strerror or e}"
   if run_dir is None:
     return text + "."
