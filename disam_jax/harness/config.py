@@ -1,0 +1,154 @@
+"""What an experiment trains: `ExperimentConfig` (the `config.json` of a run directory) and its validation.
+
+Owns the configuration's fields, their JSON form, the checks that need no data (`ExperimentConfig.validate`) and the
+default model of a dataset (`default_model`). The checks against the data are `experiment.prepare`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from disam_jax.harness import algorithms as algorithms_lib
+from disam_jax.harness import data as data_lib
+from disam_jax.harness.algorithms import HParams
+
+__all__ = ["ExperimentConfig", "default_model"]
+
+
+# DomainBed uses ResNet-50 for the image folders; for the small rotated datasets it uses MNIST_CNN, which is about
+# 60x slower per step than the MLP on a CPU (0.5 s vs 8 ms on 8x8 digits, 2 cores), so the CPU default is the MLP.
+_DEFAULT_MODELS = {"rotated_digits": "mlp", "rotated_animals": "mlp", "colored_digits": "mlp"}
+
+
+def default_model(dataset: str) -> str:
+  return _DEFAULT_MODELS.get(dataset, "mlp" if dataset.startswith("tfds:") else "resnet50")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """What `run_experiment` trains: every (algorithm, held-out domain, seed) combination.
+
+  Attributes:
+    dataset: a name of `data.DATASETS` or ``tfds:<name>``.
+    data_dir: where image-folder / TFDS datasets live (None for the bundled ones).
+    image_size: resize images to this side length (None: the dataset's default).
+    cache_dir: where image folders are converted to TFDS (None: `data.default_cache_dir()`).
+    model: a name of `models.MODELS`; None picks `default_model(dataset)`.
+    model_kwargs: extra model options (e.g. ``{"width": 16}``, ``{"hidden": 128}``).
+    pretrained: optional initial weights, `.pth`/`.safetensors`/`.npz` (see `models.load_pretrained`).
+    train_only: parameter-efficient fine-tuning: `peft` selectors (``head``, ``last_block``, ``norm``,
+      ``adapters``, ``all``) or parameter-path prefixes; only those parameters train and are perturbed. None: all.
+    algorithms: names from `algorithms.ALGORITHMS`.
+    held_out: domains to hold out, one at a time (None: every domain).
+    seeds: trial seeds; a seed fixes the rotation-domain assignment, the train/validation split, the model
+      initialization and the batch stream, so all algorithms of one seed see the same data in the same order.
+    steps: training steps per run.
+    eval_every: evaluate (validation and held-out accuracy) and checkpoint every this many steps (and at the end).
+    hparams: optimizer and algorithm hyperparameters.
+    holdout_fraction: fraction of each training domain kept for validation.
+    hard_domain: optionally make one training domain harder (see `experiment.harden_domain`).
+    hard_domain_fraction: keep this fraction of the hard domain's training examples.
+    hard_domain_label_noise: replace this fraction of the hard domain's training labels by a random other class.
+    imbalance: subsample the training domains to a largest/smallest size ratio (`regimes.imbalance`; 1: off).
+    domain_label_noise: move this fraction of every training domain's examples to a random other training domain
+      (`regimes.shuffle_domain_labels`).
+    sub_domains: split every training domain into this many sub-domains (`regimes.split_domains`; 1: off).
+    infer_domains: train on this many k-means pseudo-domains instead of the domain labels (`regimes.infer_domains`;
+      0: off).
+    eval_batch_size: examples per evaluation forward pass.
+  """
+
+  dataset: str = "rotated_digits"
+  data_dir: Optional[str] = None
+  image_size: Optional[int] = None
+  cache_dir: Optional[str] = None
+  model: Optional[str] = None
+  model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  pretrained: Optional[str] = None
+  train_only: Optional[tuple[str, ...]] = None
+  algorithms: tuple[str, ...] = ("erm", "sam", "disam")
+  held_out: Optional[tuple[str, ...]] = None
+  seeds: tuple[int, ...] = (0,)
+  steps: int = 300
+  eval_every: int = 50
+  hparams: HParams = dataclasses.field(default_factory=HParams)
+  holdout_fraction: float = 0.2
+  hard_domain: Optional[str] = None
+  hard_domain_fraction: float = 1.0
+  hard_domain_label_noise: float = 0.0
+  imbalance: float = 1.0
+  domain_label_noise: float = 0.0
+  sub_domains: int = 1
+  infer_domains: int = 0
+  eval_batch_size: int = 512
+
+  @property
+  def model_name(self) -> str:
+    return self.model or default_model(self.dataset)
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["model"] = self.model_name
+    return out
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "ExperimentConfig":
+    d = dict(d)
+    d["hparams"] = HParams(**d.get("hparams", {}))
+    for key in ("algorithms", "seeds"):
+      d[key] = tuple(d[key])
+    for key in ("held_out", "train_only"):
+      if d.get(key) is not None:
+        d[key] = tuple(d[key])
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+  def validate(self) -> None:
+    """Checks what can be checked without data; raises ValueError with a message for the user."""
+    from disam_jax.harness import models
+
+    for name in self.algorithms:
+      algorithms_lib.check_algorithm(name)
+    if not self.algorithms:
+      raise ValueError("No algorithm given; valid: " + ", ".join(algorithms_lib.ALGORITHMS) + ".")
+    if len(set(self.algorithms)) != len(self.algorithms):
+      raise ValueError(f"An algorithm is named twice: {list(self.algorithms)}.")
+    if self.model_name not in models.MODELS:
+      raise ValueError(f"Unknown model {self.model_name!r}; valid: {', '.join(sorted(models.MODELS))}.")
+    if not self.dataset.startswith("tfds:") and self.dataset not in data_lib.DATASETS:
+      raise ValueError(
+        f"Unknown dataset {self.dataset!r}; valid: {', '.join(data_lib.DATASETS)}, or tfds:<name>."
+      )
+    if not isinstance(self.steps, int) or self.steps < 1:
+      raise ValueError(f"steps must be a positive integer; got {self.steps!r}.")
+    if not isinstance(self.eval_every, int) or self.eval_every < 1:
+      raise ValueError(f"eval_every must be a positive integer; got {self.eval_every!r}.")
+    if not self.seeds:
+      raise ValueError("No seed given.")
+    if any(not isinstance(s, int) or s < 0 for s in self.seeds):
+      raise ValueError(f"seeds must be integers >= 0; got {list(self.seeds)}.")
+    if len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"A seed is given twice: {list(self.seeds)}.")
+    if not 0.0 < self.holdout_fraction < 1.0:
+      raise ValueError(f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}.")
+    if not (0.0 < self.hard_domain_fraction <= 1.0):
+      raise ValueError(f"hard_domain_fraction must be in (0, 1]; got {self.hard_domain_fraction}.")
+    if not (0.0 <= self.hard_domain_label_noise <= 1.0):
+      raise ValueError(f"hard_domain_label_noise must be in [0, 1]; got {self.hard_domain_label_noise}.")
+    if self.hard_domain is None and (self.hard_domain_fraction != 1.0 or self.hard_domain_label_noise != 0.0):
+      raise ValueError("hard_domain_fraction / hard_domain_label_noise need hard_domain (which domain to harden).")
+    if not self.imbalance >= 1.0:
+      raise ValueError(f"imbalance must be >= 1 (largest / smallest training domain); got {self.imbalance}.")
+    if not 0.0 <= self.domain_label_noise <= 1.0:
+      raise ValueError(f"domain_label_noise must be in [0, 1]; got {self.domain_label_noise}.")
+    if not isinstance(self.sub_domains, int) or self.sub_domains < 1:
+      raise ValueError(f"sub_domains must be a positive integer; got {self.sub_domains!r}.")
+    if not isinstance(self.infer_domains, int) or self.infer_domains < 0 or self.infer_domains == 1:
+      raise ValueError(f"infer_domains must be 0 (off) or >= 2; got {self.infer_domains!r}.")
+    if self.infer_domains and (self.domain_label_noise or self.sub_domains != 1):
+      raise ValueError("infer_domains replaces the domain labels; it cannot be combined with domain_label_noise "
+                       "or sub_domains.")
+    if self.eval_batch_size < 1:
+      raise ValueError(f"eval_batch_size must be >= 1; got {self.eval_batch_size}.")
+    self.hparams.validate()
