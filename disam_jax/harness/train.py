@@ -26,26 +26,23 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
 from disam_jax.harness import distributed
-from disam_jax.harness import fast_conv
 from disam_jax.harness import regimes
 from disam_jax.harness.config import ExperimentConfig, default_model  # noqa: F401
 from disam_jax.harness.steps import PenaltyAux, TrainState, _all_finite, _all_finite_jit, _chunk_size  # noqa: F401
 from disam_jax.harness.steps import _model_initializer, init_model, init_train_state, make_eval_step  # noqa: F401
 from disam_jax.harness.steps import make_train_step, predict  # noqa: F401
+from disam_jax.harness.loop import CellResult, TrainingDiverged, _Compiled, _compile  # noqa: F401
+from disam_jax.harness.loop import run_cell, select_best  # noqa: F401
 
 __all__ = [
   "CellResult",
@@ -64,10 +61,6 @@ __all__ = [
 
 
 _log = logging.getLogger(__name__)  # notices of a resumed run (a checkpoint skipped, metrics lines lost)
-
-
-class TrainingDiverged(RuntimeError):
-  """Training produced a non-finite loss or parameters. The message names the step and the domain losses."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,385 +198,12 @@ def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class CellResult:
-  """The outcome of one run.
-
-  Attributes:
-    algorithm, held_out, seed: which run.
-    steps: steps trained.
-    selected: the evaluation with the best mean training-domain validation accuracy (earliest on ties):
-      ``{"step", "val_acc", "test_acc"}``.
-    last: the evaluation at the last step, same keys.
-    evals: every evaluation: ``{"step", "val_acc": {domain: acc}, "val_acc_mean", "test_acc"}``.
-    seconds: wall time of the training (this session's part, when resumed).
-    directory: the run's directory.
-  """
-
-  algorithm: str
-  held_out: str
-  seed: int
-  steps: int
-  selected: dict[str, Any]
-  last: dict[str, Any]
-  evals: list[dict[str, Any]]
-  seconds: float
-  directory: str
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-def _summary(record: dict[str, Any]) -> dict[str, Any]:
-  return {"step": record["step"], "val_acc": record["val_acc_mean"], "test_acc": record["test_acc"]}
-
-
-def select_best(evals: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """Training-domain validation: the evaluation with the highest mean validation accuracy, earliest on ties."""
-  if not evals:
-    raise ValueError("No evaluation to select from.")
-  best = evals[0]
-  for record in evals[1:]:
-    if record["val_acc_mean"] > best["val_acc_mean"]:
-      best = record
-  return best
-
-
 def _safe_name(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
 
 
 def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int) -> str:
   return os.path.join(run_dir, "cells", f"{_safe_name(algorithm)}_heldout-{_safe_name(held_out)}_seed-{seed}")
-
-
-def _float(x) -> float:
-  return float(np.asarray(x))
-
-
-def _mechanism(metrics: dict[str, Any], train_domains: Sequence[str]) -> dict[str, Any]:
-  """The metrics line's `perturbation_weights` {domain: c_i} and `sam_cosine` (None when not computed)."""
-  out = {}
-  if "perturbation_weights" in metrics:
-    out["perturbation_weights"] = dict(zip(train_domains, (float(v) for v in metrics["perturbation_weights"])))
-  if "sam_cosine" in metrics:
-    cosine = _float(metrics["sam_cosine"])
-    out["sam_cosine"] = cosine if math.isfinite(cosine) else None
-  return out
-
-
-def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops the lines of steps after `last_step` (written after the checkpoint a resumed run restarts from).
-
-  A line cut by a kill ends the file; everything after it is from the lost part too. Lines lost before
-  `last_step` (a truncated or overwritten file) are said on the log: those steps will have no metrics line.
-  """
-  if not os.path.exists(path):
-    _log.warning(f"{path} is missing: steps 0-{last_step} of this run will have no metrics line")
-    return
-  with open(path, errors="replace") as f:
-    lines = [line for line in f if line.strip()]
-  kept, last = [], -1
-  for line in lines:
-    try:
-      step = json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-      break
-    if step > last_step:
-      break
-    kept.append(line)
-    last = step
-  if last < last_step:
-    _log.warning(f"{path} is unreadable after step {last} (line {len(kept) + 1}), before the checkpoint of step "
-                 f"{last_step}: steps {last + 1}-{last_step} of this run will have no metrics line")
-  with open(path, "w") as f:
-    f.writelines(kept)
-
-
-@dataclasses.dataclass
-class _Compiled:
-  """Jitted functions shared by every run of an experiment with the same model and algorithm."""
-
-  graphdef: Any
-  txs: dict[str, Any]
-  train_steps: dict[str, Callable]
-  eval_step: Callable
-  penalties: Optional[dict[str, Any]] = None  # algorithm -> its training-loss penalty (None: none)
-
-
-# Jitted steps by (graphdef, algorithm, hparams, num_domains): repeated experiments in one process (a notebook, the
-# tests, resuming) reuse the compiled code. The model state's structure follows from the graphdef; its values only
-# seed `tx.init`'s aux slot, which `init_train_state` overwrites.
-_STEP_CACHE: dict[tuple, tuple[Any, Callable]] = {}
-_EVAL_CACHE: dict[Any, Callable] = {}
-
-
-def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int,
-             trainable_mask: Any = None) -> _Compiled:
-  txs, steps, penalties = {}, {}, {}
-  hparams = config.hparams.for_run(config.steps)  # anneal steps left at None: DomainBed's fraction of the run
-  for name in config.algorithms:
-    key = (graphdef, name, hparams, num_domains, config.train_only)  # the mask follows from graphdef and train_only
-    if key not in _STEP_CACHE:
-      if len(_STEP_CACHE) >= 32:
-        _STEP_CACHE.clear()
-      tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state,
-                                         trainable_mask=trainable_mask)
-      penalty = algorithms_lib.make_penalty(name, hparams)
-      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty), donate_argnums=0,
-                                      compiler_options=fast_conv.compiler_options()), penalty)
-    txs[name], steps[name], penalties[name] = _STEP_CACHE[key]
-  if graphdef not in _EVAL_CACHE:
-    if len(_EVAL_CACHE) >= 32:
-      _EVAL_CACHE.clear()
-    _EVAL_CACHE[graphdef] = jax.jit(make_eval_step(graphdef), compiler_options=fast_conv.compiler_options())
-  return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef], penalties)
-
-
-def run_cell(
-    config: ExperimentConfig,
-    algorithm: str,
-    split: data_lib.DomainSplit,
-    seed: int,
-    init: tuple[Any, Any],
-    compiled: _Compiled,
-    directory: str,
-    *,
-    resume: bool = False,
-    on_step: Optional[Callable[[int, dict[str, Any]], None]] = None,
-    mesh: Optional[Any] = None,
-) -> CellResult:
-  """Trains `algorithm` on `split` for `config.steps` steps, evaluating and checkpointing every `eval_every`.
-
-  Writes `directory/metrics.jsonl` (one line per step: loss, per-domain losses, variance, perturbation and gradient
-  norms, wall time; at evaluation steps also the validation and held-out accuracies), `directory/checkpoints/`
-  (the latest and the best checkpoint) and `directory/result.json`.
-
-  The device never waits on the host between evaluations: the step donates the training state, the next batch is
-  gathered while the current step runs, and each step's metrics are read one step later (evaluation steps are read
-  at once). Divergence is still reported at the step it happened, before any checkpoint of a later step.
-
-  Args:
-    config: the experiment configuration (steps, eval_every, hparams, eval_batch_size are used).
-    algorithm: the algorithm name (a key of `compiled.train_steps`).
-    split: the data split (one held-out domain).
-    seed: seeds the batch stream.
-    init: `(params, model_state)` to start from.
-    compiled: jitted steps from `_compile`.
-    directory: this run's directory.
-    resume: continue from the latest checkpoint in `directory` if there is one (otherwise start fresh). The
-      resumed run ends with exactly the parameters of an uninterrupted one.
-    on_step: called after every step with `(step, metrics)` (host floats); an exception raised there stops
-      training (the checkpoints written so far remain).
-    mesh: a `distributed.data_mesh()` to train data-parallel over every device of every process: the batch is
-      sharded along the per-domain batch axis (each process gathers only its slice), the state is replicated,
-      and only process 0 writes metrics and results (every process takes part in checkpointing). The step equals
-      the one-device step on the whole batch.
-
-  Raises:
-    TrainingDiverged: a non-finite loss, per-domain loss or gradient, or non-finite parameters at an evaluation.
-  """
-  from disam_jax.harness.checkpoint import CheckpointStore, write_json
-
-  os.makedirs(directory, exist_ok=True)
-  held_out = split.test_domains[0]
-  train_domains = list(split.train_domains)
-  sampler = data_lib.DomainBatchSampler(
-    split.train, config.hparams.batch_size, seed, domain_names=split.train_domains
-  )
-  tx = compiled.txs[algorithm]
-  train_step = compiled.train_steps[algorithm]
-  state = init_train_state(init[0], init[1], tx, (compiled.penalties or {}).get(algorithm))
-  main_process = distributed.is_main_process()
-  if mesh is not None:
-    local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
-    place = lambda state: distributed.place_state(state, mesh)  # replicated, or FSDP with an fsdp axis
-    draw = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
-  else:
-    place = lambda state: state
-    draw = lambda: jax.device_put(sampler.next())  # the host-to-device copy also overlaps the running step
-  evaluate = _evaluator(config, algorithm, split, seed, compiled.eval_step)
-  store = CheckpointStore(os.path.join(directory, "checkpoints"))
-  metrics_path = os.path.join(directory, "metrics.jsonl")
-  evals: list[dict[str, Any]] = []
-  start = time.perf_counter()
-  try:
-    restored = store.restore_latest(state) if resume else None  # UnreadableCheckpoint if none is readable
-    latest = None
-    if restored is not None:
-      latest, state, meta, notes = restored
-      for note in notes:
-        _log.warning(f"{note}; resuming from step {latest}, the latest readable checkpoint")
-      sampler.restore(meta["sampler"])
-      evals = list(meta["evals"])
-      if main_process:
-        _truncate_metrics(metrics_path, latest)
-      log = open(metrics_path if main_process else os.devnull, "a")
-    else:
-      if resume and main_process and os.path.exists(metrics_path) and os.path.getsize(metrics_path):
-        _log.warning(f"{store.directory} holds no checkpoint although {metrics_path} has lines: training this run "
-                     "again from step 0")
-      log = open(metrics_path if main_process else os.devnull, "w")
-    # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms).
-    state = jax.tree.map(jnp.copy, place(state))
-    batches = _Prefetcher(sampler, draw)
-    with log:
-      step = int(state.step)
-
-      def checkpoint(record, state, step, line):
-        """Logs `line` with the evaluation `record`, then checkpoints. The log is flushed first: every metrics line
-        up to a checkpoint is on disk before it, so a run killed after the checkpoint resumes with all of them."""
-        evals.append(record)
-        line.update(step=step, eval={"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
-                                     "test_acc": {held_out: record["test_acc"]}})
-        log.write(json.dumps(line) + "\n")
-        log.flush()
-        best = select_best(evals)
-        # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
-        store.save(step, state, {"step": step, "sampler": batches.sampler_state(), "evals": evals},
-                   keep=(best["step"],))
-
-      def finish(step, metrics, state=None):
-        """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
-        line = _step_line(metrics, step, train_domains, start, store,
-                          context=f"{algorithm}, held-out {held_out}, seed {seed}")
-        if state is not None:
-          checkpoint(evaluate(state, step), state, step, line)
-        else:
-          log.write(json.dumps(line) + "\n")
-        if on_step is not None:
-          on_step(step, line)
-
-      if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
-        checkpoint(evaluate(state, 0), state, 0, {})
-      # The loop keeps the device busy: each step is dispatched before the host gathers the next batch and reads
-      # the previous step's metrics (by then finished: the device has the new step queued behind it). Evaluation
-      # steps are finished before the next dispatch, since the next step donates the state they evaluate.
-      pending = None
-      while step < config.steps:
-        state, metrics = train_step(state, batches.next())
-        step += 1
-        if step < config.steps:
-          batches.prefetch()
-        if pending is not None:
-          finish(*pending)
-          pending = None
-        if step % config.eval_every == 0 or step == config.steps:
-          finish(step, metrics, state)
-        else:
-          pending = (step, metrics)
-  finally:
-    store.close()
-
-  result = CellResult(
-    algorithm=algorithm,
-    held_out=held_out,
-    seed=seed,
-    steps=config.steps,
-    selected=_summary(select_best(evals)),
-    last=_summary(evals[-1]),
-    evals=evals,
-    seconds=round(time.perf_counter() - start, 3),
-    directory=directory,
-  )
-  if main_process:
-    write_json(os.path.join(directory, "result.json"), result.to_json())
-  return result
-
-
-class _Prefetcher:
-  """Batches drawn one step ahead, so the host gathers the next batch while the device runs the current step.
-
-  `sampler_state()` is the sampler's state before the first batch not yet handed out: what a checkpoint records,
-  so that a resumed run draws the prefetched batch again.
-  """
-
-  def __init__(self, sampler: data_lib.DomainBatchSampler, draw: Callable[[], Any]):
-    self._sampler, self._draw = sampler, draw
-    self._ahead: Optional[tuple[dict[str, Any], Any]] = None
-
-  def prefetch(self) -> None:
-    if self._ahead is None:
-      before = self._sampler.state()
-      self._ahead = (before, self._draw())
-
-  def next(self) -> Any:
-    self.prefetch()
-    batch = self._ahead[1]
-    self._ahead = None
-    return batch
-
-  def sampler_state(self) -> dict[str, Any]:
-    return self._ahead[0] if self._ahead is not None else self._sampler.state()
-
-
-def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str], start: float, store: Any, *,
-               context: str) -> dict[str, Any]:
-  """The metrics.jsonl line of a step from its metrics (fetched to the host here).
-
-  Raises:
-    TrainingDiverged: a non-finite loss, gradient norm or per-domain loss, naming the last good checkpoint.
-  """
-  metrics = jax.device_get(metrics)
-  domain_losses = [float(v) for v in metrics["domain_losses"]]
-  values = [_float(metrics["loss"]), _float(metrics["grad_norm"])] + domain_losses
-  if not all(math.isfinite(v) for v in values):
-    listing = ", ".join(f"{d}: {v:.4g}" for d, v in zip(train_domains, domain_losses))
-    good = store.latest_step()
-    raise TrainingDiverged(
-      f"Training diverged at step {step} ({context}): loss "
-      f"{values[0]:.4g}, gradient norm {values[1]:.4g}, per-domain losses {{{listing}}}. "
-      f"The last good checkpoint is step {good} in {store.directory}. Lower --lr or --rho."
-    )
-  line = {
-    "step": step,
-    "loss": values[0],
-    "domain_losses": dict(zip(train_domains, domain_losses)),
-    "variance": _float(metrics["variance"]),
-    "perturbation_norm": _float(metrics["perturbation_norm"]),
-    "grad_norm": values[1],
-    "time": round(time.perf_counter() - start, 4),
-    **_mechanism(metrics, train_domains),
-  }
-  if "penalty" in metrics:
-    line.update(penalty=_float(metrics["penalty"]), objective=_float(metrics["objective"]))
-  return line
-
-
-def _evaluator(config: ExperimentConfig, algorithm: str, split: data_lib.DomainSplit, seed: int,
-               eval_step: Callable) -> Callable[[TrainState, int], dict[str, Any]]:
-  """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`.
-
-  Raises (from `evaluate`):
-    TrainingDiverged: the parameters are not finite.
-  """
-  held_out = split.test_domains[0]
-  train_domains = list(split.train_domains)
-  # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
-  eval_names = [("val", d) for d in (split.val_domains or train_domains)] + [("test", d) for d in split.test_domains]
-  eval_parts = list(split.val) + list(split.test)
-  eval_x = np.concatenate([x for x, _ in eval_parts])
-  eval_y = np.concatenate([y for _, y in eval_parts])
-  eval_owner = np.concatenate([np.full(len(y), k) for k, (_, y) in enumerate(eval_parts)])
-
-  def evaluate(state: TrainState, step: int) -> dict[str, Any]:
-    if not bool(_all_finite_jit(state.params)):
-      raise TrainingDiverged(
-        f"Training diverged ({algorithm}, held-out {held_out}, seed {seed}): the parameters are not finite at "
-        f"step {step}. Lower --lr or --rho."
-      )
-    # Every process evaluates its own local replica (identical values); only process 0 writes the numbers.
-    params, model_state = distributed.local_replica((state.params, state.model_state))
-    pred = predict(eval_step, params, model_state, eval_x, config.eval_batch_size)
-    correct = np.bincount(eval_owner, weights=(pred == eval_y), minlength=len(eval_parts))
-    total = np.bincount(eval_owner, minlength=len(eval_parts))
-    acc = correct / np.maximum(total, 1)
-    val = {d: float(a) for (kind, d), a in zip(eval_names, acc) if kind == "val"}
-    test = [float(a) for (kind, _), a in zip(eval_names, acc) if kind == "test"]
-    return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
-            "test_acc": test[0]}
-
-  return evaluate
 
 
 def load_cell_result(directory: str) -> Optional[CellResult]:
