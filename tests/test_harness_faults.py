@@ -321,7 +321,8 @@ def test_a_truncated_result_is_rebuilt_from_the_checkpoint_saying_so(capsys, tmp
   _cut(run / CELL / "result.json")
   code, err = _resume(capsys, run)
   assert code == 0, err
-  assert f"{run / CELL / 'result.json'} is unreadable (" in err and "rebuilding it from the run's latest checkpoint" in err
+  assert f"{run / CELL / 'result.json'} is unreadable (" in err
+  assert "rebuilding it from the run's latest checkpoint" in err
   _assert_same_results(run, reference)
 
 

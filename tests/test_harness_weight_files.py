@@ -346,7 +346,8 @@ def _stride0_pth():  # a 4-byte storage viewed as a 16384 x 16384 float32 tensor
 
 
 def _evil_zip_pth(path):
-  _pth_files.write_zip_pth(path, {"w": np.zeros(2, np.float32)}, extra=_pth_files.system_call_item(f"touch {path}.pwned"))
+  _pth_files.write_zip_pth(path, {"w": np.zeros(2, np.float32)},
+                           extra=_pth_files.system_call_item(f"touch {path}.pwned"))
 
 
 def _evil_legacy_pth(path):
@@ -407,7 +408,8 @@ def test_crafted_files_raise_one_line_naming_the_file_within_a_memory_bound(tmp_
   message = str(caught.value)
   assert message.startswith(f"{path}: ") and "\n" not in message, message
   assert re.search(BAD_FILES[kind][2], message), message
-  assert peak < 4 * os.path.getsize(path) + (2 << 20), f"{peak:,} bytes allocated for a {os.path.getsize(path):,}-byte file"
+  size = os.path.getsize(path)
+  assert peak < 4 * size + (2 << 20), f"{peak:,} bytes allocated for a {size:,}-byte file"
   assert not os.path.exists(f"{path}.pwned")
 
 
