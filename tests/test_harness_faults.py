@@ -417,3 +417,27 @@ def test_a_read_only_output_directory_is_one_line_and_changes_nothing(tmp_path, 
   assert (out / "err_new").read_text().splitlines() == [f"disam-train: error: cannot write {mnt / 'new'}: Read-only "
                                                         "file system."]
   assert (out / "after").read_text() == (out / "before").read_text()
+
+
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated (SIGTERM)")],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_training_starts_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path, signum, said):
+  from disam_jax.harness import train
+
+  def prepare_and_fit(*args, **kwargs):  # while the data loads: the real handlers are installed
+    signal.raise_signal(signum)
+
+  def unhandled(*args):
+    raise AssertionError("disam-train left SIGTERM to the previous handler")
+
+  monkeypatch.setattr(train, "prepare_and_fit", prepare_and_fit)
+  previous = signal.signal(signal.SIGTERM, unhandled)  # instead of the default, which would end pytest
+  try:
+    code, _, err = _run(capsys, FAULT_RUN + ["--output-dir", str(tmp_path / "run")])
+    assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
+  except KeyboardInterrupt:
+    pytest.fail("a KeyboardInterrupt escaped disam-train")
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert code == 130 and err == f"disam-train: error: {said} before training started; nothing was trained\n"
+  assert not (tmp_path / "run").exists()

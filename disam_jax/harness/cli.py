@@ -517,6 +517,10 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
                                        prepared=prepared, mesh=mesh)
     if main_process:
       report.write_report(run_dir, results, config, plots=not args.no_plots)
+    if main_process and not args.quiet:
+      with open(os.path.join(run_dir, "results.md")) as f:
+        print(f.read())
+      print(f"Run directory: {run_dir}")
   except train_lib.TrainingDiverged as e:
     _error(str(e))
     return EXIT_DIVERGED
@@ -532,10 +536,6 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
   except OSError as e:
     _error(_write_failure(e, run_dir))
     return EXIT_WRITE_FAILED
-  if main_process and not args.quiet:
-    with open(os.path.join(run_dir, "results.md")) as f:
-      print(f.read())
-    print(f"Run directory: {run_dir}")
   return 0
 
 
