@@ -441,3 +441,15 @@ def test_a_signal_before_training_starts_is_one_line_and_exit_130(capsys, monkey
     signal.signal(signal.SIGTERM, previous)
   assert code == 130 and err == f"disam-train: error: {said} before training started; nothing was trained\n"
   assert not (tmp_path / "run").exists()
+
+
+def test_lost_checkpoints_retrain_from_step_0_saying_so(capsys, tmp_path, reference):
+  run = _copy(reference, tmp_path)
+  (run / CELL / "result.json").unlink()
+  shutil.rmtree(run / CELL / "checkpoints")
+  code, err = _resume(capsys, run)
+  assert code == 0, err
+  cell = run / CELL
+  assert err == (f"disam-train: {cell / 'checkpoints'} holds no checkpoint although {cell / 'metrics.jsonl'} has "
+                 "lines: training this run again from step 0\n")
+  _assert_same_results(run, reference)
