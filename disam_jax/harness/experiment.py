@@ -4,7 +4,7 @@ Owns the checks of a configuration against its data and weights before anything 
 `prepare_and_fit`: domains, batch size, model options, `--train-only`, a pretrained file), each run's split of the
 data (`harden_domain` and the regimes), the run directory's layout (`cell_directory`, `new_run_directory`), resuming
 (finished runs loaded, interrupted ones continued: `load_cell_result`, `load_latest_state`) and `run_experiment`,
-which trains each run with `loop.run_cell` and collects the results that `report` turns into tables and plots.
+which trains each run with `loop.run_cell` and collects the results that `render.write_report` turns into tables and plots.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from disam_jax.harness import regimes
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.loop import CellResult, _compile, run_cell
 from disam_jax.harness.steps import TrainState, _model_initializer, init_model
+from disam_jax.harness.tables import write_results
 
 __all__ = [
   "cell_directory",
@@ -341,8 +342,6 @@ def run_experiment(
     prepared: `prepare(config)`'s result, if already computed.
     mesh: train data-parallel over this mesh (see `run_cell`); only process 0 writes files and shows progress.
   """
-  from disam_jax.harness import report
-
   first_ds, held_out = prepared if prepared is not None else prepare(config)
   main_process = distributed.is_main_process()
   os.makedirs(run_dir, exist_ok=True)
@@ -352,7 +351,7 @@ def run_experiment(
     write_json(os.path.join(run_dir, "config.json"), config.to_json())
     write_json(os.path.join(run_dir, "data.json"), data_lib.describe(first_ds))  # the data warnings, for the report
     if not os.path.exists(os.path.join(run_dir, "results.json")):  # a report works (all runs missing) from now on
-      report.write_results(run_dir, [], config)
+      write_results(run_dir, [], config)
 
   cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
   results: list[CellResult] = []
@@ -404,7 +403,7 @@ def run_experiment(
           results.append(run_cell(config, algorithm, split, seed, init, compiled, directory,
                                   resume=resume, on_step=step_hook, mesh=mesh))
           if main_process:
-            report.write_results(run_dir, results, config)
+            write_results(run_dir, results, config)
   finally:
     if bar is not None:
       bar.close()

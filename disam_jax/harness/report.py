@@ -49,6 +49,29 @@ from typing import Any, Optional
 
 import numpy as np
 
+from disam_jax.harness.tables import (  # noqa: F401
+  SELECTIONS,
+  BadResults,
+  _SAME_DATA,
+  _as_dict,
+  _data_summary,
+  _display,
+  _flat,
+  _ordered,
+  _row_config,
+  _value,
+  _write_text,
+  expected_runs,
+  format_mean_std,
+  load_results,
+  missing_runs,
+  results_markdown,
+  results_table,
+  row_settings,
+  summarize,
+  write_results,
+)
+
 __all__ = [
   "BadResults",
   "MergeError",
@@ -71,11 +94,6 @@ __all__ = [
   "write_results",
 ]
 
-# (key in a cell's result, title)
-SELECTIONS = (
-  ("selected", "training-domain validation (best validation accuracy)"),
-  ("last", "last checkpoint"),
-)
 # (color, line style, marker) per algorithm; others get the extra ones in order.
 _STYLES = {"erm": ("tab:gray", ":", "s"), "sam": ("tab:blue", "--", "o"), "disam": ("tab:red", "-", "^")}
 _EXTRA_COLORS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
@@ -83,373 +101,8 @@ _EXTRA_LINES = ("-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
 _EXTRA_MARKERS = ("D", "v", "P", "X", "*", "h", "<", ">")
 
 
-def _as_dict(cell: Any) -> dict[str, Any]:
-  return cell.to_json() if hasattr(cell, "to_json") else dict(cell)
-
-
-def _display(algorithm: str) -> str:
-  return algorithm.upper()
-
-
-def _ordered(values) -> list:
-  out = []
-  for v in values:
-    if v not in out:
-      out.append(v)
-  return out
-
-
-def format_mean_std(values: Sequence[float]) -> str:
-  """`'97.3 ± 0.4'` for accuracies in [0, 1] (shown in %); the mean alone for one value; '–' for none."""
-  if len(values) == 0:
-    return "–"
-  pct = 100.0 * np.asarray(values, np.float64)
-  if len(pct) == 1:
-    return f"{pct[0]:.1f}"
-  return f"{pct.mean():.1f} ± {pct.std(ddof=1):.1f}"
-
-
-def summarize(cells: Sequence[Any], selection: str = "selected",
-              expected: Optional[Sequence[tuple[str, str, int]]] = None) -> dict[str, Any]:
-  """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
-
-  Args:
-    cells: run results (`train.CellResult` or their JSON dicts with algorithm, held_out, seed and
-      `selection` -> {"test_acc"}).
-    selection: "selected" (training-domain validation) or "last".
-    expected: the (algorithm, held-out domain, seed) runs the configuration asks for (`expected_runs`), when known:
-      its algorithms and domains are rows and columns even without a finished run, so an average never covers
-      fewer domains than configured.
-
-  Returns:
-    ``{"algorithms": [...], "domains": [...], "accuracy": {alg: {domain: {seed: acc}}},
-    "average": {alg: {seed: acc}}, "seeds": {alg: {domain: n}}}`` (average only over seeds that have every
-    domain; `seeds`: how many seeds each entry should have, 0 when not known).
-  """
-  cells = [_as_dict(c) for c in cells]
-  expected = list(expected or [])
-  algorithms = _ordered([a for a, _, _ in expected] + [c["algorithm"] for c in cells])
-  domains = _ordered([d for _, d, _ in expected] + [c["held_out"] for c in cells])
-  accuracy: dict[str, dict[str, dict[int, float]]] = {a: {d: {} for d in domains} for a in algorithms}
-  for c in cells:
-    accuracy[c["algorithm"]][c["held_out"]][int(c["seed"])] = float(c[selection]["test_acc"])
-  average = {}
-  for a in algorithms:
-    seeds = set.intersection(*(set(accuracy[a][d]) for d in domains)) if domains else set()
-    average[a] = {s: float(np.mean([accuracy[a][d][s] for d in domains])) for s in sorted(seeds)}
-  wanted = {a: {d: sum(1 for e in expected if e[:2] == (a, d)) for d in domains} for a in algorithms}
-  return {"algorithms": algorithms, "domains": domains, "accuracy": accuracy, "average": average, "seeds": wanted}
-
-
-def _entry(values: Sequence[float], wanted: int) -> str:
-  """`format_mean_std`, marked `(k/n seeds)` when fewer than the `wanted` n seeds finished."""
-  text = format_mean_std(values)
-  return f"{text} ({len(values)}/{wanted} seeds)" if values and len(values) < wanted else text
-
-
-def results_table(cells: Sequence[Any], selection: str = "selected",
-                  expected: Optional[Sequence[tuple[str, str, int]]] = None) -> str:
-  """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± std (%) over seeds.
-
-  With `expected` (see `summarize`), an entry with fewer seeds than configured says so, and an algorithm or domain
-  without any finished run shows –.
-  """
-  s = summarize(cells, selection, expected)
-  header = ["Algorithm"] + [str(d) for d in s["domains"]] + ["Avg"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
-  for a in s["algorithms"]:
-    row = [_display(a)]
-    row += [_entry(list(s["accuracy"][a][d].values()), s["seeds"][a][d]) for d in s["domains"]]
-    row.append(_entry(list(s["average"][a].values()), max(s["seeds"][a].values(), default=0)))
-    lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines)
-
-
-def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
-  """The (algorithm, held-out domain, seed) runs `config` asks for, in training order; None when not known.
-
-  Owns what "complete" means for a report: the configuration's algorithms x held-out domains (every domain of
-  `data` — data.json — when `held_out` is None) x seeds; for a merged report (`merge_runs`), every source's, with
-  its suffix. None without a configuration, or with held_out None and no domains in `data`.
-  """
-  if not config:
-    return None
-  if "merged" in config:
-    out = []
-    for source in config["merged"]:
-      directory, _, suffix = source.partition("=")
-      runs = expected_runs((config.get("runs") or {}).get(directory), ((data or {}).get("runs") or {}).get(directory))
-      if runs is None:
-        return None
-      out += [(a + suffix, d, s) for a, d, s in runs]
-    return out
-  domains = config.get("held_out") or list((data or {}).get("domains") or [])
-  if not domains or not config.get("algorithms") or not config.get("seeds"):
-    return None
-  return [(a, str(d), int(s)) for s in config["seeds"] for d in domains for a in config["algorithms"]]
-
-
-def missing_runs(cells: Sequence[Any], expected: Optional[Sequence[tuple]]) -> list[tuple]:
-  """The runs of `expected` that `cells` lacks (none when `expected` is None)."""
-  have = {(c["algorithm"], str(c["held_out"]), int(c["seed"])) for c in map(_as_dict, cells)}
-  return [e for e in expected or [] if e not in have]
-
-
-def _missing_note(missing: Sequence[tuple], expected: Sequence[tuple]) -> str:
-  """The line that says a report is incomplete, and which runs it lacks."""
-  shown = ", ".join(f"{a} held-out {d} seed {s}" for a, d, s in missing[:12])
-  more = f" and {len(missing) - 12} more (all in results.json)" if len(missing) > 12 else ""
-  return (f"**Incomplete: {len(missing)} of the {len(expected)} runs configured have no result** (interrupted, "
-          f"failed or not started): {shown}{more}. An entry with fewer seeds than configured says k/n seeds; Avg "
-          "averages only the seeds that have every held-out domain (– when none has).")
-
-
-def _seed_note(cells: Sequence[dict[str, Any]]) -> str:
-  seeds = sorted({int(c["seed"]) for c in cells})
-  if not seeds:
-    return "No run has finished yet"
-  if len(seeds) == 1:
-    return f"1 seed ({seeds[0]}): no standard deviation"
-  return f"mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
-
-
-# Settings that decide which data a run saw: runs that differ in one of them are not merged.
-_SAME_DATA = ("dataset", "image_size", "holdout_fraction", "hard_domain", "hard_domain_fraction",
-              "hard_domain_label_noise")
-# Settings that describe the run as a whole, not one row.
-_NOT_ROW = {"algorithms", "held_out", "seeds", "eval_batch_size", "data_dir", "cache_dir"} | set(_SAME_DATA)
-
-
 class MergeError(ValueError):
   """Run directories that cannot be combined into one report; the message says why and what to do."""
-
-
-class BadResults(ValueError):
-  """A run directory's results.json (or data.json) that cannot be read; the one-line message names the file."""
-
-
-_CELL_KEYS = ("algorithm", "held_out", "seed", "steps", "selected", "last", "directory")
-
-
-def load_results(directory: str) -> dict[str, Any]:
-  """The saved results.json of a run directory, checked: a dict whose "cells" are run results.
-
-  Raises:
-    BadResults: naming the file and what is wrong with it: no such directory, no results.json, a results.json that
-      is a directory, empty, not JSON (truncated?) or not a disam-train results file.
-  """
-  path = os.path.join(directory, "results.json")
-  if not os.path.isdir(directory):
-    raise BadResults(f"{directory}: {'a file' if os.path.exists(directory) else 'no such directory'}, not a run "
-                     "directory")
-  if os.path.isdir(path):
-    raise BadResults(f"{path} is a directory, not a results file")
-  try:
-    with open(path, errors="replace") as f:
-      text = f.read()
-  except FileNotFoundError:
-    raise BadResults(f"{directory} has no results.json (not a disam-train run directory, or no run has started)") \
-      from None
-  except OSError as e:
-    raise BadResults(f"{path}: cannot read it: {e.strerror}") from None
-  try:
-    saved = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise BadResults(f"{path} is empty" if not text.strip() else
-                     f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}: truncated?)") from None
-  cells = saved.get("cells") if isinstance(saved, dict) else None
-  if not isinstance(cells, list):
-    raise BadResults(f"{path} is not a disam-train results file (no list of \"cells\")")
-  for k, c in enumerate(cells):
-    lacking = [key for key in _CELL_KEYS if not isinstance(c, dict) or key not in c]
-    if lacking or not all(isinstance(c[key], dict) and "test_acc" in c[key] for key in ("selected", "last")):
-      raise BadResults(f"{path}: run {k} of its cells is not a run result (lacks {lacking or 'test_acc'})")
-  return saved
-
-
-def _flat(config: Optional[dict[str, Any]]) -> dict[str, Any]:
-  """A run's configuration with its hyperparameters at the top level."""
-  if not config:
-    return {}
-  out = {k: v for k, v in config.items() if k != "hparams"}
-  out.update(config.get("hparams") or {})
-  return out
-
-
-def _row_config(flat: dict[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in flat.items() if k not in _NOT_ROW and not (k == "model_kwargs" and not v)}
-
-
-def row_settings(cells: Sequence[Any], config: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
-  """Per row (algorithm), the settings it was trained with: model, steps, optimizer and algorithm hyperparameters.
-
-  For a merged report (`merge_runs`), each row's settings are those of the run directory it came from (``"run"``).
-  """
-  cells = [_as_dict(c) for c in cells]
-  if config is not None and hasattr(config, "to_json"):
-    config = config.to_json()
-  out = {}
-  for c in cells:
-    if c["algorithm"] in out:
-      continue
-    if config and "merged" in config:
-      source = c.get("source")
-      out[c["algorithm"]] = {"run": source, **_row_config(_flat((config.get("runs") or {}).get(source)))}
-    else:
-      out[c["algorithm"]] = _row_config(_flat(config))
-    out[c["algorithm"]].setdefault("steps", int(c["steps"]))
-  return out
-
-
-def _value(v: Any) -> str:
-  return "–" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-
-
-def _settings_table(rows: dict[str, dict[str, Any]]) -> str:
-  keys = _ordered(k for settings in rows.values() for k in settings)
-  lines = ["| Algorithm | " + " | ".join(keys) + " |", "|---|" + "|".join([":-:"] * len(keys)) + "|"]
-  for a, settings in rows.items():
-    lines.append(f"| {_display(a)} | " + " | ".join(_value(settings.get(k)) for k in keys) + " |")
-  return "\n".join(lines)
-
-
-def _data_lines(data: Optional[dict[str, Any]]) -> list[str]:
-  """What the data layer warned about (`data.json` of each run), counted."""
-  if not data:
-    return []
-  sources = data.get("runs") if "runs" in data else {None: data}
-  lines = []
-  for source, summary in sources.items():
-    where = f" (`{source}`)" if source is not None else ""
-    unreadable = list(summary.get("unreadable_files") or [])
-    other = list(summary.get("warnings") or [])
-    if not unreadable and not other:
-      lines.append(f"Data{where}: no warnings.")
-      continue
-    parts = []
-    if unreadable:
-      shown = ", ".join(unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
-      parts.append(f"{len(unreadable)} unreadable image file(s) skipped ({shown})")
-    if other:
-      parts.append(f"{len(other)} other warning(s): " + "; ".join(other))
-    lines.append(f"Data{where}: " + "; ".join(parts) + ".")
-  return lines
-
-
-def results_markdown(cells: Sequence[Any], config: Optional[dict[str, Any]] = None,
-                     data: Optional[dict[str, Any]] = None) -> str:
-  """Both tables (training-domain validation and last checkpoint) as one Markdown document.
-
-  The header gives the run's settings (for a merged report: the runs merged, the settings that differ between them,
-  and a table of every row's settings) and the data warnings (`data`, as `data.json`).
-  """
-  cells = [_as_dict(c) for c in cells]
-  if config is not None and hasattr(config, "to_json"):
-    config = config.to_json()
-  title = "# Held-out accuracy (%)"
-  settings = ""
-  if config and "merged" in config:
-    title += "\n\nRuns merged from " + ", ".join(f"`{d}`" for d in config["merged"]) + "."
-    differences = config.get("differences") or {}
-    if differences:
-      title += "\nSettings that differ between them: " + "; ".join(
-        f"{key} (" + ", ".join(f"`{run}`: {_value(v)}" for run, v in values.items()) + ")"
-        for key, values in differences.items()
-      ) + "."
-    settings = "\n## Settings of each row\n\n" + _settings_table(row_settings(cells, config)) + "\n"
-  elif config:
-    hp = config.get("hparams", {})
-    title += (
-      f"\n\n{config.get('dataset')} · model {config.get('model')} · {config.get('steps')} steps · "
-      f"{hp.get('optimizer')} lr {hp.get('lr')} · batch {hp.get('batch_size')}/domain · rho {hp.get('rho')} · "
-      f"lam {hp.get('lam')}" + (" · adaptive" if hp.get("adaptive") else "")
-    )
-    if config.get("hard_domain") is not None:
-      title += (
-        f" · hard domain {config['hard_domain']} (fraction {config.get('hard_domain_fraction')}, label noise "
-        f"{config.get('hard_domain_label_noise')})"
-      )
-  data_lines = _data_lines(data)
-  parts = [title, ""] + ([*data_lines, ""] if data_lines else [])
-  expected = expected_runs(config, data)
-  missing = missing_runs(cells, expected)
-  if missing:
-    parts += [_missing_note(missing, expected), ""]
-  for key, name in SELECTIONS:
-    parts += [f"## Model selection: {name}", "", _seed_note(cells) + ".", "", results_table(cells, key, expected), ""]
-  return "\n".join(parts) + settings
-
-
-def _write_text(path: str, text: str) -> None:
-  """Writes `path` through a temporary file in the same folder and a rename: readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _data_summary(run_dir: str) -> Optional[dict[str, Any]]:
-  """The run's data.json, None if it has none; BadResults naming it if it is unreadable."""
-  path = os.path.join(run_dir, "data.json")
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, errors="replace") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise BadResults(f"{path} is unreadable ({' '.join(str(e).split())[:100]}): delete it to report without the "
-                     "data warnings") from None
-
-
-def _warning_count(data: Optional[dict[str, Any]]) -> Optional[int]:
-  if not data:
-    return None
-  sources = data["runs"].values() if "runs" in data else [data]
-  return sum(len(s.get("unreadable_files") or []) + len(s.get("warnings") or []) for s in sources)
-
-
-def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, data: Optional[dict[str, Any]] = None,
-                  out_dir: Optional[str] = None) -> None:
-  """Writes `results.json` (every run's result, each row's settings, the data warnings and the table numbers) and
-  `results.md` into `out_dir` (default `run_dir`), each atomically. `data` defaults to `run_dir/data.json`."""
-  cells = [_as_dict(c) for c in cells]
-  if config is not None and hasattr(config, "to_json"):
-    config = config.to_json()
-  if data is None:
-    data = _data_summary(run_dir)
-  out_dir = out_dir or run_dir
-  expected = expected_runs(config, data)
-  tables = {}
-  for key, _ in SELECTIONS:
-    s = summarize(cells, key, expected)
-    tables[key] = {
-      a: {
-        **{d: _stats(list(s["accuracy"][a][d].values())) for d in s["domains"]},
-        "Avg": _stats(list(s["average"][a].values())),
-      }
-      for a in s["algorithms"]
-    }
-  saved = {"config": config, "rows": row_settings(cells, config), "data": data,
-           "data_warnings": _warning_count(data), "tables": tables, "cells": cells,
-           "runs_configured": None if expected is None else len(expected),
-           "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)]}
-  _write_text(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
-  _write_text(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-  v = np.asarray(values, np.float64)
-  return {
-    "mean": float(v.mean()) if len(v) else None,
-    "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-    "n": int(len(v)),
-  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
