@@ -1,37 +1,18 @@
-"""Results of an experiment: DomainBed-style tables (results.md, results.json) and plots (PNG).
+"""The report of a run directory, and its command: ``python -m disam_jax.harness.report RUN_DIR``.
 
-Tables: rows are algorithms, columns the held-out domains and their average, cells the held-out accuracy in %
-as mean ± std over seeds (sample standard deviation, ddof=1; a single seed shows the mean alone). The "Avg" column
-averages each seed's accuracies over the held-out domains first, then takes mean ± std of those per-seed averages
-over the seeds that have every domain. Two tables: model selection by training-domain validation (the evaluation
-with the best mean validation accuracy on the training domains' held-back 20%), and the last evaluation.
+A report is the accuracy tables (results.md, results.json: `tables.py`), the training-dynamics and paired tables
+appended to results.md (`stats.py`) and the plots (PNG: `plots.py`). This module owns putting them together:
+`write_report` regenerates a run directory's report in place; `write_merged_report` writes the combination of
+several run directories (`merge.merge_runs`) into a new folder. Every output is first written to a temporary file
+or directory and then renamed into place, so an error never leaves a half-written report.
 
-Each row's settings (model, steps, optimizer and algorithm hyperparameters) and the data warnings of the run
-(unreadable images skipped, class folders missing from a domain; `data.json`, written by `train.run_experiment`)
-are in results.json and results.md on every run.
+The command: ``python -m disam_jax.harness.report RUN_DIR [--no-plots] [--threshold T]``; ``--merge DIR[=SUFFIX]
+...`` combines run directories into RUN_DIR, refusing runs on different data, two copies of one run (same
+algorithm, held-out domain and seed) and a row that would mix different settings (the message says which suffix
+to add).
 
-Plots (matplotlib, imported only when plotting, drawn without pyplot so no GUI backend is touched). Every algorithm
-has its own color, line style and markers (placed at different steps), so curves that coincide stay visible; where
-SAM and a DISAM variant are both present, a panel shows DISAM minus SAM paired run by run (same held-out domain
-and seed: same initialization and batches):
-
-* ``training_curves.png``: training loss and variance of the per-domain training losses over steps, one line per
-  algorithm, averaged over every held-out domain and seed; below, DISAM minus SAM of the training loss and
-  DISAM / SAM of the variance, mean over pairs with their range;
-* ``domain_losses.png``: one row per held-out domain; per algorithm, the training loss of each training domain over
-  steps, and in the last column the variance of the domain losses, algorithms compared (means over seeds);
-* ``heldout_accuracy.png``: held-out accuracy at every evaluation, one panel per held-out domain, mean ± std over
-  seeds, the y axis zoomed on the evaluations after step 0 (the initialization's chance-level point lies below it);
-  and DISAM minus SAM in points per held-out domain;
-* ``mechanism.png`` (when the metrics hold DISAM's perturbation weights): the weights ``c_i`` of
-  ``g_p = sum_i c_i grad L_i`` per training domain over steps (SAM's are all ``1/M``), and, for runs with
-  ``--diagnostics``, the cosine between DISAM's and SAM's perturbation directions.
-
-Curves are smoothed with a trailing moving average over 2% of the steps. Regenerate everything for a run
-directory with ``python -m disam_jax.harness.report RUN_DIR``; ``--merge`` combines run directories into a new
-one, refusing runs on different data, two copies of one run (same algorithm, held-out domain and seed) and a row
-that would mix different settings (the message says which suffix to add). Every output is first written to a
-temporary file or directory and then renamed into place, so an error never leaves a half-written report.
+The names of tables.py, stats.py, plots.py and merge.py are also re-exported here, for existing imports
+(``from disam_jax.harness import report``: tests, scripts, examples).
 """
 
 from __future__ import annotations
@@ -48,8 +29,6 @@ from disam_jax.harness.merge import MergeError, _replaceable, merge_runs
 from disam_jax.harness.plots import write_plots
 from disam_jax.harness.stats import (  # noqa: F401
   Metrics,
-  _cells_from_run,
-  _metrics_by_cell,
   _sam_of,
   dynamics_table,
   load_metrics,
@@ -61,14 +40,9 @@ from disam_jax.harness.stats import (  # noqa: F401
 from disam_jax.harness.tables import (  # noqa: F401
   SELECTIONS,
   BadResults,
-  _SAME_DATA,
   _as_dict,
   _data_summary,
-  _display,
-  _flat,
   _ordered,
-  _row_config,
-  _value,
   _write_text,
   expected_runs,
   format_mean_std,
@@ -98,15 +72,11 @@ __all__ = [
   "row_settings",
   "steps_to_threshold",
   "summarize",
+  "write_merged_report",
   "write_plots",
   "write_report",
   "write_results",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reports, merges
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _render(run_dir: str, out_dir: str, cells, config, data, plots: bool, threshold: float) -> list[str]:
