@@ -20,3 +20,19 @@ def test_public_api():
   for name in disam_jax.__all__:
     assert getattr(disam_jax, name).__doc__, name
   assert isinstance(disam_jax.disam(__import__('optax').sgd(0.1)), __import__('optax').GradientTransformationExtraArgs)
+
+
+def test_every_program_a_help_text_names_is_installed_by_pyproject():
+  """`disam-launch --help` calls itself disam-launch: pyproject installs that command, pointing at its main."""
+  import importlib
+  import pathlib
+  import tomllib
+
+  scripts = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())['project']['scripts']
+  assert set(scripts) >= {'disam-train', 'disam-launch'}
+  for name, target in scripts.items():
+    module, _, attr = target.partition(':')
+    assert callable(getattr(importlib.import_module(module), attr)), name
+  out = subprocess.run([sys.executable, '-m', 'disam_jax.harness.launch', '--help'], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.startswith('usage: disam-launch')

@@ -86,7 +86,8 @@ def launch(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog='disam-launch'
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog='disam-launch',
+      allow_abbrev=False,
   )
   parser.add_argument('--num-processes', type=int, required=True, help='number of processes to start')
   parser.add_argument('--devices-per-process', type=int, default=1, help='host CPU devices per process')
