@@ -4,7 +4,8 @@ Owns the checks of a configuration against its data and weights before anything 
 `prepare_and_fit`: domains, batch size, model options, `--train-only`, a pretrained file), each run's split of the
 data (`harden_domain` and the regimes), the run directory's layout (`cell_directory`, `new_run_directory`), resuming
 (finished runs loaded, interrupted ones continued: `load_cell_result`, `load_latest_state`) and `run_experiment`,
-which trains each run with `loop.run_cell` and collects the results that `render.write_report` turns into tables and plots.
+which trains each run with `loop.run_cell` and collects the results that `report.write_report` turns into tables
+and plots.
 """
 
 from __future__ import annotations
@@ -344,22 +345,10 @@ def run_experiment(
   """
   first_ds, held_out = prepared if prepared is not None else prepare(config)
   main_process = distributed.is_main_process()
-  os.makedirs(run_dir, exist_ok=True)
-  if main_process:
-    from disam_jax.harness.checkpoint import write_json
-
-    write_json(os.path.join(run_dir, "config.json"), config.to_json())
-    write_json(os.path.join(run_dir, "data.json"), data_lib.describe(first_ds))  # the data warnings, for the report
-    if not os.path.exists(os.path.join(run_dir, "results.json")):  # a report works (all runs missing) from now on
-      write_results(run_dir, [], config)
-
-  cells = [(s, d, a) for s in config.seeds for d in held_out for a in config.algorithms]
+  _start_run_directory(run_dir, config, first_ds, main_process)
   results: list[CellResult] = []
-  bar = None
-  if progress and main_process:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(cells) * config.steps, unit="step", dynamic_ncols=True, smoothing=0.05)
+  runs = len(config.seeds) * len(held_out) * len(config.algorithms)
+  bar = _Progress(progress and main_process, runs * config.steps)
   compiled = None
   try:
     for seed in config.seeds:
@@ -375,39 +364,85 @@ def run_experiment(
           done = load_cell_result(directory) if resume else None
           if done is not None and done.steps == config.steps:
             results.append(done)
-            if bar is not None:
-              bar.update(config.steps)
+            bar.update(config.steps)
             continue
           if init is None:
-            graphdef, params, model_state = init_model(
-              config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
-              model_kwargs=config.model_kwargs, pretrained=config.pretrained,
-            )
-            init = (params, model_state)
-            if compiled is None:
-              compiled = _compile(config, graphdef, model_state, len(split.train),
-                                  _trainable_mask(config, graphdef, params, model_state))
-          if bar is not None:
-            bar.set_description(f"{algorithm} held-out {d} seed {seed}")
-            bar.set_postfix(refresh=False)
-            bar.update(_resumed_steps(directory) if resume else 0)
-
-          def step_hook(step, line, algorithm=algorithm, d=d, seed=seed):
-            if bar is not None:
-              bar.update(1)
-              if "loss" in line and step % 10 == 0:
-                bar.set_postfix(loss=f"{line['loss']:.3f}", refresh=False)
-            if on_step is not None:
-              on_step(algorithm, d, seed, step, line)
-
-          results.append(run_cell(config, algorithm, split, seed, init, compiled, directory,
-                                  resume=resume, on_step=step_hook, mesh=mesh))
+            init, compiled = _initialize(config, ds, seed, len(split.train), compiled)
+          bar.start_run(algorithm, d, seed, directory if resume else None)
+          results.append(run_cell(config, algorithm, split, seed, init, compiled, directory, resume=resume,
+                                  on_step=bar.step_hook(on_step, algorithm, d, seed), mesh=mesh))
           if main_process:
             write_results(run_dir, results, config)
   finally:
-    if bar is not None:
-      bar.close()
+    bar.close()
   return results
+
+
+def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.DomainDataset,
+                         main_process: bool) -> None:
+  """Creates `run_dir`; on process 0 writes its config.json, data.json and (unless there is one) an empty
+  results.json."""
+  os.makedirs(run_dir, exist_ok=True)
+  if main_process:
+    from disam_jax.harness.checkpoint import write_json
+
+    write_json(os.path.join(run_dir, "config.json"), config.to_json())
+    write_json(os.path.join(run_dir, "data.json"), data_lib.describe(ds))  # the data warnings, for the report
+    if not os.path.exists(os.path.join(run_dir, "results.json")):  # a report works (all runs missing) from now on
+      write_results(run_dir, [], config)
+
+
+def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int, num_domains: int,
+                compiled: Optional[Any]) -> tuple[tuple[Any, Any], Any]:
+  """`((params, model_state), compiled)`: a seed's initial model, shared by its runs, and the jitted steps
+  (`compiled`, or compiled now on the first call)."""
+  graphdef, params, model_state = init_model(
+    config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
+    model_kwargs=config.model_kwargs, pretrained=config.pretrained,
+  )
+  if compiled is None:
+    compiled = _compile(config, graphdef, model_state, num_domains,
+                        _trainable_mask(config, graphdef, params, model_state))
+  return (params, model_state), compiled
+
+
+class _Progress:
+  """The tqdm progress bar over every step of every run (on stderr), or nothing when not `shown`."""
+
+  def __init__(self, shown: bool, total: int):
+    self._bar = None
+    if shown:
+      from tqdm.auto import tqdm
+
+      self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+  def update(self, steps: int) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def start_run(self, algorithm: str, held_out: str, seed: int, resumed: Optional[str]) -> None:
+    """A run starts; `resumed`: its directory when resuming (the steps it has done already count)."""
+    if self._bar is not None:
+      self._bar.set_description(f"{algorithm} held-out {held_out} seed {seed}")
+      self._bar.set_postfix(refresh=False)
+      self._bar.update(_resumed_steps(resumed) if resumed is not None else 0)
+
+  def step_hook(self, on_step, algorithm: str, held_out: str, seed: int) -> Callable[[int, dict[str, Any]], None]:
+    """`run_cell`'s `on_step`: advances the bar (the loss every 10 steps), then calls the caller's `on_step`."""
+
+    def step_hook(step, line):
+      if self._bar is not None:
+        self._bar.update(1)
+        if "loss" in line and step % 10 == 0:
+          self._bar.set_postfix(loss=f"{line['loss']:.3f}", refresh=False)
+      if on_step is not None:
+        on_step(algorithm, held_out, seed, step, line)
+
+    return step_hook
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
 
 
 def _resumed_steps(directory: str) -> int:

@@ -222,14 +222,42 @@ def run_cell(
 
   os.makedirs(directory, exist_ok=True)
   held_out = split.test_domains[0]
-  train_domains = list(split.train_domains)
+  sampler, place, draw = _batch_source(config, split, seed, mesh)
+  state = init_train_state(init[0], init[1], compiled.txs[algorithm], (compiled.penalties or {}).get(algorithm))
+  main_process = distributed.is_main_process()
+  evaluate = _evaluator(config, algorithm, split, seed, compiled.eval_step)
+  store = CheckpointStore(os.path.join(directory, "checkpoints"))
+  metrics_path = os.path.join(directory, "metrics.jsonl")
+  start = time.perf_counter()
+  try:
+    latest, state, evals, log = _open_run(store, state, sampler, metrics_path, resume=resume,
+                                          main_process=main_process)
+    # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms).
+    state = jax.tree.map(jnp.copy, place(state))
+    batches = _Prefetcher(sampler, draw)
+    with log:
+      host = _HostSide(log, store, batches, evaluate, evals, list(split.train_domains), held_out, start,
+                       f"{algorithm}, held-out {held_out}, seed {seed}", on_step)
+      if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
+        host.checkpoint(evaluate(state, 0), state, 0, {})
+      _train_steps(compiled.train_steps[algorithm], state, batches, config, host)
+  finally:
+    store.close()
+
+  result = CellResult(algorithm=algorithm, held_out=held_out, seed=seed, steps=config.steps,
+                      selected=_summary(select_best(evals)), last=_summary(evals[-1]), evals=evals,
+                      seconds=round(time.perf_counter() - start, 3), directory=directory)
+  if main_process:
+    write_json(os.path.join(directory, "result.json"), result.to_json())
+  return result
+
+
+def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
+  """`(sampler, place, draw)`: the run's batch sampler, `place(state)` on the devices, and `draw()` of the next
+  batch on the devices (under a mesh: this process's slice of the global batch)."""
   sampler = data_lib.DomainBatchSampler(
     split.train, config.hparams.batch_size, seed, domain_names=split.train_domains
   )
-  tx = compiled.txs[algorithm]
-  train_step = compiled.train_steps[algorithm]
-  state = init_train_state(init[0], init[1], tx, (compiled.penalties or {}).get(algorithm))
-  main_process = distributed.is_main_process()
   if mesh is not None:
     local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
     place = lambda state: distributed.place_state(state, mesh)  # replicated, or FSDP with an fsdp axis
@@ -237,93 +265,88 @@ def run_cell(
   else:
     place = lambda state: state
     draw = lambda: jax.device_put(sampler.next())  # the host-to-device copy also overlaps the running step
-  evaluate = _evaluator(config, algorithm, split, seed, compiled.eval_step)
-  store = CheckpointStore(os.path.join(directory, "checkpoints"))
-  metrics_path = os.path.join(directory, "metrics.jsonl")
-  evals: list[dict[str, Any]] = []
-  start = time.perf_counter()
-  try:
-    restored = store.restore_latest(state) if resume else None  # UnreadableCheckpoint if none is readable
-    latest = None
-    if restored is not None:
-      latest, state, meta, notes = restored
-      for note in notes:
-        _log.warning(f"{note}; resuming from step {latest}, the latest readable checkpoint")
-      sampler.restore(meta["sampler"])
-      evals = list(meta["evals"])
-      if main_process:
-        _truncate_metrics(metrics_path, latest)
-      log = open(metrics_path if main_process else os.devnull, "a")
-    else:
-      if resume and main_process and os.path.exists(metrics_path) and os.path.getsize(metrics_path):
-        _log.warning(f"{store.directory} holds no checkpoint although {metrics_path} has lines: training this run "
-                     "again from step 0")
-      log = open(metrics_path if main_process else os.devnull, "w")
-    # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms).
-    state = jax.tree.map(jnp.copy, place(state))
-    batches = _Prefetcher(sampler, draw)
-    with log:
-      step = int(state.step)
+  return sampler, place, draw
 
-      def checkpoint(record, state, step, line):
-        """Logs `line` with the evaluation `record`, then checkpoints. The log is flushed first: every metrics line
-        up to a checkpoint is on disk before it, so a run killed after the checkpoint resumes with all of them."""
-        evals.append(record)
-        line.update(step=step, eval={"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
-                                     "test_acc": {held_out: record["test_acc"]}})
-        log.write(json.dumps(line) + "\n")
-        log.flush()
-        best = select_best(evals)
-        # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
-        store.save(step, state, {"step": step, "sampler": batches.sampler_state(), "evals": evals},
-                   keep=(best["step"],))
 
-      def finish(step, metrics, state=None):
-        """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
-        line = _step_line(metrics, step, train_domains, start, store,
-                          context=f"{algorithm}, held-out {held_out}, seed {seed}")
-        if state is not None:
-          checkpoint(evaluate(state, step), state, step, line)
-        else:
-          log.write(json.dumps(line) + "\n")
-        if on_step is not None:
-          on_step(step, line)
+def _open_run(store: Any, state: TrainState, sampler: data_lib.DomainBatchSampler, metrics_path: str, *,
+              resume: bool, main_process: bool):
+  """`(latest step or None, state, evals, metrics log)`: a resumed run's checkpoint restored (its sampler state
+  into `sampler`, its metrics lines after it dropped), or a fresh start; the log opened for appending or anew (on
+  `os.devnull` but on process 0).
 
-      if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
-        checkpoint(evaluate(state, 0), state, 0, {})
-      # The loop keeps the device busy: each step is dispatched before the host gathers the next batch and reads
-      # the previous step's metrics (by then finished: the device has the new step queued behind it). Evaluation
-      # steps are finished before the next dispatch, since the next step donates the state they evaluate.
-      pending = None
-      while step < config.steps:
-        state, metrics = train_step(state, batches.next())
-        step += 1
-        if step < config.steps:
-          batches.prefetch()
-        if pending is not None:
-          finish(*pending)
-          pending = None
-        if step % config.eval_every == 0 or step == config.steps:
-          finish(step, metrics, state)
-        else:
-          pending = (step, metrics)
-  finally:
-    store.close()
-
-  result = CellResult(
-    algorithm=algorithm,
-    held_out=held_out,
-    seed=seed,
-    steps=config.steps,
-    selected=_summary(select_best(evals)),
-    last=_summary(evals[-1]),
-    evals=evals,
-    seconds=round(time.perf_counter() - start, 3),
-    directory=directory,
-  )
+  Raises:
+    UnreadableCheckpoint: `resume` and no readable checkpoint among several.
+  """
+  restored = store.restore_latest(state) if resume else None  # UnreadableCheckpoint if none is readable
+  if restored is None:
+    if resume and main_process and os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+      _log.warning(f"{store.directory} holds no checkpoint although {metrics_path} has lines: training this run "
+                   "again from step 0")
+    return None, state, [], open(metrics_path if main_process else os.devnull, "w")
+  latest, state, meta, notes = restored
+  for note in notes:
+    _log.warning(f"{note}; resuming from step {latest}, the latest readable checkpoint")
+  sampler.restore(meta["sampler"])
   if main_process:
-    write_json(os.path.join(directory, "result.json"), result.to_json())
-  return result
+    _truncate_metrics(metrics_path, latest)
+  return latest, state, list(meta["evals"]), open(metrics_path if main_process else os.devnull, "a")
+
+
+class _HostSide:
+  """The host's part of a run's steps: each step's metrics line checked and logged, and at evaluation steps the
+  evaluation and the checkpoint. `evals` (the evaluations so far) grows in place."""
+
+  def __init__(self, log, store, batches: "_Prefetcher", evaluate: Callable, evals: list[dict[str, Any]],
+               train_domains: Sequence[str], held_out: str, start: float, context: str,
+               on_step: Optional[Callable[[int, dict[str, Any]], None]]):
+    self.log, self.store, self.batches, self.evaluate, self.evals = log, store, batches, evaluate, evals
+    self.train_domains, self.held_out, self.start, self.context, self.on_step = (
+      train_domains, held_out, start, context, on_step)
+
+  def checkpoint(self, record: dict[str, Any], state: TrainState, step: int, line: dict[str, Any]) -> None:
+    """Logs `line` with the evaluation `record`, then checkpoints. The log is flushed first: every metrics line up
+    to a checkpoint is on disk before it, so a run killed after the checkpoint resumes with all of them."""
+    self.evals.append(record)
+    line.update(step=step, eval={"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
+                                 "test_acc": {self.held_out: record["test_acc"]}})
+    self.log.write(json.dumps(line) + "\n")
+    self.log.flush()
+    best = select_best(self.evals)
+    # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
+    self.store.save(step, state, {"step": step, "sampler": self.batches.sampler_state(), "evals": self.evals},
+                    keep=(best["step"],))
+
+  def finish(self, step: int, metrics: dict[str, Any], state: Optional[TrainState] = None) -> None:
+    """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
+    line = _step_line(metrics, step, self.train_domains, self.start, self.store, context=self.context)
+    if state is not None:
+      self.checkpoint(self.evaluate(state, step), state, step, line)
+    else:
+      self.log.write(json.dumps(line) + "\n")
+    if self.on_step is not None:
+      self.on_step(step, line)
+
+
+def _train_steps(train_step: Callable, state: TrainState, batches: "_Prefetcher", config: ExperimentConfig,
+                 host: _HostSide) -> None:
+  """Steps `state` (from its step to `config.steps`), keeping the device busy: each step is dispatched before the
+  host gathers the next batch and reads the previous step's metrics (by then finished: the device has the new step
+  queued behind it). Evaluation steps are finished before the next dispatch, since the next step donates the state
+  they evaluate."""
+  step = int(state.step)
+  pending = None
+  while step < config.steps:
+    state, metrics = train_step(state, batches.next())
+    step += 1
+    if step < config.steps:
+      batches.prefetch()
+    if pending is not None:
+      host.finish(*pending)
+      pending = None
+    if step % config.eval_every == 0 or step == config.steps:
+      host.finish(step, metrics, state)
+    else:
+      pending = (step, metrics)
 
 
 class _Prefetcher:
