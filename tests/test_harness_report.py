@@ -406,6 +406,9 @@ def test_sam_counterparts():
                 "disam_lam1"]
   assert [report._sam_of(a, algorithms) for a in algorithms if a.startswith("disam")] == [
     "sam", "gsam", "sam+coral", "gsam+coral", "sam"]
+  # no sagm+coral: SAM on the same loss, else the penalty alone (ERM on it), never plain SAM (another objective)
+  assert report._sam_of("disam_sagm+coral", algorithms) == "sam+coral"
+  assert report._sam_of("disam_sagm+coral", ["sam", "coral", "disam_sagm+coral"]) == "coral"
   assert report._sam_of("disam_lam1", algorithms + ["sam_lam1"]) == "sam_lam1"
 
 
@@ -416,6 +419,30 @@ def test_a_disam_variant_is_compared_with_its_own_sam(tmp_path, figures):
   assert "DISAM+CORAL − SAM+CORAL, paired by seed" in titles and "DISAM − SAM, paired by seed" in titles
   text = report.dynamics_table(str(tmp_path), cells)
   assert "| DISAM+CORAL vs SAM+CORAL | 2 |" in text
+
+
+
+def test_a_disam_penalty_variant_is_compared_with_the_penalty_alone_not_with_sam_or_erm(tmp_path, figures):
+  """DISAM+CORAL optimizes CORAL's loss: without SAM+CORAL its partner is CORAL (ERM on that loss), never SAM or
+  ERM (another objective); a suffixed one (disam_sagm+coral) also meets its unsuffixed rule on the same loss."""
+  cells = _write_fake_run(str(tmp_path), algorithms=("erm", "sam", "coral", "disam+coral", "disam_sagm+coral"),
+                          held_outs=("0",))
+  report.write_plots(str(tmp_path), cells)
+  titles = [a.get_title() for a in figures["heldout_accuracy.png"].axes]
+  assert "DISAM+CORAL − CORAL, paired by seed" in titles and "DISAM_SAGM+CORAL − CORAL, paired by seed" in titles
+  assert not any("− SAM" in t or "− ERM" in t for t in titles), titles
+  paired = [line.split(" |")[0] for line in report.paired_table(str(tmp_path), cells).splitlines()
+            if line.startswith("| DISAM")]
+  assert paired == ["| DISAM+CORAL − CORAL", "| DISAM_SAGM+CORAL − CORAL", "| DISAM_SAGM+CORAL − DISAM+CORAL"]
+  runs = [line.split(" |")[0] for line in report.dynamics_table(str(tmp_path), cells).splitlines()
+          if " vs " in line]
+  assert runs == ["| DISAM+CORAL vs CORAL", "| DISAM_SAGM+CORAL vs CORAL"]
+  algorithms = ["sam", "coral", "sam+coral", "gsam+coral", "disam+coral", "disam_gsam+coral", "disam_sagm+coral"]
+  assert report._partners("disam+coral", algorithms) == ["sam+coral", "coral"]
+  assert report._partners("disam_gsam+coral", algorithms) == ["gsam+coral", "disam+coral", "sam+coral", "coral"]
+  assert report._partners("disam_sagm+coral", algorithms) == ["sam+coral", "disam+coral", "coral"]
+  assert report._partners("disam_gsam", ["erm", "sam", "gsam", "disam", "disam_gsam"]) == [
+    "gsam", "disam", "sam", "erm"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Plots (matplotlib, imported only when plotting, drawn without pyplot so no GUI backend is touched). Every algorithm
 has its own color, line style and markers (placed at different steps), so curves that coincide stay visible; where
-SAM and a DISAM variant are both present, a panel shows DISAM minus SAM paired run by run (same held-out domain
-and seed: same initialization and batches):
+a DISAM variant and its SAM counterpart on the same training loss (`stats._sam_of`: ``sam`` for ``disam``,
+``gsam`` for ``disam_gsam``, ``sam+coral`` or else ``coral`` for ``disam+coral``) are both present, a panel shows
+DISAM minus that counterpart paired run by run (same held-out domain and seed: same initialization and batches):
 
 * ``training_curves.png``: training loss and variance of the per-domain training losses over steps, one line per
   algorithm, averaged over every held-out domain and seed; below, DISAM minus SAM of the training loss and

@@ -29,6 +29,7 @@ from disam_jax.harness.merge import MergeError, _replaceable, merge_runs
 from disam_jax.harness.plots import write_plots
 from disam_jax.harness.stats import (  # noqa: F401
   Metrics,
+  _partners,
   _sam_of,
   dynamics_table,
   load_metrics,

@@ -1,9 +1,11 @@
 """Per-step metrics of the runs and the statistics over them: training dynamics and paired differences.
 
 Owns reading a run's metrics.jsonl (`load_metrics`, `Metrics`), smoothing and the steps to a loss threshold, the
-training-dynamics table (`dynamics_table`: per algorithm, and DISAM against SAM or ERM run by run) and the paired
+training-dynamics table (`dynamics_table`: per algorithm, and DISAM against SAM or ERM on the same loss run by run) and the paired
 statistics (`paired_difference`, a t-interval of the differences of runs with the same held-out domain and seed;
-`paired_table`), and which rows a DISAM variant is compared with (`_sam_of`, `_partners`).
+`paired_table`), and which rows a DISAM variant is compared with (`_sam_of`, `_partners`, `_baselines`): always rows
+on the same training loss, so DISAM on a penalty's loss (``disam+coral``) meets SAM or ERM on that loss
+(``sam+coral``, ``coral``), never plain SAM or ERM.
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
   Columns: steps until the moving-average training loss first reaches `threshold` (runs that never do are counted
   in "reached"), the final training loss (mean of the last 10% of steps), the domain-loss variance averaged over
   all steps and over the last 10%, the mean perturbation norm and the median wall time per step. When the runs
-  include SAM and DISAM (or ERM and DISAM) with the same held-out domains and seeds, a second table compares them
-  run by run: how often DISAM's mean variance is lower, its held-out accuracy (training-domain validation) at least
+  include SAM and DISAM (or ERM and DISAM; for DISAM on a penalty's loss, ``disam+coral``, SAM and ERM on the same
+  loss: ``sam+coral`` and ``coral``) with the same held-out domains and seeds, a second table compares them run by
+  run: how often DISAM's mean variance is lower, its held-out accuracy (training-domain validation) at least
   as high, and the mean paired differences.
   """
   cells = [_as_dict(c) for c in (cells if cells is not None else _cells_from_run(run_dir))]
@@ -163,7 +166,7 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       f"{_mean_std(var_all, '{:.2e}')} | {_mean_std(var_end, '{:.2e}')} | {_mean_std(pnorm)} | {_mean_std(ms, '{:.1f}')} |"
     )
   pairs = [(b, a) for a in algorithms if a.startswith("disam")
-           for b in _ordered([_sam_of(a, algorithms), "sam", "erm"]) if b in algorithms]
+           for b in _ordered([_sam_of(a, algorithms), *_baselines(a)]) if b in algorithms]
   if pairs:
     rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", "",
              "| pair | runs | DISAM variance lower | mean variance ratio DISAM / other | DISAM held-out acc ≥ other "
@@ -225,17 +228,27 @@ def _interval(p: dict[str, Any], fmt: str, scale: float = 1.0, transform=None) -
 
 
 def _partners(algorithm: str, algorithms: Sequence[str]) -> list[str]:
-  """What a DISAM row is compared with: its SAM counterpart (``disam_x`` -> ``sam_x``, ``disam+coral`` ->
-  ``sam+coral``), the unsuffixed ``disam`` for a suffixed one, then ``sam`` and ``erm``."""
+  """What a DISAM row is compared with, those present of: its SAM counterpart (`_sam_of`), the unsuffixed rule on
+  the same loss for a suffixed one (``disam_sagm`` -> ``disam``, ``disam_sagm+coral`` -> ``disam+coral``), then SAM
+  and ERM on the same loss (`_baselines`: ``sam``, ``erm``; ``sam+coral``, ``coral``). A row on a penalty's loss is
+  never compared with a row on another loss (``disam+fishr`` with ``sam``)."""
   candidates = [_sam_of(algorithm, algorithms)] if algorithm.startswith("disam") else []
-  if "_" in algorithm:
-    candidates.append(algorithm.split("_", 1)[0])
-  candidates += ["sam", "erm"]
+  rule, plus, penalty = algorithm.partition("+")
+  if "_" in rule:
+    candidates.append(rule.split("_", 1)[0] + plus + penalty)
+  candidates += _baselines(algorithm)
   out = []
   for c in candidates:
     if c != algorithm and c in algorithms and c not in out:
       out.append(c)
   return out
+
+
+def _baselines(algorithm: str) -> list[str]:
+  """SAM and ERM on `algorithm`'s training loss: ``sam``, ``erm``; ``sam+coral``, ``coral`` (ERM on CORAL's loss)
+  for ``disam+coral``."""
+  _, plus, penalty = algorithm.partition("+")
+  return ["sam" + plus + penalty, penalty if plus else "erm"]
 
 
 def paired_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold: float = 0.1,
@@ -282,14 +295,19 @@ def paired_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold:
 
 
 def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
-  """The SAM counterpart of a DISAM variant, the first present of: ``sam`` + the rest (``disam+coral`` ->
-  ``sam+coral``, ``disam_lam1`` -> ``sam_lam1``), the rule it modifies (``disam_gsam`` -> ``gsam``,
-  ``disam_gsam+coral`` -> ``gsam+coral``), ``sam``."""
+  """The SAM counterpart of a DISAM variant, on the same training loss: the first present of ``sam`` + the rest
+  (``disam+coral`` -> ``sam+coral``, ``disam_lam1`` -> ``sam_lam1``), the rule it modifies (``disam_gsam`` ->
+  ``gsam``, ``disam_gsam+coral`` -> ``gsam+coral``); otherwise ``sam`` for a plain loss and, for a penalty's loss,
+  ``sam+PENALTY`` if present, else the penalty alone (``disam+fishr`` -> ``fishr``: ERM on Fishr's loss; never
+  ``sam``, which optimizes another objective). Callers skip a counterpart that is not among `algorithms`."""
   rest = algorithm[len("disam"):]
   for twin in ("sam" + rest, rest[1:] if rest.startswith("_") else None):
     if twin and twin in algorithms:
       return twin
-  return "sam"
+  _, plus, penalty = algorithm.partition("+")
+  if not plus:
+    return "sam"
+  return "sam+" + penalty if "sam+" + penalty in algorithms else penalty
 
 
 def _cells_from_run(run_dir: str) -> list[dict[str, Any]]:
