@@ -282,7 +282,7 @@ def _check_pretrained(config: ExperimentConfig, graphdef: Any, params: Any, mode
 
   path, module = config.pretrained, nnx.merge(graphdef, params, model_state)
   arrays = weight_files.read_weights(path)
-  if arrays and all("/" not in k for k in arrays) and any("." in k for k in arrays):  # torchvision's layout
+  if models._is_torchvision_layout(arrays.keys()):
     head = getattr(module, "torchvision_head", None)
     if head is None:
       raise ValueError(f"{path}: a torchvision state dict, but model {config.model_name!r} has no torchvision "

@@ -796,9 +796,29 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool 
       mode, a non-empty file of which no key could be loaded (a wrong file or a naming
       mismatch, never silently ignored).
   """
+  path = os.fspath(path)
+  arrays = _read_in_our_layout(model, path)
+  variables = _weight_variables(model)
+  _check_keys(arrays, variables, path, strict)
+  updates, loaded = [], []
+  for key in sorted(arrays.keys() & variables.keys()):
+    state_path, var = variables[key]
+    if tuple(var.shape) != tuple(arrays[key].shape):
+      continue
+    updates.append((state_path, var.replace(jnp.asarray(arrays[key], dtype=var.dtype))))
+    loaded.append(key)
+  if arrays and not loaded:
+    raise ValueError(f"none of the {len(arrays)} keys in {path!r} matches the model "
+                     f"(file keys e.g. {sorted(arrays)[:3]}, model keys e.g. {sorted(variables)[:3]})")
+  nnx.update(model, nnx.from_flat_state(updates))
+  return loaded
+
+
+def _read_in_our_layout(model: nnx.Module, path: str) -> dict[str, np.ndarray]:
+  """`load_pretrained`'s file read, a torchvision-layout file converted for a `model` that mirrors torchvision
+  (warning, at `load_pretrained`'s caller, when the model does not standardize its inputs as torchvision's do)."""
   from disam_jax.harness.weight_files import read_weights
 
-  path = os.fspath(path)
   arrays = read_weights(path)
   if _is_torchvision_layout(arrays.keys()):
     head = getattr(model, "torchvision_head", None)
@@ -808,10 +828,15 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool 
                        "checkpoints: resnet18, resnet50, mobilenet_v2")
     if getattr(getattr(model, "backbone", None), "input_norm", "imagenet") == "none":
       warnings.warn("torchvision's weights expect inputs standardized with ImageNet's mean and std; build the model "
-                    "with input_norm='imagenet' (--model-option input_norm=imagenet)", stacklevel=2)
+                    "with input_norm='imagenet' (--model-option input_norm=imagenet)", stacklevel=3)
     arrays = convert_torchvision(arrays, head=head)
-  variables = _weight_variables(model)
+  return arrays
 
+
+def _check_keys(arrays: Mapping[str, Any], variables: dict[str, Any], path: str, strict: bool) -> None:
+  """`load_pretrained`'s key check: in `strict` mode every key on both sides with equal shapes (ValueError naming
+  the first difference); otherwise a warning, at `load_pretrained`'s caller, listing the keys skipped for their
+  shapes."""
   mismatched = []
   for key in sorted(arrays.keys() & variables.keys()):
     model_shape = tuple(variables[key][1].shape)
@@ -827,20 +852,7 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool 
     raise ValueError(f"keys do not match {path!r}: missing from file {missing}, "
                      f"not in model {unexpected}")
   if mismatched:
-    warnings.warn(f"load_pretrained skipped keys with other shapes: {mismatched}", stacklevel=2)
-
-  updates, loaded = [], []
-  for key in sorted(arrays.keys() & variables.keys()):
-    state_path, var = variables[key]
-    if tuple(var.shape) != tuple(arrays[key].shape):
-      continue
-    updates.append((state_path, var.replace(jnp.asarray(arrays[key], dtype=var.dtype))))
-    loaded.append(key)
-  if arrays and not loaded:
-    raise ValueError(f"none of the {len(arrays)} keys in {path!r} matches the model "
-                     f"(file keys e.g. {sorted(arrays)[:3]}, model keys e.g. {sorted(variables)[:3]})")
-  nnx.update(model, nnx.from_flat_state(updates))
-  return loaded
+    warnings.warn(f"load_pretrained skipped keys with other shapes: {mismatched}", stacklevel=3)
 
 
 def convert_torchvision(state_dict: Mapping[str, Any], *, head: str) -> dict[str, np.ndarray]:
