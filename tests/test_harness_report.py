@@ -382,6 +382,31 @@ def test_mechanism_plot_shows_perturbation_weights_and_the_cosine_when_logged(tm
   np.testing.assert_allclose(_lines(cos)["DISAM"].get_ydata(), 0.9)
 
 
+def test_every_registered_algorithm_has_its_own_color_line_style_and_marker():
+  """Plotted together, every algorithm of the registry (and more) differs from every other in all three: color (as
+  RGB), line style (as its dash pattern) and marker."""
+  from matplotlib import colors
+  from matplotlib import lines
+
+  from disam_jax.harness import plots
+  from disam_jax.harness.algorithms import ALGORITHMS
+
+  def dashes(ls):
+    offset, seq = lines._get_dash_pattern(ls)
+    return None if seq is None else tuple(round(float(v), 3) for v in seq)
+
+  names = list(ALGORITHMS)
+  assert len(names) >= 28
+  for algorithms in (names, names[::-1], names[3:], names + [f"disam_variant{k}" for k in range(40)]):
+    styles = plots._styles(algorithms)
+    assert list(styles) == algorithms
+    for k, normalize in enumerate((lambda c: tuple(round(v, 3) for v in colors.to_rgb(c)), dashes, repr)):
+      seen = [normalize(style[k]) for style in styles.values()]
+      repeated = {a: styles[a][k] for a, v in zip(algorithms, seen) if seen.count(v) > 1}
+      assert not repeated, (k, repeated)
+  assert plots._styles(["erm", "sam", "disam"]) == {a: plots._STYLES[a] for a in ("erm", "sam", "disam")}
+
+
 def test_docs_sample_output_is_what_the_report_prints():
   """docs/harness.md shows the start of the main job's printed report: every line but the numbers must be what
   `results_markdown` writes for the default configuration."""

@@ -36,17 +36,50 @@ from disam_jax.harness.tables import _as_dict, _display, _ordered
 __all__ = ["write_plots"]
 
 
-# (color, line style, marker) per algorithm; others get the extra ones in order.
+# (color, line style, marker) per algorithm; the others get the extra ones in the order they are shown. The lists
+# are at least as long as the registry (`algorithms.ALGORITHMS`, 28 names) beyond these three, and `_extra` goes on
+# past them, so all three differ between any two algorithms however many are plotted together (a test enumerates
+# the registry).
 _STYLES = {"erm": ("tab:gray", ":", "s"), "sam": ("tab:blue", "--", "o"), "disam": ("tab:red", "-", "^")}
 
 
-_EXTRA_COLORS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_EXTRA_COLORS = (
+  # tab10 without gray, blue and red, then black, tab20's light shades and tab20b
+  "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black",
+  "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+  "#393b79", "#6b6ecf", "#637939", "#b5cf6b", "#8c6d31", "#e7ba52", "#843c39", "#d6616b", "#7b4173", "#ce6dbd",
+)
 
 
-_EXTRA_LINES = ("-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
+_EXTRA_LINES = (  # dash patterns (in line widths) with whole-number gaps; `_extra` makes more with 1.5 gaps
+  "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (2, 2)), (0, (6, 2, 2, 2)),
+  (0, (10, 3)), (0, (4, 1, 1, 1)), (0, (1, 1)), (0, (8, 2, 1, 2)), (0, (3, 3)), (0, (6, 1, 1, 1, 1, 1)),
+  (0, (12, 2, 2, 2)), (0, (2, 1)), (0, (5, 3, 1, 3)), (0, (8, 1)), (0, (1, 2)), (0, (4, 4)),
+  (0, (10, 2, 1, 2, 1, 2)), (0, (6, 3)), (0, (3, 1)), (0, (7, 2, 3, 2)), (0, (1, 4)), (0, (12, 4)),
+  (0, (2, 3, 2, 3, 6, 3)),
+)
 
 
-_EXTRA_MARKERS = ("D", "v", "P", "X", "*", "h", "<", ">")
+_EXTRA_MARKERS = (  # filled, then line markers, then stars (n, 1, 0) and asterisks (n, 2, 0) of 5 to 8 points
+  "D", "v", "P", "X", "*", "h", "<", ">", "p", "H", "d", "8", "+", "x", "1", "2", "3", "4",
+  (6, 1, 0), (7, 1, 0), (8, 1, 0), (5, 2, 0), (6, 2, 0), (7, 2, 0), (8, 2, 0),
+)
+
+
+def _extra(k: int) -> tuple[Any, Any, Any]:
+  """The k-th extra (color, line style, marker): from the lists, then made up so none repeats (colors around the
+  hue circle by the golden angle, dashes with 1.5 gaps, stars and asterisks of 9 and more points)."""
+  import colorsys
+
+  def pick(values, make):
+    return values[k] if k < len(values) else make(k - len(values))
+
+  def color(j):
+    r, g, b = colorsys.hsv_to_rgb((0.61803398875 * j) % 1.0, (0.9, 0.6)[j % 2], (0.75, 0.95, 0.55)[j % 3])
+    return (round(r, 4), round(g, 4), round(b, 4))
+
+  return (pick(_EXTRA_COLORS, color), pick(_EXTRA_LINES, lambda j: (0, (2 + j, 1.5))),
+          pick(_EXTRA_MARKERS, lambda j: (9 + j // 2, 1 + j % 2, 0)))
 
 
 def _mean_over(metrics: Sequence[Metrics], field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +121,7 @@ def _styles(algorithms: Sequence[str]) -> dict[str, tuple[Any, Any, str]]:
     if a in _STYLES:
       out[a] = _STYLES[a]
     else:
-      out[a] = (_EXTRA_COLORS[k % len(_EXTRA_COLORS)], _EXTRA_LINES[k % len(_EXTRA_LINES)],
-                _EXTRA_MARKERS[k % len(_EXTRA_MARKERS)])
+      out[a] = _extra(k)
       k += 1
   return out
 
