@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 PROG = "disam-train"
@@ -85,8 +85,7 @@ def _model_option(text: str) -> tuple[str, Any]:
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   """The argument parser. With `suppress_defaults`, parsing yields only the options given explicitly."""
-  from disam_jax.harness.algorithms import BASE_OPTIMIZERS, PENALTIES, RULES, HParams
-  from disam_jax.harness.data import DATASETS
+  from disam_jax.harness.algorithms import HParams
 
   hp = HParams()
   default = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
@@ -103,6 +102,22 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     formatter_class=argparse.RawDescriptionHelpFormatter,
     argument_default=argparse.SUPPRESS if suppress_defaults else None,
   )
+  _data_options(parser, default)
+  _model_options(parser, default)
+  train = _training_options(parser, default, hp)
+  _penalty_options(parser, default, hp)
+  # Added after the penalties' group, where it stands in the usage line; listed with the training options.
+  train.add_argument("--eval-batch-size", type=_int, default=default(512), metavar="N",
+                     help="examples per evaluation forward pass (default: 512)")
+  _output_options(parser, default)
+  _distributed_options(parser, default)
+  return parser
+
+
+def _data_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
+  """The data group: dataset, held-out domains, validation split, harder domains and regimes."""
+  from disam_jax.harness.data import DATASETS
+
   data = parser.add_argument_group("data")
   data.add_argument("--dataset", default=default("rotated_digits"), metavar="NAME",
                     help=f"one of {', '.join(DATASETS)}, or tfds:<name> (default: rotated_digits, bundled, "
@@ -140,6 +155,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                     help="ignore the domain labels: train on K pseudo-domains from k-means on the pooled training "
                          "images (validation and test unchanged; default: 0, off)")
 
+
+def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
+  """The model group: architecture, its options, initial weights, which parts train."""
   model = parser.add_argument_group("model")
   model.add_argument("--model", default=default(None), metavar="NAME",
                      help="mlp, mnist_cnn, resnet18, resnet50, mobilenet_v2 or vit_tiny (default: mlp for the rotated "
@@ -157,6 +175,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                           "norm (normalization scale/bias), adapters (with --model-option adapter_dim=N), all, or "
                           "a parameter path prefix such as backbone/layer4; frozen BatchNorm statistics: "
                           "--model-option freeze_bn=true")
+
+
+def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any],
+                      hp: Any) -> argparse._ArgumentGroup:
+  """The training group: algorithms, seeds, steps, optimizer and rule hyperparameters (`--eval-batch-size` is added
+  to it after the penalties)."""
+  from disam_jax.harness.algorithms import BASE_OPTIMIZERS, PENALTIES, RULES
 
   train = parser.add_argument_group("training")
   train.add_argument("--algorithm", nargs="+", default=default(["erm", "sam", "disam"]), metavar="ALG",
@@ -197,6 +222,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   train.add_argument("--reuse-weight", type=_finite_float, default=default(None), metavar="W",
                      help="with --perturb-every K > 1: weight of the reused gradient component in the steps in "
                           "between (default: LookSAM's 0.7; 0: plain gradient steps in between)")
+  return train
+
+
+def _penalty_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any], hp: Any) -> None:
+  """The DomainBed penalties group: CORAL's, V-REx's and Fishr's weights and anneal steps."""
   penalty = parser.add_argument_group(
     "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
     "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
@@ -214,9 +244,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   penalty.add_argument("--fishr-anneal-steps", type=_int, default=default(None), metavar="N",
                        help="Fishr's anneal step, where the base optimizer is also re-initialized (default: 30%% "
                             "of --steps)")
-  train.add_argument("--eval-batch-size", type=_int, default=default(512), metavar="N",
-                     help="examples per evaluation forward pass (default: 512)")
 
+
+def _output_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
+  """The output group: run directory, resume, plots, quiet, --list."""
   run = parser.add_argument_group("output")
   run.add_argument("--output-dir", default=default(None), metavar="DIR",
                    help="run directory (default: runs/<timestamp>)")
@@ -230,6 +261,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   run.add_argument("--list", action="store_true", default=default(False),
                    help="list datasets, models and algorithms, and exit")
 
+
+def _distributed_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
+  """The distributed group: data parallelism, the mesh, the processes."""
   dist = parser.add_argument_group(
     "distributed", "data-parallel training over several devices and processes (docs/distributed.md); the step "
     "equals the one-device step on the whole batch")
@@ -250,7 +284,6 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   dist.add_argument("--heartbeat-timeout", type=_int, default=default(20), metavar="SECONDS",
                     help="a process silent this long is declared dead and every other process stops with an error "
                          "naming it, instead of hanging (default: 20)")
-  return parser
 
 
 class BadInput(ValueError):
@@ -259,7 +292,7 @@ class BadInput(ValueError):
 
 def config_from_args(args: argparse.Namespace):
   from disam_jax.harness.algorithms import default_hparams
-  from disam_jax.harness.train import ExperimentConfig
+  from disam_jax.harness.config import ExperimentConfig
 
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
@@ -304,7 +337,7 @@ _RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "quiet", "list"
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
   """The stored configuration of `run_dir`, with --steps from the command line; other differences are errors."""
-  from disam_jax.harness.train import ExperimentConfig
+  from disam_jax.harness.config import ExperimentConfig
 
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
@@ -338,7 +371,7 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
 def _stored_config(run_dir: str):
   """The `ExperimentConfig` of `run_dir`: its config.json, or if that is unreadable (truncated by a kill or a full
   disk) the copy in results.json, saying so; BadInput naming the file if neither can be read."""
-  from disam_jax.harness.train import ExperimentConfig
+  from disam_jax.harness.config import ExperimentConfig
 
   problems = []
   for name in ("config.json", "results.json"):
@@ -377,7 +410,7 @@ def _show_data_notices(show: bool) -> None:
   import logging
 
   for name, level in (("disam_jax.harness.data", logging.INFO if show else logging.CRITICAL + 1),
-                      ("disam_jax.harness.train", logging.WARNING)):
+                      ("disam_jax.harness.train", logging.WARNING)):  # the loop.py and experiment.py logger
     log = logging.getLogger(name)
     handler = next((h for h in log.handlers if getattr(h, "_disam_train", False)), None)
     if handler is None:
@@ -467,7 +500,7 @@ def _main(argv: list[str]) -> int:
 def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
   """Validates everything before anything is written: `(config, run_dir, prepared, mesh)`; raises BadInput & co."""
   from disam_jax.harness import distributed
-  from disam_jax.harness import train as train_lib
+  from disam_jax.harness import experiment
 
   config = config_from_args(args)
   mesh = None
@@ -481,12 +514,12 @@ def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
     config = _resumed_config(args.output_dir, argv, config)
     run_dir = args.output_dir
   else:
-    run_dir = args.output_dir or train_lib.new_run_directory("runs")
+    run_dir = args.output_dir or experiment.new_run_directory("runs")
     _check_new_run_directory(run_dir)
   _show_data_notices(not args.quiet)
   # A default batch size is fitted to the smallest training domain; one given explicitly is checked instead.
   fit = args.batch_size is None and not args.resume
-  config, prepared, notice = train_lib.prepare_and_fit(config, fit_batch=fit)
+  config, prepared, notice = experiment.prepare_and_fit(config, fit_batch=fit)
   if notice and distributed.is_main_process():
     print(f"{PROG}: {notice}", file=sys.stderr)
   if mesh is not None:
@@ -505,23 +538,24 @@ def _check_new_run_directory(run_dir: str) -> None:
 def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_process: bool) -> int:
   """Trains and reports; every fault of a run is one line and its exit code (the module docstring's table)."""
   from disam_jax.harness import checkpoint
+  from disam_jax.harness import experiment
   from disam_jax.harness import report
-  from disam_jax.harness import train as train_lib
+  from disam_jax.harness.loop import TrainingDiverged
 
   resume = f"continue with: {PROG} --resume --output-dir {run_dir}"
   if not args.quiet:
     print(f"{PROG}: {len(config.algorithms)} algorithm(s) x {len(prepared[1])} held-out domain(s) x "
           f"{len(config.seeds)} seed(s), {config.steps} steps each; run directory {run_dir}", file=sys.stderr)
   try:
-    results = train_lib.run_experiment(config, run_dir, resume=args.resume, progress=not args.quiet,
-                                       prepared=prepared, mesh=mesh)
+    results = experiment.run_experiment(config, run_dir, resume=args.resume, progress=not args.quiet,
+                                        prepared=prepared, mesh=mesh)
     if main_process:
       report.write_report(run_dir, results, config, plots=not args.no_plots)
     if main_process and not args.quiet:
       with open(os.path.join(run_dir, "results.md")) as f:
         print(f.read())
       print(f"Run directory: {run_dir}")
-  except train_lib.TrainingDiverged as e:
+  except TrainingDiverged as e:
     _error(str(e))
     return EXIT_DIVERGED
   except KeyboardInterrupt as e:
