@@ -277,3 +277,26 @@ def test_main_job_logs_the_perturbation_weights_and_draws_the_mechanism_panel(ca
     np.testing.assert_allclose(list(line["perturbation_weights"].values()), expected, rtol=1e-5, atol=1e-7)
     assert list(line["perturbation_weights"]) == list(line["domain_losses"])
     assert line["sam_cosine"] is None  # diagnostics off
+
+
+def test_a_mistyped_flag_gets_a_suggestion_and_abbreviations_are_not_taken(capsys):
+  """`--seed 3` used to be taken silently as `--seeds 3`; now it is refused with the flag it resembles."""
+  code, _, err = _run(capsys, ["--seed", "3"])
+  assert code == 2 and "unrecognized arguments: --seed 3" in err and "did you mean --seeds?" in err
+  code, _, err = _run(capsys, ["--held-ot", "75"])
+  assert code == 2 and "did you mean --held-out?" in err
+
+
+def test_quiet_still_prints_the_run_directory(capsys, tmp_path):
+  run = tmp_path / "run"
+  code, out, _ = _run(capsys, TINY + ["--steps", "2", "--eval-every", "2", "--algorithm", "erm", "--output-dir",
+                                      str(run)])
+  assert code == 0 and out.strip() == f"Run directory: {run}"
+
+
+def test_help_lists_every_plot_the_run_directory_gets():
+  from disam_jax.harness import plots
+  import re
+  documented = set(re.findall(r"``(\w+\.png)``", plots.__doc__))
+  assert {"training_curves.png", "domain_losses.png", "heldout_accuracy.png", "mechanism.png"} <= documented
+  assert all(name in cli._EPILOG for name in documented), documented - {n for n in documented if n in cli._EPILOG}

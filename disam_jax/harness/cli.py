@@ -46,7 +46,8 @@ about two minutes on 2 CPU cores.
 
 Run directory (--output-dir, default runs/<timestamp>): config.json; cells/<algorithm>_heldout-<domain>_seed-<seed>/
 with metrics.jsonl (one line per step), result.json and checkpoints/ (orbax: latest and best); results.md and
-results.json (the tables); training_curves.png, domain_losses.png, heldout_accuracy.png.
+results.json (the tables); training_curves.png, domain_losses.png, heldout_accuracy.png, and mechanism.png
+(DISAM's perturbation weights c_i, and the cosine to SAM's direction with --diagnostics).
 
 Exit codes: 0 success, 2 bad input, 3 training diverged (non-finite loss; the last good checkpoint is kept),
 4 the run directory could not be written (disk full, read-only), 130 interrupted by Ctrl-C or SIGTERM (continue
@@ -83,14 +84,34 @@ def _model_option(text: str) -> tuple[str, Any]:
   return key, value
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse, with the closest known flag suggested for a mistyped one."""
+
+  def error(self, message: str):
+    if message.startswith("unrecognized arguments:"):
+      import difflib
+
+      known = [o for action in self._actions for o in action.option_strings]
+      hints = []
+      for word in message.split(":", 1)[1].split():
+        flag = word.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("--") else []
+        if close:
+          hints.append(f"{flag}: did you mean {close[0]}?")
+      if hints:
+        message = f"{message} ({'; '.join(hints)})"
+    super().error(message)
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   """The argument parser. With `suppress_defaults`, parsing yields only the options given explicitly."""
   from disam_jax.harness.algorithms import HParams
 
   hp = HParams()
   default = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog=PROG,
+    allow_abbrev=False,  # `--seed` must not silently mean `--seeds`
     description=(
       "Leave-one-domain-out domain generalization (DomainBed protocol) with ERM, SAM and DISAM\n"
       "(Domain-Inspired Sharpness-Aware Minimization, ICLR 2024). For each seed, held-out domain and\n"
@@ -258,7 +279,7 @@ def _output_options(parser: argparse.ArgumentParser, default: Callable[[Any], An
                         "are read from its config.json (only --steps may be raised)")
   run.add_argument("--no-plots", action="store_true", default=default(False), help="do not draw the PNG plots")
   run.add_argument("--quiet", action="store_true", default=default(False),
-                   help="no progress bar and no table on stdout")
+                   help="no progress bar and no table on stdout (the run directory is still printed)")
   run.add_argument("--list", action="store_true", default=default(False),
                    help="list datasets, models and algorithms, and exit")
 
@@ -556,6 +577,7 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
     if main_process and not args.quiet:
       with open(os.path.join(run_dir, "results.md")) as f:
         print(f.read())
+    if main_process:  # even with --quiet: where the results are is the one thing a quiet run must say
       print(f"Run directory: {run_dir}")
   except TrainingDiverged as e:
     _error(str(e))
