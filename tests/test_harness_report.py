@@ -133,10 +133,16 @@ def test_plots_are_written_as_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_command_regenerates_a_run_directory(tmp_path):
+def test_report_command_regenerates_a_run_directory(tmp_path, capsys):
+  """It rewrites results.md and prints the main table (validation-selected held-out accuracy), then the paths."""
   _write_fake_run(str(tmp_path))
   assert report.main([str(tmp_path), "--no-plots"]) == 0
-  assert "| DISAM |" in (tmp_path / "results.md").read_text()
+  results_md = (tmp_path / "results.md").read_text()
+  assert "| DISAM |" in results_md
+  out = capsys.readouterr().out
+  first_section = results_md.split("## Model selection: last checkpoint")[0].strip()
+  assert out.startswith(first_section) and "## Model selection: last checkpoint" not in out
+  assert out.rstrip().endswith("results.json") or str(tmp_path) in out.splitlines()[-1]
   assert report.main([str(tmp_path / "nowhere")]) == 2
 
 

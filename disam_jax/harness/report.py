@@ -177,6 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except OSError as e:  # the output folder: read-only, disk full
     print(f"{parser.prog}: error: cannot write {e.filename or args.run_dir}: {e.strerror or e}", file=sys.stderr)
     return 2
+  main_table = _main_table(os.path.join(os.path.dirname(paths[0]), "results.md"))
+  if main_table:
+    print(main_table + "\n")
   for path in paths:
     print(path)
   saved = load_results(os.path.dirname(paths[0]))
@@ -188,6 +191,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{first['algorithm']} held-out {first['held_out']} seed {first['seed']}); results.md lists them, and its "
           "averages cover only complete seeds", file=sys.stderr)
   return 0
+
+
+def _main_table(results_md: str) -> str:
+  """The title of results.md and its first section with a table (the held-out accuracies under training-domain
+  validation): what the report command shows on the terminal, as disam-train shows the whole file."""
+  try:
+    with open(results_md) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return ""
+  out, seen_table = [], False
+  for line in lines:
+    if seen_table and not line.startswith("|"):
+      break
+    seen_table = seen_table or line.startswith("|")
+    out.append(line)
+  return "\n".join(out).strip() if seen_table else ""
 
 
 if __name__ == "__main__":
