@@ -15,10 +15,8 @@ as a ratio to `plain` of the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -29,7 +27,7 @@ import optax
 from flax import nnx
 
 import disam_jax
-from benchmarks.step_cost.timing import write_results
+from benchmarks.step_cost.timing import StepCase, machine_line, time_round_robin, write_results
 from disam_jax.harness.models import apply_model, create_model, functional_model
 
 MODELS = {'mlp': ((28, 28, 1), 4, 256), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
@@ -68,35 +66,29 @@ def measure_model(name, input_shape, m, b, ks, rounds):
   y = rng.integers(0, 10, size=(m, b))
   split = lambda a, k: np.swapaxes(a.reshape((m, k, b // k) + a.shape[2:]), 0, 1)
   cases = [('plain', None, True)] + [(f'k={k}', k, True) for k in ks] + [(f'k={ks[-1]} no remat', ks[-1], False)]
-  built = {}
+  built, temp = {}, {}
   for label, k, remat in cases:
     tx, step = make_step(graphdef, model_state, m, k, remat)
     batch = (jnp.asarray(x), jnp.asarray(y)) if k is None else (jnp.asarray(split(x, k)), jnp.asarray(split(y, k)))
     fresh = jax.tree.map(jnp.array, params)
     state = (fresh, tx.init(fresh))
     compiled = step.lower(*state, *batch).compile()
-    state = compiled(*state, *batch)  # warm up
-    jax.block_until_ready(state)
-    built[label] = {'compiled': compiled, 'state': state, 'batch': batch, 'times': [],
-                    'temp': compiled.memory_analysis().temp_size_in_bytes}
-    print(f'{name} {label}: compiled, temp {built[label]["temp"] / 2**20:.2f} MiB', flush=True)
-  for r in range(rounds):
-    order = cases[r % len(cases):] + cases[:r % len(cases)]
-    for label, _, _ in order:
-      case = built[label]
-      t0 = time.perf_counter()
-      case['state'] = case['compiled'](*case['state'], *case['batch'])
-      jax.block_until_ready(case['state'])
-      case['times'].append(time.perf_counter() - t0)
-  base = built['plain']
+    built[label] = StepCase(label, lambda s, c=compiled, b=batch: c(*s, *b), state,
+                            loss=lambda s: disam_jax.find_disam_state(s[1]).loss)
+    temp[label] = compiled.memory_analysis().temp_size_in_bytes
+    print(f'{name} {label}: compiled, temp {temp[label] / 2**20:.2f} MiB', flush=True)
+  # One step per sample, the warm-up step first.
+  time_round_robin([built[label] for label, _, _ in cases], repeats=rounds, min_sample_s=0, budget_s=None,
+                   load_samples=[], log=print)
+  base = built['plain'].times
   rows = []
   for label, _, _ in cases:
-    c = built[label]
+    times = built[label].times
     rows.append({
-        'case': label, 'temp_mib': c['temp'] / 2**20, 'temp_ratio': c['temp'] / base['temp'],
-        'min_ms': 1e3 * min(c['times']), 'min_ratio': min(c['times']) / min(base['times']),
-        'median_ms': 1e3 * statistics.median(c['times']),
-        'median_ratio': statistics.median(c['times']) / statistics.median(base['times']),
+        'case': label, 'temp_mib': temp[label] / 2**20, 'temp_ratio': temp[label] / temp['plain'],
+        'min_ms': 1e3 * min(times), 'min_ratio': min(times) / min(base),
+        'median_ms': 1e3 * statistics.median(times),
+        'median_ratio': statistics.median(times) / statistics.median(base),
     })
   params_mib = sum(v.nbytes for v in jax.tree.leaves(params)) / 2**20
   return rows, params_mib, x.nbytes / 2**20
@@ -117,9 +109,8 @@ def main(argv=None):
   lines = [
       '# Gradient accumulation: `accumulate_domain_losses` at a fixed total batch',
       '',
-      f'`python -m benchmarks.accumulation{" --quick" if args.quick else ""}`, '
-      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, '
-      f'{os.cpu_count()} cores, JAX {jax.__version__}; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; '
+      f'`python -m benchmarks.accumulation{" --quick" if args.quick else ""}`, {machine_line()}; '
+      f'load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; '
       f'{wall:.0f} s. One DISAM step (SGD momentum, rho 0.05, lam 0.1), {rounds} rounds timed round-robin.',
       '',
       'temp = XLA `memory_analysis().temp_size_in_bytes` of the compiled step (arguments excluded: params, '

@@ -2,10 +2,11 @@
 
     python -m benchmarks.algorithm_cost [--rounds 5] [--quick] [--out benchmarks/results/algorithm_cost.md]
 
-The harness's own jitted training step (`train.make_train_step`) on random data shaped like its default job:
+The harness's own jitted training step (`steps.make_train_step`) on random data shaped like its default job:
 rotated digits (8x8x1), 5 training domains x 64 examples, 10 classes, Adam. Per model and algorithm: the XLA FLOP
 count of the compiled step (`cost_analysis`, deterministic) and the wall time, timed in interleaved rounds (every
-algorithm once per round, so load changes hit all of them alike). On a shared machine other jobs only ever add
+algorithm once per round, the order rotated each round, so load changes hit all of them alike:
+`step_cost.timing.time_round_robin`). On a shared machine other jobs only ever add
 time, so the time ratio is of the fastest timings (algorithm's min over rounds / ERM's min over rounds); the median
 over rounds of the per-round ratio is shown next to it. Writes a Markdown table; the numbers in docs/harness.md
 come from it.
@@ -17,13 +18,15 @@ import argparse
 import dataclasses
 import datetime
 import os
+import pathlib
 import platform
 import time
 
 import jax
 import numpy as np
 
-from disam_jax.harness import algorithms, train
+from benchmarks.step_cost.timing import StepCase, time_round_robin, write_results
+from disam_jax.harness import algorithms, steps
 from disam_jax.harness.algorithms import HParams
 
 M, B, SHAPE, CLASSES = 5, 64, (8, 8, 1), 10
@@ -42,45 +45,34 @@ ADAPTIVE = " --adaptive"  # a name ending in it: the algorithm with HParams(adap
 
 
 def _step(model: str, algorithm: str, hparams: HParams):
+  """`(StepCase of the compiled step, after one warm-up step; its XLA FLOP count)`."""
+  label = algorithm
   if algorithm.endswith(ADAPTIVE):
     algorithm, hparams = algorithm[: -len(ADAPTIVE)], dataclasses.replace(hparams, adaptive=True)
-  graphdef, params, model_state = train.init_model(model, num_classes=CLASSES, input_shape=SHAPE, seed=0)
+  graphdef, params, model_state = steps.init_model(model, num_classes=CLASSES, input_shape=SHAPE, seed=0)
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=M, aux_example=model_state)
   penalty = algorithms.make_penalty(algorithm, hparams)
-  state = train.init_train_state(params, model_state, tx, penalty)
+  state = steps.init_train_state(params, model_state, tx, penalty)
   rng = np.random.default_rng(0)
   batch = (rng.random((M, B) + SHAPE, dtype=np.float32), rng.integers(0, CLASSES, (M, B)).astype(np.int32))
-  step = jax.jit(train.make_train_step(graphdef, tx, penalty))
+  step = jax.jit(steps.make_train_step(graphdef, tx, penalty))
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  return compiled, state, batch, float(cost.get("flops", float("nan")))
-
-
-def _time(compiled, state, batch, steps: int):
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  return state, (time.perf_counter() - start) / steps
+  case = StepCase(label, lambda s: compiled(s[0], batch), compiled(state, batch), loss=lambda s: s[1]["loss"])
+  return case, float(cost.get("flops", float("nan")))
 
 
 def measure(model: str, names: list[str], rounds: int, hparams: HParams) -> dict[str, dict[str, float]]:
-  steps = MODELS[model][1]
-  runs = {name: list(_step(model, name, hparams)) for name in names}
-  times = {name: [] for name in names}
-  for _ in range(rounds):
-    for name in names:
-      compiled, state, batch, _ = runs[name]
-      runs[name][1], seconds = _time(compiled, state, batch, steps)
-      times[name].append(seconds)
-  erm = np.asarray(times["erm"])
-  return {name: {"flops": runs[name][3], "flops_ratio": runs[name][3] / runs["erm"][3],
+  runs = {name: _step(model, name, hparams) for name in names}
+  time_round_robin([case for case, _ in runs.values()], repeats=rounds, min_sample_s=0, budget_s=None,
+                   load_samples=[], log=print, steps_per_sample={name: MODELS[model][1] for name in names})
+  times = {name: np.asarray(runs[name][0].times) for name in names}
+  flops = {name: runs[name][1] for name in names}
+  return {name: {"flops": flops[name], "flops_ratio": flops[name] / flops["erm"],
                  "ms": 1000 * float(np.min(times[name])),
-                 "ratio": float(np.min(times[name]) / np.min(erm)),
-                 "median_ratio": float(np.median(np.asarray(times[name]) / erm))} for name in names}
+                 "ratio": float(np.min(times[name]) / np.min(times["erm"])),
+                 "median_ratio": float(np.median(times[name] / times["erm"]))} for name in names}
 
 
 def main(argv=None) -> dict:
@@ -89,7 +81,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
   parser.add_argument("--quick", action="store_true",
                       help="1 round, MLP only, five algorithms (erm, sam, disam, vrex, disam_sagm+coral): a smoke test")
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "algorithm_cost.md"))
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "algorithm_cost.md"),
+                      help="the Markdown file to write (FILE.md)")
   args = parser.parse_args(argv)
   models = ["mlp"] if args.quick else args.models
   rounds = 1 if args.quick else args.rounds
@@ -121,9 +114,8 @@ def main(argv=None) -> dict:
              for r in (results[m][name] for m in models)]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   text = "\n".join(lines) + "\n"
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
+  out = pathlib.Path(args.out)
+  write_results(out.parent, out.name[:-len(".md")] if out.name.endswith(".md") else out.name, text)
   print(text)
   return results
 

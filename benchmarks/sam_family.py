@@ -13,10 +13,8 @@ each round), and the median of per-round ratios to `disam` (paired: the same rou
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -27,7 +25,7 @@ import optax
 from flax import nnx
 
 import disam_jax
-from benchmarks.step_cost.timing import write_results
+from benchmarks.step_cost.timing import StepCase, machine_line, time_round_robin, write_results
 from disam_jax.harness.models import apply_model, create_model, functional_model
 
 MODELS = {'mlp': ((28, 28, 1), 4, 32), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
@@ -41,7 +39,7 @@ CASES = {
 
 
 def build_steps(graphdef, params, model_state, x, y):
-  """{case: (compiled step, initial (params, opt_state))}."""
+  """{case: {'case': a StepCase of the compiled step from (params, opt_state), 'flops': XLA's FLOP count}}."""
 
   def domain_losses(p):
     logits, _ = apply_model(graphdef, p, model_state, x.reshape((-1,) + x.shape[2:]), train=False)
@@ -71,7 +69,7 @@ def build_steps(graphdef, params, model_state, x, y):
     c = jax.jit(step).lower(params, state).compile()
     cost = c.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    compiled[label] = {'fn': c, 'state': (params, state), 'flops': float(cost['flops']), 'times': []}
+    compiled[label] = {'case': StepCase(label, lambda s, c=c: c(*s), (params, state)), 'flops': float(cost['flops'])}
   return compiled
 
 
@@ -82,22 +80,13 @@ def measure_model(name, input_shape, m, b, rounds, inner):
   x = jnp.asarray(rng.normal(size=(m, b) + input_shape), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, size=(m, b)))
   cases = build_steps(graphdef, params, model_state, x, y)
-  labels = list(cases)
-  for r in range(rounds + 1):  # round 0 warms up
-    for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-      case = cases[label]
-      jax.block_until_ready(case['state'])
-      t0 = time.perf_counter()
-      for _ in range(inner):
-        case['state'] = case['fn'](*case['state'])
-      jax.block_until_ready(case['state'])
-      if r:
-        case['times'].append((time.perf_counter() - t0) / inner)
+  time_round_robin([c['case'] for c in cases.values()], repeats=rounds, min_sample_s=0, budget_s=None,
+                   load_samples=[], log=print, steps_per_sample={label: inner for label in cases})
   ref = cases['disam']
   return [{
       'case': label, 'gflops': c['flops'] / 1e9, 'flops_ratio': c['flops'] / ref['flops'],
-      'min_ms': 1e3 * min(c['times']), 'median_ms': 1e3 * statistics.median(c['times']),
-      'paired_ratio': statistics.median(t / u for t, u in zip(c['times'], ref['times'])),
+      'min_ms': 1e3 * min(c['case'].times), 'median_ms': 1e3 * statistics.median(c['case'].times),
+      'paired_ratio': statistics.median(t / u for t, u in zip(c['case'].times, ref['case'].times)),
   } for label, c in cases.items()]
 
 
@@ -116,9 +105,8 @@ def main(argv=None):
   lines = [
       '# The SAM family and DISAM diagnostics: cost relative to plain DISAM',
       '',
-      f'`python -m benchmarks.sam_family{" --quick" if args.quick else ""}`, '
-      f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, '
-      f'{os.cpu_count()} cores, JAX {jax.__version__}; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end '
+      f'`python -m benchmarks.sam_family{" --quick" if args.quick else ""}`, {machine_line()}; '
+      f'load average {load0[0]:.1f} at start, {load1[0]:.1f} at end '
       f'(a shared machine: times are noisy, FLOPs are not); {wall:.0f} s, {rounds} rounds timed round-robin. '
       'SGD momentum, rho 0.05, lam 0.1; FLOPs from XLA cost analysis of the compiled step.',
   ]

@@ -1,8 +1,10 @@
 """Shared timing helpers: the machine and its load, one timed sample, round-robin rounds over cases, ratios.
 
-Every section of the benchmark times its cases with `time_round_robin`: the cases are interleaved (order rotated
-each round) so that the load of a shared machine hits them alike, and each sample records wall time, this
-process's CPU time and how many cores other processes kept busy.
+Every section of the benchmark, and every benchmark script in benchmarks/, times its cases with
+`time_round_robin`: the cases are interleaved (order rotated each round) so that the load of a shared machine hits
+them alike, and each sample records wall time, this process's CPU time and how many cores other processes kept
+busy. `StepCase` makes a case of a jitted step; `write_results` is the scripts' one results writer, `machine_line`
+the when-and-where of their headers.
 """
 
 from __future__ import annotations
@@ -128,12 +130,13 @@ def wait_for_quiet(threshold: float, max_wait_s: float, log) -> float:
 
 def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float, budget_s: Optional[float],
                      load_samples: list, log: Callable[[str], None], quiet: Optional[dict] = None,
-                     max_rounds: int = 15) -> dict[str, Any]:
+                     max_rounds: int = 15, steps_per_sample: Optional[dict[str, int]] = None) -> dict[str, Any]:
   """Warm-up, then rounds over all cases (order rotated each round); each sample runs `inner` steps.
 
   `inner` is chosen per case so that one sample lasts at least `min_sample_s` (fast steps would otherwise be
-  dominated by timer and dispatch noise). `repeats` rounds if given; else as many as fit in `budget_s`, between 2
-  and `max_rounds` (cheap models get many rounds, which is what makes min and median robust to a busy machine).
+  dominated by timer and dispatch noise), unless `steps_per_sample` gives it (`{label: steps}`). `repeats` rounds
+  if given; else as many as fit in `budget_s`, between 2 and `max_rounds` (cheap models get many rounds, which is
+  what makes min and median robust to a busy machine).
   Each sample records wall time, this process's CPU time (all threads; insensitive to time spent descheduled
   while other processes run) and the cores other processes kept busy. With `quiet`
   (`{'threshold': cores, 'max_wait_s': s, 'waited_s': running total}`), each round first waits for the other
@@ -148,7 +151,8 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
       t0 = time.perf_counter()
       case.run(1)
       first[case.label] = time.perf_counter() - t0
-  inner = {c.label: max(1, math.ceil(min_sample_s / max(first[c.label], 1e-6))) for c in cases}
+  fixed = steps_per_sample or {}
+  inner = {c.label: fixed.get(c.label) or max(1, math.ceil(min_sample_s / max(first[c.label], 1e-6))) for c in cases}
   for c in cases:  # amortized cases: whole cycles of k steps (the first step of a cycle is the expensive one)
     k = getattr(c, 'step_multiple', 1)
     inner[c.label] = k * math.ceil(inner[c.label] / k)
@@ -189,6 +193,38 @@ def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float
                        'page_faults_per_step': int(statistics.median(faults[case.label])),
                        'steps_per_sample': inner[case.label]}
   return out
+
+
+class StepCase:
+  """A `time_round_robin` case of a jitted step, `state = step(state)`: `run(n)` takes n steps and waits for them.
+
+  `loss(state)`, if given, is the float `final_loss` checks for finiteness (0.0 without it).
+  """
+
+  framework = 'jax'
+
+  def __init__(self, label: str, step: Callable[[Any], Any], state: Any,
+               loss: Optional[Callable[[Any], Any]] = None):
+    self.label, self.step, self.state, self._loss = label, step, state, loss
+    self.times: list[float] = []
+
+  def run(self, steps: int) -> None:
+    import jax
+    for _ in range(steps):
+      self.state = self.step(self.state)
+    jax.block_until_ready(self.state)
+
+  def final_loss(self) -> float:
+    return float(self._loss(self.state)) if self._loss is not None else 0.0
+
+
+def machine_line() -> str:
+  """`'2026-12-03 13:00 UTC, x86_64, 2 cores, JAX 0.10.2'`: when and where a benchmark ran, for its header."""
+  import datetime
+
+  import jax
+  return (f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, '
+          f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__}')
 
 
 def ratio(cases: dict, a: str, b: str, stat: str = 'min_ms') -> Optional[float]:
