@@ -263,12 +263,17 @@ def _rotation_domains(
   )
 
 
+def _sklearn_digits(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled 8x8 digits as `(images [n, 8, 8] float32 in [0, 1], labels [n])`, for `dataset`."""
+  datasets = _require("sklearn.datasets", f"{dataset} (scikit-learn's bundled digits)")
+  digits = datasets.load_digits()
+  return (digits.images / 16.0).astype(np.float32), digits.target  # pixel values are counts 0..16
+
+
 def _load_rotated_digits(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
   del data_dir  # bundled with scikit-learn
-  datasets = _require("sklearn.datasets", "rotated_digits (scikit-learn's bundled digits)")
-  digits = datasets.load_digits()
-  images = (digits.images / 16.0).astype(np.float32)  # pixel values are counts 0..16
-  return _rotation_domains(spec.name, images, digits.target, spec.classes, seed, image_size)
+  images, labels = _sklearn_digits("rotated_digits")
+  return _rotation_domains(spec.name, images, labels, spec.classes, seed, image_size)
 
 
 def _load_rotated_animals(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
@@ -330,12 +335,10 @@ def _color_domains(name: str, images: np.ndarray, digits: np.ndarray, seed: int)
 
 def _load_colored_digits(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
   del data_dir  # bundled with scikit-learn
-  datasets = _require("sklearn.datasets", "colored_digits (scikit-learn's bundled digits)")
-  digits = datasets.load_digits()
-  images = (digits.images / 16.0).astype(np.float32)
+  images, labels = _sklearn_digits("colored_digits")
   if image_size is not None:
     images = _resize(images[..., None], image_size)[..., 0]
-  return _color_domains(spec.name, images, digits.target, seed)
+  return _color_domains(spec.name, images, labels, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

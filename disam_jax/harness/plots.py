@@ -241,11 +241,10 @@ def _plot_domain_losses(out_dir, algorithms, domains, window, styles, runs, doma
       if not group:
         ax.set_visible(False)
         continue
-      length = min(len(m.steps) for m in group)
-      mean_losses = np.stack([m.domain_losses[:length] for m in group]).mean(axis=0)
+      x, mean_losses = _mean_over(group, "domain_losses")
       for k, name in enumerate(group[0].domains):
-        (handles[name],) = ax.plot(group[0].steps[:length], smooth(mean_losses[:, k], window), lw=1.0,
-                                   color=domain_color[name], label=f"domain {name}")
+        (handles[name],) = ax.plot(x, smooth(mean_losses[:, k], window), lw=1.0, color=domain_color[name],
+                                   label=f"domain {name}")
       ax.set(yscale="log", title=f"{_display(a)}, held-out {d}", xlabel="step", ylabel="domain losses")
     ax = axes[row][len(algorithms)]
     for k, a in enumerate(algorithms):
@@ -350,11 +349,10 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
       if not group:
         ax.set_visible(False)
         continue
-      length = min(len(m.steps) for m in group)
-      weights = np.stack([m.perturbation_weights[:length] for m in group]).mean(axis=0)
+      x, weights = _mean_over(group, "perturbation_weights")
       smoothed = smooth(weights, window)
       for k, name in enumerate(group[0].domains):
-        (handles[name],) = ax.plot(group[0].steps[:length], smoothed[:, k], lw=1.1, color=domain_color[name])
+        (handles[name],) = ax.plot(x, smoothed[:, k], lw=1.1, color=domain_color[name])
       uniform = 1.0 / len(group[0].domains)
       ax.axhline(uniform, color="black", lw=0.8, ls=":")
       ax.annotate(f"SAM: 1/{len(group[0].domains)}", (0.01, uniform), xycoords=("axes fraction", "data"),

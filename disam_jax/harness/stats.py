@@ -131,11 +131,7 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
   run: how often DISAM's mean variance is lower, its held-out accuracy (training-domain validation) at least
   as high, and the mean paired differences.
   """
-  cells = [_as_dict(c) for c in (cells if cells is not None else _cells_from_run(run_dir))]
-  metrics = _metrics_by_cell(run_dir, cells)
-  algorithms = _ordered(c["algorithm"] for c in cells)
-  steps = max(int(c["steps"]) for c in cells)
-  window = window or max(1, steps // 50)
+  cells, metrics, algorithms, window = _runs(run_dir, cells, window)
   rows = [
     f"Moving average over {window} steps; each entry is mean ± std over runs (held-out domains x seeds).",
     "",
@@ -258,11 +254,7 @@ def paired_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold:
   the held-out accuracy (training-domain validation; points), of the log of the mean domain-loss variance (shown
   as the ratio DISAM / other, exp of the interval ends), and of the steps to the loss threshold (pairs in which
   both reached it). "no difference resolved" marks intervals that cover 0."""
-  cells = [_as_dict(c) for c in (cells if cells is not None else _cells_from_run(run_dir))]
-  metrics = _metrics_by_cell(run_dir, cells)
-  algorithms = _ordered(c["algorithm"] for c in cells)
-  steps = max(int(c["steps"]) for c in cells)
-  window = window or max(1, steps // 50)
+  cells, metrics, algorithms, window = _runs(run_dir, cells, window)
   per = {}
   for c in cells:
     key = (c["algorithm"], c["held_out"], int(c["seed"]))
@@ -308,6 +300,17 @@ def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
   if not plus:
     return "sam"
   return "sam+" + penalty if "sam+" + penalty in algorithms else penalty
+
+
+def _runs(run_dir: str, cells: Optional[Sequence[Any]], window: Optional[int]):
+  """`(cells, metrics, algorithms, window)` of the tables over runs: the cells as dicts (default: the run's
+  results.json), their metrics by (algorithm, held-out domain, seed), the algorithms in order, and the smoothing
+  window (default: 2% of the longest run's steps)."""
+  cells = [_as_dict(c) for c in (cells if cells is not None else _cells_from_run(run_dir))]
+  metrics = _metrics_by_cell(run_dir, cells)
+  algorithms = _ordered(c["algorithm"] for c in cells)
+  steps = max(int(c["steps"]) for c in cells)
+  return cells, metrics, algorithms, window or max(1, steps // 50)
 
 
 def _cells_from_run(run_dir: str) -> list[dict[str, Any]]:
