@@ -280,3 +280,22 @@ def test_harden_domain_subsamples_and_corrupts_only_that_training_domain():
       assert hard.train[j][0] is split.train[j][0]
   assert hard.val is split.val and hard.test is split.test
   assert train.harden_domain(split, "75", fraction=0.1, num_classes=10, seed=0) is split  # held out: unchanged
+
+
+def test_progress_of_a_resumed_run_says_where_it_resumes_and_does_not_time_the_steps_done(tmp_path, capsys):
+  """The bar counts a resumed run's finished steps without timing them (an update by thousands of steps read as
+  thousands of steps per second) and says 'resuming ... from step N'."""
+  from disam_jax.harness import experiment
+  cell = tmp_path / "cell"
+  (cell / "checkpoints" / "6").mkdir(parents=True)
+  import time
+  bar = experiment._Progress(True, 2400)
+  time.sleep(0.2)  # past tqdm's mininterval, so that an update would be timed
+  bar.update(1200)  # a finished run
+  bar.start_run("disam", "75", 0, str(cell))
+  assert bar._bar.n == 1206
+  assert bar._bar.format_dict["rate"] is None  # nothing timed yet: no made-up rate
+  bar.step_hook(None, "disam", "75", 0)(7, {"loss": 1.0})
+  assert bar._bar.n == 1207
+  bar.close()
+  assert "resuming disam held-out 75 seed 0 from step 6" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -417,15 +418,22 @@ class _Progress:
       self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, smoothing=0.05)
 
   def update(self, steps: int) -> None:
-    if self._bar is not None:
-      self._bar.update(steps)
+    """Counts `steps` done earlier (a finished or resumed run) without timing them: tqdm's rate is a moving
+    average of its `update` calls, so an update by thousands of steps showed thousands of steps per second."""
+    if self._bar is not None and steps:
+      self._bar.n += steps
+      self._bar.last_print_n = self._bar.n
+      self._bar.refresh()
 
   def start_run(self, algorithm: str, held_out: str, seed: int, resumed: Optional[str]) -> None:
-    """A run starts; `resumed`: its directory when resuming (the steps it has done already count)."""
+    """A run starts; `resumed`: its directory when resuming (the steps it has done already count, and are said)."""
     if self._bar is not None:
       self._bar.set_description(f"{algorithm} held-out {held_out} seed {seed}")
       self._bar.set_postfix(refresh=False)
-      self._bar.update(_resumed_steps(resumed) if resumed is not None else 0)
+      done = _resumed_steps(resumed) if resumed is not None else 0
+      if done:
+        self._bar.write(f"resuming {algorithm} held-out {held_out} seed {seed} from step {done}", file=sys.stderr)
+      self.update(done)
 
   def step_hook(self, on_step, algorithm: str, held_out: str, seed: int) -> Callable[[int, dict[str, Any]], None]:
     """`run_cell`'s `on_step`: advances the bar (the loss every 10 steps), then calls the caller's `on_step`."""
