@@ -215,17 +215,8 @@ def place_state(tree, mesh: Mesh):
   `fsdp_sharding`, the rest replicated. Every process holds the same full values; each keeps its shards."""
   if FSDP_AXIS not in mesh.axis_names:
     return replicate(tree, mesh)
-
-  def put(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      return a
-    if isinstance(a, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(a.dtype, jnp.number):
-      host = np.asarray(a)
-      sharding = fsdp_sharding(host.shape, mesh)
-      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return jax.device_put(a, replicated(mesh))
-
-  return jax.tree.map(put, tree)
+  return _place_leaves(tree, mesh, lambda host: jax.make_array_from_callback(
+    host.shape, fsdp_sharding(host.shape, mesh), lambda index: host[index]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -241,13 +232,19 @@ def replicate(tree, mesh: Mesh):
   already placed on the global mesh are kept, and the rest (typed PRNG keys) go through `device_put`.
   """
   sharding = replicated(mesh)
+  return _place_leaves(tree, mesh, lambda host: jax.make_array_from_process_local_data(sharding, host, host.shape))
+
+
+def _place_leaves(tree, mesh: Mesh, place_numeric):
+  """Every leaf of `tree` (which every process holds identically) on `mesh`: kept if already placed on the global
+  mesh, `place_numeric(host array)` if numeric, and otherwise (typed PRNG keys) replicated by `device_put`."""
 
   def put(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
       return a
     if isinstance(a, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(a.dtype, jnp.number):
-      return jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a))
-    return jax.device_put(a, sharding)
+      return place_numeric(np.asarray(a))
+    return jax.device_put(a, replicated(mesh))
 
   return jax.tree.map(put, tree)
 
