@@ -422,7 +422,7 @@ def test_a_read_only_output_directory_is_one_line_and_changes_nothing(tmp_path, 
 @pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated (SIGTERM)")],
                          ids=["SIGINT", "SIGTERM"])
 def test_a_signal_before_training_starts_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path, signum, said):
-  from disam_jax.harness import train
+  from disam_jax.harness import experiment
 
   def prepare_and_fit(*args, **kwargs):  # while the data loads: the real handlers are installed
     signal.raise_signal(signum)
@@ -430,7 +430,7 @@ def test_a_signal_before_training_starts_is_one_line_and_exit_130(capsys, monkey
   def unhandled(*args):
     raise AssertionError("disam-train left SIGTERM to the previous handler")
 
-  monkeypatch.setattr(train, "prepare_and_fit", prepare_and_fit)
+  monkeypatch.setattr(experiment, "prepare_and_fit", prepare_and_fit)
   previous = signal.signal(signal.SIGTERM, unhandled)  # instead of the default, which would end pytest
   try:
     code, _, err = _run(capsys, FAULT_RUN + ["--output-dir", str(tmp_path / "run")])
