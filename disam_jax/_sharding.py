@@ -67,7 +67,7 @@ def _is_spec(x: Any) -> bool:
   return x is None or isinstance(x, jax.sharding.PartitionSpec)
 
 
-def _checks_vma(batch_axes: tuple) -> bool:
+def checks_vma(batch_axes: tuple) -> bool:
   """Whether the enclosing map types values with their varying axes (shard_map's check_vma=True), not pmap or
   shard_map(check_vma=False), where every value looks the same whatever it holds."""
   probe = jax.lax.pcast(jax.numpy.zeros([]), batch_axes, to='varying')
@@ -102,7 +102,7 @@ class ParamLayout:
       return cls(params)
     leaves = jax.tree.leaves(params)
     specs = None if param_specs is None else _spec_leaves(param_specs, params)
-    if not _checks_vma(batch_axes):
+    if not checks_vma(batch_axes):
       return cls(params, batch_axes, specs)
     sharded = [varying_axes(x) for x in leaves]
     if specs is not None:
@@ -119,10 +119,6 @@ class ParamLayout:
   @property
   def any_sharded_over_batch(self) -> bool:
     return any(s & set(self.batch_axes) for s in self.sharded)
-
-  @property
-  def any_sharded(self) -> bool:
-    return any(self.sharded)
 
   def device_local(self, tree: Any) -> Any:
     """Casts each leaf to varying over the batch axes it does not already vary over (shard_map, check_vma=True).
