@@ -288,7 +288,7 @@ def _param_layout(params: Any, axes: Optional[tuple], param_specs: Any, domain_l
       )
     return _sharding.ParamLayout(params)
   layout = _sharding.ParamLayout.of(params, axes, param_specs)
-  if param_specs is None and not _sharding.checks_vma(axes) and _gathers_over(domain_loss_fn, params, axes):
+  if param_specs is None and not layout.typed and _gathers_over(domain_loss_fn, params, axes):
     raise ValueError(
         f'domain_loss_fn all-gathers over the batch axis {axes if len(axes) > 1 else axes[0]!r}, which is how '
         'FSDP parameters are used, but this map does not type values with their layout (pmap, or shard_map with '

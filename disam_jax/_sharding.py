@@ -88,11 +88,11 @@ class ParamLayout:
   With no axes (jit, GSPMD, explicit meshes) every reduction is the plain whole-array one.
   """
 
-  def __init__(self, params: Any, batch_axes: tuple = (), sharded: Optional[list] = None):
+  def __init__(self, params: Any, batch_axes: tuple = (), sharded: Optional[list] = None, typed: bool = False):
     self.treedef = jax.tree.structure(params)
     self.batch_axes = tuple(batch_axes)
-    n = self.treedef.num_leaves
-    self.sharded = [frozenset()] * n if sharded is None else list(sharded)
+    self.sharded = [frozenset()] * self.treedef.num_leaves if sharded is None else list(sharded)
+    self.typed = typed  # read from shard_map's varying axes (check_vma=True), not declared or assumed
 
   @classmethod
   def of(cls, params: Any, batch_axes: tuple, param_specs: Any) -> 'ParamLayout':
@@ -114,7 +114,7 @@ class ParamLayout:
               f'varies over {sorted(seen)}: pass the same PartitionSpecs as the in_specs of the params (or drop '
               'param_specs: with check_vma=True the layout is read from the types).'
           )
-    return cls(params, batch_axes, sharded)
+    return cls(params, batch_axes, sharded, typed=True)
 
   @property
   def any_sharded_over_batch(self) -> bool:
