@@ -6,6 +6,7 @@
 
 from disam_jax._accumulation import accumulate_domain_losses
 from disam_jax._disam import DisamState
+from disam_jax._disam import VarianceTrigger
 from disam_jax._disam import disam
 from disam_jax._disam import find_disam_state
 from disam_jax._domain_losses import DomainLosses
@@ -22,6 +23,7 @@ __version__ = '0.1.0'
 __all__ = (
     'DisamState',
     'DomainLosses',
+    'VarianceTrigger',
     'accumulate_domain_losses',
     'apply_disam',
     'disam',

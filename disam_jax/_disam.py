@@ -61,6 +61,35 @@ _NORM_EPS = 1e-12
 _DEFAULT_ALPHA = {'gsam': 0.2, 'sagm': 0.001}
 
 
+class VarianceTrigger(NamedTuple):
+  """When an amortized DISAM step runs its ascent: when the domain-loss variance of this step is high.
+
+  `disam(..., perturb_when=VarianceTrigger(min_gap, max_gap, factor, decay))`. At step t, with `V_t` the variance of
+  the domain losses `V(w) = sum_i a_i (L_i - L)^2` (Eq. 6) of this step's unperturbed forward pass (free: every step
+  runs it) and `s` the steps since the last ascent step counting this one, the step runs the full two-pass DISAM
+  step (the ascent) iff
+
+      s >= max_gap   or   (s >= min_gap  and  V_t > factor * r_{t-1}),
+
+  else one forward and backward pass at `w` (plus the reused component, see `reuse_weight`). `r` is the running
+  reference of past variances: `r_0 = V_0`, `r_t = decay r_{t-1} + (1 - decay) V_t`, updated every step after the
+  decision. The first step always ascends (`s` starts at `max_gap`). So the ascent rate is between `1 / max_gap`
+  and `1 / min_gap` whatever the losses do: `min_gap` caps the cost, `max_gap` bounds the staleness.
+
+  Attributes:
+    min_gap: int >= 1 (static), fewest steps from one ascent to the next (1: the variance alone decides).
+    max_gap: int >= min_gap (static), most steps from one ascent to the next.
+    factor: float >= 0 or an optax schedule of the step count: how far above its reference the variance must be
+      (1: above the running mean; 0: every step allowed by `min_gap`).
+    decay: float in [0, 1): the reference's decay per step (0.9: about the last 10 steps).
+  """
+
+  min_gap: int = 8
+  max_gap: int = 32
+  factor: ScalarOrSchedule = 1.0
+  decay: float = 0.9
+
+
 class DisamState(NamedTuple):
   """State of `disam`. Its structure, shapes and dtypes are fixed by `init` and never change.
 
@@ -90,9 +119,17 @@ class DisamState(NamedTuple):
       extra backward pass); NaN otherwise. 1 at `lam=0`.
     aux: with `has_aux=True`, the auxiliary output of `domain_loss_fn` at the *unperturbed* weights (the
       perturbed evaluation's aux is discarded); `aux_example` until the first update (`None` without it).
-    reused_component: with `perturb_every=k > 1`, the params-shaped component `g_v` of the last full step's
-      sharpness-aware gradient orthogonal to its ascent gradient `g_p`, which the steps in between add back to their
-      plain gradient (LookSAM); zeros from `init`. `None` with `perturb_every=1`.
+    reused_component: with amortization (`perturb_every=k > 1` or `perturb_when`) and a `reuse_weight` that is not
+      the constant 0, the params-shaped component `g_v` of the last full step's sharpness-aware gradient orthogonal
+      to its ascent gradient `g_p`, which the steps in between add back to their plain gradient (LookSAM); zeros
+      from `init`. `None` otherwise (every step full, or `reuse_weight=0`: nothing is reused, nothing is kept).
+    ascended: with amortization, scalar 1 if the last step ran the ascent (the full two-pass step), 0 if it was a
+      one-pass step; its mean over steps is the ascent rate. `None` when every step is full.
+    trigger_reference: with `perturb_when=VarianceTrigger(...)`, scalar running reference of the domain-loss
+      variance, `r_t = decay r_{t-1} + (1 - decay) V_t` (`r_0 = V_0`), against which the next step's variance is
+      compared. `None` otherwise.
+    steps_since_ascent: with `perturb_when`, int32 scalar, steps since the last ascent step (0 right after one;
+      `max_gap - 1` at `init`, so the first step ascends). `None` otherwise.
   """
 
   count: chex.Array
@@ -107,6 +144,9 @@ class DisamState(NamedTuple):
   perturbation_weights: chex.Array
   sam_cosine: chex.Array
   reused_component: Any = None
+  ascended: Optional[chex.Array] = None
+  trigger_reference: Optional[chex.Array] = None
+  steps_since_ascent: Optional[chex.Array] = None
 
 
 def _metric_dtype(params: Any) -> jnp.dtype:
@@ -117,9 +157,10 @@ def _metric_dtype(params: Any) -> jnp.dtype:
 
 def _initial_state(
     base_state: optax.OptState, num_domains: Optional[int], aux_example: Any, dtype: Any = jnp.float32,
-    reused_component: Any = None,
+    reused_component: Any = None, amortized: bool = False, trigger: Optional[VarianceTrigger] = None,
 ) -> DisamState:
-  """The state before the first step: metrics zero, `[num_domains]` (or None) domain fields, aux_example."""
+  """The state before the first step: metrics zero, `[num_domains]` (or None) domain fields, aux_example; with
+  `amortized` the `ascended` flag, with `trigger` its reference 0 and `max_gap - 1` steps since an ascent."""
   per_domain = None if num_domains is None else jnp.zeros([num_domains], dtype)
   zero = jnp.zeros([], dtype)
   return DisamState(
@@ -135,6 +176,9 @@ def _initial_state(
       perturbation_weights=per_domain,
       sam_cosine=jnp.full([], jnp.nan, dtype),
       reused_component=reused_component,
+      ascended=zero if amortized or trigger is not None else None,
+      trigger_reference=None if trigger is None else zero,
+      steps_since_ascent=None if trigger is None else jnp.asarray(trigger.max_gap - 1, jnp.int32),
   )
 
 
@@ -153,7 +197,8 @@ def _check_hyperparameter(name: str, value: ScalarOrSchedule) -> None:
   """Rejects negative or non-finite rho/lam; probes schedules at a spread of step counts; skips traced values."""
   if callable(value):
     for step in _SCHEDULE_PROBES:
-      v = float(value(jnp.asarray(step, jnp.int32)))
+      with jax.ensure_compile_time_eval():  # concrete even when disam() is built under jit (inject_hyperparams)
+        v = float(value(jnp.asarray(step, jnp.int32)))
       if not math.isfinite(v) or v < 0:
         raise ValueError(
             f'{name} schedule must give finite values >= 0; {name}({step}) = {v}. A negative rho flips the '
@@ -173,7 +218,8 @@ def _check_hyperparameter(name: str, value: ScalarOrSchedule) -> None:
 def _may_be_positive(value: ScalarOrSchedule) -> Optional[bool]:
   """Whether lam can be > 0: schedules at the probe steps; None when traced (unknown)."""
   if callable(value):
-    return any(float(value(jnp.asarray(s, jnp.int32))) > 0 for s in _SCHEDULE_PROBES)
+    with jax.ensure_compile_time_eval():
+      return any(float(value(jnp.asarray(s, jnp.int32))) > 0 for s in _SCHEDULE_PROBES)
   v = _concrete_float(value)
   return None if v is None else v > 0
 
@@ -429,6 +475,7 @@ def disam(
     alpha: Optional[ScalarOrSchedule] = None,
     perturb_every: Optional[int] = None,
     reuse_weight: Optional[ScalarOrSchedule] = None,
+    perturb_when: Optional[VarianceTrigger] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
@@ -506,18 +553,26 @@ def disam(
       `None` takes the rule's published default (gsam 0.2, sagm 0.001). Only for `rule='gsam'` / `'sagm'`.
     perturb_every: k >= 1 (a Python int; `None` is 1, and keeps `optax.inject_hyperparams` from tracing it). k = 1
       is the step above, every step. k > 1 amortizes it, LookSAM-style
-      (Liu et al., CVPR 2022): every k-th step (step counts 0, k, 2k, ...) is the full two-pass step and keeps
-      `g_v = g - (<g, g_p> / ||g_p||^2) g_p`, the part of its sharpness-aware gradient `g` orthogonal to its ascent
-      gradient `g_p`; the k - 1 steps in between run ONE forward and backward pass, at `w`, and hand `base_tx`
-      `grad L(w) + reuse_weight * (||grad L(w)|| / ||g_v||) g_v`. Why the gradient component and not the
-      perturbation: the in-between steps still evaluate the loss at the unperturbed weights, so the logged losses,
-      variance, `c_i` and the aux (BatchNorm statistics) are this step's, from the unperturbed pass, exactly as on
-      full steps; reusing `eps` would move that one pass to `w + eps`. `g_v` is taken against `g_p` (not
-      `grad L(w)`, LookSAM's choice for SAM, where the two coincide) so full steps stay at DISAM's two passes; they
-      differ by `lam grad V`. In-between steps log `perturbation_norm` 0 and `sam_cosine` NaN (no perturbation).
-      Not with `per_device_perturbation` (replicas would keep different `g_v`).
-    reuse_weight: LookSAM's alpha (>= 0, or a schedule), the weight of the reused component; `None` takes
-      LookSAM's published 0.7. Only with `perturb_every > 1`.
+      (Liu et al., CVPR 2022): every k-th step (step counts 0, k, 2k, ...) is the full two-pass step (the
+      "ascent"); the k - 1 steps in between run ONE forward and backward pass, at `w`, and hand `base_tx`
+      `grad L(w) + reuse_weight * (||grad L(w)|| / ||g_v||) g_v`, with `g_v = g - (<g, g_p> / ||g_p||^2) g_p` the
+      part of the last full step's sharpness-aware gradient `g` orthogonal to its ascent gradient `g_p`. Why the
+      gradient component and not the perturbation: the in-between steps still evaluate the loss at the unperturbed
+      weights, so the logged losses, variance, `c_i` and the aux (BatchNorm statistics) are this step's, from the
+      unperturbed pass, exactly as on full steps; reusing `eps` would move that one pass to `w + eps`. `g_v` is
+      taken against `g_p` (not `grad L(w)`, LookSAM's choice for SAM, where the two coincide) so full steps stay at
+      DISAM's two passes; they differ by `lam grad V`. In-between steps log `perturbation_norm` 0, `sam_cosine`
+      NaN and `ascended` 0. Not with `per_device_perturbation` (replicas would keep different state).
+    reuse_weight: LookSAM's alpha (>= 0, or a schedule), the weight of the reused component. `None` (default) is
+      0: the in-between steps are plain gradient steps ("DISAM every k steps"), and no `g_v` is computed or kept
+      (`reused_component` None). LookSAM's published 0.7 lost accuracy in every run we measured
+      (docs/results.md). Only when amortized (`perturb_every > 1` or `perturb_when`).
+    perturb_when: `None`, or a `VarianceTrigger(min_gap, max_gap, factor, decay)`: instead of every k-th step,
+      ascend when this step's domain-loss variance `V_t` (from its unperturbed forward pass, which every step runs)
+      exceeds `factor` times a running reference of past variances, at most once per `min_gap` steps and at least
+      once per `max_gap` (see `VarianceTrigger`). The step is otherwise that of `perturb_every`: one `lax.cond`,
+      one pass when not ascending, `reuse_weight` as above. The state keeps the reference
+      (`trigger_reference`) and `steps_since_ascent`. Not with `perturb_every > 1`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `DisamState`.
@@ -533,7 +588,9 @@ def disam(
   _check_hyperparameter('lam', lam)
   alpha = _checked_rule(rule, alpha, per_device_perturbation)
   num_domains = _static_num_domains(num_domains)
-  perturb_every, reuse_weight = _check_amortization(perturb_every, reuse_weight, per_device_perturbation)
+  perturb_every, reuse_weight, trigger = _check_amortization(perturb_every, reuse_weight, per_device_perturbation,
+                                                             perturb_when)
+  amortized = perturb_every > 1 or trigger is not None
   weighting = _checked_domain_weights(domain_weights, num_domains)
   if per_device_perturbation and batch_axis_name is None:
     raise ValueError('per_device_perturbation=True needs batch_axis_name (the pmap/shard_map axis).')
@@ -544,8 +601,9 @@ def disam(
 
   def init_fn(params):
     _check_params(init_fn, params)
-    reused = None if perturb_every == 1 else jax.tree.map(jnp.zeros_like, params)
-    return _initial_state(base_tx.init(params), num_domains, aux_example, _metric_dtype(params), reused)
+    reused = jax.tree.map(jnp.zeros_like, params) if amortized and reuse_weight is not None else None
+    return _initial_state(base_tx.init(params), num_domains, aux_example, _metric_dtype(params), reused,
+                          amortized=amortized, trigger=trigger)
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):
     _check_call(update_fn, updates, params, domain_loss_fn)
@@ -580,24 +638,30 @@ def disam(
         g = _final_gradient(rule, alpha_t, g_ascent, g, layout)
       return g, p_norm, cosine
 
-    if perturb_every == 1:
+    amortization = (None, None, None)
+    if not amortized:
       g, p_norm, cosine = sharpness_aware_gradient(backward(stats.cotangent))
       reused = state.reused_component
-    else:  # amortized (LookSAM): a full step every perturb_every steps, one pass reusing g_v in between
-      full_now = state.count % perturb_every == 0
+    else:  # amortized (LookSAM): a full step every perturb_every steps / when triggered, one pass in between
+      if trigger is None:
+        full_now = state.count % perturb_every == 0
+        amortization = (full_now, None, None)
+      else:  # this step's variance, from the forward pass above, decides (the same value on every device)
+        amortization = _trigger_decision(trigger, state, stats.variance, dtype)
+        full_now = amortization[0]
       # One backward pass of the unperturbed forward outside the cond, with the cotangent of the step's kind:
       # g_p on a full step, grad L in between (the cond's operands are then params-sized, never activations).
       first = backward(jnp.where(full_now, stats.cotangent, stats.grad_weights))
+      weight_t = None if reuse_weight is None else _at_step(reuse_weight, state.count, dtype)
       g, p_norm, cosine, reused = _amortized_gradient(
-          state, params, full_now, first, sharpness_aware_gradient, _at_step(reuse_weight, state.count, dtype), dtype,
-          layout)
+          state, params, full_now, first, sharpness_aware_gradient, weight_t, dtype, layout)
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
     c = stats.cotangent * stats.pert_count  # the weights c_i of g_p = sum_i c_i grad L_i
     if per_device_perturbation:  # each device's own: logged as their mean, so the state is the same on every device
       p_norm, cosine, c = jax.lax.pmean((p_norm, cosine, c), axis)
     metrics = (p_norm, layout.norm(g), cosine, c)
-    return new_updates, _next_state(state, base_state, stats, metrics, aux, reused, dtype)
+    return new_updates, _next_state(state, base_state, stats, metrics, aux, reused, dtype, amortization)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -748,8 +812,10 @@ def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: Any,
 
 
 def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics: tuple, aux: Any, reused: Any,
-                dtype: Any) -> DisamState:
-  """The state after the step: `metrics = (||g_p||, ||g||, cosine, c)`; `[M]` fields None without num_domains."""
+                dtype: Any, amortization: tuple = (None, None, None)) -> DisamState:
+  """The state after the step: `metrics = (||g_p||, ||g||, cosine, c)`; `[M]` fields None without num_domains;
+  `amortization = (ascended, trigger_reference, steps_since_ascent)`, each None where not kept."""
+  ascended, reference, since = amortization
   p_norm, grad_norm, cosine, c = metrics
   per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)
   return DisamState(
@@ -765,6 +831,9 @@ def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics:
       perturbation_weights=per_domain(c),
       sam_cosine=cosine.astype(dtype),
       reused_component=reused,
+      ascended=None if ascended is None else ascended.astype(dtype),
+      trigger_reference=reference,
+      steps_since_ascent=since,
   )
 
 
@@ -784,46 +853,96 @@ def _final_gradient(rule: str, alpha: chex.Array, g_w: Any, g_adv: Any, layout: 
   )
 
 
-_LOOKSAM_ALPHA = 0.7  # Liu et al., CVPR 2022 (LookSAM), the published alpha
+def _check_trigger(trigger: Any) -> Optional[VarianceTrigger]:
+  """`perturb_when` validated at construction: None, or a VarianceTrigger with static gaps, factor >= 0 and decay in
+  [0, 1) (a traced decay / factor, from inject_hyperparams, is taken as given)."""
+  if trigger is None:
+    return None
+  if not isinstance(trigger, VarianceTrigger):
+    raise TypeError(
+        'perturb_when must be None (ascend every perturb_every steps) or disam_jax.VarianceTrigger(min_gap=..., '
+        f'max_gap=..., factor=..., decay=...); got {trigger!r}.')
+  min_gap = _static_positive_int('VarianceTrigger.min_gap', trigger.min_gap, "chooses the step's structure")
+  max_gap = _static_positive_int('VarianceTrigger.max_gap', trigger.max_gap, "chooses the step's structure")
+  if max_gap < min_gap:
+    raise ValueError(
+        f'VarianceTrigger needs min_gap <= max_gap (at least one ascent every max_gap steps, at most one every '
+        f'min_gap); got min_gap={min_gap}, max_gap={max_gap}.')
+  _check_hyperparameter('VarianceTrigger.factor', trigger.factor)
+  if callable(trigger.decay):
+    raise TypeError('VarianceTrigger.decay must be a float in [0, 1), not a schedule.')
+  decay = _concrete_float(trigger.decay)
+  if decay is not None and not 0 <= decay < 1:
+    raise ValueError(f'VarianceTrigger.decay must be in [0, 1); got {trigger.decay!r}.')
+  return trigger._replace(min_gap=min_gap, max_gap=max_gap)
 
 
-def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_perturbation: bool):
-  """`(k, reuse_weight)` validated: k a static int >= 1 (None: 1); reuse_weight only with k > 1 (None: 0.7)."""
+def _check_amortization(perturb_every: Any, reuse_weight: Any, per_device_perturbation: bool, perturb_when: Any):
+  """`(k, reuse_weight, trigger)` validated: k a static int >= 1 (None: 1); `perturb_when` a VarianceTrigger (then
+  k is 1); reuse_weight only when amortized (None: 0). A constant reuse_weight of 0 comes back as None: nothing is
+  reused, so no `g_v` is computed or kept."""
   if perturb_every is None:
     perturb_every = 1
   k = _static_positive_int('perturb_every', perturb_every, "chooses the step's structure")
-  if k == 1:
+  trigger = _check_trigger(perturb_when)
+  if trigger is not None and k != 1:
+    raise ValueError(
+        f'perturb_every={k} and perturb_when both choose which steps ascend: pass one of them (perturb_when '
+        'bounds the gap between ascents itself, with VarianceTrigger(min_gap, max_gap)).')
+  if k == 1 and trigger is None:
     if reuse_weight is not None:
-      raise ValueError('reuse_weight weighs the component reused between full steps: it needs perturb_every > 1.')
-    return k, None
+      raise ValueError(
+          'reuse_weight weighs the component reused between full steps: it needs perturb_every > 1 or perturb_when.')
+    return k, None, None
   if per_device_perturbation:
     raise ValueError(
-        'perturb_every > 1 reuses a gradient component between steps, which per_device_perturbation would keep '
+        'perturb_every > 1 / perturb_when reuse state between steps, which per_device_perturbation would keep '
         'different on every device (the replicas would drift apart): use the global perturbation.'
     )
-  reuse_weight = _LOOKSAM_ALPHA if reuse_weight is None else reuse_weight
+  reuse_weight = 0.0 if reuse_weight is None else reuse_weight
   _check_hyperparameter('reuse_weight', reuse_weight)
-  return k, reuse_weight
+  if not callable(reuse_weight) and _concrete_float(reuse_weight) == 0.0:
+    reuse_weight = None
+  return k, reuse_weight, trigger
+
+
+def _trigger_decision(trigger: VarianceTrigger, state: DisamState, variance: chex.Array, dtype: Any):
+  """`(ascend, r_t, s_t)`: whether this step ascends (see `VarianceTrigger`), the updated reference and the steps
+  since the last ascent after this step (0 if it ascends). Scalars only: no pass through the model."""
+  gap = state.steps_since_ascent + 1
+  v = variance.astype(dtype)
+  reference = state.trigger_reference
+  high = v > _at_step(trigger.factor, state.count, dtype) * reference
+  ascend = (gap >= trigger.max_gap) | ((gap >= trigger.min_gap) & high)
+  decay = jnp.asarray(trigger.decay, dtype)
+  new_reference = jnp.where(state.count == 0, v, decay * reference + (1 - decay) * v)
+  return ascend, new_reference, jnp.where(ascend, 0, gap).astype(jnp.int32)
 
 
 def _amortized_gradient(state: DisamState, params: Any, full_now: chex.Array, first: Any, full_step: Callable,
-                        reuse_weight: chex.Array, dtype: Any, layout: _sharding.ParamLayout):
+                        reuse_weight: Optional[chex.Array], dtype: Any, layout: _sharding.ParamLayout):
   """LookSAM over DISAM: `full_step(g_p)` when `full_now`, else the plain gradient plus the reused component.
 
   `first` is the backward pass of the unperturbed forward: `g_p` on a full step, `grad L(w)` in between.
   Full step: `g` from `full_step(g_p)` and `g_v = g - (<g, g_p> / ||g_p||^2) g_p` kept. In between:
-  `g = grad L(w) + reuse_weight (||grad L(w)|| / ||g_v||) g_v`, `g_v` carried unchanged. Returns `(g, ||g_p|| or 0,
-  cosine or NaN, g_v)`; norms and dot products in float32 or wider, every output in the dtype it has on the full step.
+  `g = grad L(w) + reuse_weight (||grad L(w)|| / ||g_v||) g_v`, `g_v` carried unchanged. `reuse_weight=None` (the
+  constant 0): no `g_v` at all, the in-between step hands `grad L(w)` on as it is. Returns `(g, ||g_p|| or 0,
+  cosine or NaN, g_v or None)`; norms and dot products in float32 or wider, every output in the dtype it has on the
+  full step.
   """
 
   def full(g_ascent):
     g, p_norm, cosine = full_step(g_ascent)
-    along = layout.vdot(g, g_ascent) / (layout.vdot(g_ascent, g_ascent) + _NORM_EPS)
-    g_v = jax.tree.map(lambda a, b, w: (_wide(a) - along * _wide(b)).astype(w.dtype), g, g_ascent, params)
+    g_v = None
+    if reuse_weight is not None:
+      along = layout.vdot(g, g_ascent) / (layout.vdot(g_ascent, g_ascent) + _NORM_EPS)
+      g_v = jax.tree.map(lambda a, b, w: (_wide(a) - along * _wide(b)).astype(w.dtype), g, g_ascent, params)
     return g, p_norm.astype(dtype), cosine.astype(dtype), g_v
 
   def in_between(g_w):
     g_v = state.reused_component
+    if reuse_weight is None:
+      return g_w, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), None
     scale = reuse_weight * layout.norm(g_w) / (layout.norm(g_v) + _NORM_EPS)
     g = jax.tree.map(lambda a, v: (_wide(a) + scale * _wide(v)).astype(a.dtype), g_w, g_v)
     return g, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), g_v
