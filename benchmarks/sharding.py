@@ -63,7 +63,7 @@ CASES = {  # label: disam kwargs (None: not DISAM)
     'disam': {},
     'disam_gsam': dict(rule='gsam'),
     'disam_sagm': dict(rule='sagm'),
-    'disam_perturb_every4': dict(perturb_every=4),
+    'disam_perturb_every4': dict(perturb_every=4, reuse_weight=0.7),  # the measured case keeps g_v (LookSAM)
     'disam_diagnostics': dict(diagnostics=True),
     # An attribution, not a configuration: DISAM whose returned state has grad_norm zeroed, so that XLA removes its
     # computation; the difference to 'disam' is what the logged ||g|| costs in collectives.

@@ -78,6 +78,10 @@ def test_console_script_is_installed():
     (["--reuse-weight", "0.5"], "reuse_weight weighs the gradient component reused between full steps: it needs "
                                 "perturb_every > 1"),
     (["--perturb-every", "2", "--reuse-weight", "-1"], "reuse_weight must be >= 0; got -1.0"),
+    (["--trigger-gaps", "4", "16"], "--trigger-gaps set(s) the variance trigger: add --perturb-when variance"),
+    (["--perturb-when", "variance", "--perturb-every", "4"], "perturb_every and perturb_when both choose"),
+    (["--perturb-when", "variance", "--trigger-gaps", "8", "4"], "trigger_min_gap (8) must be <= trigger_max_gap"),
+    (["--perturb-when", "variance", "--trigger-decay", "1"], "trigger_decay must be in [0, 1)"),
   ],
 )
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, argv, message):
@@ -241,12 +245,27 @@ def test_perturb_every_amortizes_the_sharpness_aware_steps(capsys, tmp_path):
   assert [n > 0 for n in norms] == [True, False, False, True, False, False]  # full steps at 0 and 3 only
 
 
+def test_perturb_when_variance_ascends_within_the_gaps(capsys, tmp_path):
+  """--perturb-when variance --trigger-gaps 2 3: step 0 ascends, then an ascent 2 or 3 steps after the last one,
+  never closer; the logged perturbation norm is 0 on the one-pass steps."""
+  run = tmp_path / "run"
+  code, _, err = _run(capsys, SMALL + ["--steps", "9", "--eval-every", "9", "--algorithm", "disam", "--perturb-when",
+                                       "variance", "--trigger-gaps", "2", "3", "--trigger-factor", "0.5", "--quiet",
+                                       "--output-dir", str(run)])
+  assert code == 0, err
+  hp = json.loads((run / "config.json").read_text())["hparams"]
+  assert (hp["perturb_when"], hp["trigger_min_gap"], hp["trigger_max_gap"], hp["trigger_factor"]) == (
+      "variance", 2, 3, 0.5)
+  fired = [t for t, line in enumerate(_step_lines(run)) if line["perturbation_norm"] > 0]
+  assert fired[0] == 0 and set(np.diff(fired)) <= {2, 3} and 9 - fired[-1] <= 3, fired
+
+
 def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_steps(capsys, tmp_path):
-  """--reuse-weight 0: the in-between steps are plain gradient steps, so with Adam's first step they equal ERM's
-  update from the same weights: after full step 0 at the same init, DISAM's step 1 gradient norm is the plain
-  gradient's (logged grad_norm), which the default 0.7 makes larger."""
+  """--reuse-weight 0 (the default): the in-between steps are plain gradient steps, so with Adam's first step they
+  equal ERM's update from the same weights: after full step 0 at the same init, DISAM's step 1 gradient norm is the
+  plain gradient's (logged grad_norm), which LookSAM's 0.7 makes larger."""
   norms = {}
-  for weight in ("0", None):
+  for weight in ("0.7", None):
     run = tmp_path / f"run_{weight}"
     extra = [] if weight is None else ["--reuse-weight", weight]
     code, _, err = _run(capsys, SMALL + ["--steps", "4", "--eval-every", "4", "--algorithm", "disam",
@@ -257,8 +276,8 @@ def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_step
     norms[weight] = [line["grad_norm"] for line in _step_lines(run)]
   # step 0 (full) is the same; from step 1 the reused component adds 0.7 * ||grad L|| along g_v (g_v _|_ g_p, and
   # g_p ~ grad L), so the logged norm is about sqrt(1 + 0.49) times the plain one
-  assert norms["0"][0] == pytest.approx(norms[None][0], rel=1e-6)
-  ratio = norms[None][1] / norms["0"][1]
+  assert norms["0.7"][0] == pytest.approx(norms[None][0], rel=1e-6)
+  ratio = norms["0.7"][1] / norms[None][1]
   assert 1.1 < ratio < 1.35, ratio
 
 

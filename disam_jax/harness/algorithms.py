@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from disam_jax._disam import DisamState, _global_norm, _initial_state, _objective_terms, _split_output, disam
+from disam_jax._disam import (DisamState, VarianceTrigger, _global_norm, _initial_state, _objective_terms,
+                              _split_output, disam)
 from disam_jax.harness import penalties
 
 __all__ = [
@@ -78,9 +79,14 @@ class HParams:
     perturb_every: sharpness-aware rules take their full two-pass step every this many steps and reuse its
       gradient component in between, one pass per step (`disam_jax.disam(..., perturb_every=k)`, LookSAM-style;
       SAM with it is LookSAM). 1: every step. ERM is unaffected.
-    reuse_weight: with perturb_every > 1, the weight of the reused gradient component in the steps in between
-      (`disam_jax.disam(..., reuse_weight=...)`); None: LookSAM's 0.7. 0: the in-between steps are plain gradient
-      steps ("SAM every k steps").
+    reuse_weight: with perturb_every > 1 or perturb_when, the weight of the reused gradient component in the steps
+      in between (`disam_jax.disam(..., reuse_weight=...)`); None: the core's default 0, plain gradient steps
+      ("SAM every k steps"); LookSAM's 0.7 lost accuracy in docs/results.md.
+    perturb_when: None, or "variance": sharpness-aware rules ascend when this step's domain-loss variance exceeds
+      trigger_factor times its running mean (decay trigger_decay), at most once per trigger_min_gap steps and at
+      least once per trigger_max_gap (`disam_jax.disam(..., perturb_when=disam_jax.VarianceTrigger(...))`). Not
+      with perturb_every > 1.
+    trigger_min_gap, trigger_max_gap, trigger_factor, trigger_decay: the `VarianceTrigger`'s fields.
     coral_gamma: CORAL's penalty weight (DomainBed's ``mmd_gamma``).
     vrex_lambda: V-REx's penalty weight after the anneal (1 before it).
     vrex_anneal_steps: V-REx's anneal step (the base optimizer is re-initialized there); None: `for_run`.
@@ -100,6 +106,11 @@ class HParams:
   alpha: Optional[float] = None
   perturb_every: int = 1
   reuse_weight: Optional[float] = None
+  perturb_when: Optional[str] = None
+  trigger_min_gap: int = 8
+  trigger_max_gap: int = 32
+  trigger_factor: float = 1.0
+  trigger_decay: float = 0.9
   coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
   vrex_lambda: float = 10.0  # DomainBed hparams_registry: vrex_lambda 1e1
   vrex_anneal_steps: Optional[int] = None  # DomainBed: vrex_penalty_anneal_iters 500 (of 5000 steps)
@@ -137,10 +148,26 @@ class HParams:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
     if isinstance(self.perturb_every, bool) or not isinstance(self.perturb_every, int) or self.perturb_every < 1:
       raise ValueError(f"perturb_every must be an int >= 1; got {self.perturb_every!r}.")
+    if self.perturb_when not in (None, "variance"):
+      raise ValueError(f"perturb_when must be None or 'variance'; got {self.perturb_when!r}.")
+    if self.perturb_when is not None and self.perturb_every != 1:
+      raise ValueError("perturb_every and perturb_when both choose which steps ascend: pass one of them "
+                       "(--perturb-every K or --perturb-when variance).")
+    for name in ("trigger_min_gap", "trigger_max_gap"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+    if self.trigger_max_gap < self.trigger_min_gap:
+      raise ValueError(f"trigger_min_gap ({self.trigger_min_gap}) must be <= trigger_max_gap "
+                       f"({self.trigger_max_gap}).")
+    if not (math.isfinite(self.trigger_factor) and self.trigger_factor >= 0):
+      raise ValueError(f"trigger_factor must be finite and >= 0; got {self.trigger_factor}.")
+    if not 0 <= self.trigger_decay < 1:
+      raise ValueError(f"trigger_decay must be in [0, 1); got {self.trigger_decay}.")
     if self.reuse_weight is not None:
-      if self.perturb_every == 1:
+      if self.perturb_every == 1 and self.perturb_when is None:
         raise ValueError("reuse_weight weighs the gradient component reused between full steps: it needs "
-                         "perturb_every > 1 (--perturb-every K).")
+                         "perturb_every > 1 (--perturb-every K) or perturb_when (--perturb-when variance).")
       if self.reuse_weight < 0:
         raise ValueError(f"reuse_weight must be >= 0; got {self.reuse_weight}.")
     if not 0 <= self.fishr_ema < 1:
@@ -289,6 +316,10 @@ def _sam_rule(lam_on: bool, rule: Optional[str] = None):
       extra["diagnostics"] = True
     if hp.perturb_every != 1:
       extra["perturb_every"] = hp.perturb_every
+      extra["reuse_weight"] = hp.reuse_weight
+    if hp.perturb_when == "variance":
+      extra["perturb_when"] = VarianceTrigger(hp.trigger_min_gap, hp.trigger_max_gap, hp.trigger_factor,
+                                              hp.trigger_decay)
       extra["reuse_weight"] = hp.reuse_weight
     return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, **extra, **kw)
 

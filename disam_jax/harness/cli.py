@@ -242,8 +242,21 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
                      help="amortized sharpness-aware rules: the full two-pass step every K steps, one pass reusing "
                           "its gradient component in between (LookSAM-style; ERM unaffected; default: 1, every step)")
   train.add_argument("--reuse-weight", type=_finite_float, default=default(None), metavar="W",
-                     help="with --perturb-every K > 1: weight of the reused gradient component in the steps in "
-                          "between (default: LookSAM's 0.7; 0: plain gradient steps in between)")
+                     help="with --perturb-every K > 1 or --perturb-when: weight of the reused gradient component in "
+                          "the steps in between (default: 0, plain gradient steps in between; LookSAM: 0.7)")
+  train.add_argument("--perturb-when", choices=("variance",), default=default(None),
+                     help="amortized sharpness-aware rules: the full two-pass step when this step's domain-loss "
+                          "variance exceeds --trigger-factor x its running mean, within --trigger-gaps; one pass "
+                          "otherwise (default: off)")
+  train.add_argument("--trigger-gaps", type=_int, nargs=2, default=default(None), metavar=("MIN", "MAX"),
+                     help=f"with --perturb-when: at most one ascent per MIN steps, at least one per MAX (default: "
+                          f"{hp.trigger_min_gap} {hp.trigger_max_gap})")
+  train.add_argument("--trigger-factor", type=_finite_float, default=default(None), metavar="F",
+                     help=f"with --perturb-when: how far above its running mean the variance must be (default: "
+                          f"{hp.trigger_factor})")
+  train.add_argument("--trigger-decay", type=_finite_float, default=default(None), metavar="D",
+                     help=f"with --perturb-when: decay of the variance's running mean per step (default: "
+                          f"{hp.trigger_decay})")
   return train
 
 
@@ -317,10 +330,16 @@ def config_from_args(args: argparse.Namespace):
   from disam_jax.harness.config import ExperimentConfig
   from disam_jax.harness.weight_files import resolve_pretrained
 
+  given = [flag for flag, value in (("--trigger-gaps", args.trigger_gaps), ("--trigger-factor", args.trigger_factor),
+                                    ("--trigger-decay", args.trigger_decay)) if value is not None]
+  if given and args.perturb_when is None:
+    raise BadInput(f"{', '.join(given)} set(s) the variance trigger: add --perturb-when variance, or drop it.")
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
     batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
     diagnostics=args.diagnostics, perturb_every=args.perturb_every, reuse_weight=args.reuse_weight,
+    perturb_when=args.perturb_when, trigger_factor=args.trigger_factor, trigger_decay=args.trigger_decay,
+    trigger_min_gap=args.trigger_gaps[0] if args.trigger_gaps else None,
     coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
     fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
   ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
