@@ -340,6 +340,7 @@ def config_from_args(args: argparse.Namespace):
     diagnostics=args.diagnostics, perturb_every=args.perturb_every, reuse_weight=args.reuse_weight,
     perturb_when=args.perturb_when, trigger_factor=args.trigger_factor, trigger_decay=args.trigger_decay,
     trigger_min_gap=args.trigger_gaps[0] if args.trigger_gaps else None,
+    trigger_max_gap=args.trigger_gaps[1] if args.trigger_gaps else None,
     coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
     fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
   ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
