@@ -291,6 +291,10 @@ def _output_options(parser: argparse.ArgumentParser, default: Callable[[Any], An
                         "from their latest checkpoint with exactly the result of an uninterrupted run; options "
                         "are read from its config.json (only --steps may be raised)")
   run.add_argument("--no-plots", action="store_true", default=default(False), help="do not draw the PNG plots")
+  run.add_argument("--tensorboard", action="store_true", default=default(False),
+                   help="also write every run's metrics as TensorBoard scalars into its cells/ folder (needs "
+                        "disam_jax[tensorboard]; view with tensorboard --logdir DIR); --resume of a run that has "
+                        "them keeps writing them")
   run.add_argument("--quiet", action="store_true", default=default(False),
                    help="no progress bar and no table on stdout (the run directory is still printed)")
   run.add_argument("--list", action="store_true", default=default(False),
@@ -374,8 +378,8 @@ def config_from_args(args: argparse.Namespace):
   )
 
 
-_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "quiet", "list", "data_parallel", "mesh",
-                "coordinator_address", "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
+_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "tensorboard", "quiet", "list", "data_parallel",
+                "mesh", "coordinator_address", "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
 
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
@@ -544,6 +548,7 @@ def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
   """Validates everything before anything is written: `(config, run_dir, prepared, mesh)`; raises BadInput & co."""
   from disam_jax.harness import distributed
   from disam_jax.harness import experiment
+  from disam_jax.harness import tensorboard
 
   config = config_from_args(args)
   mesh = None
@@ -559,6 +564,7 @@ def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
   else:
     run_dir = args.output_dir or experiment.new_run_directory("runs")
     _check_new_run_directory(run_dir)
+  args.tensorboard = tensorboard.wanted(args.tensorboard, run_dir, resume=args.resume)  # ImportError: the extra
   _show_data_notices(not args.quiet)
   # A default batch size is fitted to the smallest training domain; one given explicitly is checked instead.
   fit = args.batch_size is None and not args.resume
@@ -591,7 +597,7 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
           f"{len(config.seeds)} seed(s), {config.steps} steps each; run directory {run_dir}", file=sys.stderr)
   try:
     results = experiment.run_experiment(config, run_dir, resume=args.resume, progress=not args.quiet,
-                                        prepared=prepared, mesh=mesh)
+                                        prepared=prepared, mesh=mesh, tensorboard=args.tensorboard)
     if main_process:
       report.write_report(run_dir, results, config, plots=not args.no_plots)
     if main_process and not args.quiet:

@@ -26,6 +26,7 @@ import numpy as np
 from disam_jax.harness import data as data_lib
 from disam_jax.harness import distributed
 from disam_jax.harness import regimes
+from disam_jax.harness import tensorboard as tensorboard_lib
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.loop import CellResult, _compile, run_cell
 from disam_jax.harness.steps import TrainState, _model_initializer, init_model
@@ -327,6 +328,7 @@ def run_experiment(
     on_step: Optional[Callable[[str, str, int, int, dict[str, Any]], None]] = None,
     prepared: Optional[tuple[data_lib.DomainDataset, tuple[str, ...]]] = None,
     mesh: Optional[Any] = None,
+    tensorboard: bool = False,
 ) -> list[CellResult]:
   """Trains every (seed, held-out domain, algorithm) of `config` under `run_dir`; returns the results.
 
@@ -343,9 +345,14 @@ def run_experiment(
     on_step: called after every step as `on_step(algorithm, held_out, seed, step, metrics)`.
     prepared: `prepare(config)`'s result, if already computed.
     mesh: train data-parallel over this mesh (see `run_cell`); only process 0 writes files and shows progress.
+    tensorboard: also write each run's metrics lines as TensorBoard scalars into its directory (`tensorboard.py`;
+      needs `disam_jax[tensorboard]`, ImportError naming it before anything is written).
   """
   first_ds, held_out = prepared if prepared is not None else prepare(config)
   main_process = distributed.is_main_process()
+  events = tensorboard and main_process
+  if events:
+    tensorboard_lib.require()
   _start_run_directory(run_dir, config, first_ds, main_process)
   results: list[CellResult] = []
   runs = len(config.seeds) * len(held_out) * len(config.algorithms)
@@ -365,13 +372,16 @@ def run_experiment(
           done = load_cell_result(directory) if resume else None
           if done is not None and done.steps == config.steps:
             results.append(done)
+            if events:
+              tensorboard_lib.write_cell(directory)
             bar.update(config.steps)
             continue
           if init is None:
             init, compiled = _initialize(config, ds, seed, len(split.train), compiled)
           bar.start_run(algorithm, d, seed, directory if resume else None)
-          results.append(run_cell(config, algorithm, split, seed, init, compiled, directory, resume=resume,
-                                  on_step=bar.step_hook(on_step, algorithm, d, seed), mesh=mesh))
+          with tensorboard_lib.cell_events(directory, events) as written:
+            results.append(run_cell(config, algorithm, split, seed, init, compiled, directory, resume=resume,
+                                    on_step=written(bar.step_hook(on_step, algorithm, d, seed)), mesh=mesh))
           if main_process:
             write_results(run_dir, results, config)
   finally:
