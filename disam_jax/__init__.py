@@ -2,23 +2,33 @@
 
 `disam(base_tx, rho, lam)` is an `optax.GradientTransformationExtraArgs`; its `update` takes
 `domain_loss_fn=f` with `f(params) -> [M]` per-domain losses. See README.md.
+
+The public names are imported on first use (PEP 562): `import disam_jax` alone does not import JAX, Optax or Flax,
+so `disam-train --help` and its usage errors answer at once; `disam_jax.disam` (or `from disam_jax import disam`)
+imports them.
 """
 
-from disam_jax._accumulation import accumulate_domain_losses
-from disam_jax._disam import DisamState
-from disam_jax._disam import VarianceTrigger
-from disam_jax._disam import disam
-from disam_jax._disam import find_disam_state
-from disam_jax._domain_losses import DomainLosses
-from disam_jax._flax import apply_disam
-from disam_jax._flax import nnx_optimizer
-from disam_jax._flax import nnx_update
-from disam_jax._domain_losses import domain_losses_from_grouped
-from disam_jax._domain_losses import domain_losses_from_ids
-from disam_jax._domain_losses import grouped_domain_loss_fn
-from disam_jax._domain_losses import vmapped_domain_loss_fn
+import importlib as _importlib
+from typing import TYPE_CHECKING
 
 __version__ = '0.1.0'
+
+# public name -> the private module defining it
+_LAZY = {
+    'DisamState': 'disam_jax._disam',
+    'DomainLosses': 'disam_jax._domain_losses',
+    'VarianceTrigger': 'disam_jax._disam',
+    'accumulate_domain_losses': 'disam_jax._accumulation',
+    'apply_disam': 'disam_jax._flax',
+    'disam': 'disam_jax._disam',
+    'domain_losses_from_grouped': 'disam_jax._domain_losses',
+    'domain_losses_from_ids': 'disam_jax._domain_losses',
+    'find_disam_state': 'disam_jax._disam',
+    'grouped_domain_loss_fn': 'disam_jax._domain_losses',
+    'nnx_optimizer': 'disam_jax._flax',
+    'nnx_update': 'disam_jax._flax',
+    'vmapped_domain_loss_fn': 'disam_jax._domain_losses',
+}
 
 __all__ = (
     'DisamState',
@@ -35,3 +45,31 @@ __all__ = (
     'nnx_update',
     'vmapped_domain_loss_fn',
 )
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time `__getattr__` imports these on first use
+  from disam_jax._accumulation import accumulate_domain_losses
+  from disam_jax._disam import DisamState
+  from disam_jax._disam import VarianceTrigger
+  from disam_jax._disam import disam
+  from disam_jax._disam import find_disam_state
+  from disam_jax._domain_losses import DomainLosses
+  from disam_jax._domain_losses import domain_losses_from_grouped
+  from disam_jax._domain_losses import domain_losses_from_ids
+  from disam_jax._domain_losses import grouped_domain_loss_fn
+  from disam_jax._domain_losses import vmapped_domain_loss_fn
+  from disam_jax._flax import apply_disam
+  from disam_jax._flax import nnx_optimizer
+  from disam_jax._flax import nnx_update
+
+
+def __getattr__(name: str) -> object:
+  module = _LAZY.get(name)
+  if module is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(_importlib.import_module(module), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

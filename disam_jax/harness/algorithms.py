@@ -17,7 +17,8 @@ the same code for all of them. An algorithm is a sharpness-aware *rule* and opti
   DISAM's perturbation and update on CORAL's loss; DISAM's variance term stays that of the plain cross-entropies,
   in the perturbation only).
 
-`HParams` and `default_hparams` are the one place for hyperparameter defaults, as DomainBed's
+`HParams` and `default_hparams` (defined in the JAX-free `disam_jax.harness._choices`, which also holds every name
+above and their descriptions; re-exported here) are the one place for hyperparameter defaults, as DomainBed's
 ``hparams_registry``: for small images (rotated digits/animals, ``tfds:``) Adam, lr 1e-3, weight decay 0 and 64
 examples per domain per step; for the DomainBed image folders Adam, lr 5e-5, weight decay 0, 32 per domain.
 rho 0.05 and lam 0.1 are the paper's defaults; the penalty defaults are DomainBed's (cited at each field), with
@@ -27,7 +28,6 @@ the anneal steps at DomainBed's fraction of the run (`HParams.for_run`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -36,7 +36,9 @@ import optax
 
 from disam_jax._disam import (DisamState, VarianceTrigger, _global_norm, _initial_state, _objective_terms,
                               _split_output, disam)
+from disam_jax.harness import _choices
 from disam_jax.harness import penalties
+from disam_jax.harness._choices import HParams, default_hparams  # public here; defined JAX-free for the CLI's parser
 
 __all__ = [
   "ALGORITHMS",
@@ -52,152 +54,6 @@ __all__ = [
   "make_optimizer",
   "make_penalty",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Hyperparameters
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class HParams:
-  """Hyperparameters of one training run.
-
-  Attributes:
-    optimizer: base optimizer, one of `BASE_OPTIMIZERS` ('sgd' has momentum 0.9).
-    lr: learning rate of the base optimizer.
-    weight_decay: inside the base optimizer: L2 added to the gradient for 'sgd' and 'adam' (PyTorch's
-      ``weight_decay``), decoupled for 'adamw'.
-    batch_size: examples per training domain per step.
-    rho: perturbation radius (SAM, DISAM).
-    lam: weight of the domain-loss variance in DISAM's perturbation.
-    diagnostics: DISAM rules also compute, every step, the cosine between DISAM's perturbation direction and SAM's
-      (`DisamState.sam_cosine`; one extra backward pass per step). SAM's is 1 by definition and is not computed.
-    adaptive: ASAM form of the perturbation (every sharpness-aware rule): ``sam`` with it is ASAM (Kwon et al.
-      2021), ``disam`` with it the official DISAM code's ``adaptive`` flag.
-    alpha: GSAM's / SAGM's alpha; None takes the rule's published default (see `disam_jax.disam`).
-    perturb_every: sharpness-aware rules take their full two-pass step every this many steps and reuse its
-      gradient component in between, one pass per step (`disam_jax.disam(..., perturb_every=k)`, LookSAM-style;
-      SAM with it is LookSAM). 1: every step. ERM is unaffected.
-    reuse_weight: with perturb_every > 1 or perturb_when, the weight of the reused gradient component in the steps
-      in between (`disam_jax.disam(..., reuse_weight=...)`); None: the core's default 0, plain gradient steps
-      ("SAM every k steps"); LookSAM's 0.7 lost accuracy in docs/results.md.
-    perturb_when: None, or "variance": sharpness-aware rules ascend when this step's domain-loss variance exceeds
-      trigger_factor times its running mean (decay trigger_decay), at most once per trigger_min_gap steps and at
-      least once per trigger_max_gap (`disam_jax.disam(..., perturb_when=disam_jax.VarianceTrigger(...))`). Not
-      with perturb_every > 1.
-    trigger_min_gap, trigger_max_gap, trigger_factor, trigger_decay: the `VarianceTrigger`'s fields.
-    coral_gamma: CORAL's penalty weight (DomainBed's ``mmd_gamma``).
-    vrex_lambda: V-REx's penalty weight after the anneal (1 before it).
-    vrex_anneal_steps: V-REx's anneal step (the base optimizer is re-initialized there); None: `for_run`.
-    fishr_lambda: Fishr's penalty weight after the anneal (0 before it).
-    fishr_ema: Fishr's moving-average factor of the per-domain gradient variances.
-    fishr_anneal_steps: Fishr's anneal step (the base optimizer is re-initialized there if > 0); None: `for_run`.
-  """
-
-  optimizer: str = "adam"
-  lr: float = 1e-3
-  weight_decay: float = 0.0
-  batch_size: int = 64
-  rho: float = 0.05
-  lam: float = 0.1
-  diagnostics: bool = False
-  adaptive: bool = False
-  alpha: Optional[float] = None
-  perturb_every: int = 1
-  reuse_weight: Optional[float] = None
-  perturb_when: Optional[str] = None
-  trigger_min_gap: int = 8
-  trigger_max_gap: int = 32
-  trigger_factor: float = 1.0
-  trigger_decay: float = 0.9
-  coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
-  vrex_lambda: float = 10.0  # DomainBed hparams_registry: vrex_lambda 1e1
-  vrex_anneal_steps: Optional[int] = None  # DomainBed: vrex_penalty_anneal_iters 500 (of 5000 steps)
-  fishr_lambda: float = 1000.0  # DomainBed hparams_registry (Fishr): lambda 1000
-  fishr_ema: float = 0.95  # DomainBed hparams_registry (Fishr): ema 0.95
-  fishr_anneal_steps: Optional[int] = None  # DomainBed (Fishr): penalty_anneal_iters 1500 (of 5000 steps)
-
-  def for_run(self, steps: int) -> "HParams":
-    """These hyperparameters with the anneal steps left at None set to DomainBed's fraction of a `steps` run.
-
-    DomainBed trains 5000 steps and anneals V-REx at 500 (10%) and Fishr at 1500 (30%); the harness's runs are
-    far shorter (300 steps by default), so the default keeps the fraction: `round(0.1 * steps)` and
-    `round(0.3 * steps)`. Values already set are kept.
-    """
-    return dataclasses.replace(
-      self,
-      vrex_anneal_steps=_fraction(self.vrex_anneal_steps, _VREX_ANNEAL_FRACTION, steps),
-      fishr_anneal_steps=_fraction(self.fishr_anneal_steps, _FISHR_ANNEAL_FRACTION, steps),
-    )
-
-  def validate(self) -> None:
-    """Raises ValueError with a readable message for values no run can use."""
-    if self.optimizer not in BASE_OPTIMIZERS:
-      raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid: {', '.join(BASE_OPTIMIZERS)}.")
-    finite = ("lr", "weight_decay", "rho", "lam", "coral_gamma", "vrex_lambda", "fishr_lambda", "fishr_ema")
-    optional = tuple(name for name in ("alpha", "reuse_weight") if getattr(self, name) is not None)
-    for name in finite + optional:
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}.")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be > 0; got {self.lr}.")
-    for name in ("weight_decay", "rho", "lam", "coral_gamma", "vrex_lambda", "fishr_lambda"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
-    if isinstance(self.perturb_every, bool) or not isinstance(self.perturb_every, int) or self.perturb_every < 1:
-      raise ValueError(f"perturb_every must be an int >= 1; got {self.perturb_every!r}.")
-    if self.perturb_when not in (None, "variance"):
-      raise ValueError(f"perturb_when must be None or 'variance'; got {self.perturb_when!r}.")
-    if self.perturb_when is not None and self.perturb_every != 1:
-      raise ValueError("perturb_every and perturb_when both choose which steps ascend: pass one of them "
-                       "(--perturb-every K or --perturb-when variance).")
-    for name in ("trigger_min_gap", "trigger_max_gap"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
-    if self.trigger_max_gap < self.trigger_min_gap:
-      raise ValueError(f"trigger_min_gap ({self.trigger_min_gap}) must be <= trigger_max_gap "
-                       f"({self.trigger_max_gap}).")
-    if not (math.isfinite(self.trigger_factor) and self.trigger_factor >= 0):
-      raise ValueError(f"trigger_factor must be finite and >= 0; got {self.trigger_factor}.")
-    if not 0 <= self.trigger_decay < 1:
-      raise ValueError(f"trigger_decay must be in [0, 1); got {self.trigger_decay}.")
-    if self.reuse_weight is not None:
-      if self.perturb_every == 1 and self.perturb_when is None:
-        raise ValueError("reuse_weight weighs the gradient component reused between full steps: it needs "
-                         "perturb_every > 1 (--perturb-every K) or perturb_when (--perturb-when variance).")
-      if self.reuse_weight < 0:
-        raise ValueError(f"reuse_weight must be >= 0; got {self.reuse_weight}.")
-    if not 0 <= self.fishr_ema < 1:
-      raise ValueError(f"fishr_ema must be in [0, 1); got {self.fishr_ema}.")
-    for name in ("vrex_anneal_steps", "fishr_anneal_steps"):
-      value = getattr(self, name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
-    if not isinstance(self.batch_size, int) or self.batch_size < 1:
-      raise ValueError(f"batch_size must be a positive integer (examples per domain); got {self.batch_size!r}.")
-
-
-_VREX_ANNEAL_FRACTION = 500 / 5000  # DomainBed: vrex_penalty_anneal_iters 500 of its default 5000 steps
-_FISHR_ANNEAL_FRACTION = 1500 / 5000  # DomainBed: penalty_anneal_iters 1500 of its default 5000 steps
-
-
-def _fraction(value: Optional[int], fraction: float, steps: int) -> int:
-  return int(round(fraction * steps)) if value is None else value
-
-
-# DomainBed's hparams_registry: SMALL_IMAGES get lr 1e-3 and batch 64, the others lr 5e-5 and batch 32; weight
-# decay 0 by default everywhere; Adam is ERM's optimizer.
-_SMALL_IMAGE_DATASETS = ("rotated_digits", "rotated_animals", "colored_digits")
-
-
-def default_hparams(dataset: str, **overrides: Any) -> HParams:
-  """DomainBed's defaults for `dataset` (see the module docstring), with `overrides` applied (None ignored)."""
-  small = dataset in _SMALL_IMAGE_DATASETS or dataset.startswith("tfds:")
-  base = HParams(lr=1e-3, batch_size=64) if small else HParams(lr=5e-5, batch_size=32)
-  return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,11 +73,19 @@ def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
   return optax.adamw(lr, weight_decay=weight_decay)
 
 
-BASE_OPTIMIZERS: dict[str, Callable[[float, float], optax.GradientTransformation]] = {
-  "sgd": _sgd,
-  "adam": _adam,
-  "adamw": _adamw,
-}
+_BASE_OPTIMIZER_BUILDERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+
+def _registry(builders: dict[str, Any], names, what: str) -> dict[str, Any]:
+  """`builders` keyed and ordered by `names` (the `_choices` table of them); an error if the two name sets differ."""
+  if set(builders) != set(names):
+    raise AssertionError(f"{what}: builders for {sorted(builders)}, _choices names {sorted(names)}")
+  return {name: builders[name] for name in names}
+
+
+# name -> build(lr, weight_decay); the names are `_choices.BASE_OPTIMIZERS`
+BASE_OPTIMIZERS: dict[str, Callable[[float, float], optax.GradientTransformation]] = _registry(
+  _BASE_OPTIMIZER_BUILDERS, _choices.BASE_OPTIMIZERS, "BASE_OPTIMIZERS")
 
 
 def base_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
@@ -326,28 +190,27 @@ def _sam_rule(lam_on: bool, rule: Optional[str] = None):
   return build
 
 
-# name -> (build(base_tx, hparams, **state_kwargs), description)
+# name -> (build(base_tx, hparams, **state_kwargs), description); names and descriptions are `_choices.RULES`
 RULES: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str]] = {
-  "erm": (_erm_rule, "ERM: the base optimizer on the mean of the domain losses"),
-  "sam": (_sam_rule(False), "SAM (Foret et al. 2021; ASAM with --adaptive): DISAM with lam = 0"),
-  "disam": (_sam_rule(True), "DISAM (Zhang et al. 2024): perturbation along grad(L - lam * Var_i L_i)"),
-  # GSAM and SAGM: the core's rule option, disam(..., rule='gsam'|'sagm', alpha=None: the published default)
-  "gsam": (_sam_rule(False, "gsam"),
-           "GSAM (Zhuang et al. 2022): g_adv - alpha * (part of grad L(w) orthogonal to g_adv)"),
-  "sagm": (_sam_rule(False, "sagm"),
-           "SAGM (Wang et al. 2023): perturbed at w + (rho/|g| - alpha) g; update (g + g_adv) / 2"),
-  "disam_gsam": (_sam_rule(True, "gsam"), "DISAM on GSAM: GSAM with the ascent gradient grad(L - lam * Var_i L_i)"),
-  "disam_sagm": (_sam_rule(True, "sagm"), "DISAM on SAGM: SAGM with the ascent gradient grad(L - lam * Var_i L_i)"),
+  name: (build, _choices.RULES[name]) for name, build in _registry({
+    "erm": _erm_rule,
+    "sam": _sam_rule(False),
+    "disam": _sam_rule(True),
+    # GSAM and SAGM: the core's rule option, disam(..., rule='gsam'|'sagm', alpha=None: the published default)
+    "gsam": _sam_rule(False, "gsam"),
+    "sagm": _sam_rule(False, "sagm"),
+    "disam_gsam": _sam_rule(True, "gsam"),
+    "disam_sagm": _sam_rule(True, "sagm"),
+  }, _choices.RULES, "RULES").items()
 }
 
-# name -> (penalty(hparams) -> penalties.Penalty, description)
+# name -> (penalty(hparams) -> penalties.Penalty, description); names and descriptions are `_choices.PENALTIES`
 PENALTIES: dict[str, tuple[Callable[[HParams], penalties.Penalty], str]] = {
-  "coral": (lambda hp: penalties.coral(hp.coral_gamma),
-            "CORAL (Sun & Saenko 2016): + coral_gamma * feature mean/covariance differences between domains"),
-  "vrex": (lambda hp: penalties.vrex(hp.vrex_lambda, _anneal(hp, "vrex_anneal_steps")),
-           "V-REx (Krueger et al. 2021): + vrex_lambda * Var_i L_i (weight 1 before the anneal step)"),
-  "fishr": (lambda hp: penalties.fishr(hp.fishr_lambda, hp.fishr_ema, _anneal(hp, "fishr_anneal_steps")),
-            "Fishr (Rame et al. 2022): + fishr_lambda * variance across domains of head-gradient variances"),
+  name: (make, _choices.PENALTIES[name]) for name, make in _registry({
+    "coral": lambda hp: penalties.coral(hp.coral_gamma),
+    "vrex": lambda hp: penalties.vrex(hp.vrex_lambda, _anneal(hp, "vrex_anneal_steps")),
+    "fishr": lambda hp: penalties.fishr(hp.fishr_lambda, hp.fishr_ema, _anneal(hp, "fishr_anneal_steps")),
+  }, _choices.PENALTIES, "PENALTIES").items()
 }
 
 
@@ -378,23 +241,10 @@ class AlgorithmSpec:
     return None if self.penalty is None else PENALTIES[self.penalty][0](hparams)
 
 
-_DISPLAY = {"sam": "SAM", "disam": "DISAM", "gsam": "GSAM", "sagm": "SAGM", "disam_gsam": "DISAM on GSAM",
-            "disam_sagm": "DISAM on SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
-
-
-def _specs():
-  for rule, (_, rule_text) in RULES.items():
-    yield AlgorithmSpec(rule, rule, None, rule_text)
-  for penalty, (_, penalty_text) in PENALTIES.items():
-    yield AlgorithmSpec(penalty, "erm", penalty, penalty_text)
-  for penalty, (_, penalty_text) in PENALTIES.items():
-    for rule in RULES:
-      if rule != "erm":
-        yield AlgorithmSpec(f"{rule}+{penalty}", rule, penalty,
-                            f"{_DISPLAY[rule]} on {_DISPLAY[penalty]}'s training loss")
-
-
-ALGORITHMS: dict[str, AlgorithmSpec] = {spec.name: spec for spec in _specs()}
+# Every rule, penalty and RULE+PENALTY name, in `_choices.ALGORITHMS`' order (with its descriptions).
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+  name: AlgorithmSpec(name, rule, penalty, text) for name, (rule, penalty, text) in _choices.ALGORITHMS.items()
+}
 
 
 def _unknown(algorithm: str) -> str:

@@ -104,8 +104,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-  """The argument parser. With `suppress_defaults`, parsing yields only the options given explicitly."""
-  from disam_jax.harness.algorithms import HParams
+  """The argument parser. With `suppress_defaults`, parsing yields only the options given explicitly.
+
+  Built from the JAX-free `_choices` only, so --help and usage errors do not import JAX (nor does `--list`).
+  """
+  from disam_jax.harness._choices import HParams
 
   hp = HParams()
   default = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
@@ -137,7 +140,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 def _data_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
   """The data group: dataset, held-out domains, validation split, harder domains and regimes."""
-  from disam_jax.harness.data import DATASETS
+  from disam_jax.harness._choices import DATASETS
 
   data = parser.add_argument_group("data")
   data.add_argument("--dataset", default=default("rotated_digits"), metavar="NAME",
@@ -179,10 +182,12 @@ def _data_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]
 
 def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
   """The model group: architecture, its options, initial weights, which parts train."""
+  from disam_jax.harness._choices import MODELS
+
   model = parser.add_argument_group("model")
   model.add_argument("--model", default=default(None), metavar="NAME",
-                     help="mlp, mnist_cnn, resnet18, resnet50, mobilenet_v2 or vit_tiny (default: mlp for the rotated "
-                          "datasets, resnet50 for image folders)")
+                     help=f"{', '.join(MODELS[:-1])} or {MODELS[-1]} (default: mlp for the rotated datasets, "
+                          "resnet50 for image folders)")
   model.add_argument("--model-option", action="append", type=_model_option, default=default([]),
                      metavar="KEY=VALUE", dest="model_option",
                      help="model constructor option, repeatable, e.g. --model-option width=16 (resnets), "
@@ -203,7 +208,7 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
                       hp: Any) -> argparse._ArgumentGroup:
   """The training group: algorithms, seeds, steps, optimizer and rule hyperparameters (`--eval-batch-size` is added
   to it after the penalties)."""
-  from disam_jax.harness.algorithms import BASE_OPTIMIZERS, PENALTIES, RULES
+  from disam_jax.harness._choices import BASE_OPTIMIZERS, PENALTIES, PERTURB_WHEN, RULES
 
   train = parser.add_argument_group("training")
   train.add_argument("--algorithm", nargs="+", default=default(["erm", "sam", "disam"]), metavar="ALG",
@@ -244,7 +249,7 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
   train.add_argument("--reuse-weight", type=_finite_float, default=default(None), metavar="W",
                      help="with --perturb-every K > 1 or --perturb-when: weight of the reused gradient component in "
                           "the steps in between (default: 0, plain gradient steps in between; LookSAM: 0.7)")
-  train.add_argument("--perturb-when", choices=("variance",), default=default(None),
+  train.add_argument("--perturb-when", choices=PERTURB_WHEN, default=default(None),
                      help="amortized sharpness-aware rules: the full two-pass step when this step's domain-loss "
                           "variance exceeds --trigger-factor x its running mean, within --trigger-gaps; one pass "
                           "otherwise (default: off)")
@@ -330,9 +335,8 @@ class BadInput(ValueError):
 
 
 def config_from_args(args: argparse.Namespace):
-  from disam_jax.harness.algorithms import default_hparams
+  from disam_jax.harness._choices import default_hparams
   from disam_jax.harness.config import ExperimentConfig
-  from disam_jax.harness.weight_files import resolve_pretrained
 
   given = [flag for flag, value in (("--trigger-gaps", args.trigger_gaps), ("--trigger-factor", args.trigger_factor),
                                     ("--trigger-decay", args.trigger_decay)) if value is not None]
@@ -358,7 +362,7 @@ def config_from_args(args: argparse.Namespace):
     cache_dir=args.cache_dir,
     model=args.model,
     model_kwargs=dict(args.model_option or []),
-    pretrained=resolve_pretrained(args.pretrained),  # a bundled name (mobilenet_v2) -> its file
+    pretrained=args.pretrained,  # a bundled name (mobilenet_v2) becomes its file's path here (resolve_pretrained)
     train_only=None if args.train_only is None else tuple(args.train_only),
     algorithms=tuple(args.algorithm),
     held_out=None if args.held_out is None else tuple(args.held_out),
@@ -439,14 +443,13 @@ def _stored_config(run_dir: str):
 
 
 def _listing() -> str:
-  from disam_jax.harness.algorithms import ALGORITHMS
-  from disam_jax.harness.data import DATASETS
-  from disam_jax.harness.models import MODELS
+  """--list: from the JAX-free `_choices` (the registries' names and descriptions), so it answers at once."""
+  from disam_jax.harness._choices import ALGORITHMS, DATASETS, MODELS
 
-  lines = ["datasets:"] + [f"  {n:16s} {s.description}" for n, s in DATASETS.items()]
+  lines = ["datasets:"] + [f"  {n:16s} {text}" for n, text in DATASETS.items()]
   lines += ["  tfds:<name>      a TFDS image dataset prepared under --data-dir, in 6 rotation domains"]
   lines += ["models:", "  " + ", ".join(sorted(MODELS))]
-  lines += ["algorithms:"] + [f"  {n:16s} {s.description}" for n, s in ALGORITHMS.items()]
+  lines += ["algorithms:"] + [f"  {n:16s} {text}" for n, (_, _, text) in ALGORITHMS.items()]
   lines += ["  (RULE+PENALTY: the rule's update on the penalized training loss; the table is in docs/harness.md)"]
   return "\n".join(lines)
 

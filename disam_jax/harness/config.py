@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from disam_jax.harness import algorithms as algorithms_lib
-from disam_jax.harness import data as data_lib
-from disam_jax.harness.algorithms import HParams
+from disam_jax.harness._choices import HParams  # algorithms.HParams; this module imports no JAX until validate()
 
 __all__ = ["ExperimentConfig", "default_model"]
 
@@ -36,7 +34,10 @@ class ExperimentConfig:
     cache_dir: where image folders are converted to TFDS (None: `data.default_cache_dir()`).
     model: a name of `models.MODELS`; None picks `default_model(dataset)`.
     model_kwargs: extra model options (e.g. ``{"width": 16}``, ``{"hidden": 128}``).
-    pretrained: optional initial weights, `.pth`/`.safetensors`/`.npz` (see `models.load_pretrained`).
+    pretrained: optional initial weights: a `.pth`/`.safetensors`/`.npz` path (see `models.load_pretrained`), or a
+      bundled name (`weight_files.BUNDLED_WEIGHTS`: ``mobilenet_v2``), which construction replaces by its file's
+      path (`weight_files.resolve_pretrained`, as ``disam-train --pretrained mobilenet_v2``; FileNotFoundError
+      naming the install command when its package is missing), so config.json records the path.
     train_only: parameter-efficient fine-tuning: `peft` selectors (``head``, ``last_block``, ``norm``,
       ``adapters``, ``all``) or parameter-path prefixes; only those parameters train and are perturbed. None: all.
     algorithms: names from `algorithms.ALGORITHMS`.
@@ -83,6 +84,12 @@ class ExperimentConfig:
   infer_domains: int = 0
   eval_batch_size: int = 512
 
+  def __post_init__(self):
+    if self.pretrained is not None:
+      from disam_jax.harness.weight_files import resolve_pretrained
+
+      object.__setattr__(self, "pretrained", resolve_pretrained(self.pretrained))  # a bundled name -> its file
+
   @property
   def model_name(self) -> str:
     return self.model or default_model(self.dataset)
@@ -106,6 +113,8 @@ class ExperimentConfig:
 
   def validate(self) -> None:
     """Checks what can be checked without data; raises ValueError with a message for the user."""
+    from disam_jax.harness import algorithms as algorithms_lib
+    from disam_jax.harness import data as data_lib
     from disam_jax.harness import models
 
     for name in self.algorithms:

@@ -16,7 +16,7 @@ domain and class names. Three mechanisms cover all registered names:
   absl warnings) is silenced, and its scratch folders are removed.
 * ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``.
 
-Only numpy and the standard library are imported here; scikit-learn, tensorflow-datasets, Pillow and animal-mnist
+Only numpy, the standard library and the JAX-free name table `_choices` are imported here; scikit-learn, tensorflow-datasets, Pillow and animal-mnist
 are imported by the functions that need them (``pip install 'disam_jax[harness]'``).
 
 Example::
@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
+
+from disam_jax.harness import _choices
 
 __all__ = [
   "COLOR_DOMAINS",
@@ -677,34 +679,37 @@ def _read_tfds(tfds, reference: str, data_dir, seed, image_size) -> DomainDatase
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _folder_spec(name, folder, domains, description):
-  return DatasetSpec(name, _load_image_folder, tuple(domains), (), folder, 224, description)
+def _folder_spec(name, folder, domains):
+  return DatasetSpec(name, _load_image_folder, tuple(domains), (), folder, 224, _choices.DATASETS[name])
 
 
 # The animal-mnist labels follow the class order of the package's description (checked against the images).
 _ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
-DATASETS: dict[str, DatasetSpec] = {
-  spec.name: spec
-  for spec in (
+
+def _registry() -> dict[str, DatasetSpec]:
+  """The specs, keyed and ordered by `_choices.DATASETS` (the JAX-free table of names and descriptions that
+  `disam-train --help` and --list read); an error if the two name sets differ."""
+  specs = {spec.name: spec for spec in (
     DatasetSpec("rotated_digits", _load_rotated_digits, tuple(map(str, ROTATION_DEGREES)),
-          tuple(map(str, range(10))), description="scikit-learn's 1,797 8x8 digits in 6 rotation domains"),
+          tuple(map(str, range(10))), description=_choices.DATASETS["rotated_digits"]),
     DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
-          description="animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains"),
+          description=_choices.DATASETS["rotated_animals"]),
     DatasetSpec("colored_digits", _load_colored_digits, tuple(d for d, _ in COLOR_DOMAINS), ("digit>=5", "digit<5"),
-          description="scikit-learn's digits as DomainBed's ColoredMNIST: digit<5 with 25% label noise, a colour "
-                      "agreeing with the label 90%/80%/10% (hold out agree10)"),
-    _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch"), "PACS (DomainBed layout)"),
-    _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), "VLCS (DomainBed layout)"),
-    _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World"),
-           "OfficeHome (DomainBed layout)"),
-    _folder_spec("terra_incognita", "terra_incognita",
-           ("location_100", "location_38", "location_43", "location_46"), "TerraIncognita (DomainBed layout)"),
-    _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-           "DomainNet (DomainBed layout)"),
-    _folder_spec("image_folder", None, (), "any folder data_dir/<domain>/<class>/*.jpg, domains = subfolders"),
-  )
-}
+          description=_choices.DATASETS["colored_digits"]),
+    _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch")),
+    _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
+    _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World")),
+    _folder_spec("terra_incognita", "terra_incognita", ("location_100", "location_38", "location_43", "location_46")),
+    _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
+    _folder_spec("image_folder", None, ()),
+  )}
+  if set(specs) != set(_choices.DATASETS):
+    raise AssertionError(f"DATASETS: specs for {sorted(specs)}, _choices names {sorted(_choices.DATASETS)}")
+  return {name: specs[name] for name in _choices.DATASETS}
+
+
+DATASETS: dict[str, DatasetSpec] = _registry()
 
 
 def load_dataset(
