@@ -246,6 +246,36 @@ def test_cells_share_the_initialization_and_the_step_donates_its_state(tmp_path)
   assert "tf.aliasing_output" in step.lower(state, batch).as_text()
 
 
+def test_the_loop_step_is_the_train_step_over_flat_leaves_with_its_metrics_packed():
+  """What run_cell calls (`_LoopStep`: the state's flat leaves in and out, the metrics as one float32 vector) gives
+  the jitted train step's state and metrics: every metric by name and shape, bit for bit, for ERM and DISAM with its
+  [M] perturbation weights and the non-finite sam_cosine of a run without --diagnostics."""
+  config = _config(algorithms=("erm", "disam"), steps=5, eval_every=2)
+  graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+                                                   model_kwargs=config.model_kwargs)
+  compiled = train._compile(config, graphdef, model_state, 5)
+  rng = np.random.default_rng(0)
+  batch = (rng.standard_normal((5, 8, 8, 8, 1)).astype(np.float32), rng.integers(0, 10, (5, 8)).astype(np.int32))
+  for algorithm in ("erm", "disam"):
+    fresh = lambda: train.init_train_state(params, model_state, compiled.txs[algorithm])
+    want_state, want = compiled.train_steps[algorithm](jax.tree.map(jnp.copy, fresh()), batch)
+    leaves, treedef = jax.tree.flatten(jax.tree.map(jnp.copy, fresh()))
+    loop_step = compiled.loop_steps[algorithm]
+    got_leaves, packed = loop_step.for_tree(treedef)(leaves, batch)
+    got = loop_step.unpack(treedef, packed)
+    assert packed.dtype == jnp.float32 and packed.ndim == 1
+    assert sorted(got) == sorted(want), algorithm
+    for name, value in want.items():
+      np.testing.assert_array_equal(got[name], np.asarray(value, np.float32), err_msg=f"{algorithm} {name}")
+      assert got[name].shape == np.shape(value), (algorithm, name)
+    assert len(got_leaves) == len(jax.tree.leaves(want_state))
+    for a, b in zip(got_leaves, jax.tree.leaves(want_state)):
+      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):  # the model state's dropout keys
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert got["perturbation_weights"].shape == (5,) and np.isnan(got["sam_cosine"])
+
+
 def test_checkpoints_keep_latest_and_best_and_selection_picks_best_validation(tmp_path):
   config = _config(steps=8, eval_every=2)
   (result,) = train.run_experiment(config, str(tmp_path / "run"), progress=False)

@@ -2,6 +2,8 @@
 
 The bare loop calls the harness's own compiled step (the same jitted function, donated state) on one batch already
 on the device, `steps` times, and blocks once at the end: the most a training loop could get from that step. The
+sampled bare loop does the same with a fresh batch from the harness's sampler each step (`jax.device_put` of
+`sampler.next()`): a user's plain loop, with no metrics read or logged. The
 harness runs the same model, algorithm and batch size on the bundled rotated digits, with its batch sampling,
 metrics, logging and progress callback; its per-step time is taken between the `on_step` callbacks of step 2 and
 the last step before the final evaluation, so compilation, evaluation and checkpoints are excluded. The two are
@@ -19,7 +21,8 @@ from benchmarks.step_cost.timing import load_avg
 
 
 def _harness_and_bare(algorithm: str, steps: int, model: str):
-  """Two callables, each running `steps` steps and returning the seconds per step."""
+  """Three callables (harness, bare, bare with sampling), each running `steps` steps and returning the seconds per
+  step."""
   import jax
   import jax.numpy as jnp
 
@@ -57,7 +60,17 @@ def _harness_and_bare(algorithm: str, steps: int, model: str):
     jax.block_until_ready((state, metrics))
     return (time.perf_counter() - t0) / steps
 
-  return harness, bare
+  def bare_sampled() -> float:  # a user's plain loop: the same sampler's batch drawn and put on the device per step
+    state = jax.tree.map(jnp.copy, state0)
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step_fn(state, jax.device_put(sampler.next()))
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - t0) / steps
+
+  return harness, bare, bare_sampled
 
 
 def bench_harness_loop(args, load_samples, log, tmp_root: str) -> dict[str, Any]:
@@ -69,22 +82,25 @@ def bench_harness_loop(args, load_samples, log, tmp_root: str) -> dict[str, Any]
   out: dict[str, Any] = {'model': 'mlp', 'dataset': 'rotated_digits', 'steps': steps, 'rounds': rounds,
                          'algorithms': {}}
   for algorithm in ('erm', 'disam'):
-    harness, bare = _harness_and_bare(algorithm, steps, 'mlp')
-    times: dict[str, list[float]] = {'harness': [], 'bare': []}
+    harness, bare, bare_sampled = _harness_and_bare(algorithm, steps, 'mlp')
+    times: dict[str, list[float]] = {'harness': [], 'bare': [], 'bare_sampled': []}
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
       run_dir = os.path.join(tmp_root, f'harness_{algorithm}_{r}')
       h = harness(run_dir)
       shutil.rmtree(run_dir, ignore_errors=True)
       b = bare()
+      bs = bare_sampled()
       if r:
         times['harness'].append(1e3 * h)
         times['bare'].append(1e3 * b)
+        times['bare_sampled'].append(1e3 * bs)
         load_samples.append(load_avg()[0])
     res = {k: {'min_ms': round(min(v), 4), 'median_ms': round(statistics.median(v), 4),
                'times_ms': [round(t, 4) for t in v]} for k, v in times.items()}
     res['harness/bare'] = round(res['harness']['min_ms'] / res['bare']['min_ms'], 4)
     res['harness/bare (paired)'] = round(statistics.median(h / b for h, b in zip(times['harness'], times['bare'])), 4)
     res['harness steps/s / bare steps/s'] = round(1 / res['harness/bare'], 4)
+    res['harness/bare_sampled'] = round(res['harness']['min_ms'] / res['bare_sampled']['min_ms'], 4)
     out['algorithms'][algorithm] = res
     log(f'  harness loop {algorithm}: harness {res["harness"]["min_ms"]:.3f} ms, bare {res["bare"]["min_ms"]:.3f} '
         f'ms per step (min over {rounds} rounds)')

@@ -187,12 +187,16 @@ def to_markdown(results: dict) -> str:
     lines += ['## Harness loop (disam-train\'s run_cell against a bare jitted loop of the same compiled step)', '',
               f'{hl["model"]} on {hl["dataset"]}, {hl["steps"]} steps per sample, {hl["rounds"]} interleaved rounds; '
               'harness time between the step-2 and last-but-one on_step callbacks (no compile, evaluation or '
-              'checkpoint); bare: one device-resident batch, donated state, one block at the end. Median (min) ms.',
-              '', '| algorithm | harness | bare | harness / bare | paired | harness steps/s / bare steps/s |',
-              '|---|---|---|---|---|---|']
+              'checkpoint); bare: one device-resident batch, donated state, one block at the end; bare sampled: '
+              'the same with a fresh batch from the sampler each step. Median (min) ms.',
+              '', '| algorithm | harness | bare | bare sampled | harness / bare | paired | harness steps/s / bare '
+              'steps/s | harness / bare sampled |', '|---|---|---|---|---|---|---|---|']
     for algorithm, res in hl['algorithms'].items():
-      lines.append(f'| {algorithm} | {_fmt_ms(res["harness"])} | {_fmt_ms(res["bare"])} | {res["harness/bare"]:.3f} | '
-                   f'{res["harness/bare (paired)"]:.3f} | {res["harness steps/s / bare steps/s"]:.3f} |')
+      sampled = res.get('bare_sampled')
+      lines.append(f'| {algorithm} | {_fmt_ms(res["harness"])} | {_fmt_ms(res["bare"])} | '
+                   f'{_fmt_ms(sampled) if sampled else "-"} | {res["harness/bare"]:.3f} | '
+                   f'{res["harness/bare (paired)"]:.3f} | {res["harness steps/s / bare steps/s"]:.3f} | '
+                   f'{res.get("harness/bare_sampled", float("nan")):.3f} |')
     lines.append('')
   tg = results.get('targets', [])
   if tg:

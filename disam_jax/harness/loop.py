@@ -133,21 +133,64 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     f.writelines(kept)
 
 
+class _LoopStep:
+  """A training step as the loop calls it: `run(leaves, batch) -> (leaves, packed metrics)`.
+
+  The same step as `make_train_step`'s, jitted over the flat leaves of the `TrainState` (the host flattens and
+  unflattens nothing per step: the model's `nnx.Variable` nodes cost a Python call each, every step, as a pytree
+  argument) and with its metrics concatenated into one float32 vector (one device-to-host read per step instead of
+  one per metric). `unpack(vector)` gives the metrics dict back, as numpy arrays of their shapes; the layout is
+  recorded when the step is traced. Built per state structure (`for_tree`) and cached with the jitted step.
+  """
+
+  def __init__(self, train_step: Callable):
+    self._train_step = train_step
+    self._runs: dict[Any, Callable] = {}
+    self._layouts: dict[Any, list[tuple[str, tuple[int, ...]]]] = {}
+
+  def for_tree(self, treedef: Any) -> Callable:
+    if treedef not in self._runs:
+      layout = self._layouts.setdefault(treedef, [])
+
+      def run(leaves, batch):
+        state, metrics = self._train_step(jax.tree.unflatten(treedef, leaves), batch)
+        names = sorted(metrics)
+        layout[:] = [(name, tuple(metrics[name].shape)) for name in names]  # at trace time: static shapes
+        packed = jnp.concatenate([jnp.ravel(metrics[name]).astype(jnp.float32) for name in names])
+        return jax.tree.leaves(state), packed
+
+      self._runs[treedef] = jax.jit(run, donate_argnums=0, compiler_options=fast_conv.compiler_options())
+    return self._runs[treedef]
+
+  def unpack(self, treedef: Any, packed: Any) -> dict[str, np.ndarray]:
+    values, out, start = np.asarray(packed), {}, 0
+    for name, shape in self._layouts[treedef]:
+      size = math.prod(shape)
+      out[name] = values[start:start + size].reshape(shape)
+      start += size
+    return out
+
+
 @dataclasses.dataclass
 class _Compiled:
-  """Jitted functions shared by every run of an experiment with the same model and algorithm."""
+  """Jitted functions shared by every run of an experiment with the same model and algorithm.
+
+  `train_steps[alg](state, batch) -> (state, metrics)` is the pure step, jitted; the loop runs `loop_steps[alg]`,
+  the same step over flat leaves with packed metrics (`_LoopStep`), compiled on its own when first called.
+  """
 
   graphdef: Any
   txs: dict[str, Any]
   train_steps: dict[str, Callable]
   eval_step: Callable
   penalties: Optional[dict[str, Any]] = None  # algorithm -> its training-loss penalty (None: none)
+  loop_steps: Optional[dict[str, _LoopStep]] = None
 
 
 # Jitted steps by (graphdef, algorithm, hparams, num_domains): repeated experiments in one process (a notebook, the
 # tests, resuming) reuse the compiled code. The model state's structure follows from the graphdef; its values only
 # seed `tx.init`'s aux slot, which `init_train_state` overwrites.
-_STEP_CACHE: dict[tuple, tuple[Any, Callable]] = {}
+_STEP_CACHE: dict[tuple, tuple[Any, Callable, Any, _LoopStep]] = {}
 
 
 _EVAL_CACHE: dict[Any, Callable] = {}
@@ -155,7 +198,7 @@ _EVAL_CACHE: dict[Any, Callable] = {}
 
 def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int,
              trainable_mask: Any = None) -> _Compiled:
-  txs, steps, penalties = {}, {}, {}
+  txs, steps, penalties, loop_steps = {}, {}, {}, {}
   hparams = config.hparams.for_run(config.steps)  # anneal steps left at None: DomainBed's fraction of the run
   for name in config.algorithms:
     key = (graphdef, name, hparams, num_domains, config.train_only)  # the mask follows from graphdef and train_only
@@ -165,14 +208,15 @@ def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_doma
       tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state,
                                          trainable_mask=trainable_mask)
       penalty = algorithms_lib.make_penalty(name, hparams)
-      _STEP_CACHE[key] = (tx, jax.jit(make_train_step(graphdef, tx, penalty), donate_argnums=0,
-                                      compiler_options=fast_conv.compiler_options()), penalty)
-    txs[name], steps[name], penalties[name] = _STEP_CACHE[key]
+      step = make_train_step(graphdef, tx, penalty)
+      _STEP_CACHE[key] = (tx, jax.jit(step, donate_argnums=0, compiler_options=fast_conv.compiler_options()),
+                          penalty, _LoopStep(step))
+    txs[name], steps[name], penalties[name], loop_steps[name] = _STEP_CACHE[key]
   if graphdef not in _EVAL_CACHE:
     if len(_EVAL_CACHE) >= 32:
       _EVAL_CACHE.clear()
     _EVAL_CACHE[graphdef] = jax.jit(make_eval_step(graphdef), compiler_options=fast_conv.compiler_options())
-  return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef], penalties)
+  return _Compiled(graphdef, txs, steps, _EVAL_CACHE[graphdef], penalties, loop_steps)
 
 
 def run_cell(
@@ -196,7 +240,7 @@ def run_cell(
 
   The device never waits on the host between evaluations: the step donates the training state, the next batch is
   gathered while the current step runs, and each step's metrics are read one step later (evaluation steps are read
-  at once). Divergence is still reported at the step it happened, before any checkpoint of a later step.
+  at once), as one vector with the state passed as its flat leaves (`_LoopStep`). Divergence is still reported at the step it happened, before any checkpoint of a later step.
 
   Args:
     config: the experiment configuration (steps, eval_every, hparams, eval_batch_size are used).
@@ -240,7 +284,7 @@ def run_cell(
                        f"{algorithm}, held-out {held_out}, seed {seed}", on_step)
       if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
         host.checkpoint(evaluate(state, 0), state, 0, {})
-      _train_steps(compiled.train_steps[algorithm], state, batches, config, host)
+      _train_steps(compiled.loop_steps[algorithm], state, batches, config, host)
   finally:
     store.close()
 
@@ -264,7 +308,7 @@ def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: i
     draw = lambda: distributed.global_batch(mesh, sampler.next(local), config.hparams.batch_size)
   else:
     place = lambda state: state
-    draw = lambda: jax.device_put(sampler.next())  # the host-to-device copy also overlaps the running step
+    draw = sampler.next  # numpy: the jitted step's own dispatch puts it on the device (a Python device_put costs more)
   return sampler, place, draw
 
 
@@ -327,26 +371,29 @@ class _HostSide:
       self.on_step(step, line)
 
 
-def _train_steps(train_step: Callable, state: TrainState, batches: "_Prefetcher", config: ExperimentConfig,
+def _train_steps(loop_step: _LoopStep, state: TrainState, batches: "_Prefetcher", config: ExperimentConfig,
                  host: _HostSide) -> None:
   """Steps `state` (from its step to `config.steps`), keeping the device busy: each step is dispatched before the
   host gathers the next batch and reads the previous step's metrics (by then finished: the device has the new step
   queued behind it). Evaluation steps are finished before the next dispatch, since the next step donates the state
-  they evaluate."""
+  they evaluate. The state travels as its flat leaves and the metrics as one vector (`_LoopStep`)."""
   step = int(state.step)
+  leaves, treedef = jax.tree.flatten(state)
+  run = loop_step.for_tree(treedef)
+  unpack = lambda packed: loop_step.unpack(treedef, packed)
   pending = None
   while step < config.steps:
-    state, metrics = train_step(state, batches.next())
+    leaves, packed = run(leaves, batches.next())
     step += 1
     if step < config.steps:
       batches.prefetch()
     if pending is not None:
-      host.finish(*pending)
+      host.finish(pending[0], unpack(pending[1]))
       pending = None
     if step % config.eval_every == 0 or step == config.steps:
-      host.finish(step, metrics, state)
+      host.finish(step, unpack(packed), jax.tree.unflatten(treedef, leaves))
     else:
-      pending = (step, metrics)
+      pending = (step, packed)
 
 
 class _Prefetcher:
