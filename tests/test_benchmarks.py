@@ -121,3 +121,18 @@ def test_algorithm_cost_quick_smoke(tmp_path):
   assert 1.9 < results['sam']['flops_ratio'] < 2.1 and 1.9 < results['disam']['flops_ratio'] < 2.1  # two passes
   assert abs(results['vrex']['flops_ratio'] - 1) < 0.1
   assert '| disam_sagm+coral |' in out.read_text()
+
+
+def test_amortized_quick_smoke(tmp_path):
+  """benchmarks/amortized.py --quick times every amortized case against ERM and fits the trigger's two step kinds
+  (timings not asserted: a shared machine)."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import amortized
+
+  data = amortized.main(['--quick', '--rate', 'mlp=0.25', '--out-dir', str(tmp_path)])
+  res = data['results']['mlp']
+  assert set(res['cases']) == {'erm', 'disam', 'k2 reuse 0', 'k2 reuse 0.7', 'k4 reuse 0', 'k4 reuse 0.7',
+                               'trigger gap 2', 'trigger gap 4'}
+  assert res['cases']['erm']['over_erm'] == 1.0 and res['trigger_at_rate']['rate'] == 0.25
+  text = (tmp_path / 'amortized_quick.md').read_text()
+  assert '| trigger gap 4 |' in text and 'At the ascent rate 0.2500' in text
