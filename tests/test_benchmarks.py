@@ -136,3 +136,18 @@ def test_amortized_quick_smoke(tmp_path):
   assert res['cases']['erm']['over_erm'] == 1.0 and res['trigger_at_rate']['rate'] == 0.25
   text = (tmp_path / 'amortized_quick.md').read_text()
   assert '| trigger gap 4 |' in text and 'At the ascent rate 0.2500' in text
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="benchmarks/vit_ops compares with PyTorch: pip install 'disam_jax[bench]'")
+def test_vit_ops_times_the_same_computation_in_both_frameworks(tmp_path):
+  """benchmarks/vit_ops.py, one round: every layer kind timed in JAX and PyTorch, whose forward outputs agree on the
+  same inputs (so the two columns time the same computation)."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import vit_ops
+
+  data = vit_ops.main(['--rounds', '1', '--calls', '1', '--out-dir', str(tmp_path)])
+  assert len(data['rows']) == 6
+  for row in data['rows']:
+    assert row['jax_median_ms'] > 0 and row['torch_median_ms'] > 0
+    assert row['max_abs_difference'] < 1e-3, row
+  assert '| GELU (tanh) |' in (tmp_path / 'vit_ops.md').read_text()

@@ -41,7 +41,7 @@ JAX_SPECS_BY_MODEL = {
     'mnist_cnn': (tuple((k, '') for k in ('erm', 'sam', 'disam')) + tuple((k, 'ynn_off') for k in ('erm', 'disam'))
                   + tuple((k, 'fast') for k in JAX_CASES + AMORTIZED_CASES)),
     'resnet18': (('erm', ''), ('erm', 'ynn_off'), ('erm', 'fast'), ('sam', 'fast'), ('disam', 'fast')),
-    'vit_tiny': tuple((k, '') for k in JAX_CASES) + (('erm', 'fast'), ('disam', 'fast')),
+    'vit_tiny': tuple((k, '') for k in JAX_CASES) + tuple((k, 'fast') for k in ('erm', 'sam', 'disam')),
 }
 TORCH_CASES_BY_MODEL = {'resnet18': ('torch_erm', 'torch_disam'), 'vit_tiny': ('torch_erm', 'torch_sam', 'torch_disam')}
 CONV_MODELS = ('mnist_cnn', 'resnet18')
