@@ -3,4 +3,6 @@
 # run skips the `slow` tier (pyproject addopts); `bash scripts/test.sh -m slow` runs it, as .ci/run does.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-exec python -m pytest "$@"
+# Two pytest-xdist workers, each test file on one worker (its module-level compiled steps stay shared):
+# DISAM_JAX_TEST_WORKERS=N for more, 0 for one process.
+exec python -m pytest -n "${DISAM_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
