@@ -84,7 +84,7 @@ class VarianceTrigger(NamedTuple):
     decay: float in [0, 1): the reference's decay per step (0.9: about the last 10 steps).
   """
 
-  min_gap: int = 8
+  min_gap: int = 16
   max_gap: int = 32
   factor: ScalarOrSchedule = 1.0
   decay: float = 0.9

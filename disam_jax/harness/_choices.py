@@ -147,7 +147,7 @@ class HParams:
   perturb_every: int = 1
   reuse_weight: Optional[float] = None
   perturb_when: Optional[str] = None
-  trigger_min_gap: int = 8
+  trigger_min_gap: int = 16
   trigger_max_gap: int = 32
   trigger_factor: float = 1.0
   trigger_decay: float = 0.9
