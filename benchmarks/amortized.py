@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from benchmarks.step_cost.cases import build_jax_model, make_batch
+from benchmarks.step_cost.cases import build_jax_model, make_batch, make_jax_step
 from benchmarks.step_cost.config import LAM, LR, MOMENTUM, RHO
 from benchmarks.step_cost.timing import StepCase, load_avg, machine_line, time_round_robin, write_results
 
@@ -53,45 +53,9 @@ def case_specs(gaps=GAPS) -> dict[str, tuple[str, dict, int]]:
 
 
 def _step(kind: str, kwargs: dict, graphdef, model_state, num_domains: int):
-  """`(tx, step(params, opt_state, model_state, x, y) -> (params, opt_state, model_state, loss))`, as
-  benchmarks.step_cost.cases.make_jax_step builds its ERM and DISAM steps (BatchNorm statistics from the unperturbed
-  pass), with `kwargs` for disam."""
-  import jax
-  import optax
-
-  import disam_jax
-  from disam_jax.harness.models import apply_model
-
-  base = optax.sgd(LR, momentum=MOMENTUM)
-  has_state = bool(jax.tree.leaves(model_state))
-  flat = lambda a: a.reshape((-1,) + a.shape[2:])
-
-  def per_example(p, ms, xf, yf):
-    logits, new_ms = apply_model(graphdef, p, ms, xf, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yf), new_ms
-
-  if kind == 'erm':
-    def mean_loss(p, ms, x, y):
-      losses, new_ms = per_example(p, ms, flat(x), flat(y))
-      return losses.mean(), new_ms
-
-    def step(params, opt_state, ms, x, y):
-      (loss, new_ms), g = jax.value_and_grad(mean_loss, has_aux=True)(params, ms, x, y)
-      updates, opt_state = base.update(g, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, new_ms, loss
-
-    return base, step
-
-  tx = disam_jax.disam(base, RHO, LAM, num_domains=num_domains, has_aux=has_state,
-                       aux_example=model_state if has_state else None, **kwargs)
-
-  def step(params, opt_state, ms, x, y):
-    fn = (lambda p, xf, yf: per_example(p, ms, xf, yf)) if has_state else (lambda p, xf, yf: per_example(p, ms, xf, yf)[0])
-    grouped = disam_jax.grouped_domain_loss_fn(fn, has_aux=has_state)
-    updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=lambda p: grouped(p, x, y))
-    return optax.apply_updates(params, updates), opt_state, opt_state.aux if has_state else ms, opt_state.loss
-
-  return tx, step
+  """`benchmarks.step_cost.cases.make_jax_step`'s ERM or DISAM step (BatchNorm statistics from the unperturbed pass),
+  with `kwargs` for disam."""
+  return make_jax_step(kind, graphdef, model_state, num_domains, disam_kwargs=kwargs)
 
 
 def build_cases(name: str, shape, model_kwargs, specs, per_domain: int) -> list[StepCase]:

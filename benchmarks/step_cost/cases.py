@@ -32,10 +32,10 @@ def build_jax_model(name: str, shape, model_kwargs, *, fast_conv: bool = False, 
   return graphdef, jax.device_get(params), jax.device_get(model_state)
 
 
-def make_jax_step(kind: str, graphdef, model_state, num_domains: int):
+def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwargs: Optional[dict] = None):
   """`(tx, step)` with `step(params, opt_state, model_state, x [M, b, ...], y [M, b]) -> (params, opt_state,
   model_state, loss)`. All kinds use the same model, loss and base optimizer; BatchNorm statistics come from the
-  unperturbed pass in every kind."""
+  unperturbed pass in every kind. `disam_kwargs` go to `disam_jax.disam` of the DISAM kinds (e.g. `perturb_when`)."""
   import jax
   import optax
 
@@ -82,7 +82,7 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int):
     raise ValueError(f'unknown case {kind!r}')
   tx = disam_jax.disam(base, RHO, lam, adaptive=adaptive, num_domains=num_domains, has_aux=has_state,
                        aux_example=model_state if has_state else None,
-                       **({'perturb_every': every} if every > 1 else {}))
+                       **({'perturb_every': every} if every > 1 else {}), **(disam_kwargs or {}))
 
   def step(params, opt_state, ms, x, y):
     if has_state:  # (losses, new model state): the state travels as DISAM's aux, from the unperturbed pass
