@@ -22,7 +22,7 @@ RHO, LAM, LR, MOMENTUM = 0.05, 0.1, 0.01, 0.9
 JAX_CASES = ('erm', 'sam', 'disam_lam0', 'disam', 'disam_adaptive')
 # Amortized DISAM, disam(..., perturb_every=k): each sample times whole cycles of k steps (the average step).
 AMORTIZED_CASES = ('disam_k2', 'disam_k4', 'disam_k8')
-RECOMMENDED_PERTURB_EVERY = 4
+REFERENCE_PERTURB_EVERY = 4
 TORCH_CASES = ('torch_erm', 'torch_sam', 'torch_disam', 'torch_disam_per_sample')
 # Configurations of the JAX cases, all timed interleaved in one process. Each is (fast_conv on the model's
 # convolutions, per-jit compiler options); a case label is `kind` or `kind/config`:
@@ -63,5 +63,7 @@ TARGETS = {
     'memory_extra_param_copies': 1.0,
     'jax_over_torch': 1.0,
     'harness_over_bare': round(1 / 0.95, 4),
-    'amortized_over_erm': 1.3,  # disam(..., perturb_every=RECOMMENDED_PERTURB_EVERY), average step / ERM  # harness steps/s >= 0.95x the bare loop's
+    # disam(..., perturb_every=REFERENCE_PERTURB_EVERY), average step / ERM: a fixed reference point across runs; the
+    # recommended amortization (the variance trigger, target 1.15) is measured by benchmarks/amortized.py.
+    'amortized_over_erm': 1.3,
 }
