@@ -145,12 +145,12 @@ class _LoopStep:
 
   def __init__(self, train_step: Callable):
     self._train_step = train_step
-    self._runs: dict[Any, Callable] = {}
-    self._layouts: dict[Any, list[tuple[str, tuple[int, ...]]]] = {}
+    # treedef -> (the jitted step, its metrics' (name, shape) in packing order, filled in when it is traced)
+    self._runs: dict[Any, tuple[Callable, list[tuple[str, tuple[int, ...]]]]] = {}
 
   def for_tree(self, treedef: Any) -> Callable:
     if treedef not in self._runs:
-      layout = self._layouts.setdefault(treedef, [])
+      layout: list[tuple[str, tuple[int, ...]]] = []
 
       def run(leaves, batch):
         state, metrics = self._train_step(jax.tree.unflatten(treedef, leaves), batch)
@@ -159,12 +159,12 @@ class _LoopStep:
         packed = jnp.concatenate([jnp.ravel(metrics[name]).astype(jnp.float32) for name in names])
         return jax.tree.leaves(state), packed
 
-      self._runs[treedef] = jax.jit(run, donate_argnums=0, compiler_options=fast_conv.compiler_options())
-    return self._runs[treedef]
+      self._runs[treedef] = (jax.jit(run, donate_argnums=0, compiler_options=fast_conv.compiler_options()), layout)
+    return self._runs[treedef][0]
 
   def unpack(self, treedef: Any, packed: Any) -> dict[str, np.ndarray]:
     values, out, start = np.asarray(packed), {}, 0
-    for name, shape in self._layouts[treedef]:
+    for name, shape in self._runs[treedef][1]:
       size = math.prod(shape)
       out[name] = values[start:start + size].reshape(shape)
       start += size
@@ -240,7 +240,8 @@ def run_cell(
 
   The device never waits on the host between evaluations: the step donates the training state, the next batch is
   gathered while the current step runs, and each step's metrics are read one step later (evaluation steps are read
-  at once), as one vector with the state passed as its flat leaves (`_LoopStep`). Divergence is still reported at the step it happened, before any checkpoint of a later step.
+  at once), as one vector with the state passed as its flat leaves (`_LoopStep`). Divergence is still reported at
+  the step it happened, before any checkpoint of a later step.
 
   Args:
     config: the experiment configuration (steps, eval_every, hparams, eval_batch_size are used).
@@ -424,12 +425,11 @@ class _Prefetcher:
 
 def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str], start: float, store: Any, *,
                context: str) -> dict[str, Any]:
-  """The metrics.jsonl line of a step from its metrics (fetched to the host here).
+  """The metrics.jsonl line of a step from its metrics (host arrays: `_LoopStep.unpack`'s).
 
   Raises:
     TrainingDiverged: a non-finite loss, gradient norm or per-domain loss, naming the last good checkpoint.
   """
-  metrics = jax.device_get(metrics)
   domain_losses = [float(v) for v in metrics["domain_losses"]]
   values = [_float(metrics["loss"]), _float(metrics["grad_norm"])] + domain_losses
   if not all(math.isfinite(v) for v in values):
