@@ -26,6 +26,7 @@ __all__ = [
   "RULES",
   "HParams",
   "default_hparams",
+  "ordered_like",
 ]
 
 
@@ -56,6 +57,14 @@ PENALTIES: dict[str, str] = {
 
 _DISPLAY = {"sam": "SAM", "disam": "DISAM", "gsam": "GSAM", "sagm": "SAGM", "disam_gsam": "DISAM on GSAM",
             "disam_sagm": "DISAM on SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
+
+
+def ordered_like(items: dict[str, Any], names, what: str) -> dict[str, Any]:
+  """`items` keyed and ordered by `names` (one of the tables here): how a registry of builders takes its names from
+  this module. AssertionError naming both sets when they differ (a name added to one side only)."""
+  if set(items) != set(names):
+    raise AssertionError(f"{what}: builders for {sorted(items)}, _choices names {sorted(names)}")
+  return {name: items[name] for name in names}
 
 
 def _algorithms():

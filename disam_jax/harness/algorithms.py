@@ -76,15 +76,8 @@ def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
 _BASE_OPTIMIZER_BUILDERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
 
 
-def _registry(builders: dict[str, Any], names, what: str) -> dict[str, Any]:
-  """`builders` keyed and ordered by `names` (the `_choices` table of them); an error if the two name sets differ."""
-  if set(builders) != set(names):
-    raise AssertionError(f"{what}: builders for {sorted(builders)}, _choices names {sorted(names)}")
-  return {name: builders[name] for name in names}
-
-
 # name -> build(lr, weight_decay); the names are `_choices.BASE_OPTIMIZERS`
-BASE_OPTIMIZERS: dict[str, Callable[[float, float], optax.GradientTransformation]] = _registry(
+BASE_OPTIMIZERS: dict[str, Callable[[float, float], optax.GradientTransformation]] = _choices.ordered_like(
   _BASE_OPTIMIZER_BUILDERS, _choices.BASE_OPTIMIZERS, "BASE_OPTIMIZERS")
 
 
@@ -192,7 +185,7 @@ def _sam_rule(lam_on: bool, rule: Optional[str] = None):
 
 # name -> (build(base_tx, hparams, **state_kwargs), description); names and descriptions are `_choices.RULES`
 RULES: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str]] = {
-  name: (build, _choices.RULES[name]) for name, build in _registry({
+  name: (build, _choices.RULES[name]) for name, build in _choices.ordered_like({
     "erm": _erm_rule,
     "sam": _sam_rule(False),
     "disam": _sam_rule(True),
@@ -206,7 +199,7 @@ RULES: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str
 
 # name -> (penalty(hparams) -> penalties.Penalty, description); names and descriptions are `_choices.PENALTIES`
 PENALTIES: dict[str, tuple[Callable[[HParams], penalties.Penalty], str]] = {
-  name: (make, _choices.PENALTIES[name]) for name, make in _registry({
+  name: (make, _choices.PENALTIES[name]) for name, make in _choices.ordered_like({
     "coral": lambda hp: penalties.coral(hp.coral_gamma),
     "vrex": lambda hp: penalties.vrex(hp.vrex_lambda, _anneal(hp, "vrex_anneal_steps")),
     "fishr": lambda hp: penalties.fishr(hp.fishr_lambda, hp.fishr_ema, _anneal(hp, "fishr_anneal_steps")),

@@ -16,8 +16,9 @@ domain and class names. Three mechanisms cover all registered names:
   absl warnings) is silenced, and its scratch folders are removed.
 * ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``.
 
-Only numpy, the standard library and the JAX-free name table `_choices` are imported here; scikit-learn, tensorflow-datasets, Pillow and animal-mnist
-are imported by the functions that need them (``pip install 'disam_jax[harness]'``).
+Only numpy, the standard library and the JAX-free name table `_choices` are imported here; scikit-learn,
+tensorflow-datasets, Pillow and animal-mnist are imported by the functions that need them
+(``pip install 'disam_jax[harness]'``).
 
 Example::
 
@@ -704,9 +705,7 @@ def _registry() -> dict[str, DatasetSpec]:
     _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
     _folder_spec("image_folder", None, ()),
   )}
-  if set(specs) != set(_choices.DATASETS):
-    raise AssertionError(f"DATASETS: specs for {sorted(specs)}, _choices names {sorted(_choices.DATASETS)}")
-  return {name: specs[name] for name in _choices.DATASETS}
+  return _choices.ordered_like(specs, _choices.DATASETS, "DATASETS")
 
 
 DATASETS: dict[str, DatasetSpec] = _registry()
