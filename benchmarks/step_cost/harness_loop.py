@@ -50,26 +50,19 @@ def _harness_and_bare(algorithm: str, steps: int, model: str):
     first, last = 2, steps - 1
     return (stamps[last] - stamps[first]) / (last - first)
 
-  def bare() -> float:
+  def bare_loop(next_batch) -> float:
     state = jax.tree.map(jnp.copy, state0)
     state, metrics = step_fn(state, batch)  # warm (compiled already by the harness's first run)
     jax.block_until_ready((state, metrics))
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, next_batch())
     jax.block_until_ready((state, metrics))
     return (time.perf_counter() - t0) / steps
 
-  def bare_sampled() -> float:  # a user's plain loop: the same sampler's batch drawn and put on the device per step
-    state = jax.tree.map(jnp.copy, state0)
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready((state, metrics))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step_fn(state, jax.device_put(sampler.next()))
-    jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - t0) / steps
-
+  bare = lambda: bare_loop(lambda: batch)
+  # a user's plain loop: the same sampler's batch drawn and put on the device every step
+  bare_sampled = lambda: bare_loop(lambda: jax.device_put(sampler.next()))
   return harness, bare, bare_sampled
 
 
