@@ -25,6 +25,7 @@ from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
 from disam_jax.harness import distributed
 from disam_jax.harness import fast_conv
+from disam_jax.harness import feeds
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.steps import (
   TrainState,
@@ -270,7 +271,7 @@ def run_cell(
   sampler, place, draw = _batch_source(config, split, seed, mesh)
   state = init_train_state(init[0], init[1], compiled.txs[algorithm], (compiled.penalties or {}).get(algorithm))
   main_process = distributed.is_main_process()
-  evaluate = _evaluator(config, algorithm, split, seed, compiled.eval_step)
+  evaluate = _evaluator(config, algorithm, _eval_feed(config, split), held_out, seed, compiled.eval_step)
   store = CheckpointStore(os.path.join(directory, "checkpoints"))
   metrics_path = os.path.join(directory, "metrics.jsonl")
   start = time.perf_counter()
@@ -455,21 +456,22 @@ def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str],
   return line
 
 
-def _evaluator(config: ExperimentConfig, algorithm: str, split: data_lib.DomainSplit, seed: int,
+def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit) -> feeds.EvalFeed:
+  """The run's evaluation sets: the validation part of every training domain, then the held-out domain(s)."""
+  parts = tuple(("val", d) for d in (split.val_domains or split.train_domains)) + tuple(
+    ("test", d) for d in split.test_domains)
+  return feeds.ArrayEvalFeed(parts, tuple(split.val) + tuple(split.test), config.eval_batch_size)
+
+
+def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, held_out: str, seed: int,
                eval_step: Callable) -> Callable[[TrainState, int], dict[str, Any]]:
-  """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`.
+  """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`, over the
+  batches of `feed` (`feeds.EvalFeed`).
 
   Raises (from `evaluate`):
     TrainingDiverged: the parameters are not finite.
   """
-  held_out = split.test_domains[0]
-  train_domains = list(split.train_domains)
-  # One array for all evaluation sets: the validation part of every training domain, then the held-out domain.
-  eval_names = [("val", d) for d in (split.val_domains or train_domains)] + [("test", d) for d in split.test_domains]
-  eval_parts = list(split.val) + list(split.test)
-  eval_x = np.concatenate([x for x, _ in eval_parts])
-  eval_y = np.concatenate([y for _, y in eval_parts])
-  eval_owner = np.concatenate([np.full(len(y), k) for k, (_, y) in enumerate(eval_parts)])
+  num_parts = len(feed.parts)
 
   def evaluate(state: TrainState, step: int) -> dict[str, Any]:
     if not bool(_all_finite_jit(state.params)):
@@ -479,12 +481,15 @@ def _evaluator(config: ExperimentConfig, algorithm: str, split: data_lib.DomainS
       )
     # Every process evaluates its own local replica (identical values); only process 0 writes the numbers.
     params, model_state = distributed.local_replica((state.params, state.model_state))
-    pred = predict(eval_step, params, model_state, eval_x, config.eval_batch_size)
-    correct = np.bincount(eval_owner, weights=(pred == eval_y), minlength=len(eval_parts))
-    total = np.bincount(eval_owner, minlength=len(eval_parts))
+    correct, total = np.zeros(num_parts), np.zeros(num_parts)
+    for x, y, part in feed.batches():
+      pred = predict(eval_step, params, model_state, x, len(x))
+      keep = part >= 0
+      correct += np.bincount(part[keep], weights=(pred[keep] == y[keep]), minlength=num_parts)
+      total += np.bincount(part[keep], minlength=num_parts)
     acc = correct / np.maximum(total, 1)
-    val = {d: float(a) for (kind, d), a in zip(eval_names, acc) if kind == "val"}
-    test = [float(a) for (kind, _), a in zip(eval_names, acc) if kind == "test"]
+    val = {d: float(a) for (kind, d), a in zip(feed.parts, acc) if kind == "val"}
+    test = [float(a) for (kind, _), a in zip(feed.parts, acc) if kind == "test"]
     return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
             "test_acc": test[0]}
 

@@ -31,6 +31,7 @@ import optax
 from disam_jax._disam import DisamState, _objective_terms, find_disam_state
 from disam_jax._domain_losses import domain_losses_from_grouped, grouped_domain_loss_fn
 from disam_jax.harness import penalties as penalties_lib
+from disam_jax.harness.feeds import as_model_input
 
 __all__ = [
   "PenaltyAux",
@@ -140,6 +141,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
 
   def train_step(state: TrainState, batch):
     x, y = batch
+    x = as_model_input(x)  # uint8 pixels are cast on the device
     if penalty is None:
       grouped = grouped_domain_loss_fn(lambda p, i, l: per_example_loss(p, state.model_state, i, l), has_aux=True)
       domain_loss_fn = lambda p: grouped(p, x, y)
@@ -178,7 +180,7 @@ def make_eval_step(graphdef: Any) -> Callable:
   from disam_jax.harness.models import apply_model
 
   def eval_step(params, model_state, x):
-    logits, _ = apply_model(graphdef, params, model_state, x, train=False)
+    logits, _ = apply_model(graphdef, params, model_state, as_model_input(x), train=False)
     return logits
 
   return eval_step
