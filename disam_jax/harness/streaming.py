@@ -17,7 +17,7 @@
   balanced batch (indices drawn with replacement from a generator seeded by ``(seed, step)``: a pure function of the
   step, so the feed's state is the step), and `StreamedEvalFeed` (`feeds.EvalFeed`) maps each evaluation batch to
   this process's rows. Both are grain `MapDataset` pipelines over step / batch numbers, read ahead by grain worker
-  processes (`IterDataset.mp_prefetch`; with 0 workers, by a grain prefetch thread): decoding and augmentation never
+  processes (`IterDataset.mp_prefetch`; with 0 workers, by a background thread): decoding and augmentation never
   run on the thread that drives the device.
 
 Imports only numpy and the standard library at module level (grain, array_record and Pillow where used): grain's
@@ -26,6 +26,7 @@ worker processes import this module.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -414,18 +415,42 @@ class _StepBatch(_Reader):
 
 
 def _iterate(dataset, workers: int):
-  """An iterator over a grain `MapDataset`, read ahead by `workers` processes (0: by one thread)."""
+  """An iterator over a grain `MapDataset`, read ahead by `workers` processes (0: by one background thread)."""
   grain = _require("grain", "Streaming image folders")
   from absl import flags
 
   if not flags.FLAGS.is_parsed():  # grain reads its absl flags (defaults) when starting workers
     flags.FLAGS.mark_as_parsed()
-  ds = dataset.to_iter_dataset()
+  # grain's default ReadOptions read 500 elements ahead on 16 threads, in every worker: 500 batches of 224 px images
+  # are gigabytes. Each element here is a whole batch: one thread, two ahead.
+  ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-  else:
-    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
-  return iter(ds)
+    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)))
+  return _ThreadAhead(iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))),
+                      depth=2)
+
+
+class _ThreadAhead:
+  """Reads `depth` elements of `iterator` ahead on one background thread (in order)."""
+
+  def __init__(self, iterator, depth: int):
+    self._iterator, self._depth = iterator, depth
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disam_jax-read-ahead")
+    self._ahead = collections.deque()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._ahead) < self._depth + 1:
+      self._ahead.append(self._pool.submit(next, self._iterator))
+    return self._ahead.popleft().result()
+
+  def close(self) -> None:
+    for future in self._ahead:
+      future.cancel()
+    self._ahead.clear()
+    self._pool.shutdown(wait=True)
 
 
 def _close(iterator) -> None:
