@@ -149,7 +149,7 @@ def _data_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]
   data.add_argument("--data-dir", default=default(None), metavar="DIR",
                     help="folder holding the DomainBed image folders (PACS/, VLCS/, ...) or the TFDS data_dir")
   data.add_argument("--cache-dir", default=default(None), metavar="DIR",
-                    help="where image folders are converted to TFDS, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
+                    help="where image folders are converted to ArrayRecord, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
                          "else ~/.cache/disam_jax/tfds; nothing is written into the dataset folder)")
   data.add_argument("--image-size", type=_int, default=default(None), metavar="N",
                     help="resize images to N x N (default: 224 for image folders, native size otherwise)")
