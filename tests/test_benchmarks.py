@@ -151,3 +151,12 @@ def test_vit_ops_times_the_same_computation_in_both_frameworks(tmp_path):
     assert row['jax_median_ms'] > 0 and row['torch_median_ms'] > 0
     assert row['max_abs_difference'] < 1e-3, row
   assert '| GELU (tanh) |' in (tmp_path / 'vit_ops.md').read_text()
+
+
+def test_input_pipeline_quick_smoke(tmp_path):
+  from benchmarks import input_pipeline
+
+  assert input_pipeline.main(["--quick", "--out", str(tmp_path)]) == 0
+  results = json.loads((tmp_path / "input_pipeline_quick.json").read_text())
+  assert results["throughput"][0]["images_per_s"] > 0 and len(results["memory"]) == 2
+  assert (tmp_path / "input_pipeline_quick.md").read_text().startswith("# Input pipeline")

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from disam_jax.harness import data, mini_folders
+from disam_jax.harness import data, mini_folders, streaming
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def test_pacs_loader_on_real_pacs_images(zdata, tmp_path):
   first = os.path.join(mini_folders.pacs_mini(), "art_painting", "dog", sorted(
       os.listdir(os.path.join(mini_folders.pacs_mini(), "art_painting", "dog")))[0])
   assert ds.labels[0][0] == ds.classes.index("dog")
-  np.testing.assert_allclose(ds.images[0][0], _pil_pixels(first, 32), atol=1 / 255 + 1e-6)
-  sketch = ds.images[3]
+  pixels = lambda k: streaming.read_images(ds.records, ds.images[k]).astype(np.float32) / 255  # streamed: indices
+  np.testing.assert_allclose(pixels(0)[0], _pil_pixels(first, 32), atol=1 / 255 + 1e-6)
+  sketch = pixels(3)
   assert sketch.std() > 0.05 and 0.0 <= sketch.min() and sketch.max() <= 1.0
 
 

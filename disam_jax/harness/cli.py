@@ -149,10 +149,16 @@ def _data_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]
   data.add_argument("--data-dir", default=default(None), metavar="DIR",
                     help="folder holding the DomainBed image folders (PACS/, VLCS/, ...) or the TFDS data_dir")
   data.add_argument("--cache-dir", default=default(None), metavar="DIR",
-                    help="where image folders are converted to TFDS, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
+                    help="where image folders are converted to ArrayRecord, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
                          "else ~/.cache/disam_jax/tfds; nothing is written into the dataset folder)")
   data.add_argument("--image-size", type=_int, default=default(None), metavar="N",
                     help="resize images to N x N (default: 224 for image folders, native size otherwise)")
+  data.add_argument("--no-augment", dest="augment", action="store_false", default=default(True),
+                    help="image folders: train without DomainBed's augmentation (random resized crop, flip, colour "
+                         "jitter, grayscale; on by default), on the evaluation transform (a resize)")
+  data.add_argument("--data-workers", type=_int, default=default(None), metavar="N",
+                    help="image folders: worker processes decoding and augmenting images (default: the cores "
+                         "less one, at most 16; 0: a thread of the training process)")
   data.add_argument("--held-out", nargs="+", default=default(None), metavar="DOMAIN",
                     help="held-out (test) domain(s), each trained separately (default: every domain)")
   data.add_argument("--holdout-fraction", type=_finite_float, default=default(0.2), metavar="F",
@@ -379,10 +385,12 @@ def config_from_args(args: argparse.Namespace):
     sub_domains=args.sub_domains,
     infer_domains=args.infer_domains,
     eval_batch_size=args.eval_batch_size,
+    augment=args.augment,
+    data_workers=args.data_workers,
   )
 
 
-_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "no_plots", "tensorboard", "quiet", "list", "data_parallel",
+_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "data_workers", "no_plots", "tensorboard", "quiet", "list", "data_parallel",
                 "mesh", "coordinator_address", "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
 
 
@@ -416,7 +424,8 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
     raise BadInput(f"--resume: --steps {fresh.steps} is below the run's {stored.steps}; it can only grow.")
   given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
   return dataclasses.replace(stored, steps=fresh.steps if "steps" in explicit else stored.steps,
-                             cache_dir=fresh.cache_dir if "cache_dir" in given else stored.cache_dir)
+                             cache_dir=fresh.cache_dir if "cache_dir" in given else stored.cache_dir,
+                             data_workers=fresh.data_workers if "data_workers" in given else stored.data_workers)
 
 
 def _stored_config(run_dir: str):

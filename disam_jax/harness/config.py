@@ -58,6 +58,11 @@ class ExperimentConfig:
     infer_domains: train on this many k-means pseudo-domains instead of the domain labels (`regimes.infer_domains`;
       0: off).
     eval_batch_size: examples per evaluation forward pass.
+    augment: DomainBed's training augmentation on streamed image folders (`streaming.train_transform`: random
+      resized crop, flip, colour jitter, grayscale); False trains on the evaluation transform (a resize). In-memory
+      datasets (digits, animals) are never augmented, as in DomainBed.
+    data_workers: grain worker processes that decode and augment streamed images (None: `streaming.default_workers`,
+      the cores less one; 0: a prefetch thread of the training process). Does not change the batches.
   """
 
   dataset: str = "rotated_digits"
@@ -83,6 +88,8 @@ class ExperimentConfig:
   sub_domains: int = 1
   infer_domains: int = 0
   eval_batch_size: int = 512
+  augment: bool = True
+  data_workers: Optional[int] = None
 
   def __post_init__(self):
     if self.pretrained is not None:
@@ -160,4 +167,7 @@ class ExperimentConfig:
                        "or sub_domains.")
     if self.eval_batch_size < 1:
       raise ValueError(f"eval_batch_size must be >= 1; got {self.eval_batch_size}.")
+    if self.data_workers is not None and self.data_workers < 0:
+      raise ValueError(f"data_workers must be >= 0 (0: a prefetch thread, no worker process); got "
+                       f"{self.data_workers}.")
     self.hparams.validate()

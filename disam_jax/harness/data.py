@@ -7,13 +7,14 @@ domain and class names. Three mechanisms cover all registered names:
   disjoint groups by a seeded permutation, group k rotated by (0, 15, 30, 45, 60, 75)[k] degrees, as DomainBed's
   RotatedMNIST does. ``rotated_digits`` uses scikit-learn's bundled 8x8 digits and needs no download.
 * image folders in DomainBed layout ``root/<domain>/<class>/*.jpg|jpeg|png`` (``pacs``, ``vlcs``, ``office_home``,
-  ``terra_incognita``, ``domain_net``, and the generic ``image_folder``). The folder is converted once into a
-  tensorflow-datasets (TFDS) dataset in array_record format (resized, re-encoded as lossless PNG) and read back as
-  NumPy through TFDS's random-access data source, so TensorFlow itself is never needed. Nothing is ever downloaded.
-  The conversion is a cache outside the dataset folder (`default_cache_dir`: ``$XDG_CACHE_HOME/disam_jax/tfds``,
-  else ``~/.cache/disam_jax/tfds``; ``cache_dir=`` or ``$DISAM_JAX_TFDS_DIR`` to choose), so shared and read-only
-  datasets stay untouched. TFDS's own console output (its "Downloading and preparing" lines, progress bars and
-  absl warnings) is silenced, and its scratch folders are removed.
+  ``terra_incognita``, ``domain_net``, and the generic ``image_folder``) are **streamed**, never held: the folder is
+  converted once into ArrayRecord shards of its original image files (`streaming.convert_folder`: all cores, behind a
+  lock, renamed into place when complete) and the `DomainDataset` holds, per domain, only the int64 record indices
+  and int32 labels of its images, with `DomainDataset.records` to read them through (`streaming.StreamedTrainFeed`,
+  `streaming.StreamedEvalFeed`: grain workers decode, augment and resize to uint8). Splits and the regimes work on
+  these index arrays as on pixels. The conversion is a cache outside the dataset folder (`default_cache_dir`:
+  ``$XDG_CACHE_HOME/disam_jax/tfds``, else ``~/.cache/disam_jax/tfds``; ``cache_dir=`` or ``$DISAM_JAX_TFDS_DIR`` to
+  choose), so shared and read-only datasets stay untouched. Nothing is ever downloaded.
 * ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``.
 
 Only numpy, the standard library and the JAX-free name table `_choices` are imported here; scikit-learn,
@@ -69,8 +70,8 @@ ROTATION_DEGREES = (0, 15, 30, 45, 60, 75)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Where image-folder datasets are converted to TFDS when no cache_dir is given; overrides `default_cache_dir()`.
 TFDS_DIR_ENV = "DISAM_JAX_TFDS_DIR"
-# Bump when the stored format changes so that older conversions are not reused.
-_FOLDER_FORMAT_VERSION = "1"
+# The subfolder of the cache holding image-folder conversions (`streaming.convert_folder`).
+_FOLDER_CACHE = "disam_domain_image_folder"
 _LAYOUT = "root/<domain>/<class>/*.jpg|*.jpeg|*.png"
 _NO_DOWNLOAD = (
   "No download is attempted: these datasets must be placed on local disk by the user "
@@ -91,10 +92,12 @@ class DomainDataset:
     name: registry name the dataset was loaded under.
     domains: domain names, e.g. ``("0", "15", ...)`` for rotations, ``("art_painting", ...)`` for PACS.
     classes: class names; a label ``k`` means ``classes[k]``.
-    images: one float32 array ``[n_i, H, W, C]`` with values in [0, 1] per domain.
+    images: one float32 array ``[n_i, H, W, C]`` with values in [0, 1] per domain; for a streamed dataset
+      (`records` set), one int64 array ``[n_i]`` of record indices per domain.
     labels: one int32 array ``[n_i]`` per domain.
     unreadable_files: image files that could not be decoded and were skipped (paths relative to the folder).
     warnings: other problems found in the data (e.g. a class folder missing from a domain), one message each.
+    records: the `streaming.RecordSet` the record indices of a streamed dataset point into; None: in memory.
   """
 
   name: str
@@ -104,6 +107,7 @@ class DomainDataset:
   labels: tuple[np.ndarray, ...]
   unreadable_files: tuple[str, ...] = ()
   warnings: tuple[str, ...] = ()
+  records: Any = None
 
   def __post_init__(self):
     if not (len(self.domains) == len(self.images) == len(self.labels)):
@@ -111,6 +115,12 @@ class DomainDataset:
         f"{self.name}: {len(self.domains)} domain names but {len(self.images)} image arrays and "
         f"{len(self.labels)} label arrays."
       )
+    if self.records is not None:
+      for domain, x, y in zip(self.domains, self.images, self.labels):
+        if x.ndim != 1 or x.dtype != np.int64 or y.dtype != np.int32 or len(x) != len(y):
+          raise ValueError(f"{self.name}/{domain}: a streamed dataset needs int64 record indices [n] and int32 "
+                           f"labels [n], got {x.dtype}{list(x.shape)} and {y.dtype}{list(y.shape)}.")
+      return
     shapes = {x.shape[1:] for x in self.images}
     if len(shapes) > 1:
       raise ValueError(f"{self.name}: domains have different image shapes {sorted(shapes)}.")
@@ -123,7 +133,13 @@ class DomainDataset:
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
+    if self.records is not None:
+      return tuple(self.records.image_shape)
     return tuple(self.images[0].shape[1:])
+
+  @property
+  def streamed(self) -> bool:
+    return self.records is not None
 
   @property
   def num_classes(self) -> int:
@@ -142,6 +158,7 @@ class DomainSplit:
     test: ``(x, y)`` per held-out domain: all of its data.
     val_domains: names of the `val` parts when the training part was regrouped into other domains
       (`harness.regimes`); empty: the same as `train_domains`.
+    records: the dataset's `streaming.RecordSet` when `x` are record indices (a streamed dataset); None: pixels.
   """
 
   train_domains: tuple[str, ...]
@@ -150,6 +167,7 @@ class DomainSplit:
   val: tuple[tuple[np.ndarray, np.ndarray], ...]
   test: tuple[tuple[np.ndarray, np.ndarray], ...]
   val_domains: tuple[str, ...] = ()
+  records: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,82 +444,6 @@ def _scan_folder(spec: DatasetSpec, root: str):
   return domains, classes, files, notes
 
 
-def _fingerprint(root: str, files, domains, classes, image_size: int) -> str:
-  """Identifies a conversion: the file list (names, sizes, modification times) and the conversion settings."""
-  h = hashlib.sha256(repr((_FOLDER_FORMAT_VERSION, image_size, domains, classes)).encode())
-  for rel, _, _ in files:
-    st = os.stat(os.path.join(root, rel))
-    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-  return h.hexdigest()[:16]
-
-
-_FOLDER_BUILDER = None
-
-
-def _folder_builder_class():
-  """The TFDS builder class, defined on first use so that importing this module does not import TFDS."""
-  global _FOLDER_BUILDER
-  if _FOLDER_BUILDER is not None:
-    return _FOLDER_BUILDER
-  tfds = _require_tfds()
-  from PIL import Image
-
-  class DomainImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Images of ``root/<domain>/<class>/`` resized to a square and stored as lossless PNG."""
-
-    name = "disam_domain_image_folder"
-    VERSION = tfds.core.Version("1.0.0")
-    # No source file to find checksums next to (nothing is downloaded). Also sidesteps tfds 4.9.10's code_path,
-    # which needs the `importlib_resources` backport (declared only for Python < 3.9) for classes in a package.
-    code_path = None
-
-    def __init__(self, *, root, domains, classes, files, image_size, **kwargs):
-      self._root, self._domains, self._classes = root, domains, classes
-      self._files, self._image_size = files, image_size
-      self.skipped: list[str] = []
-      super().__init__(**kwargs)
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"Image folder {self._root} in layout {_LAYOUT}.",
-        features=tfds.features.FeaturesDict(
-          {
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=self._classes),
-            "domain": tfds.features.ClassLabel(names=self._domains),
-            "path": tfds.features.Text(),
-          }
-        ),
-        metadata=tfds.core.MetadataDict(),
-      )
-
-    def _split_generators(self, dl_manager):
-      del dl_manager  # nothing is downloaded: the images are already on disk
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      size = (self._image_size, self._image_size)
-      for rel, domain, cls in self._files:
-        try:
-          with Image.open(os.path.join(self._root, rel)) as im:
-            im = im.convert("RGB")
-            if im.size != size:
-              im = im.resize(size, Image.BILINEAR)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-          self.skipped.append(rel)
-          _log.debug("skipping unreadable image %s: %s", rel, e)
-          continue
-        buffer = io.BytesIO()
-        im.save(buffer, format="PNG")
-        yield rel, {"image": buffer.getvalue(), "label": cls, "domain": domain, "path": rel}
-      # Kept with the conversion, so that every later load reports them too (`_load_image_folder` warns).
-      self.info.metadata["skipped_files"] = list(self.skipped)
-
-  _FOLDER_BUILDER = DomainImageFolder
-  return _FOLDER_BUILDER
-
-
 def _read_data_source(source, keys: Sequence[str]) -> dict[str, list]:
   """Reads every example of a TFDS random-access data source.
 
@@ -549,8 +491,14 @@ def _quiet_tfds(tfds):
 
 
 def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=None) -> DomainDataset:
+  """An image folder as a streamed `DomainDataset`: converted once (`streaming.convert_folder`), its images the
+  record indices of the conversion (int64 ``[n_i]`` per domain) with `records` to read them through."""
+  from disam_jax.harness import streaming
+
   del seed  # the folder fixes the domains; splits are seeded in split_dataset
-  tfds = _require_tfds()
+  _require("array_record", "Reading image folders")
+  _require("grain", "Streaming image folders")
+  _require("PIL", "Decoding image files")
   root = _folder_root(spec, data_dir)
   image_size = int(image_size or spec.default_image_size)
   domains, classes, files, notes = _scan_folder(spec, root)
@@ -558,44 +506,29 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=
     warnings.warn(note)
 
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
-  fingerprint = _fingerprint(root, files, domains, classes, image_size)
-  with _quiet_tfds(tfds):
-    builder = _folder_builder_class()(
-      root=root,
-      domains=domains,
-      classes=classes,
-      files=files,
-      image_size=image_size,
-      data_dir=cache_dir,
-      file_format="array_record",
-      config=tfds.core.BuilderConfig(
-        name=f"{spec.name}_{image_size}px_{fingerprint}",
-        description=f"{root} resized to {image_size}x{image_size}",
-      ),
-    )
-    if not builder.is_prepared():
-      _log.info("converting %s (%d image files) to TFDS under %s, once: later runs reuse it while the files are "
-                "unchanged", root, len(files), builder.data_dir)
-    builder.download_and_prepare()  # reuses an existing conversion of the same files
-    skipped = tuple(builder.info.metadata.get("skipped_files", ()))
-    table = _read_data_source(builder.as_data_source(split="train"), ("image", "label", "domain", "path"))
+  rels = [rel for rel, _, _ in files]
+  # The original files are stored: one conversion serves every image size.
+  key = f"{spec.name}_{streaming.fingerprint(root, rels, (tuple(domains), tuple(classes)))}"
+  numbered = [(rel, domains.index(d), classes.index(c)) for rel, d, c in files]
+  directory, meta = streaming.convert_folder(
+    root, numbered, domains=domains, classes=classes, cache_dir=os.path.join(cache_dir, _FOLDER_CACHE), key=key,
+    on_convert=lambda n: _log.info("converting %s (%d image files) to ArrayRecord under %s, once: later runs reuse "
+                                   "it while the files are unchanged", root, n, cache_dir))
+  skipped = tuple(meta.get("skipped_files", ()))
   if skipped:  # on every load, converted now or earlier
     shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
     warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s) of {len(files)}: {shown}")
-
-  domain_of = np.asarray(table["domain"], np.int64)
-  paths = np.asarray([p.decode() if isinstance(p, bytes) else str(p) for p in table["path"]])
+  label_of, domain_of = streaming.read_index(directory)
+  records = streaming.RecordSet(directory, tuple(os.path.join(directory, s) for s in meta["shards"]), image_size)
   images, labels = [], []
   for k, d in enumerate(domains):
-    # TFDS stores examples in key-hash order: sort by path for a deterministic order.
-    members = np.flatnonzero(domain_of == k)
-    members = members[np.argsort(paths[members], kind="stable")]
+    members = np.flatnonzero(domain_of == k)  # records are in scan order: domain, class, path
     if len(members) == 0:
       raise ValueError(f"{spec.name}: domain {d!r} has no readable images in {root}.")
-    images.append(np.stack([table["image"][i] for i in members]).astype(np.float32) / np.float32(255.0))
-    labels.append(np.asarray([table["label"][i] for i in members], np.int32))
+    images.append(members.astype(np.int64))
+    labels.append(label_of[members])
   return DomainDataset(spec.name, tuple(domains), tuple(classes), tuple(images), tuple(labels),
-                       unreadable_files=skipped, warnings=tuple(notes))
+                       unreadable_files=skipped, warnings=tuple(notes), records=records)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -726,8 +659,7 @@ def load_dataset(
       names, sizes and modification times); a changed folder is converted again beside the old conversion, which
       can be deleted. Nothing is written into ``data_dir``. Corrupt images are skipped, listed in the result's
       ``unreadable_files`` and warned about on every load (the list is kept with the conversion). All images are
-      held in memory as float32: fine for PACS, VLCS, OfficeHome and TerraIncognita at 224 px (6 to 15 GB), not
-      for all of DomainNet (586k images, 350 GB).
+      streamed: the result holds record indices and labels (a few bytes per image), `records` reads them.
     seed: seeds the assignment of images to rotation domains (ignored by image folders, whose domains are fixed).
     image_size: resize images to ``image_size x image_size`` (default: 224 for image folders, native otherwise).
     cache_dir: where image folders are converted (default: `default_cache_dir()`, outside the dataset folder).
@@ -832,6 +764,7 @@ def split_dataset(
     train=tuple(train),
     val=tuple(val),
     test=tuple((ds.images[i], ds.labels[i]) for i in test_idx),
+    records=ds.records,
   )
 
 

@@ -271,7 +271,8 @@ def run_cell(
   sampler, place, draw = _batch_source(config, split, seed, mesh)
   state = init_train_state(init[0], init[1], compiled.txs[algorithm], (compiled.penalties or {}).get(algorithm))
   main_process = distributed.is_main_process()
-  evaluate = _evaluator(config, algorithm, _eval_feed(config, split), held_out, seed, compiled.eval_step)
+  eval_feed = _eval_feed(config, split)
+  evaluate = _evaluator(config, algorithm, eval_feed, held_out, seed, compiled.eval_step)
   store = CheckpointStore(os.path.join(directory, "checkpoints"))
   metrics_path = os.path.join(directory, "metrics.jsonl")
   start = time.perf_counter()
@@ -289,6 +290,7 @@ def run_cell(
       _train_steps(compiled.loop_steps[algorithm], state, batches, config, host)
   finally:
     store.close()
+    _close_feeds(sampler, eval_feed)
 
   result = CellResult(algorithm=algorithm, held_out=held_out, seed=seed, steps=config.steps,
                       selected=_summary(select_best(evals)), last=_summary(evals[-1]), evals=evals,
@@ -299,11 +301,19 @@ def run_cell(
 
 
 def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
-  """`(sampler, place, draw)`: the run's batch sampler, `place(state)` on the devices, and `draw()` of the next
-  batch on the devices (under a mesh: this process's slice of the global batch)."""
-  sampler = data_lib.DomainBatchSampler(
-    split.train, config.hparams.batch_size, seed, domain_names=split.train_domains
-  )
+  """`(sampler, place, draw)`: the run's training feed (`feeds.TrainFeed`: in memory, or streamed through grain for
+  a split of record indices), `place(state)` on the devices, and `draw()` of the next batch on the devices (under a
+  mesh: this process reads only its slice of the global batch, assembled by `distributed.global_batch`)."""
+  if split.records is not None:
+    from disam_jax.harness import streaming
+
+    sampler = streaming.StreamedTrainFeed(
+      split.records, split.train, config.hparams.batch_size, seed, augment=config.augment,
+      workers=_data_workers(config), domain_names=split.train_domains)
+  else:
+    sampler = data_lib.DomainBatchSampler(
+      split.train, config.hparams.batch_size, seed, domain_names=split.train_domains
+    )
   if mesh is not None:
     local = distributed.local_batch_slice(config.hparams.batch_size, mesh)
     place = lambda state: distributed.place_state(state, mesh)  # replicated, or FSDP with an fsdp axis
@@ -312,6 +322,22 @@ def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: i
     place = lambda state: state
     draw = sampler.next  # numpy: the jitted step's own dispatch puts it on the device (a Python device_put costs more)
   return sampler, place, draw
+
+
+def _data_workers(config: ExperimentConfig) -> int:
+  if config.data_workers is not None:
+    return config.data_workers
+  from disam_jax.harness import streaming
+
+  return streaming.default_workers()
+
+
+def _close_feeds(*feeds_) -> None:
+  """Stops the grain workers of streamed feeds (in-memory feeds have nothing to close)."""
+  for feed in feeds_:
+    close = getattr(feed, "close", None)
+    if close is not None:
+      close()
 
 
 def _open_run(store: Any, state: TrainState, sampler: data_lib.DomainBatchSampler, metrics_path: str, *,
@@ -405,7 +431,7 @@ class _Prefetcher:
   so that a resumed run draws the prefetched batch again.
   """
 
-  def __init__(self, sampler: data_lib.DomainBatchSampler, draw: Callable[[], Any]):
+  def __init__(self, sampler: feeds.TrainFeed, draw: Callable[[], Any]):
     self._sampler, self._draw = sampler, draw
     self._ahead: Optional[tuple[dict[str, Any], Any]] = None
 
@@ -457,10 +483,21 @@ def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str],
 
 
 def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit) -> feeds.EvalFeed:
-  """The run's evaluation sets: the validation part of every training domain, then the held-out domain(s)."""
+  """The run's evaluation sets: the validation part of every training domain, then the held-out domain(s); in
+  memory, or streamed through grain (DomainBed's evaluation transform) for a split of record indices.
+
+  Every process reads every batch whole (``process_count=1``): `_evaluator` counts correct predictions on the
+  process's own replica. `streaming.StreamedEvalFeed` can yield per-process slices once the evaluator sums its
+  counts over processes."""
   parts = tuple(("val", d) for d in (split.val_domains or split.train_domains)) + tuple(
     ("test", d) for d in split.test_domains)
-  return feeds.ArrayEvalFeed(parts, tuple(split.val) + tuple(split.test), config.eval_batch_size)
+  sets = tuple(split.val) + tuple(split.test)
+  if split.records is not None:
+    from disam_jax.harness import streaming
+
+    return streaming.StreamedEvalFeed(split.records, parts, sets, config.eval_batch_size,
+                                      workers=_data_workers(config))
+  return feeds.ArrayEvalFeed(parts, sets, config.eval_batch_size)
 
 
 def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, held_out: str, seed: int,

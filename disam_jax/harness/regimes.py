@@ -2,7 +2,8 @@
 and pseudo-domains inferred without labels.
 
 Each function takes a `data.DomainSplit` and returns one whose *training* part is regrouped into new training
-domains; the validation parts (training-domain validation, used for model selection) and the held-out test domains
+domains (in memory: pixel arrays; streamed image folders: record-index arrays, regrouped the same way, except
+`infer_domains`, which needs pixels and refuses them); the validation parts (training-domain validation, used for model selection) and the held-out test domains
 are never touched, so held-out accuracies stay comparable across regimes, and every algorithm run on the same seed
 sees the same regrouped data. `apply_regimes` applies them in a fixed order (imbalance, wrong domain labels,
 sub-domains; or imbalance, then inferred domains), as `train._cell_split` does for the `disam-train` options
@@ -92,9 +93,15 @@ def split_domains(split: data_lib.DomainSplit, k: int, *, seed: int) -> data_lib
 def infer_domains(split: data_lib.DomainSplit, k: int, *, seed: int) -> data_lib.DomainSplit:
   """Replaces the training domains by `k` pseudo-domains found without domain labels: k-means (scikit-learn,
   seeded by `seed`, so the assignment is deterministic) on the pooled, flattened training images. The pseudo-domains
-  are named ``c0`` .. ``c<k-1>`` in order of their size (largest first); validation and test data are unchanged."""
+  are named ``c0`` .. ``c<k-1>`` in order of their size (largest first); validation and test data are unchanged.
+
+  The features are the images as they are held (float32, flattened; no float64 copy). A streamed split (image
+  folders: record indices, no pixels in memory) is refused."""
   if not (isinstance(k, (int, np.integer)) and k >= 2):
     raise ValueError(f"--infer-domains needs K >= 2 pseudo-domains (DISAM needs two); got {k!r}.")
+  if split.records is not None:
+    raise ValueError("--infer-domains clusters images held in memory; image folders are streamed, not held: drop "
+                     "--infer-domains (or use --sub-domains K / --domain-label-noise P, which work on them).")
   try:
     from sklearn.cluster import KMeans
   except ImportError as e:
@@ -103,7 +110,7 @@ def infer_domains(split: data_lib.DomainSplit, k: int, *, seed: int) -> data_lib
   y_all = np.concatenate([y for _, y in split.train])
   if len(x_all) < k:
     raise ValueError(f"--infer-domains {k}: only {len(x_all)} training examples.")
-  features = x_all.reshape(len(x_all), -1).astype(np.float64)
+  features = x_all.reshape(len(x_all), -1)  # a view of the pooled float32 images: k-means runs in float32
   labels = KMeans(n_clusters=int(k), n_init=4, random_state=int(seed)).fit_predict(features)
   sizes = np.bincount(labels, minlength=k)
   order = np.argsort(-sizes, kind="stable")

@@ -1,0 +1,273 @@
+"""The streamed input pipeline (`harness.streaming`) against torchvision's ImageFolder + DataLoader.
+
+    python -m benchmarks.input_pipeline            # results/input_pipeline.{md,json}
+    python -m benchmarks.input_pipeline --quick    # seconds: tiny sizes (the smoke test)
+
+On one synthetic DomainBed-layout folder of JPEGs (4 domains x 5 classes, sizes 200-300 px, smooth colour fields
+with noise, quality 90), measured in one run:
+
+* **conversion**: images/s of the first `load_dataset` (all cores; a fresh cache).
+* **throughput**: training images/s at `--size` px with DomainBed's augmentation, for each worker count, ours
+  (`StreamedTrainFeed`, batches of 4 domains x b) and torchvision's (`ImageFolder` on the same folder, the same
+  transforms without ToTensor/Normalize, `DataLoader(batch_size=4 b, num_workers=w)` with a random sampler with
+  replacement), interleaved round by round; the first batch (worker start) is timed apart from the steady rate.
+* **first step on a cached folder**: `--stat-images` tiny files converted once, then in a fresh process the time to
+  `load_dataset` (lists and stats every file: the fingerprint) and to the first batch; the stat pass alone is timed.
+* **host memory**: the sum of RssAnon over the process tree (the run process and its grain workers) after loading,
+  3 training batches and one evaluation pass, at two dataset sizes, in fresh processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def import_torchvision():
+  """`(torch, torchvision)`; ImportError if absent. A torchvision wheel whose compiled ops do not load against the
+  installed torch (torchvision 0.28.0's CUDA wheel with torch 2.13.0+cpu) fails on import registering fake ops for
+  them; its transforms and datasets do not need them, so that registration is skipped."""
+  import types
+
+  try:
+    import torch
+    import torchvision
+  except RuntimeError as e:
+    if "torchvision::" not in str(e):
+      raise
+    for name in [n for n in sys.modules if n.startswith("torchvision")]:
+      del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    import torch
+    import torchvision
+  return torch, torchvision
+
+
+def make_folder(root: str, n: int, *, sizes=(200, 300), seed: int = 0) -> str:
+  """`n` JPEGs in root/<domain>/<class>/ (4 domains x 5 classes), natural-looking enough to decode realistically."""
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  domains, classes = [f"d{k}" for k in range(4)], [f"c{k}" for k in range(5)]
+  for i in range(n):
+    d, c = domains[i % 4], classes[(i // 4) % 5]
+    os.makedirs(os.path.join(root, d, c), exist_ok=True)
+    w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(xx * rng.uniform(2, 9) + k) * 100 + 128 for k in range(3)], -1)
+    pixels = (base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(root, d, c, f"{i}.jpg"), quality=90)
+  return root
+
+
+def _ours(records, split, batch: int, workers: int, steps: int, size: int):
+  from disam_jax.harness import streaming
+
+  feed = streaming.StreamedTrainFeed(records, split.train, batch, seed=0, augment=True, workers=workers)
+  try:
+    t0 = time.perf_counter()
+    x, _ = feed.next()
+    first = time.perf_counter() - t0
+    assert x.shape[2:] == (size, size, 3)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      feed.next()
+    return first, steps * x.shape[0] * x.shape[1] / (time.perf_counter() - t0)
+  finally:
+    feed.close()
+
+
+def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
+  torch, torchvision = import_torchvision()
+  T = torchvision.transforms
+  transform = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
+                         T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale(), T.PILToTensor()])  # uint8, as ours
+  dataset = torchvision.datasets.ImageFolder(root, transform=transform)
+  sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
+  loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
+  it = iter(loader)
+  t0 = time.perf_counter()
+  next(it)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  rate = steps * batch / (time.perf_counter() - t0)
+  del it
+  return first, rate
+
+
+_FIRST_STEP = textwrap.dedent("""
+  import json, os, sys, time
+  t0 = time.perf_counter()
+  from disam_jax.harness import data, streaming
+  t_import = time.perf_counter() - t0
+  root, cache = sys.argv[1], sys.argv[2]
+  t0 = time.perf_counter()
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  t_list = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for f in files:
+    os.stat(f)
+  t_stat = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  ds = data.load_dataset("image_folder", data_dir=root, image_size=32, cache_dir=cache)
+  t_load = time.perf_counter() - t0
+  split = data.split_dataset(ds, ds.domains[-1])
+  feed = streaming.StreamedTrainFeed(split.records, split.train, 8, 0, workers=0)
+  feed.next()
+  t_first = time.perf_counter() - t0
+  feed.close()
+  print(json.dumps({"files": len(files), "import_s": t_import, "list_s": t_list, "stat_s": t_stat,
+                    "load_dataset_s": t_load, "to_first_batch_s": t_first}))
+""")
+
+
+_MEMORY = textwrap.dedent("""
+  import json, os, sys
+  from disam_jax.harness import data, streaming
+
+  def tree_rss_anon():
+    import psutil
+    total = 0
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+      try:
+        for line in open(f"/proc/{p.pid}/status"):
+          if line.startswith("RssAnon:"):
+            total += int(line.split()[1]) * 1024
+      except OSError:
+        pass
+    return total
+
+  root, cache, size, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+  before = tree_rss_anon()
+  ds = data.load_dataset("image_folder", data_dir=root, image_size=size, cache_dir=cache)
+  split = data.split_dataset(ds, ds.domains[-1])
+  feed = streaming.StreamedTrainFeed(split.records, split.train, 8, 0, workers=workers)
+  for _ in range(3):
+    feed.next()
+  evals = streaming.StreamedEvalFeed(split.records, [("val", d) for d in split.train_domains] + [("test", ds.domains[-1])],
+                                     list(split.val) + list(split.test), 64, workers=workers)
+  batches = iter(evals.batches())
+  next(batches)
+  peak = tree_rss_anon()  # workers running, train and eval pipelines open
+  for _ in batches:
+    pass
+  after = tree_rss_anon()
+  feed.close(); evals.close()
+  print(json.dumps({"images": sum(len(x) for x in ds.images), "rss_anon_before": before,
+                    "rss_anon_running": peak, "rss_anon_after_eval": after}))
+""")
+
+
+def _run(code: str, *args) -> dict:
+  env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                       check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--images", type=int, default=1000)
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=8, help="per domain (4 domains)")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--stat-images", type=int, default=20000)
+  parser.add_argument("--memory-images", type=int, nargs=2, default=[400, 4000])
+  parser.add_argument("--out", default=str(RESULTS))
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.images, args.size, args.batch, args.steps, args.workers, args.rounds = 48, 32, 2, 2, [0], 1
+    args.stat_images, args.memory_images = 100, [40, 80]
+
+  from disam_jax.harness import data
+
+  results = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "args": vars(args)}
+  with tempfile.TemporaryDirectory(prefix="input_pipeline-") as tmp:
+    root = make_folder(os.path.join(tmp, "folder"), args.images)
+    t0 = time.perf_counter()
+    ds = data.load_dataset("image_folder", data_dir=root, image_size=args.size, cache_dir=os.path.join(tmp, "c"))
+    results["conversion_images_per_s"] = args.images / (time.perf_counter() - t0)
+    split = data.split_dataset(ds, ds.domains[-1])
+    train_root = os.path.join(tmp, "train_domains")  # torchvision reads the same 3 training domains
+    os.makedirs(train_root)
+    for d in split.train_domains:
+      os.symlink(os.path.join(root, d), os.path.join(train_root, d))
+    domains = len(split.train_domains)
+    rows = []
+    try:
+      import_torchvision()
+      have_torch = True
+    except ImportError:
+      have_torch = False
+    for r in range(args.rounds):
+      for w in args.workers:
+        first, rate = _ours(ds.records, split, args.batch, w, args.steps, args.size)
+        rows.append({"round": r, "workers": w, "pipeline": "disam_jax grain", "first_batch_s": first,
+                     "images_per_s": rate})
+        if have_torch:
+          first, rate = _torchvision(train_root, args.batch * domains, w, args.steps, args.size)
+          rows.append({"round": r, "workers": w, "pipeline": "torchvision", "first_batch_s": first,
+                       "images_per_s": rate})
+        print(rows[-1] if not have_torch else rows[-2:], flush=True)
+    results["throughput"] = rows
+
+    stat_root = make_folder(os.path.join(tmp, "stat"), args.stat_images, sizes=(16, 24))
+    cache = os.path.join(tmp, "stat_cache")
+    t0 = time.perf_counter()
+    data.load_dataset("image_folder", data_dir=stat_root, image_size=32, cache_dir=cache)
+    results["conversion_small_images_per_s"] = args.stat_images / (time.perf_counter() - t0)
+    results["first_step_cached"] = _run(_FIRST_STEP, stat_root, cache)
+
+    memory = []
+    for n in args.memory_images:
+      mroot = make_folder(os.path.join(tmp, f"mem{n}"), n, sizes=(64, 96))
+      mcache = os.path.join(tmp, f"mem{n}_cache")
+      data.load_dataset("image_folder", data_dir=mroot, image_size=args.size, cache_dir=mcache)
+      memory.append(_run(_MEMORY, mroot, mcache, args.size, 2 if not args.quick else 0))
+    results["memory"] = memory
+  _write(results, pathlib.Path(args.out), args.quick)
+  return 0
+
+
+def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  name = "input_pipeline_quick" if quick else "input_pipeline"
+  (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+  lines = [f"# Input pipeline ({results['date']}, {results['cpus']} CPUs)", "",
+           f"Conversion: {results['conversion_images_per_s']:.0f} images/s (200-300 px JPEGs), "
+           f"{results['conversion_small_images_per_s']:.0f} images/s (16-24 px JPEGs).", "",
+           "| round | workers | pipeline | first batch (s) | images/s |", "|---|---|---|---|---|"]
+  for row in results["throughput"]:
+    lines.append(f"| {row['round']} | {row['workers']} | {row['pipeline']} | {row['first_batch_s']:.2f} | "
+                 f"{row['images_per_s']:.1f} |")
+  f = results["first_step_cached"]
+  lines += ["", f"Cached folder of {f['files']} files: listing {f['list_s']:.2f} s, stat of every file "
+                f"{f['stat_s']:.2f} s, load_dataset {f['load_dataset_s']:.2f} s, to the first batch "
+                f"{f['to_first_batch_s']:.2f} s (after imports of {f['import_s']:.2f} s).", "",
+            "| images | RssAnon before (MiB) | running (MiB) | after an eval pass (MiB) |", "|---|---|---|---|"]
+  for m in results["memory"]:
+    lines.append(f"| {m['images']} | {m['rss_anon_before'] / 2**20:.0f} | {m['rss_anon_running'] / 2**20:.0f} | "
+                 f"{m['rss_anon_after_eval'] / 2**20:.0f} |")
+  (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
