@@ -98,13 +98,8 @@ def checked_domain_weights(domain_weights: Any, num_domains: Optional[int]) -> A
   return jnp.asarray(weighting)
 
 
-def check_params(fn: Callable, params: Any) -> None:
-  """The params are all of them (not a masked subset) and no enclosing optax wrapper would drop disam's work."""
-  _wrappers.check_params(params)
-  _wrappers.refuse_enclosing_wrapper(fn)
-
-
-def check_call(update_fn: Callable, updates: Any, params: Any, domain_loss_fn: Any) -> None:
+def check_call(updates: Any, params: Any, domain_loss_fn: Any) -> None:
+  """What `update` was given: `domain_loss_fn` and all the params, no incoming updates (see `_wrappers`)."""
   if domain_loss_fn is None:
     raise ValueError(
         'disam needs the per-domain losses: call tx.update(None, state, params, domain_loss_fn=f) with '
@@ -112,12 +107,8 @@ def check_call(update_fn: Callable, updates: Any, params: Any, domain_loss_fn: A
     )
   if params is None:
     raise ValueError('disam needs params: call tx.update(None, state, params, domain_loss_fn=f).')
-  check_params(update_fn, params)
-  if jax.tree.leaves(updates):
-    raise ValueError(
-        'disam computes both of its gradients from domain_loss_fn, so it cannot use incoming updates: pass None '
-        'as the first argument of update (tx.update(None, state, params, domain_loss_fn=f)). ' + _wrappers.WHERE_TO
-    )
+  _wrappers.check_params(params)
+  _wrappers.check_updates(updates)
 
 
 def evaluate(domain_loss_fn: Callable, params: Any) -> Any:

@@ -44,6 +44,7 @@ from disam_jax import _amortization
 from disam_jax import _checks
 from disam_jax import _rules
 from disam_jax import _sharding
+from disam_jax import _wrappers
 from disam_jax._amortization import VarianceTrigger
 from disam_jax._domain_losses import DomainLosses, as_domain_losses
 from disam_jax._numerics import NORM_EPS, apply_mask, at_step, metric_dtype, resolve_mask, wide
@@ -148,10 +149,12 @@ def disam(
   Where things go: gradient clipping, weight decay, `optax.apply_if_finite`, masks of the update and anything else
   that should act on the sharpness-aware gradient belong *inside* `base_tx` (e.g. `optax.chain(
   optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-4), optax.sgd(lr, 0.9))`); `base_tx` is applied at
-  the unperturbed weights. `optax.chain(disam(...), b)` works (`b` acts on DISAM's updates); wrappers whose work
-  DISAM would drop (a chain member before disam, `MultiSteps`, `apply_if_finite` around it, `masked`,
-  `multi_transform`) are refused at trace time with what to write instead. `optax.inject_hyperparams(disam,
-  static_args=('base_tx',))` works under `jit` (rho and lam traced; list `num_domains` in `static_args` too).
+  the unperturbed weights. `optax.chain(disam(...), b)` works (`b` acts on DISAM's updates); a wrapper that hands
+  disam gradients (a chain member before it given gradients, `MultiSteps`, `apply_if_finite` around it) or a
+  subset of the params (`masked`, `multi_transform`) is refused at trace time with what to write instead. A chain
+  member before disam given `None` is not detected: it acts on nothing (README.md, "Composition with optax").
+  `optax.inject_hyperparams(disam, static_args=('base_tx',))` works under `jit` (rho and lam traced; list
+  `num_domains` in `static_args` too).
 
   Non-finite losses propagate into the updates (nothing is silently zeroed). A zero gradient gives a zero
   perturbation (the norm has a 1e-12 floor), never NaN.
@@ -252,7 +255,7 @@ def disam(
   lam_may_be_positive = _checks.may_be_positive(lam)
 
   def init_fn(params: optax.Params) -> DisamState:
-    _checks.check_params(init_fn, params)
+    _wrappers.check_params(params)
     state = init_state(base_tx.init(params), num_domains, aux_example, metric_dtype(params))
     if not amortized:
       return state
@@ -266,7 +269,7 @@ def disam(
   def update_fn(updates: Optional[optax.Updates], state: DisamState, params: Optional[optax.Params] = None, *,
                 domain_loss_fn: Optional[Callable[[optax.Params], Any]] = None,
                 **extra_args: Any) -> tuple[optax.Updates, DisamState]:
-    _checks.check_call(update_fn, updates, params, domain_loss_fn)
+    _checks.check_call(updates, params, domain_loss_fn)
     assert params is not None and domain_loss_fn is not None  # check_call refused None with a message
     dtype = state.loss.dtype  # fixed by init: float32, or float64 with float64 params
     rho_t, lam_t = at_step(rho, state.count, dtype), at_step(lam, state.count, dtype)

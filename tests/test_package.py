@@ -1,4 +1,4 @@
-"""Packaging promises: `import disam_jax` needs only jax, optax, flax and chex."""
+"""Packaging promises: `import disam_jax` needs only jax, optax and flax."""
 
 import subprocess
 import sys
