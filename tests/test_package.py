@@ -36,3 +36,30 @@ def test_every_program_a_help_text_names_is_installed_by_pyproject():
   out = subprocess.run([sys.executable, '-m', 'disam_jax.harness.launch', '--help'], capture_output=True, text=True,
                        check=True)
   assert out.stdout.startswith('usage: disam-launch')
+
+
+def test_the_core_runs_without_chex_and_pyproject_does_not_declare_it():
+  """chex was dropped (jax.Array and optax's types replace its alias): the core imports without it."""
+  import pathlib
+  import tomllib
+
+  code = (
+      'import sys, optax, disam_jax\n'
+      'disam_jax.disam(optax.sgd(0.1)); disam_jax.nnx_optimizer; disam_jax.accumulate_domain_losses\n'
+      "print('chex' in sys.modules)\n"
+  )
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == 'False'
+  project = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())['project']
+  assert not [d for d in project['dependencies'] if d.startswith('chex')]
+
+
+def test_one_version_source():
+  """pyproject's version is dynamic, read by setuptools from disam_jax.__version__ (no second copy to drift)."""
+  import pathlib
+  import tomllib
+
+  pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())
+  assert 'version' not in pyproject['project'] and 'version' in pyproject['project']['dynamic']
+  assert pyproject['tool']['setuptools']['dynamic']['version'] == {'attr': 'disam_jax.__version__'}
+  assert disam_jax.__version__.count('.') == 2
