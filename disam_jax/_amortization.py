@@ -106,9 +106,10 @@ def check_amortization(perturb_every: Any, reuse_weight: Any, per_device_perturb
 def trigger_decision(trigger: VarianceTrigger, state: '_disam.DisamState', variance: jax.Array, dtype: Any):
   """`(ascend, r_t, s_t)`: whether this step ascends (see `VarianceTrigger`), the updated reference and the steps
   since the last ascent after this step (0 if it ascends). Scalars only: no pass through the model."""
-  gap = state.steps_since_ascent + 1
+  reference, since = state.trigger_reference, state.steps_since_ascent
+  assert reference is not None and since is not None  # kept by init whenever perturb_when is given
+  gap = since + 1
   v = variance.astype(dtype)
-  reference = state.trigger_reference
   high = v > at_step(trigger.factor, state.count, dtype) * reference
   ascend = (gap >= trigger.max_gap) | ((gap >= trigger.min_gap) & high)
   decay = jnp.asarray(trigger.decay, dtype)
@@ -116,7 +117,7 @@ def trigger_decision(trigger: VarianceTrigger, state: '_disam.DisamState', varia
   return ascend, new_reference, jnp.where(ascend, 0, gap).astype(jnp.int32)
 
 
-def amortized_gradient(state: '_disam.DisamState', params: Any, full_now: jax.Array, first: Any, full_step: Callable,
+def amortized_gradient(state: '_disam.DisamState', params: optax.Params, full_now: jax.Array, first: optax.Updates, full_step: Callable,
                         reuse_weight: Optional[jax.Array], dtype: Any, layout: _sharding.ParamLayout):
   """LookSAM over DISAM: `full_step(g_p)` when `full_now`, else the plain gradient plus the reused component.
 

@@ -6,7 +6,7 @@ reported before any compute, and a check costs nothing per step.
 
 import math
 import operator
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ def check_hyperparameter(name: str, value: optax.ScalarOrSchedule) -> None:
   if callable(value):
     for step in _SCHEDULE_PROBES:
       with jax.ensure_compile_time_eval():  # concrete even when disam() is built under jit (inject_hyperparams)
-        v = float(value(jnp.asarray(step, jnp.int32)))
+        v = float(jnp.asarray(value(jnp.asarray(step, jnp.int32))))
       if not math.isfinite(v) or v < 0:
         raise ValueError(
             f'{name} schedule must give finite values >= 0; {name}({step}) = {v}. A negative rho flips the '
@@ -53,7 +53,7 @@ def may_be_positive(value: optax.ScalarOrSchedule) -> Optional[bool]:
   """Whether lam can be > 0: schedules at the probe steps; None when traced (unknown)."""
   if callable(value):
     with jax.ensure_compile_time_eval():
-      return any(float(value(jnp.asarray(s, jnp.int32))) > 0 for s in _SCHEDULE_PROBES)
+      return any(float(jnp.asarray(value(jnp.asarray(s, jnp.int32)))) > 0 for s in _SCHEDULE_PROBES)
   v = concrete_float(value)
   return None if v is None else v > 0
 
@@ -98,7 +98,8 @@ def checked_domain_weights(domain_weights: Any, num_domains: Optional[int]) -> A
   return jnp.asarray(weighting)
 
 
-def check_call(updates: Any, params: Any, domain_loss_fn: Any) -> None:
+def check_call(updates: Optional[optax.Updates], params: Optional[optax.Params],
+               domain_loss_fn: Optional[Callable[[optax.Params], Any]]) -> None:
   """What `update` was given: `domain_loss_fn` and all the params, no incoming updates (see `_wrappers`)."""
   if domain_loss_fn is None:
     raise ValueError(
@@ -111,7 +112,7 @@ def check_call(updates: Any, params: Any, domain_loss_fn: Any) -> None:
   _wrappers.check_updates(updates)
 
 
-def evaluate(domain_loss_fn: Callable, params: Any) -> Any:
+def evaluate(domain_loss_fn: Callable, params: optax.Params) -> Any:
   """`domain_loss_fn(params)`, turning Flax NNX's TraceContextError (a module's BatchNorm statistics mutated from
   inside DISAM's trace, e.g. `nnx.Optimizer(model, disam(...))`) into what to write instead."""
   try:

@@ -94,14 +94,14 @@ class DisamState(NamedTuple):
 
   count: jax.Array
   base_state: optax.OptState
-  domain_losses: jax.Array
-  domain_counts: jax.Array
+  domain_losses: Optional[jax.Array]
+  domain_counts: Optional[jax.Array]
   loss: jax.Array
   variance: jax.Array
   perturbation_norm: jax.Array
   grad_norm: jax.Array
   aux: Any  # a pytree: whatever domain_loss_fn returned beside its losses
-  perturbation_weights: jax.Array
+  perturbation_weights: Optional[jax.Array]
   sam_cosine: jax.Array
   reused_component: Optional[optax.Updates] = None
   ascended: Optional[jax.Array] = None
@@ -298,7 +298,7 @@ def disam(
         g_sam = backward(stats.pert_weights / jnp.maximum(stats.pert_count, 1.0))
         cosine = _cosine(g_p, g_sam if mask is None else apply_mask(g_sam, mask), layout)
       g = _perturbed_gradient(domain_loss_fn, has_aux, perturbed, stats.grad_weights, layout)
-      if rule != 'sam':
+      if alpha_t is not None:  # gsam, sagm (sam has no alpha)
         g = _rules.final_gradient(rule, alpha_t, g_ascent, g, layout)
       return g, p_norm, cosine
 
@@ -327,12 +327,13 @@ def disam(
     metrics = (p_norm, layout.norm(g), cosine, c)
     return new_updates, _next_state(state, base_state, stats, metrics, aux, reused, dtype, amortization)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # optax types a state as an ArrayTree, which has no None leaves; DisamState's optional fields are None.
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyrefly: ignore[bad-argument-type]
 
 
 # -- the stages of one step, in the order `update_fn` runs them ----------------------------------------------------
 
-def _unperturbed_pass(domain_loss_fn: Callable, has_aux: bool, params: Any, layout: _sharding.ParamLayout):
+def _unperturbed_pass(domain_loss_fn: Callable, has_aux: bool, params: optax.Params, layout: _sharding.ParamLayout):
   """Pass 1 at `w`: `(total [M], count [M], aux, vjp)` of this device's domain-loss sums; `vjp(cotangent)` is the
   gradient of `sum_i cotangent_i total_i`, so every backward pass of the step reuses this one forward pass."""
 
@@ -377,7 +378,7 @@ def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: Opt
   return _Statistics(means, global_count, loss, variance, grad_weights, pert_count, pert_weights, cotangent)
 
 
-def _ascent_point(params: Any, g_p: Any, rho_t: jax.Array, sagm_alpha: Optional[jax.Array], adaptive: bool,
+def _ascent_point(params: optax.Params, g_p: optax.Updates, rho_t: jax.Array, sagm_alpha: Optional[jax.Array], adaptive: bool,
                   layout: _sharding.ParamLayout) -> tuple[Any, jax.Array]:
   """Eq. 8: `(w + rho g_p / ||g_p||, ||g_p||)`; ASAM: `w + rho w^2 g_p / || |w| g_p ||`; SAGM (`sagm_alpha`):
   `w + (rho / ||g_p|| - alpha) g_p` (the official code; adaptive: times w^2). In the params' dtypes."""
@@ -419,7 +420,7 @@ def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics:
   p_norm, grad_norm, cosine, c = metrics
   per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)
   return DisamState(
-      count=optax.safe_increment(state.count),
+      count=jnp.asarray(optax.safe_increment(state.count)),
       base_state=base_state,
       domain_losses=per_domain(stats.means),
       domain_counts=per_domain(stats.count),

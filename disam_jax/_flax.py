@@ -32,7 +32,7 @@ def apply_disam(
     to write back: `new_state.replace(batch_stats=disam_state.aux)`).
   """
   updates, opt_state = state.tx.update(
-      None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn, **extra_args
+      None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn, **extra_args  # pyrefly: ignore
   )
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
@@ -113,14 +113,14 @@ def nnx_update(
 
   def update_from_domain_loss_fn(updates, opt_state, p, **kwargs):
     del updates  # the params passed as nnx's gradient argument below
-    updates, new_opt_state = tx.update(None, opt_state, p, **kwargs)
+    updates, new_opt_state = tx.update(None, opt_state, p, **kwargs)  # pyrefly: ignore[bad-argument-type]
     if has_aux:
       model_state, aux = find_disam_state(new_opt_state).aux
       user_aux.append(aux)
       new_opt_state = _replace_disam_state(new_opt_state, lambda s: s._replace(aux=model_state))
     return updates, new_opt_state
 
-  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_from_domain_loss_fn)
+  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_from_domain_loss_fn)  # pyrefly: ignore
   try:
     optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
   finally:

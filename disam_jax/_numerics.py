@@ -1,7 +1,7 @@
 """Small pieces of tree arithmetic the core's modules share: widened dtypes, schedules, masks, the global norm."""
 
 import functools
-from typing import Any, Callable, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ def global_norm(tree: Any) -> jax.Array:
   return _sharding.ParamLayout(tree).norm(tree)
 
 
-def resolve_mask(perturbation_mask: Any, params: Any) -> Any:
+def resolve_mask(perturbation_mask: Any, params: optax.Params) -> Any:
   """A bool per params leaf from what `optax.masked` accepts: a (prefix) tree of bools, or a callable of params."""
   mask = perturbation_mask(params) if callable(perturbation_mask) else perturbation_mask
   try:

@@ -5,9 +5,10 @@ along `g_p`, in `_disam._ascent_point`) and in the final gradient, `final_gradie
 `alpha` in `DEFAULT_ALPHA`, its final gradient in `final_gradient`, its name in `checked_rule`.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
+import optax
 
 from disam_jax import _sharding
 from disam_jax._checks import check_hyperparameter
@@ -34,7 +35,8 @@ def checked_rule(rule: str, alpha: Any, per_device_perturbation: bool) -> Any:
   return alpha
 
 
-def final_gradient(rule: str, alpha: jax.Array, g_w: Any, g_adv: Any, layout: _sharding.ParamLayout) -> Any:
+def final_gradient(rule: str, alpha: jax.Array, g_w: optax.Updates, g_adv: optax.Updates,
+                   layout: _sharding.ParamLayout) -> optax.Updates:
   """GSAM's / SAGM's gradient from the unperturbed ascent gradient `g_w` and the perturbed one `g_adv`.
 
   gsam: `g_adv - alpha (g_w - <g_w, g_adv> / ||g_adv||^2 g_adv)` (the official code's eps placement);

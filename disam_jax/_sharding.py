@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def explicit_spec(x: Any) -> Optional[tuple]:
@@ -26,7 +27,7 @@ def explicit_spec(x: Any) -> Optional[tuple]:
   """
   sharding = getattr(jax.typeof(x), 'sharding', None)
   mesh = getattr(sharding, 'mesh', None)
-  if mesh is None or not getattr(mesh, 'axis_names', ()):
+  if sharding is None or mesh is None or not getattr(mesh, 'axis_names', ()):
     return None
   explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit}
   if not explicit:
@@ -90,14 +91,14 @@ class ParamLayout:
   With no axes (jit, GSPMD, explicit meshes) every reduction is the plain whole-array one.
   """
 
-  def __init__(self, params: Any, batch_axes: tuple = (), sharded: Optional[list] = None, typed: bool = False):
+  def __init__(self, params: optax.Params, batch_axes: tuple = (), sharded: Optional[list] = None, typed: bool = False):
     self.treedef = jax.tree.structure(params)
     self.batch_axes = tuple(batch_axes)
     self.sharded = [frozenset()] * self.treedef.num_leaves if sharded is None else list(sharded)
     self.typed = typed  # read from shard_map's varying axes (check_vma=True), not declared or assumed
 
   @classmethod
-  def of(cls, params: Any, batch_axes: tuple, param_specs: Any) -> 'ParamLayout':
+  def of(cls, params: optax.Params, batch_axes: tuple, param_specs: Any) -> 'ParamLayout':
     """The layout of `params` under the enclosing map: from the types' varying axes when shard_map checks them
     (and `param_specs`, if given, must agree), else from `param_specs` (None: every leaf replicated)."""
     if not batch_axes:
@@ -166,7 +167,7 @@ class ParamLayout:
     return jax.numpy.sqrt(self.vdot(tree, tree))
 
 
-def _spec_leaves(param_specs: Any, params: Any) -> list:
+def _spec_leaves(param_specs: Any, params: optax.Params) -> list:
   """The mesh axes of every params leaf from a (prefix) tree of PartitionSpecs (None: replicated)."""
   try:
     full = jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: _spec_axes(spec), sub), param_specs, params,
@@ -199,7 +200,7 @@ def leaf_dot(x: Any, y: Any) -> jax.Array:
 
 # -- disam's options checked against the layout --------------------------------------------------------------------
 
-def param_layout(params: Any, axes: Optional[tuple], param_specs: Any, domain_loss_fn: Callable,
+def param_layout(params: optax.Params, axes: Optional[tuple], param_specs: Any, domain_loss_fn: Callable,
                   per_device_perturbation: bool) -> ParamLayout:
   """How `params` are split over the mapped axes, checked against what the loss and the options need.
 
@@ -237,7 +238,7 @@ def param_layout(params: Any, axes: Optional[tuple], param_specs: Any, domain_lo
 _GATHERS = ('all_gather', 'all_gather_invariant')
 
 
-def _gathers_over(domain_loss_fn: Callable, params: Any, axes: tuple) -> bool:
+def _gathers_over(domain_loss_fn: Callable, params: optax.Params, axes: tuple) -> bool:
   """Whether tracing `domain_loss_fn(params)` meets an all-gather over any of `axes` (sub-jaxprs included)."""
   jaxpr = jax.make_jaxpr(domain_loss_fn)(params).jaxpr
 

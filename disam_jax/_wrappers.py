@@ -19,7 +19,7 @@ with optax's TypeError. README.md's composition table lists each case; tests/tes
 sees, so an optax change to any of them fails a test.
 """
 
-from typing import Any
+from typing import Optional
 
 import jax
 import optax
@@ -51,7 +51,7 @@ def check_params(params: optax.Params) -> None:
     raise ValueError(MASKED)
 
 
-def check_updates(updates: Any) -> None:
+def check_updates(updates: Optional[optax.Updates]) -> None:
   """Refuses incoming updates (any array leaf): disam would not use them, so whatever produced them is dropped."""
   if jax.tree.leaves(updates):
     raise ValueError(UPDATES)
