@@ -63,3 +63,21 @@ def test_one_version_source():
   assert 'version' not in pyproject['project'] and 'version' in pyproject['project']['dynamic']
   assert pyproject['tool']['setuptools']['dynamic']['version'] == {'attr': 'disam_jax.__version__'}
   assert disam_jax.__version__.count('.') == 2
+
+
+def test_the_declared_minimum_versions_are_the_tested_ones():
+  """The floor in pyproject is what the suite runs on (README's Installation line says so): CI installs the newest
+  releases, so when a newer jax / optax / flax arrives this fails instead of leaving the floor untested."""
+  import importlib.metadata
+  import pathlib
+  import re
+  import tomllib
+
+  project = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())['project']
+  floors = dict(re.fullmatch(r'([a-z]+)>=([0-9.]+)', d).groups() for d in project['dependencies'])
+  assert set(floors) == {'jax', 'jaxlib', 'optax', 'flax'}
+  for name, floor in floors.items():
+    installed = importlib.metadata.version(name)
+    assert installed == floor, (
+        f'{name} {installed} is installed but pyproject admits {name}>={floor}, which no test runs: raise the floor '
+        f'to {installed} (pyproject, README Installation, CHANGELOG) or add a CI step that tests {floor}.')
