@@ -215,7 +215,7 @@ def test_fishr_gradient_matches_finite_differences_of_the_reference():
 
 def test_add_penalty_shifts_every_present_domain_and_leaves_the_variance():
   from disam_jax import domain_objective
-  from disam_jax._domain_losses import DomainLosses
+  from disam_jax import DomainLosses
 
   losses = DomainLosses(jnp.array([2.0, 9.0, 0.0]), jnp.array([4.0, 6.0, 0.0]))  # third domain absent
   shifted = penalties.add_penalty(losses, 0.25)

@@ -81,3 +81,17 @@ def test_the_declared_minimum_versions_are_the_tested_ones():
     assert installed == floor, (
         f'{name} {installed} is installed but pyproject admits {name}>={floor}, which no test runs: raise the floor '
         f'to {installed} (pyproject, README Installation, CHANGELOG) or add a CI step that tests {floor}.')
+
+
+def test_the_harness_benchmarks_and_examples_use_only_the_public_core():
+  """The core's private modules (disam_jax/_*.py) are imported by the core alone: whatever the harness needs from
+  it is a public, documented name of `disam_jax`."""
+  import pathlib
+  import re
+
+  root = pathlib.Path(__file__).parents[1]
+  private = re.compile(r'^\s*(from disam_jax\._\w+ import|import disam_jax\._\w+|from disam_jax import _\w+)', re.M)
+  files = [*(root / 'disam_jax' / 'harness').rglob('*.py'), *(root / 'benchmarks').rglob('*.py'),
+           *(root / 'examples').rglob('*.py')]
+  offenders = [str(f.relative_to(root)) for f in files if private.search(f.read_text())]
+  assert len(files) > 20 and not offenders, offenders
