@@ -379,7 +379,7 @@ def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: Opt
 
 
 def _ascent_point(params: optax.Params, g_p: optax.Updates, rho_t: jax.Array, sagm_alpha: Optional[jax.Array], adaptive: bool,
-                  layout: _sharding.ParamLayout) -> tuple[Any, jax.Array]:
+                  layout: _sharding.ParamLayout) -> tuple[optax.Params, jax.Array]:
   """Eq. 8: `(w + rho g_p / ||g_p||, ||g_p||)`; ASAM: `w + rho w^2 g_p / || |w| g_p ||`; SAGM (`sagm_alpha`):
   `w + (rho / ||g_p|| - alpha) g_p` (the official code; adaptive: times w^2). In the params' dtypes."""
   if adaptive:
@@ -395,13 +395,13 @@ def _ascent_point(params: optax.Params, g_p: optax.Updates, rho_t: jax.Array, sa
   return jax.tree.map(lambda w, d: (wide(w) + scale * d).astype(w.dtype), params, direction), p_norm
 
 
-def _cosine(a: Any, b: Any, layout: _sharding.ParamLayout) -> jax.Array:
+def _cosine(a: optax.Updates, b: optax.Updates, layout: _sharding.ParamLayout) -> jax.Array:
   """`<a, b> / (||a|| ||b||)`, eps-guarded (diagnostics: DISAM's g_p against SAM's grad L(w))."""
   return layout.vdot(a, b) / (layout.norm(a) * layout.norm(b) + NORM_EPS)
 
 
-def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: Any, grad_weights: jax.Array,
-                        layout: _sharding.ParamLayout) -> Any:
+def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: optax.Params, grad_weights: jax.Array,
+                        layout: _sharding.ParamLayout) -> optax.Updates:
   """Pass 2: `g = grad L(w_adv)`, the plain training loss (no variance term) at the perturbed point, summed over
   devices; its aux (e.g. BatchNorm statistics) is dropped."""
 
@@ -412,8 +412,8 @@ def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: Any,
   return layout.sum_gradient(jax.grad(perturbed_loss)(layout.device_local(perturbed)))
 
 
-def _next_state(state: DisamState, base_state: Any, stats: _Statistics, metrics: tuple, aux: Any, reused: Any,
-                dtype: Any, amortization: tuple = (None, None, None)) -> DisamState:
+def _next_state(state: DisamState, base_state: optax.OptState, stats: _Statistics, metrics: tuple, aux: Any,
+                reused: Optional[optax.Updates], dtype: Any, amortization: tuple = (None, None, None)) -> DisamState:
   """The state after the step: `metrics = (||g_p||, ||g||, cosine, c)`; `[M]` fields None without num_domains;
   `amortization = (ascended, trigger_reference, steps_since_ascent)`, each None where not kept."""
   ascended, reference, since = amortization

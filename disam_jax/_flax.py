@@ -17,7 +17,7 @@ from disam_jax._domain_losses import DomainLosses
 
 
 def apply_disam(
-    state: linen_train_state.TrainState, domain_loss_fn: Callable[[Any], Any], **extra_args
+    state: linen_train_state.TrainState, domain_loss_fn: Callable[[optax.Params], Any], **extra_args
 ) -> tuple[linen_train_state.TrainState, DisamState]:
   """One DISAM step on a Linen `TrainState` whose `tx` contains `disam` (what `apply_gradients` cannot do).
 
@@ -43,8 +43,8 @@ def apply_disam(
 def nnx_optimizer(
     model: nnx.Module,
     base_tx: optax.GradientTransformation,
-    rho: Any = 0.05,
-    lam: Any = 0.1,
+    rho: optax.ScalarOrSchedule = 0.05,
+    lam: optax.ScalarOrSchedule = 0.1,
     *,
     num_domains: Optional[int] = None,
     wrt: Any = nnx.Param,
