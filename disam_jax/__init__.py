@@ -17,14 +17,18 @@ __version__ = '0.1.0'
 _LAZY = {
     'DisamState': 'disam_jax._disam',
     'DomainLosses': 'disam_jax._domain_losses',
-    'VarianceTrigger': 'disam_jax._disam',
+    'VarianceTrigger': 'disam_jax._amortization',
     'accumulate_domain_losses': 'disam_jax._accumulation',
     'apply_disam': 'disam_jax._flax',
+    'as_domain_losses': 'disam_jax._domain_losses',
     'disam': 'disam_jax._disam',
     'domain_losses_from_grouped': 'disam_jax._domain_losses',
     'domain_losses_from_ids': 'disam_jax._domain_losses',
+    'domain_objective': 'disam_jax._disam',
     'find_disam_state': 'disam_jax._disam',
+    'global_norm': 'disam_jax._numerics',
     'grouped_domain_loss_fn': 'disam_jax._domain_losses',
+    'init_state': 'disam_jax._disam',
     'nnx_optimizer': 'disam_jax._flax',
     'nnx_update': 'disam_jax._flax',
     'vmapped_domain_loss_fn': 'disam_jax._domain_losses',
@@ -36,11 +40,15 @@ __all__ = (
     'VarianceTrigger',
     'accumulate_domain_losses',
     'apply_disam',
+    'as_domain_losses',
     'disam',
     'domain_losses_from_grouped',
     'domain_losses_from_ids',
+    'domain_objective',
     'find_disam_state',
+    'global_norm',
     'grouped_domain_loss_fn',
+    'init_state',
     'nnx_optimizer',
     'nnx_update',
     'vmapped_domain_loss_fn',
@@ -48,11 +56,14 @@ __all__ = (
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time `__getattr__` imports these on first use
   from disam_jax._accumulation import accumulate_domain_losses
+  from disam_jax._amortization import VarianceTrigger
   from disam_jax._disam import DisamState
-  from disam_jax._disam import VarianceTrigger
   from disam_jax._disam import disam
+  from disam_jax._disam import domain_objective
   from disam_jax._disam import find_disam_state
+  from disam_jax._disam import init_state
   from disam_jax._domain_losses import DomainLosses
+  from disam_jax._domain_losses import as_domain_losses
   from disam_jax._domain_losses import domain_losses_from_grouped
   from disam_jax._domain_losses import domain_losses_from_ids
   from disam_jax._domain_losses import grouped_domain_loss_fn
@@ -60,6 +71,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time `__getattr__` 
   from disam_jax._flax import apply_disam
   from disam_jax._flax import nnx_optimizer
   from disam_jax._flax import nnx_update
+  from disam_jax._numerics import global_norm
 
 
 def __getattr__(name: str) -> object:

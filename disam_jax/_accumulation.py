@@ -20,8 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from disam_jax._disam import _split_output
-from disam_jax._domain_losses import DomainLosses, _accumulation_dtype
+from disam_jax._domain_losses import DomainLosses, _accumulation_dtype, as_domain_losses
 
 _AUX_REDUCTIONS = ('mean', 'stack')
 
@@ -86,7 +85,7 @@ def accumulate_domain_losses(
     )
 
   def evaluate(params, batch):
-    losses, aux = _split_output(domain_loss_fn(params, *batch), has_aux)
+    losses, aux = as_domain_losses(domain_loss_fn(params, *batch), has_aux)
     acc = _accumulation_dtype(losses.total.dtype)
     return DomainLosses(losses.total.astype(acc), losses.count.astype(acc)), aux
 

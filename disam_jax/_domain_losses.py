@@ -24,7 +24,6 @@ bfloat16 compute with float32 parameters costs nothing extra.
 
 from typing import Any, Callable, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,17 +48,66 @@ class DomainLosses(NamedTuple):
       differentiated.
   """
 
-  total: chex.Array
-  count: chex.Array
+  total: jax.Array
+  count: jax.Array
 
   @property
-  def mean(self) -> chex.Array:
+  def mean(self) -> jax.Array:
     """`[M]` mean loss per domain; 0 for absent domains (never NaN)."""
     return self.total / jnp.maximum(self.count, 1)
 
 
+def as_domain_losses(out: Any, has_aux: bool = False) -> tuple[DomainLosses, Any]:
+  """What a `domain_loss_fn` returned, as `disam` reads it: `(DomainLosses(total [M], count [M]), aux)`.
+
+  Accepts what `disam` accepts: a `[M]` vector of per-domain means (read as totals with count 1 each), a
+  `DomainLosses`, or with `has_aux` a pair `(either, aux)`. Checks the shapes and dtypes at trace time, refusing
+  with what to write instead. The counts come back float32 or wider and never differentiated.
+
+  Example::
+
+    losses, aux = disam_jax.as_domain_losses(domain_loss_fn(params), has_aux=True)
+    mean_loss = jnp.sum(losses.total) / jnp.sum(losses.count)
+
+  Args:
+    out: the value `domain_loss_fn(params)` returned.
+    has_aux: whether it is a pair `(domain_losses, aux)`.
+
+  Returns:
+    `(DomainLosses, aux)`, aux `None` without `has_aux`.
+  """
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2) or isinstance(out, DomainLosses):
+      raise ValueError(
+          'With has_aux=True, domain_loss_fn must return (domain_losses, aux); got '
+          f'{type(out).__name__}.'
+      )
+    out, aux = out
+  else:
+    if isinstance(out, tuple) and not isinstance(out, DomainLosses):
+      raise ValueError(
+          'domain_loss_fn returned a tuple: pass has_aux=True to disam() if it returns (domain_losses, aux), '
+          'or return a DomainLosses / a [M] vector.'
+      )
+    aux = None
+  if isinstance(out, DomainLosses):
+    total, count = jnp.asarray(out.total), jnp.asarray(out.count)
+  else:
+    total = jnp.asarray(out)
+    count = jnp.ones(jnp.shape(total), jnp.float32)
+  if total.ndim != 1 or count.shape != total.shape:
+    raise ValueError(
+        'domain_loss_fn must return the per-domain losses as a vector of shape [M] (or DomainLosses with '
+        f'total and count of shape [M]); got losses of shape {total.shape} and counts of shape {count.shape}.'
+    )
+  if not jnp.issubdtype(total.dtype, jnp.floating):
+    raise ValueError(f'domain losses must be floating point; got dtype {total.dtype}.')
+  count_dtype = jnp.promote_types(count.dtype, jnp.float32) if jnp.issubdtype(count.dtype, jnp.floating) else jnp.float32
+  return DomainLosses(total, jax.lax.stop_gradient(count.astype(count_dtype))), aux
+
+
 def domain_losses_from_grouped(
-    per_example_losses: chex.Array, mask: Optional[chex.Array] = None
+    per_example_losses: jax.Array, mask: Optional[jax.Array] = None
 ) -> DomainLosses:
   """Per-domain sums and counts of losses laid out `[M, b]` (domain-major).
 
@@ -87,7 +135,7 @@ def domain_losses_from_grouped(
 
 
 def domain_losses_from_ids(
-    per_example_losses: chex.Array, domain_ids: chex.Array, num_domains: int
+    per_example_losses: jax.Array, domain_ids: jax.Array, num_domains: int
 ) -> DomainLosses:
   """Per-domain sums and counts of a flat batch with integer domain ids.
 
@@ -188,7 +236,7 @@ def _per_domain_axis_sharded(*arrays: Any) -> bool:
   return sharded
 
 
-def vmapped_domain_loss_fn(per_example_loss_fn: Callable[..., chex.Array]) -> Callable[..., chex.Array]:
+def vmapped_domain_loss_fn(per_example_loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   """Wraps a per-example loss into a domain loss function that vmaps over the domain axis.
 
   Each domain's examples go through the model separately (`jax.vmap` over axis 0), so use this only for models

@@ -17,7 +17,7 @@ from disam_jax._domain_losses import DomainLosses
 
 
 def apply_disam(
-    state: linen_train_state.TrainState, domain_loss_fn: Callable[[Any], Any], **extra_args
+    state: linen_train_state.TrainState, domain_loss_fn: Callable[[optax.Params], Any], **extra_args
 ) -> tuple[linen_train_state.TrainState, DisamState]:
   """One DISAM step on a Linen `TrainState` whose `tx` contains `disam` (what `apply_gradients` cannot do).
 
@@ -32,7 +32,7 @@ def apply_disam(
     to write back: `new_state.replace(batch_stats=disam_state.aux)`).
   """
   updates, opt_state = state.tx.update(
-      None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn, **extra_args
+      None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn, **extra_args  # pyrefly: ignore
   )
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
@@ -43,8 +43,8 @@ def apply_disam(
 def nnx_optimizer(
     model: nnx.Module,
     base_tx: optax.GradientTransformation,
-    rho: Any = 0.05,
-    lam: Any = 0.1,
+    rho: optax.ScalarOrSchedule = 0.05,
+    lam: optax.ScalarOrSchedule = 0.1,
     *,
     num_domains: Optional[int] = None,
     wrt: Any = nnx.Param,
@@ -113,14 +113,14 @@ def nnx_update(
 
   def update_from_domain_loss_fn(updates, opt_state, p, **kwargs):
     del updates  # the params passed as nnx's gradient argument below
-    updates, new_opt_state = tx.update(None, opt_state, p, **kwargs)
+    updates, new_opt_state = tx.update(None, opt_state, p, **kwargs)  # pyrefly: ignore[bad-argument-type]
     if has_aux:
       model_state, aux = find_disam_state(new_opt_state).aux
       user_aux.append(aux)
       new_opt_state = _replace_disam_state(new_opt_state, lambda s: s._replace(aux=model_state))
     return updates, new_opt_state
 
-  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_from_domain_loss_fn)
+  optimizer.tx = optax.GradientTransformationExtraArgs(tx.init, update_from_domain_loss_fn)  # pyrefly: ignore
   try:
     optimizer.update(model, params, domain_loss_fn=domain_loss_fn, **extra_args)
   finally:

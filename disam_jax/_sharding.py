@@ -12,9 +12,12 @@ Under GSPMD's Auto axes (`jax.jit` with `NamedSharding` inputs) neither is visib
 partitions a whole-array reduction itself.
 """
 
-from typing import Any, Optional
+import warnings
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import optax
 
 
 def explicit_spec(x: Any) -> Optional[tuple]:
@@ -24,7 +27,7 @@ def explicit_spec(x: Any) -> Optional[tuple]:
   """
   sharding = getattr(jax.typeof(x), 'sharding', None)
   mesh = getattr(sharding, 'mesh', None)
-  if mesh is None or not getattr(mesh, 'axis_names', ()):
+  if sharding is None or mesh is None or not getattr(mesh, 'axis_names', ()):
     return None
   explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit}
   if not explicit:
@@ -88,14 +91,14 @@ class ParamLayout:
   With no axes (jit, GSPMD, explicit meshes) every reduction is the plain whole-array one.
   """
 
-  def __init__(self, params: Any, batch_axes: tuple = (), sharded: Optional[list] = None, typed: bool = False):
+  def __init__(self, params: optax.Params, batch_axes: tuple = (), sharded: Optional[list] = None, typed: bool = False):
     self.treedef = jax.tree.structure(params)
     self.batch_axes = tuple(batch_axes)
     self.sharded = [frozenset()] * self.treedef.num_leaves if sharded is None else list(sharded)
     self.typed = typed  # read from shard_map's varying axes (check_vma=True), not declared or assumed
 
   @classmethod
-  def of(cls, params: Any, batch_axes: tuple, param_specs: Any) -> 'ParamLayout':
+  def of(cls, params: optax.Params, batch_axes: tuple, param_specs: Any) -> 'ParamLayout':
     """The layout of `params` under the enclosing map: from the types' varying axes when shard_map checks them
     (and `param_specs`, if given, must agree), else from `param_specs` (None: every leaf replicated)."""
     if not batch_axes:
@@ -164,7 +167,7 @@ class ParamLayout:
     return jax.numpy.sqrt(self.vdot(tree, tree))
 
 
-def _spec_leaves(param_specs: Any, params: Any) -> list:
+def _spec_leaves(param_specs: Any, params: optax.Params) -> list:
   """The mesh axes of every params leaf from a (prefix) tree of PartitionSpecs (None: replicated)."""
   try:
     full = jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: _spec_axes(spec), sub), param_specs, params,
@@ -193,3 +196,78 @@ def leaf_dot(x: Any, y: Any) -> jax.Array:
   explicit = explicit_spec(x) is not None or explicit_spec(y) is not None
   return jax.lax.dot_general(x, y, ((axes, axes), ((), ())), preferred_element_type=wide,
                              out_sharding=jax.sharding.PartitionSpec() if explicit else None)
+
+
+# -- disam's options checked against the layout --------------------------------------------------------------------
+
+def param_layout(params: optax.Params, axes: Optional[tuple], param_specs: Any, domain_loss_fn: Callable,
+                  per_device_perturbation: bool) -> ParamLayout:
+  """How `params` are split over the mapped axes, checked against what the loss and the options need.
+
+  Refuses, at trace time: a loss that all-gathers over a batch axis where the layout cannot be seen (pmap, or
+  shard_map with check_vma=False) and `param_specs` is not given (FSDP parameters would be taken as replicated:
+  norms over one slice, gradients summed across different slices); `per_device_perturbation` with parameters
+  split over a batch axis (their gradient is already summed over the devices, so there is no per-device `g_p`).
+  """
+  if axes is None:
+    if param_specs is not None:
+      raise ValueError(
+          'param_specs describes parameters split inside shard_map/pmap; it needs batch_axis_name. Under jax.jit '
+          'with sharded arrays (GSPMD or an explicit mesh) the layout is in the arrays: drop param_specs.'
+      )
+    return ParamLayout(params)
+  layout = ParamLayout.of(params, axes, param_specs)
+  if param_specs is None and not layout.typed and _gathers_over(domain_loss_fn, params, axes):
+    raise ValueError(
+        f'domain_loss_fn all-gathers over the batch axis {axes if len(axes) > 1 else axes[0]!r}, which is how '
+        'FSDP parameters are used, but this map does not type values with their layout (pmap, or shard_map with '
+        'check_vma=False), so disam cannot tell split parameters from replicated ones. Use shard_map with '
+        'check_vma=True (the default), or pass disam(..., param_specs=specs) with the in_specs of the params '
+        '(PartitionSpec() for a replicated leaf; param_specs=PartitionSpec() if all are replicated and the '
+        'all-gather is of something else).'
+    )
+  if per_device_perturbation and layout.any_sharded_over_batch:
+    raise ValueError(
+        'per_device_perturbation=True with parameters split over the batch axis (FSDP): their gradient is summed '
+        'over the devices by the all-gather in the loss, so no device has a gradient of its own to perturb with. '
+        'Use the global perturbation (per_device_perturbation=False).'
+    )
+  return layout
+
+
+_GATHERS = ('all_gather', 'all_gather_invariant')
+
+
+def _gathers_over(domain_loss_fn: Callable, params: optax.Params, axes: tuple) -> bool:
+  """Whether tracing `domain_loss_fn(params)` meets an all-gather over any of `axes` (sub-jaxprs included)."""
+  jaxpr = jax.make_jaxpr(domain_loss_fn)(params).jaxpr
+
+  def walk(j) -> bool:
+    for eqn in j.eqns:
+      if eqn.primitive.name in _GATHERS:
+        names = eqn.params.get('axis_name', ())
+        names = names if isinstance(names, tuple) else (names,)
+        if set(names) & set(axes):
+          return True
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, 'jaxpr', sub)
+          if hasattr(inner, 'eqns') and walk(inner):
+            return True
+    return False
+
+  return walk(jaxpr)
+
+
+def warn_if_one_local_domain(local_count: jax.Array) -> None:
+  """Warns (once per call site, at run time) when a device's batch holds at most one domain under
+  per_device_perturbation: its local variance is then 0 and lam has no effect on its perturbation."""
+
+  def warn():
+    warnings.warn(
+        'per_device_perturbation=True: a device holds the examples of at most one domain, so its local domain-loss '
+        'variance is 0 and lam has no effect on its perturbation (it is SAM there). Give every device a slice of '
+        'every domain (split the per-domain batch axis), or use the global perturbation '
+        '(per_device_perturbation=False).', stacklevel=1)
+
+  jax.lax.cond(jnp.sum(local_count > 0) <= 1, lambda: jax.debug.callback(warn), lambda: None)

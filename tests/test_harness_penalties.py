@@ -214,13 +214,13 @@ def test_fishr_gradient_matches_finite_differences_of_the_reference():
 
 
 def test_add_penalty_shifts_every_present_domain_and_leaves_the_variance():
-  from disam_jax._disam import _objective_terms
-  from disam_jax._domain_losses import DomainLosses
+  from disam_jax import domain_objective
+  from disam_jax import DomainLosses
 
   losses = DomainLosses(jnp.array([2.0, 9.0, 0.0]), jnp.array([4.0, 6.0, 0.0]))  # third domain absent
   shifted = penalties.add_penalty(losses, 0.25)
-  _, _, loss, var = _objective_terms(losses.total, losses.count, "uniform")
-  means, _, loss2, var2 = _objective_terms(shifted.total, shifted.count, "uniform")
+  _, _, loss, var = domain_objective(losses)
+  means, _, loss2, var2 = domain_objective(shifted)
   np.testing.assert_allclose(np.asarray(means), [0.75, 1.75, 0.0])
   np.testing.assert_allclose(float(loss2), float(loss) + 0.25, rtol=1e-6)
   np.testing.assert_allclose(float(var2), float(var), rtol=1e-6)

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from disam_jax._disam import (DisamState, VarianceTrigger, _global_norm, _initial_state, _objective_terms,
-                              _split_output, disam)
+from disam_jax import (DomainLosses, VarianceTrigger, as_domain_losses, disam, domain_objective, global_norm,
+                       init_state)
 from disam_jax.harness import _choices
 from disam_jax.harness import penalties
 from disam_jax.harness._choices import HParams, default_hparams  # public here; defined JAX-free for the CLI's parser
@@ -120,7 +120,7 @@ def erm(
   base_tx = optax.with_extra_args_support(base_tx)
 
   def init_fn(params):
-    return _initial_state(base_tx.init(params), num_domains, aux_example)
+    return init_state(base_tx.init(params), num_domains, aux_example)
 
   def update_fn(updates, state, params=None, *, domain_loss_fn=None, **extra_args):
     del updates  # the gradient comes from domain_loss_fn, as in disam
@@ -128,26 +128,24 @@ def erm(
       raise ValueError("erm needs params and domain_loss_fn: tx.update(None, state, params, domain_loss_fn=f).")
 
     def objective(p):
-      losses, aux = _split_output(domain_loss_fn(p), has_aux)
-      means, _, loss, variance = _objective_terms(losses.total.astype(jnp.float32), losses.count, "uniform")
+      losses, aux = as_domain_losses(domain_loss_fn(p), has_aux)
+      means, _, loss, variance = domain_objective(DomainLosses(losses.total.astype(jnp.float32), losses.count))
       return loss, (means, losses.count, variance, aux)
 
     (loss, (means, count, variance, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     if num_domains is not None and means.shape[0] != num_domains:
       raise ValueError(f"domain_loss_fn returned {means.shape[0]} domain losses; num_domains={num_domains}.")
     new_updates, base_state = base_tx.update(grads, state.base_state, params, **extra_args)
-    return new_updates, DisamState(
+    # The fields a one-pass step measures; the perturbation's (norm 0, weights 0, cosine NaN) keep init's values.
+    return new_updates, state._replace(
       count=optax.safe_increment(state.count),
       base_state=base_state,
       domain_losses=means,
       domain_counts=count,
       loss=loss,
       variance=jax.lax.stop_gradient(variance),
-      perturbation_norm=jnp.zeros([], jnp.float32),
-      grad_norm=_global_norm(grads),
+      grad_norm=global_norm(grads),
       aux=aux,
-      perturbation_weights=jax.tree.map(jnp.zeros_like, state.perturbation_weights),  # no perturbation
-      sam_cosine=jnp.full_like(state.sam_cosine, jnp.nan),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

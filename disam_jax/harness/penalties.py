@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from disam_jax._domain_losses import DomainLosses
+from disam_jax import DomainLosses
 
 __all__ = [
   "DomainOutputs",

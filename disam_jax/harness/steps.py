@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from disam_jax._disam import DisamState, _objective_terms, find_disam_state
-from disam_jax._domain_losses import domain_losses_from_grouped, grouped_domain_loss_fn
+from disam_jax import (DisamState, domain_losses_from_grouped, domain_objective, find_disam_state,
+                       grouped_domain_loss_fn)
 from disam_jax.harness import penalties as penalties_lib
 from disam_jax.harness.feeds import as_model_input
 
@@ -131,7 +131,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
       graphdef, params, state.model_state, x.reshape((m * b,) + x.shape[2:]), train=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y.reshape(-1))
     plain = domain_losses_from_grouped(ce.reshape(m, b))
-    means, _, loss, _ = _objective_terms(plain.total, plain.count, "uniform")
+    means, _, loss, _ = domain_objective(plain)
     outputs = penalties_lib.DomainOutputs(
       features=head.features.reshape((m, b) + head.features.shape[1:]), labels=y, domain_losses=means,
       head=head.apply, head_params=head.params)
