@@ -66,21 +66,27 @@ def test_one_version_source():
 
 
 def test_the_declared_minimum_versions_are_the_tested_ones():
-  """The floor in pyproject is what the suite runs on (README's Installation line says so): CI installs the newest
-  releases, so when a newer jax / optax / flax arrives this fails instead of leaving the floor untested."""
+  """CI installs under .ci/floor.txt's pins (.ci/run exports PIP_CONSTRAINT), which must be pyproject's floors; in CI
+  (CI=true) the installed versions are those floors, so the declared minimum is what the suite runs on, whatever
+  newer releases the registry has."""
   import importlib.metadata
+  import os
   import pathlib
   import re
   import tomllib
 
-  project = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())['project']
+  root = pathlib.Path(__file__).parents[1]
+  project = tomllib.loads((root / 'pyproject.toml').read_text())['project']
   floors = dict(re.fullmatch(r'([a-z]+)>=([0-9.]+)', d).groups() for d in project['dependencies'])
   assert set(floors) == {'jax', 'jaxlib', 'optax', 'flax'}
-  for name, floor in floors.items():
-    installed = importlib.metadata.version(name)
-    assert installed == floor, (
-        f'{name} {installed} is installed but pyproject admits {name}>={floor}, which no test runs: raise the floor '
-        f'to {installed} (pyproject, README Installation, CHANGELOG) or add a CI step that tests {floor}.')
+  pins = dict(re.fullmatch(r'([a-z]+)==([0-9.]+)', line).groups()
+              for line in (root / '.ci' / 'floor.txt').read_text().splitlines() if line and not line.startswith('#'))
+  assert pins == floors, f'.ci/floor.txt pins {pins} but pyproject declares the floors {floors}: make them equal.'
+  assert 'PIP_CONSTRAINT="$PWD/.ci/floor.txt"' in (root / '.ci' / 'run').read_text()
+  if os.environ.get('CI') == 'true':
+    for name, floor in floors.items():
+      installed = importlib.metadata.version(name)
+      assert installed == floor, f'{name} {installed} is installed in CI but the floor {floor} is what CI must test.'
 
 
 def test_the_harness_benchmarks_and_examples_use_only_the_public_core():
