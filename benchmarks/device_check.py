@@ -78,26 +78,33 @@ _NOMINAL_TFLOPS = {  # matched against jax's device_kind in this order
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """A timed model: registry `name` (disam_jax.harness.models and benchmarks.torch_disam), NHWC input `shape`,
-  model `kwargs` (the same names on both sides) and the batch `[domains, per_domain]`."""
+  model `kwargs` (the same names on both sides), the batch `[domains, per_domain]`, the `dtypes` and `kinds` timed
+  (the PyTorch peers: those of `TORCH_KINDS` among them) and whether DISAM bf16 is also timed under torch.compile."""
 
   name: str
   shape: tuple[int, int, int]
   kwargs: dict
   domains: int
   per_domain: int
+  dtypes: tuple[str, ...] = DTYPES
+  kinds: tuple[str, ...] = KINDS
+  torch_compile: bool = True
 
 
 FULL = {
     'resnet50': ModelSpec('resnet50', (224, 224, 3), {}, 4, 32),
     'vit_s16': ModelSpec('vit_tiny', (224, 224, 3), {'patch_size': 16, 'dim': 384, 'depth': 12, 'heads': 6}, 4, 32),
-    'mnist_cnn': ModelSpec('mnist_cnn', (28, 28, 1), {}, 4, 32),
+    'mnist_cnn': ModelSpec('mnist_cnn', (28, 28, 1), {}, 4, 32, torch_compile=False),
 }
-# The same models and code paths at tiny sizes: ResNet-50's bottleneck blocks and ImageNet stem, one per stage.
+# The same code paths at tiny sizes, within a minute of a 2-core CPU (where one XLA compilation of a step takes
+# seconds): every kind in float32 on the MNIST CNN; SAM and DISAM in bf16 on a one-stage bottleneck ResNet (ImageNet
+# stem) and a one-block ViT, torch.compile (backend aot_eager: no C++ build) on the ViT.
 SMOKE = {
-    'resnet50': ModelSpec('resnet50', (32, 32, 3), {'width': 4, 'stage_sizes': (1, 1, 1, 1),
-                                                    'small_input_stem': False}, 2, 2),
-    'vit_s16': ModelSpec('vit_tiny', (16, 16, 3), {'patch_size': 8, 'dim': 12, 'depth': 1, 'heads': 2}, 2, 2),
-    'mnist_cnn': ModelSpec('mnist_cnn', (8, 8, 1), {}, 2, 2),
+    'resnet50': ModelSpec('resnet50', (32, 32, 3), {'width': 4, 'stage_sizes': (1,), 'small_input_stem': False},
+                          2, 2, dtypes=('bf16',), kinds=('sam', 'disam'), torch_compile=False),
+    'vit_s16': ModelSpec('vit_tiny', (16, 16, 3), {'patch_size': 8, 'dim': 12, 'depth': 1, 'heads': 2}, 2, 2,
+                         dtypes=('bf16',), kinds=('sam', 'disam')),
+    'mnist_cnn': ModelSpec('mnist_cnn', (8, 8, 1), {}, 2, 2, dtypes=('float32',), torch_compile=False),
 }
 
 
@@ -106,6 +113,7 @@ class Settings:
   """How much of everything: the full device run or the CPU smoke run."""
 
   models: dict
+  conformance_cases: Optional[tuple[int, ...]]  # indices into the vectors' cases; None: all
   repeats: int
   min_sample_s: float
   gemm_size: int
@@ -121,12 +129,12 @@ class Settings:
 
 def settings(smoke: bool) -> Settings:
   if smoke:
-    return Settings(SMOKE, repeats=2, min_sample_s=0.0, gemm_size=128, harness_image=16, harness_steps=6,
+    return Settings(SMOKE, conformance_cases=(0, 5), repeats=2, min_sample_s=0.0, gemm_size=128, harness_image=16, harness_steps=6,
                     harness_per_domain_images=8, harness_model='mnist_cnn', harness_model_kwargs={},
                     harness_batch=2, estimate_s={'correctness': 1, 'resnet50': 1, 'vit_s16': 1, 'mnist_cnn': 1,
                                                  'harness': 1, 'torch_compile': 1},
                     torch_compile_backend='aot_eager')
-  return Settings(FULL, repeats=7, min_sample_s=0.25, gemm_size=8192, harness_image=224, harness_steps=100,
+  return Settings(FULL, conformance_cases=None, repeats=7, min_sample_s=0.25, gemm_size=8192, harness_image=224, harness_steps=100,
                   harness_per_domain_images=48, harness_model='resnet50', harness_model_kwargs={},
                   harness_batch=32, estimate_s={'correctness': 15, 'resnet50': 120, 'vit_s16': 60, 'mnist_cnn': 25,
                                                 'harness': 90, 'torch_compile': 100},
@@ -294,7 +302,8 @@ def section_correctness(s: Settings) -> dict:
   x, y = jnp.asarray(d['x'], jnp.float32), jnp.asarray(d['y'], jnp.int32)
   init = {k: np.asarray(v, np.float32) for k, v in d['params_init'].items()}
   cases = []
-  for c in d['cases']:
+  chosen = s.conformance_cases if s.conformance_cases is not None else range(len(d['cases']))
+  for c in (d['cases'][i] for i in chosen):
     row = {'rho': c['rho'], 'lam': c['lam'], 'adaptive': c['adaptive']}
     for dtype, compute in (('float32', jnp.float32), ('bf16', jnp.bfloat16)):
       with jax.default_matmul_precision('highest'):
@@ -437,9 +446,9 @@ class TorchStep:
 def _build_jax_cases(spec: ModelSpec, x, y, threads: int) -> list:
   """Every (kind, dtype) step, traced one after another and compiled in `threads` threads."""
   cases = []
-  for dtype in DTYPES:
+  for dtype in spec.dtypes:
     model = _jax_model(spec, dtype)
-    cases += [JaxStep(f'{kind}/{dtype}', kind, model, x, y) for kind in KINDS]
+    cases += [JaxStep(f'{kind}/{dtype}', kind, model, x, y) for kind in spec.kinds]
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     list(pool.map(JaxStep.compile, cases))
   return cases
@@ -450,9 +459,11 @@ def _build_torch_cases(torch, spec: ModelSpec, x, y, s: Settings, budget: Budget
   its compilation (timed here: its first steps compile). Returns `(cases, notes)`."""
   if torch is not None and torch.cuda.is_available():
     torch.set_float32_matmul_precision('high')  # TF32, as XLA's default precision on the same GPU
-  cases = [TorchStep(torch, f'torch_{kind}/{dtype}', kind, spec, x, y, dtype) for dtype in DTYPES
-           for kind in TORCH_KINDS]
+  cases = [TorchStep(torch, f'torch_{kind}/{dtype}', kind, spec, x, y, dtype) for dtype in spec.dtypes
+           for kind in TORCH_KINDS if kind in spec.kinds]
   notes: dict[str, Any] = {}
+  if not (spec.torch_compile and 'bf16' in spec.dtypes and 'disam' in spec.kinds):
+    return cases, notes
   if not budget.fits(s.estimate_s['torch_compile']):
     notes['torch_compile'] = budget.skip_reason(s.estimate_s['torch_compile'])
     return cases, notes
@@ -533,7 +544,7 @@ def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str,
     for k in ('times_ms', 'cpu_min_ms', 'cpu_median_ms', 'page_faults_per_step', 'other_processes_cores'):
       timed[case.label].pop(k, None)
   _throughput(timed, peaks)
-  out = {'model': spec.name, 'input_shape': list(spec.shape), 'model_kwargs': spec.kwargs,
+  out = {'model': spec.name, 'wall_s': round(time.perf_counter() - t0, 1), 'input_shape': list(spec.shape), 'model_kwargs': spec.kwargs,
          'batch': [spec.domains, spec.per_domain], 'cases': timed, 'ratios': _ratios(timed, torch is not None),
          'process_peak_device_bytes': _device_peak_bytes(), 'notes': notes}
   _log(f'  {key}: ' + ', '.join(f'{k} {v["median_ms"]:.2f}' for k, v in timed.items()) + ' ms (median)')
@@ -808,19 +819,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   results: dict[str, Any] = {'smoke': args.smoke, 'budget_s': budget.total,
                              'started': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
                              'command': ' '.join(['python -m benchmarks.device_check', *(argv or sys.argv[1:])])}
+  section_s: dict[str, float] = {}
+  mark = lambda name, t0: section_s.__setitem__(name, round(time.perf_counter() - t0, 1))
+  t0 = time.perf_counter()
   _log('environment')
   results['environment'] = _guarded(lambda: section_environment(s, torch, torch_reason), args.strict)
+  mark('environment', t0)
   peaks = {'nominal': results['environment'].get('nominal_peak_tflops'),
            'measured': results['environment'].get('measured_peak_tflops')}
   if 'correctness' in sections:
+    t0 = time.perf_counter()
     _log('correctness')
     results['correctness'] = (_guarded(lambda: section_correctness(s), args.strict)
                               if budget.fits(s.estimate_s['correctness'])
                               else {'status': budget.skip_reason(s.estimate_s['correctness'])})
+    mark('correctness', t0)
   if 'step_times' in sections:
+    t0 = time.perf_counter()
     results['step_times'] = section_step_times(s, torch, torch_reason, budget, args.compile_threads, peaks,
                                                args.strict)
+    mark('step_times', t0)
   if 'harness' in sections:
+    t0 = time.perf_counter()
     _log('harness end to end')
     work = pathlib.Path(tempfile.mkdtemp(prefix='device_check_'))
     try:
@@ -829,7 +849,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             else {'status': budget.skip_reason(s.estimate_s['harness'])})
     finally:
       shutil.rmtree(work, ignore_errors=True)
+    mark('harness', t0)
   results['wall_s'] = round(budget.total - budget.left(), 1)
+  results['section_s'] = section_s
   results['targets'] = targets(results)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
