@@ -10,16 +10,18 @@ DIR/device_check.json and DIR/device_check.md and prints the targets table last.
   correctness    the shared conformance vectors (../shared/conformance, else the tracked copy
                  tests/data/disam_reference_v1.json) on the device at float32 with HIGHEST matmul precision, and
                  the relative error of the bf16 compute path (bf16 forward, float32 parameters) against them
-  step_times     per model (ResNet-50 @224 and ViT-S/16 @224 with 4 domains x 32, the MNIST CNN @28): JAX ERM,
-                 optax SAM, DISAM and DISAM with perturb_when=VarianceTrigger() in float32 and bf16 compute, and the
-                 PyTorch peers (benchmarks/torch_disam.py; eager, plus torch.compile of DISAM in bf16 where it
-                 compiles within the budget), all interleaved in one process (time_round_robin: median of repeats
-                 after warm-up, every sample ends in a device sync); XLA's compiled memory per JAX step, PyTorch's
-                 peak allocation per step, achieved TFLOP/s from XLA's cost analysis and its share of the peak
+  step_times     per model (ResNet-50 @224 and ViT-S/16 @224 with 4 domains x 32, the MNIST CNN @28 with 4 x 32):
+                 JAX ERM, optax SAM, DISAM and DISAM with perturb_when=VarianceTrigger() in float32 and bf16
+                 compute, and the eager PyTorch peers (benchmarks/torch_disam.py), all interleaved in one process
+                 (time_round_robin: median of repeats after warm-up, every sample ends in a device sync); XLA's
+                 compiled memory per JAX step, PyTorch's peak allocation per step, achieved TFLOP/s from XLA's cost
+                 analysis and its share of the device's nominal and measured (GEMM) peak
   harness        disam-train's loop end to end (run_experiment: sampler, prefetch, metrics, evaluation,
                  checkpoints) on a synthetic image folder written here (224 px, 100 DISAM steps on ResNet-50):
                  steps/s, and the device's idle share (1 - the same compiled step's time in a bare loop / the
                  harness's time per step: an upper bound on its wait for input) beside the host's sampling time
+  torch_compile  last (its compile time is the least predictable): PyTorch DISAM bf16 under torch.compile on
+                 ResNet-50 and ViT-S/16, interleaved with the JAX and eager DISAM bf16 steps kept from step_times
 
 Device time is scarce, so every section first checks the time left (`--budget-s`) and is skipped with a reason
 when it would not fit, and a section that raises records its error and the next one runs (`--strict` re-raises:
@@ -63,6 +65,7 @@ _CONFORMANCE = (_REPO.parent / 'shared' / 'conformance' / 'disam_reference_v1.js
 KINDS = ('erm', 'sam', 'disam', 'disam_trigger')
 TORCH_KINDS = ('erm', 'sam', 'disam')
 DTYPES = ('float32', 'bf16')
+SECTIONS = ('correctness', 'step_times', 'harness', 'torch_compile')  # in the order they run, after environment
 TARGETS = {'disam_over_sam': 1.02, 'jax_over_torch_disam_bf16': 1.0, 'input_wait_share': 0.05}
 TORCH_TARGET_MODELS = ('resnet50', 'vit_s16')
 # Nominal dense peaks in TFLOP/s (NVIDIA data sheets): bf16 tensor cores, TF32 tensor cores (XLA's float32 default).
@@ -114,6 +117,7 @@ class Settings:
 
   models: dict
   conformance_cases: Optional[tuple[int, ...]]  # indices into the vectors' cases; None: all
+  timing_s: Optional[dict]  # model -> seconds of timed rounds (between 2 and `repeats` rounds); None: `repeats`
   repeats: int
   min_sample_s: float
   gemm_size: int
@@ -129,12 +133,13 @@ class Settings:
 
 def settings(smoke: bool) -> Settings:
   if smoke:
-    return Settings(SMOKE, conformance_cases=(0, 5), repeats=2, min_sample_s=0.0, gemm_size=128, harness_image=16, harness_steps=6,
+    return Settings(SMOKE, conformance_cases=(0, 5), timing_s=None, repeats=2, min_sample_s=0.0, gemm_size=128, harness_image=16, harness_steps=6,
                     harness_per_domain_images=8, harness_model='mnist_cnn', harness_model_kwargs={},
                     harness_batch=2, estimate_s={'correctness': 1, 'resnet50': 1, 'vit_s16': 1, 'mnist_cnn': 1,
                                                  'harness': 1, 'torch_compile': 1},
                     torch_compile_backend='aot_eager')
-  return Settings(FULL, conformance_cases=None, repeats=7, min_sample_s=0.25, gemm_size=8192, harness_image=224, harness_steps=100,
+  return Settings(FULL, conformance_cases=None, timing_s={'resnet50': 60, 'vit_s16': 40, 'mnist_cnn': 20},
+                  repeats=7, min_sample_s=0.25, gemm_size=8192, harness_image=224, harness_steps=100,
                   harness_per_domain_images=48, harness_model='resnet50', harness_model_kwargs={},
                   harness_batch=32, estimate_s={'correctness': 15, 'resnet50': 120, 'vit_s16': 60, 'mnist_cnn': 25,
                                                 'harness': 90, 'torch_compile': 100},
@@ -454,29 +459,13 @@ def _build_jax_cases(spec: ModelSpec, x, y, threads: int) -> list:
   return cases
 
 
-def _build_torch_cases(torch, spec: ModelSpec, x, y, s: Settings, budget: Budget, key: str) -> tuple[list, dict]:
-  """Eager peers of every torch kind and dtype; plus DISAM bf16 under torch.compile when the budget has room for
-  its compilation (timed here: its first steps compile). Returns `(cases, notes)`."""
-  if torch is not None and torch.cuda.is_available():
+def _build_torch_cases(torch, spec: ModelSpec, x, y) -> list:
+  """Eager PyTorch peers of the spec's torch kinds and dtypes, with the GPU's settings matched to XLA's."""
+  if torch.cuda.is_available():
     torch.set_float32_matmul_precision('high')  # TF32, as XLA's default precision on the same GPU
-  cases = [TorchStep(torch, f'torch_{kind}/{dtype}', kind, spec, x, y, dtype) for dtype in spec.dtypes
-           for kind in TORCH_KINDS if kind in spec.kinds]
-  notes: dict[str, Any] = {}
-  if not (spec.torch_compile and 'bf16' in spec.dtypes and 'disam' in spec.kinds):
-    return cases, notes
-  if not budget.fits(s.estimate_s['torch_compile']):
-    notes['torch_compile'] = budget.skip_reason(s.estimate_s['torch_compile'])
-    return cases, notes
-  try:
-    case = TorchStep(torch, 'torch_compile_disam/bf16', 'disam', spec, x, y, 'bf16', s.torch_compile_backend)
-    t0 = time.perf_counter()
-    case.run(2)  # the first call compiles the forward/backward, the second the variants its guards ask for
-    notes['torch_compile'] = {'backend': s.torch_compile_backend, 'compile_s': round(time.perf_counter() - t0, 1)}
-    cases.append(case)
-  except Exception as e:  # noqa: BLE001 (a compiler that fails leaves the eager rows; the reason is recorded)
-    notes['torch_compile'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    _log(f'  torch.compile failed on {key}: {notes["torch_compile"]}')
-  return cases, notes
+    torch.backends.cudnn.benchmark = True  # convolution algorithms autotuned, as XLA's are
+  return [TorchStep(torch, f'torch_{kind}/{dtype}', kind, spec, x, y, dtype) for dtype in spec.dtypes
+          for kind in TORCH_KINDS if kind in spec.kinds]
 
 
 def _ratios(timed: dict, torch_done: bool) -> dict:
@@ -490,7 +479,6 @@ def _ratios(timed: dict, torch_done: bool) -> dict:
     if torch_done:
       out[f'jax_disam/torch_disam {dtype}'] = r(f'disam/{dtype}', f'torch_disam/{dtype}')
       out[f'jax_erm/torch_erm {dtype}'] = r(f'erm/{dtype}', f'torch_erm/{dtype}')
-  out['jax_disam/torch_compile_disam bf16'] = r('disam/bf16', 'torch_compile_disam/bf16')
   out['disam bf16/float32'] = r('disam/bf16', 'disam/float32')
   return {k: v for k, v in out.items() if v is not None}
 
@@ -517,9 +505,16 @@ def _device_peak_bytes() -> Optional[int]:
   return stats.get('peak_bytes_in_use')
 
 
+def _clean(row: dict) -> dict:
+  for k in ('times_ms', 'cpu_min_ms', 'cpu_median_ms', 'page_faults_per_step', 'other_processes_cores'):
+    row.pop(k, None)
+  return row
+
+
 def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str, budget: Budget, threads: int,
-               peaks: dict) -> dict:
-  """One model's JAX and PyTorch cases, interleaved; ratios, memory and throughput."""
+               peaks: dict, keep: dict) -> dict:
+  """One model's JAX and PyTorch cases, interleaved; ratios, memory and throughput. The JAX and eager PyTorch
+  DISAM bf16 cases of a `spec.torch_compile` model go into `keep[key]` for `section_torch_compile`."""
   from benchmarks.step_cost import make_batch, time_round_robin
   x, y = make_batch(spec.domains, spec.per_domain, spec.shape)
   t0 = time.perf_counter()
@@ -529,11 +524,10 @@ def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str,
   if torch is None:
     notes['torch'] = torch_reason
   else:
-    torch_cases, torch_notes = _build_torch_cases(torch, spec, x, y, s, budget, key)
-    cases += torch_cases
-    notes.update(torch_notes)
-  timed = time_round_robin(cases, repeats=s.repeats, min_sample_s=s.min_sample_s, budget_s=None, load_samples=[],
-                           log=_log, max_rounds=s.repeats)
+    cases += _build_torch_cases(torch, spec, x, y)
+  timing_s = None if s.timing_s is None else min(s.timing_s[key], max(10.0, budget.left() / 4))
+  timed = time_round_robin(cases, repeats=s.repeats if timing_s is None else None, min_sample_s=s.min_sample_s,
+                           budget_s=timing_s, load_samples=[], log=_log, max_rounds=s.repeats)
   for case in cases:
     if isinstance(case, JaxStep):
       timed[case.label].update(case.analysis())
@@ -541,9 +535,11 @@ def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str,
       peak = case.peak_bytes()
       if peak is not None:
         timed[case.label].update(peak_bytes=peak, peak_source='torch.cuda.max_memory_allocated over one step')
-    for k in ('times_ms', 'cpu_min_ms', 'cpu_median_ms', 'page_faults_per_step', 'other_processes_cores'):
-      timed[case.label].pop(k, None)
+    _clean(timed[case.label])
   _throughput(timed, peaks)
+  kept = [c for c in cases if c.label in ('disam/bf16', 'torch_disam/bf16')]
+  if spec.torch_compile and len(kept) == 2:
+    keep[key] = (spec, x, y, kept)
   out = {'model': spec.name, 'wall_s': round(time.perf_counter() - t0, 1), 'input_shape': list(spec.shape), 'model_kwargs': spec.kwargs,
          'batch': [spec.domains, spec.per_domain], 'cases': timed, 'ratios': _ratios(timed, torch is not None),
          'process_peak_device_bytes': _device_peak_bytes(), 'notes': notes}
@@ -552,7 +548,7 @@ def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str,
 
 
 def section_step_times(s: Settings, torch, torch_reason: str, budget: Budget, threads: int, peaks: dict,
-                       strict: bool) -> dict:
+                       keep: dict, strict: bool) -> dict:
   """Every model in order, each while its estimate fits in the budget left."""
   out = {}
   for key, spec in s.models.items():
@@ -561,7 +557,39 @@ def section_step_times(s: Settings, torch, torch_reason: str, budget: Budget, th
       out[key] = {'status': budget.skip_reason(need)}
       continue
     _log(f'step times: {key} {spec.shape}, {spec.domains} x {spec.per_domain}')
-    out[key] = _guarded(lambda: time_model(key, spec, s, torch, torch_reason, budget, threads, peaks), strict)
+    out[key] = _guarded(lambda: time_model(key, spec, s, torch, torch_reason, budget, threads, peaks, keep), strict)
+  return out
+
+
+def compile_model(key: str, s: Settings, torch, kept: tuple) -> dict:
+  """DISAM bf16 under torch.compile, its compilation timed, then interleaved with the kept JAX and eager cases."""
+  from benchmarks.step_cost import time_round_robin
+  spec, x, y, cases = kept
+  case = TorchStep(torch, 'torch_compile_disam/bf16', 'disam', spec, x, y, 'bf16', s.torch_compile_backend)
+  t0 = time.perf_counter()
+  case.run(2)  # the first call compiles the passes, the second what its guards ask for (BatchNorm's momentum)
+  compile_s = round(time.perf_counter() - t0, 1)
+  timed = time_round_robin(cases + [case], repeats=s.repeats, min_sample_s=s.min_sample_s, budget_s=None,
+                           load_samples=[], log=_log, max_rounds=s.repeats)
+  r = lambda a, b: round(timed[a]['median_ms'] / timed[b]['median_ms'], 4)
+  return {'backend': s.torch_compile_backend, 'compile_s': compile_s,
+          'cases': {k: _clean(v) for k, v in timed.items()},
+          'ratios': {'jax_disam/torch_compile_disam bf16': r('disam/bf16', 'torch_compile_disam/bf16'),
+                     'torch_disam/torch_compile_disam bf16': r('torch_disam/bf16', 'torch_compile_disam/bf16')}}
+
+
+def section_torch_compile(s: Settings, torch, torch_reason: str, budget: Budget, keep: dict, strict: bool) -> dict:
+  """Last, as its compilations are the least predictable cost: each kept model while its estimate fits."""
+  if torch is None:
+    return {'status': torch_reason}
+  out = {}
+  for key, kept in keep.items():
+    if not budget.fits(s.estimate_s['torch_compile']):
+      out[key] = {'status': budget.skip_reason(s.estimate_s['torch_compile'])}
+      continue
+    _log(f'torch.compile: {key}')
+    out[key] = _guarded(lambda: compile_model(key, s, torch, kept), strict)
+  keep.clear()
   return out
 
 
@@ -698,8 +726,9 @@ def targets(results: dict) -> list[dict]:
   """Each target with its measured figure (None when its section did not run) and whether it is met."""
   rows = []
   steps = results.get('step_times') or {}
+  compiled = results.get('torch_compile') or {}
   for key in steps:
-    ratios = steps[key].get('ratios', {})
+    ratios = dict(steps[key].get('ratios', {}), **(compiled.get(key) or {}).get('ratios', {}))
     for dtype in DTYPES:
       rows.append({'figure': f'{key} DISAM / SAM median step, {dtype}', 'value': ratios.get(f'disam/sam {dtype}'),
                    'target': f'<= {TARGETS["disam_over_sam"]}', 'limit': TARGETS['disam_over_sam']})
@@ -761,6 +790,8 @@ def markdown(results: dict) -> str:
            f'{env.get("device_memory_gb", "?")} GB; {json.dumps(env.get("versions", {}))}; {env.get("torch", "")}',
            f'nominal peak TFLOP/s {env.get("nominal_peak_tflops")}, measured GEMM {env.get("measured_peak_tflops")}; '
            f'wall {results.get("wall_s")} s of a {results["budget_s"]} s budget.', '',
+           *(['Smoke run: tiny models on a CPU, to keep the code paths working; its times say nothing about '
+              'any device.', ''] if results['smoke'] else []),
            '## Targets', '', targets_table(results['targets']), '', '## Correctness', '']
   corr = results.get('correctness', {})
   if 'cases' in corr:
@@ -776,8 +807,12 @@ def markdown(results: dict) -> str:
   lines += ['', '## Step times', '']
   for key, res in (results.get('step_times') or {}).items():
     lines += _step_table(key, res)
-  lines += ['## Harness end to end', '', json.dumps(results.get('harness', {}), indent=1), '']
-  return '\n'.join(lines)
+  lines += ['## Harness end to end', '', json.dumps(results.get('harness', {}), indent=1), '',
+            '## torch.compile (DISAM bf16, interleaved with the JAX and eager steps)', '']
+  for key, res in (results.get('torch_compile') or {}).items():
+    lines.append(f'- {key}: ' + (json.dumps({k: res[k] for k in ('backend', 'compile_s', 'ratios')}) if 'ratios' in res
+                                 else str(res)))
+  return '\n'.join(lines) + '\n'
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -791,7 +826,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                   help='seconds the sections may take (default 420; smoke 300); a section that would not fit is '
                        'skipped with a reason')
   ap.add_argument('--models', nargs='+', default=None, choices=tuple(FULL), help='step-time models (default all)')
-  ap.add_argument('--sections', nargs='+', default=None, choices=('correctness', 'step_times', 'harness'),
+  ap.add_argument('--sections', nargs='+', default=None, choices=SECTIONS,
                   help='sections to run (default all; the environment always)')
   ap.add_argument('--no-torch', action='store_true', help='no PyTorch rows (as where torch is absent)')
   ap.add_argument('--folder-loader', choices=('auto', 'tfds', 'pillow'), default='auto',
@@ -813,7 +848,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   s = settings(args.smoke)
   if args.models:
     s = dataclasses.replace(s, models={k: v for k, v in s.models.items() if k in args.models})
-  sections = set(args.sections or ('correctness', 'step_times', 'harness'))
+  sections = set(args.sections or SECTIONS)
+  keep: dict = {}  # step_times -> torch_compile: the cases the compiled PyTorch step is interleaved with
   budget = Budget(args.budget_s if args.budget_s is not None else (300 if args.smoke else 420))
   torch, torch_reason = import_torch(args.no_torch)
   results: dict[str, Any] = {'smoke': args.smoke, 'budget_s': budget.total,
@@ -836,7 +872,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     mark('correctness', t0)
   if 'step_times' in sections:
     t0 = time.perf_counter()
-    results['step_times'] = section_step_times(s, torch, torch_reason, budget, args.compile_threads, peaks,
+    results['step_times'] = section_step_times(s, torch, torch_reason, budget, args.compile_threads, peaks, keep,
                                                args.strict)
     mark('step_times', t0)
   if 'harness' in sections:
@@ -850,6 +886,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     finally:
       shutil.rmtree(work, ignore_errors=True)
     mark('harness', t0)
+  if 'torch_compile' in sections:
+    t0 = time.perf_counter()
+    results['torch_compile'] = section_torch_compile(s, torch, torch_reason, budget, keep, args.strict)
+    mark('torch_compile', t0)
   results['wall_s'] = round(budget.total - budget.left(), 1)
   results['section_s'] = section_s
   results['targets'] = targets(results)
