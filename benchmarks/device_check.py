@@ -845,6 +845,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
   jax.devices()  # JAX's CUDA libraries load before PyTorch's
+  if not args.smoke and jax.default_backend() == 'cpu':  # full sizes on a CPU would run for hours
+    raise SystemExit('device_check: JAX sees no accelerator (backend cpu): the full check is for a GPU; '
+                     'run with --smoke for the CPU smoke run')
   s = settings(args.smoke)
   if args.models:
     s = dataclasses.replace(s, models={k: v for k, v in s.models.items() if k in args.models})

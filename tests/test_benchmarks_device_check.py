@@ -87,6 +87,15 @@ def test_smoke_with_torch(tmp_path):
   assert list(results['torch_compile']) == ['vit_s16']
 
 
+def test_full_run_refuses_a_cpu(tmp_path):
+  """Without an accelerator the full sizes would run for hours: refused at once, naming --smoke."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.device_check', '--out', str(tmp_path)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and 'run with --smoke' in proc.stderr.strip().splitlines()[-1]
+  assert not list(tmp_path.iterdir())
+
+
 def test_errors_against_numpy():
   got = {'a': np.array([1.0, 2.0]), 'b': np.array([[3.0]])}
   want = {'a': np.array([1.0, 2.5]), 'b': np.array([[2.0]])}
