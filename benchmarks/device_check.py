@@ -524,7 +524,11 @@ def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str,
   if torch is None:
     notes['torch'] = torch_reason
   else:
-    cases += _build_torch_cases(torch, spec, x, y)
+    try:
+      cases += _build_torch_cases(torch, spec, x, y)
+    except Exception as e:  # noqa: BLE001 (PyTorch failing on the device must not cost the JAX rows)
+      notes['torch'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+      traceback.print_exc()
   timing_s = None if s.timing_s is None else min(s.timing_s[key], max(10.0, budget.left() / 4))
   timed = time_round_robin(cases, repeats=s.repeats if timing_s is None else None, min_sample_s=s.min_sample_s,
                            budget_s=timing_s, load_samples=[], log=_log, max_rounds=s.repeats)
@@ -818,6 +822,17 @@ def markdown(results: dict) -> str:
 # ------------------------------------------------------------------------------------------------------- main
 
 
+def _warm_up_jax() -> None:
+  """A convolution and a matmul on the default device: the libraries behind them are loaded now."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  a = jnp.ones((1, 4, 4, 1))
+  jax.jit(lambda a: lax.conv_general_dilated(a, jnp.ones((3, 3, 1, 1)), (1, 1), 'SAME',
+                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC')) @ jnp.ones((1, 2)))(
+      a).block_until_ready()
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--out', required=True, help='directory for device_check.json and device_check.md')
@@ -844,7 +859,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.smoke:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax
-  jax.devices()  # JAX's CUDA libraries load before PyTorch's
+  _warm_up_jax()  # JAX's CUDA libraries (cuDNN, cuBLAS) load before PyTorch's, which may bring other versions
   if not args.smoke and jax.default_backend() == 'cpu':  # full sizes on a CPU would run for hours
     raise SystemExit('device_check: JAX sees no accelerator (backend cpu): the full check is for a GPU; '
                      'run with --smoke for the CPU smoke run')
