@@ -49,7 +49,6 @@ import os
 import pathlib
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -133,7 +132,8 @@ class Settings:
 
 def settings(smoke: bool) -> Settings:
   if smoke:
-    return Settings(SMOKE, conformance_cases=(0, 5), timing_s=None, repeats=2, min_sample_s=0.0, gemm_size=128, harness_image=16, harness_steps=6,
+    return Settings(SMOKE, conformance_cases=(0, 5), timing_s=None, repeats=2, min_sample_s=0.0, gemm_size=128,
+                    harness_image=16, harness_steps=6,
                     harness_per_domain_images=8, harness_model='mnist_cnn', harness_model_kwargs={},
                     harness_batch=2, estimate_s={'correctness': 1, 'resnet50': 1, 'vit_s16': 1, 'mnist_cnn': 1,
                                                  'harness': 1, 'torch_compile': 1},
@@ -544,7 +544,8 @@ def time_model(key: str, spec: ModelSpec, s: Settings, torch, torch_reason: str,
   kept = [c for c in cases if c.label in ('disam/bf16', 'torch_disam/bf16')]
   if spec.torch_compile and len(kept) == 2:
     keep[key] = (spec, x, y, kept)
-  out = {'model': spec.name, 'wall_s': round(time.perf_counter() - t0, 1), 'input_shape': list(spec.shape), 'model_kwargs': spec.kwargs,
+  out = {'model': spec.name, 'wall_s': round(time.perf_counter() - t0, 1), 'input_shape': list(spec.shape),
+         'model_kwargs': spec.kwargs,
          'batch': [spec.domains, spec.per_domain], 'cases': timed, 'ratios': _ratios(timed, torch is not None),
          'process_peak_device_bytes': _device_peak_bytes(), 'notes': notes}
   _log(f'  {key}: ' + ', '.join(f'{k} {v["median_ms"]:.2f}' for k, v in timed.items()) + ' ms (median)')
@@ -678,8 +679,6 @@ def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
 
 def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
   """disam-train's loop end to end on a synthetic image folder: steps/s and the device's idle share."""
-  import dataclasses as dc
-
   from disam_jax.harness import train
   from disam_jax.harness._choices import HParams
   root = work / 'images'
@@ -694,7 +693,7 @@ def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
                                   eval_every=s.harness_steps, hparams=HParams(batch_size=s.harness_batch))
   stamps: dict[int, float] = {}
   t0 = time.perf_counter()
-  train.run_experiment(dc.replace(config), str(work / 'run'), progress=False, prepared=(ds, (held_out,)),
+  train.run_experiment(config, str(work / 'run'), progress=False, prepared=(ds, (held_out,)),
                        on_step=lambda a, d, seed, k, line: stamps.__setitem__(k, time.perf_counter()))
   total_s = time.perf_counter() - t0
   first, last = 2, s.harness_steps - 1  # compilation before step 2; the final evaluation after the last step

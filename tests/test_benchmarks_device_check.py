@@ -24,7 +24,8 @@ HAS_TORCH = importlib.util.find_spec('torch') is not None
 def _run_smoke(out, *extra, block_torch=False):
   """The smoke run in a fresh process (as on the device: repository on PYTHONPATH, run from its root)."""
   block = "import sys; sys.modules['torch'] = None; " if block_torch else ''
-  code = f"{block}from benchmarks.device_check import main; main({['--out', str(out), '--smoke', '--strict', *extra]!r})"
+  argv = ['--out', str(out), '--smoke', '--strict', *extra]
+  code = f'{block}from benchmarks.device_check import main; main({argv!r})'
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
