@@ -182,21 +182,34 @@ def test_bf16_model_keeps_float32_params_and_logits():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason='torch not installed')
-def test_torch_resnet50_peer_has_the_jax_models_parameters():
-  """The PyTorch ResNet-50 peer is the JAX resnet50 (torchvision's v1.5 layout): same parameter shapes, in order."""
+def test_torch_resnet50_peer_computes_the_jax_resnet50(tmp_path):
+  """The PyTorch ResNet-50 peer is the JAX resnet50: its weights (torchvision's key layout, head renamed to `fc`)
+  load strictly into the JAX model through the harness's own torchvision converter, and the two give the same
+  logits in eval mode (running statistics randomized so that BatchNorm is not the identity)."""
+  import torch
   from flax import nnx
 
   from benchmarks import torch_disam as td
-  from disam_jax.harness.models import create_model, functional_model
-  torch_model = td.build_model('resnet50', num_classes=7, input_shape=(72, 72, 3), width=8)
-  jax_model = create_model('resnet50', num_classes=7, input_shape=(72, 72, 3), rngs=nnx.Rngs(0), width=8)
-  _, params, _ = functional_model(jax_model)
-  jax_sizes = sorted(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-  torch_sizes = sorted(p.numel() for p in torch_model.parameters())
-  assert jax_sizes == torch_sizes and len(torch_sizes) == 161  # 53 convolutions, 53 BatchNorms x 2, the head x 2
-  import torch
-  out = torch_model(torch.zeros(2, 72, 72, 3))
-  assert tuple(out.shape) == (2, 7)
+  from disam_jax.harness.models import create_model, load_pretrained
+  torch.manual_seed(0)
+  peer = td.build_model('resnet50', num_classes=7, input_shape=(72, 72, 3), width=8).eval()
+  with torch.no_grad():
+    for m in peer.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 1.5)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+  state = {k.replace('classifier.', 'fc.'): v for k, v in peer.state_dict().items() if 'num_batches' not in k}
+  torch.save(state, tmp_path / 'peer.pth')
+  model = create_model('resnet50', num_classes=7, input_shape=(72, 72, 3), rngs=nnx.Rngs(0), width=8)
+  with pytest.warns(UserWarning, match='ImageNet'):  # the converter's note for real torchvision weights
+    load_pretrained(model, tmp_path / 'peer.pth', strict=True)
+  model.eval()
+  x = np.random.default_rng(0).standard_normal((2, 72, 72, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = peer(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_convolution_gradients_are_not_lowered_for_a_gpu():
