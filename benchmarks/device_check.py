@@ -1,6 +1,6 @@
 """The prepared accelerator check: correctness and speed of disam_jax on one device, in one command.
 
-    python -m benchmarks.device_check --out DIR           # one GPU: finishes within --budget-s (420 s) + start-up
+    python -m benchmarks.device_check --out DIR           # one GPU: sections start while they fit in 420 s
     python -m benchmarks.device_check --out DIR --smoke   # CPU, tiny sizes, under a minute: the test suite runs it
 
 Run from the repository root with the repository on PYTHONPATH (no install, no network). Writes
@@ -23,14 +23,19 @@ DIR/device_check.json and DIR/device_check.md and prints the targets table last.
   torch_compile  last (its compile time is the least predictable): PyTorch DISAM bf16 under torch.compile on
                  ResNet-50 and ViT-S/16, interleaved with the JAX and eager DISAM bf16 steps kept from step_times
 
-Device time is scarce, so every section first checks the time left (`--budget-s`) and is skipped with a reason
-when it would not fit, and a section that raises records its error and the next one runs (`--strict` re-raises:
-the tests use it). Without torch (not installed, or `--no-torch`) the PyTorch rows say so.
+Device time is scarce, so every section (and every model) first checks the time left of `--budget-s` against its
+estimate and is skipped with a reason when it would not fit (a section once started runs to its end: the estimates
+are guesses, as this script has not yet run on a GPU), and a section that raises records its error and the next
+one runs (`--strict` re-raises: the tests use it). A model's JAX steps compile in parallel threads
+(`--compile-threads`). Without torch (not installed, or `--no-torch`) the PyTorch rows say so. The harness section
+reads the folder with the harness's own loader (`data.load_dataset('image_folder')`) where tensorflow_datasets is
+installed, else with a Pillow reader here (the device image has no tensorflow_datasets); the JSON says which.
 
 Precision: the timed float32 rows run at the frameworks' default precision, which on NVIDIA GPUs uses TF32 tensor
 cores for float32 matmuls and convolutions in XLA; PyTorch is given the same (`set_float32_matmul_precision('high')`,
-cuDNN TF32 is its default). bf16 rows: bf16 compute with float32 parameters, classifier head and loss in float32
-(JAX: Flax `dtype=bfloat16`; PyTorch: `torch.autocast(bfloat16)`). Both run the harness's configuration
+cuDNN TF32 is its default). bf16 rows: bf16 compute with float32 parameters and optimizer (JAX: Flax
+`dtype=bfloat16`, the classifier head and the loss in float32; PyTorch: `torch.autocast(bfloat16)`, which runs the
+head in bf16 and the loss in float32). Both run the harness's configuration
 (`fast_conv` models and `fast_conv.compiler_options()`: CPU-only work-arounds, XLA's own kernels on a GPU).
 
 Targets written next to the figures: DISAM / SAM <= 1.02 (median step time, per model and dtype); JAX DISAM <=
