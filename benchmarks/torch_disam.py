@@ -23,6 +23,7 @@ Run ``python -m benchmarks.torch_disam`` for a table of ERM / SAM / DISAM step t
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -240,6 +241,8 @@ class MNISTCNN(nn.Module):
 
 class BasicBlock(nn.Module):
 
+  expansion = 1
+
   def __init__(self, cin: int, planes: int, stride: int):
     super().__init__()
     self.conv1 = nn.Conv2d(cin, planes, 3, stride=stride, padding=1, bias=False)
@@ -257,12 +260,39 @@ class BasicBlock(nn.Module):
     return F.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
+class Bottleneck(nn.Module):
+  """torchvision's ResNet v1.5 bottleneck (the stride on the 3x3 convolution), as ``disam_jax``'s."""
+
+  expansion = 4
+
+  def __init__(self, cin: int, planes: int, stride: int):
+    super().__init__()
+    cout = planes * self.expansion
+    self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(cout)
+    self.downsample = None
+    if stride != 1 or cin != cout:
+      self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = F.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
 class ResNet18(nn.Module):
-  """BasicBlock ResNet-18 (2, 2, 2, 2) with BatchNorm; CIFAR stem (conv3x3/1, no max-pool) for
-  inputs of height <= 64, as ``disam_jax``'s ``resnet18`` picks for 32x32 inputs; else ImageNet stem."""
+  """ResNet with BatchNorm: BasicBlock (2, 2, 2, 2) by default (ResNet-18), or ``block=Bottleneck,
+  stage_sizes=(3, 4, 6, 3)`` (ResNet-50, registry name 'resnet50'). CIFAR stem (conv3x3/1, no max-pool) for
+  inputs of height <= 64, as ``disam_jax``'s resnets pick for 32x32 inputs; else ImageNet stem."""
 
   def __init__(self, num_classes: int, input_shape: Sequence[int], width: int = 64,
-               small_input_stem: bool | None = None):
+               small_input_stem: bool | None = None, block: type = BasicBlock,
+               stage_sizes: Sequence[int] = (2, 2, 2, 2)):
     super().__init__()
     h, _, c = input_shape
     self.small_input_stem = h <= 64 if small_input_stem is None else bool(small_input_stem)
@@ -272,13 +302,14 @@ class ResNet18(nn.Module):
       self.conv1 = nn.Conv2d(c, width, 7, stride=2, padding=3, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
     cin = width
-    for stage in range(4):
+    for stage, num_blocks in enumerate(stage_sizes):
       planes = width * 2**stage
       blocks = []
-      for i in range(2):
-        blocks.append(BasicBlock(cin, planes, 2 if (stage > 0 and i == 0) else 1))
-        cin = planes
+      for i in range(num_blocks):
+        blocks.append(block(cin, planes, 2 if (stage > 0 and i == 0) else 1))
+        cin = planes * block.expansion
       setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+    self.num_stages = len(stage_sizes)
     self.classifier = nn.Linear(cin, num_classes)
     for m in self.modules():  # torchvision's initialization
       if isinstance(m, nn.Conv2d):
@@ -288,7 +319,8 @@ class ResNet18(nn.Module):
     x = F.relu(self.bn1(self.conv1(_nhwc_to_nchw(x))))
     if not self.small_input_stem:
       x = F.max_pool2d(x, 3, stride=2, padding=1)
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    for stage in range(self.num_stages):
+      x = getattr(self, f"layer{stage + 1}")(x)
     return self.classifier(x.mean(dim=(2, 3)))
 
 
@@ -361,16 +393,17 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "mnist_cnn": MNISTCNN,
     "resnet18": ResNet18,
+    "resnet50": functools.partial(ResNet18, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
     "vit_tiny": ViT,
 }
 MODEL_NAMES = tuple(_MODELS)
 
 
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], **model_kwargs: Any) -> nn.Module:
-  """Builds ``name`` in {'mlp', 'mnist_cnn', 'resnet18', 'vit_tiny'}; takes NHWC float inputs.
+  """Builds ``name`` in {'mlp', 'mnist_cnn', 'resnet18', 'resnet50', 'vit_tiny'}; takes NHWC float inputs.
 
   ``model_kwargs`` use the same names as ``disam_jax.harness.models``: ``hidden``/``depth`` (mlp),
-  ``width``/``small_input_stem`` (resnet18), ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio`` (vit_tiny).
+  ``width``/``small_input_stem``/``stage_sizes`` (resnets), ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio`` (vit_tiny).
   """
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
@@ -525,7 +558,7 @@ _DEFAULT_SHAPES = {"mlp": (28, 28, 1), "mnist_cnn": (28, 28, 1), "resnet18": (32
 
 def main(argv: Sequence[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+  ap.add_argument("--models", nargs="+", default=list(_DEFAULT_SHAPES), choices=list(_DEFAULT_SHAPES))
   ap.add_argument("--num-domains", type=int, default=4)
   ap.add_argument("--per-domain-batch", type=int, default=32)
   ap.add_argument("--num-classes", type=int, default=10)
