@@ -28,8 +28,9 @@ estimate and is skipped with a reason when it would not fit (a section once star
 are guesses, as this script has not yet run on a GPU), and a section that raises records its error and the next
 one runs (`--strict` re-raises: the tests use it). A model's JAX steps compile in parallel threads
 (`--compile-threads`). Without torch (not installed, or `--no-torch`) the PyTorch rows say so. The harness section
-reads the folder with the harness's own loader (`data.load_dataset('image_folder')`) where tensorflow_datasets is
-installed, else with a Pillow reader here (the device image has no tensorflow_datasets); the JSON says which.
+reads the folder with the harness's own streaming loader (`data.load_dataset('image_folder')`: grain over an
+ArrayRecord conversion, uint8, augmented in grain's workers) where grain is installed, else with a Pillow reader here
+into memory (the device image has no grain unless its wheel travels with the command); the JSON says which.
 
 Precision: the timed float32 rows run at the frameworks' default precision, which on NVIDIA GPUs uses TF32 tensor
 cores for float32 matmuls and convolutions in XLA; PyTorch is given the same (`set_float32_matmul_precision('high')`,
@@ -620,7 +621,7 @@ def write_image_folder(root: pathlib.Path, size: int, per_domain: int, domains: 
 
 def read_image_folder(root: pathlib.Path):
   """The folder as a `data.DomainDataset` read with Pillow (sorted names; float32 in [0, 1]): the harness's
-  `image_folder` loader needs tensorflow_datasets, which the device image lacks."""
+  `image_folder` loader streams through grain, which the device image lacks."""
   from PIL import Image
 
   from disam_jax.harness import data
@@ -635,12 +636,18 @@ def read_image_folder(root: pathlib.Path):
 
 
 def _load_folder(root: pathlib.Path, image_size: int, loader: str, cache_dir: str):
-  """`(dataset, how)`: through the harness's own loader when tensorflow_datasets is there (or `loader='tfds'`)."""
+  """`(dataset, how)`: through the harness's own streaming loader when grain is there (or `loader='stream'`)."""
   from disam_jax.harness import data
-  if loader == 'tfds' or (loader == 'auto' and importlib.util.find_spec('tensorflow_datasets') is not None):
+  if loader == 'stream' or (loader == 'auto' and importlib.util.find_spec('grain') is not None):
     ds = data.load_dataset('image_folder', data_dir=str(root), image_size=image_size, cache_dir=cache_dir)
-    return ds, 'data.load_dataset("image_folder") (tensorflow_datasets)'
-  return read_image_folder(root), 'Pillow reader in this script (tensorflow_datasets absent)'
+    return ds, 'data.load_dataset("image_folder") (streamed through grain)'
+  return read_image_folder(root), 'Pillow reader in this script (grain absent)'
+
+
+def _train_feed(config, split, seed: int):
+  """The run's own training feed (`loop._batch_source`: streamed for a folder's record indices, else in memory)."""
+  from disam_jax.harness import loop
+  return loop._batch_source(config, split, seed, None)[0]
 
 
 def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
@@ -648,7 +655,7 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
   in a bare loop: one batch already on the device, no metrics read, one sync at the end."""
   import jax
 
-  from disam_jax.harness import data, train
+  from disam_jax.harness import train
   split = train._cell_split(config, ds, held_out, 0)
   graphdef, params, model_state = train.init_model(config.model, num_classes=ds.num_classes,
                                                    input_shape=ds.input_shape, seed=0,
@@ -659,8 +666,11 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
                                  (compiled.penalties or {}).get(algorithm))
   leaves, treedef = jax.tree.flatten(state)
   run = compiled.loop_steps[algorithm].for_tree(treedef)
-  sampler = data.DomainBatchSampler(split.train, config.hparams.batch_size, 0, domain_names=split.train_domains)
-  batch = jax.device_put(sampler.next())
+  sampler = _train_feed(config, split, 0)
+  try:
+    batch = jax.device_put(sampler.next())
+  finally:
+    getattr(sampler, 'close', lambda: None)()
   leaves, packed = run(leaves, batch)
   jax.block_until_ready((leaves, packed))
   t0 = time.perf_counter()
@@ -672,14 +682,17 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
 
 def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
   """Host seconds per batch of the harness's sampler (what the loop's prefetch overlaps with the device's step)."""
-  from disam_jax.harness import data, train
+  from disam_jax.harness import train
   split = train._cell_split(config, ds, held_out, 0)
-  sampler = data.DomainBatchSampler(split.train, config.hparams.batch_size, 1, domain_names=split.train_domains)
-  sampler.next()
-  t0 = time.perf_counter()
-  for _ in range(draws):
+  sampler = _train_feed(config, split, 1)
+  try:
     sampler.next()
-  return (time.perf_counter() - t0) / draws
+    t0 = time.perf_counter()
+    for _ in range(draws):
+      sampler.next()
+    return (time.perf_counter() - t0) / draws
+  finally:
+    getattr(sampler, 'close', lambda: None)()
 
 
 def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
@@ -848,8 +861,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   ap.add_argument('--sections', nargs='+', default=None, choices=SECTIONS,
                   help='sections to run (default all; the environment always)')
   ap.add_argument('--no-torch', action='store_true', help='no PyTorch rows (as where torch is absent)')
-  ap.add_argument('--folder-loader', choices=('auto', 'tfds', 'pillow'), default='auto',
-                  help="the harness section's image-folder reader (auto: the harness's tfds loader if installed)")
+  ap.add_argument('--folder-loader', choices=('auto', 'stream', 'pillow'), default='auto',
+                  help="the harness section's image-folder reader (auto: the harness's streaming loader if grain is installed)")
   ap.add_argument('--compile-threads', type=int, default=min(8, os.cpu_count() or 1),
                   help='JAX steps of one model compiled in parallel')
   ap.add_argument('--strict', action='store_true', help='re-raise a failing section instead of recording it')

@@ -75,7 +75,7 @@ def test_smoke_without_torch(tmp_path):
 @pytest.mark.skipif(not HAS_TORCH, reason='torch not installed')
 def test_smoke_with_torch(tmp_path):
   """With torch: the eager peers beside every JAX case, torch.compile (aot_eager) on the ViT, the harness's own
-  folder loader when tensorflow_datasets is installed."""
+  streaming folder loader when grain is installed."""
   proc, results, markdown = _run_smoke(tmp_path)
   _check_common(proc, results, markdown)
   for key, spec in dc.SMOKE.items():
