@@ -357,10 +357,10 @@ class _HostSide:
                                  "test_acc": {self.held_out: record["test_acc"]}})
     self.log.write(json.dumps(line) + "\n")
     self.log.flush()
-    best = select_best(self.evals)
-    # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
+    # The sampler's state before the batches prefetched for later steps: a resumed run draws them again. The store
+    # keeps this checkpoint while it is the latest or the best by `val_acc_mean` (as `select_best`).
     self.store.save(step, state, {"step": step, "sampler": self.batches.sampler_state(), "evals": self.evals},
-                    keep=(best["step"],))
+                    val_acc_mean=record["val_acc_mean"])
 
   def finish(self, step: int, metrics: dict[str, Any], state: Optional[TrainState] = None) -> None:
     """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
