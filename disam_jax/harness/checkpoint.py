@@ -401,7 +401,9 @@ class CheckpointStore:
           f"could not write the checkpoint of step {step} in {self.directory}: array {local[0]} of the training "
           f"state is held by this process alone; in a multi-process run every array must be placed on the global "
           f"mesh (distributed.place_state or distributed.init_sharded)")
-    meta = {**meta, "layout": _describe(leaves)}
+    # A copy: orbax serializes `meta` in its background thread, after the caller may have changed what it refers to
+    # (the loop appends the next evaluation to the list it passed), which would then not match the checksum.
+    meta = {**json.loads(json.dumps(meta)), "layout": _describe(leaves)}
     meta["checksums"] = {"digests": _digests(leaves), "meta": _meta_crc(meta)}
     metrics = None if val_acc_mean is None else {"val_acc_mean": float(val_acc_mean), "step": int(step)}
     with deferred_signals():
