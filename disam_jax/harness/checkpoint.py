@@ -445,11 +445,16 @@ class CheckpointStore:
         with self._failure(f"read the checkpoint of step {step}", UnreadableCheckpoint):
           meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                       or {})
-          if "layout" in meta:
-            _check_fits(meta["layout"], template_leaves)  # before reading any array
+      except UnreadableCheckpoint as e:
+        reason = str(e)
+      if reason is None and "layout" in meta:
+        _check_fits(meta["layout"], template_leaves)  # ValueError before reading any array (the same everywhere)
+      try:
+        if reason is None:
           target = [_target(x) for x in template_leaves]
-          restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-          leaves = list(restored["state"])
+          with self._failure(f"read the checkpoint of step {step}", UnreadableCheckpoint):
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+            leaves = list(restored["state"])
       except UnreadableCheckpoint as e:
         reason = str(e)
       if not _all_processes_agree(reason is None):
