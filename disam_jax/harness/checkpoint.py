@@ -1,26 +1,31 @@
-"""Checkpoints of a training run with orbax: the latest and the best, enough to resume bit for bit.
+"""Checkpoints of a training run with orbax: the latest and the best, enough to resume bit for bit, on any mesh.
 
 A checkpoint is one orbax step directory holding two items:
 
 * ``state``: the leaves of the training state pytree (parameters, model state with BatchNorm statistics and dropout
-  RNG keys, optimizer state, step), as a list of arrays in `jax.tree.leaves` order. PRNG key arrays are stored as
-  their raw key data and re-wrapped on restore. Storing leaves rather than the pytree keeps the format independent
-  of how Flax and optax register their containers; the caller restores into a template state of the same structure
-  (the freshly initialized state of the same configuration), and a mismatch is reported, not silently reshaped.
-* ``meta``: JSON: the step, the `DomainBatchSampler` state (NumPy bit generator), model-selection bookkeeping and
-  anything else the loop needs to continue exactly where it stopped.
+  RNG keys, optimizer state, step), as a list of `jax.Array`s in `jax.tree.leaves` order, saved where they are:
+  each process writes the shards its devices hold (nothing is gathered to a host). PRNG key arrays are stored as
+  their raw key data and re-wrapped on restore. The caller restores into a template state of the same structure
+  (the freshly initialized, placed state of the same configuration): each array is read straight into the
+  template's sharding, each process reading only its shards, whatever mesh or process count wrote it. A mismatch
+  of structure or shapes is reported (from ``meta``'s layout, before any array is read), not silently reshaped.
+* ``meta``: JSON: the step, the training feed's state (opaque JSON), model-selection bookkeeping, the arrays'
+  layout and checksums.
 
-`CheckpointStore` keeps two checkpoints at most: the latest and the one with the best validation accuracy (one
-directory when they coincide). Saves are asynchronous (orbax writes in a background thread while training
-continues); `close()` waits for them. A checkpoint is only visible once completely written, so a run killed
-mid-save resumes from the previous one.
+`CheckpointStore` keeps the latest checkpoint and the one with the best validation accuracy (one directory when
+they coincide) by orbax's own preservation policy. Saves are asynchronous: `save` returns once orbax has the state
+off the devices; orbax writes in a background thread and, once the new checkpoint is complete, deletes the one it
+no longer keeps, there too. The next `save`, `restore` or `close` waits for it. A checkpoint is only visible once
+completely written, so a run killed mid-save resumes from the previous one.
 
 Faults (docs/harness.md, "Faults"): the temporary folder of a save killed in flight is removed when the store is
-opened again; `meta` records a CRC-32 of every array and of itself, so a checkpoint whose files were truncated,
-removed or overwritten is detected on restore (orbax restores overwritten data files silently) and
-`restore_latest` falls back to the previous one, saying so; a save that fails (disk full, read-only) raises one
-`CheckpointError` line and never deletes the previous checkpoint; SIGINT and SIGTERM wait until an orbax call is
-done (`deferred_signals`), so an interrupt never leaves a save half-abandoned or orbax printing tracebacks.
+opened again; `meta` records per array two uint32 digests computed on the devices that hold it (`_digest`: the
+same however the array is sharded, nothing gathered) and a CRC-32 of itself, so a checkpoint whose files were
+truncated, removed or overwritten, or hold other values, is detected on restore (orbax restores such files
+silently) and `restore_latest` falls back to the previous one, saying so, on every process alike; a save that
+fails (disk full, read-only) raises one `CheckpointError` line and never deletes the previous checkpoint; SIGINT
+and SIGTERM wait until an orbax call is done (`deferred_signals`), so an interrupt never leaves a save
+half-abandoned or orbax printing tracebacks.
 """
 
 from __future__ import annotations
