@@ -55,7 +55,7 @@ def _wait(procs):
   return out
 
 
-def _final_params(run_dir):
+def _final_params(run_dir, steps=40):
   config = train.ExperimentConfig(algorithms=('disam',), held_out=('75',), model='mlp', model_kwargs={'hidden': 16},
                                   hparams=HParams(batch_size=8))
   graphdef, params, model_state = train.init_model('mlp', num_classes=10, input_shape=(8, 8, 1), seed=0,
@@ -63,7 +63,7 @@ def _final_params(run_dir):
   tx = algorithms.make_optimizer('disam', config.hparams, num_domains=5, aux_example=model_state)
   state, meta = train.load_latest_state(train.cell_directory(str(run_dir), 'disam', '75', 0),
                                         train.init_train_state(params, model_state, tx))
-  assert meta['step'] == 40
+  assert meta['step'] == steps
   return jax.tree.leaves(state.params)
 
 
@@ -203,3 +203,99 @@ def test_place_state_splits_weights_and_their_optimizer_state_fsdp_style():
   assert len(back['params']['w'].sharding.device_set) == 1
   assert distributed.fsdp_sharding((8, 64), mesh).spec == P(None, 'fsdp')  # the largest divisible dimension
   assert distributed.place_state(state, distributed.data_mesh())['params']['w'].sharding.is_fully_replicated
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The FSDP axis across processes: sharded checkpoints, their faults, resume onto another mesh
+# ---------------------------------------------------------------------------------------------------------------------
+
+FSDP_ARGS = ('--steps', '8', '--mesh', 'data=1,fsdp=4')
+FSDP_CELL = os.path.join('cells', 'disam_heldout-75_seed-0')
+
+
+def _start_faulty(run_dir, fault, *extra_args, port=None):
+  """2 processes x 2 devices running disam-train with tests/test_harness_faults.py's fault `fault` injected (the
+  rename of a step folder happens on process 0 only)."""
+  from tests.test_harness_faults import _FAULT
+
+  port = port or free_port()
+  procs = []
+  for pid in range(2):
+    env = _env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid),
+               DISAM_FAULT=fault)
+    cmd = [sys.executable, '-c', _FAULT, *ARGS, '--output-dir', str(run_dir), *extra_args]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+  return procs
+
+
+def _evals(run_dir):
+  import json
+  return json.loads((run_dir / FSDP_CELL / 'result.json').read_text())['evals']
+
+
+@pytest.fixture(scope='module')
+def fsdp_one_process(tmp_path_factory):
+  """1 process x 4 devices on the mesh data=1,fsdp=4, uninterrupted: (its evaluations, its final parameters)."""
+  run_dir = tmp_path_factory.mktemp('fsdp_one_process')
+  [(code, _, err)] = _wait(_start(run_dir, 1, 4, *FSDP_ARGS))
+  assert code == 0, err[-3000:]
+  return _evals(run_dir), _final_params(run_dir, steps=8)
+
+
+def test_fsdp_across_two_processes_killed_mid_save_resumes_and_equals_one_process(tmp_path, fsdp_one_process):
+  """2 processes x 2 devices, the weights and optimizer state split 4 ways across both, each process writing its
+  own shards: process 0 killed while step 6's checkpoint is written but not renamed (its peer then killed too, as
+  a scheduler would), --resume on both restores step 4 (the killed save's folder removed) and ends with the
+  evaluations and parameters of one process on the same mesh."""
+  run_dir = tmp_path / 'run'
+  procs = _start_faulty(run_dir, 'kill_before_rename:6', *FSDP_ARGS)
+  assert procs[0].wait(timeout=TIMEOUT) == -signal.SIGKILL, procs[0].communicate()[1][-3000:]
+  procs[1].kill()
+  procs[1].wait()
+  checkpoints = run_dir / FSDP_CELL / 'checkpoints'
+  assert sorted(os.listdir(checkpoints)) == ['4', '6.orbax-checkpoint-tmp']
+  assert sorted(n for n in os.listdir(checkpoints / '4' / 'state') if n.startswith('ocdbt.process_')) == [
+      'ocdbt.process_0', 'ocdbt.process_1']  # each process wrote its shards
+  for code, _, err in _wait(_start(run_dir, 2, 2, *FSDP_ARGS, '--resume')):
+    assert code == 0, err[-3000:]
+  assert sorted(os.listdir(checkpoints)) == ['8']  # the best is the latest here
+  evals, params = fsdp_one_process
+  assert _evals(run_dir) == evals
+  _assert_same(_final_params(run_dir, steps=8), params)
+
+
+@pytest.mark.slow  # default tier: tests/test_checkpoint.py's restores onto other meshes, the test above
+def test_a_checkpoint_of_two_processes_resumes_in_one_process_on_another_mesh(tmp_path, fsdp_one_process):
+  """Saved by 2 processes with fsdp=4 (stopped after step 4), resumed by 1 process with data=2,fsdp=2 to step 8:
+  the evaluations and parameters of the uninterrupted run."""
+  run_dir = tmp_path / 'run'
+  for code, _, err in _wait(_start(run_dir, 2, 2, '--steps', '4', '--mesh', 'data=1,fsdp=4')):
+    assert code == 0, err[-3000:]
+  [(code, _, err)] = _wait(_start(run_dir, 1, 4, '--steps', '8', '--mesh', 'data=2,fsdp=2', '--resume'))
+  assert code == 0, err[-3000:]
+  evals, params = fsdp_one_process
+  assert _evals(run_dir) == evals
+  _assert_same(_final_params(run_dir, steps=8), params)
+
+
+@pytest.mark.slow  # default tier: tests/test_checkpoint.py's test of the same corruption in one process
+def test_two_processes_refuse_a_well_formed_checkpoint_of_other_values_and_fall_back_together(tmp_path,
+                                                                                              fsdp_one_process):
+  """Step 4's arrays (both processes' shards) under step 8's name: both processes compute the digests of what they
+  read on their devices, say so in one line, resume from step 4 and end as the uninterrupted run."""
+  import shutil
+  run_dir = tmp_path / 'run'
+  for code, _, err in _wait(_start(run_dir, 2, 2, *FSDP_ARGS, '--lr', '0.01')):
+    assert code == 0, err[-3000:]
+  checkpoints = run_dir / FSDP_CELL / 'checkpoints'
+  assert sorted(os.listdir(checkpoints)) == ['4', '8'], 'the best is not the latest (lr 0.01)'
+  reference = _evals(run_dir)
+  (run_dir / FSDP_CELL / 'result.json').unlink()
+  shutil.rmtree(checkpoints / '8' / 'state')
+  shutil.copytree(checkpoints / '4' / 'state', checkpoints / '8' / 'state')
+  for code, _, err in _wait(_start(run_dir, 2, 2, *FSDP_ARGS, '--lr', '0.01', '--resume')):
+    assert code == 0, err[-3000:]
+    said = [line for line in err.splitlines() if 'checksums' in line]
+    assert len(said) == 1 and said[0].endswith('resuming from step 4, the latest readable checkpoint'), err[-3000:]
+    assert 'Traceback' not in err
+  assert _evals(run_dir) == reference

@@ -209,6 +209,30 @@ def fsdp_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
+def state_shardings(abstract_tree, mesh: Mesh):
+  """The target sharding of every leaf of a (possibly abstract) state: `fsdp_sharding` of its shape (replicated on
+  a mesh without an `fsdp` axis, and for vectors, scalars and PRNG keys)."""
+  return jax.tree.map(lambda a: fsdp_sharding(np.shape(a), mesh), abstract_tree)
+
+
+def init_sharded(fn, mesh: Mesh, *args):
+  """`fn(*args)` computed straight into its target shardings (`state_shardings`): jitted with those output
+  shardings, so each device computes and holds only its shards and no leaf is ever whole on one device when the mesh
+  has an `fsdp` axis (XLA partitions the initializer). `args` are global arrays on `mesh` (or nothing: seeds and
+  keys are best made inside `fn`); every process calls it alike.
+
+  Returns:
+    `fn(*args)`'s pytree, every leaf a global `jax.Array` on `mesh`.
+  """
+  return sharded_initializer(fn, mesh, *args)(*args)
+
+
+def sharded_initializer(fn, mesh: Mesh, *args):
+  """`fn` jitted with the output shardings `state_shardings` gives its result for `args` (what `init_sharded`
+  runs; `.lower(*args).compile().memory_analysis()` shows each device's bytes)."""
+  return jax.jit(fn, out_shardings=state_shardings(jax.eval_shape(fn, *args), mesh))
+
+
 def place_state(tree, mesh: Mesh):
   """Places the train state on `mesh`: replicated (`replicate`) on a data-only mesh; with an `fsdp` axis, every
   leaf of 2 or more dimensions (weights, and the optimizer's moments and DISAM's buffers shaped like them) split by
@@ -284,7 +308,8 @@ def global_batch(mesh: Mesh, local_arrays, per_domain_batch: int):
 
 
 def local_replica(tree):
-  """This process's full copy of a placed pytree, as single-device arrays (host-side work such as evaluation).
+  """This process's full copy of a placed pytree, as single-device arrays (host-side work; the harness's evaluation
+  no longer uses it: it evaluates the placed state, `loop._evaluator`).
 
   A replicated leaf is read from this process's first device; a leaf split over devices (FSDP) is gathered: within
   the process when it holds every shard, else from every process (a collective: every process must call this).

@@ -377,7 +377,7 @@ def run_experiment(
             bar.update(config.steps)
             continue
           if init is None:
-            init, compiled = _initialize(config, ds, seed, len(split.train), compiled)
+            init, compiled = _initialize(config, ds, seed, len(split.train), compiled, mesh)
           bar.start_run(algorithm, d, seed, directory if resume else None)
           with tensorboard_lib.cell_events(directory, events) as written:
             results.append(run_cell(config, algorithm, split, seed, init, compiled, directory, resume=resume,
@@ -404,12 +404,13 @@ def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.Do
 
 
 def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int, num_domains: int,
-                compiled: Optional[Any]) -> tuple[tuple[Any, Any], Any]:
+                compiled: Optional[Any], mesh: Optional[Any] = None) -> tuple[tuple[Any, Any], Any]:
   """`((params, model_state), compiled)`: a seed's initial model, shared by its runs, and the jitted steps
-  (`compiled`, or compiled now on the first call)."""
+  (`compiled`, or compiled now on the first call). With a `mesh`, the model is created in its target shardings
+  (`init_model`'s `mesh`)."""
   graphdef, params, model_state = init_model(
     config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
-    model_kwargs=config.model_kwargs, pretrained=config.pretrained,
+    model_kwargs=config.model_kwargs, pretrained=config.pretrained, mesh=mesh,
   )
   if compiled is None:
     compiled = _compile(config, graphdef, model_state, num_domains,

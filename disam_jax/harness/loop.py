@@ -31,9 +31,9 @@ from disam_jax.harness.steps import (
   TrainState,
   _all_finite_jit,
   init_train_state,
+  make_eval_counts,
   make_eval_step,
   make_train_step,
-  predict,
 )
 
 __all__ = ["CellResult", "TrainingDiverged", "run_cell", "select_best"]
@@ -268,19 +268,24 @@ def run_cell(
 
   os.makedirs(directory, exist_ok=True)
   held_out = split.test_domains[0]
-  sampler, place, draw = _batch_source(config, split, seed, mesh)
-  state = init_train_state(init[0], init[1], compiled.txs[algorithm], (compiled.penalties or {}).get(algorithm))
+  sampler, _, draw = _batch_source(config, split, seed, mesh)
+  make_state = lambda params, model_state: init_train_state(params, model_state, compiled.txs[algorithm],
+                                                            (compiled.penalties or {}).get(algorithm))
+  # On a mesh, the state is created in its target shardings (`init` is placed already: `init_model`'s `mesh`) and a
+  # checkpoint is restored into them: nothing is whole on one device, nothing goes through the host.
+  state = make_state(*init) if mesh is None else distributed.init_sharded(make_state, mesh, *init)
   main_process = distributed.is_main_process()
-  eval_feed = _eval_feed(config, split)
-  evaluate = _evaluator(config, algorithm, eval_feed, held_out, seed, compiled.eval_step)
+  eval_feed = _eval_feed(config, split, mesh)
+  evaluate = _evaluator(config, algorithm, eval_feed, held_out, seed, compiled, mesh)
   store = CheckpointStore(os.path.join(directory, "checkpoints"))
   metrics_path = os.path.join(directory, "metrics.jsonl")
   start = time.perf_counter()
   try:
     latest, state, evals, log = _open_run(store, state, sampler, metrics_path, resume=resume,
                                           main_process=main_process)
-    # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms).
-    state = jax.tree.map(jnp.copy, place(state))
+    # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms;
+    # jit forwards leaves it does not change, so init_sharded's output may hold them).
+    state = jax.tree.map(jnp.copy, state)
     batches = _Prefetcher(sampler, draw)
     with log:
       host = _HostSide(log, store, batches, evaluate, evals, list(split.train_domains), held_out, start,
@@ -383,10 +388,10 @@ class _HostSide:
                                  "test_acc": {self.held_out: record["test_acc"]}})
     self.log.write(json.dumps(line) + "\n")
     self.log.flush()
-    best = select_best(self.evals)
-    # The sampler's state before the batches prefetched for later steps: a resumed run draws them again.
+    # The sampler's state before the batches prefetched for later steps: a resumed run draws them again. The store
+    # keeps this checkpoint while it is the latest or the best by `val_acc_mean` (as `select_best`).
     self.store.save(step, state, {"step": step, "sampler": self.batches.sampler_state(), "evals": self.evals},
-                    keep=(best["step"],))
+                    val_acc_mean=record["val_acc_mean"])
 
   def finish(self, step: int, metrics: dict[str, Any], state: Optional[TrainState] = None) -> None:
     """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
@@ -482,33 +487,66 @@ def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str],
   return line
 
 
-def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit) -> feeds.EvalFeed:
+def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit, mesh: Optional[Any] = None) -> feeds.EvalFeed:
   """The run's evaluation sets: the validation part of every training domain, then the held-out domain(s); in
-  memory, or streamed through grain (DomainBed's evaluation transform) for a split of record indices.
-
-  Every process reads every batch whole (``process_count=1``): `_evaluator` counts correct predictions on the
-  process's own replica. `streaming.StreamedEvalFeed` can yield per-process slices once the evaluator sums its
-  counts over processes."""
+  memory, or streamed through grain (DomainBed's evaluation transform) for a split of record indices. On a mesh,
+  each process reads only its slice of every global batch, whose size is `eval_batch_size` rounded up to a
+  multiple of the device count (every device evaluates the same number of rows)."""
   parts = tuple(("val", d) for d in (split.val_domains or split.train_domains)) + tuple(
     ("test", d) for d in split.test_domains)
+  size, where = config.eval_batch_size, {}
+  if mesh is not None:
+    size = -(-size // mesh.devices.size) * mesh.devices.size
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   sets = tuple(split.val) + tuple(split.test)
   if split.records is not None:
     from disam_jax.harness import streaming
 
-    return streaming.StreamedEvalFeed(split.records, parts, sets, config.eval_batch_size,
-                                      workers=_data_workers(config))
-  return feeds.ArrayEvalFeed(parts, sets, config.eval_batch_size)
+    return streaming.StreamedEvalFeed(split.records, parts, sets, size, workers=_data_workers(config), **where)
+  return feeds.ArrayEvalFeed(parts, sets, size, **where)
+
+
+# Jitted per-batch counts (`steps.make_eval_counts`) by (graphdef, number of parts, mesh)
+_COUNTS_CACHE: dict[tuple, Callable] = {}
+
+
+def _eval_counts(graphdef: Any, num_parts: int, mesh: Optional[Any]) -> Callable:
+  key = (graphdef, num_parts, mesh)
+  if key not in _COUNTS_CACHE:
+    if len(_COUNTS_CACHE) >= 32:
+      _COUNTS_CACHE.clear()
+    # On a mesh the counts are replicated: every process reads the same numbers from its own devices.
+    placed = {} if mesh is None else dict(out_shardings=distributed.replicated(mesh))
+    _COUNTS_CACHE[key] = jax.jit(make_eval_counts(make_eval_step(graphdef), num_parts), donate_argnums=0,
+                                 compiler_options=fast_conv.compiler_options(), **placed)
+  return _COUNTS_CACHE[key]
 
 
 def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, held_out: str, seed: int,
-               eval_step: Callable) -> Callable[[TrainState, int], dict[str, Any]]:
+               compiled: _Compiled, mesh: Optional[Any] = None) -> Callable[[TrainState, int], dict[str, Any]]:
   """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`, over the
   batches of `feed` (`feeds.EvalFeed`).
+
+  On a mesh, each global batch is assembled from the processes' slices and split over every device (axis 0 over
+  all mesh axes, like the training batch), the parameters are used as they are placed (FSDP shards stay shards),
+  and the per-part correct and total counts (`steps.make_eval_counts`) accumulate on the devices, read once per
+  evaluation. Without a mesh, the same jitted counts on the default device.
 
   Raises (from `evaluate`):
     TrainingDiverged: the parameters are not finite.
   """
   num_parts = len(feed.parts)
+  count = _eval_counts(compiled.graphdef, num_parts, mesh)
+  if mesh is not None:
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+    if feed.global_batch_size % mesh.devices.size:
+      raise ValueError(f"The evaluation batch {feed.global_batch_size} is not a multiple of the "
+                       f"{mesh.devices.size} devices of the mesh.")
+    glob = lambda a: jax.make_array_from_process_local_data(rows, a, (feed.global_batch_size,) + a.shape[1:])
+    zeros = jax.jit(lambda: jnp.zeros([2, num_parts], jnp.int32), out_shardings=distributed.replicated(mesh))
+  else:
+    glob = lambda a: a  # numpy: the jitted call puts it on the device
+    zeros = lambda: jnp.zeros([2, num_parts], jnp.int32)
 
   def evaluate(state: TrainState, step: int) -> dict[str, Any]:
     if not bool(_all_finite_jit(state.params)):
@@ -516,14 +554,12 @@ def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, h
         f"Training diverged ({algorithm}, held-out {held_out}, seed {seed}): the parameters are not finite at "
         f"step {step}. Lower --lr or --rho."
       )
-    # Every process evaluates its own local replica (identical values); only process 0 writes the numbers.
-    params, model_state = distributed.local_replica((state.params, state.model_state))
-    correct, total = np.zeros(num_parts), np.zeros(num_parts)
+    counts = zeros()
     for x, y, part in feed.batches():
-      pred = predict(eval_step, params, model_state, x, len(x))
-      keep = part >= 0
-      correct += np.bincount(part[keep], weights=(pred[keep] == y[keep]), minlength=num_parts)
-      total += np.bincount(part[keep], minlength=num_parts)
+      counts = count(counts, state.params, state.model_state, glob(x), glob(y), glob(part))
+    if not counts.is_fully_addressable:
+      counts = counts.addressable_data(0)
+    correct, total = np.asarray(counts)  # the one read of the evaluation
     acc = correct / np.maximum(total, 1)
     val = {d: float(a) for (kind, d), a in zip(feed.parts, acc) if kind == "val"}
     test = [float(a) for (kind, _), a in zip(feed.parts, acc) if kind == "test"]

@@ -38,6 +38,7 @@ __all__ = [
   "TrainState",
   "init_model",
   "init_train_state",
+  "make_eval_counts",
   "make_eval_step",
   "make_train_step",
   "predict",
@@ -186,6 +187,22 @@ def make_eval_step(graphdef: Any) -> Callable:
   return eval_step
 
 
+def make_eval_counts(eval_step: Callable, num_parts: int) -> Callable:
+  """Returns the pure `counts(acc, params, model_state, x, y, part) -> acc + [correct, total]` of one evaluation
+  batch, to jit: `x [n, H, W, C]`, `y [n]` int32, `part [n]` int32 (the evaluation part of each row, -1 on padding),
+  `acc [2, num_parts]` int32: per part, the rows predicted right and the rows. Counted with `segment_sum` where the
+  batch is (on a mesh: each device its rows, XLA adds the partial counts); padding rows count nowhere."""
+
+  def counts(acc, params, model_state, x, y, part):
+    pred = jnp.argmax(eval_step(params, model_state, x), axis=-1)
+    segment = jnp.where(part >= 0, part, num_parts)  # padding: an extra segment, dropped
+    correct = jax.ops.segment_sum((pred == y).astype(jnp.int32), segment, num_segments=num_parts + 1)
+    total = jax.ops.segment_sum(jnp.ones_like(segment), segment, num_segments=num_parts + 1)
+    return acc + jnp.stack([correct[:num_parts], total[:num_parts]])
+
+  return counts
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -246,6 +263,7 @@ def init_model(
     seed: int,
     model_kwargs: Optional[dict[str, Any]] = None,
     pretrained: Optional[str] = None,
+    mesh: Optional[Any] = None,
 ) -> tuple[Any, Any, Any]:
   """Builds a registry model as `(graphdef, params, model_state)`, initialized from `seed`.
 
@@ -255,6 +273,9 @@ def init_model(
   `pretrained`: a weights file (`.pth`, `.safetensors` or `.npz`; our layout or torchvision's, see
   `models.load_pretrained`), loaded over the initialization (keys whose shapes differ, e.g. the classifier, and
   keys the file lacks, e.g. adapters, keep their initial values).
+  `mesh`: create the parameters and model state on it, each leaf straight into its `distributed.fsdp_sharding`
+  (`distributed.init_sharded`: never whole on one device when the mesh has an `fsdp` axis); with `pretrained`, the
+  weights are loaded on one device per process as without a mesh, then placed (`distributed.place_state`).
   """
   from flax import nnx
 
@@ -263,9 +284,17 @@ def init_model(
   graphdef, initialize = _model_initializer(
     model, int(num_classes), tuple(int(d) for d in input_shape), dict(model_kwargs or {})
   )
-  params, model_state = initialize(jax.random.key(seed), jax.random.key(seed, impl="rbg"))
+  from disam_jax.harness import distributed
+
+  make = lambda: initialize(jax.random.key(seed), jax.random.key(seed, impl="rbg"))
+  if mesh is None or pretrained is not None:
+    params, model_state = make()
+  else:
+    params, model_state = distributed.init_sharded(make, mesh)
   if pretrained is not None:
     module = nnx.merge(graphdef, params, model_state)
     models.load_pretrained(module, pretrained)
     graphdef, params, model_state = models.functional_model(module)
+    if mesh is not None:
+      params, model_state = distributed.place_state((params, model_state), mesh)
   return graphdef, params, model_state
