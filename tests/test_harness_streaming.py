@@ -361,3 +361,26 @@ def test_host_memory_does_not_grow_with_the_number_of_images(tmp_path):
   # arrays are 12 bytes. Measured: 1.5-3 KiB per image of allocator and ArrayRecord reader growth, which does not
   # scale with the image size (the same at 224 px: benchmarks/input_pipeline.py).
   assert per_image < 4096, (grow_small, grow_large, per_image)
+
+
+def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
+  """The streamed feeds on a 4-device mesh (FSDP): each device reads its slice of every training and evaluation
+  batch (the evaluation batch rounded to the devices), and the run's losses and accuracies are the one-device run's."""
+  import jax
+
+  from disam_jax.harness import distributed
+
+  root = _folder(tmp_path / "data")
+  config = train.ExperimentConfig(
+    dataset="image_folder", data_dir=root, image_size=12, cache_dir=str(tmp_path / "cache"), algorithms=("disam",),
+    held_out=("c",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4),
+    eval_batch_size=6, data_workers=0)
+  one = train.run_experiment(config, str(tmp_path / "one"), progress=False)
+  mesh = distributed.parse_mesh("data=2,fsdp=2", jax.devices()[:4])
+  sharded = train.run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
+  for a, b in zip(_metrics(str(tmp_path / "one")), _metrics(str(tmp_path / "mesh"))):
+    assert a.keys() == b.keys() and a["step"] == b["step"]
+    if "loss" in a:  # step 0's line holds only the evaluation of the initialization
+      np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    assert a.get("eval") == b.get("eval")  # accuracies: the same counts over the same images
+  assert [e["val_acc"] for e in one[0].evals] == [e["val_acc"] for e in sharded[0].evals]
