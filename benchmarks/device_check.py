@@ -63,6 +63,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from benchmarks.step_cost.cases import JaxCase
+
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 _CONFORMANCE = (_REPO.parent / 'shared' / 'conformance' / 'disam_reference_v1.json',
                 _REPO / 'shared' / 'conformance' / 'disam_reference_v1.json',
@@ -349,9 +351,10 @@ def _jax_model(spec: ModelSpec, dtype: str):
   return graphdef, jax.device_get(params), jax.device_get(model_state)
 
 
-class JaxStep:
+class JaxStep(JaxCase):
   """One jitted, donated step of `kind` (benchmarks.step_cost.make_jax_step; 'disam_trigger' is DISAM with
-  `perturb_when=VarianceTrigger()`), lowered now and compiled by `compile()` (thread-safe: XLA releases the GIL)."""
+  `perturb_when=VarianceTrigger()`), lowered now and compiled by `compile()` (thread-safe: XLA releases the GIL);
+  `run` and `final_loss` are step_cost's `JaxCase`'s."""
 
   framework = 'jax'
 
@@ -378,17 +381,6 @@ class JaxStep:
     self.compiled = self.lowered.compile(compiler_options=fast_conv.compiler_options())
     self.compile_s = round(time.perf_counter() - t0, 2)
     return self
-
-  def run(self, steps: int) -> None:
-    import jax
-    state = self.state
-    for _ in range(steps):
-      *state, self.loss = self.compiled(*state, self.x, self.y)
-    jax.block_until_ready((state, self.loss))
-    self.state = tuple(state)
-
-  def final_loss(self) -> float:
-    return float(self.loss)
 
   def analysis(self) -> dict:
     """XLA's compiled memory plan (temp + arguments + outputs, bytes) and FLOP count of one step."""
