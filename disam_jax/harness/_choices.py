@@ -304,8 +304,8 @@ class HParams:
   are set by `for_run` to DomainBed's fraction of the run.
   """
 
-  optimizer: str = hparam(str, "adam", "base optimizer (sgd with momentum 0.9)", choices=BASE_OPTIMIZERS,
-                          metavar="NAME", source="DomainBed: Adam")
+  optimizer: str = hparam(str, "adam", "base optimizer: " + ", ".join(BASE_OPTIMIZERS) + " (sgd with "
+                          "momentum 0.9; checked by HParams.validate)", metavar="NAME", source="DomainBed: Adam")
   lr: float = hparam(float, 1e-3, "learning rate", large=5e-5, search=LogUniform(-4.5, -2.5),
                      search_large=LogUniform(-5, -3.5), metavar="LR", source="DomainBed hparams_registry")
   weight_decay: float = hparam(float, 0.0, "weight decay inside the base optimizer: L2 for sgd/adam, decoupled for "
