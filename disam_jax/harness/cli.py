@@ -2,8 +2,9 @@
 
     disam-train --dataset rotated_digits --algorithm erm sam disam
 
-trains every algorithm with every held-out domain and seed, shows a progress bar, prints a DomainBed-style table
-(held-out accuracy, mean ± std over seeds; model selection by training-domain validation and by the last
+trains every algorithm with every held-out domain, seed (and, with --hparams-samples, hyperparameter draw), shows a
+progress bar, prints DomainBed-style tables (held-out accuracy, mean ± standard error over trial seeds; one per
+model-selection method: training-domain validation, leave-one-domain-out, test-domain oracle, and the last
 checkpoint) and writes a run directory (see docs/harness.md). Exit codes: 0 success, 2 bad input (unknown names,
 missing data, impossible settings, unreadable weight files or checkpoints, a run directory in use; the message says
 what to change), 3 training diverged (non-finite loss; the last good checkpoint is kept), 4 the run directory could
@@ -45,7 +46,8 @@ lr 5e-5, batch 32, weight decay 0, ResNet-50. rho 0.05 and lam 0.1 are the paper
 about two minutes on 2 CPU cores.
 
 Run directory (--output-dir, default runs/<timestamp>): config.json; cells/<algorithm>_heldout-<domain>_seed-<seed>/
-with metrics.jsonl (one line per step), result.json and checkpoints/ (orbax: latest and best); results.md and
+(+ _hparams-<k> for draw k of a search, heldout-<domain>+<domain 2> for --leave-one-domain-out's runs) with
+metrics.jsonl (one line per step), result.json and checkpoints/ (orbax: latest and best); results.md and
 results.json (the tables); training_curves.png, domain_losses.png, heldout_accuracy.png, and mechanism.png
 (DISAM's perturbation weights c_i, and the cosine to SAM's direction with --diagnostics).
 
@@ -116,8 +118,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
       "Leave-one-domain-out domain generalization (DomainBed protocol) with ERM, SAM and DISAM\n"
       "(Domain-Inspired Sharpness-Aware Minimization, ICLR 2024). For each seed, held-out domain and\n"
       "algorithm: train on the other domains (80% of each; the other 20% is training-domain validation),\n"
-      "evaluate and checkpoint every --eval-every steps, and report the held-out accuracy (%) of the\n"
-      "best-validation checkpoint and of the last one, mean +- std over seeds."
+      "evaluate and checkpoint every --eval-every steps, and report the held-out accuracy (%) as DomainBed's\n"
+      "collect_results: per model-selection method, mean +- standard error over trial seeds."
     ),
     epilog=_EPILOG,
     formatter_class=argparse.RawDescriptionHelpFormatter,
