@@ -291,3 +291,56 @@ def test_the_cli_grows_a_search_on_resume_and_refuses_to_shrink_it(tmp_path, cap
   assert "--hparams-samples 2 is below the run's 3; it can only grow" in capsys.readouterr().err
   assert cli.main(base + ["--hparams-samples", "0", "--output-dir", str(tmp_path / "bad")]) == 2
   assert "hparams_samples must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_the_plan_and_the_progress_bar_cover_every_draw_and_leave_one_out_run(tmp_path, monkeypatch):
+  from disam_jax.harness import experiment
+
+  config = _search_config(leave_one_out=True)
+  domains = ["0", "15", "30", "45", "60", "75"]
+  plan = experiment.planned_runs(config, ("0",), domains)
+  # held out 0 alone, then the 5 pairs (0, v); 3 draws each; one algorithm
+  assert len(plan) == 6 * 3 and plan[0] == (0, ("0",), 0, "erm") and plan[3] == (0, ("0", "15"), 0, "erm")
+  assert experiment.held_out_sets(dataclasses.replace(config, leave_one_out=False), ("0",), domains) == [("0",)]
+  # the report's count of the search's runs is the experiment's
+  planned = tables.planned_runs(json.loads(json.dumps(config.to_json())), {"domains": dict.fromkeys(domains, 1)})
+  assert len(planned) == len(plan)
+  totals = []
+  progress = experiment._Progress.__init__
+
+  def spy(self, shown, total):
+    totals.append(total)
+    progress(self, False, total)
+
+  def stop(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(experiment._Progress, "__init__", spy)
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run_experiment(config, str(tmp_path / "run"), progress=True, on_step=stop)
+  assert totals == [len(plan) * config.steps]
+
+
+def test_merge_keeps_draws_and_leave_one_out_runs_apart_and_refuses_a_duplicate_search(tmp_path, capsys):
+  from disam_jax.harness import report
+
+  config = {"dataset": "fake", "model": "mlp", "steps": 20, "hparams": {}, "algorithms": ["erm"], "seeds": [0],
+            "held_out": ["a"], "hparams_samples": 2, "leave_one_out": True}
+  data = {"dataset": "fake", "domains": {"a": 10, "b": 10, "c": 10}, "unreadable_files": [], "warnings": []}
+  for name in ("one", "two"):
+    cell = tmp_path / name / "cells" / "erm_heldout-a_seed-0"  # draw 0's metrics: the dynamics table reads them
+    os.makedirs(cell)
+    with open(cell / "metrics.jsonl", "w") as f:
+      for step in range(1, 21):
+        f.write(json.dumps({"step": step, "loss": 1.0 / step, "domain_losses": {"b": 1.0, "c": 1.0}, "variance": 0.0,
+                            "perturbation_norm": 0.0, "grad_norm": 1.0, "time": 0.01 * step}) + "\n")
+    tables.write_results(str(tmp_path / name), CELLS, config, data=data)
+  assert report.main([str(tmp_path / "merged"), "--no-plots", "--merge", str(tmp_path / "one"),
+                      f"{tmp_path / 'two'}=_again"]) == 0
+  text = (tmp_path / "merged" / "results.md").read_text()
+  section = text.split("## Model selection: leave-one-domain-out validation")[1].split("## Model selection")[0]
+  assert "| ERM | 60.0 | 60.0 |" in section and "| ERM_AGAIN | 60.0 | 60.0 |" in section
+  capsys.readouterr()
+  assert report.main([str(tmp_path / "merged2"), "--no-plots", "--merge", str(tmp_path / "one"),
+                      str(tmp_path / "two")]) == 2
+  assert "the report would keep only one of them" in capsys.readouterr().err

@@ -5,7 +5,10 @@ a usage error and --list answer without importing JAX, Optax or Flax (`import di
 single source of the names: `algorithms.RULES`, `PENALTIES`, `BASE_OPTIMIZERS` and `ALGORITHMS`, and
 `data.DATASETS`, are built from the tables here and checked against them on import; `models.MODELS` is checked
 against `MODELS` by tests/test_lazy_import.py. `HParams` and `default_hparams` live here (they need no JAX) and
-are re-exported by `disam_jax.harness.algorithms`, where they are documented for users.
+are re-exported by `disam_jax.harness.algorithms`, where they are documented for users. Each hyperparameter is
+declared once, as an `HParams` field made by `hparam` (`Hyperparameter`: type, default per dataset kind, random-search
+distribution, which algorithms use it, flag, help): the CLI's flags, the defaults, the search (`search.py`) and the
+table in docs/harness.md (`hparams_markdown`) are derived from the declarations.
 
 Only the standard library is imported here.
 """
