@@ -205,6 +205,10 @@ def _described(text: str, integer: bool, per_steps: Optional[int]) -> str:
   return f"int({text})" if integer else text
 
 
+# "The same as for small images": a declaration's `large` / `search_large` when DomainBed does not distinguish.
+_SAME = "same as small images"
+
+
 # Which algorithms use a hyperparameter (only those are drawn for them; the others keep their values).
 _USERS = {
   "all": lambda rule, penalty: True,
@@ -226,9 +230,9 @@ class Hyperparameter:
     type: float, int, bool or str: what the flag parses (bool: a switch).
     default: the default (for "large" datasets too unless `large` is given).
     help: one line for --help and the docs (the default is appended).
-    large: the default for DomainBed's non-SMALL_IMAGES datasets (image folders); `_SAME`: `default`.
+    large: the default for DomainBed's non-SMALL_IMAGES datasets (image folders); `_SAME` (unset): `default`.
     search: the random-search distribution (None: not searched, keeps its value in every draw).
-    search_large: the distribution for "large" datasets; `_SAME`: `search`.
+    search_large: the distribution for "large" datasets; `_SAME` (unset): `search`.
     used_by: which algorithms use it (a key of `_USERS`): only those draw it.
     flag: the command-line spelling (None: set by another flag, `--trigger-gaps`); default ``--name-with-dashes``.
     metavar, choices, nargs: as argparse's.
@@ -240,9 +244,9 @@ class Hyperparameter:
   type: type
   default: Any
   help: str
-  large: Any = "_same"
+  large: Any = _SAME
   search: Optional[Distribution] = None
-  search_large: Any = "_same"
+  search_large: Any = _SAME
   used_by: str = "all"
   flag: Any = ""
   metavar: Optional[Any] = None
@@ -254,10 +258,10 @@ class Hyperparameter:
   name: str = ""
 
   def default_for(self, kind: str) -> Any:
-    return self.default if kind == "small" or self.large == "_same" else self.large
+    return self.default if kind == "small" or self.large == _SAME else self.large
 
   def search_for(self, kind: str) -> Optional[Distribution]:
-    return self.search if kind == "small" or self.search_large == "_same" else self.search_large
+    return self.search if kind == "small" or self.search_large == _SAME else self.search_large
 
   def used(self, algorithm: str) -> bool:
     rule, penalty, _ = ALGORITHMS[algorithm]
@@ -273,7 +277,7 @@ class Hyperparameter:
   def default_description(self) -> str:
     if self.default_text is not None:
       return self.default_text
-    if self.large != "_same" and self.large != self.default:
+    if self.large != _SAME and self.large != self.default:
       return f"{self.default:g} small images, {self.large:g} image folders" if self.type in (int, float) else \
         f"{self.default} small images, {self.large} image folders"
     return "off" if self.type is bool and not self.default else str(self.default)
