@@ -29,16 +29,17 @@ CELLS = [
 ]
 
 
-def test_table_is_mean_plus_minus_sample_std_over_seeds():
+def test_table_is_mean_plus_minus_domainbeds_standard_error_over_seeds():
   table = report.results_table(CELLS, "selected").splitlines()
   assert table[0] == "| Algorithm | a | b | Avg |"
   assert table[1] == "|---|:-:|:-:|:-:|"
-  # erm: a = mean(90, 92) ± std(ddof=1) = 1.41; b = 80 ± 0; Avg over seeds of (85, 86) = 85.5 ± 0.71
-  assert table[2] == "| ERM | 91.0 ± 1.4 | 80.0 ± 0.0 | 85.5 ± 0.7 |"
+  # DomainBed's s.e.: std(ddof=0) / sqrt(n). erm: a = mean(90, 92) ± 1 / sqrt(2) = 0.71; b = 80 ± 0; Avg over seeds
+  # of (85, 86) = 85.5 ± 0.5 / sqrt(2) = 0.35
+  assert table[2] == "| ERM | 91.0 ± 0.7 | 80.0 ± 0.0 | 85.5 ± 0.4 |"
   # disam: b has one seed (mean alone); Avg only over seed 0, the one seed with every domain
-  assert table[3] == "| DISAM | 94.0 ± 1.4 | 81.0 | 88.0 |"
+  assert table[3] == "| DISAM | 94.0 ± 0.7 | 81.0 | 88.0 |"
   last = report.results_table(CELLS, "last").splitlines()
-  assert last[2] == "| ERM | 51.0 ± 1.4 | 61.0 ± 1.4 | 56.0 ± 1.4 |"
+  assert last[2] == "| ERM | 51.0 ± 0.7 | 61.0 ± 0.7 | 56.0 ± 0.7 |"
 
 
 def test_format_mean_std():
@@ -53,7 +54,7 @@ def test_results_markdown_has_both_selections_and_seed_note():
                                                      "rho": 0.05, "lam": 0.1}})
   assert "## Model selection: training-domain validation" in text
   assert "## Model selection: last checkpoint" in text
-  assert "mean ± std over 2 seeds (0, 1)" in text
+  assert "mean ± standard error over 2 trial seeds (0, 1)" in text
   assert "rotated_digits · model mlp · 20 steps · adam lr 0.001" in text
 
 
@@ -140,8 +141,8 @@ def test_report_command_regenerates_a_run_directory(tmp_path, capsys):
   results_md = (tmp_path / "results.md").read_text()
   assert "| DISAM |" in results_md
   out = capsys.readouterr().out
-  first_section = results_md.split("## Model selection: last checkpoint")[0].strip()
-  assert out.startswith(first_section) and "## Model selection: last checkpoint" not in out
+  first_section = results_md.split("## Model selection: leave-one-domain-out")[0].strip()
+  assert out.startswith(first_section) and "## Model selection: leave-one-domain-out" not in out
   assert out.rstrip().endswith("results.json") or str(tmp_path) in out.splitlines()[-1]
   assert report.main([str(tmp_path / "nowhere")]) == 2
 
@@ -603,7 +604,7 @@ def test_report_of_an_interrupted_run_lists_the_missing_runs_and_averages_only_c
   saved = json.loads(open(os.path.join(run, "results.json")).read())
   assert saved["runs_configured"] == 27 and len(saved["missing"]) == 25
   assert saved["missing"][0] == {"algorithm": "sam", "held_out": "0", "seed": 0}
-  assert saved["tables"]["selected"]["erm"]["Avg"] == {"mean": None, "std": None, "n": 0}
+  assert saved["tables"]["selected"]["erm"]["Avg"] == {"mean": None, "std": None, "se": None, "n": 0}
 
 
 def test_a_merge_of_interrupted_runs_lists_the_missing_runs_of_every_source(tmp_path, capsys):

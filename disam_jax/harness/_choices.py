@@ -5,7 +5,10 @@ a usage error and --list answer without importing JAX, Optax or Flax (`import di
 single source of the names: `algorithms.RULES`, `PENALTIES`, `BASE_OPTIMIZERS` and `ALGORITHMS`, and
 `data.DATASETS`, are built from the tables here and checked against them on import; `models.MODELS` is checked
 against `MODELS` by tests/test_lazy_import.py. `HParams` and `default_hparams` live here (they need no JAX) and
-are re-exported by `disam_jax.harness.algorithms`, where they are documented for users.
+are re-exported by `disam_jax.harness.algorithms`, where they are documented for users. Each hyperparameter is
+declared once, as an `HParams` field made by `hparam` (`Hyperparameter`: type, default per dataset kind, random-search
+distribution, which algorithms use it, flag, help): the CLI's flags, the defaults, the search (`search.py`) and the
+table in docs/harness.md (`hparams_markdown`) are derived from the declarations.
 
 Only the standard library is imported here.
 """
@@ -24,8 +27,15 @@ __all__ = [
   "PENALTIES",
   "PERTURB_WHEN",
   "RULES",
+  "Choice",
   "HParams",
+  "Hyperparameter",
+  "LogUniform",
+  "Uniform",
+  "dataset_kind",
+  "declarations",
   "default_hparams",
+  "hparams_markdown",
   "ordered_like",
 ]
 
@@ -108,64 +118,260 @@ PERTURB_WHEN: tuple[str, ...] = ("variance",)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# One declaration per hyperparameter: `hparam(...)` below, as the metadata of its `HParams` field. The CLI's flags
+# (`cli.py`), the defaults per dataset kind (`default_hparams`), config.json (`HParams` is its "hparams"), the
+# --resume check, the random search (`search.py`) and the table in docs/harness.md (`hparams_markdown`) are all
+# derived from these declarations: adding a hyperparameter is one field here (and its use where it acts).
+
+# DomainBed's hparams_registry: SMALL_IMAGES get other defaults and search ranges than the image folders.
+_SMALL_IMAGE_DATASETS = ("rotated_digits", "rotated_animals", "colored_digits")
+
+
+def dataset_kind(dataset: str) -> str:
+  """"small" for DomainBed's SMALL_IMAGES (our rotated and coloured digits, animals, tfds:), else "large"."""
+  return "small" if dataset in _SMALL_IMAGE_DATASETS or dataset.startswith("tfds:") else "large"
+
+
 @dataclasses.dataclass(frozen=True)
-class HParams:
-  """Hyperparameters of one training run.
+class LogUniform:
+  """``base ** U(lo, hi)``, as DomainBed's ``lambda r: 10**r.uniform(lo, hi)``; `integer`: rounded down (DomainBed's
+  ``int(...)``); `per_steps`: scaled by ``steps / per_steps`` (anneal steps DomainBed draws for 5000-step runs)."""
+
+  lo: float
+  hi: float
+  base: float = 10.0
+  integer: bool = False
+  per_steps: Optional[int] = None
+
+  def draw(self, rng: Any, steps: int) -> Any:
+    """One value from `rng` (a `numpy.random.Generator`: one ``uniform`` call)."""
+    value = self.base ** float(rng.uniform(self.lo, self.hi))
+    return _finish(value, self.integer, self.per_steps, steps)
+
+  def bounds(self, steps: int) -> tuple[float, float]:
+    lo, hi = self.base ** self.lo, self.base ** self.hi
+    return _finish(lo, self.integer, self.per_steps, steps), _finish(hi, self.integer, self.per_steps, steps)
+
+  def describe(self) -> str:
+    text = f"{self.base:g}^U({self.lo:g}, {self.hi:g})"
+    return _described(text, self.integer, self.per_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+  """``U(lo, hi)``; `integer` and `per_steps` as in `LogUniform`."""
+
+  lo: float
+  hi: float
+  integer: bool = False
+  per_steps: Optional[int] = None
+
+  def draw(self, rng: Any, steps: int) -> Any:
+    return _finish(float(rng.uniform(self.lo, self.hi)), self.integer, self.per_steps, steps)
+
+  def bounds(self, steps: int) -> tuple[float, float]:
+    return (_finish(self.lo, self.integer, self.per_steps, steps),
+            _finish(self.hi, self.integer, self.per_steps, steps))
+
+  def describe(self) -> str:
+    return _described(f"U({self.lo:g}, {self.hi:g})", self.integer, self.per_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One of `values`, uniformly (DomainBed's ``r.choice([...])``)."""
+
+  values: tuple
+
+  def draw(self, rng: Any, steps: int) -> Any:
+    return self.values[int(rng.integers(len(self.values)))]
+
+  def describe(self) -> str:
+    return "one of " + ", ".join(map(str, self.values))
+
+
+Distribution = Any  # LogUniform | Uniform | Choice
+
+
+def _finish(value: float, integer: bool, per_steps: Optional[int], steps: int) -> Any:
+  if per_steps is not None:
+    value = value * steps / per_steps
+  return int(value) if integer else float(value)
+
+
+def _described(text: str, integer: bool, per_steps: Optional[int]) -> str:
+  if per_steps is not None:
+    text = f"{text} x steps/{per_steps}"
+  return f"int({text})" if integer else text
+
+
+# "The same as for small images": a declaration's `large` / `search_large` when DomainBed does not distinguish.
+_SAME = "same as small images"
+
+
+# Which algorithms use a hyperparameter (only those are drawn for them; the others keep their values).
+_USERS = {
+  "all": lambda rule, penalty: True,
+  "sharpness": lambda rule, penalty: rule != "erm",
+  "disam": lambda rule, penalty: rule.startswith("disam"),
+  "gsam_sagm": lambda rule, penalty: rule.endswith(("gsam", "sagm")),
+  "coral": lambda rule, penalty: penalty == "coral",
+  "vrex": lambda rule, penalty: penalty == "vrex",
+  "fishr": lambda rule, penalty: penalty == "fishr",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+  """The declaration of one `HParams` field.
 
   Attributes:
-    optimizer: base optimizer, one of `BASE_OPTIMIZERS` ('sgd' has momentum 0.9).
-    lr: learning rate of the base optimizer.
-    weight_decay: inside the base optimizer: L2 added to the gradient for 'sgd' and 'adam' (PyTorch's
-      ``weight_decay``), decoupled for 'adamw'.
-    batch_size: examples per training domain per step.
-    rho: perturbation radius (SAM, DISAM).
-    lam: weight of the domain-loss variance in DISAM's perturbation.
-    diagnostics: DISAM rules also compute, every step, the cosine between DISAM's perturbation direction and SAM's
-      (`DisamState.sam_cosine`; one extra backward pass per step). SAM's is 1 by definition and is not computed.
-    adaptive: ASAM form of the perturbation (every sharpness-aware rule): ``sam`` with it is ASAM (Kwon et al.
-      2021), ``disam`` with it the official DISAM code's ``adaptive`` flag.
-    alpha: GSAM's / SAGM's alpha; None takes the rule's published default (see `disam_jax.disam`).
-    perturb_every: sharpness-aware rules take their full two-pass step every this many steps and reuse its
-      gradient component in between, one pass per step (`disam_jax.disam(..., perturb_every=k)`, LookSAM-style;
-      SAM with it is LookSAM). 1: every step. ERM is unaffected.
-    reuse_weight: with perturb_every > 1 or perturb_when, the weight of the reused gradient component in the steps
-      in between (`disam_jax.disam(..., reuse_weight=...)`); None: the core's default 0, plain gradient steps
-      ("SAM every k steps"); LookSAM's 0.7 lost accuracy in docs/results.md.
-    perturb_when: None, or "variance": sharpness-aware rules ascend when this step's domain-loss variance exceeds
-      trigger_factor times its running mean (decay trigger_decay), at most once per trigger_min_gap steps and at
-      least once per trigger_max_gap (`disam_jax.disam(..., perturb_when=disam_jax.VarianceTrigger(...))`). Not
-      with perturb_every > 1.
-    trigger_min_gap, trigger_max_gap, trigger_factor, trigger_decay: the `VarianceTrigger`'s fields.
-    coral_gamma: CORAL's penalty weight (DomainBed's ``mmd_gamma``).
-    vrex_lambda: V-REx's penalty weight after the anneal (1 before it).
-    vrex_anneal_steps: V-REx's anneal step (the base optimizer is re-initialized there); None: `for_run`.
-    fishr_lambda: Fishr's penalty weight after the anneal (0 before it).
-    fishr_ema: Fishr's moving-average factor of the per-domain gradient variances.
-    fishr_anneal_steps: Fishr's anneal step (the base optimizer is re-initialized there if > 0); None: `for_run`.
+    name: the field's name (filled in from the field).
+    type: float, int, bool or str: what the flag parses (bool: a switch).
+    default: the default (for "large" datasets too unless `large` is given).
+    help: one line for --help and the docs (the default is appended).
+    large: the default for DomainBed's non-SMALL_IMAGES datasets (image folders); `_SAME` (unset): `default`.
+    search: the random-search distribution (None: not searched, keeps its value in every draw).
+    search_large: the distribution for "large" datasets; `_SAME` (unset): `search`.
+    used_by: which algorithms use it (a key of `_USERS`): only those draw it.
+    flag: the command-line spelling (None: set by another flag, `--trigger-gaps`); default ``--name-with-dashes``.
+    metavar, choices, nargs: as argparse's.
+    default_text: what --help and the docs say for the default instead of its value (e.g. "10% of --steps").
+    group: the --help group: "training" or "penalties".
+    source: where the default and the distribution come from.
   """
 
-  optimizer: str = "adam"
-  lr: float = 1e-3
-  weight_decay: float = 0.0
-  batch_size: int = 64
-  rho: float = 0.05
-  lam: float = 0.1
-  diagnostics: bool = False
-  adaptive: bool = False
-  alpha: Optional[float] = None
-  perturb_every: int = 1
-  reuse_weight: Optional[float] = None
-  perturb_when: Optional[str] = None
-  trigger_min_gap: int = 16
-  trigger_max_gap: int = 32
-  trigger_factor: float = 1.0
-  trigger_decay: float = 0.9
-  coral_gamma: float = 1.0  # DomainBed hparams_registry: mmd_gamma 1.0 (MMD, CORAL)
-  vrex_lambda: float = 10.0  # DomainBed hparams_registry: vrex_lambda 1e1
-  vrex_anneal_steps: Optional[int] = None  # DomainBed: vrex_penalty_anneal_iters 500 (of 5000 steps)
-  fishr_lambda: float = 1000.0  # DomainBed hparams_registry (Fishr): lambda 1000
-  fishr_ema: float = 0.95  # DomainBed hparams_registry (Fishr): ema 0.95
-  fishr_anneal_steps: Optional[int] = None  # DomainBed (Fishr): penalty_anneal_iters 1500 (of 5000 steps)
+  type: type
+  default: Any
+  help: str
+  large: Any = _SAME
+  search: Optional[Distribution] = None
+  search_large: Any = _SAME
+  used_by: str = "all"
+  flag: Any = ""
+  metavar: Optional[Any] = None
+  choices: tuple = ()
+  nargs: Optional[int] = None
+  default_text: Optional[str] = None
+  group: str = "training"
+  source: str = ""
+  name: str = ""
+
+  def default_for(self, kind: str) -> Any:
+    return self.default if kind == "small" or self.large == _SAME else self.large
+
+  def search_for(self, kind: str) -> Optional[Distribution]:
+    return self.search if kind == "small" or self.search_large == _SAME else self.search_large
+
+  def used(self, algorithm: str) -> bool:
+    rule, penalty, _ = ALGORITHMS[algorithm]
+    return _USERS[self.used_by](rule, penalty)
+
+  @property
+  def option(self) -> Optional[str]:
+    """The command-line flag (None when another flag sets it)."""
+    if self.flag is None:
+      return None
+    return self.flag or "--" + self.name.replace("_", "-")
+
+  def default_description(self) -> str:
+    if self.default_text is not None:
+      return self.default_text
+    if self.large != _SAME and self.large != self.default:
+      return f"{self.default:g} small images, {self.large:g} image folders" if self.type in (int, float) else \
+        f"{self.default} small images, {self.large} image folders"
+    return "off" if self.type is bool and not self.default else str(self.default)
+
+  def search_description(self) -> str:
+    small, large = self.search_for("small"), self.search_for("large")
+    if small is None and large is None:
+      return "–"
+    if small == large:
+      return small.describe()
+    return (f"{small.describe() if small else 'not searched'} small images, "
+            f"{large.describe() if large else 'not searched'} image folders")
+
+
+def hparam(type: type, default: Any, help: str, **kwargs: Any) -> Any:
+  """An `HParams` field declared with `Hyperparameter(type, default, help, **kwargs)` as its metadata."""
+  return dataclasses.field(default=default, metadata={"hparam": Hyperparameter(type, default, help, **kwargs)})
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+  """Hyperparameters of one training run: one field per hyperparameter, each declared with `hparam` (its type,
+  default per dataset kind, random-search distribution, flag and help: `declarations()`; the table of them all is
+  `hparams_markdown()`, in docs/harness.md "Hyperparameters").
+
+  A few meanings in full: ``weight_decay`` is inside the base optimizer: L2 added to the gradient for 'sgd' and
+  'adam' (PyTorch's ``weight_decay``), decoupled for 'adamw'. ``perturb_every`` / ``perturb_when`` amortize the
+  sharpness-aware rules (`disam_jax.disam(..., perturb_every=k)`, LookSAM-style, and
+  ``perturb_when=disam_jax.VarianceTrigger(trigger_min_gap, trigger_max_gap, trigger_factor, trigger_decay)``);
+  ``reuse_weight`` weighs the gradient component reused in between (None: the core's 0). The anneal steps left None
+  are set by `for_run` to DomainBed's fraction of the run.
+  """
+
+  optimizer: str = hparam(str, "adam", "base optimizer: " + ", ".join(BASE_OPTIMIZERS) + " (sgd with "
+                          "momentum 0.9; checked by HParams.validate)", metavar="NAME", source="DomainBed: Adam")
+  lr: float = hparam(float, 1e-3, "learning rate", large=5e-5, search=LogUniform(-4.5, -2.5),
+                     search_large=LogUniform(-5, -3.5), metavar="LR", source="DomainBed hparams_registry")
+  weight_decay: float = hparam(float, 0.0, "weight decay inside the base optimizer: L2 for sgd/adam, decoupled for "
+                               "adamw", search=None, search_large=LogUniform(-6, -2), metavar="WD",
+                               source="DomainBed hparams_registry")
+  batch_size: int = hparam(int, 64, "examples per training domain per step (a default, or a draw, larger than the "
+                           "smallest training domain is lowered to its size, with a notice)", large=32,
+                           search=LogUniform(3, 9, base=2, integer=True),
+                           search_large=LogUniform(3, 5.5, base=2, integer=True), metavar="B",
+                           source="DomainBed hparams_registry")
+  rho: float = hparam(float, 0.05, "SAM/DISAM perturbation radius", search=LogUniform(-2, -0.5),
+                      used_by="sharpness", metavar="RHO", source="DISAM paper (default); search range ours")
+  lam: float = hparam(float, 0.1, "DISAM's weight of the domain-loss variance", search=LogUniform(-2, 0),
+                      used_by="disam", metavar="LAM", source="DISAM paper (default); search range ours")
+  diagnostics: bool = hparam(bool, False, "for DISAM, also log the cosine between its perturbation direction and "
+                             "SAM's every step (mechanism.png; one extra backward pass per DISAM step)")
+  adaptive: bool = hparam(bool, False, "adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive "
+                          "is ASAM)")
+  alpha: Optional[float] = hparam(float, None, "GSAM's / SAGM's alpha", used_by="gsam_sagm", metavar="ALPHA",
+                                  default_text="the rule's published default")
+  perturb_every: int = hparam(int, 1, "amortized sharpness-aware rules: the full two-pass step every K steps, one "
+                              "pass reusing its gradient component in between (LookSAM-style; ERM unaffected; 1: "
+                              "every step)", used_by="sharpness", metavar="K")
+  reuse_weight: Optional[float] = hparam(float, None, "with --perturb-every K > 1 or --perturb-when: weight of the "
+                                         "reused gradient component in the steps in between (0: plain gradient "
+                                         "steps; LookSAM: 0.7)", used_by="sharpness", metavar="W", default_text="0")
+  perturb_when: Optional[str] = hparam(str, None, "amortized sharpness-aware rules: the full two-pass step when "
+                                       "this step's domain-loss variance exceeds --trigger-factor x its running "
+                                       "mean, within --trigger-gaps; one pass otherwise", used_by="sharpness",
+                                       choices=PERTURB_WHEN, default_text="off")
+  trigger_min_gap: int = hparam(int, 16, "with --perturb-when: at most one ascent per MIN steps, at least one per "
+                                "MAX", flag="--trigger-gaps", nargs=2, metavar=("MIN", "MAX"), default_text="16 32",
+                                used_by="sharpness")
+  trigger_max_gap: int = hparam(int, 32, "the MAX of --trigger-gaps", flag=None, used_by="sharpness")
+  trigger_factor: float = hparam(float, 1.0, "with --perturb-when: how far above its running mean the variance "
+                                 "must be", metavar="F", used_by="sharpness")
+  trigger_decay: float = hparam(float, 0.9, "with --perturb-when: decay of the variance's running mean per step",
+                                metavar="D", used_by="sharpness")
+  coral_gamma: float = hparam(float, 1.0, "CORAL's penalty weight, DomainBed's mmd_gamma",
+                              search=LogUniform(-1, 1), used_by="coral", metavar="G", group="penalties",
+                              source="DomainBed hparams_registry (mmd_gamma)")
+  vrex_lambda: float = hparam(float, 10.0, "V-REx's penalty weight after the anneal step, 1 before",
+                              search=LogUniform(-1, 5), used_by="vrex", metavar="L", group="penalties",
+                              source="DomainBed hparams_registry")
+  vrex_anneal_steps: Optional[int] = hparam(int, None, "V-REx's anneal step, where the base optimizer is also "
+                                            "re-initialized", search=LogUniform(0, 4, integer=True, per_steps=5000),
+                                            used_by="vrex", metavar="N", default_text="10% of --steps",
+                                            group="penalties",
+                                            source="DomainBed: 500 of 5000 steps; search scaled to --steps")
+  fishr_lambda: float = hparam(float, 1000.0, "Fishr's penalty weight after the anneal step, 0 before",
+                               search=LogUniform(1, 4), used_by="fishr", metavar="L", group="penalties",
+                               source="DomainBed hparams_registry (Fishr)")
+  fishr_ema: float = hparam(float, 0.95, "Fishr's moving-average factor", search=Uniform(0.90, 0.99),
+                            used_by="fishr", metavar="E", group="penalties", source="DomainBed hparams_registry")
+  fishr_anneal_steps: Optional[int] = hparam(int, None, "Fishr's anneal step, where the base optimizer is also "
+                                             "re-initialized (if > 0)",
+                                             search=Uniform(0, 5000, integer=True, per_steps=5000), used_by="fishr",
+                                             metavar="N", default_text="30% of --steps", group="penalties",
+                                             source="DomainBed: 1500 of 5000 steps; search scaled to --steps")
 
   def for_run(self, steps: int) -> "HParams":
     """These hyperparameters with the anneal steps left at None set to DomainBed's fraction of a `steps` run.
@@ -238,14 +444,30 @@ def _fraction(value: Optional[int], fraction: float, steps: int) -> int:
   return int(round(fraction * steps)) if value is None else value
 
 
-# DomainBed's hparams_registry: SMALL_IMAGES get lr 1e-3 and batch 64, the others lr 5e-5 and batch 32; weight
-# decay 0 by default everywhere; Adam is ERM's optimizer.
-_SMALL_IMAGE_DATASETS = ("rotated_digits", "rotated_animals", "colored_digits")
+def declarations() -> dict[str, Hyperparameter]:
+  """Every hyperparameter's declaration, by name, in `HParams`' order."""
+  return {f.name: dataclasses.replace(f.metadata["hparam"], name=f.name) for f in dataclasses.fields(HParams)}
 
 
 def default_hparams(dataset: str, **overrides: Any) -> HParams:
-  """DomainBed's defaults for `dataset` (see `disam_jax.harness.algorithms`), with `overrides` applied (None
-  ignored)."""
-  small = dataset in _SMALL_IMAGE_DATASETS or dataset.startswith("tfds:")
-  base = HParams(lr=1e-3, batch_size=64) if small else HParams(lr=5e-5, batch_size=32)
-  return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+  """DomainBed's defaults for `dataset`'s kind (`dataset_kind`: each declaration's `default` or `large`), with
+  `overrides` applied (None ignored)."""
+  kind = dataset_kind(dataset)
+  values = {name: d.default_for(kind) for name, d in declarations().items()}
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return HParams(**values)
+
+
+def hparams_markdown() -> str:
+  """The table of every hyperparameter (flag, default, random-search distribution, used by, meaning), generated
+  from the declarations for docs/harness.md (tests/test_harness_search.py checks the docs hold it verbatim)."""
+  lines = ["| Hyperparameter | Flag | Default | Search distribution | Drawn for | Meaning | Source |",
+           "|---|---|---|---|---|---|---|"]
+  users = {"all": "every algorithm", "sharpness": "sharpness-aware rules", "disam": "DISAM rules",
+           "gsam_sagm": "GSAM, SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
+  for name, d in declarations().items():
+    flag = f"`{d.option}`" if d.option else "(with `--trigger-gaps`)"
+    drawn = users[d.used_by] if d.search_description() != "–" else "–"
+    lines.append(f"| `{name}` | {flag} | {d.default_description()} | {d.search_description()} | {drawn} | "
+                 f"{d.help} | {d.source or '–'} |")
+  return "\n".join(lines)

@@ -2,8 +2,9 @@
 
     disam-train --dataset rotated_digits --algorithm erm sam disam
 
-trains every algorithm with every held-out domain and seed, shows a progress bar, prints a DomainBed-style table
-(held-out accuracy, mean ± std over seeds; model selection by training-domain validation and by the last
+trains every algorithm with every held-out domain, seed (and, with --hparams-samples, hyperparameter draw), shows a
+progress bar, prints DomainBed-style tables (held-out accuracy, mean ± standard error over trial seeds; one per
+model-selection method: training-domain validation, leave-one-domain-out, test-domain oracle, and the last
 checkpoint) and writes a run directory (see docs/harness.md). Exit codes: 0 success, 2 bad input (unknown names,
 missing data, impossible settings, unreadable weight files or checkpoints, a run directory in use; the message says
 what to change), 3 training diverged (non-finite loss; the last good checkpoint is kept), 4 the run directory could
@@ -45,7 +46,8 @@ lr 5e-5, batch 32, weight decay 0, ResNet-50. rho 0.05 and lam 0.1 are the paper
 about two minutes on 2 CPU cores.
 
 Run directory (--output-dir, default runs/<timestamp>): config.json; cells/<algorithm>_heldout-<domain>_seed-<seed>/
-with metrics.jsonl (one line per step), result.json and checkpoints/ (orbax: latest and best); results.md and
+(+ _hparams-<k> for draw k of a search, heldout-<domain>+<domain 2> for --leave-one-domain-out's runs) with
+metrics.jsonl (one line per step), result.json and checkpoints/ (orbax: latest and best); results.md and
 results.json (the tables); training_curves.png, domain_losses.png, heldout_accuracy.png, and mechanism.png
 (DISAM's perturbation weights c_i, and the cosine to SAM's direction with --diagnostics).
 
@@ -108,9 +110,6 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
   Built from the JAX-free `_choices` only, so --help and usage errors do not import JAX (nor does `--list`).
   """
-  from disam_jax.harness._choices import HParams
-
-  hp = HParams()
   default = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
   parser = _Parser(
     prog=PROG,
@@ -119,8 +118,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
       "Leave-one-domain-out domain generalization (DomainBed protocol) with ERM, SAM and DISAM\n"
       "(Domain-Inspired Sharpness-Aware Minimization, ICLR 2024). For each seed, held-out domain and\n"
       "algorithm: train on the other domains (80% of each; the other 20% is training-domain validation),\n"
-      "evaluate and checkpoint every --eval-every steps, and report the held-out accuracy (%) of the\n"
-      "best-validation checkpoint and of the last one, mean +- std over seeds."
+      "evaluate and checkpoint every --eval-every steps, and report the held-out accuracy (%) as DomainBed's\n"
+      "collect_results: per model-selection method, mean +- standard error over trial seeds."
     ),
     epilog=_EPILOG,
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -128,8 +127,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   )
   _data_options(parser, default)
   _model_options(parser, default)
-  train = _training_options(parser, default, hp)
-  _penalty_options(parser, default, hp)
+  train = _training_options(parser, default)
   # Added after the penalties' group, where it stands in the usage line; listed with the training options.
   train.add_argument("--eval-batch-size", type=_int, default=default(512), metavar="N",
                      help="examples per evaluation forward pass (default: 512)")
@@ -210,11 +208,10 @@ def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any
                           "--model-option freeze_bn=true")
 
 
-def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any],
-                      hp: Any) -> argparse._ArgumentGroup:
-  """The training group: algorithms, seeds, steps, optimizer and rule hyperparameters (`--eval-batch-size` is added
-  to it after the penalties)."""
-  from disam_jax.harness._choices import BASE_OPTIMIZERS, PENALTIES, PERTURB_WHEN, RULES
+def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> argparse._ArgumentGroup:
+  """The training group: algorithms, seeds, steps, the search, and a flag per declared hyperparameter
+  (`_hparam_options`; `--eval-batch-size` is added to it after the penalties)."""
+  from disam_jax.harness._choices import PENALTIES, RULES
 
   train = parser.add_argument_group("training")
   train.add_argument("--algorithm", nargs="+", default=default(["erm", "sam", "disam"]), metavar="ALG",
@@ -227,69 +224,61 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
                      help=f"training steps per run (default: {DEFAULT_STEPS})")
   train.add_argument("--eval-every", type=_int, default=default(DEFAULT_EVAL_EVERY), metavar="N",
                      help=f"evaluate and checkpoint every N steps and at the end (default: {DEFAULT_EVAL_EVERY})")
-  train.add_argument("--optimizer", default=default(hp.optimizer), metavar="NAME",
-                     help=f"base optimizer: {', '.join(BASE_OPTIMIZERS)} (sgd with momentum 0.9; "
-                          "default: adam, as DomainBed)")
-  train.add_argument("--lr", type=_finite_float, default=default(None),
-                     help="learning rate (default: 1e-3 for small images, 5e-5 for image folders)")
-  train.add_argument("--weight-decay", type=_finite_float, default=default(None), metavar="WD",
-                     help="weight decay inside the base optimizer: L2 for sgd/adam, decoupled for adamw "
-                          "(default: 0)")
-  train.add_argument("--batch-size", type=_int, default=default(None), metavar="B",
-                     help="examples per training domain per step (default: 64 for small images, 32 otherwise; "
-                          "a default larger than the smallest training domain is lowered to its size, with a notice)")
-  train.add_argument("--rho", type=_finite_float, default=default(hp.rho),
-                     help=f"SAM/DISAM perturbation radius (default: {hp.rho})")
-  train.add_argument("--lam", type=_finite_float, default=default(hp.lam),
-                     help=f"DISAM's weight of the domain-loss variance (default: {hp.lam})")
-  train.add_argument("--diagnostics", action="store_true", default=default(False),
-                     help="for DISAM, also log the cosine between its perturbation direction and SAM's every step "
-                          "(mechanism.png; one extra backward pass per DISAM step)")
-  train.add_argument("--adaptive", action="store_true", default=default(False),
-                     help="adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive is ASAM)")
-  train.add_argument("--alpha", type=_finite_float, default=default(None),
-                     help="GSAM's / SAGM's alpha (default: the rule's published default)")
-  train.add_argument("--perturb-every", type=_int, default=default(None), metavar="K",
-                     help="amortized sharpness-aware rules: the full two-pass step every K steps, one pass reusing "
-                          "its gradient component in between (LookSAM-style; ERM unaffected; default: 1, every step)")
-  train.add_argument("--reuse-weight", type=_finite_float, default=default(None), metavar="W",
-                     help="with --perturb-every K > 1 or --perturb-when: weight of the reused gradient component in "
-                          "the steps in between (default: 0, plain gradient steps in between; LookSAM: 0.7)")
-  train.add_argument("--perturb-when", choices=PERTURB_WHEN, default=default(None),
-                     help="amortized sharpness-aware rules: the full two-pass step when this step's domain-loss "
-                          "variance exceeds --trigger-factor x its running mean, within --trigger-gaps; one pass "
-                          "otherwise (default: off)")
-  train.add_argument("--trigger-gaps", type=_int, nargs=2, default=default(None), metavar=("MIN", "MAX"),
-                     help=f"with --perturb-when: at most one ascent per MIN steps, at least one per MAX (default: "
-                          f"{hp.trigger_min_gap} {hp.trigger_max_gap})")
-  train.add_argument("--trigger-factor", type=_finite_float, default=default(None), metavar="F",
-                     help=f"with --perturb-when: how far above its running mean the variance must be (default: "
-                          f"{hp.trigger_factor})")
-  train.add_argument("--trigger-decay", type=_finite_float, default=default(None), metavar="D",
-                     help=f"with --perturb-when: decay of the variance's running mean per step (default: "
-                          f"{hp.trigger_decay})")
+  train.add_argument("--hparams-samples", type=_int, default=default(1), metavar="N",
+                     help="DomainBed's random search: N hyperparameter draws per algorithm, held-out domain and "
+                          "trial seed; draw 0 is the defaults, the others are drawn from each hyperparameter's "
+                          "distribution (docs/harness.md, Hyperparameters), except those given as flags (default: "
+                          "1, the defaults only; DomainBed: 20)")
+  train.add_argument("--leave-one-domain-out", action="store_true", default=default(False),
+                     dest="leave_one_out",
+                     help="also train the runs with a second held-out domain that leave-one-domain-out validation "
+                          "selects with (one per pair of domains: M(M-1)/2 more runs per draw; without it that "
+                          "table shows -)")
+  _hparam_options(parser, train, default)
   return train
 
 
-def _penalty_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any], hp: Any) -> None:
-  """The DomainBed penalties group: CORAL's, V-REx's and Fishr's weights and anneal steps."""
+def _hparam_options(parser: argparse.ArgumentParser, train: argparse._ArgumentGroup,
+                   default: Callable[[Any], Any]) -> None:
+  """A flag per declared hyperparameter (`_choices.declarations`), in the training group or the penalties' group.
+
+  Every flag's argparse default is None ("not given": the dataset kind's default applies, and the search may draw
+  it); `config_from_args` fills in the defaults. A declaration with ``flag=None`` is set by another one's flag
+  (``--trigger-gaps MIN MAX`` sets trigger_min_gap and trigger_max_gap)."""
+  from disam_jax.harness._choices import declarations
+
   penalty = parser.add_argument_group(
     "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
     "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
-  penalty.add_argument("--coral-gamma", type=_finite_float, default=default(hp.coral_gamma), metavar="G",
-                       help=f"CORAL's penalty weight, DomainBed's mmd_gamma (default: {hp.coral_gamma})")
-  penalty.add_argument("--vrex-lambda", type=_finite_float, default=default(hp.vrex_lambda), metavar="L",
-                       help=f"V-REx's penalty weight after the anneal step, 1 before (default: {hp.vrex_lambda})")
-  penalty.add_argument("--vrex-anneal-steps", type=_int, default=default(None), metavar="N",
-                       help="V-REx's anneal step, where the base optimizer is also re-initialized (default: 10%% "
-                            "of --steps)")
-  penalty.add_argument("--fishr-lambda", type=_finite_float, default=default(hp.fishr_lambda), metavar="L",
-                       help=f"Fishr's penalty weight after the anneal step, 0 before (default: {hp.fishr_lambda})")
-  penalty.add_argument("--fishr-ema", type=_finite_float, default=default(hp.fishr_ema), metavar="E",
-                       help=f"Fishr's moving-average factor (default: {hp.fishr_ema})")
-  penalty.add_argument("--fishr-anneal-steps", type=_int, default=default(None), metavar="N",
-                       help="Fishr's anneal step, where the base optimizer is also re-initialized (default: 30%% "
-                            "of --steps)")
+  for name, d in declarations().items():
+    if d.option is None:
+      continue
+    group = penalty if d.group == "penalties" else train
+    text = f"{d.help} (default: {d.default_description()})".replace("%", "%%")
+    kwargs: dict[str, Any] = {"default": default(None), "help": text, "dest": d.option[2:].replace("-", "_")}
+    if d.type is bool:
+      group.add_argument(d.option, action="store_true", **kwargs)
+      continue
+    if d.choices:
+      kwargs["choices"] = d.choices
+    if d.nargs:
+      kwargs["nargs"] = d.nargs
+    kwargs["metavar"] = d.metavar
+    group.add_argument(d.option, type={float: _finite_float, int: _int}.get(d.type, str), **kwargs)
+
+
+def _hparam_flags() -> dict[str, tuple[str, ...]]:
+  """argparse dest -> the `HParams` fields it sets (``trigger_gaps`` -> the two gaps)."""
+  from disam_jax.harness._choices import declarations
+
+  out: dict[str, tuple[str, ...]] = {}
+  names = list(declarations())
+  for k, (name, d) in enumerate(declarations().items()):
+    if d.option is None:
+      continue
+    dest = d.option[2:].replace("-", "_")
+    out[dest] = tuple(names[k:k + d.nargs]) if d.nargs else (name,)
+  return out
 
 
 def _output_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
@@ -348,16 +337,13 @@ def config_from_args(args: argparse.Namespace):
                                     ("--trigger-decay", args.trigger_decay)) if value is not None]
   if given and args.perturb_when is None:
     raise BadInput(f"{', '.join(given)} set(s) the variance trigger: add --perturb-when variance, or drop it.")
-  hparams = default_hparams(
-    args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-    batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
-    diagnostics=args.diagnostics, perturb_every=args.perturb_every, reuse_weight=args.reuse_weight,
-    perturb_when=args.perturb_when, trigger_factor=args.trigger_factor, trigger_decay=args.trigger_decay,
-    trigger_min_gap=args.trigger_gaps[0] if args.trigger_gaps else None,
-    trigger_max_gap=args.trigger_gaps[1] if args.trigger_gaps else None,
-    coral_gamma=args.coral_gamma, vrex_lambda=args.vrex_lambda, vrex_anneal_steps=args.vrex_anneal_steps,
-    fishr_lambda=args.fishr_lambda, fishr_ema=args.fishr_ema, fishr_anneal_steps=args.fishr_anneal_steps,
-  ).for_run(args.steps)  # config.json records the anneal steps, so --resume keeps them
+  explicit = {}
+  for dest, fields in _hparam_flags().items():
+    value = getattr(args, dest, None)
+    if value is not None:
+      explicit.update(zip(fields, value) if len(fields) > 1 else {fields[0]: value})
+  # config.json records the anneal steps (for_run), so --resume keeps them; a search draws them itself
+  hparams = default_hparams(args.dataset, **explicit).for_run(args.steps)
   fraction = args.hard_domain_fraction
   if fraction is None:
     fraction = 0.1 if args.hard_domain is not None and not args.hard_domain_label_noise else 1.0
@@ -376,6 +362,9 @@ def config_from_args(args: argparse.Namespace):
     steps=args.steps,
     eval_every=args.eval_every,
     hparams=hparams,
+    hparams_samples=args.hparams_samples,
+    fixed_hparams=tuple(sorted(explicit)),
+    leave_one_out=args.leave_one_out,
     holdout_fraction=args.holdout_fraction,
     hard_domain=args.hard_domain,
     hard_domain_fraction=fraction,
@@ -402,30 +391,35 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
   if not os.path.exists(path):
     raise BadInput(f"--resume: {run_dir} has no config.json (not a disam-train run directory).")
   stored = _stored_config(run_dir)
-  explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv))) - _RUN_OPTIONS
+  given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+  explicit = given - _RUN_OPTIONS
   stored_json, fresh_json = stored.to_json(), fresh.to_json()
   flat = lambda d: {**{k: v for k, v in d.items() if k != "hparams"}, **d["hparams"]}
   stored_flat, fresh_flat = flat(stored_json), flat(fresh_json)
-  rename = {"algorithm": "algorithms", "model_option": "model_kwargs"}
+  # An option's fields: a hyperparameter flag's from its declaration, the others by name.
+  fields = {"algorithm": ("algorithms",), "model_option": ("model_kwargs",), **_hparam_flags()}
+  growing = ("steps", "hparams_samples")  # may grow: more steps, more draws (the earlier draws do not change)
   conflicts = []
   for option in sorted(explicit):
-    field = rename.get(option, option)
-    if field == "steps" or field not in stored_flat:
-      continue
-    a, b = json.dumps(stored_flat[field]), json.dumps(fresh_flat[field])
-    if a != b:
+    differ = [f for f in fields.get(option, (option,)) if f not in growing and f in stored_flat
+              and json.dumps(stored_flat[f]) != json.dumps(fresh_flat[f])]
+    if differ:
+      b = ", ".join(json.dumps(fresh_flat[f]) for f in differ)
+      a = ", ".join(json.dumps(stored_flat[f]) for f in differ)
       conflicts.append(f"--{option.replace('_', '-')}: {b} on the command line, {a} in {path}")
   if conflicts:
     raise BadInput(
       "--resume continues a run with its own options; these differ:\n  " + "\n  ".join(conflicts)
-      + "\nDrop them (only --steps may change, to train longer) or start a new --output-dir."
+      + "\nDrop them (only --steps and --hparams-samples may change, to grow) or start a new --output-dir."
     )
-  if "steps" in explicit and fresh.steps < stored.steps:
-    raise BadInput(f"--resume: --steps {fresh.steps} is below the run's {stored.steps}; it can only grow.")
-  given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
-  return dataclasses.replace(stored, steps=fresh.steps if "steps" in explicit else stored.steps,
-                             cache_dir=fresh.cache_dir if "cache_dir" in given else stored.cache_dir,
-                             data_workers=fresh.data_workers if "data_workers" in given else stored.data_workers)
+  for name in growing:
+    if name in explicit and getattr(fresh, name) < getattr(stored, name):
+      flag = "--" + name.replace("_", "-")
+      raise BadInput(f"--resume: {flag} {getattr(fresh, name)} is below the run's {getattr(stored, name)}; it can "
+                     "only grow.")
+  keep = lambda name, source: getattr(fresh if name in source else stored, name)
+  return dataclasses.replace(stored, steps=keep("steps", explicit), hparams_samples=keep("hparams_samples", explicit),
+                             cache_dir=keep("cache_dir", given), data_workers=keep("data_workers", given))
 
 
 def _stored_config(run_dir: str):

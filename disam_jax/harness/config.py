@@ -46,7 +46,14 @@ class ExperimentConfig:
       initialization and the batch stream, so all algorithms of one seed see the same data in the same order.
     steps: training steps per run.
     eval_every: evaluate (validation and held-out accuracy) and checkpoint every this many steps (and at the end).
-    hparams: optimizer and algorithm hyperparameters.
+    hparams: optimizer and algorithm hyperparameters (draw 0 of a search).
+    hparams_samples: DomainBed's random search: this many hyperparameter draws per (algorithm, held-out domain,
+      trial seed); draw 0 is `hparams`, draw k > 0 replaces the hyperparameters the algorithm uses that have a search
+      distribution, except `fixed_hparams`, by their k-th draw (`search.draw`; `hparams_for`). 1: no search.
+    fixed_hparams: names of `HParams` fields the search keeps at their value in `hparams` (the CLI: the
+      hyperparameter flags given explicitly).
+    leave_one_out: also train, per draw and trial seed, one run per pair of domains holding out both (for
+      leave-one-domain-out validation, `tables.select`): the pairs that contain a held-out domain.
     holdout_fraction: fraction of each training domain kept for validation.
     hard_domain: optionally make one training domain harder (see `experiment.harden_domain`).
     hard_domain_fraction: keep this fraction of the hard domain's training examples.
@@ -79,6 +86,9 @@ class ExperimentConfig:
   steps: int = 300
   eval_every: int = 50
   hparams: HParams = dataclasses.field(default_factory=HParams)
+  hparams_samples: int = 1
+  fixed_hparams: tuple[str, ...] = ()
+  leave_one_out: bool = False
   holdout_fraction: float = 0.2
   hard_domain: Optional[str] = None
   hard_domain_fraction: float = 1.0
@@ -101,6 +111,12 @@ class ExperimentConfig:
   def model_name(self) -> str:
     return self.model or default_model(self.dataset)
 
+  def hparams_for(self, algorithm: str, sample: int, seed: int) -> HParams:
+    """The hyperparameters of draw `sample` of trial seed `seed` for `algorithm` (`search.draw`; 0: `hparams`)."""
+    from disam_jax.harness import search
+
+    return search.draw(self.hparams, algorithm, self.dataset, sample, seed, self.steps, self.fixed_hparams)
+
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["model"] = self.model_name
@@ -110,8 +126,9 @@ class ExperimentConfig:
   def from_json(cls, d: dict[str, Any]) -> "ExperimentConfig":
     d = dict(d)
     d["hparams"] = HParams(**d.get("hparams", {}))
-    for key in ("algorithms", "seeds"):
-      d[key] = tuple(d[key])
+    for key in ("algorithms", "seeds", "fixed_hparams"):
+      if key in d:
+        d[key] = tuple(d[key])
     for key in ("held_out", "train_only"):
       if d.get(key) is not None:
         d[key] = tuple(d[key])
@@ -142,6 +159,13 @@ class ExperimentConfig:
       raise ValueError(f"eval_every must be a positive integer; got {self.eval_every!r}.")
     if not self.seeds:
       raise ValueError("No seed given.")
+    if isinstance(self.hparams_samples, bool) or not isinstance(self.hparams_samples, int) or \
+        self.hparams_samples < 1:
+      raise ValueError(f"hparams_samples must be an integer >= 1 (1: the defaults only); got "
+                       f"{self.hparams_samples!r}.")
+    unknown = sorted(set(self.fixed_hparams) - {f.name for f in dataclasses.fields(HParams)})
+    if unknown:
+      raise ValueError(f"fixed_hparams names no hyperparameter: {unknown}; valid: the fields of HParams.")
     if any(not isinstance(s, int) or s < 0 for s in self.seeds):
       raise ValueError(f"seeds must be integers >= 0; got {list(self.seeds)}.")
     if len(set(self.seeds)) != len(self.seeds):

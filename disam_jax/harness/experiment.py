@@ -40,8 +40,11 @@ __all__ = [
   "harden_domain",
   "load_cell_result",
   "load_data",
+  "held_out_parts",
+  "held_out_sets",
   "load_latest_state",
   "new_run_directory",
+  "planned_runs",
   "prepare",
   "prepare_and_fit",
   "run_experiment",
@@ -92,8 +95,34 @@ def harden_domain(
   return dataclasses.replace(split, train=tuple(train))
 
 
-def _cell_split(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out: str, seed: int):
+# The name of a held-out domain's 20% part (DomainBed's ``env{i}_out`` split of a test environment): test-domain
+# validation ("oracle") selects on it. The held-out domain's own name is its other 80% (``env{i}_in``), on which every
+# selection method's test accuracy is reported.
+OUT_SUFFIX = " (20%)"
+
+
+def held_out_parts(split: data_lib.DomainSplit, ds: data_lib.DomainDataset, holdout_fraction: float,
+                   seed: int) -> data_lib.DomainSplit:
+  """Splits each held-out domain as DomainBed splits every environment: the `holdout_fraction` part (named
+  ``<domain> (20%)``) and the rest (named ``<domain>``).
+
+  The shuffle is `data.split_dataset`'s for a training domain (a generator seeded with ``(seed, domain index)``), so a
+  domain's 80% / 20% are the same examples whether it is held out or trained on (its training / validation parts),
+  as in DomainBed, where the in/out split of an environment does not depend on which environments are tested.
+  """
+  domains, test = [], []
+  for name, (x, y) in zip(split.test_domains, split.test):
+    order = np.random.default_rng((seed, list(ds.domains).index(name))).permutation(len(x))
+    n_out = int(len(x) * holdout_fraction)
+    domains += [name, name + OUT_SUFFIX]
+    test += [(x[order[n_out:]], y[order[n_out:]]), (x[order[:n_out]], y[order[:n_out]])]
+  return dataclasses.replace(split, test_domains=tuple(domains), test=tuple(test))
+
+
+def _cell_split(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out, seed: int):
+  """The split of one run: `held_out` (a domain, or a tuple of them) held out and split by `held_out_parts`."""
   split = data_lib.split_dataset(ds, held_out, holdout_fraction=config.holdout_fraction, seed=seed)
+  split = held_out_parts(split, ds, config.holdout_fraction, seed)
   if config.hard_domain is not None:
     split = harden_domain(
       split,
@@ -135,6 +164,11 @@ def check_domains(config: ExperimentConfig, name: str, domains: Sequence[str]) -
          if left < 1 else "one training domain: DISAM needs at least two (the variance of a single domain loss is "
          "0; that would be SAM)") + "."
     )
+  if config.leave_one_out and (left < 2 or (any(a.startswith("disam") for a in config.algorithms) and left < 3)):
+    raise ValueError(
+      f"{name} has {len(domains)} domain(s): leave-one-domain-out validation holds out two at a time, which leaves "
+      f"{left - 1} training domain(s); it needs {'4 domains for DISAM' if left >= 2 else 'at least 3 domains'}. "
+      "Drop --leave-one-domain-out.")
   if config.hard_domain is not None and config.hard_domain not in domains:
     raise ValueError(f"Hard domain {config.hard_domain!r} does not exist in {name}; its domains are "
                      f"{list(domains)}.")
@@ -181,8 +215,30 @@ def _safe_name(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
 
 
-def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int) -> str:
-  return os.path.join(run_dir, "cells", f"{_safe_name(algorithm)}_heldout-{_safe_name(held_out)}_seed-{seed}")
+def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int, sample: int = 0,
+                   val_domain: Optional[str] = None) -> str:
+  """``cells/<algorithm>_heldout-<domain>[+<val domain>]_seed-<seed>[_hparams-<sample>]``: draw 0 of a run with one
+  held-out domain keeps the name it had before the search existed."""
+  held = _safe_name(held_out) + ("" if val_domain is None else "+" + _safe_name(val_domain))
+  name = f"{_safe_name(algorithm)}_heldout-{held}_seed-{seed}" + (f"_hparams-{sample}" if sample else "")
+  return os.path.join(run_dir, "cells", name)
+
+
+def held_out_sets(config: ExperimentConfig, held_out: Sequence[str], domains: Sequence[str]) -> list[tuple[str, ...]]:
+  """What each run holds out: every held-out domain alone, then (with `config.leave_one_out`) every pair of domains
+  that contains a held-out domain, in the dataset's domain order (one run per pair serves both of its domains)."""
+  sets = [(d,) for d in held_out]
+  if config.leave_one_out:
+    order = list(domains)
+    pairs = {tuple(sorted((t, v), key=order.index)) for t in held_out for v in domains if v != t}
+    sets += sorted(pairs, key=lambda p: (order.index(p[0]), order.index(p[1])))
+  return sets
+
+
+def planned_runs(config: ExperimentConfig, held_out: Sequence[str], domains: Sequence[str]) -> list[tuple]:
+  """Every run of `config`, in training order: ``(seed, held-out set, sample, algorithm)``."""
+  return [(seed, held, k, a) for seed in config.seeds for held in held_out_sets(config, held_out, domains)
+          for k in range(config.hparams_samples) for a in config.algorithms]
 
 
 def load_cell_result(directory: str) -> Optional[CellResult]:
@@ -355,9 +411,8 @@ def run_experiment(
     tensorboard_lib.require()
   _start_run_directory(run_dir, config, first_ds, main_process)
   results: list[CellResult] = []
-  runs = len(config.seeds) * len(held_out) * len(config.algorithms)
-  bar = _Progress(progress and main_process, runs * config.steps)
-  compiled = None
+  plan = planned_runs(config, held_out, first_ds.domains)
+  bar = _Progress(progress and main_process, len(plan) * config.steps)
   try:
     for seed in config.seeds:
       if seed != config.seeds[0] and _seed_changes_domains(config.dataset):
@@ -365,28 +420,64 @@ def run_experiment(
       else:
         ds = first_ds
       init = None
-      for d in held_out:
-        split = _cell_split(config, ds, d, seed)
-        for algorithm in config.algorithms:
-          directory = cell_directory(run_dir, algorithm, d, seed)
-          done = load_cell_result(directory) if resume else None
-          if done is not None and done.steps == config.steps:
-            results.append(done)
-            if events:
-              tensorboard_lib.write_cell(directory)
-            bar.update(config.steps)
-            continue
-          if init is None:
-            init, compiled = _initialize(config, ds, seed, len(split.train), compiled, mesh)
-          bar.start_run(algorithm, d, seed, directory if resume else None)
-          with tensorboard_lib.cell_events(directory, events) as written:
-            results.append(run_cell(config, algorithm, split, seed, init, compiled, directory, resume=resume,
-                                    on_step=written(bar.step_hook(on_step, algorithm, d, seed)), mesh=mesh))
-          if main_process:
-            write_results(run_dir, results, config)
+      for held in held_out_sets(config, held_out, first_ds.domains):
+        split = _cell_split(config, ds, held, seed)
+        d, v = held[0], (held[1] if len(held) > 1 else None)
+        for sample in range(config.hparams_samples):
+          for algorithm in config.algorithms:
+            cell_config, searched = _draw(config, algorithm, sample, seed, split)
+            directory = cell_directory(run_dir, algorithm, d, seed, sample, v)
+            identity = {"sample": sample, "val_domain": v, "hparams": searched}
+            done = load_cell_result(directory) if resume else None
+            if done is not None and done.steps == config.steps:
+              results.append(dataclasses.replace(done, **identity))
+              if events:
+                tensorboard_lib.write_cell(directory)
+              bar.update(config.steps)
+              continue
+            if init is None:
+              init = _initialize(config, ds, seed, mesh)
+            graphdef, state0, mask = init
+            compiled = _compile(cell_config, graphdef, state0[1], len(split.train), mask)
+            bar.start_run(algorithm, _label(held, sample), seed, directory if resume else None)
+            with tensorboard_lib.cell_events(directory, events) as written:
+              result = run_cell(cell_config, algorithm, split, seed, state0, compiled, directory, resume=resume,
+                                on_step=written(bar.step_hook(on_step, algorithm, d, seed)), mesh=mesh)
+            result = dataclasses.replace(result, **identity)
+            results.append(result)
+            if main_process:
+              from disam_jax.harness.checkpoint import write_json
+
+              write_json(os.path.join(directory, "result.json"), result.to_json())  # with the draw it ran
+              write_results(run_dir, results, config)
   finally:
     bar.close()
   return results
+
+
+def _label(held: Sequence[str], sample: int) -> str:
+  """The progress bar's name of a run's held-out domains and draw."""
+  return "+".join(held) + (f" draw {sample}" if sample else "")
+
+
+def _draw(config: ExperimentConfig, algorithm: str, sample: int, seed: int,
+          split: data_lib.DomainSplit) -> tuple[ExperimentConfig, Optional[dict[str, Any]]]:
+  """`(config of one run, its searched values)`: `config` with draw `sample` of `seed`'s hyperparameters for
+  `algorithm` (`ExperimentConfig.hparams_for`) and only that algorithm; None for the values without a search.
+
+  A drawn batch size larger than the smallest training domain of `split` is lowered to its size (DomainBed draws up
+  to 512 per domain for small images; our digits domains have 240 training examples); the recorded value is the one
+  used."""
+  from disam_jax.harness import search
+
+  hparams = config.hparams_for(algorithm, sample, seed)
+  if sample and "batch_size" not in config.fixed_hparams:
+    hparams = dataclasses.replace(hparams, batch_size=min(hparams.batch_size, min(len(y) for _, y in split.train)))
+  values = None
+  if config.hparams_samples > 1:
+    values = {name: getattr(hparams, name) for name in search.searched(algorithm, config.dataset,
+                                                                       config.fixed_hparams)}
+  return dataclasses.replace(config, hparams=hparams, algorithms=(algorithm,)), values
 
 
 def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.DomainDataset,
@@ -403,19 +494,15 @@ def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.Do
       write_results(run_dir, [], config)
 
 
-def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int, num_domains: int,
-                compiled: Optional[Any], mesh: Optional[Any] = None) -> tuple[tuple[Any, Any], Any]:
-  """`((params, model_state), compiled)`: a seed's initial model, shared by its runs, and the jitted steps
-  (`compiled`, or compiled now on the first call). With a `mesh`, the model is created in its target shardings
-  (`init_model`'s `mesh`)."""
+def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int,
+                mesh: Optional[Any] = None) -> tuple[Any, tuple[Any, Any], Any]:
+  """`(graphdef, (params, model_state), trainable mask)`: a seed's initial model, shared by its runs. With a `mesh`,
+  the model is created in its target shardings (`init_model`'s `mesh`)."""
   graphdef, params, model_state = init_model(
     config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
     model_kwargs=config.model_kwargs, pretrained=config.pretrained, mesh=mesh,
   )
-  if compiled is None:
-    compiled = _compile(config, graphdef, model_state, num_domains,
-                        _trainable_mask(config, graphdef, params, model_state))
-  return (params, model_state), compiled
+  return graphdef, (params, model_state), _trainable_mask(config, graphdef, params, model_state)
 
 
 class _Progress:

@@ -57,9 +57,14 @@ class CellResult:
     selected: the evaluation with the best mean training-domain validation accuracy (earliest on ties):
       ``{"step", "val_acc", "test_acc"}``.
     last: the evaluation at the last step, same keys.
-    evals: every evaluation: ``{"step", "val_acc": {domain: acc}, "val_acc_mean", "test_acc"}``.
+    evals: every evaluation: ``{"step", "val_acc": {domain: acc}, "val_acc_mean", "test_acc", "test_accs"}``
+      (`test_acc`: the first held-out part; `test_accs`: every held-out part by name, e.g. a held-out domain's
+      80% and 20%: `experiment.held_out_parts`).
     seconds: wall time of the training (this session's part, when resumed).
     directory: the run's directory.
+    sample: the hyperparameter draw of a search (0: the defaults; set by `experiment.run_experiment`).
+    val_domain: the second held-out domain of a leave-one-domain-out validation run (None: one held-out domain).
+    hparams: the searched hyperparameters' values of this draw (None when not recorded).
   """
 
   algorithm: str
@@ -71,6 +76,9 @@ class CellResult:
   evals: list[dict[str, Any]]
   seconds: float
   directory: str
+  sample: int = 0
+  val_domain: Optional[str] = None
+  hparams: Optional[dict[str, Any]] = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -562,8 +570,8 @@ def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, h
     correct, total = np.asarray(counts)  # the one read of the evaluation
     acc = correct / np.maximum(total, 1)
     val = {d: float(a) for (kind, d), a in zip(feed.parts, acc) if kind == "val"}
-    test = [float(a) for (kind, _), a in zip(feed.parts, acc) if kind == "test"]
+    test = {d: float(a) for (kind, d), a in zip(feed.parts, acc) if kind == "test"}
     return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
-            "test_acc": test[0]}
+            "test_acc": next(iter(test.values())), "test_accs": test}
 
   return evaluate

@@ -79,8 +79,8 @@ def merge_runs(sources: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, 
       )
 
   owner: dict[tuple, str] = {}
-  for c in cells:
-    key = (c["algorithm"], c["held_out"], int(c["seed"]))
+  for c in cells:  # a search's draws and leave-one-domain-out runs are runs of their own
+    key = (c["algorithm"], c["held_out"], int(c["seed"]), int(c.get("sample") or 0), c.get("val_domain"))
     if key in owner:
       raise MergeError(
         f"both {owner[key]} and {c['source']} have a {c['algorithm']!r} run with held-out domain {c['held_out']} "

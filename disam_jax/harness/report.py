@@ -1,7 +1,8 @@
 """The report of a run directory, and its command: ``python -m disam_jax.harness.report RUN_DIR``.
 
-A report is the accuracy tables (results.md, results.json: `tables.py`), the training-dynamics and paired tables
-appended to results.md (`stats.py`) and the plots (PNG: `plots.py`). This module owns putting them together:
+A report is the accuracy tables (results.md, results.json: `tables.py`, one per model-selection method), the
+training-dynamics and paired tables appended to results.md (`stats.py`) and the plots (PNG: `plots.py`); those two
+cover the runs of draw 0 with one held-out domain (a search's other runs are in the selection tables). This module owns putting them together:
 `write_report` regenerates a run directory's report in place; `write_merged_report` writes the combination of
 several run directories (`merge.merge_runs`) into a new folder. Every output is first written to a temporary file
 or directory and then renamed into place, so an error never leaves a half-written report.
@@ -44,6 +45,7 @@ from disam_jax.harness.tables import (  # noqa: F401
   _as_dict,
   _data_summary,
   _ordered,
+  _primary,
   _write_text,
   expected_runs,
   format_mean_std,
@@ -86,12 +88,16 @@ def _render(run_dir: str, out_dir: str, cells, config, data, plots: bool, thresh
   written = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.json")]
   if not cells:  # nothing finished yet: the tables (all –) and what is missing
     return [os.path.basename(p) for p in written]
+  # The dynamics tables and the plots compare runs of one configuration: draw 0 with one held-out domain.
+  primary = [c for c in cells if _primary(c)]
+  if not primary:
+    return [os.path.basename(p) for p in written]
   path = os.path.join(out_dir, "results.md")
   with open(path) as f:
     text = f.read()
-  _write_text(path, text + "\n## Training dynamics\n\n" + dynamics_table(run_dir, cells, threshold) + "\n")
+  _write_text(path, text + "\n## Training dynamics\n\n" + dynamics_table(run_dir, primary, threshold) + "\n")
   if plots:
-    written += write_plots(run_dir, cells, out_dir=out_dir)
+    written += write_plots(run_dir, primary, out_dir=out_dir)
   return [os.path.basename(p) for p in written]
 
 

@@ -1,10 +1,13 @@
 """The accuracy tables of an experiment and its results files (results.md, results.json).
 
-Tables: rows are algorithms, columns the held-out domains and their average, cells the held-out accuracy in %
-as mean ± std over seeds (sample standard deviation, ddof=1; a single seed shows the mean alone). The "Avg" column
-averages each seed's accuracies over the held-out domains first, then takes mean ± std of those per-seed averages
-over the seeds that have every domain. Two tables: model selection by training-domain validation (the evaluation
-with the best mean validation accuracy on the training domains' held-back 20%), and the last evaluation.
+Tables, as DomainBed's ``collect_results``: rows are algorithms, columns the held-out domains and their average,
+cells the held-out accuracy in % as mean ± standard error over trial seeds (DomainBed's: ``std(ddof=0) /
+sqrt(n)``; a single seed shows the mean alone). The "Avg" column averages each seed's accuracies over the held-out
+domains first, then takes mean ± s.e. of those per-seed averages over the seeds that have every domain. One table
+per model-selection method (`SELECTIONS`, `select`: DomainBed's ``model_selection.py``), each choosing per
+algorithm, held-out domain and trial seed a hyperparameter draw of the search (and a checkpoint), then the last
+checkpoint of draw 0 (no selection). Every method's test accuracy is on the held-out domain's 80% that no method
+selects on (`experiment.held_out_parts`); with a search, a table of the draw each method chose follows each.
 
 Each row's settings (model, steps, optimizer and algorithm hyperparameters) and the data warnings of the run
 (unreadable images skipped, class folders missing from a domain; `data.json`, written by
@@ -25,7 +28,12 @@ import numpy as np
 
 __all__ = [
   "BadResults",
+  "OUT_SUFFIX",
   "SELECTIONS",
+  "chosen_table",
+  "format_mean_se",
+  "planned_runs",
+  "select",
   "expected_runs",
   "format_mean_std",
   "load_results",
@@ -38,11 +46,112 @@ __all__ = [
 ]
 
 
-# (key in a cell's result, title)
+# (key, title): DomainBed's three model-selection methods (`select`), then the last checkpoint of draw 0.
 SELECTIONS = (
   ("selected", "training-domain validation (best validation accuracy)"),
+  ("leave_one_out", "leave-one-domain-out validation"),
+  ("oracle", "test-domain validation (oracle)"),
   ("last", "last checkpoint"),
 )
+
+# The name of a held-out domain's 20% part in an evaluation's "test_accs" (`experiment.OUT_SUFFIX`; kept equal by
+# tests/test_harness_search.py: tables.py imports no JAX).
+OUT_SUFFIX = " (20%)"
+
+
+def _primary(c: dict[str, Any]) -> bool:
+  """A run of draw 0 with one held-out domain: the runs an experiment without a search has."""
+  return int(c.get("sample") or 0) == 0 and c.get("val_domain") is None
+
+
+def _test_in(record: dict[str, Any], domain: str) -> Optional[float]:
+  """An evaluation's accuracy on `domain`'s 80% (its `test_accs`; `test_acc` for runs from before the split)."""
+  accs = record.get("test_accs")
+  return float(accs[domain]) if accs and domain in accs else (float(record["test_acc"]) if not accs else None)
+
+
+def _run_acc(method: str, cell: dict[str, Any], domain: str, pair_runs: dict[str, dict[str, Any]],
+             others: Sequence[str]) -> Optional[dict[str, Any]]:
+  """DomainBed's ``run_acc`` of one draw: ``{"val_acc", "test_acc", "step"}`` of its chosen checkpoint, or None.
+
+  selected: the checkpoint with the best mean training-domain validation accuracy (the run's `selected`).
+  oracle: the last checkpoint, scored by its accuracy on the held-out domain's 20%.
+  leave_one_out: the checkpoint (step) with the best mean over the other domains v of v's 80% accuracy in the run
+  that held out both `domain` and v (`pair_runs[v]`, same draw); None unless every such run has that step.
+  """
+  if method == "selected":
+    sel = cell["selected"]
+    return {"val_acc": float(sel["val_acc"]), "test_acc": float(sel["test_acc"]), "step": int(sel["step"])}
+  evals = cell.get("evals") or []
+  if method == "oracle":
+    if not evals or domain + OUT_SUFFIX not in (evals[-1].get("test_accs") or {}):
+      return None
+    last = evals[-1]
+    return {"val_acc": float(last["test_accs"][domain + OUT_SUFFIX]), "test_acc": _test_in(last, domain),
+            "step": int(last["step"])}
+  if not others or any(v not in pair_runs for v in others):
+    return None
+  by_step = {v: {int(r["step"]): r for r in pair_runs[v].get("evals") or []} for v in others}
+  best = None
+  for record in evals:
+    step = int(record["step"])
+    accs = [(by_step[v].get(step) or {}).get("test_accs", {}).get(v) for v in others]
+    if any(a is None for a in accs):
+      continue
+    val = float(np.mean(accs))
+    if best is None or val > best["val_acc"]:
+      best = {"val_acc": val, "test_acc": _test_in(record, domain), "step": step}
+  return best
+
+
+def select(cells: Sequence[Any], method: str, domains: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+  """DomainBed's model selection: per (algorithm, held-out domain, trial seed), the draw (and checkpoint) `method`
+  chooses, as DomainBed's ``SelectionMethod.sweep_acc``: each draw's `_run_acc`, then the draw with the highest
+  validation accuracy (the lowest draw on ties).
+
+  Args:
+    cells: run results (dicts or `CellResult`s) with ``sample`` (draw; 0 when absent) and ``val_domain`` (the second
+      held-out domain of a leave-one-domain-out run; None when absent).
+    method: a key of `SELECTIONS`: "selected" (training-domain validation), "leave_one_out", "oracle", or "last" (the
+      last checkpoint of draw 0, no selection).
+    domains: every domain of the dataset (leave-one-domain-out needs the runs with each other domain held out too);
+      None: those named by the cells.
+
+  Returns:
+    ``[{"algorithm", "held_out", "seed", "sample", "step", "val_acc", "test_acc"}]``, in the cells' order; a group
+    where no draw can be scored (e.g. no leave-one-domain-out runs) is left out.
+  """
+  cells = [_as_dict(c) for c in cells]
+  if domains is None:
+    domains = _ordered([str(c["held_out"]) for c in cells] + [str(c["val_domain"]) for c in cells
+                                                              if c.get("val_domain") is not None])
+  singles: dict[tuple, dict[int, dict[str, Any]]] = {}
+  pairs: dict[tuple, dict[str, Any]] = {}
+  for c in cells:
+    a, d, s, k = c["algorithm"], str(c["held_out"]), int(c["seed"]), int(c.get("sample") or 0)
+    if c.get("val_domain") is None:
+      singles.setdefault((a, d, s), {})[k] = c
+    else:
+      v = str(c["val_domain"])
+      pairs[(a, d, s, k, v)] = pairs[(a, v, s, k, d)] = c
+  out = []
+  for (a, d, s), draws in singles.items():
+    if method == "last":
+      if 0 in draws:
+        last = draws[0]["last"]
+        out.append({"algorithm": a, "held_out": d, "seed": s, "sample": 0, "step": int(last["step"]),
+                    "val_acc": None, "test_acc": float(last["test_acc"])})
+      continue
+    others = [v for v in domains if v != d]
+    best = None
+    for k in sorted(draws):
+      runs = {v: pairs[(a, d, s, k, v)] for v in others if (a, d, s, k, v) in pairs}
+      r = _run_acc(method, draws[k], d, runs, others)
+      if r is not None and r["test_acc"] is not None and (best is None or r["val_acc"] > best["val_acc"]):
+        best = {"algorithm": a, "held_out": d, "seed": s, "sample": k, **r}
+    if best is not None:
+      out.append(best)
+  return out
 
 
 def _as_dict(cell: Any) -> dict[str, Any]:
@@ -61,6 +170,17 @@ def _ordered(values) -> list:
   return out
 
 
+def format_mean_se(values: Sequence[float]) -> str:
+  """`'97.3 ± 0.3'` for accuracies in [0, 1] (shown in %): mean ± standard error as DomainBed's
+  ``collect_results.format_mean`` (``100 * std(ddof=0) / sqrt(n)``); the mean alone for one value; '–' for none."""
+  if len(values) == 0:
+    return "–"
+  pct = 100.0 * np.asarray(values, np.float64)
+  if len(pct) == 1:
+    return f"{pct[0]:.1f}"
+  return f"{pct.mean():.1f} ± {pct.std() / np.sqrt(len(pct)):.1f}"
+
+
 def format_mean_std(values: Sequence[float]) -> str:
   """`'97.3 ± 0.4'` for accuracies in [0, 1] (shown in %); the mean alone for one value; '–' for none."""
   if len(values) == 0:
@@ -72,13 +192,15 @@ def format_mean_std(values: Sequence[float]) -> str:
 
 
 def summarize(cells: Sequence[Any], selection: str = "selected",
-              expected: Optional[Sequence[tuple[str, str, int]]] = None) -> dict[str, Any]:
+              expected: Optional[Sequence[tuple[str, str, int]]] = None,
+              domains: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
 
   Args:
-    cells: run results (`train.CellResult` or their JSON dicts with algorithm, held_out, seed and
-      `selection` -> {"test_acc"}).
-    selection: "selected" (training-domain validation) or "last".
+    cells: run results (`train.CellResult` or their JSON dicts with algorithm, held_out, seed, `selected`, `last`
+      and `evals`; with a search, several draws of each).
+    selection: a key of `SELECTIONS` (`select` chooses one draw per algorithm, held-out domain and seed).
+    domains: every domain of the dataset, for leave-one-domain-out (`select`).
     expected: the (algorithm, held-out domain, seed) runs the configuration asks for (`expected_runs`), when known:
       its algorithms and domains are rows and columns even without a finished run, so an average never covers
       fewer domains than configured.
@@ -89,12 +211,14 @@ def summarize(cells: Sequence[Any], selection: str = "selected",
     domain; `seeds`: how many seeds each entry should have, 0 when not known).
   """
   cells = [_as_dict(c) for c in cells]
+  chosen = select(cells, selection, domains)
+  cells = [c for c in cells if c.get("val_domain") is None]
   expected = list(expected or [])
   algorithms = _ordered([a for a, _, _ in expected] + [c["algorithm"] for c in cells])
-  domains = _ordered([d for _, d, _ in expected] + [c["held_out"] for c in cells])
+  domains = _ordered([d for _, d, _ in expected] + [str(c["held_out"]) for c in cells])
   accuracy: dict[str, dict[str, dict[int, float]]] = {a: {d: {} for d in domains} for a in algorithms}
-  for c in cells:
-    accuracy[c["algorithm"]][c["held_out"]][int(c["seed"])] = float(c[selection]["test_acc"])
+  for c in chosen:
+    accuracy[c["algorithm"]][c["held_out"]][int(c["seed"])] = float(c["test_acc"])
   average = {}
   for a in algorithms:
     seeds = set.intersection(*(set(accuracy[a][d]) for d in domains)) if domains else set()
@@ -104,19 +228,21 @@ def summarize(cells: Sequence[Any], selection: str = "selected",
 
 
 def _entry(values: Sequence[float], wanted: int) -> str:
-  """`format_mean_std`, marked `(k/n seeds)` when fewer than the `wanted` n seeds finished."""
-  text = format_mean_std(values)
+  """`format_mean_se`, marked `(k/n seeds)` when fewer than the `wanted` n seeds finished."""
+  text = format_mean_se(values)
   return f"{text} ({len(values)}/{wanted} seeds)" if values and len(values) < wanted else text
 
 
 def results_table(cells: Sequence[Any], selection: str = "selected",
-                  expected: Optional[Sequence[tuple[str, str, int]]] = None) -> str:
-  """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± std (%) over seeds.
+                  expected: Optional[Sequence[tuple[str, str, int]]] = None,
+                  domains: Optional[Sequence[str]] = None) -> str:
+  """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± s.e. (%) over seeds of the
+  draw `selection` chose (`select`).
 
   With `expected` (see `summarize`), an entry with fewer seeds than configured says so, and an algorithm or domain
   without any finished run shows –.
   """
-  s = summarize(cells, selection, expected)
+  s = summarize(cells, selection, expected, domains)
   header = ["Algorithm"] + [str(d) for d in s["domains"]] + ["Avg"]
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
   for a in s["algorithms"]:
@@ -153,8 +279,25 @@ def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any
 
 def missing_runs(cells: Sequence[Any], expected: Optional[Sequence[tuple]]) -> list[tuple]:
   """The runs of `expected` that `cells` lacks (none when `expected` is None)."""
-  have = {(c["algorithm"], str(c["held_out"]), int(c["seed"])) for c in map(_as_dict, cells)}
+  have = {(c["algorithm"], str(c["held_out"]), int(c["seed"])) for c in map(_as_dict, cells) if _primary(c)}
   return [e for e in expected or [] if e not in have]
+
+
+def chosen_table(cells: Sequence[Any], selection: str, domains: Optional[Sequence[str]] = None) -> str:
+  """Which draw `selection` chose, as a Markdown table: rows algorithms, columns held-out domains, each entry the
+  chosen draw of every trial seed (``seed: draw @ step``); draw 0 is the defaults (results.json has each draw's
+  values: its cells' "hparams")."""
+  chosen = select(cells, selection, domains)
+  algorithms = _ordered(c["algorithm"] for c in chosen)
+  held = _ordered(c["held_out"] for c in chosen)
+  lines = ["| Algorithm | " + " | ".join(held) + " |", "|---|" + "|".join([":-:"] * len(held)) + "|"]
+  for a in algorithms:
+    row = []
+    for d in held:
+      picks = sorted((c["seed"], c["sample"], c["step"]) for c in chosen if (c["algorithm"], c["held_out"]) == (a, d))
+      row.append(", ".join(f"{s}: {k} @ {t}" for s, k, t in picks) or "–")
+    lines.append(f"| {_display(a)} | " + " | ".join(row) + " |")
+  return "\n".join(lines)
 
 
 def _missing_note(missing: Sequence[tuple], expected: Sequence[tuple]) -> str:
@@ -171,8 +314,8 @@ def _seed_note(cells: Sequence[dict[str, Any]]) -> str:
   if not seeds:
     return "No run has finished yet"
   if len(seeds) == 1:
-    return f"1 seed ({seeds[0]}): no standard deviation"
-  return f"mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return f"1 seed ({seeds[0]}): no standard error"
+  return f"mean ± standard error over {len(seeds)} trial seeds ({', '.join(map(str, seeds))})"
 
 
 # Settings that decide which data a run saw: runs that differ in one of them are not merged.
@@ -335,9 +478,70 @@ def results_markdown(cells: Sequence[Any], config: Optional[dict[str, Any]] = No
   missing = missing_runs(cells, expected)
   if missing:
     parts += [_missing_note(missing, expected), ""]
+  search = _search_missing(cells, config, data)
+  if search:
+    parts += [search, ""]
+  domains = _domains(data)
+  searched = any(not _primary(c) and c.get("val_domain") is None for c in cells)
+  primary = [c for c in cells if _primary(c)]
   for key, name in SELECTIONS:
-    parts += [f"## Model selection: {name}", "", _seed_note(cells) + ".", "", results_table(cells, key, expected), ""]
+    parts += [f"## Model selection: {name}", "", _METHOD_NOTES[key] + " " + _seed_note(primary) + ".", ""]
+    if key == "leave_one_out" and not any(c.get("val_domain") is not None for c in cells):
+      parts += ["No leave-one-domain-out runs (train with `--leave-one-domain-out`).", ""]
+    parts += [results_table(cells, key, expected, domains), ""]
+    if searched and key != "last":
+      parts += ["Draw chosen (trial seed: draw @ step; draw 0 = the defaults):", "", chosen_table(cells, key, domains),
+                ""]
   return "\n".join(parts) + settings
+
+
+_METHOD_NOTES = {
+  "selected": "Per draw, the checkpoint with the best mean accuracy on the training domains' held-back 20%; then the "
+              "draw with the best such accuracy.",
+  "leave_one_out": "Per draw and checkpoint, the mean over the other domains v of v's 80% accuracy in the run that "
+                   "also held out v; the best checkpoint, then the best draw.",
+  "oracle": "Per draw, the last checkpoint, scored on the held-out domain's 20%; the best draw.",
+  "last": "The last checkpoint of draw 0 (the defaults), no selection.",
+}
+
+
+def _domains(data: Optional[dict[str, Any]]) -> Optional[list[str]]:
+  """Every domain of the dataset (data.json's "domains"), None when not known (a merged report: from the cells)."""
+  domains = (data or {}).get("domains")
+  return [str(d) for d in domains] if domains else None
+
+
+def planned_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
+  """Every run of a search or leave-one-domain-out experiment, ``(algorithm, held-out, seed, draw, val domain or
+  None)``, as `experiment.planned_runs` trains them; None without one (or when not known)."""
+  if not config or "merged" in config or (int(config.get("hparams_samples") or 1) == 1
+                                          and not config.get("leave_one_out")):
+    return None
+  domains = _domains(data)
+  held = [str(d) for d in (config.get("held_out") or domains or [])]
+  if not domains or not held:
+    return None
+  sets = [(d, None) for d in held]
+  if config.get("leave_one_out"):
+    pairs = {tuple(sorted((t, v), key=domains.index)) for t in held for v in domains if v != t}
+    sets += sorted(pairs, key=lambda p: (domains.index(p[0]), domains.index(p[1])))
+  return [(a, d, int(s), k, v) for s in config["seeds"] for d, v in sets
+          for k in range(int(config.get("hparams_samples") or 1)) for a in config["algorithms"]]
+
+
+def _search_missing(cells: Sequence[dict[str, Any]], config: Optional[dict[str, Any]],
+                    data: Optional[dict[str, Any]]) -> str:
+  """The line saying how many runs of the search (other draws, leave-one-domain-out runs) have no result yet."""
+  planned = planned_runs(config, data)
+  if not planned:
+    return ""
+  have = {(c["algorithm"], str(c["held_out"]), int(c["seed"]), int(c.get("sample") or 0), c.get("val_domain"))
+          for c in cells}
+  missing = [p for p in planned if p not in have]
+  if not missing:
+    return f"Search: all {len(planned)} runs finished."
+  return (f"**Search incomplete: {len(missing)} of its {len(planned)} runs have no result** (resume with "
+          "`--resume`); each selection chooses among the draws that finished.")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -385,9 +589,10 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
     data = _data_summary(run_dir)
   out_dir = out_dir or run_dir
   expected = expected_runs(config, data)
-  tables = {}
+  tables, selections = {}, {}
+  domains = _domains(data)
   for key, _ in SELECTIONS:
-    s = summarize(cells, key, expected)
+    s = summarize(cells, key, expected, domains)
     tables[key] = {
       a: {
         **{d: _stats(list(s["accuracy"][a][d].values())) for d in s["domains"]},
@@ -395,8 +600,9 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
       }
       for a in s["algorithms"]
     }
+    selections[key] = select(cells, key, domains)
   saved = {"config": config, "rows": row_settings(cells, config), "data": data,
-           "data_warnings": _warning_count(data), "tables": tables, "cells": cells,
+           "data_warnings": _warning_count(data), "tables": tables, "selections": selections, "cells": cells,
            "runs_configured": None if expected is None else len(expected),
            "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)]}
   _write_text(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
@@ -408,5 +614,6 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
   return {
     "mean": float(v.mean()) if len(v) else None,
     "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+    "se": float(v.std() / np.sqrt(len(v))) if len(v) > 1 else None,  # DomainBed's, as the tables show
     "n": int(len(v)),
   }
