@@ -704,7 +704,7 @@ class Head(NamedTuple):
   Attributes:
     features: ``[n, n_features]`` the classifier's inputs (after dropout).
     apply: ``apply(head_params, z [k, n_features]) -> logits [k, num_classes]``,
-      the classifier as a pure function.
+      the classifier as a pure function (`penalties.linear_head`, in float32, for an ``nnx.Linear``).
     params: the classifier's parameters: the very arrays of ``params``, so a
       function of them is differentiated with respect to the model's parameters.
   """
@@ -725,7 +725,10 @@ def apply_model_with_head(graphdef: nnx.GraphDef, params: nnx.State, model_state
   features = model.head_inputs(x)
   logits = model.classifier(features)
   head_graphdef, head_params = nnx.split(model.classifier)
-  apply = lambda hp, z: nnx.merge(head_graphdef, hp)(z)
+  if type(model.classifier) is nnx.Linear:  # Fishr's per-example head gradients in closed form
+    from disam_jax.harness.penalties import linear_head as apply
+  else:
+    apply = lambda hp, z: nnx.merge(head_graphdef, hp)(z)
   return logits, Head(features, apply, head_params), _new_model_state(model, model_state, train)
 
 
