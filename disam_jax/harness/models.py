@@ -727,8 +727,8 @@ def resolve_model(name: str) -> Callable[..., Any]:
     return MODELS[name]
   module_name, sep, attr = str(name).partition(":")
   if not sep:
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}, or "
-                     "package.module:factory for your own model (see docs/harness.md)")
+    raise ValueError(f"Unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or package.module:factory "
+                     "for your own model (see docs/harness.md)")
   if not module_name or not attr:
     raise ValueError(f"model {name!r}: write package.module:factory (e.g. mypkg.nets:build)")
   try:
