@@ -45,7 +45,7 @@ import os
 import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,7 @@ __all__ = [
     "MobileNetV2",
     "Adapter",
     "ViT",
+    "vit_patch_size",
 ]
 
 # Torch's padding=1 for a 3x3 convolution. Flax's 'SAME' agrees with it at stride 1
@@ -591,18 +592,44 @@ class _ViTBackbone(nnx.Module):
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
 
 
-class ViT(_Classifier):
-  """A small Vision Transformer (defaults: ViT-Tiny width on 32x32 images).
+_VIT_MAX_TOKENS = 196  # ViT-B/16's 14 x 14 at 224 px
 
-  Patch 4 -> 64 tokens (+ class token), dim 192, 6 pre-LN blocks with 3 heads and a
-  4x MLP, final LayerNorm, class-token (or ``pool='mean'``) readout, ``Dense``.
+
+def vit_patch_size(height: int, width: int, max_tokens: int = _VIT_MAX_TOKENS, min_tokens: int = 16) -> int:
+  """The smallest patch side dividing both sides into at most `max_tokens` (and at least `min_tokens`) patches.
+
+  32 px -> 4 (64 tokens, the CIFAR-size ViT-Tiny), 28 px -> 2 (196), 8 px -> 1 (64), 64 px -> 8 (64), 224 px -> 16
+  (196, ViT/16). Attention memory grows with the square of the token count: a fixed patch of 4 at 224 px makes
+  3136 tokens and needs hundreds of GiB of step memory.
+
+  Raises:
+    ValueError: no common divisor gives `min_tokens` to `max_tokens` patches (the message says which patch or
+      image size to write).
+  """
+  for p in range(1, min(height, width) + 1):
+    if height % p == 0 and width % p == 0 and min_tokens <= (height // p) * (width // p) <= max_tokens:
+      return p
+  raise ValueError(f"vit_tiny: no patch size divides a {height}x{width} input into {min_tokens} to {max_tokens} "
+                   "patches; "
+                   "give --model-option patch_size=P (P dividing both sides) or an --image-size that is a multiple "
+                   "of 16 (e.g. 224)")
+
+
+class ViT(_Classifier):
+  """A small Vision Transformer (defaults: ViT-Tiny width; on 32x32 images patch 4 -> 64 tokens).
+
+  Patches of ``patch_size`` (default: `vit_patch_size` of the input, at most 196 tokens; 4 at 32 px, 16 at
+  224 px) (+ class token), dim 192, 6 pre-LN blocks with 3 heads and a 4x MLP, final LayerNorm, class-token (or
+  ``pool='mean'``) readout, ``Dense``.
   """
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               patch_size: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
+               patch_size: Optional[int] = None, dim: int = 192, depth: int = 6, heads: int = 3,
                mlp_ratio: int = 4, pool: str = "cls", dropout: float = 0.0,
                dtype=None, param_dtype=jnp.float32):
     shape = _check_input_shape(input_shape)
+    if patch_size is None:
+      patch_size = vit_patch_size(shape[0], shape[1])
     self.backbone = _ViTBackbone(shape, patch_size, dim, depth, heads, mlp_ratio, pool,
                                  dtype, param_dtype, rngs)
     self.n_features = dim
