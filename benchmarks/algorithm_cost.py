@@ -17,6 +17,9 @@ harness's form (`penalties.coral_penalty`: O(M F^2); `penalties.fishr_domain_gra
 closed form) and in the form it replaced (every pair of covariance matrices; `[M b, P]` per-example head gradients
 from `vmap(grad)`), and records XLA's temporary bytes (`compiled.memory_analysis().temp_size_in_bytes`) in a section
 of the same file (the timing table above it is kept).
+
+`--precision-speed` times the erm and disam steps with `--precision bf16` against float32, interleaved in the same
+rounds, into another section of the same file.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import pathlib
 import platform
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,12 +56,13 @@ def _algorithms() -> list[str]:
 ADAPTIVE = " --adaptive"  # a name ending in it: the algorithm with HParams(adaptive=True) (ASAM for sam)
 
 
-def _step(model: str, algorithm: str, hparams: HParams):
+def _step(model: str, algorithm: str, hparams: HParams, precision: str = "float32", label: str = ""):
   """`(StepCase of the compiled step, after one warm-up step; its XLA FLOP count)`."""
-  label = algorithm
+  label = label or algorithm
   if algorithm.endswith(ADAPTIVE):
     algorithm, hparams = algorithm[: -len(ADAPTIVE)], dataclasses.replace(hparams, adaptive=True)
-  graphdef, params, model_state = steps.init_model(model, num_classes=CLASSES, input_shape=SHAPE, seed=0)
+  graphdef, params, model_state = steps.init_model(model, num_classes=CLASSES, input_shape=SHAPE, seed=0,
+                                                   model_kwargs={"precision": precision})
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=M, aux_example=model_state)
   penalty = algorithms.make_penalty(algorithm, hparams)
   state = steps.init_train_state(params, model_state, tx, penalty)
@@ -158,11 +163,62 @@ def _penalty_section(rows: list[dict], domains: list[int]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_penalty_section(out: pathlib.Path, section: str) -> None:
-  """Replaces (or appends) the penalty-memory section of `out`, keeping the timing table before it."""
+# ------------------------------------------------------------------------------------ bf16 against float32 speed
+
+PRECISION_MARKER = "## --precision bf16 against float32"
+
+
+def precision_speed(models: list[str], names: list[str], rounds: int, hparams: HParams,
+                    steps_per_sample: Optional[int] = None) -> dict:
+  """`{model: {algorithm: {float32_ms, bf16_ms, ratio, median_ratio}}}`: the harness's step in both precisions,
+  timed in the same interleaved rounds (ratio: bf16's fastest over float32's fastest)."""
+  out = {}
+  for model in models:
+    runs = {(name, p): _step(model, name, hparams, precision=p, label=f"{name} {p}")[0]
+            for name in names for p in ("float32", "bf16")}
+    time_round_robin(list(runs.values()), repeats=rounds, min_sample_s=0, budget_s=None, load_samples=[],
+                     log=print, steps_per_sample={case.label: steps_per_sample or MODELS[model][1]
+                                                  for case in runs.values()})
+    out[model] = {}
+    for name in names:
+      t32, t16 = (np.asarray(runs[(name, p)].times) for p in ("float32", "bf16"))
+      out[model][name] = {"float32_ms": 1000 * float(t32.min()), "bf16_ms": 1000 * float(t16.min()),
+                          "ratio": float(t16.min() / t32.min()), "median_ratio": float(np.median(t16 / t32))}
+  return out
+
+
+def _precision_section(results: dict, rounds: int, load: tuple[float, float]) -> str:
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  lines = [
+    PRECISION_MARKER, "",
+    f"`python -m benchmarks.algorithm_cost --precision-speed --rounds {rounds}` on {stamp}: "
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__}, "
+    f"{jax.default_backend()} backend, load average {load[0]:.1f} before and {load[1]:.1f} after. The harness's jitted "
+    f"step ({M} domains x {B} examples of 8x8x1, Adam) with `--precision bf16` (bfloat16 compute, float32 "
+    "parameters) and float32, interleaved in the same rounds; ms: the fastest timing; bf16 / float32: fastest over "
+    "fastest, and the median over rounds of the per-round ratio.", "",
+    "| model | algorithm | float32 ms | bf16 ms | bf16 / float32 | median |", "|---|---|---:|---:|---:|---:|"]
+  for model, rows in results.items():
+    for name, r in rows.items():
+      lines.append(f"| {MODELS[model][0]} | {name} | {r['float32_ms']:.1f} | {r['bf16_ms']:.1f} | {r['ratio']:.2f} | "
+                   f"{r['median_ratio']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _kept_sections(out: pathlib.Path) -> str:
+  """The sections of `out` written by --penalty-memory / --precision-speed (kept when the main table is rewritten)."""
   text = out.read_text() if out.exists() else ""
-  if PENALTY_MARKER in text:
-    text = text[: text.index(PENALTY_MARKER)]
+  starts = [text.index(m) for m in (PENALTY_MARKER, PRECISION_MARKER) if m in text]
+  return "\n" + text[min(starts):] if starts else ""
+
+
+def _write_section(out: pathlib.Path, marker: str, section: str) -> None:
+  """Replaces (or appends) the section starting at `marker` (up to the next '## ' heading) in `out`."""
+  text = out.read_text() if out.exists() else ""
+  if marker in text:
+    start = text.index(marker)
+    end = text.find("\n## ", start + len(marker))
+    text = text[:start] + (text[end + 1:] if end >= 0 else "")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text((text.rstrip("\n") + "\n\n" if text.strip() else "") + section)
 
@@ -179,13 +235,23 @@ def main(argv=None) -> dict:
                       help="instead of timing: temporary memory of CORAL and Fishr (before/after) at --domains")
   parser.add_argument("--domains", type=int, nargs="+", default=[16, 64, 128], metavar="M",
                       help="numbers of domains for --penalty-memory (default: 16 64 128)")
+  parser.add_argument("--precision-speed", action="store_true",
+                      help="instead of the algorithm table: erm and disam steps with --precision bf16 against float32")
   args = parser.parse_args(argv)
   if args.penalty_memory:
     rows = penalty_memory(args.domains)
     section = _penalty_section(rows, args.domains)
-    _write_penalty_section(pathlib.Path(args.out), section)
+    _write_section(pathlib.Path(args.out), PENALTY_MARKER, section)
     print(section)
     return {"penalty_memory": rows}
+  if args.precision_speed:
+    load_before = os.getloadavg()
+    speed = precision_speed(["mlp"] if args.quick else args.models, ["erm", "disam"], 1 if args.quick else args.rounds,
+                            HParams().for_run(300), steps_per_sample=5 if args.quick else None)
+    section = _precision_section(speed, 1 if args.quick else args.rounds, (load_before[0], os.getloadavg()[0]))
+    _write_section(pathlib.Path(args.out), PRECISION_MARKER, section)
+    print(section)
+    return {"precision_speed": speed}
   models = ["mlp"] if args.quick else args.models
   rounds = 1 if args.quick else args.rounds
   hparams = HParams().for_run(300)  # the harness's default run; anneal steps do not change the cost
@@ -217,6 +283,7 @@ def main(argv=None) -> dict:
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   text = "\n".join(lines) + "\n"
   out = pathlib.Path(args.out)
+  text += _kept_sections(out)
   write_results(out.parent, out.name[:-len(".md")] if out.name.endswith(".md") else out.name, text)
   print(text)
   return results
