@@ -82,3 +82,19 @@ def test_precision_is_a_config_field_not_a_model_option():
     with pytest.raises(ValueError, match="--precision"):
       bad.validate()
   assert ExperimentConfig.from_json({**ExperimentConfig().to_json(), "precision": "bf16"}).precision == "bf16"
+
+
+def test_cli_precision_is_recorded_and_resume_refuses_another(tmp_path, capsys):
+  from disam_jax.harness import cli
+
+  out = tmp_path / "run"
+  common = ["--dataset", "rotated_digits", "--algorithm", "disam", "--held-out", "0", "--eval-every", "2",
+            "--quiet", "--no-plots"]
+  assert cli.main([*common, "--steps", "2", "--precision", "bf16", "--output-dir", str(out)]) == 0
+  import json
+
+  assert json.load(open(out / "config.json"))["precision"] == "bf16"
+  capsys.readouterr()
+  code = cli.main(["--resume", "--output-dir", str(out), "--precision", "float32"])
+  assert code == cli.EXIT_BAD_INPUT and "--precision" in capsys.readouterr().err
+  assert cli.main(["--resume", "--output-dir", str(out), "--steps", "4", "--quiet", "--no-plots"]) == 0
