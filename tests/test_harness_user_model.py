@@ -214,3 +214,16 @@ def test_cli_refuses_a_model_that_breaks_the_contract(tmp_path, capsys):
   code, _ = _cli(tmp_path, "--model", f"{HERE}:no_head", "--algorithm", "erm")
   assert code == cli.EXIT_BAD_INPUT
   assert "head_inputs" in capsys.readouterr().err
+
+
+def test_a_linen_model_with_dropout_resumes_exactly(tmp_path):
+  """The bridge's state (BatchNorm statistics, the dropout and params RNG streams) goes through the checkpoint:
+  2 steps + --resume to 4 give what 4 steps give."""
+  args = ["--model", f"{HERE}:linen_featurizer", "--model-option", "dropout=0.2", "--algorithm", "disam+fishr"]
+  common = ["--dataset", "rotated_digits", "--held-out", "0", "--eval-every", "2", "--quiet", "--no-plots", *args]
+  part, full = tmp_path / "part", tmp_path / "full"
+  assert cli.main([*common, "--steps", "2", "--output-dir", str(part)]) == 0
+  assert cli.main(["--resume", "--output-dir", str(part), "--steps", "4", "--quiet", "--no-plots"]) == 0
+  assert cli.main([*common, "--steps", "4", "--output-dir", str(full)]) == 0
+  resumed, straight = (json.load(open(d / "results.json"))["cells"] for d in (part, full))
+  assert [c["evals"] for c in resumed] == [c["evals"] for c in straight]
