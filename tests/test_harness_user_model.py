@@ -133,6 +133,19 @@ def test_model_names_that_resolve_to_nothing_are_refused(name, says):
   assert says in str(err.value)
 
 
+def without_dtype(*, num_classes, input_shape, rngs):
+  return TinyNet(num_classes=num_classes, input_shape=input_shape, rngs=rngs)
+
+
+def test_bf16_asks_a_factory_without_dtype_for_one():
+  with pytest.raises(ValueError, match="--precision bf16 calls the factory with dtype=jnp.bfloat16"):
+    _build("without_dtype", precision="bf16")
+  for factory in ("TinyNet", "linen_featurizer"):  # both take dtype: bfloat16 compute, float32 parameters
+    model = _build(factory, precision="bf16")
+    assert model(_x()).dtype == jnp.bfloat16
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+
+
 # ------------------------------------------------------------------------------------------ the Linen bridge
 
 

@@ -689,7 +689,13 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
   factory = resolve_model(name)
   kwargs = _precision_options(precision, kwargs)
   input_shape = tuple(input_shape)
-  model = factory(num_classes=num_classes, input_shape=input_shape, rngs=rngs, **kwargs)
+  try:
+    model = factory(num_classes=num_classes, input_shape=input_shape, rngs=rngs, **kwargs)
+  except TypeError as e:
+    if name in MODELS or precision == "float32" or "dtype" not in str(e):
+      raise
+    raise ValueError(f"model {name!r}: --precision bf16 calls the factory with dtype=jnp.bfloat16, which it does "
+                     f"not take ({e}); add a dtype argument and pass it to its layers") from None
   if name not in MODELS:
     model = _user_model(name, model, num_classes, input_shape, rngs, kwargs.get("dtype"))
     check_model(model, num_classes=num_classes, input_shape=input_shape, name=name)
