@@ -25,11 +25,12 @@ SHAPE = (8, 8, 1)  # rotated digits
 
 
 class TinyNet(nnx.Module):
-  """A user's NNX model: flatten -> Dense -> BatchNorm -> relu -> classifier."""
+  """A user's NNX model: flatten -> Dense (no bias) -> BatchNorm -> relu -> classifier."""
 
   def __init__(self, *, num_classes, input_shape, rngs, hidden=16, dtype=None):
     h, w, c = input_shape
-    self.body = nnx.Linear(h * w * c, hidden, dtype=dtype, rngs=rngs)
+    # no bias before BatchNorm, which removes it: its gradient would be float noise, which Adam turns into steps
+    self.body = nnx.Linear(h * w * c, hidden, use_bias=False, dtype=dtype, rngs=rngs)
     self.norm = nnx.BatchNorm(hidden, dtype=dtype, rngs=rngs)
     self.classifier = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
     self.n_features = hidden
@@ -240,3 +241,33 @@ def test_a_linen_model_with_dropout_resumes_exactly(tmp_path):
   assert cli.main([*common, "--steps", "4", "--output-dir", str(full)]) == 0
   resumed, straight = (json.load(open(d / "results.json"))["cells"] for d in (part, full))
   assert [c["evals"] for c in resumed] == [c["evals"] for c in straight]
+
+
+@pytest.mark.slow  # two real processes x two devices; the default tier trains user models in one process above
+@pytest.mark.parametrize("algorithm", ["disam+coral", "disam+fishr"])
+def test_a_user_model_with_a_penalty_on_two_processes_equals_one_device(tmp_path, algorithm):
+  """Each process imports the factory; CORAL's and Fishr's per-domain statistics over a batch sharded across 2
+  processes x 2 devices give the parameters of one device."""
+  from tests.test_harness_distributed import _start, _wait
+
+  from disam_jax.harness import experiment
+
+  extra = ["--model", f"{HERE}:TinyNet", "--algorithm", algorithm]
+  runs = {"one": _wait(_start(tmp_path / "one", 1, 1, *extra)), "two": _wait(_start(tmp_path / "two", 2, 2, *extra))}
+  for results in runs.values():
+    for code, _, err in results:
+      assert code == 0, err[-3000:]
+  hparams = json.load(open(tmp_path / "one" / "config.json"))["hparams"]
+  hparams = algorithms.HParams(**hparams)
+  graphdef, params, model_state = steps.init_model(f"{HERE}:TinyNet", num_classes=10, input_shape=SHAPE, seed=0,
+                                                   model_kwargs={"hidden": 16})
+  tx = algorithms.make_optimizer(algorithm, hparams, num_domains=5, aux_example=model_state)
+  template = steps.init_train_state(params, model_state, tx, algorithms.make_penalty(algorithm, hparams))
+  final = {}
+  for name in runs:
+    state, meta = experiment.load_latest_state(
+      experiment.cell_directory(str(tmp_path / name), algorithm, "75", 0), template)
+    assert meta["step"] == 40
+    final[name] = jax.tree.leaves(state.params)
+  for a, b in zip(final["one"], final["two"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
