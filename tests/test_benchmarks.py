@@ -123,6 +123,37 @@ def test_algorithm_cost_quick_smoke(tmp_path):
   assert '| disam_sagm+coral |' in out.read_text()
 
 
+def test_algorithm_cost_penalty_memory_section(tmp_path):
+  """--penalty-memory compiles CORAL and Fishr in both forms and writes its section after the kept timing table;
+  at 8 domains the pair-free CORAL and the closed-form Fishr need less temporary memory than the forms they
+  replaced."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import algorithm_cost
+
+  out = tmp_path / 'algorithm_cost.md'
+  out.write_text('# timing table\n\n| erm | 1.00 |\n')
+  rows = algorithm_cost.main(['--penalty-memory', '--domains', '8', '--out', str(out)])['penalty_memory']
+  assert {r['penalty'].split(',')[0] for r in rows} == {'CORAL', 'Fishr'}
+  assert all(r['M'] == 8 and r['after'] < r['before'] for r in rows)
+  algorithm_cost.main(['--penalty-memory', '--domains', '8', '--out', str(out)])  # rewritten, not appended twice
+  text = out.read_text()
+  assert text.startswith('# timing table') and text.count(algorithm_cost.PENALTY_MARKER) == 1
+
+
+def test_algorithm_cost_precision_speed_quick(tmp_path):
+  """--precision-speed --quick times erm and disam in float32 and bf16 (MLP, one round of 5 steps) into its own
+  section, next to the penalty-memory one (ratios not asserted: a shared machine)."""
+  sys.path.insert(0, str(_ROOT))
+  from benchmarks import algorithm_cost
+
+  out = tmp_path / 'algorithm_cost.md'
+  algorithm_cost.main(['--penalty-memory', '--domains', '2', '--out', str(out)])
+  speed = algorithm_cost.main(['--precision-speed', '--quick', '--out', str(out)])['precision_speed']['mlp']
+  assert set(speed) == {'erm', 'disam'} and all(r['float32_ms'] > 0 and r['bf16_ms'] > 0 for r in speed.values())
+  text = out.read_text()
+  assert text.count(algorithm_cost.PENALTY_MARKER) == 1 and text.count(algorithm_cost.PRECISION_MARKER) == 1
+
+
 def test_amortized_quick_smoke(tmp_path):
   """benchmarks/amortized.py --quick times every amortized case against ERM and fits the trigger's two step kinds
   (timings not asserted: a shared machine)."""

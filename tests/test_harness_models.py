@@ -88,7 +88,39 @@ def test_bad_input_shapes():
   with pytest.raises(ValueError, match="height, width, channels"):
     create_model("mlp", num_classes=2, input_shape=(8, 8), rngs=_rngs())
   with pytest.raises(ValueError, match="patches"):
-    create_model("vit_tiny", num_classes=2, input_shape=(30, 30, 3), rngs=_rngs())
+    create_model("vit_tiny", num_classes=2, input_shape=(30, 30, 3), rngs=_rngs(), patch_size=4)
+
+
+@pytest.mark.parametrize("side, patch", [(32, 4), (28, 2), (8, 1), (64, 8), (224, 16), (30, 3), (96, 8)])
+def test_vit_patch_follows_the_input_size(side, patch):
+  """The smallest patch dividing the side into at most 14 x 14 = 196 tokens (hand-computed divisors)."""
+  assert models.vit_patch_size(side, side) == patch
+  if side <= 64:
+    model = create_model("vit_tiny", num_classes=2, input_shape=(side, side, 3), rngs=_rngs(), depth=1, dim=8,
+                         heads=2)
+    assert model.backbone.patch_size == patch
+    assert model.backbone.pos_embed.shape[1] == (side // patch) ** 2 + 1
+
+
+def test_vit_refuses_an_input_no_patch_fits_saying_what_to_write():
+  with pytest.raises(ValueError, match="patch_size=P .* multiple of 16"):
+    models.vit_patch_size(197, 197)  # prime: patches of 1 (38809 tokens) or of 197 (1 token)
+
+
+def test_vit_at_224px_needs_megabytes_not_hundreds_of_gibibytes():
+  """The compiled train-mode forward and backward of vit_tiny at 224 px, batch 8: temp memory with the derived patch
+  (16: 197 tokens) against the old fixed patch 4 (3137 tokens), compiled only."""
+  def temp_bytes(**options):
+    model = nnx.eval_shape(lambda: create_model("vit_tiny", num_classes=10, input_shape=(224, 224, 3),
+                                                rngs=_rngs(), **options))
+    graphdef, params, model_state = functional_model(model)
+    x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
+    loss = lambda p, x: jnp.sum(apply_model(graphdef, p, model_state, x, train=True)[0])
+    return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+  derived, fixed = temp_bytes(), temp_bytes(patch_size=4)
+  print(f"vit_tiny 224 px batch 8 temp: derived patch {derived / 2**20:.0f} MiB, patch 4 {fixed / 2**30:.1f} GiB")
+  assert derived < 2**30 < fixed and fixed > 50 * derived
 
 
 # (name, input_shape, num_classes, kwargs): each model on a typical input, made small.

@@ -146,6 +146,20 @@ def test_coral_of_one_domain_is_zero_and_bf16_features_accumulate_in_float32():
                              rtol=1e-4)
 
 
+@pytest.mark.parametrize("m, b, f", [(2, 3, 1), (5, 7, 6), (16, 4, 3)])
+def test_coral_in_o_m_f2_equals_the_pairwise_reference_to_1e6(m, b, f):
+  """The pair-free form (M sum ||a_i - mean a||^2) against DomainBed's pair loop, in float64 and in float32."""
+  rng = np.random.default_rng(m * 100 + b)
+  # domains with nearly equal statistics: where M sum ||C_i||^2 - ||sum C_i||^2 would cancel in float32
+  z = rng.normal(size=(m, b, f)) + 3.0 + 0.01 * rng.normal(size=(m, 1, f))
+  expected = np_coral(list(z))
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(float(penalties.coral_penalty(jnp.asarray(z, jnp.float64))), expected, rtol=1e-6)
+  got32 = float(penalties.coral_penalty(jnp.asarray(z, jnp.float32)))
+  expected32 = np_coral(list(np.asarray(z, np.float32).astype(np.float64)))
+  np.testing.assert_allclose(got32, expected32, rtol=1e-4)
+
+
 # -------------------------------------------------------------------------------------------------------- V-REx
 
 
@@ -208,6 +222,61 @@ def test_fishr_gradient_matches_finite_differences_of_the_reference():
   for index in [(1, 2), (4, 0)]:
     expected = _finite_difference(lambda k: reference(z, {**hp, "kernel": k}), hp["kernel"], index)
     np.testing.assert_allclose(np.asarray(g_hp["kernel"])[index], expected, rtol=2e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fishr_closed_form_of_the_linear_head_equals_per_example_gradients_to_1e6(with_bias):
+  """linear_head's closed-form variances against the hand-written per-example gradients (NumPy, float64) and
+  against the generic per-example path (vmap of grad) of the same head, in float64; and its penalty's gradient."""
+  hp = _head_params()
+  if not with_bias:
+    hp = {"kernel": hp["kernel"]}
+  z, y = _inputs(40)
+  m, b = y.shape
+  logits = z.reshape(m * b, F) @ hp["kernel"] + hp.get("bias", 0.0)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  d = p - np.eye(C)[y.reshape(-1)]
+  per_example = {"kernel": (z.reshape(m * b, F)[:, :, None] * d[:, None, :]).reshape(m, b, -1),
+                 "bias": d.reshape(m, b, C)}
+  expected = np.concatenate([per_example[k].var(axis=1) for k in sorted(hp)], axis=1)  # tree order: bias, kernel
+  generic = lambda params, features: features @ params["kernel"] + params.get("bias", 0.0)
+  with jax.enable_x64(True):
+    hp64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), hp)
+    closed = penalties.fishr_domain_gradient_variance(penalties.linear_head, hp64, jnp.asarray(z), jnp.asarray(y))
+    vmapped = penalties.fishr_domain_gradient_variance(generic, hp64, jnp.asarray(z), jnp.asarray(y))
+    np.testing.assert_allclose(np.asarray(closed), expected, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(closed), np.asarray(vmapped), rtol=1e-6, atol=1e-12)
+    pen = penalties.fishr(ema=0.9)
+    state = jnp.asarray(np.random.default_rng(1).uniform(0, 0.1, (m, expected.shape[1])))
+
+    def value(head, features, params):
+      return pen.value(penalties.DomainOutputs(features, jnp.asarray(y), None, head, params), state)[0]
+
+    for argnum in (1, 2):
+      g_closed = jax.grad(value, argnums=argnum)(penalties.linear_head, jnp.asarray(z), hp64)
+      g_vmapped = jax.grad(value, argnums=argnum)(generic, jnp.asarray(z), hp64)
+      for a, v in zip(jax.tree.leaves(g_closed), jax.tree.leaves(g_vmapped)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(v), rtol=1e-6, atol=1e-12)
+  # float32 (what the harness runs): close to the float64 reference
+  closed32 = penalties.fishr_domain_gradient_variance(
+    penalties.linear_head, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), hp), jnp.asarray(z, jnp.float32),
+    jnp.asarray(y))
+  assert closed32.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(closed32), expected, rtol=2e-4, atol=1e-6)
+
+
+def test_registry_models_hand_fishr_the_closed_form_head():
+  from flax import nnx
+
+  from disam_jax.harness import models
+
+  model = models.create_model("mlp", num_classes=C, input_shape=(2, 2, 1), rngs=nnx.Rngs(0), hidden=F)
+  graphdef, params, model_state = models.functional_model(model)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2, 2, 1)), jnp.float32)
+  logits, head, _ = models.apply_model_with_head(graphdef, params, model_state, x, train=True)
+  assert head.apply is penalties.linear_head
+  np.testing.assert_allclose(np.asarray(head.apply(head.params, head.features)), np.asarray(logits), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- add_penalty, reset_at

@@ -190,8 +190,12 @@ def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any
 
   model = parser.add_argument_group("model")
   model.add_argument("--model", default=default(None), metavar="NAME",
-                     help=f"{', '.join(MODELS[:-1])} or {MODELS[-1]} (default: mlp for the rotated datasets, "
-                          "resnet50 for image folders)")
+                     help=f"{', '.join(MODELS)}, or package.module:factory for your own nnx.Module or Linen "
+                          "featurizer (docs/harness.md; default: mlp for the rotated datasets, resnet50 for image "
+                          "folders)")
+  model.add_argument("--precision", choices=("float32", "bf16"), default=default("float32"),
+                     help="bf16: bfloat16 compute, float32 parameters, optimizer state, losses and statistics "
+                          "(default: float32)")
   model.add_argument("--model-option", action="append", type=_model_option, default=default([]),
                      metavar="KEY=VALUE", dest="model_option",
                      help="model constructor option, repeatable, e.g. --model-option width=16 (resnets), "
@@ -354,6 +358,7 @@ def config_from_args(args: argparse.Namespace):
     cache_dir=args.cache_dir,
     model=args.model,
     model_kwargs=dict(args.model_option or []),
+    precision=args.precision,
     pretrained=args.pretrained,  # a bundled name (mobilenet_v2) becomes its file's path here (resolve_pretrained)
     train_only=None if args.train_only is None else tuple(args.train_only),
     algorithms=tuple(args.algorithm),

@@ -32,8 +32,11 @@ class ExperimentConfig:
     data_dir: where image-folder / TFDS datasets live (None for the bundled ones).
     image_size: resize images to this side length (None: the dataset's default).
     cache_dir: where image folders are converted to TFDS (None: `data.default_cache_dir()`).
-    model: a name of `models.MODELS`; None picks `default_model(dataset)`.
+    model: a name of `models.MODELS`, or ``'package.module:factory'`` (the user's own model, `models.DomainModel`);
+      None picks `default_model(dataset)`.
     model_kwargs: extra model options (e.g. ``{"width": 16}``, ``{"hidden": 128}``).
+    precision: ``'float32'``, or ``'bf16'``: bfloat16 compute with float32 parameters, optimizer state, losses and
+      statistics (`models.create_model`).
     pretrained: optional initial weights: a `.pth`/`.safetensors`/`.npz` path (see `models.load_pretrained`), or a
       bundled name (`weight_files.BUNDLED_WEIGHTS`: ``mobilenet_v2``), which construction replaces by its file's
       path (`weight_files.resolve_pretrained`, as ``disam-train --pretrained mobilenet_v2``; FileNotFoundError
@@ -78,6 +81,7 @@ class ExperimentConfig:
   cache_dir: Optional[str] = None
   model: Optional[str] = None
   model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  precision: str = "float32"
   pretrained: Optional[str] = None
   train_only: Optional[tuple[str, ...]] = None
   algorithms: tuple[str, ...] = ("erm", "sam", "disam")
@@ -117,6 +121,11 @@ class ExperimentConfig:
 
     return search.draw(self.hparams, algorithm, self.dataset, sample, seed, self.steps, self.fixed_hparams)
 
+  @property
+  def model_options(self) -> dict[str, Any]:
+    """The keyword arguments of `models.create_model`: `model_kwargs`, and `precision` unless float32."""
+    return {**self.model_kwargs, **({} if self.precision == "float32" else {"precision": self.precision})}
+
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["model"] = self.model_name
@@ -147,8 +156,10 @@ class ExperimentConfig:
       raise ValueError("No algorithm given; valid: " + ", ".join(algorithms_lib.ALGORITHMS) + ".")
     if len(set(self.algorithms)) != len(self.algorithms):
       raise ValueError(f"An algorithm is named twice: {list(self.algorithms)}.")
-    if self.model_name not in models.MODELS:
-      raise ValueError(f"Unknown model {self.model_name!r}; valid: {', '.join(sorted(models.MODELS))}.")
+    models.resolve_model(self.model_name)  # a registry name or an importable package.module:factory
+    if self.precision not in models.PRECISIONS or "precision" in self.model_kwargs:
+      raise ValueError(f"precision must be one of {', '.join(models.PRECISIONS)} (--precision, not a model option); "
+                       f"got {self.model_kwargs.get('precision', self.precision)!r}.")
     if not self.dataset.startswith("tfds:") and self.dataset not in data_lib.DATASETS:
       raise ValueError(
         f"Unknown dataset {self.dataset!r}; valid: {', '.join(data_lib.DATASETS)}, or tfds:<name>."

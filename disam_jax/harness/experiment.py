@@ -306,7 +306,7 @@ def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
   held_out = check_data(config, ds)
   try:  # builds the model abstractly (shapes only): catches unknown or invalid --model-option values now
     graphdef, initialize = _model_initializer(config.model_name, ds.num_classes, tuple(ds.input_shape),
-                                              dict(config.model_kwargs))
+                                              config.model_options)
   except (TypeError, ValueError) as e:
     raise ValueError(f"Model {config.model_name!r} with options {config.model_kwargs}: {e}") from None
   key = jax.random.key(0)
@@ -500,7 +500,7 @@ def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int,
   the model is created in its target shardings (`init_model`'s `mesh`)."""
   graphdef, params, model_state = init_model(
     config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
-    model_kwargs=config.model_kwargs, pretrained=config.pretrained, mesh=mesh,
+    model_kwargs=config.model_options, pretrained=config.pretrained, mesh=mesh,
   )
   return graphdef, (params, model_state), _trainable_mask(config, graphdef, params, model_state)
 

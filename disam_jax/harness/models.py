@@ -40,10 +40,12 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +56,13 @@ from disam_jax.harness import fast_conv as _fast_conv
 
 __all__ = [
     "MODELS",
+    "PRECISIONS",
+    "DomainModel",
+    "FeaturizerClassifier",
+    "LinenFeaturizer",
+    "check_model",
     "create_model",
+    "resolve_model",
     "functional_model",
     "apply_model",
     "apply_model_with_head",
@@ -71,6 +79,7 @@ __all__ = [
     "MobileNetV2",
     "Adapter",
     "ViT",
+    "vit_patch_size",
 ]
 
 # Torch's padding=1 for a 3x3 convolution. Flax's 'SAME' agrees with it at stride 1
@@ -583,18 +592,44 @@ class _ViTBackbone(nnx.Module):
     return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
 
 
-class ViT(_Classifier):
-  """A small Vision Transformer (defaults: ViT-Tiny width on 32x32 images).
+_VIT_MAX_TOKENS = 196  # ViT-B/16's 14 x 14 at 224 px
 
-  Patch 4 -> 64 tokens (+ class token), dim 192, 6 pre-LN blocks with 3 heads and a
-  4x MLP, final LayerNorm, class-token (or ``pool='mean'``) readout, ``Dense``.
+
+def vit_patch_size(height: int, width: int, max_tokens: int = _VIT_MAX_TOKENS, min_tokens: int = 16) -> int:
+  """The smallest patch side dividing both sides into at most `max_tokens` (and at least `min_tokens`) patches.
+
+  32 px -> 4 (64 tokens, the CIFAR-size ViT-Tiny), 28 px -> 2 (196), 8 px -> 1 (64), 64 px -> 8 (64), 224 px -> 16
+  (196, ViT/16). Attention memory grows with the square of the token count: a fixed patch of 4 at 224 px makes
+  3136 tokens and needs hundreds of GiB of step memory.
+
+  Raises:
+    ValueError: no common divisor gives `min_tokens` to `max_tokens` patches (the message says which patch or
+      image size to write).
+  """
+  for p in range(1, min(height, width) + 1):
+    if height % p == 0 and width % p == 0 and min_tokens <= (height // p) * (width // p) <= max_tokens:
+      return p
+  raise ValueError(f"vit_tiny: no patch size divides a {height}x{width} input into {min_tokens} to {max_tokens} "
+                   "patches; "
+                   "give --model-option patch_size=P (P dividing both sides) or an --image-size that is a multiple "
+                   "of 16 (e.g. 224)")
+
+
+class ViT(_Classifier):
+  """A small Vision Transformer (defaults: ViT-Tiny width; on 32x32 images patch 4 -> 64 tokens).
+
+  Patches of ``patch_size`` (default: `vit_patch_size` of the input, at most 196 tokens; 4 at 32 px, 16 at
+  224 px) (+ class token), dim 192, 6 pre-LN blocks with 3 heads and a 4x MLP, final LayerNorm, class-token (or
+  ``pool='mean'``) readout, ``Dense``.
   """
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               patch_size: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
+               patch_size: Optional[int] = None, dim: int = 192, depth: int = 6, heads: int = 3,
                mlp_ratio: int = 4, pool: str = "cls", dropout: float = 0.0,
                dtype=None, param_dtype=jnp.float32):
     shape = _check_input_shape(input_shape)
+    if patch_size is None:
+      patch_size = vit_patch_size(shape[0], shape[1])
     self.backbone = _ViTBackbone(shape, patch_size, dim, depth, heads, mlp_ratio, pool,
                                  dtype, param_dtype, rngs)
     self.n_features = dim
@@ -612,19 +647,29 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "vit_tiny": ViT,
 }
 
+PRECISIONS = ("float32", "bf16")
+
 
 def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
-                 rngs: nnx.Rngs, fast_conv: bool = True, **kwargs: Any) -> nnx.Module:
-  """Builds the registry model ``name``.
+                 rngs: nnx.Rngs, fast_conv: bool = True, precision: str = "float32",
+                 **kwargs: Any) -> nnx.Module:
+  """Builds the registry model ``name``, or the user's own model ``'package.module:factory'``.
 
   Args:
-    name: a key of ``MODELS``: 'mlp', 'mnist_cnn', 'resnet18', 'resnet50', 'vit_tiny'.
+    name: a key of ``MODELS`` ('mlp', 'mnist_cnn', 'resnet18', 'resnet50', 'mobilenet_v2', 'vit_tiny'), or
+      ``'package.module:factory'`` (see `resolve_model`): ``factory(num_classes=, input_shape=, rngs=,
+      **kwargs)`` returns an ``nnx.Module`` satisfying `DomainModel`, or a ``flax.linen.Module`` featurizer
+      (``x [n, H, W, C] -> [n, F]``) that the harness runs through Flax's NNX bridge under a linear classifier
+      (`LinenFeaturizer`, `FeaturizerClassifier`). The result is checked (`check_model`).
     num_classes: number of logits.
     input_shape: ``(height, width, channels)`` of one NHWC example.
     rngs: ``nnx.Rngs`` for initialization (and dropout, if any).
     fast_conv: every ``nnx.Conv`` uses ``fast_conv.conv_general_dilated`` (the same
       function as ``lax.conv_general_dilated``, whose gradients on the CPU backend are
       convolutions in the forward's layout; other backends keep XLA's). ``False``: Flax's default.
+    precision: ``'float32'``, or ``'bf16'``: the model computes in bfloat16 (``dtype=jnp.bfloat16`` is passed to
+      the constructor) while its parameters stay float32 (``param_dtype``), and so do the optimizer state, the
+      losses (the step casts the logits) and BatchNorm's running statistics.
     **kwargs: model options, e.g. ``hidden`` (mlp), ``width``/``dropout`` (resnets),
       ``depth``/``dim`` (vit_tiny), ``dtype``/``param_dtype`` (all).
 
@@ -632,7 +677,8 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
     The model, in train mode.
 
   Raises:
-    ValueError: unknown ``name``.
+    ValueError: unknown ``name``, an unknown ``precision``, a ``dtype``/``param_dtype`` that contradicts it, or a
+      user model that does not satisfy `DomainModel` (the message names what is missing).
 
   Initialization runs eagerly and JAX compiles the random-number kernel once per
   distinct parameter shape: on a busy 2-core CPU a ResNet-50 took 23 s to build
@@ -640,13 +686,215 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
   ``nnx.Rngs(jax.random.key(0, impl='rbg'))`` (other random values, same
   distributions).
   """
+  factory = resolve_model(name)
+  kwargs = _precision_options(precision, kwargs)
+  input_shape = tuple(input_shape)
+  try:
+    model = factory(num_classes=num_classes, input_shape=input_shape, rngs=rngs, **kwargs)
+  except TypeError as e:
+    if name in MODELS or precision == "float32" or "dtype" not in str(e):
+      raise
+    raise ValueError(f"model {name!r}: --precision bf16 calls the factory with dtype=jnp.bfloat16, which it does "
+                     f"not take ({e}); add a dtype argument and pass it to its layers") from None
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
-  model = MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), rngs=rngs,
-                       **kwargs)
+    model = _user_model(name, model, num_classes, input_shape, rngs, kwargs.get("dtype"))
+    check_model(model, num_classes=num_classes, input_shape=input_shape, name=name)
   if fast_conv:
     _fast_conv.use_fast_conv(model)
   return model
+
+
+def _precision_options(precision: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """`kwargs` with ``dtype=bfloat16`` for ``precision='bf16'`` (refusing a contradicting dtype/param_dtype)."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+  if precision == "float32":
+    return dict(kwargs)
+  for key, wanted in (("dtype", jnp.bfloat16), ("param_dtype", jnp.float32)):
+    if key in kwargs and jnp.dtype(kwargs[key]) != jnp.dtype(wanted):
+      raise ValueError(f"precision bf16 computes in bfloat16 with float32 parameters; drop the model option "
+                       f"{key}={kwargs[key]} (or use precision float32)")
+  return {**kwargs, "dtype": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------ the user's own model
+
+
+@typing.runtime_checkable
+class DomainModel(Protocol):
+  """What the harness needs of a model (every registry model satisfies it; `check_model` checks a user's).
+
+  An ``nnx.Module`` (``model.train()`` / ``model.eval()`` switch dropout and BatchNorm) with:
+
+  Attributes:
+    n_features: int, the width ``F`` of the classifier's input.
+    classifier: an ``nnx.Module`` ``[n, F] -> [n, num_classes]`` holding ``nnx.Param`` variables, stored as the
+      attribute ``classifier`` (so its parameters sit under ``params['classifier']``): CORAL and Fishr read its
+      inputs, Fishr differentiates it (in closed form when it is an ``nnx.Linear``), ``--train-only head``
+      selects it.
+
+  Methods:
+    head_inputs(x [n, H, W, C]) -> [n, F]: the classifier's input (features after any dropout).
+    __call__(x [n, H, W, C]) -> [n, num_classes]: the logits, ``classifier(head_inputs(x))``.
+
+  Optional: ``last_block() -> nnx.Module`` (for ``--train-only last_block``), ``torchvision_head`` (the
+  classifier's name in a torchvision state dict, for ``--pretrained`` torchvision files).
+  """
+
+  n_features: int
+  classifier: nnx.Module
+
+  def head_inputs(self, x: jax.Array) -> jax.Array: ...
+
+  def __call__(self, x: jax.Array) -> jax.Array: ...
+
+
+def resolve_model(name: str) -> Callable[..., Any]:
+  """The constructor of model ``name``: ``MODELS[name]``, or ``factory`` of ``'package.module:factory'`` (imported
+  with ``importlib``; ``factory`` may be a dotted attribute path such as ``Class.create``).
+
+  Raises:
+    ValueError: an unknown name, a module that cannot be imported, or a factory it lacks or that is not callable.
+  """
+  if name in MODELS:
+    return MODELS[name]
+  module_name, sep, attr = str(name).partition(":")
+  if not sep:
+    raise ValueError(f"Unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or package.module:factory "
+                     "for your own model (see docs/harness.md)")
+  if not module_name or not attr:
+    raise ValueError(f"model {name!r}: write package.module:factory (e.g. mypkg.nets:build)")
+  try:
+    obj = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"model {name!r}: cannot import {module_name!r} ({e}); make it importable (installed or on "
+                     "PYTHONPATH, on every host)") from None
+  for part in attr.split("."):
+    if not hasattr(obj, part):
+      raise ValueError(f"model {name!r}: {module_name} has no attribute {attr!r}")
+    obj = getattr(obj, part)
+  if not callable(obj):
+    raise ValueError(f"model {name!r}: {attr} is a {type(obj).__name__}, not a callable factory")
+  return obj
+
+
+class FeaturizerClassifier(_Classifier):
+  """``backbone -> [dropout] -> nnx.Linear classifier``: a `DomainModel` around any featurizer.
+
+  Args:
+    backbone: an ``nnx.Module`` ``x [n, H, W, C] -> [n, n_features]`` (e.g. a `LinenFeaturizer`).
+    n_features: its output width.
+    num_classes, rngs, dropout, dtype, param_dtype: as for the registry models.
+  """
+
+  def __init__(self, backbone: nnx.Module, *, n_features: int, num_classes: int, rngs: nnx.Rngs,
+               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32):
+    self.backbone = backbone
+    self.n_features = int(n_features)
+    self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
+
+
+class LinenFeaturizer(nnx.Module):
+  """A ``flax.linen.Module`` featurizer as an NNX module, through ``flax.nnx.bridge.ToNNX``.
+
+  Its ``params`` become ``nnx.Param`` (trained and perturbed), its other collections (``batch_stats``) model
+  state, updated in train mode only. If the Linen ``__call__`` takes a ``train`` argument it receives
+  ``True`` in train mode and ``False`` in eval mode (``model.train()`` / ``model.eval()``); its ``dropout`` RNG
+  stream comes from ``rngs``. Initialized on zeros of ``input_shape`` (with ``train=False``).
+
+  Attributes:
+    n_features: the featurizer's output width (from the initialization's output, which must be ``[1, F]``).
+  """
+
+  def __init__(self, module: Any, *, input_shape: Sequence[int], rngs: nnx.Rngs):
+    import inspect
+
+    from flax.nnx import bridge
+
+    streams = nnx.Rngs(params=rngs.params(), dropout=rngs.dropout() if "dropout" in rngs else rngs())
+    self.linen = bridge.ToNNX(module, rngs=streams)
+    self.takes_train = "train" in inspect.signature(module.__call__).parameters
+    self.use_running_average = False  # nnx's train()/eval() set it
+    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    self.linen.lazy_init(x, **self._mode(False))
+    out = self.linen(x, **self._mode(False))
+    if getattr(out, "ndim", None) != 2:
+      raise ValueError(f"the Linen featurizer {type(module).__name__} returns shape {getattr(out, 'shape', out)} "
+                       f"for one input of shape {tuple(input_shape)}; it must return features [n, F]")
+    self.n_features = int(out.shape[1])
+
+  def _mode(self, train: bool) -> dict[str, Any]:
+    return {"train": train} if self.takes_train else {}
+
+  def __call__(self, x):
+    from flax.core.scope import DenyList
+
+    train = not self.use_running_average
+    return self.linen(x, mutable=DenyList("params") if train else False, **self._mode(train))
+
+
+def _user_model(name: str, model: Any, num_classes: int, input_shape: tuple[int, ...], rngs: nnx.Rngs,
+                dtype: Any) -> Any:
+  """A user's factory output as a `DomainModel`: Linen featurizers get the bridge and a linear classifier."""
+  try:
+    from flax import linen
+  except ImportError:  # pragma: no cover - flax ships linen
+    linen = None
+  if linen is not None and isinstance(model, linen.Module):
+    backbone = LinenFeaturizer(model, input_shape=input_shape, rngs=rngs)
+    return FeaturizerClassifier(backbone, n_features=backbone.n_features, num_classes=num_classes, rngs=rngs,
+                                dtype=dtype)
+  return model
+
+
+def check_model(model: Any, *, num_classes: int, input_shape: Sequence[int], name: str = "the model") -> None:
+  """Checks that ``model`` satisfies `DomainModel`, abstractly (shapes only, nothing computed).
+
+  Raises:
+    ValueError: one message naming everything missing or mis-shaped.
+  """
+  where = f"model {name!r} ({type(model).__name__})"
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"{where}: the factory must return an nnx.Module satisfying "
+                     "disam_jax.harness.models.DomainModel, or a flax.linen.Module featurizer x -> [n, F]")
+  problems = []
+  n_features = getattr(model, "n_features", None)
+  if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
+    problems.append(f"n_features (an int > 0, the classifier's input width; has {n_features!r})")
+  if not callable(getattr(model, "head_inputs", None)):
+    problems.append("head_inputs(x) -> [n, n_features] (the classifier's input)")
+  classifier = getattr(model, "classifier", None)
+  if not isinstance(classifier, nnx.Module) or not jax.tree.leaves(nnx.state(classifier, nnx.Param)):
+    problems.append("classifier (an nnx.Module [n, n_features] -> [n, num_classes] with nnx.Param weights, "
+                    "e.g. nnx.Linear)")
+  if not problems:
+    problems = _shape_problems(model, num_classes, tuple(input_shape), n_features)
+  if problems:
+    raise ValueError(f"{where} does not satisfy disam_jax.harness.models.DomainModel: it needs "
+                     + "; ".join(problems))
+
+
+def _shape_problems(model: nnx.Module, num_classes: int, input_shape: tuple[int, ...], n_features: int) -> list:
+  graphdef, state = nnx.split(model)
+  x = jax.ShapeDtypeStruct((2,) + input_shape, jnp.float32)
+
+  def shapes(state, x):
+    m = nnx.merge(graphdef, state, copy=True)
+    features = m.head_inputs(x)
+    return features, m.classifier(features), m(x)
+
+  try:
+    features, head_logits, logits = jax.eval_shape(shapes, state, x)
+  except Exception as e:  # the user's code failed on a batch of two inputs: say so with its own message
+    return [f"head_inputs/classifier/__call__ to run on inputs [2, {', '.join(map(str, input_shape))}] "
+            f"(they raised {type(e).__name__}: {e})"]
+  problems = []
+  if features.shape != (2, n_features):
+    problems.append(f"head_inputs(x) -> [n, n_features] = [2, {n_features}] (returns {list(features.shape)})")
+  for what, got in (("classifier(head_inputs(x))", head_logits), ("__call__(x)", logits)):
+    if got.shape != (2, num_classes):
+      problems.append(f"{what} -> [n, num_classes] = [2, {num_classes}] (returns {list(got.shape)})")
+  return problems
 
 
 # --------------------------------------------------------------- functional form
@@ -704,7 +952,7 @@ class Head(NamedTuple):
   Attributes:
     features: ``[n, n_features]`` the classifier's inputs (after dropout).
     apply: ``apply(head_params, z [k, n_features]) -> logits [k, num_classes]``,
-      the classifier as a pure function.
+      the classifier as a pure function (`penalties.linear_head`, in float32, for an ``nnx.Linear``).
     params: the classifier's parameters: the very arrays of ``params``, so a
       function of them is differentiated with respect to the model's parameters.
   """
@@ -725,7 +973,10 @@ def apply_model_with_head(graphdef: nnx.GraphDef, params: nnx.State, model_state
   features = model.head_inputs(x)
   logits = model.classifier(features)
   head_graphdef, head_params = nnx.split(model.classifier)
-  apply = lambda hp, z: nnx.merge(head_graphdef, hp)(z)
+  if type(model.classifier) is nnx.Linear:  # Fishr's per-example head gradients in closed form
+    from disam_jax.harness.penalties import linear_head as apply
+  else:
+    apply = lambda hp, z: nnx.merge(head_graphdef, hp)(z)
   return logits, Head(features, apply, head_params), _new_model_state(model, model_state, train)
 
 

@@ -18,7 +18,8 @@ Definitions (DomainBed, facebookresearch/DomainBed, domainbed/algorithms.py and 
   steps, then ``vrex_lambda``.
 * Fishr (Rame et al. 2022, "Fishr: Invariant Gradient Variances for Out-of-Distribution Generalization"): the
   per-example gradients `G_n` of the cross-entropy with respect to the classifier head's parameters (weights and
-  bias, flattened to `[P]`; DomainBed gets them with BackPACK, here `jax.vmap(jax.grad(...))` on the head alone),
+  bias, flattened to `[P]`; DomainBed gets them with BackPACK; here, for a linear head, in closed form from the
+  features and the softmax residuals without materialising them, otherwise `jax.vmap(jax.grad(...))` on the head),
   their per-domain variance `v_i = mean_n (G_n - mean_n G_n)^2` (biased, `[P]`), an exponential moving average
   per domain (DomainBed's ``MovingAverage(ema, oneminusema_correction=True)``: state `s_i <- ema s_i + (1 - ema)
   v_i`, stored without gradient, starting from 0; the penalty uses `s_i / (1 - ema)`, so the gradient reaching
@@ -54,6 +55,7 @@ __all__ = [
   "fishr",
   "fishr_domain_gradient_variance",
   "fishr_penalty",
+  "linear_head",
   "reset_at",
   "vrex",
   "vrex_penalty",
@@ -116,21 +118,28 @@ def coral_penalty(features: jax.Array) -> jax.Array:
   """DomainBed's CORAL penalty of `[M, b, F]` features: mean and covariance differences, averaged over pairs.
 
   `mean over i < j of mean((mu_i - mu_j)^2) + mean((C_i - C_j)^2)`, `C_i` the unbiased covariance (`b - 1`),
-  accumulated in float32. 0 for a single domain (DomainBed's penalty stays 0 then).
+  accumulated in float32 (float64 for float64 features). 0 for a single domain (DomainBed's penalty stays 0 then).
+
+  Computed in O(M F^2) memory and time, without forming the `M (M - 1) / 2` pairs: for any vectors `a_i`,
+  `sum_{i<j} ||a_i - a_j||^2 = M sum_i ||a_i||^2 - ||sum_i a_i||^2 = M sum_i ||a_i - mean_j a_j||^2`; the last form
+  (the one used, for both the means and the covariances) subtracts no two large sums, so float32 loses nothing to
+  cancellation when the domains' covariances are close. The temporaries are the `[M, F, F]` covariances (the
+  pairwise form also held `[M (M - 1) / 2, F, F]` differences: 1.56 GiB at M=64, F=256).
   """
-  z = jnp.asarray(features).astype(jnp.float32)
-  m, b, _ = z.shape
+  z = jnp.asarray(features)
+  z = z.astype(_at_least_float32(z.dtype))
+  m, b, f = z.shape
   if b < 2:
     raise ValueError(f"CORAL needs at least 2 examples per domain for a covariance; got {b}.")
   if m < 2:
-    return jnp.zeros([], jnp.float32)
+    return jnp.zeros([], z.dtype)
   mean = z.mean(axis=1)  # [M, F]
   centered = z - mean[:, None, :]
   cov = jnp.einsum("mbf,mbg->mfg", centered, centered) / (b - 1)  # [M, F, F]
-  i, j = jnp.triu_indices(m, k=1)
-  mean_diff = jnp.mean((mean[i] - mean[j]) ** 2, axis=-1)
-  cov_diff = jnp.mean((cov[i] - cov[j]) ** 2, axis=(-2, -1))
-  return jnp.mean(mean_diff + cov_diff)
+  pairs = m * (m - 1) / 2
+  mean_spread = jnp.sum((mean - mean.mean(axis=0)) ** 2)  # sum_i ||mu_i - mean_j mu_j||^2
+  cov_spread = jnp.sum((cov - cov.mean(axis=0)) ** 2)
+  return (m * (mean_spread / f + cov_spread / (f * f)) / pairs).astype(z.dtype)
 
 
 def coral(mmd_gamma: float = 1.0) -> Penalty:
@@ -177,21 +186,70 @@ def vrex(vrex_lambda: float = 10.0, anneal_steps: int = 500) -> Penalty:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def linear_head(head_params: Any, z: jax.Array) -> jax.Array:
+  """The linear classifier `z @ kernel + bias` (`nnx.Linear`'s parameters: `kernel [F, C]`, optional `bias [C]`)
+  as a head function, in float32 (float64 for float64 inputs).
+
+  `models.apply_model_with_head` hands it to the penalties for a model whose classifier is an `nnx.Linear`; Fishr
+  then computes the per-example gradient variances in closed form (`fishr_domain_gradient_variance`).
+  """
+  kernel = jnp.asarray(head_params["kernel"])
+  dtype = _at_least_float32(jnp.asarray(z).dtype, kernel.dtype)
+  logits = jnp.asarray(z).astype(dtype) @ kernel.astype(dtype)
+  if "bias" in head_params:
+    logits = logits + jnp.asarray(head_params["bias"]).astype(dtype)
+  return logits
+
+
+def _at_least_float32(*dtypes) -> Any:
+  """float32, or float64 where an input is (the tests' references run in float64)."""
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
 def _per_example_head_gradients(head: Callable, head_params: Any, z: jax.Array, y: jax.Array) -> jax.Array:
   """`[n, P]` gradients of each example's cross-entropy with respect to the head's parameters, flattened."""
 
   def example_loss(hp, z1, y1):
     logits = head(hp, z1[None])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y1[None])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(_at_least_float32(logits.dtype)),
+                                                           y1[None])[0]
 
   grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(head_params, z, y)
   leaves = jax.tree.leaves(grads)
-  return jnp.concatenate([g.reshape(g.shape[0], -1).astype(jnp.float32) for g in leaves], axis=1)
+  dtype = _at_least_float32(*(g.dtype for g in leaves))
+  return jnp.concatenate([g.reshape(g.shape[0], -1).astype(dtype) for g in leaves], axis=1)
+
+
+def _linear_head_gradient_variance(head_params: Any, features: jax.Array, labels: jax.Array) -> jax.Array:
+  """`fishr_domain_gradient_variance` of `linear_head` in closed form, without per-example gradients.
+
+  Example n's cross-entropy gradient is `dW_n = z_n r_n^T` (`[F, C]`) and `db_n = r_n`, with `r_n = softmax(z_n W +
+  b) - onehot(y_n)`. Per domain and parameter, the biased variance over the b examples is `mean_n dW_n^2 - (mean_n
+  dW_n)^2 = (z^2)^T (r^2) / b - (z^T r / b)^2` (and `mean_n r_n^2 - (mean_n r_n)^2` for the bias): two `[M, F, C]`
+  contractions instead of an `[M b, F C + C]` buffer. Leaves in `jax.tree.leaves(head_params)` order, as the
+  per-example path.
+  """
+  logits = linear_head(head_params, features)  # [M, b, C], float32 (float64 for float64 inputs)
+  z = jnp.asarray(features).astype(logits.dtype)  # [M, b, F]
+  probs = jax.nn.softmax(logits, axis=-1)
+  r = probs - jax.nn.one_hot(labels, probs.shape[-1], dtype=logits.dtype)
+  b = z.shape[1]
+  variances = {"kernel": (jnp.einsum("mbf,mbc->mfc", z * z, r * r) / b
+                          - (jnp.einsum("mbf,mbc->mfc", z, r) / b) ** 2)}
+  if "bias" in head_params:
+    variances["bias"] = jnp.mean(r * r, axis=1) - jnp.mean(r, axis=1) ** 2
+  m = z.shape[0]
+  # nnx.State and dicts flatten in sorted key order: bias, then kernel
+  return jnp.concatenate([variances[k].reshape(m, -1) for k in sorted(variances)], axis=1)
 
 
 def fishr_domain_gradient_variance(head: Callable, head_params: Any, features: jax.Array,
                                    labels: jax.Array) -> jax.Array:
   """`[M, P]` per-domain variance (biased, over the b examples) of the per-example head gradients.
+
+  For `linear_head` (every registry model's classifier) in closed form (`_linear_head_gradient_variance`: temporary
+  memory O(M F C), as the result); for any other head from `[M b, P]` per-example gradients
+  (`jax.vmap(jax.grad(...))`).
 
   Args:
     head: `head(head_params, z [n, F]) -> logits [n, C]`.
@@ -199,6 +257,8 @@ def fishr_domain_gradient_variance(head: Callable, head_params: Any, features: j
     features: `[M, b, F]` head inputs.
     labels: `[M, b]` integer labels.
   """
+  if head is linear_head:
+    return _linear_head_gradient_variance(head_params, features, labels)
   m, b = labels.shape
   grads = _per_example_head_gradients(head, head_params, features.reshape((m * b,) + features.shape[2:]),
                                       labels.reshape(-1)).reshape(m, b, -1)
