@@ -102,6 +102,9 @@ MODELS: tuple[str, ...] = ("mlp", "mnist_cnn", "resnet18", "resnet50", "mobilene
 # Values of HParams.perturb_when besides None (--perturb-when).
 PERTURB_WHEN: tuple[str, ...] = ("variance",)
 
+# Values of HParams.batching (--batching): DomainBed's per-domain batches, or the released DISAM code's one stream.
+BATCHINGS: tuple[str, ...] = ("balanced", "merged")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -117,7 +120,12 @@ class HParams:
     lr: learning rate of the base optimizer.
     weight_decay: inside the base optimizer: L2 added to the gradient for 'sgd' and 'adam' (PyTorch's
       ``weight_decay``), decoupled for 'adamw'.
-    batch_size: examples per training domain per step.
+    batch_size: examples per training domain per step; with batching "merged", the step's batch is
+      ``batch_size * M`` examples in all (M training domains), so both batchings see as many examples per step.
+    batching: "balanced" (DomainBed: every training domain gives `batch_size` examples each step,
+      `data.DomainBatchSampler`) or "merged" (the released DISAM code: one shuffled stream without replacement over
+      all training domains together, `batch_size * M` examples per step, the domains present and their counts
+      varying from step to step, `data.MergedBatchSampler`; DISAM's mean and variance are over the domains present).
     rho: perturbation radius (SAM, DISAM).
     lam: weight of the domain-loss variance in DISAM's perturbation.
     diagnostics: DISAM rules also compute, every step, the cosine between DISAM's perturbation direction and SAM's
@@ -148,6 +156,7 @@ class HParams:
   lr: float = 1e-3
   weight_decay: float = 0.0
   batch_size: int = 64
+  batching: str = "balanced"
   rho: float = 0.05
   lam: float = 0.1
   diagnostics: bool = False
@@ -226,6 +235,8 @@ class HParams:
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
+    if self.batching not in BATCHINGS:
+      raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}; got {self.batching!r}.")
     if not isinstance(self.batch_size, int) or self.batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer (examples per domain); got {self.batch_size!r}.")
 

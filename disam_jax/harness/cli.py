@@ -238,6 +238,10 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
   train.add_argument("--batch-size", type=_int, default=default(None), metavar="B",
                      help="examples per training domain per step (default: 64 for small images, 32 otherwise; "
                           "a default larger than the smallest training domain is lowered to its size, with a notice)")
+  train.add_argument("--batching", choices=("balanced", "merged"), default=default(hp.batching),
+                     help="balanced: every training domain gives --batch-size examples per step (DomainBed); merged: "
+                          "one shuffled stream over all training domains, --batch-size x M examples per step, as "
+                          "the released DISAM code (in-memory datasets; erm and the sharpness-aware rules)")
   train.add_argument("--rho", type=_finite_float, default=default(hp.rho),
                      help=f"SAM/DISAM perturbation radius (default: {hp.rho})")
   train.add_argument("--lam", type=_finite_float, default=default(hp.lam),
@@ -350,7 +354,7 @@ def config_from_args(args: argparse.Namespace):
     raise BadInput(f"{', '.join(given)} set(s) the variance trigger: add --perturb-when variance, or drop it.")
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-    batch_size=args.batch_size, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
+    batch_size=args.batch_size, batching=args.batching, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
     diagnostics=args.diagnostics, perturb_every=args.perturb_every, reuse_weight=args.reuse_weight,
     perturb_when=args.perturb_when, trigger_factor=args.trigger_factor, trigger_decay=args.trigger_decay,
     trigger_min_gap=args.trigger_gaps[0] if args.trigger_gaps else None,
