@@ -244,3 +244,17 @@ def test_the_cli_flag_sets_the_batching():
   args = cli.build_parser().parse_args(["--batching", "merged", "--algorithm", "sam"])
   assert cli.config_from_args(args).hparams.batching == "merged"
   assert cli.config_from_args(cli.build_parser().parse_args([])).hparams.batching == "balanced"
+
+
+def test_on_a_mesh_each_device_holds_its_quarter_of_the_merged_batch():
+  config = _config()  # 4 x 5 domains = 20 examples
+  split = experiment._cell_split(config, experiment.load_data(config, 0), "75", 0)
+  mesh = distributed.data_mesh(jax.devices()[:4])
+  sampler, _, draw = loop._batch_source(config, split, 0, mesh)
+  x, y, ids = draw()
+  want = data.MergedBatchSampler(split.train, 20, 0).next()
+  for placed, full in zip((x, y, ids), want):
+    assert placed.shape == full.shape and len(placed.addressable_shards) == 4
+    for shard in placed.addressable_shards:
+      assert shard.data.shape[0] == 5
+      np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
