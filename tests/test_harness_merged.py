@@ -108,10 +108,10 @@ def test_bad_batches_and_foreign_states_are_refused():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _model(m):
+def _model(m, algorithm="disam", **hparams):
   graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs={"hidden": 16})
-  tx = algorithms.make_optimizer("disam", HParams(lr=1e-2, rho=0.05, lam=0.5), num_domains=m,
+  tx = algorithms.make_optimizer(algorithm, HParams(lr=1e-2, rho=0.05, lam=0.5, **hparams), num_domains=m,
                                  aux_example=model_state)
   return graphdef, params, model_state, tx
 
@@ -142,6 +142,28 @@ def test_flat_step_statistics_are_numpy_per_domain_means_with_an_absent_domain()
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["variance"], variance, rtol=1e-4)
   assert np.all(np.isfinite(np.asarray(metrics["grad_norm"])))
+
+
+@pytest.mark.parametrize("algorithm", ["erm", "sam", "disam", "disam_gsam"])
+def test_count_domain_weights_make_the_loss_the_batch_mean_as_the_released_code(algorithm):
+  """--domain-weights count: `L` is the merged batch's mean cross-entropy and the variance weighs each present
+  domain by its count (the released code's `get_domain_loss`); uniform weights give a different `L` here."""
+  m, rng = 4, np.random.default_rng(3)
+  x = rng.random((10, 8, 8, 1), dtype=np.float32)
+  y = rng.integers(0, 10, 10).astype(np.int32)
+  ids = np.array([0, 2, 2, 0, 3, 3, 3, 0, 2, 0], np.int32)  # domain 1 absent; counts 4, 0, 3, 3
+  graphdef, params, model_state, tx = _model(m, algorithm, domain_weights="count")
+  logits, _ = apply_model(graphdef, params, model_state, x, train=True)
+  ce = _ce(logits, y)
+  counts = np.bincount(ids, minlength=m)
+  means = np.array([ce[ids == d].mean() if counts[d] else 0.0 for d in range(m)])
+  loss = ce.mean()
+  variance = np.sum(counts / counts.sum() * (means - loss) ** 2)
+  _, metrics = jax.jit(train.make_train_step(graphdef, tx))(train.init_train_state(params, model_state, tx),
+                                                            (x, y, ids))
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["variance"], variance, rtol=1e-4)
+  assert abs(loss - means[counts > 0].mean()) > 1e-4  # the two weightings differ on this batch
 
 
 def test_a_flat_batch_holding_a_balanced_one_steps_as_the_balanced_batch():
@@ -229,6 +251,8 @@ def test_penalties_and_streamed_folders_are_refused_with_what_to_write():
     _config(algorithms=("disam", "coral")).validate()
   with pytest.raises(ValueError, match="batching must be one of balanced, merged"):
     HParams(batching="mixed").validate()
+  with pytest.raises(ValueError, match="domain_weights must be uniform or count"):
+    HParams(domain_weights="size").validate()
   config = _config()
   folder = types.SimpleNamespace(name="folder", domains=("0", "15", "75"), streamed=True)
   with pytest.raises(ValueError, match="folder is streamed .* --batching merged needs an in-memory dataset"):
@@ -238,12 +262,14 @@ def test_penalties_and_streamed_folders_are_refused_with_what_to_write():
     loop._batch_source(config, dataclasses.replace(split, records=object()), 0, None)
 
 
-def test_the_cli_flag_sets_the_batching():
+def test_the_cli_flags_set_the_batching_and_the_domain_weights():
   from disam_jax.harness import cli
 
-  args = cli.build_parser().parse_args(["--batching", "merged", "--algorithm", "sam"])
-  assert cli.config_from_args(args).hparams.batching == "merged"
-  assert cli.config_from_args(cli.build_parser().parse_args([])).hparams.batching == "balanced"
+  args = cli.build_parser().parse_args(["--batching", "merged", "--domain-weights", "count", "--algorithm", "sam"])
+  hparams = cli.config_from_args(args).hparams
+  assert (hparams.batching, hparams.domain_weights) == ("merged", "count")
+  hparams = cli.config_from_args(cli.build_parser().parse_args([])).hparams
+  assert (hparams.batching, hparams.domain_weights) == ("balanced", "uniform")
 
 
 def test_on_a_mesh_each_device_holds_its_quarter_of_the_merged_batch():

@@ -126,6 +126,10 @@ class HParams:
       `data.DomainBatchSampler`) or "merged" (the released DISAM code: one shuffled stream without replacement over
       all training domains together, `batch_size * M` examples per step, the domains present and their counts
       varying from step to step, `data.MergedBatchSampler`; DISAM's mean and variance are over the domains present).
+    domain_weights: the weights `a_i` of the domains present in a batch in the loss `L = sum_i a_i L_i` (every
+      rule) and DISAM's variance: "uniform" (`1/M'` over the M' present, the paper's) or "count" (`n_i / n`: `L` is
+      the batch's mean cross-entropy, what the released DISAM code computes; `disam_jax.disam(domain_weights=)`).
+      The two agree on balanced batches.
     rho: perturbation radius (SAM, DISAM).
     lam: weight of the domain-loss variance in DISAM's perturbation.
     diagnostics: DISAM rules also compute, every step, the cosine between DISAM's perturbation direction and SAM's
@@ -157,6 +161,7 @@ class HParams:
   weight_decay: float = 0.0
   batch_size: int = 64
   batching: str = "balanced"
+  domain_weights: str = "uniform"
   rho: float = 0.05
   lam: float = 0.1
   diagnostics: bool = False
@@ -237,6 +242,8 @@ class HParams:
         raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
     if self.batching not in BATCHINGS:
       raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}; got {self.batching!r}.")
+    if self.domain_weights not in ("uniform", "count"):
+      raise ValueError(f"domain_weights must be uniform or count; got {self.domain_weights!r}.")
     if not isinstance(self.batch_size, int) or self.batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer (examples per domain); got {self.batch_size!r}.")
 

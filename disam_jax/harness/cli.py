@@ -242,6 +242,10 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
                      help="balanced: every training domain gives --batch-size examples per step (DomainBed); merged: "
                           "one shuffled stream over all training domains, --batch-size x M examples per step, as "
                           "the released DISAM code (in-memory datasets; erm and the sharpness-aware rules)")
+  train.add_argument("--domain-weights", choices=("uniform", "count"), default=default(hp.domain_weights),
+                     help="weights of the domains present in a batch in the loss and DISAM's variance: uniform "
+                          "(the paper's) or count (the batch mean, as the released DISAM code; differs only with "
+                          "--batching merged)")
   train.add_argument("--rho", type=_finite_float, default=default(hp.rho),
                      help=f"SAM/DISAM perturbation radius (default: {hp.rho})")
   train.add_argument("--lam", type=_finite_float, default=default(hp.lam),
@@ -354,7 +358,8 @@ def config_from_args(args: argparse.Namespace):
     raise BadInput(f"{', '.join(given)} set(s) the variance trigger: add --perturb-when variance, or drop it.")
   hparams = default_hparams(
     args.dataset, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-    batch_size=args.batch_size, batching=args.batching, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
+    batch_size=args.batch_size, batching=args.batching,
+    domain_weights=args.domain_weights, rho=args.rho, lam=args.lam, adaptive=args.adaptive, alpha=args.alpha,
     diagnostics=args.diagnostics, perturb_every=args.perturb_every, reuse_weight=args.reuse_weight,
     perturb_when=args.perturb_when, trigger_factor=args.trigger_factor, trigger_decay=args.trigger_decay,
     trigger_min_gap=args.trigger_gaps[0] if args.trigger_gaps else None,
