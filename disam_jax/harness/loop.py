@@ -308,7 +308,8 @@ def run_cell(
 def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
   """`(sampler, place, draw)`: the run's training feed (`feeds.TrainFeed`: in memory, or streamed through grain for
   a split of record indices; with `--batching merged` the merged stream, `_merged_batch_source`), `place(state)`
-  on the devices, and `draw()` of the next batch on the devices (under a mesh: this process reads only its slice of the global batch, assembled by `distributed.global_batch`)."""
+  on the devices, and `draw()` of the next batch on the devices (under a mesh: this process reads only its slice of
+  the global batch, assembled by `distributed.global_batch`)."""
   if config.hparams.batching == "merged":
     return _merged_batch_source(config, split, seed, mesh)
   if split.records is not None:

@@ -117,10 +117,10 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
     `train_step(state: TrainState, batch: (x [M, b, ...], y [M, b])) -> (TrainState, metrics)`, or with a merged
     batch (`--batching merged`, `data.MergedBatchSampler`; no penalty) `batch: (x [B, ...], y [B], domain ids [B]
     int32 in [0, M))`: one forward pass over the B examples, the per-domain losses by `domain_losses_from_ids` (a
-    domain absent from the batch leaves the mean and the variance, and logs a loss of 0). Metrics: a dict
-    of float32 arrays: `loss` (the cross-entropy `mean_i L_i` over the domains present, at the weights before the
-    step), `domain_losses` `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`; with a penalty also
-    `penalty` (unweighted `P`) and `objective` (the minimized `L + w_t P`). Jit it.
+    domain absent from the batch leaves the mean and the variance, and logs a loss of 0). Metrics: a dict of float32
+    arrays: `loss` (the cross-entropy `sum_i a_i L_i` over the domains present, at the weights before the step),
+    `domain_losses` `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`; with a
+    penalty also `penalty` (unweighted `P`) and `objective` (the minimized `L + w_t P`). Jit it.
   """
   from disam_jax.harness.models import apply_model, apply_model_with_head
 
