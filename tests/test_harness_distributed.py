@@ -93,6 +93,19 @@ def test_two_processes_and_four_devices_equal_one_device(tmp_path, one_device_pa
   assert (tmp_path / 'two' / 'results.md').exists()
 
 
+@pytest.mark.slow  # default tier: test_harness_merged.py's 4-device mesh run against one device
+def test_merged_batches_on_two_processes_equal_one_device(tmp_path):
+  """--batching merged: each process reads its slice of the flat batch (40 examples, 10 per device) from the same
+  stream; the parameters equal the one-device run's."""
+  merged = ('--batching', 'merged', '--steps', '6')
+  results = _wait(_start(tmp_path / 'two', 2, 2, *merged))
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  [(code, _, err)] = _wait(_start(tmp_path / 'one', 1, 1, *merged))
+  assert code == 0, err[-3000:]
+  _assert_same(_final_params(tmp_path / 'two', steps=6), _final_params(tmp_path / 'one', steps=6))
+
+
 @pytest.mark.slow  # default tier: test_distributed.py's launcher fault test, test_harness_train's exact resume
 def test_killed_process_stops_the_other_and_the_job_resumes_exactly(tmp_path, one_device_params):
   run_dir = tmp_path / 'fault'

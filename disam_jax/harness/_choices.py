@@ -112,6 +112,12 @@ MODELS: tuple[str, ...] = ("mlp", "mnist_cnn", "resnet18", "resnet50", "mobilene
 # Values of HParams.perturb_when besides None (--perturb-when).
 PERTURB_WHEN: tuple[str, ...] = ("variance",)
 
+# Values of HParams.batching (--batching): DomainBed's per-domain batches, or the released DISAM code's one stream.
+BATCHINGS: tuple[str, ...] = ("balanced", "merged")
+
+# Values of HParams.domain_weights (--domain-weights): the weights a_i of the domains present in a batch.
+DOMAIN_WEIGHTS: tuple[str, ...] = ("uniform", "count")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -323,6 +329,15 @@ class HParams:
                            search=LogUniform(3, 9, base=2, integer=True),
                            search_large=LogUniform(3, 5.5, base=2, integer=True), metavar="B",
                            source="DomainBed hparams_registry")
+  batching: str = hparam(str, "balanced", "balanced: every training domain gives --batch-size examples per step "
+                         "(DomainBed, data.DomainBatchSampler); merged: one shuffled stream without replacement over "
+                         "all training domains, --batch-size x M examples per step, as the released DISAM code "
+                         "(data.MergedBatchSampler; in-memory datasets, no penalties)", choices=BATCHINGS,
+                         metavar="MODE", source="ours (merged: the released DISAM code)")
+  domain_weights: str = hparam(str, "uniform", "weights of the domains present in a batch in the loss (every rule) "
+                               "and DISAM's variance: uniform (the paper's) or count (the batch mean, as the "
+                               "released DISAM code); they differ only with --batching merged",
+                               choices=DOMAIN_WEIGHTS, metavar="W", source="DISAM paper (uniform)")
   rho: float = hparam(float, 0.05, "SAM/DISAM perturbation radius", search=LogUniform(-2, -0.5),
                       used_by="sharpness", metavar="RHO", source="DISAM paper (default); search range ours")
   lam: float = hparam(float, 0.1, "DISAM's weight of the domain-loss variance", search=LogUniform(-2, 0),
@@ -432,6 +447,10 @@ class HParams:
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
+    if self.batching not in BATCHINGS:
+      raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}; got {self.batching!r}.")
+    if self.domain_weights not in DOMAIN_WEIGHTS:
+      raise ValueError(f"domain_weights must be one of {', '.join(DOMAIN_WEIGHTS)}; got {self.domain_weights!r}.")
     if not isinstance(self.batch_size, int) or self.batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer (examples per domain); got {self.batch_size!r}.")
 

@@ -100,6 +100,7 @@ def erm(
     aux_example: Any = None,
     num_domains: Optional[int] = None,
     perturbation_mask: Any = None,
+    domain_weights: str = "uniform",
 ) -> optax.GradientTransformationExtraArgs:
   """Empirical risk minimization with `disam`'s interface: one pass, `base_tx` on `grad L(w)`.
 
@@ -115,6 +116,8 @@ def erm(
     num_domains: M, fixes the shape of `state.domain_losses` from `init`.
     perturbation_mask: accepted so that every rule takes the same arguments; ERM perturbs nothing, so there is
       nothing to restrict (which parameters train is the base optimizer's mask, see `peft`).
+    domain_weights: the weights of the domains present in `L`, as `disam`'s: 'uniform' or 'count' (`L` is then
+      the batch's mean loss).
   """
   del perturbation_mask
   base_tx = optax.with_extra_args_support(base_tx)
@@ -129,7 +132,8 @@ def erm(
 
     def objective(p):
       losses, aux = as_domain_losses(domain_loss_fn(p), has_aux)
-      means, _, loss, variance = domain_objective(DomainLosses(losses.total.astype(jnp.float32), losses.count))
+      means, _, loss, variance = domain_objective(DomainLosses(losses.total.astype(jnp.float32), losses.count),
+                                                  domain_weights)
       return loss, (means, losses.count, variance, aux)
 
     (loss, (means, count, variance, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -161,7 +165,7 @@ def erm(
 
 
 def _erm_rule(base, hp, **kw):
-  return erm(base, **kw)
+  return erm(base, domain_weights=hp.domain_weights, **kw)
 
 
 def _sam_rule(lam_on: bool, rule: Optional[str] = None):
@@ -176,7 +180,8 @@ def _sam_rule(lam_on: bool, rule: Optional[str] = None):
       extra["perturb_when"] = VarianceTrigger(hp.trigger_min_gap, hp.trigger_max_gap, hp.trigger_factor,
                                               hp.trigger_decay)
       extra["reuse_weight"] = hp.reuse_weight
-    return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, **extra, **kw)
+    return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, domain_weights=hp.domain_weights,
+                 **extra, **kw)
 
   return build
 

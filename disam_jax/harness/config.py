@@ -202,6 +202,11 @@ class ExperimentConfig:
                        "or sub_domains.")
     if self.eval_batch_size < 1:
       raise ValueError(f"eval_batch_size must be >= 1; got {self.eval_batch_size}.")
+    if self.hparams.batching == "merged":
+      grouped = [name for name in self.algorithms if algorithms_lib.make_penalty(name, self.hparams) is not None]
+      if grouped:
+        raise ValueError(f"{', '.join(grouped)}: a penalty needs per-domain batches [M, b]; drop --batching merged "
+                         "(the default --batching balanced) or train a rule alone (erm, sam, disam, ...).")
     if self.data_workers is not None and self.data_workers < 0:
       raise ValueError(f"data_workers must be >= 0 (0: a prefetch thread, no worker process); got "
                        f"{self.data_workers}.")

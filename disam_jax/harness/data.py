@@ -53,6 +53,7 @@ __all__ = [
   "DATASETS",
   "DatasetSpec",
   "DomainBatchSampler",
+  "MergedBatchSampler",
   "DomainDataset",
   "DomainSplit",
   "ROTATION_DEGREES",
@@ -844,6 +845,9 @@ class DomainBatchSampler:
 
   def restore(self, state: dict[str, Any]) -> None:
     """Continues the stream captured by `state()` (from a sampler over the same domains and batch size)."""
+    if state.get("batching") == "merged":
+      raise ValueError("The checkpoint's sampler state is of merged batches; this run draws balanced per-domain "
+                       "batches: resume with the run's own --batching.")
     mine = (self._batch, [len(x) for x in self._x])
     theirs = (state.get("batch_size_per_domain"), list(state.get("domain_sizes", [])))
     if mine != theirs:
@@ -852,4 +856,107 @@ class DomainBatchSampler:
         f"batch size {mine[0]} over {mine[1]}."
       )
     self._rng.bit_generator.state = state["bit_generator"]
+    self._steps = int(state.get("steps", 0))
+
+
+class MergedBatchSampler:
+  """The released DISAM code's batches: one shuffled stream over all training domains together.
+
+  As a PyTorch ``DataLoader(ConcatDataset(domains), batch_size, shuffle=True, drop_last=True)``: each epoch is a
+  fresh random permutation of the ``N = sum_i n_i`` training examples (domain after domain, as `train` orders them),
+  cut into ``N // batch_size`` batches; the tail of fewer than `batch_size` examples is dropped, and the next batch
+  starts a new epoch. The domains present in a batch, and their counts, vary from batch to batch. One seeded NumPy
+  stream draws the permutations; `state()` / `restore()` capture it (the generator's state before the current
+  epoch's permutation, and the batches of it already given), so a resumed run draws the identical batches.
+
+  Args:
+    train: ``(x, y)`` per training domain, e.g. ``split.train``.
+    batch_size: examples per step, all domains together (the harness uses ``HParams.batch_size * M``).
+    seed: seeds the stream.
+    domain_names: optional names used in error messages.
+  """
+
+  def __init__(
+      self,
+      train: Sequence[tuple[np.ndarray, np.ndarray]],
+      batch_size: int,
+      seed: int,
+      *,
+      domain_names: Sequence[str] | None = None,
+  ):
+    if not train:
+      raise ValueError("MergedBatchSampler needs at least one training domain.")
+    names = list(domain_names) if domain_names is not None else [f"#{i}" for i in range(len(train))]
+    xs = [np.asarray(x, np.float32) for x, _ in train]
+    ys = [np.asarray(y, np.int32) for _, y in train]
+    for name, x, y in zip(names, xs, ys):
+      if len(x) != len(y):
+        raise ValueError(f"Training domain {name}: {len(x)} images but {len(y)} labels.")
+    if len({x.shape[1:] for x in xs}) > 1:
+      raise ValueError(f"Training domains have different image shapes: {[x.shape[1:] for x in xs]}.")
+    self._sizes = [len(y) for y in ys]
+    self._batch = int(batch_size)
+    if not 1 <= self._batch <= sum(self._sizes):
+      raise ValueError(f"The merged batch of {batch_size} examples must be between 1 and the {sum(self._sizes)} "
+                       f"training examples of all domains together; use a smaller --batch-size.")
+    self._x, self._y = np.concatenate(xs), np.concatenate(ys)
+    self._d = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(self._sizes)])
+    self._rng = np.random.default_rng(seed)
+    self._steps = 0
+    self._new_epoch()
+
+  def _new_epoch(self) -> None:
+    self._epoch_start = self._rng.bit_generator.state  # what `state()` records: the permutation is drawn again
+    self._order = self._rng.permutation(len(self._y))
+    self._given = 0  # batches of this epoch handed out
+
+  def next(self, local: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns images ``[B, H, W, C]`` float32, labels ``[B]`` int32 and domain ids ``[B]`` int32 (index into
+    `train`).
+
+    With `local`, only that slice of the batch is gathered (``[B_local, ...]``): in a multi-process run every
+    process draws the same permutation and loads only its own slice of every batch.
+    """
+    if (self._given + 1) * self._batch > len(self._order):  # drop_last: the tail starts a new epoch
+      self._new_epoch()
+    picks = self._order[self._given * self._batch:(self._given + 1) * self._batch]
+    self._given += 1
+    self._steps += 1
+    if local is not None:
+      picks = picks[local]
+    return self._x[picks], self._y[picks], self._d[picks]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return self.next()
+
+  def state(self) -> dict[str, Any]:
+    """A JSON-serializable snapshot: the generator's state before this epoch's permutation, the batches of the
+    epoch already given, and what it must be restored into."""
+    return {
+      "batching": "merged",
+      "epoch_bit_generator": self._epoch_start,
+      "batches_in_epoch": self._given,
+      "steps": self._steps,
+      "batch_size": self._batch,
+      "domain_sizes": list(self._sizes),
+    }
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues the stream captured by `state()` (from a sampler over the same domains and batch size)."""
+    if state.get("batching") != "merged":
+      raise ValueError("The checkpoint's sampler state is of balanced per-domain batches; this run draws merged "
+                       "batches: resume with the run's own --batching.")
+    mine = (self._batch, list(self._sizes))
+    theirs = (state.get("batch_size"), list(state.get("domain_sizes", [])))
+    if mine != theirs:
+      raise ValueError(
+        f"Sampler state is for merged batches of {theirs[0]} over domain sizes {theirs[1]}; this sampler has "
+        f"{mine[0]} over {mine[1]}."
+      )
+    self._rng.bit_generator.state = state["epoch_bit_generator"]
+    self._new_epoch()
+    self._given = int(state["batches_in_epoch"])
     self._steps = int(state.get("steps", 0))

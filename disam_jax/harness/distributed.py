@@ -307,6 +307,35 @@ def global_batch(mesh: Mesh, local_arrays, per_domain_batch: int):
   return jax.tree.map(assemble, local_arrays)
 
 
+def flat_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Shards a merged batch `[B, ...]` along its only batch axis over every mesh axis."""
+  axes = tuple(mesh.axis_names)
+  return NamedSharding(mesh, P(axes[0] if len(axes) == 1 else axes))
+
+
+def local_flat_slice(batch: int, mesh: Mesh) -> slice:
+  """The slice of a merged batch `[B]` that this process's devices hold; refuses a B the devices do not divide."""
+  n = mesh.devices.size
+  if batch % n:
+    raise DistributedError(f'the merged batch of {batch} examples (--batch-size x the training domains) is not '
+                           f'divisible by the number of devices {n}: use a --batch-size that makes it a multiple '
+                           f'of {n}.')
+  index_map = flat_batch_sharding(mesh).addressable_devices_indices_map((batch,))
+  starts = sorted({idx[0].start or 0 for idx in index_map.values()})
+  per_device = batch // n
+  start, stop = starts[0], starts[-1] + per_device
+  if stop - start != per_device * len(starts):
+    raise DistributedError('this process\'s devices do not hold a contiguous slice of the batch.')
+  return slice(start, stop)
+
+
+def global_flat_batch(mesh: Mesh, local_arrays, batch: int):
+  """Assembles global merged `[B, ...]` arrays from each process's `[B_local, ...]` slices."""
+  sharding = flat_batch_sharding(mesh)
+  return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(sharding, a, (batch,) + a.shape[1:]), local_arrays)
+
+
 def local_replica(tree):
   """This process's full copy of a placed pytree, as single-device arrays (host-side work; the harness's evaluation
   no longer uses it: it evaluates the placed state, `loop._evaluator`).

@@ -200,6 +200,9 @@ def fit_batch_size(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tupl
 def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[str, ...]:
   """Validates the held-out domains, the hard domain and the batch size against `ds`; returns the held-out list."""
   held_out = check_domains(config, ds.name, ds.domains)
+  if config.hparams.batching == "merged" and ds.streamed:
+    raise ValueError(f"{ds.name} is streamed from an image folder: --batching merged needs an in-memory dataset; "
+                     "drop --batching merged (the default --batching balanced) for it.")
   size, name, d = _smallest_training_domain(config, ds, held_out)
   if config.hparams.batch_size > size:
     raise ValueError(

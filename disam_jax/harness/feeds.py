@@ -10,7 +10,10 @@ on these shapes; nothing else crosses.
 * `TrainFeed`: the per-domain balanced training batches, ``next(local) -> (x [M, b_local, H, W, C], y [M, b_local]
   int32)``, this process's slice `local` of the per-domain batch axis (every process draws the same global batch,
   each reads only its slice); `state()` / `restore()` capture the stream (JSON) so a resumed run sees the same
-  batches. `data.DomainBatchSampler` is the in-memory one.
+  batches. `data.DomainBatchSampler` is the in-memory one. With ``--batching merged`` the feed is
+  `data.MergedBatchSampler` instead (in memory only): one shuffled stream over all training domains,
+  ``next(local) -> (x [B_local, H, W, C], y [B_local] int32, domain ids [B_local] int32)``, the slice `local` of
+  the flat batch axis; the train step takes either form.
 * `EvalFeed`: the evaluation sets (the validation part of every training domain, then the held-out domains) as
   fixed-size global batches, each process yielding its slice of every batch: ``(x [n_local, H, W, C],
   y [n_local] int32, part [n_local] int32)`` where ``part`` indexes `parts` and is -1 on padding. Every process

@@ -315,8 +315,11 @@ def run_cell(
 
 def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
   """`(sampler, place, draw)`: the run's training feed (`feeds.TrainFeed`: in memory, or streamed through grain for
-  a split of record indices), `place(state)` on the devices, and `draw()` of the next batch on the devices (under a
-  mesh: this process reads only its slice of the global batch, assembled by `distributed.global_batch`)."""
+  a split of record indices; with `--batching merged` the merged stream, `_merged_batch_source`), `place(state)`
+  on the devices, and `draw()` of the next batch on the devices (under a mesh: this process reads only its slice of
+  the global batch, assembled by `distributed.global_batch`)."""
+  if config.hparams.batching == "merged":
+    return _merged_batch_source(config, split, seed, mesh)
   if split.records is not None:
     from disam_jax.harness import streaming
 
@@ -335,6 +338,22 @@ def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: i
     place = lambda state: state
     draw = sampler.next  # numpy: the jitted step's own dispatch puts it on the device (a Python device_put costs more)
   return sampler, place, draw
+
+
+def _merged_batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
+  """`_batch_source` of `--batching merged`: one shuffled stream over the training domains, `batch_size * M`
+  examples per step (`data.MergedBatchSampler`), each batch `(x [B, ...], y [B], domain ids [B])`; on a mesh the
+  batch axis is split over every device (B must be a multiple of the device count)."""
+  if split.records is not None:
+    raise ValueError("--batching merged needs an in-memory dataset, not one streamed from an image folder: drop "
+                     "--batching merged (the default --batching balanced) for it.")
+  batch = config.hparams.batch_size * len(split.train)
+  sampler = data_lib.MergedBatchSampler(split.train, batch, seed, domain_names=split.train_domains)
+  if mesh is None:
+    return sampler, (lambda state: state), sampler.next
+  local = distributed.local_flat_slice(batch, mesh)
+  draw = lambda: distributed.global_flat_batch(mesh, sampler.next(local), batch)
+  return sampler, (lambda state: distributed.place_state(state, mesh)), draw
 
 
 def _data_workers(config: ExperimentConfig) -> int:

@@ -4,6 +4,7 @@ Owns `TrainState`, `init_train_state`, `make_train_step`, `make_eval_step`, `pre
 every algorithm (`algorithms.make_optimizer`: ERM, SAM, DISAM)::
 
   x [M, b, H, W, C], y [M, b]  ->  one forward pass over the flattened [M*b] batch (BatchNorm sees all domains)
+  (or a merged batch x [B, H, W, C], y [B], domain ids [B]: one forward pass, grouped by `domain_losses_from_ids`)
   domain_loss_fn(params) = (DomainLosses of the per-example cross-entropy grouped [M, b], new model_state)
   updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=domain_loss_fn)
 
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from disam_jax import (DisamState, domain_losses_from_grouped, domain_objective, find_disam_state,
-                       grouped_domain_loss_fn)
+from disam_jax import (DisamState, domain_losses_from_grouped, domain_losses_from_ids, domain_objective,
+                       find_disam_state, grouped_domain_loss_fn)
 from disam_jax.harness import penalties as penalties_lib
 from disam_jax.harness.feeds import as_model_input
 
@@ -113,10 +114,13 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
       `init_train_state(..., penalty)`.
 
   Returns:
-    `train_step(state: TrainState, batch: (x [M, b, ...], y [M, b])) -> (TrainState, metrics)`, with metrics a dict
-    of float32 arrays: `loss` (the cross-entropy `mean_i L_i` at the weights before the step), `domain_losses`
-    `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`; with a penalty also
-    `penalty` (unweighted `P`) and `objective` (the minimized `L + w_t P`). Jit it.
+    `train_step(state: TrainState, batch: (x [M, b, ...], y [M, b])) -> (TrainState, metrics)`, or with a merged
+    batch (`--batching merged`, `data.MergedBatchSampler`; no penalty) `batch: (x [B, ...], y [B], domain ids [B]
+    int32 in [0, M))`: one forward pass over the B examples, the per-domain losses by `domain_losses_from_ids` (a
+    domain absent from the batch leaves the mean and the variance, and logs a loss of 0). Metrics: a dict of float32
+    arrays: `loss` (the cross-entropy `sum_i a_i L_i` over the domains present, at the weights before the step),
+    `domain_losses` `[M]`, `variance` (of the domain losses), `perturbation_norm` (0 for ERM), `grad_norm`; with a
+    penalty also `penalty` (unweighted `P`) and `objective` (the minimized `L + w_t P`). Jit it.
   """
   from disam_jax.harness.models import apply_model, apply_model_with_head
 
@@ -140,7 +144,22 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
     losses = penalties_lib.add_penalty(plain, penalty.weight(state.step) * value)
     return losses, PenaltyAux(new_model_state, penalty_state, value, means, loss)
 
+  def flat_domain_losses(params, state: TrainState, x, y, ids):
+    """A merged batch's per-domain sums and counts: one forward pass over the [B] batch, grouped by the ids (a
+    domain absent from the batch has count 0, so DISAM's mean and variance leave it out)."""
+    losses, new_model_state = per_example_loss(params, state.model_state, x, y)
+    m = find_disam_state(state.opt_state).domain_losses.shape[0]  # M, static
+    return domain_losses_from_ids(losses, ids, m), new_model_state
+
   def train_step(state: TrainState, batch):
+    if len(batch) == 3:  # a merged batch: x [B, ...], y [B], domain ids [B]
+      if penalty is not None:
+        raise ValueError("A penalty needs per-domain batches [M, b]; merged batches (x, y, ids) are for erm and "
+                         "the sharpness-aware rules.")
+      x, y, ids = batch
+      x = as_model_input(x)
+      domain_loss_fn = lambda p: flat_domain_losses(p, state, x, y, ids)
+      return _finish(state, *tx.update(None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn))
     x, y = batch
     x = as_model_input(x)  # uint8 pixels are cast on the device
     if penalty is None:
@@ -148,7 +167,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
       domain_loss_fn = lambda p: grouped(p, x, y)
     else:
       domain_loss_fn = lambda p: penalized_domain_losses(p, state, x, y)
-    updates, opt_state = tx.update(None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn)
+    return _finish(state, *tx.update(None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn))
+
+  def _finish(state: TrainState, updates, opt_state):
     stats = find_disam_state(opt_state)
     metrics = {
       "loss": stats.loss,
