@@ -21,7 +21,7 @@ from flax import nnx
 from disam_jax.harness.models import apply_model, create_model, functional_model
 
 _SHAPE = (16, 16, 3)  # 16 tokens + class token: small, the same code path as 32x32
-_KW = dict(dim=24, depth=2, heads=3)
+_KW = dict(dim=24, depth=2, heads=3, patch_size=4)  # the harness derives 2 at 16 px: pinned to the peer's 4
 _HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -52,7 +52,7 @@ def _gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _numpy_vit(w, x, *, patch=4, depth=_KW["depth"], heads=_KW["heads"]):
+def _numpy_vit(w, x, *, patch=_KW["patch_size"], depth=_KW["depth"], heads=_KW["heads"]):
   n, h, wd, c = x.shape
   x = x.reshape(n, h // patch, patch, wd // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
   x = x.reshape(n, -1, patch * patch * c) @ w["backbone/patch_embed/kernel"] + w["backbone/patch_embed/bias"]
