@@ -109,10 +109,23 @@ class RecordSet:
   def image_shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, 3)
 
+  # DomainBed augments image folders in training (`train_transform`); False for record sets it never augments.
+  augmentable = True
+
   def source(self):
     """The grain random-access source of the records (bytes)."""
     grain = _require("grain", "Streaming image folders")
     return grain.sources.ArrayRecordDataSource(list(self.shards))
+
+  def pixels(self, raw: bytes, index: int) -> np.ndarray:
+    """Record `index` (read as `raw`) through DomainBed's evaluation transform: uint8 `image_shape`."""
+    del index
+    return eval_transform(decode(raw), self.image_size)
+
+  def augmented(self, raw: bytes, index: int, rng: np.random.Generator) -> np.ndarray:
+    """Record `index` (read as `raw`) through DomainBed's training augmentation: uint8 `image_shape`."""
+    del index
+    return train_transform(decode(raw), self.image_size, rng)
 
 
 def _validated(raw: bytes) -> bool:
@@ -346,12 +359,14 @@ def train_transform(image, size: int, rng: np.random.Generator) -> np.ndarray:
   return pixels
 
 
-def read_images(records: RecordSet, indices: Sequence[int]) -> np.ndarray:
-  """uint8 ``[n, s, s, 3]``: records `indices` through the evaluation transform (for tests and small sets)."""
+def read_images(records, indices: Sequence[int]) -> np.ndarray:
+  """uint8 ``[n, *records.image_shape]``: records `indices` (of a `RecordSet` or `tfds_records.TfdsRecords`)
+  through the evaluation transform (for tests and small sets)."""
   source = records.source()
-  raws = source.__getitems__([int(i) for i in indices])
-  return np.stack([eval_transform(decode(r), records.image_size) for r in raws]) if len(raws) else \
-    np.zeros((0,) + records.image_shape, np.uint8)
+  indices = [int(i) for i in indices]
+  raws = source.__getitems__(indices)
+  return np.stack([records.pixels(r, i) for r, i in zip(raws, indices)]) if len(raws) else \
+    np.zeros((0,) + tuple(records.image_shape), np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -397,18 +412,17 @@ class _StepBatch(_Reader):
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     picks = step_picks(self.seed, step, [len(m) for m in self.members], self.batch)
     positions = np.arange(self.batch)[self.local]
-    size = self.records.image_size
     xs, ys = [], []
     for d, (members, labels, pick) in enumerate(zip(self.members, self.labels, picks)):
       chosen = pick[positions]
       raws = self.read(members[chosen])
       images = []
-      for pos, raw in zip(positions, raws):
-        image = decode(raw)
+      for pos, index, raw in zip(positions, members[chosen], raws):
         if self.augment:
-          images.append(train_transform(image, size, np.random.default_rng([self.seed, int(step), d, int(pos)])))
+          rng = np.random.default_rng([self.seed, int(step), d, int(pos)])
+          images.append(self.records.augmented(raw, int(index), rng))
         else:
-          images.append(eval_transform(image, size))
+          images.append(self.records.pixels(raw, int(index)))
       xs.append(np.stack(images))
       ys.append(labels[chosen])
     return np.stack(xs), np.stack(ys).astype(np.int32)
@@ -464,15 +478,16 @@ _HORIZON = 1 << 40
 
 
 class StreamedTrainFeed:
-  """`feeds.TrainFeed` over a `RecordSet`: DomainBed's per-domain balanced batches, decoded and augmented by grain
-  workers.
+  """`feeds.TrainFeed` over a `RecordSet` (or `tfds_records.TfdsRecords`): DomainBed's per-domain balanced batches,
+  decoded and augmented by grain workers.
 
   Args:
-    records: the converted folder.
+    records: the converted folder, or a TFDS dataset's rotation domains.
     train: ``(record indices [n_i], labels [n_i])`` per training domain (e.g. ``split.train`` of a streamed split).
     batch_size_per_domain: examples per domain per step.
     seed: seeds the batches and their augmentation.
-    augment: DomainBed's training augmentation (`train_transform`); False: `eval_transform`.
+    augment: DomainBed's training augmentation (`train_transform`); False: `eval_transform`. Ignored (False) for
+      record sets whose ``augmentable`` is False.
     workers: grain worker processes (0: a prefetch thread of this process).
     domain_names: for error messages.
   """
@@ -490,7 +505,8 @@ class StreamedTrainFeed:
         raise ValueError(f"batch_size_per_domain={self._batch} exceeds the {len(m)} training examples of domain "
                          f"{name}. Sampling is with replacement, but a per-domain batch larger than the domain is "
                          "almost certainly a mistake.")
-    self._augment, self._workers = bool(augment), int(workers)
+    # Record sets DomainBed never augments (tfds:<name> rotation domains) ignore `augment`.
+    self._augment, self._workers = bool(augment) and bool(getattr(records, "augmentable", True)), int(workers)
     self._step = 0
     self._iterator, self._local = None, None
 
@@ -547,12 +563,11 @@ class _EvalBatch(_Reader):
     lo = (j % batches) * self.global_batch + self.process_index * n_local
     hi = min(lo + n_local, len(self.members))
     rows = np.arange(lo, max(lo, hi))
-    size = self.records.image_size
-    x = np.zeros((n_local, size, size, 3), np.uint8)
+    x = np.zeros((n_local,) + tuple(self.records.image_shape), np.uint8)
     y = np.zeros(n_local, np.int32)
     part = np.full(n_local, -1, np.int32)
-    for k, raw in enumerate(self.read(self.members[rows])):
-      x[k] = eval_transform(decode(raw), size)
+    for k, (index, raw) in enumerate(zip(self.members[rows], self.read(self.members[rows]))):
+      x[k] = self.records.pixels(raw, int(index))
     y[:len(rows)], part[:len(rows)] = self.labels[rows], self.parts[rows]
     return x, y, part
 
