@@ -392,8 +392,9 @@ def test_tfds_missing_dataset_errors_without_downloading(tmp_path):
     data.load_dataset("tfds:no_such_dataset_anywhere", data_dir=str(tmp_path))
 
 
-def test_tfds_locally_prepared_dataset(tmp_path):
-  """A real (unmocked) array_record dataset prepared under data_dir, read back by name from its files."""
+def _prepare_shapes(tmp_path):
+  """A real (unmocked) array_record TFDS dataset ``disam_test_shapes`` prepared under `tmp_path`: 24 random 6x6x1
+  uint8 images (train 18, test 6), label i % 2. Returns `(images, builder)`."""
   tfds = pytest.importorskip("tensorflow_datasets")
   from PIL import Image
   import io
@@ -424,6 +425,12 @@ def test_tfds_locally_prepared_dataset(tmp_path):
 
   builder = DisamTestShapes(data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
+  return images, builder
+
+
+def test_tfds_locally_prepared_dataset(tmp_path):
+  """A real (unmocked) array_record dataset prepared under data_dir, read back by name from its files."""
+  images, builder = _prepare_shapes(tmp_path)
   # The examples in stored order (TFDS shuffles them when preparing): train's, then test's, as the old in-memory
   # construction read them.
   stored = [example for source in builder.as_data_source(split=["train", "test"]) for example in source]
@@ -456,6 +463,28 @@ def test_tfds_locally_prepared_dataset(tmp_path):
   assert x.dtype == np.uint8 and x.shape == (1, 4, 9, 9, 1) and not feed.state()["augment"]
   picks = ds.images[1][streaming.step_picks(0, 0, [4], 4)[0]]
   np.testing.assert_array_equal(x[0], streaming.read_images(ds.records, picks))
+
+
+def test_tfds_streamed_through_worker_processes(tmp_path):
+  """grain's worker processes open the TFDS source again by name (it is not sent to them) and read the same
+  pixels as this process; the record set pickles to the group array and names only."""
+  import pickle
+
+  _prepare_shapes(tmp_path)
+  ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path), seed=1, image_size=8)
+  assert len(pickle.dumps(ds.records)) < 2000  # names, shape, 24 one-byte groups: no source, no pixels
+  split = data.split_dataset(ds, held_out="75", seed=0)
+  make = lambda workers: streaming.StreamedTrainFeed(ds.records, split.train, 2, seed=5, workers=workers)
+  inline, spawned = make(0), make(1)
+  try:
+    for _ in range(3):
+      a, b = inline.next(), spawned.next()
+      np.testing.assert_array_equal(a[0], b[0])
+      np.testing.assert_array_equal(a[1], b[1])
+  finally:
+    inline.close()
+    spawned.close()
+  assert a[0].shape == (5, 2, 8, 8, 1) and a[0].dtype == np.uint8
 
 
 def _in_memory_rotation_domains(images, labels, seed, size):
