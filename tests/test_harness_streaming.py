@@ -384,3 +384,38 @@ def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
       np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     assert a.get("eval") == b.get("eval")  # accuracies: the same counts over the same images
   assert [e["val_acc"] for e in one[0].evals] == [e["val_acc"] for e in sharded[0].evals]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tfds:<name>: the same feeds over a TFDS source's rotation domains
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_tfds_run_is_streamed_end_to_end(tmp_path):
+  """A run on ``tfds:<name>`` trains and evaluates through the streamed feeds (no pixel array in the split), and a
+  killed and resumed run ends with the same metrics; --infer-domains, which clusters pixels, is refused."""
+  from tests.test_harness_data import _prepare_shapes
+
+  _prepare_shapes(tmp_path / "tfds")
+  config = train.ExperimentConfig(
+    dataset="tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8, algorithms=("disam",),
+    held_out=("75",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 8}, hparams=HParams(batch_size=2),
+    eval_batch_size=4, data_workers=0)
+  full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
+  interrupted = str(tmp_path / "interrupted")
+
+  def crash(algorithm, held_out, seed, step, line):
+    if step == 2:
+      raise _Killed
+
+  with pytest.raises(_Killed):
+    train.run_experiment(config, interrupted, progress=False, on_step=crash)
+  resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
+  with open(os.path.join(train.cell_directory(str(tmp_path / "full"), "disam", "75", 0), "metrics.jsonl")) as f:
+    losses = [json.loads(line).get("loss") for line in f]
+  with open(os.path.join(train.cell_directory(interrupted, "disam", "75", 0), "metrics.jsonl")) as f:
+    assert [json.loads(line).get("loss") for line in f] == losses
+  assert full[0].evals == resumed[0].evals
+  ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8)
+  with pytest.raises(ValueError, match="--infer-domains"):
+    regimes.infer_domains(data.split_dataset(ds, "75"), 2, seed=0)
