@@ -150,7 +150,7 @@ def test_resumed_feed_continues_bit_exactly_and_workers_do_not_change_batches(st
 
 def test_infer_domains_is_refused_for_streamed_data_with_what_to_write(streamed):
   _, split = streamed
-  with pytest.raises(ValueError, match="image folders are streamed.*--sub-domains"):
+  with pytest.raises(ValueError, match="image folders and tfds:<name> are streamed.*--sub-domains"):
     regimes.infer_domains(split, 2, seed=0)
   # the other regimes regroup index arrays as they regroup pixels
   out = regimes.apply_regimes(split, seed=0, imbalance_ratio=2.0, domain_label_noise=0.3, sub_domains=2)

@@ -1,7 +1,7 @@
 """Domain-generalization datasets: a registry, a train/val/test split, and a DomainBed batch sampler.
 
-Every dataset is loaded into one `DomainDataset`: per-domain float32 images in [0, 1] and int32 labels, with the
-domain and class names. Three mechanisms cover all registered names:
+Every dataset is loaded into one `DomainDataset`: per-domain float32 images in [0, 1] (small bundled datasets) or
+int64 record indices (streamed ones) and int32 labels, with the domain and class names. Three mechanisms cover all registered names:
 
 * rotation domains (``rotated_digits``, ``rotated_animals``, ``tfds:<name>``): one pool of images split into six
   disjoint groups by a seeded permutation, group k rotated by (0, 15, 30, 45, 60, 75)[k] degrees, as DomainBed's
@@ -15,7 +15,9 @@ domain and class names. Three mechanisms cover all registered names:
   these index arrays as on pixels. The conversion is a cache outside the dataset folder (`default_cache_dir`:
   ``$XDG_CACHE_HOME/disam_jax/tfds``, else ``~/.cache/disam_jax/tfds``; ``cache_dir=`` or ``$DISAM_JAX_TFDS_DIR`` to
   choose), so shared and read-only datasets stay untouched. Nothing is ever downloaded.
-* ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``.
+* ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``,
+  **streamed** as well: each rotation domain holds int64 indices into TFDS's random-access source of the requested
+  splits and `records` is a `tfds_records.TfdsRecords`, which resizes and rotates each image in grain's workers.
 
 Only numpy, the standard library and the JAX-free name table `_choices` are imported here; scikit-learn,
 tensorflow-datasets, Pillow and animal-mnist are imported by the functions that need them
@@ -536,6 +538,7 @@ def _square_uint8(image: np.ndarray, size: int) -> np.ndarray:
 def _load_tfds(reference: str, data_dir, seed, image_size) -> DomainDataset:
   """``reference`` is ``<name>[/<config>][/<version>][:<split>,<split>...]``; all splits when none are given."""
   tfds = _require_tfds()
+  _require("grain", "Streaming TFDS datasets")
   with _quiet_tfds(tfds):
     return _read_tfds(tfds, reference, data_dir, seed, image_size)
 
