@@ -1,7 +1,8 @@
 """Domain-generalization datasets: a registry, a train/val/test split, and a DomainBed batch sampler.
 
 Every dataset is loaded into one `DomainDataset`: per-domain float32 images in [0, 1] (small bundled datasets) or
-int64 record indices (streamed ones) and int32 labels, with the domain and class names. Three mechanisms cover all registered names:
+int64 record indices (streamed ones) and int32 labels, with the domain and class names. Three mechanisms cover all
+registered names:
 
 * rotation domains (``rotated_digits``, ``rotated_animals``, ``tfds:<name>``): one pool of images split into six
   disjoint groups by a seeded permutation, group k rotated by (0, 15, 30, 45, 60, 75)[k] degrees, as DomainBed's
