@@ -447,3 +447,13 @@ def test_records_are_read_one_at_a_time(streamed):
   expected = [streaming.read_images(records, m[p]) for (m, _), p in
               zip(split.train, streaming.step_picks(0, 0, [len(m) for m, _ in split.train], 3))]
   np.testing.assert_array_equal(x, np.stack(expected))
+
+
+def test_shards_grow_with_the_folder_instead_of_their_number():
+  """Each open shard costs its reader ~128 KiB in every reading process: past `_TASKS_PER_WORKER` shards of
+  `_SHARD_FILES` per conversion worker, the shards grow instead of multiplying."""
+  assert streaming._shard_files(300, 2) == 1024
+  assert streaming._shard_files(8 * 1024, 2) == 1024  # 8 shards: 4 per worker
+  assert streaming._shard_files(8 * 1024 + 1, 2) == 1025
+  per = streaming._shard_files(586_575, 16)  # DomainNet on 16 cores
+  assert per == 9166 and -(-586_575 // per) == 64
