@@ -100,7 +100,8 @@ class DomainDataset:
     labels: one int32 array ``[n_i]`` per domain.
     unreadable_files: image files that could not be decoded and were skipped (paths relative to the folder).
     warnings: other problems found in the data (e.g. a class folder missing from a domain), one message each.
-    records: the `streaming.RecordSet` the record indices of a streamed dataset point into; None: in memory.
+    records: the `streaming.RecordSet` (image folders) or `tfds_records.TfdsRecords` (``tfds:<name>``) the record
+      indices of a streamed dataset point into; None: in memory.
   """
 
   name: str
