@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from disam_jax.harness import data
+from disam_jax.harness import data, streaming
 
 
 @pytest.fixture(autouse=True)
@@ -374,7 +374,13 @@ def test_tfds_catalog_dataset_with_mock_data(tmp_path):
   assert ds.classes == tuple(str(i) for i in range(10))
   assert ds.input_shape == (28, 28, 1)
   assert [len(x) for x in ds.images] == [10] * 6
-  assert all(x.max() <= 1.0 for x in ds.images)
+  # Streamed: each domain holds int64 indices into the splits' examples (train's 30, then test's 30), read in-process
+  # (mock_data's source lives in this process: workers=0), rotated and rounded to uint8.
+  assert ds.streamed and all(x.dtype == np.int64 for x in ds.images)
+  assert sorted(np.concatenate(ds.images).tolist()) == list(range(60))
+  with tfds.testing.mock_data(num_examples=30):
+    pixels = streaming.read_images(ds.records, ds.images[2])
+  assert pixels.shape == (10, 28, 28, 1) and pixels.dtype == np.uint8
 
 
 def test_tfds_missing_dataset_errors_without_downloading(tmp_path):
@@ -386,8 +392,9 @@ def test_tfds_missing_dataset_errors_without_downloading(tmp_path):
     data.load_dataset("tfds:no_such_dataset_anywhere", data_dir=str(tmp_path))
 
 
-def test_tfds_locally_prepared_dataset(tmp_path):
-  """A real (unmocked) array_record dataset prepared under data_dir, read back by name from its files."""
+def _prepare_shapes(tmp_path):
+  """A real (unmocked) array_record TFDS dataset ``disam_test_shapes`` prepared under `tmp_path`: 24 random 6x6x1
+  uint8 images (train 18, test 6), label i % 2. Returns `(images, builder)`."""
   tfds = pytest.importorskip("tensorflow_datasets")
   from PIL import Image
   import io
@@ -416,18 +423,84 @@ def test_tfds_locally_prepared_dataset(tmp_path):
         Image.fromarray(images[i, ..., 0], mode="L").save(buffer, format="PNG")
         yield i, {"image": buffer.getvalue(), "label": i % 2}
 
-  DisamTestShapes(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  builder = DisamTestShapes(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  return images, builder
+
+
+def test_tfds_locally_prepared_dataset(tmp_path):
+  """A real (unmocked) array_record dataset prepared under data_dir, read back by name from its files."""
+  images, builder = _prepare_shapes(tmp_path)
+  # The examples in stored order (TFDS shuffles them when preparing): train's, then test's, as the old in-memory
+  # construction read them.
+  stored = [example for source in builder.as_data_source(split=["train", "test"]) for example in source]
+  stored_images = np.stack([e["image"] for e in stored])
+  stored_labels = np.asarray([e["label"] for e in stored])
   ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path), seed=0)
   assert ds.classes == ("a", "b") and ds.input_shape == (6, 6, 1)
   assert [len(x) for x in ds.images] == [4] * 6
-  zero = {x.tobytes() for x in ds.images[0]}
-  assert zero <= {x.tobytes() for x in images.astype(np.float32) / 255.0}
-  # image_size resizes (here only the check that the shape follows).
-  assert data.load_dataset("tfds:disam_test_shapes:train", data_dir=str(tmp_path), image_size=4).input_shape == (
-    4,
-    4,
-    1,
-  )
+  assert ds.streamed and all(x.dtype == np.int64 for x in ds.images)
+  zero = {x.tobytes() for x in streaming.read_images(ds.records, ds.images[0])}
+  assert zero <= {x.tobytes() for x in images}
+  for size in (None, 4, 9):
+    ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path), seed=3, image_size=size)
+    side = size or 6
+    assert ds.input_shape == (side, side, 1)
+    reference = _in_memory_rotation_domains(stored_images, stored_labels, 3, size)
+    for k in range(6):
+      streamed = streaming.read_images(ds.records, ds.images[k]).astype(np.float32) / 255.0
+      np.testing.assert_array_equal(ds.labels[k], reference.labels[k])
+      # uint8 rounding of the float32 rotation: at most half a grey level, and exact for the unrotated domain.
+      np.testing.assert_allclose(streamed, reference.images[k], rtol=0, atol=0.5 / 255 + 1e-6)
+      if k == 0:
+        np.testing.assert_array_equal(streamed, reference.images[k])
+  # The same pixels through the streamed feeds (grain, read-ahead thread), uint8, never augmented.
+  feed = streaming.StreamedTrainFeed(ds.records, [(ds.images[1], ds.labels[1])], 4, seed=0, augment=True)
+  try:
+    x, y = feed.next()
+  finally:
+    feed.close()
+  assert x.dtype == np.uint8 and x.shape == (1, 4, 9, 9, 1) and not feed.state()["augment"]
+  picks = ds.images[1][streaming.step_picks(0, 0, [4], 4)[0]]
+  np.testing.assert_array_equal(x[0], streaming.read_images(ds.records, picks))
+
+
+def test_tfds_streamed_through_worker_processes(tmp_path):
+  """grain's worker processes open the TFDS source again by name (it is not sent to them) and read the same
+  pixels as this process; the record set pickles to the group array and names only."""
+  import pickle
+
+  _prepare_shapes(tmp_path)
+  ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path), seed=1, image_size=8)
+  assert len(pickle.dumps(ds.records)) < 2000  # names, shape, 24 one-byte groups: no source, no pixels
+  split = data.split_dataset(ds, held_out="75", seed=0)
+  make = lambda workers: streaming.StreamedTrainFeed(ds.records, split.train, 2, seed=5, workers=workers)
+  inline, spawned = make(0), make(1)
+  try:
+    for _ in range(3):
+      a, b = inline.next(), spawned.next()
+      np.testing.assert_array_equal(a[0], b[0])
+      np.testing.assert_array_equal(a[1], b[1])
+  finally:
+    inline.close()
+    spawned.close()
+  assert a[0].shape == (5, 2, 8, 8, 1) and a[0].dtype == np.uint8
+
+
+def _in_memory_rotation_domains(images, labels, seed, size):
+  """The construction `tfds:<name>` had before it was streamed: every image resized on uint8 (Pillow bilinear),
+  divided by 255 as float32, the seeded permutation cut into six groups, group k rotated by `data._rotate`."""
+  from PIL import Image
+
+  if size is not None:
+    images = np.stack([np.asarray(Image.fromarray(x[..., 0]).resize((size, size), Image.BILINEAR))[..., None]
+                       for x in images])
+  pixels = images.astype(np.float32) / np.float32(255.0)
+  order = np.random.default_rng(seed).permutation(len(pixels))
+  groups = [order[k::6] for k in range(6)]
+  return data.DomainDataset("reference", tuple(map(str, data.ROTATION_DEGREES)), ("a", "b"),
+                            tuple(data._rotate(pixels[g], d) for g, d in zip(groups, data.ROTATION_DEGREES)),
+                            tuple(np.asarray(labels[g], np.int32) for g in groups))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

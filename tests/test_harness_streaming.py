@@ -150,7 +150,7 @@ def test_resumed_feed_continues_bit_exactly_and_workers_do_not_change_batches(st
 
 def test_infer_domains_is_refused_for_streamed_data_with_what_to_write(streamed):
   _, split = streamed
-  with pytest.raises(ValueError, match="image folders are streamed.*--sub-domains"):
+  with pytest.raises(ValueError, match="image folders and tfds:<name> are streamed.*--sub-domains"):
     regimes.infer_domains(split, 2, seed=0)
   # the other regimes regroup index arrays as they regroup pixels
   out = regimes.apply_regimes(split, seed=0, imbalance_ratio=2.0, domain_label_noise=0.3, sub_domains=2)
@@ -358,8 +358,9 @@ def test_host_memory_does_not_grow_with_the_number_of_images(tmp_path):
   grow_small, grow_large = _growth(small, str(tmp_path / "c1")), _growth(large, str(tmp_path / "c2"))
   per_image = (grow_large - grow_small) / 2700
   # float32 pixels held in memory would be 12 KiB per image (32 x 32 x 3 x 4 bytes), uint8 pixels 3 KiB; the index
-  # arrays are 12 bytes. Measured: 1.5-3 KiB per image of allocator and ArrayRecord reader growth, which does not
-  # scale with the image size (the same at 224 px: benchmarks/input_pipeline.py).
+  # arrays are 12 bytes. Measured: 1.2-2.1 KiB per image, of which 27 bytes are live (tracemalloc); the rest is
+  # freed memory that CPython's and glibc's allocators keep (docs/harness.md: 174-193 bytes per image in all with
+  # MALLOC_TRIM_THRESHOLD_=0), which does not scale with the image size.
   assert per_image < 4096, (grow_small, grow_large, per_image)
 
 
@@ -384,3 +385,76 @@ def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
       np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     assert a.get("eval") == b.get("eval")  # accuracies: the same counts over the same images
   assert [e["val_acc"] for e in one[0].evals] == [e["val_acc"] for e in sharded[0].evals]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tfds:<name>: the same feeds over a TFDS source's rotation domains
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_tfds_run_is_streamed_end_to_end(tmp_path):
+  """A run on ``tfds:<name>`` trains and evaluates through the streamed feeds (no pixel array in the split), and a
+  killed and resumed run ends with the same metrics; --infer-domains, which clusters pixels, is refused."""
+  from tests.test_harness_data import _prepare_shapes
+
+  _prepare_shapes(tmp_path / "tfds")
+  config = train.ExperimentConfig(
+    dataset="tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8, algorithms=("disam",),
+    held_out=("75",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 8}, hparams=HParams(batch_size=2),
+    eval_batch_size=4, data_workers=0)
+  full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
+  interrupted = str(tmp_path / "interrupted")
+
+  def crash(algorithm, held_out, seed, step, line):
+    if step == 2:
+      raise _Killed
+
+  with pytest.raises(_Killed):
+    train.run_experiment(config, interrupted, progress=False, on_step=crash)
+  resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
+  with open(os.path.join(train.cell_directory(str(tmp_path / "full"), "disam", "75", 0), "metrics.jsonl")) as f:
+    losses = [json.loads(line).get("loss") for line in f]
+  with open(os.path.join(train.cell_directory(interrupted, "disam", "75", 0), "metrics.jsonl")) as f:
+    assert [json.loads(line).get("loss") for line in f] == losses
+  assert full[0].evals == resumed[0].evals
+  ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8)
+  with pytest.raises(ValueError, match="--infer-domains"):
+    regimes.infer_domains(data.split_dataset(ds, "75"), 2, seed=0)
+
+
+def test_records_are_read_one_at_a_time(streamed):
+  """The feeds read records by item access, never array_record's batched ``__getitems__`` (a new thread pool per
+  call, whose malloc arenas kept 550-1,000 bytes per record read: see `streaming._read_each`)."""
+  _, split = streamed
+
+  class OneAtATime:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      return self.source[i]
+
+    def __getitems__(self, indices):
+      raise AssertionError("batched read")
+
+  records = split.records
+  fn = streaming._StepBatch(records, [x for x, _ in split.train], [y for _, y in split.train], 3, 0, slice(None),
+                            False)
+  fn._source = OneAtATime(records.source())
+  x, _ = fn(0)
+  expected = [streaming.read_images(records, m[p]) for (m, _), p in
+              zip(split.train, streaming.step_picks(0, 0, [len(m) for m, _ in split.train], 3))]
+  np.testing.assert_array_equal(x, np.stack(expected))
+
+
+def test_shards_grow_with_the_folder_instead_of_their_number():
+  """Each open shard costs its reader ~128 KiB in every reading process: past `_TASKS_PER_WORKER` shards of
+  `_SHARD_FILES` per conversion worker, the shards grow instead of multiplying."""
+  assert streaming._shard_files(300, 2) == 1024
+  assert streaming._shard_files(8 * 1024, 2) == 1024  # 8 shards: 4 per worker
+  assert streaming._shard_files(8 * 1024 + 1, 2) == 1025
+  per = streaming._shard_files(586_575, 16)  # DomainNet on 16 cores
+  assert per == 9166 and -(-586_575 // per) == 64

@@ -1,7 +1,8 @@
 """Domain-generalization datasets: a registry, a train/val/test split, and a DomainBed batch sampler.
 
-Every dataset is loaded into one `DomainDataset`: per-domain float32 images in [0, 1] and int32 labels, with the
-domain and class names. Three mechanisms cover all registered names:
+Every dataset is loaded into one `DomainDataset`: per-domain float32 images in [0, 1] (small bundled datasets) or
+int64 record indices (streamed ones) and int32 labels, with the domain and class names. Three mechanisms cover all
+registered names:
 
 * rotation domains (``rotated_digits``, ``rotated_animals``, ``tfds:<name>``): one pool of images split into six
   disjoint groups by a seeded permutation, group k rotated by (0, 15, 30, 45, 60, 75)[k] degrees, as DomainBed's
@@ -15,7 +16,9 @@ domain and class names. Three mechanisms cover all registered names:
   these index arrays as on pixels. The conversion is a cache outside the dataset folder (`default_cache_dir`:
   ``$XDG_CACHE_HOME/disam_jax/tfds``, else ``~/.cache/disam_jax/tfds``; ``cache_dir=`` or ``$DISAM_JAX_TFDS_DIR`` to
   choose), so shared and read-only datasets stay untouched. Nothing is ever downloaded.
-* ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``.
+* ``tfds:<name>`` reads a TFDS catalog dataset the user has already prepared (array_record) under ``data_dir``,
+  **streamed** as well: each rotation domain holds int64 indices into TFDS's random-access source of the requested
+  splits and `records` is a `tfds_records.TfdsRecords`, which resizes and rotates each image in grain's workers.
 
 Only numpy, the standard library and the JAX-free name table `_choices` are imported here; scikit-learn,
 tensorflow-datasets, Pillow and animal-mnist are imported by the functions that need them
@@ -98,7 +101,8 @@ class DomainDataset:
     labels: one int32 array ``[n_i]`` per domain.
     unreadable_files: image files that could not be decoded and were skipped (paths relative to the folder).
     warnings: other problems found in the data (e.g. a class folder missing from a domain), one message each.
-    records: the `streaming.RecordSet` the record indices of a streamed dataset point into; None: in memory.
+    records: the `streaming.RecordSet` (image folders) or `tfds_records.TfdsRecords` (``tfds:<name>``) the record
+      indices of a streamed dataset point into; None: in memory.
   """
 
   name: str
@@ -445,20 +449,6 @@ def _scan_folder(spec: DatasetSpec, root: str):
   return domains, classes, files, notes
 
 
-def _read_data_source(source, keys: Sequence[str]) -> dict[str, list]:
-  """Reads every example of a TFDS random-access data source.
-
-  One example at a time: image decoding dominates, so batched ``__getitems__`` is barely faster (1.11 s vs 1.25 s
-  for 6,000 32x32 PNGs), and tfds.testing.mock_data only supports item access.
-  """
-  out: dict[str, list] = {k: [] for k in keys}
-  for i in range(len(source)):
-    example = source[i]
-    for k in keys:
-      out[k].append(example[k])
-  return out
-
-
 def default_cache_dir() -> str:
   """Where image folders are converted to TFDS by default: ``$DISAM_JAX_TFDS_DIR`` if set, else
   ``$XDG_CACHE_HOME/disam_jax/tfds`` (``~/.cache/disam_jax/tfds`` when XDG_CACHE_HOME is unset)."""
@@ -551,6 +541,7 @@ def _square_uint8(image: np.ndarray, size: int) -> np.ndarray:
 def _load_tfds(reference: str, data_dir, seed, image_size) -> DomainDataset:
   """``reference`` is ``<name>[/<config>][/<version>][:<split>,<split>...]``; all splits when none are given."""
   tfds = _require_tfds()
+  _require("grain", "Streaming TFDS datasets")
   with _quiet_tfds(tfds):
     return _read_tfds(tfds, reference, data_dir, seed, image_size)
 
@@ -594,19 +585,47 @@ def _read_tfds(tfds, reference: str, data_dir, seed, image_size) -> DomainDatase
       f"tfds:{name} needs an Image feature and a ClassLabel feature; it has {builder.info.features}."
     )
 
-  images, labels = [], []
-  for source in sources:
-    table = _read_data_source(source, (image_key, label_key))
-    images += table[image_key]
-    labels += table[label_key]
-  shapes = {np.shape(x) for x in images}
-  if len(shapes) != 1 and image_size is None:
-    raise ValueError(f"tfds:{name} images have several sizes; pass image_size to resize them to a square.")
-  if image_size is not None:
-    images = [_square_uint8(x, int(image_size)) for x in images]
-  pixels = np.stack(images).astype(np.float32) / np.float32(255.0)
-  classes = features[label_key].names
-  return _rotation_domains(f"tfds:{reference}", pixels, np.asarray(labels, np.int64), classes, seed, None)
+  shape = tuple(features[image_key].shape)
+  channels = shape[-1] if len(shape) == 3 else None
+  if channels is None:
+    raise ValueError(f"tfds:{name}: its Image feature has no fixed channel count ({shape}); only images with a "
+                     "declared shape [H, W, C] can be streamed.")
+  if image_size is None and None in shape[:2]:
+    raise ValueError(f"tfds:{name} images have no fixed size ({shape}); pass image_size (--image-size N) to resize "
+                     "them to a square.")
+  image_shape = (int(image_size), int(image_size), channels) if image_size is not None else shape
+  labels = _tfds_labels(tfds, builder, splits, sources, image_key, label_key)
+  order = np.random.default_rng(seed).permutation(len(labels))  # as `_rotation_domains`
+  members = [order[k :: len(ROTATION_DEGREES)].astype(np.int64) for k in range(len(ROTATION_DEGREES))]
+  groups = np.zeros(len(labels), np.uint8)
+  for k, m in enumerate(members):
+    groups[m] = k
+  from disam_jax.harness import tfds_records
+
+  records = tfds_records.TfdsRecords(name, data_dir, splits, image_key, image_shape,
+                                     None if image_size is None else int(image_size), groups, sources=sources)
+  return DomainDataset(
+    name=f"tfds:{reference}", domains=tuple(str(d) for d in ROTATION_DEGREES),
+    classes=tuple(features[label_key].names), images=tuple(members),
+    labels=tuple(labels[m] for m in members), records=records,
+  )
+
+
+def _tfds_labels(tfds, builder, splits, sources, image_key: str, label_key: str) -> np.ndarray:
+  """int32 ``[n]``: the label of every example of `sources` (laid end to end), read without decoding the images
+  where TFDS allows it (``SkipDecoding``); tfds.testing.mock_data does not (it needs TensorFlow for that), so there
+  every example is decoded once and dropped."""
+  try:
+    plain = builder.as_data_source(split=splits, decoders={image_key: tfds.decode.SkipDecoding()})
+    return np.asarray([example[label_key] for source in plain for example in _examples(source)], np.int32)
+  except Exception:  # noqa: BLE001 - any failure of the fast path falls back to decoding
+    return np.asarray([example[label_key] for source in sources for example in _examples(source)], np.int32)
+
+
+def _examples(source):
+  """Every example of a TFDS random-access source, by item access (all tfds.testing.mock_data supports)."""
+  for i in range(len(source)):
+    yield source[i]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

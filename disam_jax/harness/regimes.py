@@ -100,8 +100,9 @@ def infer_domains(split: data_lib.DomainSplit, k: int, *, seed: int) -> data_lib
   if not (isinstance(k, (int, np.integer)) and k >= 2):
     raise ValueError(f"--infer-domains needs K >= 2 pseudo-domains (DISAM needs two); got {k!r}.")
   if split.records is not None:
-    raise ValueError("--infer-domains clusters images held in memory; image folders are streamed, not held: drop "
-                     "--infer-domains (or use --sub-domains K / --domain-label-noise P, which work on them).")
+    raise ValueError("--infer-domains clusters images held in memory; image folders and tfds:<name> are streamed, "
+                     "not held: drop --infer-domains (or use --sub-domains K / --domain-label-noise P, which work on "
+                     "them).")
   try:
     from sklearn.cluster import KMeans
   except ImportError as e:

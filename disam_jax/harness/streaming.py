@@ -62,8 +62,12 @@ __all__ = [
 _EXTRA = "pip install 'disam_jax[harness]'"
 # Bump when the stored format changes so that older conversions are not reused.
 FORMAT_VERSION = "2"
-# Files per conversion task (one ArrayRecord shard each): small enough to spread a PACS-size folder over every core.
+# Files per conversion task (one ArrayRecord shard each) at least: small enough to spread a PACS-size folder over
+# every core. Larger folders get larger shards (`_shard_files`): every open shard's reader holds ~128 KiB plus 8 bytes
+# per record in each reading process (measured: 136 KiB per open 1,024-record shard, 638 KiB at 65,536 records).
 _SHARD_FILES = 1024
+# Conversion tasks per worker when shards grow past _SHARD_FILES (some slack for uneven tasks).
+_TASKS_PER_WORKER = 4
 # Folders smaller than this are converted in the calling process: spawning workers costs more than it saves.
 _INLINE_FILES = 256
 
@@ -109,10 +113,23 @@ class RecordSet:
   def image_shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, 3)
 
+  # DomainBed augments image folders in training (`train_transform`); False for record sets it never augments.
+  augmentable = True
+
   def source(self):
     """The grain random-access source of the records (bytes)."""
     grain = _require("grain", "Streaming image folders")
     return grain.sources.ArrayRecordDataSource(list(self.shards))
+
+  def pixels(self, raw: bytes, index: int) -> np.ndarray:
+    """Record `index` (read as `raw`) through DomainBed's evaluation transform: uint8 `image_shape`."""
+    del index
+    return eval_transform(decode(raw), self.image_size)
+
+  def augmented(self, raw: bytes, index: int, rng: np.random.Generator) -> np.ndarray:
+    """Record `index` (read as `raw`) through DomainBed's training augmentation: uint8 `image_shape`."""
+    del index
+    return train_transform(decode(raw), self.image_size, rng)
 
 
 def _validated(raw: bytes) -> bool:
@@ -216,9 +233,10 @@ def _convert_into(scratch: str, root: str, files, domains, classes, workers: Opt
   _require("array_record", "Converting image folders to ArrayRecord")
   _require("PIL", "Decoding image files")
   rels = [rel for rel, _, _ in files]
-  chunks = [rels[i:i + _SHARD_FILES] for i in range(0, len(rels), _SHARD_FILES)]
-  shards = [f"shard-{k:05d}.array_record" for k in range(len(chunks))]
   workers = (os.cpu_count() or 1) if workers is None else int(workers)
+  per = _shard_files(len(rels), workers)
+  chunks = [rels[i:i + per] for i in range(0, len(rels), per)]
+  shards = [f"shard-{k:05d}.array_record" for k in range(len(chunks))]
   start = time.perf_counter()
   if workers <= 0 or len(rels) < _INLINE_FILES or len(chunks) == 1:
     kept = [_convert_shard(root, chunk, os.path.join(scratch, s)) for chunk, s in zip(chunks, shards)]
@@ -243,6 +261,13 @@ def _convert_into(scratch: str, root: str, files, domains, classes, workers: Opt
   with open(os.path.join(scratch, "meta.json"), "w") as f:
     json.dump(meta, f)
   return meta
+
+
+def _shard_files(files: int, workers: int) -> int:
+  """Files per shard: `_SHARD_FILES`, or more when the folder gives every worker more than `_TASKS_PER_WORKER`
+  shards, so that the number of open shards (and their readers' memory) stops growing with the folder: DomainNet's
+  586k files on 16 cores make 64 shards of 9,166 (~13 MiB of readers per process) instead of 573 of 1,024 (~76 MiB)."""
+  return max(_SHARD_FILES, -(-int(files) // (_TASKS_PER_WORKER * max(1, int(workers)))))
 
 
 def read_index(directory: str) -> tuple[np.ndarray, np.ndarray]:
@@ -346,12 +371,25 @@ def train_transform(image, size: int, rng: np.random.Generator) -> np.ndarray:
   return pixels
 
 
-def read_images(records: RecordSet, indices: Sequence[int]) -> np.ndarray:
-  """uint8 ``[n, s, s, 3]``: records `indices` through the evaluation transform (for tests and small sets)."""
+def _read_each(source, indices: Sequence[int]) -> list:
+  """``[source[i] for i in indices]``, one record at a time.
+
+  Not ``source.__getitems__``: array_record's batched read starts a new thread pool on every call, and the memory
+  glibc then keeps in those threads' malloc arenas grew the reading process by 550-1,000 bytes per record read in a
+  pass (and more on every later pass), against 25 bytes per record, flat, one at a time (RssAnon, 3,000 32 px JPEGs,
+  /tmp probes of this change). Decoding dominates a read from local disk, so nothing is lost by it.
+  """
+  return [source[int(i)] for i in indices]
+
+
+def read_images(records, indices: Sequence[int]) -> np.ndarray:
+  """uint8 ``[n, *records.image_shape]``: records `indices` (of a `RecordSet` or `tfds_records.TfdsRecords`)
+  through the evaluation transform (for tests and small sets)."""
   source = records.source()
-  raws = source.__getitems__([int(i) for i in indices])
-  return np.stack([eval_transform(decode(r), records.image_size) for r in raws]) if len(raws) else \
-    np.zeros((0,) + records.image_shape, np.uint8)
+  indices = [int(i) for i in indices]
+  raws = _read_each(source, indices)
+  return np.stack([records.pixels(r, i) for r, i in zip(raws, indices)]) if len(raws) else \
+    np.zeros((0,) + tuple(records.image_shape), np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -369,10 +407,10 @@ class _Reader:
   def __getstate__(self):
     return {"records": self.records, "_source": None}
 
-  def read(self, indices: Sequence[int]) -> list[bytes]:
+  def read(self, indices: Sequence[int]) -> list:
     if self._source is None:
       self._source = self.records.source()
-    return self._source.__getitems__([int(i) for i in indices])
+    return _read_each(self._source, indices)
 
 
 def step_picks(seed: int, step: int, sizes: Sequence[int], batch: int) -> list[np.ndarray]:
@@ -397,18 +435,17 @@ class _StepBatch(_Reader):
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     picks = step_picks(self.seed, step, [len(m) for m in self.members], self.batch)
     positions = np.arange(self.batch)[self.local]
-    size = self.records.image_size
     xs, ys = [], []
     for d, (members, labels, pick) in enumerate(zip(self.members, self.labels, picks)):
       chosen = pick[positions]
       raws = self.read(members[chosen])
       images = []
-      for pos, raw in zip(positions, raws):
-        image = decode(raw)
+      for pos, index, raw in zip(positions, members[chosen], raws):
         if self.augment:
-          images.append(train_transform(image, size, np.random.default_rng([self.seed, int(step), d, int(pos)])))
+          rng = np.random.default_rng([self.seed, int(step), d, int(pos)])
+          images.append(self.records.augmented(raw, int(index), rng))
         else:
-          images.append(eval_transform(image, size))
+          images.append(self.records.pixels(raw, int(index)))
       xs.append(np.stack(images))
       ys.append(labels[chosen])
     return np.stack(xs), np.stack(ys).astype(np.int32)
@@ -464,15 +501,16 @@ _HORIZON = 1 << 40
 
 
 class StreamedTrainFeed:
-  """`feeds.TrainFeed` over a `RecordSet`: DomainBed's per-domain balanced batches, decoded and augmented by grain
-  workers.
+  """`feeds.TrainFeed` over a `RecordSet` (or `tfds_records.TfdsRecords`): DomainBed's per-domain balanced batches,
+  decoded and augmented by grain workers.
 
   Args:
-    records: the converted folder.
+    records: the converted folder, or a TFDS dataset's rotation domains.
     train: ``(record indices [n_i], labels [n_i])`` per training domain (e.g. ``split.train`` of a streamed split).
     batch_size_per_domain: examples per domain per step.
     seed: seeds the batches and their augmentation.
-    augment: DomainBed's training augmentation (`train_transform`); False: `eval_transform`.
+    augment: DomainBed's training augmentation (`train_transform`); False: `eval_transform`. Ignored (False) for
+      record sets whose ``augmentable`` is False.
     workers: grain worker processes (0: a prefetch thread of this process).
     domain_names: for error messages.
   """
@@ -490,7 +528,8 @@ class StreamedTrainFeed:
         raise ValueError(f"batch_size_per_domain={self._batch} exceeds the {len(m)} training examples of domain "
                          f"{name}. Sampling is with replacement, but a per-domain batch larger than the domain is "
                          "almost certainly a mistake.")
-    self._augment, self._workers = bool(augment), int(workers)
+    # Record sets DomainBed never augments (tfds:<name> rotation domains) ignore `augment`.
+    self._augment, self._workers = bool(augment) and bool(getattr(records, "augmentable", True)), int(workers)
     self._step = 0
     self._iterator, self._local = None, None
 
@@ -547,12 +586,11 @@ class _EvalBatch(_Reader):
     lo = (j % batches) * self.global_batch + self.process_index * n_local
     hi = min(lo + n_local, len(self.members))
     rows = np.arange(lo, max(lo, hi))
-    size = self.records.image_size
-    x = np.zeros((n_local, size, size, 3), np.uint8)
+    x = np.zeros((n_local,) + tuple(self.records.image_shape), np.uint8)
     y = np.zeros(n_local, np.int32)
     part = np.full(n_local, -1, np.int32)
-    for k, raw in enumerate(self.read(self.members[rows])):
-      x[k] = eval_transform(decode(raw), size)
+    for k, (index, raw) in enumerate(zip(self.members[rows], self.read(self.members[rows]))):
+      x[k] = self.records.pixels(raw, int(index))
     y[:len(rows)], part[:len(rows)] = self.labels[rows], self.parts[rows]
     return x, y, part
 
