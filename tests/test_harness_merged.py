@@ -8,7 +8,6 @@ per-domain mean of the cross-entropy over the domain ids, from the model's own l
 
 import dataclasses
 import json
-import os
 import types
 
 import jax
@@ -18,6 +17,7 @@ import pytest
 from disam_jax.harness import algorithms, data, distributed, experiment, loop, train
 from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.models import apply_model
+from tests._runs import metrics_lines, run_killed_at
 
 SIZES = (5, 3, 4)  # examples per training domain: N = 12
 
@@ -195,27 +195,14 @@ def _config(**overrides):
 
 
 def _lines(run_dir):
-  with open(os.path.join(train.cell_directory(run_dir, "disam", "75", 0), "metrics.jsonl")) as f:
-    lines = [json.loads(line) for line in f]
-  for line in lines:
-    line.pop("time", None)
-  return lines
-
-
-class _Killed(Exception):
-  pass
+  return metrics_lines(run_dir, "75")
 
 
 def test_a_merged_run_resumes_exactly_and_differs_from_a_balanced_run(tmp_path):
   config = _config()
   full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
 
-  def crash(algorithm, held_out, seed, step, line):
-    if step == 6:
-      raise _Killed
-
-  with pytest.raises(_Killed):
-    train.run_experiment(config, str(tmp_path / "cut"), progress=False, on_step=crash)
+  run_killed_at(config, str(tmp_path / "cut"), 6)
   resumed = train.run_experiment(config, str(tmp_path / "cut"), progress=False, resume=True)
   assert _lines(str(tmp_path / "full")) == _lines(str(tmp_path / "cut"))
   assert full[0].evals == resumed[0].evals

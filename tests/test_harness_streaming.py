@@ -19,6 +19,7 @@ import pytest
 
 from disam_jax.harness import data, regimes, streaming, train
 from disam_jax.harness.algorithms import HParams
+from tests._runs import metrics_lines, run_killed_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,16 +220,8 @@ def test_augmentation_is_a_function_of_seed_step_domain_and_position(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _Killed(Exception):
-  pass
-
-
 def _metrics(run_dir):
-  with open(os.path.join(train.cell_directory(run_dir, "disam", "c", 0), "metrics.jsonl")) as f:
-    lines = [json.loads(line) for line in f]
-  for line in lines:
-    line.pop("time", None)
-  return lines
+  return metrics_lines(run_dir, "c")
 
 
 def test_resume_with_augmentation_is_bit_exact(tmp_path):
@@ -239,13 +232,8 @@ def test_resume_with_augmentation_is_bit_exact(tmp_path):
     eval_batch_size=8, data_workers=0)
   full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
 
-  def crash(algorithm, held_out, seed, step, line):
-    if step == 3:
-      raise _Killed
-
   interrupted = str(tmp_path / "interrupted")
-  with pytest.raises(_Killed):
-    train.run_experiment(config, interrupted, progress=False, on_step=crash)
+  run_killed_at(config, interrupted, 3)
   resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
   assert _metrics(str(tmp_path / "full")) == _metrics(interrupted)  # every step's losses, bit for bit
   assert full[0].evals == resumed[0].evals
@@ -404,18 +392,9 @@ def test_tfds_run_is_streamed_end_to_end(tmp_path):
     eval_batch_size=4, data_workers=0)
   full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
   interrupted = str(tmp_path / "interrupted")
-
-  def crash(algorithm, held_out, seed, step, line):
-    if step == 2:
-      raise _Killed
-
-  with pytest.raises(_Killed):
-    train.run_experiment(config, interrupted, progress=False, on_step=crash)
+  run_killed_at(config, interrupted, 2)
   resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
-  with open(os.path.join(train.cell_directory(str(tmp_path / "full"), "disam", "75", 0), "metrics.jsonl")) as f:
-    losses = [json.loads(line).get("loss") for line in f]
-  with open(os.path.join(train.cell_directory(interrupted, "disam", "75", 0), "metrics.jsonl")) as f:
-    assert [json.loads(line).get("loss") for line in f] == losses
+  assert metrics_lines(interrupted, "75") == metrics_lines(str(tmp_path / "full"), "75")
   assert full[0].evals == resumed[0].evals
   ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8)
   with pytest.raises(ValueError, match="--infer-domains"):

@@ -7,7 +7,6 @@ tiny (MLP with 16 hidden units, a one-block ResNet of width 2) and runs take a d
 """
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -21,6 +20,7 @@ import disam_jax
 from disam_jax.harness import algorithms, data, train
 from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.models import apply_model
+from tests._runs import metrics_lines, run_killed_at
 
 M, B = 3, 4  # domains, examples per domain
 
@@ -185,29 +185,15 @@ def _final_state(run_dir, config):
 
 
 def _metrics_without_time(run_dir):
-  path = os.path.join(train.cell_directory(run_dir, "disam", "75", 0), "metrics.jsonl")
-  with open(path) as f:
-    lines = [json.loads(line) for line in f]
-  for line in lines:
-    line.pop("time", None)
-  return lines
-
-
-class _Killed(Exception):
-  pass
+  return metrics_lines(run_dir, "75")
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
   config = _config()
   full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
 
-  def crash(algorithm, held_out, seed, step, line):
-    if step == 7:
-      raise _Killed
-
   interrupted = str(tmp_path / "interrupted")
-  with pytest.raises(_Killed):
-    train.run_experiment(config, interrupted, progress=False, on_step=crash)
+  run_killed_at(config, interrupted, 7)
   cell = train.cell_directory(interrupted, "disam", "75", 0)
   assert not os.path.exists(os.path.join(cell, "result.json"))
   assert sorted(int(s) for s in os.listdir(os.path.join(cell, "checkpoints"))) == [4]
