@@ -286,10 +286,15 @@ def check_batch_divisible(per_domain_batch: int, mesh: Mesh) -> None:
 def local_batch_slice(per_domain_batch: int, mesh: Mesh) -> slice:
   """The slice of the per-domain batch axis that this process's devices hold."""
   check_batch_divisible(per_domain_batch, mesh)
-  sharding = batch_sharding(mesh)
-  index_map = sharding.addressable_devices_indices_map((1, per_domain_batch))
-  starts = sorted({idx[1].start or 0 for idx in index_map.values()})
-  per_device = per_domain_batch // mesh.devices.size
+  return _process_slice(batch_sharding(mesh), (1, per_domain_batch), axis=1)
+
+
+def _process_slice(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> slice:
+  """The slice along `axis` of an array of `shape` that this process's devices hold under `sharding` (split over
+  every device of its mesh along `axis`); an error if it is not contiguous."""
+  index_map = sharding.addressable_devices_indices_map(shape)
+  starts = sorted({idx[axis].start or 0 for idx in index_map.values()})
+  per_device = shape[axis] // sharding.mesh.devices.size
   start, stop = starts[0], starts[-1] + per_device
   if stop - start != per_device * len(starts):
     raise DistributedError('this process\'s devices do not hold a contiguous slice of the batch.')
@@ -320,13 +325,7 @@ def local_flat_slice(batch: int, mesh: Mesh) -> slice:
     raise DistributedError(f'the merged batch of {batch} examples (--batch-size x the training domains) is not '
                            f'divisible by the number of devices {n}: use a --batch-size that makes it a multiple '
                            f'of {n}.')
-  index_map = flat_batch_sharding(mesh).addressable_devices_indices_map((batch,))
-  starts = sorted({idx[0].start or 0 for idx in index_map.values()})
-  per_device = batch // n
-  start, stop = starts[0], starts[-1] + per_device
-  if stop - start != per_device * len(starts):
-    raise DistributedError('this process\'s devices do not hold a contiguous slice of the batch.')
-  return slice(start, stop)
+  return _process_slice(flat_batch_sharding(mesh), (batch,), axis=0)
 
 
 def global_flat_batch(mesh: Mesh, local_arrays, batch: int):
