@@ -132,13 +132,20 @@ def disam(
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
-  Example::
+  Example (3 domains of 2 examples, the loss `(w x - 1)^2`; the per-domain means are 0.625, 0.125 and 1.625, so
+  with `L = 0.7917` the weights `c_i = (1 - 2 * 0.1 * (L_i - L)) / 3` give the worst-fit domain the least)::
 
-    tx = disam_jax.disam(optax.sgd(0.01, momentum=0.9), rho=0.05, lam=0.1, num_domains=M)
-    opt_state = tx.init(params)
-    f = lambda p: per_domain_mean_losses(p, batch)          # -> [M]
-    updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=f)
-    params = optax.apply_updates(params, updates)
+    >>> import jax.numpy as jnp, numpy as np, optax, disam_jax
+    >>> x = jnp.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])      # [M, b]: M = 3 domains, b = 2 examples each
+    >>> params = {'w': jnp.array(0.5)}
+    >>> def domain_losses(p):                                      # params -> [M] per-domain mean losses
+    ...   return ((p['w'] * x - 1.0) ** 2).mean(axis=1)
+    >>> tx = disam_jax.disam(optax.sgd(0.1), rho=0.05, lam=0.1, num_domains=3)
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=domain_losses)
+    >>> params = optax.apply_updates(params, updates)
+    >>> print(np.round(opt_state.domain_losses, 4), np.round(opt_state.perturbation_weights, 4))
+    [0.625 0.125 1.625] [0.3444 0.3778 0.2778]
 
   `update(None, state, params, *, domain_loss_fn, **extra_args)` evaluates both gradients through
   `domain_loss_fn`, so it takes no incoming updates: pass `None` (a gradient pytree there is refused, never
