@@ -55,6 +55,23 @@ def test_the_api_reference_lists_every_public_name():
   assert sorted(documented) == sorted(disam_jax.__all__)
 
 
+def test_each_option_of_disam_is_documented_in_its_docstring_and_nowhere_else_at_length():
+  """One place documents the options: `disam`'s Args section names every keyword; the README and DisamState link there."""
+  import inspect
+
+  doc = disam_jax.disam.__doc__
+  args = doc[doc.index('\n  Args:\n'):doc.index('\n  Returns:\n')]
+  for name in inspect.signature(disam_jax.disam).parameters:
+    assert re.search(rf'^    {name}: ', args, re.M), name
+  readme = (ROOT / 'README.md').read_text()
+  assert '](docs/api.md)' in readme and '## Options' not in readme
+  for phrase in ('LookSAM', 'ASAM', 'm-sharpness', 'aux_example', 'VarianceTrigger(', 'reuse_weight'):
+    assert phrase not in readme, phrase  # what the options' explanations say lives in the docstring alone
+  state_doc = disam_jax.DisamState.__doc__
+  assert "documented there" in state_doc and len(state_doc.split()) < 450
+  assert 'LookSAM' not in state_doc.replace('(LookSAM)', '') and 'm-sharpness' not in state_doc
+
+
 def _slug(heading):
   """The anchor GitHub and MyST (myst_heading_anchors) give a heading: lower case, punctuation dropped, spaces -."""
   text = re.sub(r'[`*_]|\[([^\]]*)\]\([^)]*\)', lambda m: m.group(1) or '', heading.strip()).lower()
