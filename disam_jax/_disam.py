@@ -172,8 +172,9 @@ def disam(
       `optax.inject_hyperparams`) a traced array. `rho=0` is exactly `base_tx` on the gradient of `L`. Checked
       (>= 0 and finite) when concrete; a traced value is taken as given.
     lam: weight of the domain-loss variance in the perturbation objective (>= 0), or a schedule or a traced
-      array, checked as `rho`. `lam=0` is exactly SAM. Paper defaults: rho 0.05, lam 0.1. Its effect scales with the loss scale: `V` is quadratic in
-      the losses, so `c_i` depends on `lam * (L_i - L)`; multiplying the losses by s multiplies `lam`'s effect by s.
+      array, checked as `rho`. `lam=0` is exactly SAM. Paper defaults: rho 0.05, lam 0.1. Its effect scales with
+      the loss scale: `V` is quadratic in the losses, so `c_i` depends on `lam * (L_i - L)`; multiplying the
+      losses by s multiplies `lam`'s effect by s.
     adaptive: ASAM form, `eps = rho * w^2 * g_p / (|| |w| g_p || + 1e-12)` (the official code's flag).
     domain_weights: `'uniform'` (paper: `a_i = 1/M` over the domains present), `'count'` (`a_i = n_i / n`, what
       the official code effectively computes), or a `[M]` array of fixed weights (renormalized over present

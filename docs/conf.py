@@ -39,6 +39,7 @@ autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_attr_annotations = False  # DisamState's fields: the docstring says each one's shape, not optax's unions
 
 myst_heading_anchors = 3  # README-style links to sections (`page.md#a-heading`) resolve
 html_theme = 'alabaster'
