@@ -472,9 +472,13 @@ def domain_objective(losses: DomainLosses, domain_weights: Union[str, jax.Array]
   loss of 0 nor enters the variance). Everything is in `losses.total`'s dtype and differentiable in the totals:
   `disam` takes its perturbation cotangent as the gradient of `L - lam V` here.
 
-  Example::
+  Example (domain means 2 and 1: `L = 1.5`, `V = ((2 - 1.5)^2 + (1 - 1.5)^2) / 2 = 0.25`)::
 
-    means, weights, loss, variance = disam_jax.domain_objective(disam_jax.domain_losses_from_grouped(ce))
+    >>> import jax.numpy as jnp, disam_jax
+    >>> ce = jnp.array([[1.0, 3.0], [0.0, 2.0]])                 # [M, b] per-example losses of 2 domains
+    >>> means, weights, loss, variance = disam_jax.domain_objective(disam_jax.domain_losses_from_grouped(ce))
+    >>> print(means, weights, loss, variance)
+    [2. 1.] [0.5 0.5] 1.5 0.25
 
   Args:
     losses: `DomainLosses(total [M], count [M])`, e.g. from `domain_losses_from_grouped` / `as_domain_losses`.
