@@ -1,7 +1,7 @@
 """disam_jax: Domain-Inspired Sharpness-Aware Minimization (DISAM, arXiv 2405.18861) for JAX/Optax.
 
 `disam(base_tx, rho, lam)` is an `optax.GradientTransformationExtraArgs`; its `update` takes
-`domain_loss_fn=f` with `f(params) -> [M]` per-domain losses. See README.md.
+`domain_loss_fn=f` with `f(params) -> [M]` per-domain losses. See README.md and the API reference (docs/api.md).
 
 The public names are imported on first use (PEP 562): `import disam_jax` alone does not import JAX, Optax or Flax,
 so `disam-train --help` and its usage errors answer at once; `disam_jax.disam` (or `from disam_jax import disam`)

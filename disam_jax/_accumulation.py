@@ -34,12 +34,21 @@ def accumulate_domain_losses(
 ) -> Callable[[Any], Any]:
   """A domain loss function of the whole batch, summing `domain_loss_fn` over k micro-batches with `lax.scan`.
 
-  Example (DomainBed layout, 4 micro-batches of every domain's `b` examples)::
+  Example (DomainBed layout, 4 micro-batches of every domain's `b` examples; at zero weights each of the 8
+  examples of a domain costs `ln 2`, so each domain's total is `8 ln 2 = 5.5452`)::
 
-    per_batch = disam_jax.grouped_domain_loss_fn(per_example_loss)      # (params, x [M, b', ...], y [M, b'])
-    split = lambda a: jnp.swapaxes(a.reshape((m, 4, b // 4) + a.shape[2:]), 0, 1)   # [4, M, b // 4, ...]
-    f = disam_jax.accumulate_domain_losses(per_batch, split(x), split(y))
-    updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=f)
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, disam_jax
+    >>> m, b = 2, 8
+    >>> x, y = jax.random.normal(jax.random.key(0), (m, b, 3)), jnp.zeros((m, b), jnp.int32)
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> per_example_loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(x @ p['w'], y)
+    >>> per_batch = disam_jax.grouped_domain_loss_fn(per_example_loss)   # (params, x [M, b', ...], y [M, b'])
+    >>> split = lambda a: jnp.swapaxes(a.reshape((m, 4, b // 4) + a.shape[2:]), 0, 1)   # [4, M, b // 4, ...]
+    >>> f = disam_jax.accumulate_domain_losses(per_batch, split(x), split(y))
+    >>> print(np.round(f(params).total, 4), f(params).count)
+    [5.5452 5.5452] [8. 8.]
+    >>> tx = disam_jax.disam(optax.sgd(0.1), num_domains=m)
+    >>> updates, opt_state = tx.update(None, tx.init(params), params, domain_loss_fn=f)
 
   With a flat batch and domain ids, split every array along its first axis (`a.reshape((4, n // 4) + ...)`) and
   return `domain_losses_from_ids(...)` from `domain_loss_fn`: micro-batches may hold different numbers of each

@@ -1,7 +1,7 @@
 """DISAM: Domain-Inspired Sharpness-Aware Minimization as an optax transformation.
 
 Zhang, Fan, Yao, Zhang, Wang, "Domain-Inspired Sharpness-Aware Minimization Under Domain Shifts", ICLR 2024,
-arXiv 2405.18861, Algorithm 1 and Eq. 6-8. One call to `update` does the whole step:
+arXiv 2405.18861, Algorithm 1 and Eq. 6-8. One call to `update` does the whole step::
 
     g_p = grad_w [ L(w) - lam * V(w) ]                 # Eq. 7: perturbation direction
     eps = rho * g_p / (||g_p||_2 + 1e-12)              # Eq. 8: one global L2 norm
@@ -9,7 +9,7 @@ arXiv 2405.18861, Algorithm 1 and Eq. 6-8. One call to `update` does the whole s
     updates, base_state = base_tx.update(g, base_state, w)
 
 with per-domain mean losses `L_i`, domain weights `a_i`, `L = sum_i a_i L_i` and `V = sum_i a_i (L_i - L)^2`
-(uniform `a_i = 1/M`: the paper's population variance). Since `grad V = sum_i 2 a_i (L_i - L) grad L_i`,
+(uniform `a_i = 1/M`: the paper's population variance). Since `grad V = sum_i 2 a_i (L_i - L) grad L_i`, ::
 
     g_p = sum_i c_i grad L_i,    c_i = a_i * (1 - 2 lam (L_i - L))
 
@@ -19,7 +19,7 @@ domain far above the mean; that is the algorithm ("elastic calibration"), not a 
 the state (`perturbation_weights`) so the mechanism can be watched.
 
 The SAM family (`rule=`) shares this one step; the rules differ only in the perturbed point and the final gradient,
-both from `g_p` (the ascent gradient at `w`) and `g_adv = grad L(w_adv)` (the gradient at the perturbed point):
+both from `g_p` (the ascent gradient at `w`) and `g_adv = grad L(w_adv)` (the gradient at the perturbed point)::
 
     sam:   w_adv = w + rho g_p / ||g_p||                final  g_adv
     gsam:  w_adv = w + rho g_p / ||g_p||                final  g_adv - alpha g_perp,  g_perp = g_p - (<g_p, g_adv> /
@@ -54,15 +54,15 @@ class DisamState(NamedTuple):
   """State of `disam`. Its structure, shapes and dtypes are fixed by `init` and never change.
 
   The metrics are float32, or float64 when the parameters are float64 (the dtype of the widest floating parameter,
-  at least float32).
+  at least float32). Which fields are kept depends on `disam`'s options, documented there (`num_domains`,
+  `has_aux`, `diagnostics`, `per_device_perturbation`, `perturb_every`, `perturb_when`, `reuse_weight`); a field
+  an option does not keep is `None` from `init` on.
 
   Attributes:
     count: int32 scalar, number of `update` calls; drives `rho`/`lam` schedules.
     base_state: the state of the base optimizer.
     domain_losses: `[M]` per-domain mean losses `L_i` at the unperturbed weights of the last step (0 for a domain
-      absent from that batch). Kept only when `num_domains=M` is given: without it M is unknown at `init`, and these
-      `[M]` fields are `None` from `init` on, so that the state's structure never changes (the scalars are always
-      kept).
+      absent from that batch). `None` without `num_domains` (the scalars are always kept).
     domain_counts: `[M]` number of examples of each domain in the last batch (1 per domain and device when
       `domain_loss_fn` returns plain means). `None` without `num_domains`.
     perturbation_weights: `[M]` the weights `c_i` of the perturbation direction `g_p = sum_i c_i grad L_i`,
@@ -72,24 +72,21 @@ class DisamState(NamedTuple):
       is the batch mean only when every domain has the same count (or with `domain_weights='count'`).
     variance: scalar variance of the domain losses `V(w) = sum_i a_i (L_i - L)^2` of the last step.
     perturbation_norm: scalar `||g_p||` (adaptive: `|| |w| g_p ||`), the norm that scaled `eps`. With
-      `per_device_perturbation`, this, `perturbation_weights` and `sam_cosine` are each device's own, logged as
-      their mean over the devices (so every device holds the same state: shard_map's out_specs `P()` hold).
+      `per_device_perturbation`, this, `perturbation_weights` and `sam_cosine` are the mean over the devices of
+      each device's own.
     grad_norm: scalar `||g||`, norm of the sharpness-aware gradient handed to `base_tx`.
-    sam_cosine: scalar cosine between DISAM's `g_p` and SAM's direction `grad L(w)` with `diagnostics=True` (one
-      extra backward pass); NaN otherwise. 1 at `lam=0`.
+    sam_cosine: scalar cosine between DISAM's `g_p` and SAM's direction `grad L(w)` with `diagnostics=True`; NaN
+      otherwise. 1 at `lam=0`.
     aux: with `has_aux=True`, the auxiliary output of `domain_loss_fn` at the *unperturbed* weights (the
       perturbed evaluation's aux is discarded); `aux_example` until the first update (`None` without it).
-    reused_component: with amortization (`perturb_every=k > 1` or `perturb_when`) and a `reuse_weight` that is not
-      the constant 0, the params-shaped component `g_v` of the last full step's sharpness-aware gradient orthogonal
-      to its ascent gradient `g_p`, which the steps in between add back to their plain gradient (LookSAM); zeros
-      from `init`. `None` otherwise (every step full, or `reuse_weight=0`: nothing is reused, nothing is kept).
-    ascended: with amortization, scalar 1 if the last step ran the ascent (the full two-pass step), 0 if it was a
-      one-pass step; its mean over steps is the ascent rate. `None` when every step is full.
-    trigger_reference: with `perturb_when=VarianceTrigger(...)`, scalar running reference of the domain-loss
-      variance, `r_t = decay r_{t-1} + (1 - decay) V_t` (`r_0 = V_0`), against which the next step's variance is
-      compared. `None` otherwise.
+    reused_component: with a `reuse_weight` (amortized steps), the params-shaped component `g_v` that the
+      one-pass steps add back to their gradient (LookSAM); zeros from `init`.
+    ascended: when amortized, scalar 1 if the last step ran the ascent (the full two-pass step), 0 if it was a
+      one-pass step; its mean over steps is the ascent rate.
+    trigger_reference: with `perturb_when`, the running reference `r_t` of the domain-loss variance (see
+      `VarianceTrigger`).
     steps_since_ascent: with `perturb_when`, int32 scalar, steps since the last ascent step (0 right after one;
-      `max_gap - 1` at `init`, so the first step ascends). `None` otherwise.
+      `max_gap - 1` at `init`, so the first step ascends).
   """
 
   count: jax.Array
@@ -132,13 +129,20 @@ def disam(
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
-  Example::
+  Example (3 domains of 2 examples, the loss `(w x - 1)^2`; the per-domain means are 0.625, 0.125 and 1.625, so
+  with `L = 0.7917` the weights `c_i = (1 - 2 * 0.1 * (L_i - L)) / 3` give the worst-fit domain the least)::
 
-    tx = disam_jax.disam(optax.sgd(0.01, momentum=0.9), rho=0.05, lam=0.1, num_domains=M)
-    opt_state = tx.init(params)
-    f = lambda p: per_domain_mean_losses(p, batch)          # -> [M]
-    updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=f)
-    params = optax.apply_updates(params, updates)
+    >>> import jax.numpy as jnp, numpy as np, optax, disam_jax
+    >>> x = jnp.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])      # [M, b]: M = 3 domains, b = 2 examples each
+    >>> params = {'w': jnp.array(0.5)}
+    >>> def domain_losses(p):                                      # params -> [M] per-domain mean losses
+    ...   return ((p['w'] * x - 1.0) ** 2).mean(axis=1)
+    >>> tx = disam_jax.disam(optax.sgd(0.1), rho=0.05, lam=0.1, num_domains=3)
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update(None, opt_state, params, domain_loss_fn=domain_losses)
+    >>> params = optax.apply_updates(params, updates)
+    >>> print(np.round(opt_state.domain_losses, 4), np.round(opt_state.perturbation_weights, 4))
+    [0.625 0.125 1.625] [0.3444 0.3778 0.2778]
 
   `update(None, state, params, *, domain_loss_fn, **extra_args)` evaluates both gradients through
   `domain_loss_fn`, so it takes no incoming updates: pass `None` (a gradient pytree there is refused, never
@@ -152,20 +156,25 @@ def disam(
   the unperturbed weights. `optax.chain(disam(...), b)` works (`b` acts on DISAM's updates); a wrapper that hands
   disam gradients (a chain member before it given gradients, `MultiSteps`, `apply_if_finite` around it) or a
   subset of the params (`masked`, `multi_transform`) is refused at trace time with what to write instead. A chain
-  member before disam given `None` is not detected: it acts on nothing (README.md, "Composition with optax").
+  member before disam given `None` is not detected: it acts on nothing (docs/composition.md: every wrapper, what
+  happens, what to write instead).
   `optax.inject_hyperparams(disam, static_args=('base_tx',))` works under `jit` (rho and lam traced; list
   `num_domains` in `static_args` too).
 
   Non-finite losses propagate into the updates (nothing is silently zeroed). A zero gradient gives a zero
-  perturbation (the norm has a 1e-12 floor), never NaN.
+  perturbation (the norm has a 1e-12 floor), never NaN. Norms, `L`, `V` and the weights are computed in float32, or
+  float64 with float64 parameters; the perturbed point is built in float32 or wider and cast back to the
+  parameters' dtype (bfloat16 parameters work).
 
   Args:
     base_tx: the optimizer applied to the sharpness-aware gradient `g` at the unperturbed weights.
-    rho: perturbation radius (>= 0), or an optax schedule of the step count kept in the state. `rho=0` is
-      exactly `base_tx` on the gradient of `L`. Checked when concrete (a traced value is taken as given).
-    lam: weight of the domain-loss variance in the perturbation objective (>= 0), or a schedule. `lam=0` is
-      exactly SAM. Paper defaults: rho 0.05, lam 0.1. Its effect scales with the loss scale: `V` is quadratic in
-      the losses, so `c_i` depends on `lam * (L_i - L)`; multiplying the losses by s multiplies `lam`'s effect by s.
+    rho: perturbation radius (>= 0), or an optax schedule of the step count kept in the state, or (under
+      `optax.inject_hyperparams`) a traced array. `rho=0` is exactly `base_tx` on the gradient of `L`. Checked
+      (>= 0 and finite) when concrete; a traced value is taken as given.
+    lam: weight of the domain-loss variance in the perturbation objective (>= 0), or a schedule or a traced
+      array, checked as `rho`. `lam=0` is exactly SAM. Paper defaults: rho 0.05, lam 0.1. Its effect scales with
+      the loss scale: `V` is quadratic in the losses, so `c_i` depends on `lam * (L_i - L)`; multiplying the
+      losses by s multiplies `lam`'s effect by s.
     adaptive: ASAM form, `eps = rho * w^2 * g_p / (|| |w| g_p || + 1e-12)` (the official code's flag).
     domain_weights: `'uniform'` (paper: `a_i = 1/M` over the domains present), `'count'` (`a_i = n_i / n`, what
       the official code effectively computes), or a `[M]` array of fixed weights (renormalized over present
@@ -176,7 +185,9 @@ def disam(
       steps. Needed where the state must not change structure: `nnx.Optimizer`, a `lax.scan` carry, `lax.cond`.
     num_domains: M (an int or numpy integer). Without it, the `[M]` fields of the state (`domain_losses`,
       `domain_counts`, `perturbation_weights`) are `None` (M is unknown at `init`, and the state's structure
-      never changes); with it they are `[M]` and every call is checked against M.
+      never changes); with it they are `[M]` and every call is checked against M. Either way the state's
+      structure, shapes and dtypes are fixed by `init`: one compile, usable as a `lax.scan` carry and under
+      `lax.cond`, and orbax / flax serialization restore a checkpoint into `tx.init(params)`.
     batch_axis_name: under `pmap`/`shard_map` (with or without `check_vma`), the mapped axis holding slices of the
       batch, or a tuple of axes (`('data', 'fsdp')`) when the batch is split over several: domain loss sums and
       counts are summed over them before the variance, and both gradients are reduced, so N devices take the same
@@ -200,10 +211,13 @@ def disam(
       prefix of it (`{'encoder': True, 'head': False}`), Python or (traced) JAX bools, or a function of `params`
       returning one. Only `True` leaves are perturbed and the norm is taken over them alone (SAM-ON style).
     diagnostics: also compute `state.sam_cosine`, the cosine between `g_p` and SAM's `grad L(w)` (one extra
-      backward pass, no extra forward pass); NaN when off.
+      backward pass, no extra forward pass: +28% compiled FLOPs on the MLP, +33% on the MNIST CNN,
+      benchmarks/results/sam_family.md); NaN when off.
     rule: the sharpness-aware rule the domain-inspired perturbation is put under: `'sam'` (the paper's DISAM),
-      `'gsam'` (Zhuang et al., ICLR 2022) or `'sagm'` (Wang et al., CVPR 2023); see the module docstring for each
-      update. All three cost two forward and two backward passes; `lam=0` is plain SAM / GSAM / SAGM.
+      `'gsam'` (Zhuang et al., ICLR 2022) or `'sagm'` (Wang et al., CVPR 2023); the module docstring (the API
+      reference's "The step") gives each update and what `lam > 0` does to GSAM's and SAGM's. All three cost two
+      forward and two backward passes (compiled FLOPs equal SAM's within 2%, tested); `lam=0` is plain SAM / GSAM /
+      SAGM, checked against NumPy and finite-difference restatements of each paper's update.
     alpha: GSAM's weight of the orthogonal component, or SAGM's step back along `g_p` (>= 0, or a schedule);
       `None` takes the rule's published default (gsam 0.2, sagm 0.001). Only for `rule='gsam'` / `'sagm'`.
     perturb_every: k >= 1 (a Python int; `None` is 1, and keeps `optax.inject_hyperparams` from tracing it). k = 1
@@ -217,7 +231,8 @@ def disam(
       unperturbed pass, exactly as on full steps; reusing `eps` would move that one pass to `w + eps`. `g_v` is
       taken against `g_p` (not `grad L(w)`, LookSAM's choice for SAM, where the two coincide) so full steps stay at
       DISAM's two passes; they differ by `lam grad V`. In-between steps log `perturbation_norm` 0, `sam_cosine`
-      NaN and `ascended` 0. Not with `per_device_perturbation` (replicas would keep different state).
+      NaN and `ascended` 0. Not with `per_device_perturbation` (replicas would keep different state). Checked
+      against a NumPy restatement.
     reuse_weight: LookSAM's alpha (>= 0, or a schedule), the weight of the reused component. `None` (default) is
       0: the in-between steps are plain gradient steps ("DISAM every k steps"), and no `g_v` is computed or kept
       (`reused_component` None). LookSAM's published 0.7 lost accuracy in every run we measured
@@ -227,7 +242,15 @@ def disam(
       exceeds `factor` times a running reference of past variances, at most once per `min_gap` steps and at least
       once per `max_gap` (see `VarianceTrigger`). The step is otherwise that of `perturb_every`: one `lax.cond`,
       one pass when not ascending, `reuse_weight` as above. The state keeps the reference
-      (`trigger_reference`) and `steps_since_ascent`. Not with `perturb_every > 1`.
+      (`trigger_reference`) and `steps_since_ascent`. Not with `perturb_every > 1`. The recommendation when
+      DISAM's cost matters: `perturb_when=VarianceTrigger()` (`disam-train --perturb-when variance`; gaps 16 and
+      32, no `reuse_weight`). Measured (benchmarks/results/amortized.md, docs/results.md): it ascended on 5.8% of
+      the steps and cost 1.15x ERM per step on an MLP and 1.08x on the MNIST CNN, against 2.02x and 1.94x for full
+      DISAM, at accuracy within seed noise of full DISAM in every paired comparison run (rotated digits, clean and
+      with a hard domain, 10 pairs; rotated animals CNN, 5 pairs). The full step runs inside a `lax.cond`, where
+      XLA:CPU (jaxlib 0.10.2) runs a convolution's gradients 5-100x slower than in the main computation: on CPU,
+      give convnets `disam_jax.harness.fast_conv` convolutions (the harness models' default). GPU, TPU: not
+      measured.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `DisamState`.
@@ -449,9 +472,13 @@ def domain_objective(losses: DomainLosses, domain_weights: Union[str, jax.Array]
   loss of 0 nor enters the variance). Everything is in `losses.total`'s dtype and differentiable in the totals:
   `disam` takes its perturbation cotangent as the gradient of `L - lam V` here.
 
-  Example::
+  Example (domain means 2 and 1: `L = 1.5`, `V = ((2 - 1.5)^2 + (1 - 1.5)^2) / 2 = 0.25`)::
 
-    means, weights, loss, variance = disam_jax.domain_objective(disam_jax.domain_losses_from_grouped(ce))
+    >>> import jax.numpy as jnp, disam_jax
+    >>> ce = jnp.array([[1.0, 3.0], [0.0, 2.0]])                 # [M, b] per-example losses of 2 domains
+    >>> means, weights, loss, variance = disam_jax.domain_objective(disam_jax.domain_losses_from_grouped(ce))
+    >>> print(means, weights, loss, variance)
+    [2. 1.] [0.5 0.5] 1.5 0.25
 
   Args:
     losses: `DomainLosses(total [M], count [M])`, e.g. from `domain_losses_from_grouped` / `as_domain_losses`.

@@ -64,10 +64,12 @@ def as_domain_losses(out: Any, has_aux: bool = False) -> tuple[DomainLosses, Any
   `DomainLosses`, or with `has_aux` a pair `(either, aux)`. Checks the shapes and dtypes at trace time, refusing
   with what to write instead. The counts come back float32 or wider and never differentiated.
 
-  Example::
+  Example (a `[M]` vector of means with an aux, as `domain_loss_fn` may return it)::
 
-    losses, aux = disam_jax.as_domain_losses(domain_loss_fn(params), has_aux=True)
-    mean_loss = jnp.sum(losses.total) / jnp.sum(losses.count)
+    >>> import jax.numpy as jnp, disam_jax
+    >>> losses, aux = disam_jax.as_domain_losses((jnp.array([0.5, 1.5]), {'logits': jnp.zeros(3)}), has_aux=True)
+    >>> print(losses.total, losses.count, sorted(aux))
+    [0.5 1.5] [1. 1.] ['logits']
 
   Args:
     out: the value `domain_loss_fn(params)` returned.

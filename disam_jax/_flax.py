@@ -73,13 +73,22 @@ def nnx_update(
 ) -> Union[DisamState, tuple[DisamState, Any]]:
   """One DISAM step on an NNX model, in place (call it inside `nnx.jit`).
 
-  Example, logging accuracy from the unperturbed forward pass (no third forward pass)::
+  Example, with the logits of the unperturbed forward pass for accuracy (no third forward pass)::
 
-    def loss_fn(model):
-      logits = model(x)                                          # [M*b, classes]
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return disam_jax.domain_losses_from_grouped(losses.reshape(m, b)), logits
-    state, logits = disam_jax.nnx_update(optimizer, model, loss_fn, has_aux=True)
+    >>> import jax, jax.numpy as jnp, optax, disam_jax
+    >>> from flax import nnx
+    >>> m, b = 2, 4
+    >>> x, y = jax.random.normal(jax.random.key(0), (m * b, 3)), jnp.zeros(m * b, jnp.int32)
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> optimizer = disam_jax.nnx_optimizer(model, optax.sgd(0.1), num_domains=m)
+    >>> def loss_fn(model):
+    ...   logits = model(x)                                          # [M*b, classes]
+    ...   losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    ...   return disam_jax.domain_losses_from_grouped(losses.reshape(m, b)), logits
+    >>> step = nnx.jit(lambda model, optimizer: disam_jax.nnx_update(optimizer, model, loss_fn, has_aux=True))
+    >>> state, logits = step(model, optimizer)
+    >>> print(logits.shape, state.domain_losses.shape, int(state.count))
+    (8, 2) (2,) 1
 
   Args:
     optimizer: from `nnx_optimizer(model, ...)`.

@@ -15,7 +15,7 @@ updates (as disam is called): a member before disam in a chain receives `None` a
 `clip_by_global_norm` there clips nothing; the step is disam's alone); `MultiSteps`, `apply_if_finite`,
 `conditionally_*` and `flatten` around disam fail inside optax / JAX with their own message (a pytree structure
 error, a `lax.cond` branch mismatch, an empty concatenate); `lookahead` does not pass `domain_loss_fn` on and fails
-with optax's TypeError. README.md's composition table lists each case; tests/test_wrappers.py checks what the user
+with optax's TypeError. docs/composition.md's table lists each case; tests/test_wrappers.py checks what the user
 sees, so an optax change to any of them fails a test.
 """
 

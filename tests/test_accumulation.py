@@ -190,11 +190,11 @@ def test_benchmark_quick_smoke(tmp_path):
 
 
 def test_readme_snippet_equals_the_big_batch_step():
-  """The README's accumulation block, run as written; its `f` then gives the NumPy big-batch DISAM gradient."""
+  """docs/guide.md's accumulation block, run as written; its `f` then gives the NumPy big-batch DISAM gradient."""
   import pathlib
   import re
 
-  readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  readme = (pathlib.Path(__file__).parents[1] / 'docs' / 'guide.md').read_text()
   snippet = re.search(r'## Gradient accumulation\n.*?```python\n(.*?)```', readme, re.S).group(1)
   env = {}
   exec(snippet, env)  # self-contained: its own toy [M, b, 5] batch, split into k micro-batches

@@ -142,14 +142,14 @@ def test_float64_losses_stay_float64_under_x64():
 
 
 def test_readme_mixed_precision_example_matches_float64_reference():
-  """The README's bf16-compute / float32-params snippet, run as written: DISAM's domain losses, L and V equal NumPy
+  """docs/guide.md's bf16-compute / float32-params snippet, run as written: DISAM's domain losses, L and V equal NumPy
   float64 means of the same bf16 per-example losses."""
   import pathlib
   import re
 
   import optax
 
-  readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  readme = (pathlib.Path(__file__).parents[1] / 'docs' / 'guide.md').read_text()
   snippet = re.search(r'## Mixed precision\n.*?```python\n(.*?)```', readme, re.S).group(1)
   env = {}
   exec(snippet, env)  # the block is self-contained: its own toy data, params and model

@@ -82,8 +82,8 @@ CHECKS = {
   'README.md: Usage with plain optax': _check_plain_optax,
   'README.md: Usage with Flax NNX': _check_nnx,
   'README.md: Usage with a Linen TrainState': _check_linen,
-  'README.md: Mixed precision': _check_mixed_precision,
-  'README.md: Gradient accumulation': _check_accumulation,
+  'docs/guide.md: Mixed precision': _check_mixed_precision,
+  'docs/guide.md: Gradient accumulation': _check_accumulation,
   'docs/harness.md: Algorithms': _check_algorithms,
   'docs/harness.md: The training step and BatchNorm': _check_train_step,
   'docs/harness.md: Python API': _check_python_api,
@@ -149,7 +149,7 @@ def _needs_bundled_files(source):
 
 def test_pretrained_names_in_the_docs_are_bundled_names_or_files_said_to_be_downloaded():
   """No command assumes torchvision's MobileNetV2 .pth in the current directory: it is `--pretrained mobilenet_v2`;
-  the only file name is the ResNet-50 checkpoint the README says to download."""
+  the only file name is the ResNet-50 checkpoint docs/harness.md says to download."""
   import shlex
 
   from disam_jax.harness import weight_files
@@ -160,7 +160,7 @@ def test_pretrained_names_in_the_docs_are_bundled_names_or_files_said_to_be_down
     values += [words[i + 1] for i, w in enumerate(words[:-1]) if w == '--pretrained']
     values += [w.split('--pretrained ', 1)[1].split()[0] for w in words if '--pretrained ' in w]  # inside P="..."
   assert 'mobilenet_v2' in values and set(values) <= {'resnet50-0676ba61.pth', *weight_files.BUNDLED_WEIGHTS}, values
-  assert 'a file you download; the harness never does' in (ROOT / 'README.md').read_text()
+  assert 'download it yourself, the harness never does' in ' '.join((ROOT / 'docs' / 'harness.md').read_text().split())
 
 
 def test_vlcs_and_pretrained_commands_run_as_written_in_a_fresh_directory(tmp_path, monkeypatch):
@@ -180,7 +180,7 @@ def test_vlcs_and_pretrained_commands_run_as_written_in_a_fresh_directory(tmp_pa
     if importlib.util.find_spec(module) is None:
       pytest.skip(f'{module} not installed: pip install --no-deps {install}')
   blocks = [(name, source) for name, source in _shell_blocks() if _needs_bundled_files(source)]
-  assert sorted({str(name) for name, _ in blocks}) == ['README.md', 'docs/harness.md', 'docs/results.md']
+  assert sorted({str(name) for name, _ in blocks}) == ['docs/harness.md', 'docs/results.md']
   record = tmp_path / 'disam-train.jsonl'
   prelude = (f'python() {{ {sys.executable!r} "$@"; }}\n'
              f'disam-train() {{ {sys.executable!r} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '

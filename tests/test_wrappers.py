@@ -1,4 +1,4 @@
-"""Every optax wrapper around `disam`: what the user sees, each case of README.md's composition table.
+"""Every optax wrapper around `disam`: what the user sees, each case of docs/composition.md's table.
 
 The checks are on what disam is given (incoming updates, `optax.MaskedNode` params), never on who calls it
 (disam_jax/_wrappers.py). Where a wrapper shows in no argument, these tests pin down what happens instead (optax's or
@@ -83,7 +83,7 @@ def test_a_wrapper_given_none_fails_with_optaxs_or_disams_message(name):
 
 @pytest.mark.parametrize('name', CHAINS)
 def test_a_chain_member_before_disam_given_none_acts_on_nothing(name):
-  """The one case no argument shows (README's composition table says so): the member before disam receives None
+  """The one case no argument shows (docs/composition.md's table says so): the member before disam receives None
   and hands None on, so its clip clips nothing and the step is exactly disam's alone. Put it inside base_tx."""
   updates, _ = jax.jit(lambda: _step(WRAPPERS[name]()))()
   alone, _ = _step(_disam())
