@@ -627,3 +627,31 @@ def test_a_complete_run_says_nothing_about_missing_runs(tmp_path, capsys):
   assert "incomplete" not in capsys.readouterr().err
   text = open(os.path.join(run, "results.md")).read()
   assert "Incomplete" not in text and "| ERM | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 |" in text
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_nothing_on_error(tmp_path, monkeypatch):
+  """The one atomic writer behind results.json/md, the reports and checkpoint.write_json: text or bytes, mode 0o644,
+  fsync'd before the rename; an error leaves the previous file and no temporary one."""
+  import json
+
+  from disam_jax.harness import _atomic, checkpoint
+
+  path = tmp_path / "a.txt"
+  _atomic.write_atomic(path, "é\n")
+  assert path.read_bytes() == "é\n".encode() and (path.stat().st_mode & 0o777) == 0o644
+  _atomic.write_atomic(str(path), b"\x00\x01")
+  assert path.read_bytes() == b"\x00\x01"
+  checkpoint.write_json(str(tmp_path / "r.json"), {"a": [1, 2]})
+  assert (tmp_path / "r.json").read_text() == json.dumps({"a": [1, 2]}, indent=1)
+  synced = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+  def fail(src, dst):
+    assert synced and open(src, "rb").read() == b"new"  # complete and synced before the rename
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "replace", fail)
+  with pytest.raises(OSError, match="No space"):
+    _atomic.write_atomic(path, b"new")
+  assert path.read_bytes() == b"\x00\x01" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "r.json"]

@@ -12,19 +12,20 @@ selects on (`experiment.held_out_parts`); with a search, a table of the draw eac
 Each row's settings (model, steps, optimizer and algorithm hyperparameters) and the data warnings of the run
 (unreadable images skipped, class folders missing from a domain; `data.json`, written by
 `experiment.run_experiment`) are in results.json and results.md on every run. Owns what "complete" means
-(`expected_runs`, `missing_runs`), reading a results.json back (`load_results`) and writing a file atomically
-(`_write_text`). The training-dynamics tables are `stats.py`'s, the plots `plots.py`'s.
+(`expected_runs`, `missing_runs`) and reading a results.json back (`load_results`); files are written with
+`_atomic.write_atomic`. The training-dynamics tables are `stats.py`'s, the plots `plots.py`'s.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
+
+from disam_jax.harness._atomic import write_atomic
 
 __all__ = [
   "BadResults",
@@ -545,20 +546,6 @@ def _search_missing(cells: Sequence[dict[str, Any]], config: Optional[dict[str, 
           "`--resume`); each selection chooses among the draws that finished.")
 
 
-def _write_text(path: str, text: str) -> None:
-  """Writes `path` through a temporary file in the same folder and a rename: readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _data_summary(run_dir: str) -> Optional[dict[str, Any]]:
   """The run's data.json, None if it has none; BadResults naming it if it is unreadable."""
   path = os.path.join(run_dir, "data.json")
@@ -606,8 +593,8 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
            "data_warnings": _warning_count(data), "tables": tables, "selections": selections, "cells": cells,
            "runs_configured": None if expected is None else len(expected),
            "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)]}
-  _write_text(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
-  _write_text(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
+  write_atomic(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
+  write_atomic(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
