@@ -773,30 +773,34 @@ def _fmt(v) -> str:
 
 
 def targets_table(rows: list[dict]) -> str:
-  lines = ['| figure | measured | target | met |', '|---|---|---|---|']
-  for r in rows:
-    met = {True: 'yes', False: 'NO', None: 'not measured'}[r['met']]
-    lines.append(f'| {r["figure"]} | {_fmt(r["value"])} | {r["target"]} | {met} |')
-  return '\n'.join(lines)
+  from disam_jax.harness.tables import markdown_table  # imports JAX: not at the top of this module
+
+  met = {True: 'yes', False: 'NO', None: 'not measured'}
+  return '\n'.join(markdown_table(['figure', 'measured', 'target', 'met'],
+                                  ([r["figure"], _fmt(r["value"]), r["target"], met[r['met']]] for r in rows)))
 
 
 def _step_table(key: str, res: dict) -> list[str]:
+  from disam_jax.harness.tables import markdown_table  # imports JAX: not at the top of this module
+
   if 'cases' not in res:
     return [f'### {key}', '', res.get('status', 'not run'), '']
   lines = [f'### {key}: {res["model"]} {res["input_shape"]}, {res["batch"][0]} domains x {res["batch"][1]}',
-           '', f'notes: {json.dumps(res["notes"])}', '',
-           '| case | median ms | min ms | peak MB | GFLOP | TFLOP/s | share of nominal peak | of measured GEMM |',
-           '|---|---|---|---|---|---|---|---|']
+           '', f'notes: {json.dumps(res["notes"])}', '']
+  rows = []
   for label, r in res['cases'].items():
     mb = r.get('peak_bytes') and round(r['peak_bytes'] / 2**20, 1)
-    lines.append(f'| {label} | {_fmt(r["median_ms"])} | {_fmt(r["min_ms"])} | {_fmt(mb)} | {_fmt(r.get("gflop"))} '
-                 f'| {_fmt(r.get("tflop_per_s"))} | {_fmt(r.get("share_of_nominal_peak"))} '
-                 f'| {_fmt(r.get("share_of_measured_peak"))} |')
+    rows.append([label, _fmt(r["median_ms"]), _fmt(r["min_ms"]), _fmt(mb), _fmt(r.get("gflop")),
+                 _fmt(r.get("tflop_per_s")), _fmt(r.get("share_of_nominal_peak")), _fmt(r.get("share_of_measured_peak"))])
+  lines += markdown_table(['case', 'median ms', 'min ms', 'peak MB', 'GFLOP', 'TFLOP/s', 'share of nominal peak',
+                           'of measured GEMM'], rows)
   lines += ['', 'ratios (median step times): ' + ', '.join(f'{k} {v}' for k, v in res['ratios'].items()), '']
   return lines
 
 
 def markdown(results: dict) -> str:
+  from disam_jax.harness.tables import markdown_table  # imports JAX: not at the top of this module
+
   env = results.get('environment', {})
   lines = [f'# Device check ({"smoke, CPU tiny sizes" if results["smoke"] else "full"})', '',
            f'{results["started"]}; {env.get("device_kind", "?")} ({env.get("backend", "?")}), '
@@ -810,11 +814,12 @@ def markdown(results: dict) -> str:
   if 'cases' in corr:
     lines += [f'vectors {corr["vectors"]}: float32 (HIGHEST) max abs error {_fmt(corr["float32_max_abs"])} '
               f'(tolerance 2e-5, all pass: {corr["all_float32_pass"]}); bf16 compute, relative error after 10 steps '
-              f'<= {_fmt(corr["bf16_max_rel_after_10"])}.', '',
-              '| rho | lam | adaptive | float32 max abs (10 steps) | bf16 rel (1 step) | bf16 rel (10 steps) |',
-              '|---|---|---|---|---|---|']
-    lines += [f'| {c["rho"]} | {c["lam"]} | {c["adaptive"]} | {_fmt(c["float32"]["after_10"]["max_abs"])} '
-              f'| {_fmt(c["bf16"]["after_1"]["rel"])} | {_fmt(c["bf16"]["after_10"]["rel"])} |' for c in corr['cases']]
+              f'<= {_fmt(corr["bf16_max_rel_after_10"])}.', '']
+    lines += markdown_table(['rho', 'lam', 'adaptive', 'float32 max abs (10 steps)', 'bf16 rel (1 step)',
+                             'bf16 rel (10 steps)'],
+                            ([c["rho"], c["lam"], c["adaptive"], _fmt(c["float32"]["after_10"]["max_abs"]),
+                              _fmt(c["bf16"]["after_1"]["rel"]), _fmt(c["bf16"]["after_10"]["rel"])]
+                             for c in corr['cases']))
   else:
     lines.append(corr.get('status', 'not run'))
   lines += ['', '## Step times', '']

@@ -655,3 +655,24 @@ def test_write_atomic_replaces_whole_files_and_leaves_nothing_on_error(tmp_path,
   with pytest.raises(OSError, match="No space"):
     _atomic.write_atomic(path, b"new")
   assert path.read_bytes() == b"\x00\x01" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "r.json"]
+
+
+def test_markdown_table_lines_and_alignment():
+  from disam_jax.harness.tables import markdown_table
+
+  assert markdown_table(["a", "b", "c"], [[1, "x", 2.5], ("y", None, "")]) == [
+    "| a | b | c |", "|---|---|---|", "| 1 | x | 2.5 |", "| y | None |  |"]
+  assert markdown_table(["Algorithm", "d"], [], align=":-:") == ["| Algorithm | d |", "|---|:-:|"]
+  assert markdown_table(["m", "n", "t"], iter([["r", 1, 2]]), align=["---", "---", "---:"])[1] == "|---|---|---:|"
+  with pytest.raises(ValueError, match="2 alignments for 3 columns"):
+    markdown_table(["m", "n", "t"], [], align=["---", "---:"])
+
+
+def test_report_is_byte_identical_to_the_one_before_markdown_table(tmp_path):
+  """results.md of the fake run (accuracy tables, training dynamics, run-by-run and paired comparisons), as written
+  before the tables went through tables.markdown_table (tests/data/report_fake_run.md)."""
+  cells = _write_fake_run(str(tmp_path))
+  report.write_report(str(tmp_path), cells, None, plots=False)
+  expected = os.path.join(os.path.dirname(__file__), "data", "report_fake_run.md")
+  with open(expected, encoding="utf-8") as f:
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == f.read()

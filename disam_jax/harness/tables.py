@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
   "expected_runs",
   "format_mean_std",
   "load_results",
+  "markdown_table",
   "missing_runs",
   "results_markdown",
   "results_table",
@@ -45,6 +46,27 @@ __all__ = [
   "summarize",
   "write_results",
 ]
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]],
+                   align: str | Sequence[str] = "---") -> list[str]:
+  """The lines of a Markdown table: the `header` cells, the rule, then one line per row of `rows`.
+
+  Args:
+    header: the column titles (``str()``'d, like every cell).
+    rows: one sequence of cells per row.
+    align: the rule's cell under every column but the first (which gets ``---``): ``"---"`` plain, ``":-:"``
+      centred, ``"---:"`` right-aligned; or a list of one rule cell per column.
+
+  Every line is ``"| " + " | ".join(cells) + " |"``; the report's and the benchmarks' tables are built with it.
+  """
+  def line(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+  rule = ["---"] + [align] * (len(header) - 1) if isinstance(align, str) else list(align)
+  if len(rule) != len(header):
+    raise ValueError(f"markdown_table: {len(rule)} alignments for {len(header)} columns")
+  return [line(header), "|" + "|".join(rule) + "|", *(line(r) for r in rows)]
 
 
 # (key, title): DomainBed's three model-selection methods (`select`), then the last checkpoint of draw 0.
@@ -246,13 +268,13 @@ def results_table(cells: Sequence[Any], selection: str = "selected",
   """
   s = summarize(cells, selection, expected, domains)
   header = ["Algorithm"] + [str(d) for d in s["domains"]] + ["Avg"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
+  rows = []
   for a in s["algorithms"]:
     row = [_display(a)]
     row += [_entry(list(s["accuracy"][a][d].values()), s["seeds"][a][d]) for d in s["domains"]]
     row.append(_entry(list(s["average"][a].values()), max(s["seeds"][a].values(), default=0)))
-    lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines)
+    rows.append(row)
+  return "\n".join(markdown_table(header, rows, align=":-:"))
 
 
 def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
@@ -292,14 +314,14 @@ def chosen_table(cells: Sequence[Any], selection: str, domains: Optional[Sequenc
   chosen = select(cells, selection, domains)
   algorithms = _ordered(c["algorithm"] for c in chosen)
   held = _ordered(c["held_out"] for c in chosen)
-  lines = ["| Algorithm | " + " | ".join(held) + " |", "|---|" + "|".join([":-:"] * len(held)) + "|"]
+  rows = []
   for a in algorithms:
-    row = []
+    row = [_display(a)]
     for d in held:
       picks = sorted((c["seed"], c["sample"], c["step"]) for c in chosen if (c["algorithm"], c["held_out"]) == (a, d))
       row.append(", ".join(f"{s}: {k} @ {t}" for s, k, t in picks) or "–")
-    lines.append(f"| {_display(a)} | " + " | ".join(row) + " |")
-  return "\n".join(lines)
+    rows.append(row)
+  return "\n".join(markdown_table(["Algorithm", *held], rows, align=":-:"))
 
 
 def _missing_note(missing: Sequence[tuple], expected: Sequence[tuple]) -> str:
@@ -412,9 +434,8 @@ def _value(v: Any) -> str:
 
 def _settings_table(rows: dict[str, dict[str, Any]]) -> str:
   keys = _ordered(k for settings in rows.values() for k in settings)
-  lines = ["| Algorithm | " + " | ".join(keys) + " |", "|---|" + "|".join([":-:"] * len(keys)) + "|"]
-  for a, settings in rows.items():
-    lines.append(f"| {_display(a)} | " + " | ".join(_value(settings.get(k)) for k in keys) + " |")
+  lines = markdown_table(["Algorithm", *keys], ([_display(a), *(_value(settings.get(k)) for k in keys)]
+                                                for a, settings in rows.items()), align=":-:")
   return "\n".join(lines)
 
 
