@@ -647,14 +647,16 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
   in a bare loop: one batch already on the device, no metrics read, one sync at the end."""
   import jax
 
-  from disam_jax.harness import train
-  split = train._cell_split(config, ds, held_out, 0)
-  graphdef, params, model_state = train.init_model(config.model, num_classes=ds.num_classes,
+  from disam_jax.harness.experiment import _cell_split
+  from disam_jax.harness.loop import _compile
+  from disam_jax.harness.steps import init_model, init_train_state
+  split = _cell_split(config, ds, held_out, 0)
+  graphdef, params, model_state = init_model(config.model, num_classes=ds.num_classes,
                                                    input_shape=ds.input_shape, seed=0,
                                                    model_kwargs=config.model_kwargs)
-  compiled = train._compile(config, graphdef, model_state, len(split.train))
+  compiled = _compile(config, graphdef, model_state, len(split.train))
   algorithm = config.algorithms[0]
-  state = train.init_train_state(params, model_state, compiled.txs[algorithm],
+  state = init_train_state(params, model_state, compiled.txs[algorithm],
                                  (compiled.penalties or {}).get(algorithm))
   leaves, treedef = jax.tree.flatten(state)
   run = compiled.loop_steps[algorithm].for_tree(treedef)
@@ -674,8 +676,8 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
 
 def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
   """Host seconds per batch of the harness's sampler (what the loop's prefetch overlaps with the device's step)."""
-  from disam_jax.harness import train
-  split = train._cell_split(config, ds, held_out, 0)
+  from disam_jax.harness.experiment import _cell_split
+  split = _cell_split(config, ds, held_out, 0)
   sampler = _train_feed(config, split, 1)
   try:
     sampler.next()
@@ -689,7 +691,8 @@ def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
 
 def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
   """disam-train's loop end to end on a synthetic image folder: steps/s and the device's idle share."""
-  from disam_jax.harness import train
+  from disam_jax.harness.config import ExperimentConfig
+  from disam_jax.harness.experiment import run_experiment
   from disam_jax.harness._choices import HParams
   root = work / 'images'
   t0 = time.perf_counter()
@@ -697,13 +700,13 @@ def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
   ds, how = _load_folder(root, s.harness_image, loader, str(work / 'cache'))
   load_s = round(time.perf_counter() - t0, 2)
   held_out = ds.domains[-1]
-  config = train.ExperimentConfig(dataset='image_folder', data_dir=str(root), image_size=s.harness_image,
+  config = ExperimentConfig(dataset='image_folder', data_dir=str(root), image_size=s.harness_image,
                                   model=s.harness_model, model_kwargs=dict(s.harness_model_kwargs),
                                   algorithms=('disam',), held_out=(held_out,), seeds=(0,), steps=s.harness_steps,
                                   eval_every=s.harness_steps, hparams=HParams(batch_size=s.harness_batch))
   stamps: dict[int, float] = {}
   t0 = time.perf_counter()
-  train.run_experiment(config, str(work / 'run'), progress=False, prepared=(ds, (held_out,)),
+  run_experiment(config, str(work / 'run'), progress=False, prepared=(ds, (held_out,)),
                        on_step=lambda a, d, seed, k, line: stamps.__setitem__(k, time.perf_counter()))
   total_s = time.perf_counter() - t0
   first, last = 2, s.harness_steps - 1  # compilation before step 2; the final evaluation after the last step

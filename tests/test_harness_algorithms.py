@@ -17,7 +17,9 @@ import pytest
 from flax import nnx
 
 import disam_jax
-from disam_jax.harness import algorithms, penalties, train
+from disam_jax.harness import algorithms, penalties
+from disam_jax.harness.experiment import cell_directory
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 from disam_jax.harness.algorithms import HParams
 
 M, B = 3, 6
@@ -53,7 +55,7 @@ def _per_domain(p, x, y):
 
 @pytest.fixture(scope="module")
 def mlp():
-  return train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
+  return init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
 
 
 def _close(a, b, rtol=5e-5, atol=2e-6):
@@ -68,8 +70,8 @@ def _harness_steps(mlp, algorithm, hparams, steps):
   graphdef, params, model_state = mlp
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=M, aux_example=model_state)
   penalty = algorithms.make_penalty(algorithm, hparams)
-  state = train.init_train_state(params, model_state, tx, penalty)
-  step = jax.jit(train.make_train_step(graphdef, tx, penalty))
+  state = init_train_state(params, model_state, tx, penalty)
+  step = jax.jit(make_train_step(graphdef, tx, penalty))
   history = []
   for k in range(steps):
     state, metrics = step(state, _batch(k))
@@ -253,7 +255,7 @@ def test_algorithm_trains_end_to_end_in_disam_train(tiny_run, algorithm):
   results = json.loads((tiny_run / "results.json").read_text())
   assert algorithm in {c["algorithm"] for c in results["cells"]}
   assert f"| {algorithm.upper()} |" in (tiny_run / "results.md").read_text()
-  path = os.path.join(train.cell_directory(str(tiny_run), algorithm, "75", 0), "metrics.jsonl")
+  path = os.path.join(cell_directory(str(tiny_run), algorithm, "75", 0), "metrics.jsonl")
   with open(path) as f:
     lines = [json.loads(s) for s in f]
   steps = [line for line in lines if "loss" in line]
@@ -294,7 +296,7 @@ def test_fishr_resumes_exactly_with_its_moving_average(tmp_path):
   assert cli.main(base + ["--steps", "2", "--output-dir", str(part)]) == 0
   assert cli.main(["--resume", "--output-dir", str(part), "--steps", "5", "--quiet", "--no-plots"]) == 0
   read = lambda run: [json.loads(s) for s in open(os.path.join(
-    train.cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))]
+    cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))]
   a, b = read(full), read(part)
   assert len(a) == len(b) == 6
   for x, y in zip(a[1:], b[1:]):

@@ -417,7 +417,7 @@ def test_every_registered_algorithm_has_its_own_color_line_style_and_marker():
 def test_docs_sample_output_is_what_the_report_prints():
   """docs/harness.md shows the start of the main job's printed report: every line but the numbers must be what
   `results_markdown` writes for the default configuration."""
-  from disam_jax.harness import train
+  from disam_jax.harness.config import ExperimentConfig
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "docs", "harness.md")) as f:
@@ -427,7 +427,7 @@ def test_docs_sample_output_is_what_the_report_prints():
   domains = ["0", "15", "30", "45", "60", "75"]
   cells = [_cell(a, d, 0, 0.9, 0.9) for a in ("erm", "sam", "disam") for d in domains]
   data = {"dataset": "rotated_digits", "domains": {}, "unreadable_files": [], "warnings": []}
-  printed = report.results_markdown(cells, train.ExperimentConfig(), data).splitlines()[:len(sample)]
+  printed = report.results_markdown(cells, ExperimentConfig(), data).splitlines()[:len(sample)]
   numbers = lambda line: line.startswith(("| ERM |", "| SAM |", "| DISAM |"))
   assert [line for line in sample if not numbers(line)] == [line for line in printed if not numbers(line)]
   assert [line.split(" |")[0] for line in sample if numbers(line)] == ["| ERM", "| SAM", "| DISAM"]

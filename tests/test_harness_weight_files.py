@@ -521,10 +521,11 @@ def _mlp_weights(path, **options):
   """Our .npz layout of the MLP for rotated digits (64 inputs, 10 classes, or `num_classes`)."""
   from flax import nnx
 
-  from disam_jax.harness import models, train
+  from disam_jax.harness import models
+  from disam_jax.harness.steps import init_model
 
   num_classes = options.pop("num_classes", 10)
-  graphdef, params, state = train.init_model("mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1,
+  graphdef, params, state = init_model("mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1,
                                              model_kwargs=options)
   models.save_weights(nnx.merge(graphdef, params, state), path)
   return path

@@ -221,7 +221,7 @@ def summarize(cells: Sequence[Any], selection: str = "selected",
   """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
 
   Args:
-    cells: run results (`train.CellResult` or their JSON dicts with algorithm, held_out, seed, `selected`, `last`
+    cells: run results (`loop.CellResult` or their JSON dicts with algorithm, held_out, seed, `selected`, `last`
       and `evals`; with a search, several draws of each).
     selection: a key of `SELECTIONS` (`select` chooses one draw per algorithm, held-out domain and seed).
     domains: every domain of the dataset, for leave-one-domain-out (`select`).
