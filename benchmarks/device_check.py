@@ -691,9 +691,9 @@ def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
 
 def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
   """disam-train's loop end to end on a synthetic image folder: steps/s and the device's idle share."""
+  from disam_jax.harness._choices import HParams
   from disam_jax.harness.config import ExperimentConfig
   from disam_jax.harness.experiment import run_experiment
-  from disam_jax.harness._choices import HParams
   root = work / 'images'
   t0 = time.perf_counter()
   write_image_folder(root, s.harness_image, s.harness_per_domain_images)

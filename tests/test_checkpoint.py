@@ -189,8 +189,8 @@ def test_a_well_formed_checkpoint_of_other_values_is_refused_and_the_one_before_
 
 def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device():
   from disam_jax.harness import algorithms
-  from disam_jax.harness.steps import init_model, init_train_state
   from disam_jax.harness.algorithms import HParams
+  from disam_jax.harness.steps import init_model, init_train_state
 
   mesh = distributed.parse_mesh("data=2,fsdp=4")
   graphdef, params, model_state = init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
@@ -233,8 +233,8 @@ def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device
 def test_sharded_evaluation_counts_equal_a_numpy_count_of_the_predictions(devices, mesh_spec):
   """Every accuracy is a NumPy count over the predictions of the unsharded model on each whole set."""
   from disam_jax.harness import data, feeds, loop
-  from disam_jax.harness.steps import init_model, init_train_state
   from disam_jax.harness.config import ExperimentConfig
+  from disam_jax.harness.steps import init_model, init_train_state
 
   config = ExperimentConfig(algorithms=("erm",), held_out=("75",), model="mlp", model_kwargs={"hidden": 16},
                             eval_batch_size=100)

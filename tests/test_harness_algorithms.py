@@ -18,9 +18,10 @@ from flax import nnx
 
 import disam_jax
 from disam_jax.harness import algorithms, penalties
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.experiment import cell_directory
 from disam_jax.harness.steps import init_model, init_train_state, make_train_step
-from disam_jax.harness.algorithms import HParams
+from tests._steps import disam_step
 
 M, B = 3, 6
 
@@ -98,10 +99,9 @@ def test_coral_steps_equal_the_hand_written_penalized_loss(mlp, algorithm, lam, 
       params = optax.apply_updates(params, u)
   else:
     tx = disam_jax.disam(optax.adam(1e-2), rho, lam)
-    opt = tx.init(params)
+    opt, step = tx.init(params), disam_step(tx, domain_losses)
     for k in range(2):
-      u, opt = tx.update(None, opt, params, domain_loss_fn=lambda p: domain_losses(p, *_batch(k)))
-      params = optax.apply_updates(params, u)
+      params, opt = step(params, opt, *_batch(k))
     # DISAM's variance is that of the plain cross-entropies; the logged losses are the plain ones
     plain = _per_domain(nnx.to_pure_dict(mlp[1]), *_batch(0))[0]
     np.testing.assert_allclose(history[0]["variance"], np.var(np.asarray(plain)), rtol=1e-4)
@@ -120,13 +120,13 @@ def test_gsam_and_sagm_rules_get_alpha_and_the_penalized_loss(mlp, algorithm, ru
   state, _ = _harness_steps(mlp, algorithm, hp, 2)
   tx = disam_jax.disam(optax.adam(1e-2), rho, lam, rule=rule, alpha=alpha)
   params = nnx.to_pure_dict(mlp[1])
-  opt = tx.init(params)
+  def domain_losses(p, x, y):
+    means, out = _per_domain(p, x, y)
+    return means + 2.0 * penalties.coral_penalty(out.features)
+
+  opt, step = tx.init(params), disam_step(tx, domain_losses)
   for k in range(2):
-    def domain_losses(p):
-      means, out = _per_domain(p, *_batch(k))
-      return means + 2.0 * penalties.coral_penalty(out.features)
-    u, opt = tx.update(None, opt, params, domain_loss_fn=domain_losses)
-    params = optax.apply_updates(params, u)
+    params, opt = step(params, opt, *_batch(k))
   _close(nnx.to_pure_dict(state.params), params)
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from disam_jax.harness import algorithms
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import cell_directory, load_latest_state
-from disam_jax.harness.steps import init_model, init_train_state
-from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.launch import free_port
+from disam_jax.harness.steps import init_model, init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--dataset', 'rotated_digits', '--algorithm', 'disam', '--held-out', '75', '--model', 'mlp',

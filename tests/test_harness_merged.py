@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from disam_jax.harness import algorithms, data, distributed, experiment, loop
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import run_experiment
-from disam_jax.harness.steps import init_model, init_train_state, make_train_step
-from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.models import apply_model
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 from tests._runs import metrics_lines, run_killed_at
 
 SIZES = (5, 3, 4)  # examples per training domain: N = 12

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from disam_jax.harness import algorithms, models, peft
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import _trainable_mask
 from disam_jax.harness.steps import init_model, init_train_state, make_train_step
-from disam_jax.harness.algorithms import HParams
 from tests import _reference
 
 

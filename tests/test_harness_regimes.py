@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from disam_jax.harness import data, regimes
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import cell_directory, run_experiment
-from disam_jax.harness.algorithms import HParams
 
 SIZES = (40, 30, 50, 20)
 

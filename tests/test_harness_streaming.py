@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from disam_jax.harness import data, regimes, streaming
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import run_experiment
-from disam_jax.harness.algorithms import HParams
 from tests._runs import metrics_lines, run_killed_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

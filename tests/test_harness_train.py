@@ -18,13 +18,14 @@ from flax import nnx
 
 import disam_jax
 from disam_jax.harness import algorithms, data
+from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.experiment import cell_directory, harden_domain, load_latest_state, run_experiment
 from disam_jax.harness.loop import _compile, select_best
-from disam_jax.harness.steps import init_model, init_train_state, make_train_step
-from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.models import apply_model
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 from tests._runs import metrics_lines, run_killed_at
+from tests._steps import disam_step
 
 M, B = 3, 4  # domains, examples per domain
 
@@ -85,11 +86,7 @@ def test_step_matches_disam_on_hand_written_losses(mlp, algorithm, hparams, base
 
   ref_tx = disam_jax.disam(base_tx, hparams.rho, lam, adaptive=hparams.adaptive, num_domains=M)
 
-  @jax.jit
-  def ref_step(ref_params, ref_state, x, y):
-    updates, ref_state = ref_tx.update(None, ref_state, ref_params, domain_loss_fn=lambda p: _per_domain_ce(p, x, y))
-    return optax.apply_updates(ref_params, updates), ref_state
-
+  ref_step = jax.jit(disam_step(ref_tx, _per_domain_ce))
   ref_params = _pure(params)
   ref_state = ref_tx.init(ref_params)
   for k in range(2):
