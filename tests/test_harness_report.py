@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from disam_jax.harness import report
+from disam_jax.harness import report, tables
 
 
 def _cell(algorithm, held_out, seed, selected, last, directory=""):
@@ -42,10 +42,11 @@ def test_table_is_mean_plus_minus_domainbeds_standard_error_over_seeds():
   assert last[2] == "| ERM | 51.0 ± 0.7 | 61.0 ± 0.7 | 56.0 ± 0.7 |"
 
 
-def test_format_mean_std():
-  assert report.format_mean_std([]) == "–"
-  assert report.format_mean_std([0.5]) == "50.0"
-  assert report.format_mean_std([0.5, 0.6, 0.7]) == "60.0 ± 10.0"
+def test_format_mean_se():
+  """DomainBed's mean ± standard error: 100 * std(ddof=0) / sqrt(n); for (50, 60, 70) %: sqrt(200/3) / sqrt(3) = 4.71."""
+  assert tables.format_mean_se([]) == "–"
+  assert tables.format_mean_se([0.5]) == "50.0"
+  assert tables.format_mean_se([0.5, 0.6, 0.7]) == "60.0 ± 4.7"
 
 
 def test_results_markdown_has_both_selections_and_seed_note():

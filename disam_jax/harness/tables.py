@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -36,7 +36,6 @@ __all__ = [
   "planned_runs",
   "select",
   "expected_runs",
-  "format_mean_std",
   "load_results",
   "markdown_table",
   "missing_runs",
@@ -196,23 +195,12 @@ def _ordered(values) -> list:
 def format_mean_se(values: Sequence[float]) -> str:
   """`'97.3 ± 0.3'` for accuracies in [0, 1] (shown in %): mean ± standard error as DomainBed's
   ``collect_results.format_mean`` (``100 * std(ddof=0) / sqrt(n)``); the mean alone for one value; '–' for none."""
-  return _format_mean(values, lambda pct: pct.std() / np.sqrt(len(pct)))
-
-
-def format_mean_std(values: Sequence[float]) -> str:
-  """`'97.3 ± 0.4'` for accuracies in [0, 1] (shown in %); the mean alone for one value; '–' for none."""
-  return _format_mean(values, lambda pct: pct.std(ddof=1))
-
-
-def _format_mean(values: Sequence[float], spread: Callable[[np.ndarray], float]) -> str:
-  """`'<mean> ± <spread(percentages)>'` of accuracies in [0, 1] shown in %; the mean alone for one value; '–' for
-  none."""
   if len(values) == 0:
     return "–"
   pct = 100.0 * np.asarray(values, np.float64)
   if len(pct) == 1:
     return f"{pct[0]:.1f}"
-  return f"{pct.mean():.1f} ± {spread(pct):.1f}"
+  return f"{pct.mean():.1f} ± {pct.std() / np.sqrt(len(pct)):.1f}"
 
 
 def summarize(cells: Sequence[Any], selection: str = "selected",
