@@ -123,7 +123,8 @@ def main(argv=None):
     shape, m, b = models[name]
     lines += ['', f'## {name} ({m} domains x {b} examples, input {shape}; params {params_mib:.2f} MiB, '
               f'batch {batch_mib:.2f} MiB)', '']
-    lines += markdown_table(['case', 'temp MiB', 'temp / plain', 'min ms', 'min / plain', 'median ms', 'median / plain'],
+    lines += markdown_table(['case', 'temp MiB', 'temp / plain', 'min ms', 'min / plain', 'median ms',
+                             'median / plain'],
                             ([r['case'], f"{r['temp_mib']:.2f}", f"{r['temp_ratio']:.2f}", f"{r['min_ms']:.1f}",
                               f"{r['min_ratio']:.2f}", f"{r['median_ms']:.1f}", f"{r['median_ratio']:.2f}"]
                              for r in rows))

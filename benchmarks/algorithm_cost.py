@@ -158,8 +158,8 @@ def _penalty_section(rows: list[dict], domains: list[int]) -> str:
     "head gradients (`vmap(grad)`); after: the harness's `coral_penalty` (`M sum_i ||C_i - mean C||^2`, O(M F^2)) "
     "and Fishr's closed form for the linear head (O(M F C)). Compiled only, never run.", "",
     *markdown_table(["penalty", "M", "temp before", "temp after", "before / after"],
-                    ([r['penalty'], r['M'], _gib(r['before']), _gib(r['after']), f"{r['before'] / max(r['after'], 1):.1f}"]
-                     for r in rows), align="---:")]
+                    ([r['penalty'], r['M'], _gib(r['before']), _gib(r['after']),
+                      f"{r['before'] / max(r['after'], 1):.1f}"] for r in rows), align="---:")]
   return "\n".join(lines) + "\n"
 
 

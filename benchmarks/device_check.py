@@ -794,7 +794,8 @@ def _step_table(key: str, res: dict) -> list[str]:
   for label, r in res['cases'].items():
     mb = r.get('peak_bytes') and round(r['peak_bytes'] / 2**20, 1)
     rows.append([label, _fmt(r["median_ms"]), _fmt(r["min_ms"]), _fmt(mb), _fmt(r.get("gflop")),
-                 _fmt(r.get("tflop_per_s")), _fmt(r.get("share_of_nominal_peak")), _fmt(r.get("share_of_measured_peak"))])
+                 _fmt(r.get("tflop_per_s")), _fmt(r.get("share_of_nominal_peak")),
+                 _fmt(r.get("share_of_measured_peak"))])
   lines += markdown_table(['case', 'median ms', 'min ms', 'peak MB', 'GFLOP', 'TFLOP/s', 'share of nominal peak',
                            'of measured GEMM'], rows)
   lines += ['', 'ratios (median step times): ' + ', '.join(f'{k} {v}' for k, v in res['ratios'].items()), '']

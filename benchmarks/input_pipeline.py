@@ -264,8 +264,9 @@ def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
                 f"{f['stat_s']:.2f} s, load_dataset {f['load_dataset_s']:.2f} s, to the first batch "
                 f"{f['to_first_batch_s']:.2f} s (after imports of {f['import_s']:.2f} s).", "",
             *markdown_table(["images", "RssAnon before (MiB)", "running (MiB)", "after an eval pass (MiB)"],
-                            ([m['images'], f"{m['rss_anon_before'] / 2**20:.0f}", f"{m['rss_anon_running'] / 2**20:.0f}",
-                              f"{m['rss_anon_after_eval'] / 2**20:.0f}"] for m in results["memory"]))]
+                            ([m['images'], f"{m['rss_anon_before'] / 2**20:.0f}",
+                              f"{m['rss_anon_running'] / 2**20:.0f}", f"{m['rss_anon_after_eval'] / 2**20:.0f}"]
+                             for m in results["memory"]))]
   (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

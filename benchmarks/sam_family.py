@@ -114,7 +114,8 @@ def main(argv=None):
   for name, rows in results.items():
     shape, m, b = models[name]
     lines += ['', f'## {name} ({m} domains x {b} examples, input {shape})', '']
-    lines += markdown_table(['case', 'GFLOP', 'FLOPs / disam', 'min ms', 'median ms', 'time / disam (median of paired)'],
+    lines += markdown_table(['case', 'GFLOP', 'FLOPs / disam', 'min ms', 'median ms',
+                             'time / disam (median of paired)'],
                             ([r['case'], f"{r['gflops']:.4f}", f"{r['flops_ratio']:.3f}", f"{r['min_ms']:.2f}",
                               f"{r['median_ms']:.2f}", f"{r['paired_ratio']:.2f}"] for r in rows))
   path = write_results(args.out_dir, 'sam_family_quick' if args.quick else 'sam_family', '\n'.join(lines) + '\n')

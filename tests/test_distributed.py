@@ -123,7 +123,8 @@ def test_launcher_refuses_a_command_not_on_path_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, '-m', 'disam_jax.harness.launch', '--num-processes', '2', '--', program,
                           '--steps', '1'], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and lines[-1].startswith('disam-launch: error: command ') and 'Traceback' not in out.stderr
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    assert lines[-1].startswith('disam-launch: error: command ')
     assert f"'{program}' not found" in lines[-1] and any(h in lines[-1] for h in hint), lines[-1]
   not_executable = tmp_path / 'data.txt'
   not_executable.write_text('')

@@ -43,7 +43,7 @@ def test_table_is_mean_plus_minus_domainbeds_standard_error_over_seeds():
 
 
 def test_format_mean_se():
-  """DomainBed's mean ± standard error: 100 * std(ddof=0) / sqrt(n); for (50, 60, 70) %: sqrt(200/3) / sqrt(3) = 4.71."""
+  """DomainBed's mean ± standard error, 100 * std(ddof=0) / sqrt(n): sqrt(200/3) / sqrt(3) = 4.71 for 50/60/70 %."""
   assert tables.format_mean_se([]) == "–"
   assert tables.format_mean_se([0.5]) == "50.0"
   assert tables.format_mean_se([0.5, 0.6, 0.7]) == "60.0 ± 4.7"

@@ -187,7 +187,8 @@ def to_markdown(results: dict) -> str:
       sampled = res.get('bare_sampled')
       rows.append([algorithm, _fmt_ms(res["harness"]), _fmt_ms(res["bare"]), _fmt_ms(sampled) if sampled else "-",
                    f'{res["harness/bare"]:.3f}', f'{res["harness/bare (paired)"]:.3f}',
-                   f'{res["harness steps/s / bare steps/s"]:.3f}', f'{res.get("harness/bare_sampled", float("nan")):.3f}'])
+                   f'{res["harness steps/s / bare steps/s"]:.3f}',
+                   f'{res.get("harness/bare_sampled", float("nan")):.3f}'])
     lines += markdown_table(['algorithm', 'harness', 'bare', 'bare sampled', 'harness / bare', 'paired',
                              'harness steps/s / bare steps/s', 'harness / bare sampled'], rows)
     lines.append('')

@@ -156,9 +156,11 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
         "variance": var_all[-1], "test_acc": float(c["selected"]["test_acc"]), "steps": t,
       }
     table.append([_display(a), _mean_std(reached, '{:.0f}'), f"{hit}/{len(group)}", _mean_std(final),
-                  _mean_std(var_all, '{:.2e}'), _mean_std(var_end, '{:.2e}'), _mean_std(pnorm), _mean_std(ms, '{:.1f}')])
-  rows += markdown_table(["Algorithm", f"steps to loss ≤ {threshold:g}", "reached", "final loss", "variance (all steps)",
-                          "variance (last 10%)", "perturbation norm", "ms / step"], table, align=":-:")
+                  _mean_std(var_all, '{:.2e}'), _mean_std(var_end, '{:.2e}'), _mean_std(pnorm),
+                  _mean_std(ms, '{:.1f}')])
+  rows += markdown_table(["Algorithm", f"steps to loss ≤ {threshold:g}", "reached", "final loss",
+                          "variance (all steps)", "variance (last 10%)", "perturbation norm", "ms / step"], table,
+                         align=":-:")
   pairs = [(b, a) for a in algorithms if a.startswith("disam")
            for b in _ordered([_sam_of(a, algorithms), *_baselines(a)]) if b in algorithms]
   if pairs:
