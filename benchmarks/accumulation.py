@@ -29,6 +29,7 @@ from flax import nnx
 import disam_jax
 from benchmarks.step_cost.timing import StepCase, machine_line, time_round_robin, write_results
 from disam_jax.harness.models import apply_model, create_model, functional_model
+from disam_jax.harness.tables import markdown_table
 
 MODELS = {'mlp': ((28, 28, 1), 4, 256), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
 QUICK = {'mlp': ((8, 8, 1), 4, 16)}
@@ -121,11 +122,12 @@ def main(argv=None):
   for name, (rows, params_mib, batch_mib) in results.items():
     shape, m, b = models[name]
     lines += ['', f'## {name} ({m} domains x {b} examples, input {shape}; params {params_mib:.2f} MiB, '
-              f'batch {batch_mib:.2f} MiB)', '',
-              '| case | temp MiB | temp / plain | min ms | min / plain | median ms | median / plain |',
-              '|---|---|---|---|---|---|---|']
-    lines += [f"| {r['case']} | {r['temp_mib']:.2f} | {r['temp_ratio']:.2f} | {r['min_ms']:.1f} | "
-              f"{r['min_ratio']:.2f} | {r['median_ms']:.1f} | {r['median_ratio']:.2f} |" for r in rows]
+              f'batch {batch_mib:.2f} MiB)', '']
+    lines += markdown_table(['case', 'temp MiB', 'temp / plain', 'min ms', 'min / plain', 'median ms',
+                             'median / plain'],
+                            ([r['case'], f"{r['temp_mib']:.2f}", f"{r['temp_ratio']:.2f}", f"{r['min_ms']:.1f}",
+                              f"{r['min_ratio']:.2f}", f"{r['median_ms']:.1f}", f"{r['median_ratio']:.2f}"]
+                             for r in rows))
   path = write_results(args.out_dir, 'accumulation_quick' if args.quick else 'accumulation', '\n'.join(lines) + '\n')
   print('\n'.join(lines))
   print(f'wrote {path}')

@@ -40,6 +40,7 @@ import numpy as np
 from benchmarks.step_cost.timing import StepCase, time_round_robin, write_results
 from disam_jax.harness import algorithms, penalties, steps
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.tables import markdown_table
 
 M, B, SHAPE, CLASSES = 5, 64, (8, 8, 1), 10
 MODELS = {"mlp": ("MLP (256 hidden, 2 layers)", 300), "mnist_cnn": ("DomainBed MNIST CNN", 2)}  # steps per timing
@@ -156,10 +157,9 @@ def _penalty_section(rows: list[dict], domains: list[int]) -> str:
     "per domain, float32. Before: CORAL over every pair of covariance matrices, Fishr from `[M b, P]` per-example "
     "head gradients (`vmap(grad)`); after: the harness's `coral_penalty` (`M sum_i ||C_i - mean C||^2`, O(M F^2)) "
     "and Fishr's closed form for the linear head (O(M F C)). Compiled only, never run.", "",
-    "| penalty | M | temp before | temp after | before / after |", "|---|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(f"| {r['penalty']} | {r['M']} | {_gib(r['before'])} | {_gib(r['after'])} | "
-                 f"{r['before'] / max(r['after'], 1):.1f} |")
+    *markdown_table(["penalty", "M", "temp before", "temp after", "before / after"],
+                    ([r['penalty'], r['M'], _gib(r['before']), _gib(r['after']),
+                      f"{r['before'] / max(r['after'], 1):.1f}"] for r in rows), align="---:")]
   return "\n".join(lines) + "\n"
 
 
@@ -197,11 +197,10 @@ def _precision_section(results: dict, rounds: int, load: tuple[float, float]) ->
     f"step ({M} domains x {B} examples of 8x8x1, Adam) with `--precision bf16` (bfloat16 compute, float32 "
     "parameters) and float32, interleaved in the same rounds; ms: the fastest timing; bf16 / float32: fastest over "
     "fastest, and the median over rounds of the per-round ratio.", "",
-    "| model | algorithm | float32 ms | bf16 ms | bf16 / float32 | median |", "|---|---|---:|---:|---:|---:|"]
-  for model, rows in results.items():
-    for name, r in rows.items():
-      lines.append(f"| {MODELS[model][0]} | {name} | {r['float32_ms']:.1f} | {r['bf16_ms']:.1f} | {r['ratio']:.2f} | "
-                   f"{r['median_ratio']:.2f} |")
+    *markdown_table(["model", "algorithm", "float32 ms", "bf16 ms", "bf16 / float32", "median"],
+                    ([MODELS[model][0], name, f"{r['float32_ms']:.1f}", f"{r['bf16_ms']:.1f}", f"{r['ratio']:.2f}",
+                      f"{r['median_ratio']:.2f}"] for model, rows in results.items() for name, r in rows.items()),
+                    align=["---", "---", "---:", "---:", "---:", "---:"])]
   return "\n".join(lines) + "\n"
 
 
@@ -274,13 +273,12 @@ def main(argv=None) -> dict:
     "time); median: the median over the interleaved rounds of the per-round ratio; ms: the fastest timing.",
     "",
   ]
-  header = "| algorithm | " + " | ".join(f"{MODELS[m][0]}: FLOPs / ERM | time / ERM | median | ms"
-                                       for m in models) + " |"
-  lines += [header, "|---|" + "---:|---:|---:|---:|" * len(models)]
-  for name in names:
-    cells = [f"{r['flops_ratio']:.2f} | {r['ratio']:.2f} | {r['median_ratio']:.2f} | {r['ms']:.1f}"
-             for r in (results[m][name] for m in models)]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  header = ["algorithm", *(cell for m in models for cell in (f"{MODELS[m][0]}: FLOPs / ERM", "time / ERM", "median",
+                                                              "ms"))]
+  lines += markdown_table(header, ([name, *(cell for r in (results[m][name] for m in models)
+                                            for cell in (f"{r['flops_ratio']:.2f}", f"{r['ratio']:.2f}",
+                                                         f"{r['median_ratio']:.2f}", f"{r['ms']:.1f}"))]
+                                   for name in names), align="---:")
   text = "\n".join(lines) + "\n"
   out = pathlib.Path(args.out)
   text += _kept_sections(out)

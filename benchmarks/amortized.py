@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks.step_cost.cases import build_jax_model, make_batch, make_jax_step
 from benchmarks.step_cost.config import LAM, LR, MOMENTUM, RHO
 from benchmarks.step_cost.timing import StepCase, load_avg, machine_line, time_round_robin, write_results
+from disam_jax.harness.tables import markdown_table
 
 MODELS = {'mlp': ((28, 28, 1), {}), 'mnist_cnn': ((28, 28, 1), {})}
 QUICK_MODELS = {'mlp': ((8, 8, 1), {'hidden': 32, 'depth': 1})}
@@ -146,15 +147,16 @@ def main(argv=None):
   ]
   for name, res in results.items():
     lo = loads[name]
-    lines += ['', f'## {name} (load average during the rounds {min(lo):.2f}-{max(lo):.2f})', '',
-              '| case | median ms | min ms | / ERM | / ERM paired | floor (k+1)/k |', '|---|---|---|---|---|---|']
+    lines += ['', f'## {name} (load average during the rounds {min(lo):.2f}-{max(lo):.2f})', '']
+    rows = []
     for label, r in res['cases'].items():
       k = next((int(t[1:]) for t in label.split() if t.startswith('k') and t[1:].isdigit()), None)
       if label.startswith('trigger gap'):
         k = int(label.split()[-1])
       floor = f'{(k + 1) / k:.3f}' if k else ('2' if label == 'disam' else '1')
-      lines.append(f"| {label} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['over_erm']:.3f} | "
-                   f"{r['over_erm_paired']:.3f} | {floor} |")
+      rows.append([label, f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['over_erm']:.3f}",
+                   f"{r['over_erm_paired']:.3f}", floor])
+    lines += markdown_table(['case', 'median ms', 'min ms', '/ ERM', '/ ERM paired', 'floor (k+1)/k'], rows)
     one, full = res['trigger_fit_ms']['one_pass'], res['trigger_fit_ms']['ascent']
     erm = res['erm_median_ms']
     lines += ['', f'Trigger, fitted over the gaps: one-pass step {one:.3f} ms ({one / erm:.3f} x ERM), ascent step '

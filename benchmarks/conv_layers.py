@@ -30,6 +30,7 @@ from jax import lax
 
 from benchmarks.step_cost import timing
 from disam_jax.harness import fast_conv
+from disam_jax.harness.tables import markdown_table
 
 # (name, H=W, Cin, Cout, kernel, stride): every distinct layer of the two harness convnets at batch 128
 LAYERS = (
@@ -148,14 +149,14 @@ def _markdown(r, argv) -> str:
       "sum(conv(x, w)^2) with respect to x and w. JAX with `fast_conv.compiler_options()` (YNNPACK off); `*_cond`: "
       "the same gradient inside a `lax.cond` branch. PyTorch: `conv2d` + `autograd.grad`, 2 threads.",
       '- Cells: min ms (GFLOP/s of the forward, input-gradient and weight-gradient convolutions\' work).', '',
-      '| layer | N, H=W, Cin, Cout, k, stride | ' + ' | '.join(labels) + ' | fast / torch |',
-      '|---|---|' + '---|' * len(labels) + '---|',
   ]
+  rows = []
   for row in r['rows']:
     c = row['cases']
     cells = [f"{c[l]['min_ms']:.1f} ({row['gflop'] / c[l]['min_ms'] * 1e3:.0f})" if l in c else '-' for l in labels]
     vs = f"{c['fast']['min_ms'] / c['torch']['min_ms']:.2f}" if 'torch' in c else '-'
-    lines.append(f"| {row['layer']} | {', '.join(map(str, row['shape']))} | " + ' | '.join(cells) + f' | {vs} |')
+    rows.append([row['layer'], ', '.join(map(str, row['shape'])), *cells, vs])
+  lines += markdown_table(['layer', 'N, H=W, Cin, Cout, k, stride', *labels, 'fast / torch'], rows)
   return '\n'.join(lines) + '\n'
 
 

@@ -647,14 +647,16 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
   in a bare loop: one batch already on the device, no metrics read, one sync at the end."""
   import jax
 
-  from disam_jax.harness import train
-  split = train._cell_split(config, ds, held_out, 0)
-  graphdef, params, model_state = train.init_model(config.model, num_classes=ds.num_classes,
+  from disam_jax.harness.experiment import _cell_split
+  from disam_jax.harness.loop import _compile
+  from disam_jax.harness.steps import init_model, init_train_state
+  split = _cell_split(config, ds, held_out, 0)
+  graphdef, params, model_state = init_model(config.model, num_classes=ds.num_classes,
                                                    input_shape=ds.input_shape, seed=0,
                                                    model_kwargs=config.model_kwargs)
-  compiled = train._compile(config, graphdef, model_state, len(split.train))
+  compiled = _compile(config, graphdef, model_state, len(split.train))
   algorithm = config.algorithms[0]
-  state = train.init_train_state(params, model_state, compiled.txs[algorithm],
+  state = init_train_state(params, model_state, compiled.txs[algorithm],
                                  (compiled.penalties or {}).get(algorithm))
   leaves, treedef = jax.tree.flatten(state)
   run = compiled.loop_steps[algorithm].for_tree(treedef)
@@ -674,8 +676,8 @@ def _bare_step_s(config, ds, held_out: str, steps: int) -> float:
 
 def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
   """Host seconds per batch of the harness's sampler (what the loop's prefetch overlaps with the device's step)."""
-  from disam_jax.harness import train
-  split = train._cell_split(config, ds, held_out, 0)
+  from disam_jax.harness.experiment import _cell_split
+  split = _cell_split(config, ds, held_out, 0)
   sampler = _train_feed(config, split, 1)
   try:
     sampler.next()
@@ -689,21 +691,22 @@ def _sampling_s(ds, config, held_out: str, draws: int = 10) -> float:
 
 def section_harness(s: Settings, loader: str, work: pathlib.Path) -> dict:
   """disam-train's loop end to end on a synthetic image folder: steps/s and the device's idle share."""
-  from disam_jax.harness import train
   from disam_jax.harness._choices import HParams
+  from disam_jax.harness.config import ExperimentConfig
+  from disam_jax.harness.experiment import run_experiment
   root = work / 'images'
   t0 = time.perf_counter()
   write_image_folder(root, s.harness_image, s.harness_per_domain_images)
   ds, how = _load_folder(root, s.harness_image, loader, str(work / 'cache'))
   load_s = round(time.perf_counter() - t0, 2)
   held_out = ds.domains[-1]
-  config = train.ExperimentConfig(dataset='image_folder', data_dir=str(root), image_size=s.harness_image,
+  config = ExperimentConfig(dataset='image_folder', data_dir=str(root), image_size=s.harness_image,
                                   model=s.harness_model, model_kwargs=dict(s.harness_model_kwargs),
                                   algorithms=('disam',), held_out=(held_out,), seeds=(0,), steps=s.harness_steps,
                                   eval_every=s.harness_steps, hparams=HParams(batch_size=s.harness_batch))
   stamps: dict[int, float] = {}
   t0 = time.perf_counter()
-  train.run_experiment(config, str(work / 'run'), progress=False, prepared=(ds, (held_out,)),
+  run_experiment(config, str(work / 'run'), progress=False, prepared=(ds, (held_out,)),
                        on_step=lambda a, d, seed, k, line: stamps.__setitem__(k, time.perf_counter()))
   total_s = time.perf_counter() - t0
   first, last = 2, s.harness_steps - 1  # compilation before step 2; the final evaluation after the last step
@@ -773,30 +776,35 @@ def _fmt(v) -> str:
 
 
 def targets_table(rows: list[dict]) -> str:
-  lines = ['| figure | measured | target | met |', '|---|---|---|---|']
-  for r in rows:
-    met = {True: 'yes', False: 'NO', None: 'not measured'}[r['met']]
-    lines.append(f'| {r["figure"]} | {_fmt(r["value"])} | {r["target"]} | {met} |')
-  return '\n'.join(lines)
+  from disam_jax.harness.tables import markdown_table  # imports JAX: not at the top of this module
+
+  met = {True: 'yes', False: 'NO', None: 'not measured'}
+  return '\n'.join(markdown_table(['figure', 'measured', 'target', 'met'],
+                                  ([r["figure"], _fmt(r["value"]), r["target"], met[r['met']]] for r in rows)))
 
 
 def _step_table(key: str, res: dict) -> list[str]:
+  from disam_jax.harness.tables import markdown_table  # imports JAX: not at the top of this module
+
   if 'cases' not in res:
     return [f'### {key}', '', res.get('status', 'not run'), '']
   lines = [f'### {key}: {res["model"]} {res["input_shape"]}, {res["batch"][0]} domains x {res["batch"][1]}',
-           '', f'notes: {json.dumps(res["notes"])}', '',
-           '| case | median ms | min ms | peak MB | GFLOP | TFLOP/s | share of nominal peak | of measured GEMM |',
-           '|---|---|---|---|---|---|---|---|']
+           '', f'notes: {json.dumps(res["notes"])}', '']
+  rows = []
   for label, r in res['cases'].items():
     mb = r.get('peak_bytes') and round(r['peak_bytes'] / 2**20, 1)
-    lines.append(f'| {label} | {_fmt(r["median_ms"])} | {_fmt(r["min_ms"])} | {_fmt(mb)} | {_fmt(r.get("gflop"))} '
-                 f'| {_fmt(r.get("tflop_per_s"))} | {_fmt(r.get("share_of_nominal_peak"))} '
-                 f'| {_fmt(r.get("share_of_measured_peak"))} |')
+    rows.append([label, _fmt(r["median_ms"]), _fmt(r["min_ms"]), _fmt(mb), _fmt(r.get("gflop")),
+                 _fmt(r.get("tflop_per_s")), _fmt(r.get("share_of_nominal_peak")),
+                 _fmt(r.get("share_of_measured_peak"))])
+  lines += markdown_table(['case', 'median ms', 'min ms', 'peak MB', 'GFLOP', 'TFLOP/s', 'share of nominal peak',
+                           'of measured GEMM'], rows)
   lines += ['', 'ratios (median step times): ' + ', '.join(f'{k} {v}' for k, v in res['ratios'].items()), '']
   return lines
 
 
 def markdown(results: dict) -> str:
+  from disam_jax.harness.tables import markdown_table  # imports JAX: not at the top of this module
+
   env = results.get('environment', {})
   lines = [f'# Device check ({"smoke, CPU tiny sizes" if results["smoke"] else "full"})', '',
            f'{results["started"]}; {env.get("device_kind", "?")} ({env.get("backend", "?")}), '
@@ -810,11 +818,12 @@ def markdown(results: dict) -> str:
   if 'cases' in corr:
     lines += [f'vectors {corr["vectors"]}: float32 (HIGHEST) max abs error {_fmt(corr["float32_max_abs"])} '
               f'(tolerance 2e-5, all pass: {corr["all_float32_pass"]}); bf16 compute, relative error after 10 steps '
-              f'<= {_fmt(corr["bf16_max_rel_after_10"])}.', '',
-              '| rho | lam | adaptive | float32 max abs (10 steps) | bf16 rel (1 step) | bf16 rel (10 steps) |',
-              '|---|---|---|---|---|---|']
-    lines += [f'| {c["rho"]} | {c["lam"]} | {c["adaptive"]} | {_fmt(c["float32"]["after_10"]["max_abs"])} '
-              f'| {_fmt(c["bf16"]["after_1"]["rel"])} | {_fmt(c["bf16"]["after_10"]["rel"])} |' for c in corr['cases']]
+              f'<= {_fmt(corr["bf16_max_rel_after_10"])}.', '']
+    lines += markdown_table(['rho', 'lam', 'adaptive', 'float32 max abs (10 steps)', 'bf16 rel (1 step)',
+                             'bf16 rel (10 steps)'],
+                            ([c["rho"], c["lam"], c["adaptive"], _fmt(c["float32"]["after_10"]["max_abs"]),
+                              _fmt(c["bf16"]["after_1"]["rel"]), _fmt(c["bf16"]["after_10"]["rel"])]
+                             for c in corr['cases']))
   else:
     lines.append(corr.get('status', 'not run'))
   lines += ['', '## Step times', '']

@@ -248,24 +248,25 @@ def main(argv=None) -> int:
 
 
 def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
+  from disam_jax.harness.tables import markdown_table
+
   out.mkdir(parents=True, exist_ok=True)
   name = "input_pipeline_quick" if quick else "input_pipeline"
   (out / f"{name}.json").write_text(json.dumps(results, indent=1))
   lines = [f"# Input pipeline ({results['date']}, {results['cpus']} CPUs)", "",
            f"Conversion: {results['conversion_images_per_s']:.0f} images/s (200-300 px JPEGs), "
            f"{results['conversion_small_images_per_s']:.0f} images/s (16-24 px JPEGs).", "",
-           "| round | workers | pipeline | first batch (s) | images/s |", "|---|---|---|---|---|"]
-  for row in results["throughput"]:
-    lines.append(f"| {row['round']} | {row['workers']} | {row['pipeline']} | {row['first_batch_s']:.2f} | "
-                 f"{row['images_per_s']:.1f} |")
+           *markdown_table(["round", "workers", "pipeline", "first batch (s)", "images/s"],
+                           ([row['round'], row['workers'], row['pipeline'], f"{row['first_batch_s']:.2f}",
+                             f"{row['images_per_s']:.1f}"] for row in results["throughput"]))]
   f = results["first_step_cached"]
   lines += ["", f"Cached folder of {f['files']} files: listing {f['list_s']:.2f} s, stat of every file "
                 f"{f['stat_s']:.2f} s, load_dataset {f['load_dataset_s']:.2f} s, to the first batch "
                 f"{f['to_first_batch_s']:.2f} s (after imports of {f['import_s']:.2f} s).", "",
-            "| images | RssAnon before (MiB) | running (MiB) | after an eval pass (MiB) |", "|---|---|---|---|"]
-  for m in results["memory"]:
-    lines.append(f"| {m['images']} | {m['rss_anon_before'] / 2**20:.0f} | {m['rss_anon_running'] / 2**20:.0f} | "
-                 f"{m['rss_anon_after_eval'] / 2**20:.0f} |")
+            *markdown_table(["images", "RssAnon before (MiB)", "running (MiB)", "after an eval pass (MiB)"],
+                            ([m['images'], f"{m['rss_anon_before'] / 2**20:.0f}",
+                              f"{m['rss_anon_running'] / 2**20:.0f}", f"{m['rss_anon_after_eval'] / 2**20:.0f}"]
+                             for m in results["memory"]))]
   (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

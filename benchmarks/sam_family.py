@@ -27,6 +27,7 @@ from flax import nnx
 import disam_jax
 from benchmarks.step_cost.timing import StepCase, machine_line, time_round_robin, write_results
 from disam_jax.harness.models import apply_model, create_model, functional_model
+from disam_jax.harness.tables import markdown_table
 
 MODELS = {'mlp': ((28, 28, 1), 4, 32), 'mnist_cnn': ((28, 28, 1), 4, 32)}  # input, M, per-domain batch
 QUICK = {'mlp': ((8, 8, 1), 4, 8)}
@@ -112,11 +113,11 @@ def main(argv=None):
   ]
   for name, rows in results.items():
     shape, m, b = models[name]
-    lines += ['', f'## {name} ({m} domains x {b} examples, input {shape})', '',
-              '| case | GFLOP | FLOPs / disam | min ms | median ms | time / disam (median of paired) |',
-              '|---|---|---|---|---|---|']
-    lines += [f"| {r['case']} | {r['gflops']:.4f} | {r['flops_ratio']:.3f} | {r['min_ms']:.2f} | "
-              f"{r['median_ms']:.2f} | {r['paired_ratio']:.2f} |" for r in rows]
+    lines += ['', f'## {name} ({m} domains x {b} examples, input {shape})', '']
+    lines += markdown_table(['case', 'GFLOP', 'FLOPs / disam', 'min ms', 'median ms',
+                             'time / disam (median of paired)'],
+                            ([r['case'], f"{r['gflops']:.4f}", f"{r['flops_ratio']:.3f}", f"{r['min_ms']:.2f}",
+                              f"{r['median_ms']:.2f}", f"{r['paired_ratio']:.2f}"] for r in rows))
   path = write_results(args.out_dir, 'sam_family_quick' if args.quick else 'sam_family', '\n'.join(lines) + '\n')
   print('\n'.join(lines))
   print(f'wrote {path}')

@@ -45,6 +45,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import disam_jax  # noqa: E402
+from disam_jax.harness.tables import markdown_table  # noqa: E402
 from benchmarks.step_cost.timing import load_avg, machine_info, time_round_robin, versions, write_results  # noqa: E402
 
 MESH_SHAPE = (('data', 4), ('model', 2))
@@ -397,13 +398,12 @@ def markdown(data):
       '',
       '## Collectives in the compiled step (count / KiB of results, per device)',
       '',
-      '| case | ' + ' | '.join(COLLECTIVES) + ' | total | parameter-shaped all-gathers |',
-      '|---|' + '---|' * (len(COLLECTIVES) + 2),
   ]
-  for label, row in cases.items():
-    cells = [f'{row["collectives"][op]["count"]} / {_kib(row["collectives"][op]["bytes"])}' for op in COLLECTIVES]
-    lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {row["total_count"]} / {_kib(row["total_bytes"])} | '
-                 f'{row["param_shaped_all_gathers"]} |')
+  lines += markdown_table(['case', *COLLECTIVES, 'total', 'parameter-shaped all-gathers'],
+                          ([label, *(f'{row["collectives"][op]["count"]} / {_kib(row["collectives"][op]["bytes"])}'
+                                     for op in COLLECTIVES),
+                            f'{row["total_count"]} / {_kib(row["total_bytes"])}', row["param_shaped_all_gathers"]]
+                           for label, row in cases.items()))
   lines += [
       '',
       f'Parameter-shaped all-gather: {PARAM_SHAPED} Counts are static (an op inside a `lax.cond` branch counts '
@@ -411,28 +411,27 @@ def markdown(data):
       '',
       '## Per-device memory of the compiled step (KiB, `compiled.memory_analysis()`)',
       '',
-      '| case | temp | arguments | outputs | aliased | peak estimate (args + outputs - aliased + temp) | '
-      'optimizer state (one device\'s shards) | temp / ERM\'s | temp / SAM\'s |',
-      '|---|---|---|---|---|---|---|---|---|',
   ]
+  rows = []
   for label, row in cases.items():
     m = row['memory']
-    lines.append(f'| {label} | {_kib(m["temp"])} | {_kib(m["argument"])} | {_kib(m["output"])} | '
-                 f'{_kib(m["alias"])} | {_kib(m["peak_estimate"])} | {_kib(row["state_bytes_per_device"])} | '
-                 f'{m["temp"] / cases["erm"]["memory"]["temp"]:.2f} | '
-                 f'{m["temp"] / cases["optax_sam"]["memory"]["temp"]:.2f} |')
+    rows.append([label, _kib(m["temp"]), _kib(m["argument"]), _kib(m["output"]), _kib(m["alias"]),
+                 _kib(m["peak_estimate"]), _kib(row["state_bytes_per_device"]),
+                 f'{m["temp"] / cases["erm"]["memory"]["temp"]:.2f}',
+                 f'{m["temp"] / cases["optax_sam"]["memory"]["temp"]:.2f}'])
+  lines += markdown_table(['case', 'temp', 'arguments', 'outputs', 'aliased',
+                           'peak estimate (args + outputs - aliased + temp)', 'optimizer state (one device\'s shards)',
+                           'temp / ERM\'s', 'temp / SAM\'s'], rows)
   lines += ['', "## Where DISAM's collectives differ from optax SAM's", '',
             'The arrays each DISAM step moves that SAM\'s does not (and the reverse), matched by collective kind and '
             'array shape, each element of a tuple-shaped all-reduce on its own (XLA combines small all-reduces '
-            'into tuples differently in different programs):', '',
-            '| case | extra arrays (kind, shape, times) | extra bytes | arrays of SAM\'s it does not move | bytes |',
-            '|---|---|---|---|---|']
-  for label, row in cases.items():
-    if 'vs_optax_sam' in row:
-      d = row['vs_optax_sam']
-      fmt = lambda ops: '; '.join(f'{o["op"]} {o["array"]} x{o["times"]}' for o in ops) or '-'
-      lines.append(f'| {label} | {fmt(d["extra"])} | {d["extra_bytes"]} | {fmt(d["missing"])} | '
-                   f'{d["missing_bytes"]} |')
+            'into tuples differently in different programs):', '']
+  fmt = lambda ops: '; '.join(f'{o["op"]} {o["array"]} x{o["times"]}' for o in ops) or '-'
+  lines += markdown_table(['case', 'extra arrays (kind, shape, times)', 'extra bytes',
+                           'arrays of SAM\'s it does not move', 'bytes'],
+                          ([label, fmt(d["extra"]), d["extra_bytes"], fmt(d["missing"]), d["missing_bytes"]]
+                           for label, d in ((label, row['vs_optax_sam']) for label, row in cases.items()
+                                            if 'vs_optax_sam' in row)))
   p = cases['erm']
   lines += [
       '',
@@ -442,17 +441,17 @@ def markdown(data):
   ]
   if data.get('timing'):
     t = data['timing']
-    lines += ['', '## Step time (8 emulated devices on 2 shared cores: indicative only)', '',
-              '| case | min ms | median ms | other processes (cores) |', '|---|---|---|---|']
-    lines += [f'| {k} | {v["min_ms"]:.1f} | {v["median_ms"]:.1f} | {v["other_processes_cores"]} |'
-              for k, v in t.items()]
+    lines += ['', '## Step time (8 emulated devices on 2 shared cores: indicative only)', '']
+    lines += markdown_table(['case', 'min ms', 'median ms', 'other processes (cores)'],
+                            ([k, f'{v["min_ms"]:.1f}', f'{v["median_ms"]:.1f}', v["other_processes_cores"]]
+                             for k, v in t.items()))
   lines += ['', '## Target: DISAM\'s collective bytes and temp memory <= optax SAM\'s, no extra parameter-shaped '
-            'all-gathers', '',
-            '| case | collective bytes <= SAM\'s | temp <= SAM\'s | parameter-shaped all-gathers - SAM\'s | - ERM\'s |',
-            '|---|---|---|---|---|']
-  lines += [f'| {t["case"]} | {t["collective_bytes_le_sam"]} | {t["temp_le_sam"]} | '
-            f'{t["extra_param_shaped_all_gathers_vs_sam"]} | {t["extra_param_shaped_all_gathers_vs_erm"]} |'
-            for t in data['targets']]
+            'all-gathers', '']
+  lines += markdown_table(['case', 'collective bytes <= SAM\'s', 'temp <= SAM\'s',
+                           'parameter-shaped all-gathers - SAM\'s', '- ERM\'s'],
+                          ([t["case"], t["collective_bytes_le_sam"], t["temp_le_sam"],
+                            t["extra_param_shaped_all_gathers_vs_sam"], t["extra_param_shaped_all_gathers_vs_erm"]]
+                           for t in data['targets']))
   if all(row['collectives']['reduce-scatter']['count'] == 0 for row in cases.values()):
     lines += ['', 'XLA:CPU forms no reduce-scatter in any of these steps: gradients of FSDP weights are all-reduced at '
               "their 'data'-gathered shape and each device keeps its slice (ERM, SAM and DISAM alike)."]

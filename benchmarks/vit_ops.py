@@ -137,17 +137,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                  'paired_ratio': statistics.median(a / b for a, b in zip(j, t)), 'uses_per_pass': uses,
                  'gap_per_pass_ms': uses * (statistics.median(j) - statistics.median(t)),
                  'max_abs_difference': differences[name]})
+  from disam_jax.harness.tables import markdown_table
+
   lines = [f'# ViT-tiny layer kinds, forward + backward, JAX vs PyTorch ({machine_line()}, torch {torch.__version__} '
            f'at {args.threads} threads)', '',
            f'`python -m benchmarks.vit_ops --rounds {args.rounds}`: batch {B} x {T} tokens x {D}; median (min) ms '
-           f'over {args.rounds} interleaved rounds of {args.calls} calls; load average per round {load}.', '',
-           '| op | JAX ms | PyTorch ms | JAX / PyTorch (paired) | uses per pass | gap per pass (ms, median) | '
-           'max abs JAX - PyTorch output |',
-           '|---|---|---|---|---|---|---|']
-  for row in rows:
-    lines.append(f"| {row['op']} | {row['jax_median_ms']:.2f} ({row['jax_min_ms']:.2f}) | {row['torch_median_ms']:.2f} "
-                 f"({row['torch_min_ms']:.2f}) | {row['paired_ratio']:.2f} | {row['uses_per_pass']} | "
-                 f"{row['gap_per_pass_ms']:+.1f} | {row['max_abs_difference']:.1e} |")
+           f'over {args.rounds} interleaved rounds of {args.calls} calls; load average per round {load}.', '']
+  lines += markdown_table(['op', 'JAX ms', 'PyTorch ms', 'JAX / PyTorch (paired)', 'uses per pass',
+                           'gap per pass (ms, median)', 'max abs JAX - PyTorch output'],
+                          ([row['op'], f"{row['jax_median_ms']:.2f} ({row['jax_min_ms']:.2f})",
+                            f"{row['torch_median_ms']:.2f} ({row['torch_min_ms']:.2f})", f"{row['paired_ratio']:.2f}",
+                            row['uses_per_pass'], f"{row['gap_per_pass_ms']:+.1f}", f"{row['max_abs_difference']:.1e}"]
+                           for row in rows))
   markdown = '\n'.join(lines) + '\n'
   print(markdown)
   data = {'rows': rows, 'load': load, 'rounds': args.rounds, 'calls': args.calls, 'threads': args.threads}

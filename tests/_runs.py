@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from disam_jax.harness import train
+from disam_jax.harness.experiment import cell_directory, run_experiment
 
 
 class Killed(Exception):
@@ -14,7 +14,7 @@ class Killed(Exception):
 
 def metrics_lines(run_dir, held_out, algorithm="disam", seed=0):
   """The metrics.jsonl lines of one run of `run_dir`, without their wall times."""
-  with open(os.path.join(train.cell_directory(run_dir, algorithm, held_out, seed), "metrics.jsonl")) as f:
+  with open(os.path.join(cell_directory(run_dir, algorithm, held_out, seed), "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
   for line in lines:
     line.pop("time", None)
@@ -29,4 +29,4 @@ def run_killed_at(config, run_dir, step):
       raise Killed
 
   with pytest.raises(Killed):
-    train.run_experiment(config, run_dir, progress=False, on_step=crash)
+    run_experiment(config, run_dir, progress=False, on_step=crash)

@@ -191,3 +191,20 @@ def test_input_pipeline_quick_smoke(tmp_path):
   results = json.loads((tmp_path / "input_pipeline_quick.json").read_text())
   assert results["throughput"][0]["images_per_s"] > 0 and len(results["memory"]) == 2
   assert (tmp_path / "input_pipeline_quick.md").read_text().startswith("# Input pipeline")
+
+
+def test_committed_benchmark_tables_are_regenerated_byte_for_byte():
+  """The benchmarks' tables go through tables.markdown_table; results/*.md written before that (step_cost's ViT run:
+  step time, ratios, compile and memory, harness loop, targets; sharding's five tables) come out the same."""
+  from benchmarks.step_cost.report import to_markdown
+
+  results = _ROOT / 'benchmarks' / 'results'
+  vit = json.loads((results / 'step_cost_20261204_vit.json').read_text())
+  assert to_markdown(vit) == (results / 'step_cost_20261204_vit.md').read_text()
+  # sharding sets XLA_FLAGS when imported: in its own process
+  code = ('import json, sys; from benchmarks import sharding; '
+          'sys.exit(sharding.markdown(json.load(open(sys.argv[1]))) != open(sys.argv[2]).read())')
+  env = dict(os.environ, PYTHONPATH=str(_ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', code, str(results / 'sharding.json'), str(results / 'sharding.md')],
+                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:] or 'sharding.markdown(sharding.json) != sharding.md'

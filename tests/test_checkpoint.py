@@ -188,15 +188,16 @@ def test_a_well_formed_checkpoint_of_other_values_is_refused_and_the_one_before_
 
 
 def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device():
-  from disam_jax.harness import algorithms, train
+  from disam_jax.harness import algorithms
   from disam_jax.harness.algorithms import HParams
+  from disam_jax.harness.steps import init_model, init_train_state
 
   mesh = distributed.parse_mesh("data=2,fsdp=4")
-  graphdef, params, model_state = train.init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
+  graphdef, params, model_state = init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs={"hidden": 32}, mesh=mesh)
-  _, whole, _ = train.init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 32})
+  _, whole, _ = init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 32})
   tx = algorithms.make_optimizer("disam", HParams(), num_domains=3, aux_example=model_state)
-  state = distributed.init_sharded(lambda p, m: train.init_train_state(p, m, tx), mesh, params, model_state)
+  state = distributed.init_sharded(lambda p, m: init_train_state(p, m, tx), mesh, params, model_state)
   split = 0
   for leaf in jax.tree.leaves(state):
     spec = distributed.fsdp_sharding(leaf.shape, mesh).spec
@@ -210,7 +211,7 @@ def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device
   assert split >= 3 * 2  # the weight matrices, and Adam's two moments of each
   _assert_equal(state.params, whole)  # the values of the unsharded initialization
   # What XLA allocates per device to create the state: the shards, never the whole state (nor a whole weight)
-  make = lambda: train.init_train_state(*train.init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
+  make = lambda: init_train_state(*init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
                                                            model_kwargs={"hidden": 32})[1:], tx)
   memory = distributed.sharded_initializer(make, mesh).lower().compile().memory_analysis()
   leaves = jax.tree.leaves(state)
@@ -231,22 +232,23 @@ def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device
 @pytest.mark.parametrize("devices, mesh_spec", [(1, None), (4, "data=4"), (4, "data=1,fsdp=4"), (8, "data=4,fsdp=2")])
 def test_sharded_evaluation_counts_equal_a_numpy_count_of_the_predictions(devices, mesh_spec):
   """Every accuracy is a NumPy count over the predictions of the unsharded model on each whole set."""
-  from disam_jax.harness import data, feeds, loop, train
+  from disam_jax.harness import data, feeds, loop
   from disam_jax.harness.config import ExperimentConfig
+  from disam_jax.harness.steps import init_model, init_train_state
 
   config = ExperimentConfig(algorithms=("erm",), held_out=("75",), model="mlp", model_kwargs={"hidden": 16},
                             eval_batch_size=100)
   split = data.split_dataset(data.load_dataset("rotated_digits", seed=0), "75", seed=0)
   mesh = None if mesh_spec is None else distributed.parse_mesh(mesh_spec, jax.devices()[:devices])
-  graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs={"hidden": 16}, mesh=mesh)
   compiled = loop._compile(config, graphdef, model_state, len(split.train))
-  state = train.init_train_state(params, model_state, compiled.txs["erm"])
+  state = init_train_state(params, model_state, compiled.txs["erm"])
   feed = loop._eval_feed(config, split, mesh)
   assert feed.global_batch_size == 100 if devices != 8 else 104  # a multiple of the devices
   record = loop._evaluator(config, "erm", feed, "75", 0, compiled, mesh)(state, 0)
 
-  _, whole, whole_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+  _, whole, whole_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                            model_kwargs={"hidden": 16})
   eval_step = compiled.eval_step  # jitted
   acc = [float(np.sum(np.argmax(np.asarray(eval_step(whole, whole_state, x)), -1) == y) / len(y))

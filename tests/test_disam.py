@@ -12,6 +12,7 @@ import pytest
 
 import disam_jax
 from tests import _reference as ref
+from tests._steps import disam_step, run_steps
 
 NUM_CLASSES = 3
 M, B, D = 4, 6, 5
@@ -38,18 +39,6 @@ def jax_domain_loss_fn(x, y):
 
 def to_jax(params, dtype=jnp.float32):
   return {k: jnp.asarray(v, dtype) for k, v in params.items()}
-
-
-def run_steps(tx, params, f, steps, trajectory=None):
-  """`steps` jitted DISAM steps; appends the params after each step to `trajectory` if given."""
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f))
-  for _ in range(steps):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-    if trajectory is not None:
-      trajectory.append(params)
-  return params, state
 
 
 def assert_tree_close(a, b, atol, rtol=0.0):
@@ -215,7 +204,7 @@ def test_conformance_vectors(case):
   )
   tx = disam_jax.disam(base_tx, rho=c['rho'], lam=c['lam'], adaptive=c['adaptive'])
   trajectory = []
-  ten, _ = run_steps(tx, params, f, 10, trajectory)
+  ten, _ = run_steps(tx, params, f, 10, trajectory=trajectory)
   assert_tree_close(trajectory[0], c['params_after_1_step'], atol=2e-5)
   assert_tree_close(ten, c['params_after_10_steps'], atol=2e-5)
 
@@ -457,8 +446,7 @@ def test_inject_hyperparams_under_jit_with_traced_rho_and_lam():
   @jax.jit
   def step(p, s):
     traces.append(1)
-    u, s = tx.update(None, s, p, domain_loss_fn=f)
-    return optax.apply_updates(p, u), s
+    return disam_step(tx, f)(p, s)
 
   q, s = p, tx.init(p)
   expected, opt = params, ref.SGDMomentumWithDecay(0.1, 0.9, 0.0)
@@ -498,8 +486,7 @@ def test_state_structure_is_fixed_by_init(num_domains):
   @jax.jit
   def step(p, s):
     traces.append(1)
-    u, s = tx.update(None, s, p, domain_loss_fn=f)
-    return optax.apply_updates(p, u), s
+    return disam_step(tx, f)(p, s)
 
   q, s = p, init
   for _ in range(3):

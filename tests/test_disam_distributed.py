@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import disam_jax
 from tests import _reference as ref
+from tests._steps import run_steps
 from tests.test_disam import NUM_CLASSES, assert_tree_close, make_problem, to_jax
 
 M, B, STEPS = 4, 8, 3
@@ -27,12 +28,7 @@ def grouped_loss(p, x, y):
 
 
 def single_device(params, x, y, tx):
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=lambda q: grouped_loss(q, x, y)))
-  for _ in range(STEPS):
-    u, state = step(params, state)
-    params = optax.apply_updates(params, u)
-  return params, state
+  return run_steps(tx, params, grouped_loss, STEPS, x, y)
 
 
 def _problem():
@@ -50,15 +46,9 @@ def test_pmap_equals_one_device():
   xs = x.reshape(M, n, B // n, -1).transpose(1, 0, 2, 3)  # [n, M, b/n, D]
   ys = y.reshape(M, n, B // n).transpose(1, 0, 2)
 
-  @functools.partial(jax.pmap, axis_name='batch')
-  def step(p, s, xb, yb):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: grouped_loss(q, xb, yb))
-    return optax.apply_updates(p, u), s
-
   replicate = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), t)
-  p, s = replicate(params), replicate(tx.init(params))
-  for _ in range(STEPS):
-    p, s = step(p, s, xs, ys)
+  p, s = run_steps(tx, replicate(params), grouped_loss, STEPS, xs, ys, state=replicate(tx.init(params)),
+                   jit=functools.partial(jax.pmap, axis_name='batch'))
   assert_tree_close(jax.tree.map(lambda a: a[0], p), expected, atol=1e-6)
   np.testing.assert_allclose(s.domain_losses[0], expected_state.domain_losses, rtol=1e-5)
   np.testing.assert_allclose(s.variance[1], expected_state.variance, rtol=1e-4)
@@ -108,14 +98,7 @@ def test_sharded_jit_equals_one_device():
   ys = jax.device_put(y, NamedSharding(mesh, P(None, 'data')))
   params_r = jax.device_put(params, NamedSharding(mesh, P()))
 
-  @jax.jit
-  def step(p, s, xb, yb):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: grouped_loss(q, xb, yb))
-    return optax.apply_updates(p, u), s
-
-  p, s = params_r, tx.init(params_r)
-  for _ in range(STEPS):
-    p, s = step(p, s, xs, ys)
+  p, s = run_steps(tx, params_r, grouped_loss, STEPS, xs, ys)
   assert len(xs.sharding.device_set) == 8
   assert_tree_close(p, expected, atol=1e-6)
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import disam_jax
+from tests._steps import disam_step, run_steps
 
 RHO, LAM, LR = 0.3, 0.4, 0.1
 
@@ -85,12 +86,7 @@ def _run_batches(tx, w, xs, ys):
   """Jitted steps of `tx` on the batches; the weights and the state after each."""
   p = jnp.asarray(w, jnp.float32)
   state = tx.init(p)
-
-  @jax.jit
-  def step(p, s, x, y):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: _domain_losses(q, x, y))
-    return optax.apply_updates(p, u), s
-
+  step = jax.jit(disam_step(tx, _domain_losses))
   out = []
   for x, y in zip(xs, ys):
     p, state = step(p, state, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
@@ -100,12 +96,7 @@ def _run_batches(tx, w, xs, ys):
 
 def _run(tx, w, x, y, steps):
   state = tx.init(jnp.asarray(w, jnp.float32))
-
-  @jax.jit
-  def step(p, s):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: _domain_losses(q, x, y))
-    return optax.apply_updates(p, u), s
-
+  step = jax.jit(disam_step(tx, lambda q: _domain_losses(q, x, y)))
   p, out = jnp.asarray(w, jnp.float32), []
   for _ in range(steps):
     p, state = step(p, state)
@@ -205,11 +196,7 @@ def test_pmap_equals_one_device():
   tx = disam_jax.disam(optax.sgd(LR), RHO, LAM, num_domains=2, batch_axis_name='b', perturb_every=2,
                        reuse_weight=0.7)
 
-  def step(p, s, xs, ys):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: local(q, xs, ys))
-    return optax.apply_updates(p, u), s
-
-  pstep = jax.pmap(step, axis_name='b', devices=jax.devices()[:n_dev])
+  pstep = jax.pmap(disam_step(tx, local), axis_name='b', devices=jax.devices()[:n_dev])
   split = lambda a: a.reshape(a.shape[0], n_dev, -1, *a.shape[2:]).swapaxes(0, 1)
   p = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (n_dev, w.shape[0]))
   s = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_dev,) + a.shape), tx.init(jnp.asarray(w, jnp.float32)))
@@ -225,9 +212,7 @@ def test_bfloat16_params_keep_their_dtype():
   p = jnp.asarray(w, jnp.bfloat16)
   s = tx.init(p)
   f = lambda q: _domain_losses(q.astype(jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
-  for _ in range(3):
-    u, s = jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f))(p, s)
-    p = optax.apply_updates(p, u)
+  p, s = run_steps(tx, p, f, 3, state=s)
   assert p.dtype == s.reused_component.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(p)))
 
 

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import disam_jax
 from tests import _reference as ref
+from tests._steps import run_steps
 from tests.test_disam import assert_tree_close
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 devices (XLA_FLAGS, see conftest.py)')
@@ -69,16 +70,7 @@ def _mesh(axis_type):
 
 
 def _run(tx, params, x, y, steps=STEPS, jit=jax.jit, state=None):
-  state = tx.init(params) if state is None else state
-
-  @jit
-  def step(p, s, xb, yb):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: grouped(q, xb, yb))
-    return optax.apply_updates(p, u), s
-
-  for _ in range(steps):
-    params, state = step(params, state, x, y)
-  return params, state
+  return run_steps(tx, params, grouped, steps, x, y, state=state, jit=jit)
 
 
 def _state_specs(tx, state, specs):
@@ -300,17 +292,9 @@ def _shard_map_run(tx, layout, x, y, params, check_vma=True, steps=STEPS):
   state_specs = _state_specs(tx, tx.init(params), specs)
   loss = _local_loss(layout)
 
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, state_specs, BATCH, BATCH),
-                     out_specs=(specs, state_specs), check_vma=check_vma)
-  def step(p, s, xb, yb):
-    u, s = tx.update(None, s, p, domain_loss_fn=lambda q: loss(q, xb, yb))
-    return optax.apply_updates(p, u), s
-
-  p, s = params, tx.init(params)
-  for _ in range(steps):
-    p, s = step(p, s, x, y)
-  return p, s
+  sharded = functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, state_specs, BATCH, BATCH),
+                              out_specs=(specs, state_specs), check_vma=check_vma)
+  return run_steps(tx, params, loss, steps, x, y, jit=lambda step: jax.jit(sharded(step)))
 
 
 @pytest.mark.parametrize('layout,option', [pytest.param('fsdp', 'sam', marks=_SLOW), ('fsdp_tp', 'sam'),

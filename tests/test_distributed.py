@@ -112,3 +112,21 @@ def test_launcher_stops_the_others_when_one_process_fails(tmp_path):
   start = time.monotonic()
   code = launch([sys.executable, str(script)], 2, 1, timeout=60, env=_env(1))
   assert code == 3 and time.monotonic() - start < 30
+
+
+def test_launcher_refuses_a_command_not_on_path_in_one_line(tmp_path):
+  """`python -m disam_jax.harness.launch ... -- disam-train ...` with the environment's bin folder off PATH: exit 2
+  and one line saying what to write, before any process starts (a traceback before)."""
+  env = dict(_env(1), PATH=str(tmp_path))  # nothing on PATH
+  for program, hint in (('disam-train', ('disam-train', '-m disam_jax.harness.cli')),
+                        ('no-such-program-42', ('full path',))):
+    out = subprocess.run([sys.executable, '-m', 'disam_jax.harness.launch', '--num-processes', '2', '--', program,
+                          '--steps', '1'], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    assert lines[-1].startswith('disam-launch: error: command ')
+    assert f"'{program}' not found" in lines[-1] and any(h in lines[-1] for h in hint), lines[-1]
+  not_executable = tmp_path / 'data.txt'
+  not_executable.write_text('')
+  with pytest.raises(ValueError, match='not found'):
+    launch([str(not_executable)], 2, env=env)

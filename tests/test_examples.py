@@ -63,7 +63,8 @@ def test_finetune_pretrained_example_prepares_its_data_and_config(tmp_path):
   with head and adapters training) validated and its data prepared, without the MobileNetV2 compile."""
   import argparse
 
-  from disam_jax.harness import mini_folders, train
+  from disam_jax.harness import mini_folders
+  from disam_jax.harness.experiment import prepare_and_fit
 
   _skip_without_the_pretrained_wheels()
   example = _example('finetune_pretrained')
@@ -73,7 +74,7 @@ def test_finetune_pretrained_example_prepares_its_data_and_config(tmp_path):
   config = example.make_config(mini_folders.vlcs_mini(str(tmp_path / 'VLCS_mini')), args)
   config.validate()
   assert os.path.isfile(config.pretrained) and config.train_only == ('head', 'adapters')
-  config, (ds, held_out), _ = train.prepare_and_fit(config)
+  config, (ds, held_out), _ = prepare_and_fit(config)
   assert ds.domains == ('Caltech101', 'LabelMe', 'SUN09') and held_out == ('SUN09',)
   assert ds.input_shape == (32, 32, 3) and ds.num_classes == 5
 

@@ -17,8 +17,11 @@ import pytest
 from flax import nnx
 
 import disam_jax
-from disam_jax.harness import algorithms, penalties, train
+from disam_jax.harness import algorithms, penalties
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.experiment import cell_directory
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
+from tests._steps import disam_step
 
 M, B = 3, 6
 
@@ -53,7 +56,7 @@ def _per_domain(p, x, y):
 
 @pytest.fixture(scope="module")
 def mlp():
-  return train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
+  return init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
 
 
 def _close(a, b, rtol=5e-5, atol=2e-6):
@@ -68,8 +71,8 @@ def _harness_steps(mlp, algorithm, hparams, steps):
   graphdef, params, model_state = mlp
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=M, aux_example=model_state)
   penalty = algorithms.make_penalty(algorithm, hparams)
-  state = train.init_train_state(params, model_state, tx, penalty)
-  step = jax.jit(train.make_train_step(graphdef, tx, penalty))
+  state = init_train_state(params, model_state, tx, penalty)
+  step = jax.jit(make_train_step(graphdef, tx, penalty))
   history = []
   for k in range(steps):
     state, metrics = step(state, _batch(k))
@@ -96,10 +99,9 @@ def test_coral_steps_equal_the_hand_written_penalized_loss(mlp, algorithm, lam, 
       params = optax.apply_updates(params, u)
   else:
     tx = disam_jax.disam(optax.adam(1e-2), rho, lam)
-    opt = tx.init(params)
+    opt, step = tx.init(params), disam_step(tx, domain_losses)
     for k in range(2):
-      u, opt = tx.update(None, opt, params, domain_loss_fn=lambda p: domain_losses(p, *_batch(k)))
-      params = optax.apply_updates(params, u)
+      params, opt = step(params, opt, *_batch(k))
     # DISAM's variance is that of the plain cross-entropies; the logged losses are the plain ones
     plain = _per_domain(nnx.to_pure_dict(mlp[1]), *_batch(0))[0]
     np.testing.assert_allclose(history[0]["variance"], np.var(np.asarray(plain)), rtol=1e-4)
@@ -118,13 +120,13 @@ def test_gsam_and_sagm_rules_get_alpha_and_the_penalized_loss(mlp, algorithm, ru
   state, _ = _harness_steps(mlp, algorithm, hp, 2)
   tx = disam_jax.disam(optax.adam(1e-2), rho, lam, rule=rule, alpha=alpha)
   params = nnx.to_pure_dict(mlp[1])
-  opt = tx.init(params)
+  def domain_losses(p, x, y):
+    means, out = _per_domain(p, x, y)
+    return means + 2.0 * penalties.coral_penalty(out.features)
+
+  opt, step = tx.init(params), disam_step(tx, domain_losses)
   for k in range(2):
-    def domain_losses(p):
-      means, out = _per_domain(p, *_batch(k))
-      return means + 2.0 * penalties.coral_penalty(out.features)
-    u, opt = tx.update(None, opt, params, domain_loss_fn=domain_losses)
-    params = optax.apply_updates(params, u)
+    params, opt = step(params, opt, *_batch(k))
   _close(nnx.to_pure_dict(state.params), params)
 
 
@@ -253,7 +255,7 @@ def test_algorithm_trains_end_to_end_in_disam_train(tiny_run, algorithm):
   results = json.loads((tiny_run / "results.json").read_text())
   assert algorithm in {c["algorithm"] for c in results["cells"]}
   assert f"| {algorithm.upper()} |" in (tiny_run / "results.md").read_text()
-  path = os.path.join(train.cell_directory(str(tiny_run), algorithm, "75", 0), "metrics.jsonl")
+  path = os.path.join(cell_directory(str(tiny_run), algorithm, "75", 0), "metrics.jsonl")
   with open(path) as f:
     lines = [json.loads(s) for s in f]
   steps = [line for line in lines if "loss" in line]
@@ -294,7 +296,7 @@ def test_fishr_resumes_exactly_with_its_moving_average(tmp_path):
   assert cli.main(base + ["--steps", "2", "--output-dir", str(part)]) == 0
   assert cli.main(["--resume", "--output-dir", str(part), "--steps", "5", "--quiet", "--no-plots"]) == 0
   read = lambda run: [json.loads(s) for s in open(os.path.join(
-    train.cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))]
+    cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))]
   a, b = read(full), read(part)
   assert len(a) == len(b) == 6
   for x, y in zip(a[1:], b[1:]):

@@ -14,9 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from disam_jax.harness import algorithms, train
+from disam_jax.harness import algorithms
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import cell_directory, load_latest_state
 from disam_jax.harness.launch import free_port
+from disam_jax.harness.steps import init_model, init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--dataset', 'rotated_digits', '--algorithm', 'disam', '--held-out', '75', '--model', 'mlp',
@@ -56,13 +59,13 @@ def _wait(procs):
 
 
 def _final_params(run_dir, steps=40):
-  config = train.ExperimentConfig(algorithms=('disam',), held_out=('75',), model='mlp', model_kwargs={'hidden': 16},
+  config = ExperimentConfig(algorithms=('disam',), held_out=('75',), model='mlp', model_kwargs={'hidden': 16},
                                   hparams=HParams(batch_size=8))
-  graphdef, params, model_state = train.init_model('mlp', num_classes=10, input_shape=(8, 8, 1), seed=0,
+  graphdef, params, model_state = init_model('mlp', num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs=config.model_kwargs)
   tx = algorithms.make_optimizer('disam', config.hparams, num_domains=5, aux_example=model_state)
-  state, meta = train.load_latest_state(train.cell_directory(str(run_dir), 'disam', '75', 0),
-                                        train.init_train_state(params, model_state, tx))
+  state, meta = load_latest_state(cell_directory(str(run_dir), 'disam', '75', 0),
+                                        init_train_state(params, model_state, tx))
   assert meta['step'] == steps
   return jax.tree.leaves(state.params)
 

@@ -14,9 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from disam_jax.harness import algorithms, data, distributed, experiment, loop, train
+from disam_jax.harness import algorithms, data, distributed, experiment, loop
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import run_experiment
 from disam_jax.harness.models import apply_model
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 from tests._runs import metrics_lines, run_killed_at
 
 SIZES = (5, 3, 4)  # examples per training domain: N = 12
@@ -109,7 +112,7 @@ def test_bad_batches_and_foreign_states_are_refused():
 
 
 def _model(m, algorithm="disam", **hparams):
-  graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs={"hidden": 16})
   tx = algorithms.make_optimizer(algorithm, HParams(lr=1e-2, rho=0.05, lam=0.5, **hparams), num_domains=m,
                                  aux_example=model_state)
@@ -129,8 +132,8 @@ def test_flat_step_statistics_are_numpy_per_domain_means_with_an_absent_domain()
   y = rng.integers(0, 10, 10).astype(np.int32)
   ids = np.array([0, 2, 2, 0, 3, 3, 3, 0, 2, 0], np.int32)  # domain 1 absent, uneven counts
   graphdef, params, model_state, tx = _model(m)
-  step = jax.jit(train.make_train_step(graphdef, tx))
-  state = train.init_train_state(params, model_state, tx)
+  step = jax.jit(make_train_step(graphdef, tx))
+  state = init_train_state(params, model_state, tx)
   logits, _ = apply_model(graphdef, params, model_state, x, train=True)
   ce = _ce(logits, y)
   means = np.array([ce[ids == d].mean() if np.any(ids == d) else 0.0 for d in range(m)])
@@ -159,7 +162,7 @@ def test_count_domain_weights_make_the_loss_the_batch_mean_as_the_released_code(
   means = np.array([ce[ids == d].mean() if counts[d] else 0.0 for d in range(m)])
   loss = ce.mean()
   variance = np.sum(counts / counts.sum() * (means - loss) ** 2)
-  _, metrics = jax.jit(train.make_train_step(graphdef, tx))(train.init_train_state(params, model_state, tx),
+  _, metrics = jax.jit(make_train_step(graphdef, tx))(init_train_state(params, model_state, tx),
                                                             (x, y, ids))
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["variance"], variance, rtol=1e-4)
@@ -171,10 +174,10 @@ def test_a_flat_batch_holding_a_balanced_one_steps_as_the_balanced_batch():
   x = rng.random((m, b, 8, 8, 1), dtype=np.float32)
   y = rng.integers(0, 10, (m, b)).astype(np.int32)
   graphdef, params, model_state, tx = _model(m)
-  step = jax.jit(train.make_train_step(graphdef, tx))
-  grouped, g_metrics = step(train.init_train_state(params, model_state, tx), (x, y))
+  step = jax.jit(make_train_step(graphdef, tx))
+  grouped, g_metrics = step(init_train_state(params, model_state, tx), (x, y))
   ids = np.repeat(np.arange(m, dtype=np.int32), b)
-  flat, f_metrics = step(train.init_train_state(params, model_state, tx),
+  flat, f_metrics = step(init_train_state(params, model_state, tx),
                          (x.reshape((m * b,) + x.shape[2:]), y.reshape(-1), ids))
   for a, c in zip(jax.tree.leaves(grouped.params), jax.tree.leaves(flat.params)):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
@@ -187,7 +190,7 @@ def test_a_flat_batch_holding_a_balanced_one_steps_as_the_balanced_batch():
 
 
 def _config(**overrides):
-  base = train.ExperimentConfig(
+  base = ExperimentConfig(
     algorithms=("disam",), held_out=("75",), seeds=(0,), steps=8, eval_every=4, model="mlp",
     model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4, batching="merged"),
   )
@@ -200,22 +203,22 @@ def _lines(run_dir):
 
 def test_a_merged_run_resumes_exactly_and_differs_from_a_balanced_run(tmp_path):
   config = _config()
-  full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
+  full = run_experiment(config, str(tmp_path / "full"), progress=False)
 
   run_killed_at(config, str(tmp_path / "cut"), 6)
-  resumed = train.run_experiment(config, str(tmp_path / "cut"), progress=False, resume=True)
+  resumed = run_experiment(config, str(tmp_path / "cut"), progress=False, resume=True)
   assert _lines(str(tmp_path / "full")) == _lines(str(tmp_path / "cut"))
   assert full[0].evals == resumed[0].evals
   balanced = dataclasses.replace(config, hparams=dataclasses.replace(config.hparams, batching="balanced"))
-  train.run_experiment(balanced, str(tmp_path / "balanced"), progress=False)
+  run_experiment(balanced, str(tmp_path / "balanced"), progress=False)
   assert _lines(str(tmp_path / "full"))[1]["loss"] != _lines(str(tmp_path / "balanced"))[1]["loss"]
 
 
 def test_a_merged_run_on_a_four_device_mesh_equals_one_device(tmp_path):
   config = _config(steps=4, eval_every=2)
-  one = train.run_experiment(config, str(tmp_path / "one"), progress=False)
+  one = run_experiment(config, str(tmp_path / "one"), progress=False)
   mesh = distributed.data_mesh(jax.devices()[:4])
-  sharded = train.run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
+  sharded = run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
   for a, b in zip(_lines(str(tmp_path / "one")), _lines(str(tmp_path / "mesh"))):
     assert a.keys() == b.keys() and a["step"] == b["step"]
     if "loss" in a:
@@ -229,7 +232,7 @@ def test_a_merged_run_on_a_four_device_mesh_equals_one_device(tmp_path):
 def test_a_merged_batch_the_devices_do_not_divide_is_refused(tmp_path):
   config = _config(hparams=HParams(batch_size=3, batching="merged"))  # 3 x 5 domains = 15 examples, 4 devices
   with pytest.raises(distributed.DistributedError, match="merged batch of 15 examples .* divisible by .* 4"):
-    train.run_experiment(config, str(tmp_path / "run"), progress=False,
+    run_experiment(config, str(tmp_path / "run"), progress=False,
                          mesh=distributed.data_mesh(jax.devices()[:4]))
 
 
@@ -280,11 +283,11 @@ def test_a_sharded_flat_step_with_an_absent_domain_equals_one_device():
   y = rng.integers(0, 10, 12).astype(np.int32)
   ids = np.array([0, 2, 2, 0, 3, 3, 3, 0, 2, 0, 0, 3], np.int32)
   graphdef, params, model_state, tx = _model(m)
-  step = jax.jit(train.make_train_step(graphdef, tx))
-  one, one_metrics = step(train.init_train_state(params, model_state, tx), (x, y, ids))
+  step = jax.jit(make_train_step(graphdef, tx))
+  one, one_metrics = step(init_train_state(params, model_state, tx), (x, y, ids))
   mesh = distributed.data_mesh(jax.devices()[:4])
   batch = jax.device_put((x, y, ids), distributed.flat_batch_sharding(mesh))
-  state = distributed.place_state(train.init_train_state(params, model_state, tx), mesh)
+  state = distributed.place_state(init_train_state(params, model_state, tx), mesh)
   four, four_metrics = step(state, batch)
   assert four_metrics["domain_losses"][1] == 0
   for name in ("domain_losses", "loss", "variance", "grad_norm"):

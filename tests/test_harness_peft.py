@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from disam_jax.harness import algorithms, models, peft, train
+from disam_jax.harness import algorithms, models, peft
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import _trainable_mask
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 from tests import _reference
 
 
@@ -122,14 +125,14 @@ def test_masked_step_matches_numpy_reference(algorithm, lam):
 
 
 def _run_steps(selectors, model_kwargs, algorithm="disam", steps=2):
-  graphdef, params, model_state = train.init_model("resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0,
+  graphdef, params, model_state = init_model("resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0,
                                                    model_kwargs={"width": 4, "stage_sizes": [1, 1], **model_kwargs})
-  config = train.ExperimentConfig(train_only=tuple(selectors) if selectors else None)
-  mask = train._trainable_mask(config, graphdef, params, model_state)
+  config = ExperimentConfig(train_only=tuple(selectors) if selectors else None)
+  mask = _trainable_mask(config, graphdef, params, model_state)
   hp = HParams(optimizer="adamw", lr=1e-2, weight_decay=0.1, rho=0.1, lam=0.5)
   tx = algorithms.make_optimizer(algorithm, hp, num_domains=2, aux_example=model_state, trainable_mask=mask)
-  step = jax.jit(train.make_train_step(graphdef, tx))
-  state = train.init_train_state(params, model_state, tx)
+  step = jax.jit(make_train_step(graphdef, tx))
+  state = init_train_state(params, model_state, tx)
   rng = np.random.default_rng(0)
   for _ in range(steps):
     batch = (rng.uniform(size=(2, 4, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, (2, 4)).astype(np.int32))
@@ -162,15 +165,15 @@ def test_batchnorm_statistics_update_when_not_frozen():
 
 def test_peft_step_skips_the_frozen_gradients():
   """The compiled PEFT step does less work than the full one (no weight gradients of the frozen backbone)."""
-  graphdef, params, model_state = train.init_model("resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0,
+  graphdef, params, model_state = init_model("resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0,
                                                    model_kwargs={"width": 4, "stage_sizes": [1, 1]})
   flops = {}
   for selectors in (None, ("head",)):
-    mask = train._trainable_mask(train.ExperimentConfig(train_only=selectors), graphdef, params, model_state)
+    mask = _trainable_mask(ExperimentConfig(train_only=selectors), graphdef, params, model_state)
     tx = algorithms.make_optimizer("disam", HParams(), num_domains=2, aux_example=model_state, trainable_mask=mask)
-    state = train.init_train_state(params, model_state, tx)
+    state = init_train_state(params, model_state, tx)
     batch = (np.zeros((2, 4, 8, 8, 3), np.float32), np.zeros((2, 4), np.int32))
-    compiled = jax.jit(train.make_train_step(graphdef, tx)).lower(state, batch).compile()
+    compiled = jax.jit(make_train_step(graphdef, tx)).lower(state, batch).compile()
     flops[selectors] = compiled.cost_analysis()["flops"]
   assert flops[("head",)] < 0.6 * flops[None]
 

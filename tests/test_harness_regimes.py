@@ -11,8 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from disam_jax.harness import data, regimes, train
+from disam_jax.harness import data, regimes
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import cell_directory, run_experiment
 
 SIZES = (40, 30, 50, 20)
 
@@ -130,11 +132,11 @@ def test_apply_regimes_refuses_inferred_domains_with_label_edits():
 
 
 def test_disam_trains_on_inferred_domains_and_is_evaluated_on_the_true_ones(tmp_path):
-  config = train.ExperimentConfig(algorithms=("disam",), held_out=("75",), seeds=(0,), steps=3, eval_every=3,
+  config = ExperimentConfig(algorithms=("disam",), held_out=("75",), seeds=(0,), steps=3, eval_every=3,
                                   model="mlp", model_kwargs={"hidden": 8}, hparams=HParams(batch_size=8),
                                   infer_domains=3)
-  results = train.run_experiment(config, str(tmp_path), progress=False)
-  with open(os.path.join(train.cell_directory(str(tmp_path), "disam", "75", 0), "metrics.jsonl")) as f:
+  results = run_experiment(config, str(tmp_path), progress=False)
+  with open(os.path.join(cell_directory(str(tmp_path), "disam", "75", 0), "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
   steps = [line for line in lines if "loss" in line]
   assert list(steps[0]["domain_losses"]) == ["c0", "c1", "c2"]            # DISAM sees K = 3 domains

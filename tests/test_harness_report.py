@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from disam_jax.harness import report
+from disam_jax.harness import report, tables
 
 
 def _cell(algorithm, held_out, seed, selected, last, directory=""):
@@ -42,10 +42,11 @@ def test_table_is_mean_plus_minus_domainbeds_standard_error_over_seeds():
   assert last[2] == "| ERM | 51.0 ± 0.7 | 61.0 ± 0.7 | 56.0 ± 0.7 |"
 
 
-def test_format_mean_std():
-  assert report.format_mean_std([]) == "–"
-  assert report.format_mean_std([0.5]) == "50.0"
-  assert report.format_mean_std([0.5, 0.6, 0.7]) == "60.0 ± 10.0"
+def test_format_mean_se():
+  """DomainBed's mean ± standard error, 100 * std(ddof=0) / sqrt(n): sqrt(200/3) / sqrt(3) = 4.71 for 50/60/70 %."""
+  assert tables.format_mean_se([]) == "–"
+  assert tables.format_mean_se([0.5]) == "50.0"
+  assert tables.format_mean_se([0.5, 0.6, 0.7]) == "60.0 ± 4.7"
 
 
 def test_results_markdown_has_both_selections_and_seed_note():
@@ -417,7 +418,7 @@ def test_every_registered_algorithm_has_its_own_color_line_style_and_marker():
 def test_docs_sample_output_is_what_the_report_prints():
   """docs/harness.md shows the start of the main job's printed report: every line but the numbers must be what
   `results_markdown` writes for the default configuration."""
-  from disam_jax.harness import train
+  from disam_jax.harness.config import ExperimentConfig
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "docs", "harness.md")) as f:
@@ -427,7 +428,7 @@ def test_docs_sample_output_is_what_the_report_prints():
   domains = ["0", "15", "30", "45", "60", "75"]
   cells = [_cell(a, d, 0, 0.9, 0.9) for a in ("erm", "sam", "disam") for d in domains]
   data = {"dataset": "rotated_digits", "domains": {}, "unreadable_files": [], "warnings": []}
-  printed = report.results_markdown(cells, train.ExperimentConfig(), data).splitlines()[:len(sample)]
+  printed = report.results_markdown(cells, ExperimentConfig(), data).splitlines()[:len(sample)]
   numbers = lambda line: line.startswith(("| ERM |", "| SAM |", "| DISAM |"))
   assert [line for line in sample if not numbers(line)] == [line for line in printed if not numbers(line)]
   assert [line.split(" |")[0] for line in sample if numbers(line)] == ["| ERM", "| SAM", "| DISAM"]
@@ -627,3 +628,52 @@ def test_a_complete_run_says_nothing_about_missing_runs(tmp_path, capsys):
   assert "incomplete" not in capsys.readouterr().err
   text = open(os.path.join(run, "results.md")).read()
   assert "Incomplete" not in text and "| ERM | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 |" in text
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_nothing_on_error(tmp_path, monkeypatch):
+  """The one atomic writer behind results.json/md, the reports and checkpoint.write_json: text or bytes, mode 0o644,
+  fsync'd before the rename; an error leaves the previous file and no temporary one."""
+  import json
+
+  from disam_jax.harness import _atomic, checkpoint
+
+  path = tmp_path / "a.txt"
+  _atomic.write_atomic(path, "é\n")
+  assert path.read_bytes() == "é\n".encode() and (path.stat().st_mode & 0o777) == 0o644
+  _atomic.write_atomic(str(path), b"\x00\x01")
+  assert path.read_bytes() == b"\x00\x01"
+  checkpoint.write_json(str(tmp_path / "r.json"), {"a": [1, 2]})
+  assert (tmp_path / "r.json").read_text() == json.dumps({"a": [1, 2]}, indent=1)
+  synced = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+  def fail(src, dst):
+    assert synced and open(src, "rb").read() == b"new"  # complete and synced before the rename
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "replace", fail)
+  with pytest.raises(OSError, match="No space"):
+    _atomic.write_atomic(path, b"new")
+  assert path.read_bytes() == b"\x00\x01" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "r.json"]
+
+
+def test_markdown_table_lines_and_alignment():
+  from disam_jax.harness.tables import markdown_table
+
+  assert markdown_table(["a", "b", "c"], [[1, "x", 2.5], ("y", None, "")]) == [
+    "| a | b | c |", "|---|---|---|", "| 1 | x | 2.5 |", "| y | None |  |"]
+  assert markdown_table(["Algorithm", "d"], [], align=":-:") == ["| Algorithm | d |", "|---|:-:|"]
+  assert markdown_table(["m", "n", "t"], iter([["r", 1, 2]]), align=["---", "---", "---:"])[1] == "|---|---|---:|"
+  with pytest.raises(ValueError, match="2 alignments for 3 columns"):
+    markdown_table(["m", "n", "t"], [], align=["---", "---:"])
+
+
+def test_report_is_byte_identical_to_the_one_before_markdown_table(tmp_path):
+  """results.md of the fake run (accuracy tables, training dynamics, run-by-run and paired comparisons), as written
+  before the tables went through tables.markdown_table (tests/data/report_fake_run.md)."""
+  cells = _write_fake_run(str(tmp_path))
+  report.write_report(str(tmp_path), cells, None, plots=False)
+  expected = os.path.join(os.path.dirname(__file__), "data", "report_fake_run.md")
+  with open(expected, encoding="utf-8") as f:
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == f.read()

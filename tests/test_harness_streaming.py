@@ -17,8 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from disam_jax.harness import data, regimes, streaming, train
+from disam_jax.harness import data, regimes, streaming
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import run_experiment
 from tests._runs import metrics_lines, run_killed_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,19 +228,19 @@ def _metrics(run_dir):
 
 def test_resume_with_augmentation_is_bit_exact(tmp_path):
   root = _folder(tmp_path / "data")
-  config = train.ExperimentConfig(
+  config = ExperimentConfig(
     dataset="image_folder", data_dir=root, image_size=12, cache_dir=str(tmp_path / "cache"), algorithms=("disam",),
     held_out=("c",), steps=6, eval_every=2, model="mlp", model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4),
     eval_batch_size=8, data_workers=0)
-  full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
+  full = run_experiment(config, str(tmp_path / "full"), progress=False)
 
   interrupted = str(tmp_path / "interrupted")
   run_killed_at(config, interrupted, 3)
-  resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
+  resumed = run_experiment(config, interrupted, progress=False, resume=True)
   assert _metrics(str(tmp_path / "full")) == _metrics(interrupted)  # every step's losses, bit for bit
   assert full[0].evals == resumed[0].evals
   # augmentation is on: the same run without it trains on other pixels
-  plain = train.run_experiment(dataclasses.replace(config, augment=False), str(tmp_path / "plain"), progress=False)
+  plain = run_experiment(dataclasses.replace(config, augment=False), str(tmp_path / "plain"), progress=False)
   assert _metrics(str(tmp_path / "plain"))[1]["loss"] != _metrics(str(tmp_path / "full"))[1]["loss"]
   assert plain[0].evals[0] == full[0].evals[0]  # step 0: the same initialization, the same eval transform
 
@@ -360,13 +362,13 @@ def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
   from disam_jax.harness import distributed
 
   root = _folder(tmp_path / "data")
-  config = train.ExperimentConfig(
+  config = ExperimentConfig(
     dataset="image_folder", data_dir=root, image_size=12, cache_dir=str(tmp_path / "cache"), algorithms=("disam",),
     held_out=("c",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4),
     eval_batch_size=6, data_workers=0)
-  one = train.run_experiment(config, str(tmp_path / "one"), progress=False)
+  one = run_experiment(config, str(tmp_path / "one"), progress=False)
   mesh = distributed.parse_mesh("data=2,fsdp=2", jax.devices()[:4])
-  sharded = train.run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
+  sharded = run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
   for a, b in zip(_metrics(str(tmp_path / "one")), _metrics(str(tmp_path / "mesh"))):
     assert a.keys() == b.keys() and a["step"] == b["step"]
     if "loss" in a:  # step 0's line holds only the evaluation of the initialization
@@ -386,14 +388,14 @@ def test_tfds_run_is_streamed_end_to_end(tmp_path):
   from tests.test_harness_data import _prepare_shapes
 
   _prepare_shapes(tmp_path / "tfds")
-  config = train.ExperimentConfig(
+  config = ExperimentConfig(
     dataset="tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8, algorithms=("disam",),
     held_out=("75",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 8}, hparams=HParams(batch_size=2),
     eval_batch_size=4, data_workers=0)
-  full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
+  full = run_experiment(config, str(tmp_path / "full"), progress=False)
   interrupted = str(tmp_path / "interrupted")
   run_killed_at(config, interrupted, 2)
-  resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
+  resumed = run_experiment(config, interrupted, progress=False, resume=True)
   assert metrics_lines(interrupted, "75") == metrics_lines(str(tmp_path / "full"), "75")
   assert full[0].evals == resumed[0].evals
   ds = data.load_dataset("tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8)

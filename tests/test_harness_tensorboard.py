@@ -1,17 +1,16 @@
 """Tests for the TensorBoard events of a run (disam_jax/harness/tensorboard.py, `disam-train --tensorboard`).
 
-The event files are read back by two readers that share no code with the writer (tensorboardX): the TFRecord
-framing and the Event / Summary protobufs decoded by hand here (with their CRC-32C checksums checked), and
-TensorBoard's own loader (`EventAccumulator`, when the `tensorboard` package is installed). Each run's scalars must
-be exactly its metrics.jsonl values (as float32, TensorBoard's `simple_value`), at their steps, each step once,
-also after an interrupted run is resumed.
+The event files are read back by TensorBoard (the `tensorboard` package of the test extra), which shares no code
+with the writer (tensorboardX): record by record with its `LegacyEventFileLoader` (CRC-32C checked; every record
+and the file-version record of each file), and as its UI shows them with `EventAccumulator`. Each run's scalars
+must be exactly its metrics.jsonl values (as float32, TensorBoard's `simple_value`), at their steps, each step
+once, also after an interrupted run is resumed.
 """
 
 import dataclasses
 import glob
 import json
 import os
-import struct
 import sys
 
 import numpy as np
@@ -25,6 +24,10 @@ from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 
 pytest.importorskip("tensorboardX", reason="the tensorboard extra: pip install 'disam_jax[tensorboard]'")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                        reason="TensorBoard's loader (the test extra): pip install tensorboard")
+event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader",
+                                        reason="TensorBoard's loader (the test extra): pip install tensorboard")
 
 # The MLP of tests/test_harness_train.py (its compiled steps are shared through the harness's cache), with
 # --diagnostics so that DISAM logs the cosine to SAM's direction too.
@@ -36,100 +39,25 @@ CLI = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# An independent reader: TFRecord framing and protobuf wire format by hand
+# The events as TensorBoard reads them
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _crc32c_table():
-  table = []
-  for n in range(256):
-    c = n
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
-    table.append(c)
-  return table
-
-
-_TABLE = _crc32c_table()
-
-
-def _crc32c(data: bytes) -> int:
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def _masked(data: bytes) -> int:  # TFRecord's masked CRC
-  c = _crc32c(data)
-  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def test_the_hand_written_crc32c_matches_its_published_check_value():
-  assert _crc32c(b"123456789") == 0xE3069283  # RFC 3720, appendix B.4 / the CRC catalogue's CRC-32C check
-
-
-def _fields(buf: bytes):
-  """(field number, wire type, value) of a protobuf message: varints as int, fixed64/32 as bytes, strings as bytes."""
-  i = 0
-  while i < len(buf):
-    key, i = _varint(buf, i)
-    number, wire = key >> 3, key & 7
-    if wire == 0:
-      value, i = _varint(buf, i)
-    elif wire == 1:
-      value, i = buf[i:i + 8], i + 8
-    elif wire == 2:
-      n, i = _varint(buf, i)
-      value, i = buf[i:i + n], i + n
-    elif wire == 5:
-      value, i = buf[i:i + 4], i + 4
-    else:
-      raise AssertionError(f"unexpected wire type {wire}")
-    yield number, wire, value
-
-
-def _varint(buf: bytes, i: int):
-  shift = result = 0
-  while True:
-    b = buf[i]
-    i += 1
-    result |= (b & 0x7F) << shift
-    shift += 7
-    if not b & 0x80:
-      return result, i
-
-
-def _records(path: str):
-  with open(path, "rb") as f:
-    data = f.read()
-  i = 0
-  while i < len(data):
-    header = data[i:i + 8]
-    (n,) = struct.unpack("<Q", header)
-    (crc,) = struct.unpack("<I", data[i + 8:i + 12])
-    assert crc == _masked(header), f"{path}: length checksum"
-    body = data[i + 12:i + 12 + n]
-    (crc,) = struct.unpack("<I", data[i + 12 + n:i + 16 + n])
-    assert crc == _masked(body), f"{path}: record checksum"
-    yield body
-    i += 16 + n
-
-
 def _raw_scalars(directory: str):
-  """Every (tag, step, value) of the event files of `directory`, in file order: Event {2: step, 5: Summary},
-  Summary {1: Value}, Value {1: tag, 2: simple_value (float)}."""
-  out, versions = [], []
+  """Every (tag, step, value) of the event files of `directory`, in file order, read record by record by
+  TensorBoard's `LegacyEventFileLoader` (each record's CRC-32C checked, the Event protobuf parsed; unlike
+  `EventFileLoader` it does not migrate scalars to tensors): Event.step and every Summary.Value's tag and
+  simple_value. Each file must start with its one file-version record."""
+  out = []
   for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
-    for record in _records(path):
-      event = list(_fields(record))
-      step = next((v for n, w, v in event if n == 2), 0)
-      versions += [v for n, w, v in event if n == 3]
-      for summary in (v for n, w, v in event if n == 5):
-        for value in (v for n, w, v in _fields(summary) if n == 1):
-          fields = {n: v for n, w, v in _fields(value)}
-          out.append((fields[1].decode(), step, struct.unpack("<f", fields[2])[0]))
-  assert versions == [b"brain.Event:2"] * len(versions) and versions, "one file-version record per file"
+    events = list(event_file_loader.LegacyEventFileLoader(path).Load())
+    versions = [e.file_version for e in events if e.HasField("file_version")]
+    assert versions == ["brain.Event:2"] and events[0].HasField("file_version"), f"{path}: one file-version record"
+    for event in events:
+      for value in event.summary.value:
+        assert value.HasField("simple_value"), f"{path}: {value.tag} is not a simple_value scalar"
+        out.append((value.tag, event.step, value.simple_value))
+  assert out, f"no scalars in {directory}"
   return out
 
 
@@ -172,9 +100,7 @@ def _by_tag(raw):
 
 def _accumulated(directory: str):
   """{tag: [(step, value)]} as TensorBoard loads them."""
-  accumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator", reason="TensorBoard's loader: pip install tensorboard")
-  acc = accumulator.EventAccumulator(directory, size_guidance={accumulator.SCALARS: 0})
+  acc = event_accumulator.EventAccumulator(directory, size_guidance={event_accumulator.SCALARS: 0})
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 

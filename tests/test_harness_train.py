@@ -17,10 +17,15 @@ import pytest
 from flax import nnx
 
 import disam_jax
-from disam_jax.harness import algorithms, data, train
+from disam_jax.harness import algorithms, data
 from disam_jax.harness.algorithms import HParams
+from disam_jax.harness.config import ExperimentConfig
+from disam_jax.harness.experiment import cell_directory, harden_domain, load_latest_state, run_experiment
+from disam_jax.harness.loop import _compile, select_best
 from disam_jax.harness.models import apply_model
+from disam_jax.harness.steps import init_model, init_train_state, make_train_step
 from tests._runs import metrics_lines, run_killed_at
+from tests._steps import disam_step
 
 M, B = 3, 4  # domains, examples per domain
 
@@ -62,7 +67,7 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def mlp():
-  return train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
+  return init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
 
 
 @pytest.mark.parametrize(
@@ -76,16 +81,12 @@ def mlp():
 def test_step_matches_disam_on_hand_written_losses(mlp, algorithm, hparams, base_tx, lam):
   graphdef, params, model_state = mlp
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=M, aux_example=model_state)
-  step = jax.jit(train.make_train_step(graphdef, tx))
-  state = train.init_train_state(params, model_state, tx)
+  step = jax.jit(make_train_step(graphdef, tx))
+  state = init_train_state(params, model_state, tx)
 
   ref_tx = disam_jax.disam(base_tx, hparams.rho, lam, adaptive=hparams.adaptive, num_domains=M)
 
-  @jax.jit
-  def ref_step(ref_params, ref_state, x, y):
-    updates, ref_state = ref_tx.update(None, ref_state, ref_params, domain_loss_fn=lambda p: _per_domain_ce(p, x, y))
-    return optax.apply_updates(ref_params, updates), ref_state
-
+  ref_step = jax.jit(disam_step(ref_tx, _per_domain_ce))
   ref_params = _pure(params)
   ref_state = ref_tx.init(ref_params)
   for k in range(2):
@@ -103,8 +104,8 @@ def test_step_matches_disam_on_hand_written_losses(mlp, algorithm, hparams, base
 def test_erm_step_is_grad_of_mean_loss_plus_adam(mlp):
   graphdef, params, model_state = mlp
   tx = algorithms.make_optimizer("erm", HParams(lr=1e-2), num_domains=M, aux_example=model_state)
-  step = jax.jit(train.make_train_step(graphdef, tx))
-  state = train.init_train_state(params, model_state, tx)
+  step = jax.jit(make_train_step(graphdef, tx))
+  state = init_train_state(params, model_state, tx)
   adam = optax.adam(1e-2)
 
   @jax.jit
@@ -125,14 +126,14 @@ def test_erm_step_is_grad_of_mean_loss_plus_adam(mlp):
 
 
 def test_batchnorm_statistics_come_from_the_unperturbed_pass():
-  graphdef, params, model_state = train.init_model(
+  graphdef, params, model_state = init_model(
     "resnet18", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"width": 2, "stage_sizes": (1,)}
   )
   assert jax.tree.leaves(model_state), "the model must carry BatchNorm statistics"
   rho, lam = 0.5, 0.5
   tx = algorithms.make_optimizer("disam", HParams(rho=rho, lam=lam), num_domains=M, aux_example=model_state)
   x, y = _batch(3)
-  state, _ = jax.jit(train.make_train_step(graphdef, tx))(train.init_train_state(params, model_state, tx), (x, y))
+  state, _ = jax.jit(make_train_step(graphdef, tx))(init_train_state(params, model_state, tx), (x, y))
 
   flat_x, flat_y = x.reshape((M * B,) + x.shape[2:]), y.reshape(-1)
 
@@ -167,7 +168,7 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass():
 
 
 def _config(**overrides):
-  base = train.ExperimentConfig(
+  base = ExperimentConfig(
     algorithms=("disam",), held_out=("75",), seeds=(0,), steps=12, eval_every=4, model="mlp",
     # dropout puts an RNG key and counter in the model state: resume must restore them too
     model_kwargs={"hidden": 16, "dropout": 0.1}, hparams=HParams(batch_size=8),
@@ -176,12 +177,12 @@ def _config(**overrides):
 
 
 def _final_state(run_dir, config):
-  graphdef, params, model_state = train.init_model(
+  graphdef, params, model_state = init_model(
     config.model_name, num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs=config.model_kwargs
   )
   tx = algorithms.make_optimizer("disam", config.hparams, num_domains=5, aux_example=model_state)
-  template = train.init_train_state(params, model_state, tx)
-  return train.load_latest_state(train.cell_directory(run_dir, "disam", "75", 0), template)
+  template = init_train_state(params, model_state, tx)
+  return load_latest_state(cell_directory(run_dir, "disam", "75", 0), template)
 
 
 def _metrics_without_time(run_dir):
@@ -190,14 +191,14 @@ def _metrics_without_time(run_dir):
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
   config = _config()
-  full = train.run_experiment(config, str(tmp_path / "full"), progress=False)
+  full = run_experiment(config, str(tmp_path / "full"), progress=False)
 
   interrupted = str(tmp_path / "interrupted")
   run_killed_at(config, interrupted, 7)
-  cell = train.cell_directory(interrupted, "disam", "75", 0)
+  cell = cell_directory(interrupted, "disam", "75", 0)
   assert not os.path.exists(os.path.join(cell, "result.json"))
   assert sorted(int(s) for s in os.listdir(os.path.join(cell, "checkpoints"))) == [4]
-  resumed = train.run_experiment(config, interrupted, progress=False, resume=True)
+  resumed = run_experiment(config, interrupted, progress=False, resume=True)
 
   (state_a, meta_a), (state_b, meta_b) = _final_state(str(tmp_path / "full"), config), _final_state(interrupted,
                                                                                                     config)
@@ -218,16 +219,16 @@ def test_cells_share_the_initialization_and_the_step_donates_its_state(tmp_path)
   # The step donates the training state; the cells of one held-out domain start from the same initialization,
   # which must survive the first cell: the second algorithm trains exactly as it does alone.
   config = _config(algorithms=("erm", "disam"), steps=5, eval_every=2)
-  both = train.run_experiment(config, str(tmp_path / "both"), progress=False)
-  alone = train.run_experiment(dataclasses.replace(config, algorithms=("disam",)), str(tmp_path / "alone"),
+  both = run_experiment(config, str(tmp_path / "both"), progress=False)
+  alone = run_experiment(dataclasses.replace(config, algorithms=("disam",)), str(tmp_path / "alone"),
                                progress=False)
   assert both[1].evals == alone[0].evals
   assert _metrics_without_time(str(tmp_path / "both")) == _metrics_without_time(str(tmp_path / "alone"))
-  graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs=config.model_kwargs)
-  compiled = train._compile(config, graphdef, model_state, 5)
+  compiled = _compile(config, graphdef, model_state, 5)
   step = compiled.train_steps["disam"]
-  state = train.init_train_state(params, model_state, compiled.txs["disam"])
+  state = init_train_state(params, model_state, compiled.txs["disam"])
   batch = (jnp.zeros((5, 8, 8, 8, 1)), jnp.zeros((5, 8), jnp.int32))
   assert "tf.aliasing_output" in step.lower(state, batch).as_text()
 
@@ -237,13 +238,13 @@ def test_the_loop_step_is_the_train_step_over_flat_leaves_with_its_metrics_packe
   the jitted train step's state and metrics: every metric by name and shape, bit for bit, for ERM and DISAM with its
   [M] perturbation weights and the non-finite sam_cosine of a run without --diagnostics."""
   config = _config(algorithms=("erm", "disam"), steps=5, eval_every=2)
-  graphdef, params, model_state = train.init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
+  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
                                                    model_kwargs=config.model_kwargs)
-  compiled = train._compile(config, graphdef, model_state, 5)
+  compiled = _compile(config, graphdef, model_state, 5)
   rng = np.random.default_rng(0)
   batch = (rng.standard_normal((5, 8, 8, 8, 1)).astype(np.float32), rng.integers(0, 10, (5, 8)).astype(np.int32))
   for algorithm in ("erm", "disam"):
-    fresh = lambda: train.init_train_state(params, model_state, compiled.txs[algorithm])
+    fresh = lambda: init_train_state(params, model_state, compiled.txs[algorithm])
     want_state, want = compiled.train_steps[algorithm](jax.tree.map(jnp.copy, fresh()), batch)
     leaves, treedef = jax.tree.flatten(jax.tree.map(jnp.copy, fresh()))
     loop_step = compiled.loop_steps[algorithm]
@@ -264,7 +265,7 @@ def test_the_loop_step_is_the_train_step_over_flat_leaves_with_its_metrics_packe
 
 def test_checkpoints_keep_latest_and_best_and_selection_picks_best_validation(tmp_path):
   config = _config(steps=8, eval_every=2)
-  (result,) = train.run_experiment(config, str(tmp_path / "run"), progress=False)
+  (result,) = run_experiment(config, str(tmp_path / "run"), progress=False)
   assert [e["step"] for e in result.evals] == [0, 2, 4, 6, 8]
   best = max(result.evals, key=lambda e: e["val_acc_mean"])  # max() returns the first of equal values
   assert result.selected == {"step": best["step"], "val_acc": best["val_acc_mean"], "test_acc": best["test_acc"]}
@@ -277,13 +278,13 @@ def test_checkpoints_keep_latest_and_best_and_selection_picks_best_validation(tm
 def test_select_best_takes_the_earliest_of_equal_validation_accuracies():
   evals = [{"step": s, "val_acc_mean": v, "test_acc": t} for s, v, t in
            [(0, 0.1, 0.1), (10, 0.8, 0.5), (20, 0.9, 0.6), (30, 0.9, 0.7), (40, 0.85, 0.9)]]
-  assert train.select_best(evals)["step"] == 20
+  assert select_best(evals)["step"] == 20
 
 
 def test_harden_domain_subsamples_and_corrupts_only_that_training_domain():
   ds = data.load_dataset("rotated_digits", seed=0)
   split = data.split_dataset(ds, "75", seed=0)
-  hard = train.harden_domain(split, "30", fraction=0.1, label_noise=0.5, num_classes=10, seed=0)
+  hard = harden_domain(split, "30", fraction=0.1, label_noise=0.5, num_classes=10, seed=0)
   i = split.train_domains.index("30")
   x, y = hard.train[i]
   assert len(x) == round(0.1 * len(split.train[i][0]))
@@ -295,7 +296,7 @@ def test_harden_domain_subsamples_and_corrupts_only_that_training_domain():
     if j != i:
       assert hard.train[j][0] is split.train[j][0]
   assert hard.val is split.val and hard.test is split.test
-  assert train.harden_domain(split, "75", fraction=0.1, num_classes=10, seed=0) is split  # held out: unchanged
+  assert harden_domain(split, "75", fraction=0.1, num_classes=10, seed=0) is split  # held out: unchanged
 
 
 def test_progress_of_a_resumed_run_says_where_it_resumes_and_does_not_time_the_steps_done(tmp_path, capsys):

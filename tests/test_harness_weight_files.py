@@ -225,7 +225,25 @@ def _safetensors_bytes(arrays):
     return open(os.path.join(tmp, "w.safetensors"), "rb").read()
 
 
-def test_safetensors_round_trip_and_truncation(tmp_path):
+@pytest.fixture(params=["package", "fallback"])
+def safetensors_reader(request, monkeypatch):
+  """Which safetensors reader runs: the ``safetensors`` package's, or the no-dependency one (its import blocked)."""
+  if request.param == "package":
+    pytest.importorskip("safetensors", reason="safetensors not installed (the harness extra)")
+  else:
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` raises ImportError
+  return request.param
+
+
+def _bf16_safetensors(path):
+  """A hand-written file with one BF16 tensor [1.0, -2.0, 0.5] (bfloat16 is float32's high half) and one F32."""
+  bf16 = (np.asarray([1.0, -2.0, 0.5], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+  f32 = np.asarray([3.0, 4.0], "<f4").tobytes()
+  path.write_bytes(_safetensors_header({"b": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+                                        "f": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}, bf16 + f32))
+
+
+def test_safetensors_round_trip_and_truncation(tmp_path, safetensors_reader):
   arrays = _arrays()
   data = _safetensors_bytes(arrays)
   (tmp_path / "w.safetensors").write_bytes(data)
@@ -233,20 +251,37 @@ def test_safetensors_round_trip_and_truncation(tmp_path):
   for k, a in arrays.items():
     assert out[k].dtype == a.dtype
     np.testing.assert_array_equal(out[k], a)
+  out["conv.weight"][0, 0, 0, 0] = 5.0  # writable, like np.load's arrays
   for cut in (4, 20, len(data) - 3):
     (tmp_path / "t.safetensors").write_bytes(data[:cut])
     with pytest.raises(wf.WeightFileError, match="truncated"):
       wf.read_weights(tmp_path / "t.safetensors")
 
 
-def test_safetensors_written_by_the_safetensors_package(tmp_path):
-  st = pytest.importorskip("safetensors.numpy", reason="safetensors not installed (optional: an independent writer)")
-  arrays = {k: v for k, v in _arrays().items()}
-  st.save_file(arrays, str(tmp_path / "w.safetensors"))
-  out = wf.read_safetensors(tmp_path / "w.safetensors")
-  assert set(out) == set(arrays)
-  for k, a in arrays.items():
-    np.testing.assert_array_equal(out[k], a)
+def test_safetensors_bfloat16(tmp_path, safetensors_reader):
+  _bf16_safetensors(tmp_path / "b.safetensors")
+  out = wf.read_weights(tmp_path / "b.safetensors")
+  assert out["b"].dtype.name == "bfloat16" and out["f"].dtype == np.float32
+  np.testing.assert_array_equal(out["b"].astype(np.float32), [1.0, -2.0, 0.5])
+  np.testing.assert_array_equal(out["f"], [3.0, 4.0])
+
+
+def test_safetensors_package_and_fallback_read_equal_arrays(tmp_path, monkeypatch):
+  st = pytest.importorskip("safetensors.numpy", reason="safetensors not installed (the harness extra)")
+  arrays = _arrays()
+  st.save_file(arrays, str(tmp_path / "w.safetensors"))  # the package's writer
+  _bf16_safetensors(tmp_path / "b.safetensors")
+  for name in ("w.safetensors", "b.safetensors"):
+    package = wf.read_safetensors(tmp_path / name)
+    with monkeypatch.context() as m:
+      m.setitem(sys.modules, "safetensors", None)
+      fallback = wf.read_safetensors(tmp_path / name)
+    assert set(package) == set(fallback) and (name != "w.safetensors" or set(package) == set(arrays))
+    for k in package:
+      assert package[k].dtype == fallback[k].dtype and package[k].shape == fallback[k].shape
+      np.testing.assert_array_equal(package[k], fallback[k])
+      if k in arrays:
+        np.testing.assert_array_equal(package[k], arrays[k])
 
 
 def test_npz_refuses_object_arrays_and_reads_plain_ones(tmp_path):
@@ -393,10 +428,32 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("kind", [k for k in BAD_FILES if k != "a directory named .pth"])
-def test_crafted_files_raise_one_line_naming_the_file_within_a_memory_bound(tmp_path, kind):
+# The safetensors package's words for the safetensors kinds of BAD_FILES (BAD_FILES has the no-dependency reader's).
+SAFETENSORS_PACKAGE_MESSAGES = {
+  "safetensors header larger than the file": "not a valid safetensors file .*invalid header length",
+  "safetensors offsets past the buffer": "not a valid safetensors file .*invalid offset for tensor `w`",
+  "safetensors offsets not integers": "not a valid safetensors file .*invalid JSON in header",
+  "safetensors huge declared tensor": "not a valid safetensors file .*overflow computing buffer size",
+  "random bytes as .safetensors": "not a valid safetensors file .*header too large",
+}
+
+
+def _expected_message(kind):
+  """The regex the refusal of BAD_FILES[kind] matches with the reader that runs here (package if importable)."""
+  try:
+    import safetensors  # noqa: F401
+  except ImportError:
+    return BAD_FILES[kind][2]
+  return SAFETENSORS_PACKAGE_MESSAGES.get(kind, BAD_FILES[kind][2])
+
+
+@pytest.mark.parametrize("kind,blocked", [(k, False) for k in BAD_FILES if k != "a directory named .pth"]
+                         + [(k, True) for k in SAFETENSORS_PACKAGE_MESSAGES])
+def test_crafted_files_raise_one_line_naming_the_file_within_a_memory_bound(tmp_path, monkeypatch, kind, blocked):
   import tracemalloc
 
+  if blocked:  # the no-dependency safetensors reader
+    monkeypatch.setitem(sys.modules, "safetensors", None)
   path = _write_bad_file(tmp_path, kind)
   tracemalloc.start()
   try:
@@ -407,14 +464,17 @@ def test_crafted_files_raise_one_line_naming_the_file_within_a_memory_bound(tmp_
     tracemalloc.stop()
   message = str(caught.value)
   assert message.startswith(f"{path}: ") and "\n" not in message, message
-  assert re.search(BAD_FILES[kind][2], message), message
+  assert re.search(_expected_message(kind), message), message
   size = os.path.getsize(path)
   assert peak < 4 * size + (2 << 20), f"{peak:,} bytes allocated for a {size:,}-byte file"
   assert not os.path.exists(f"{path}.pwned")
 
 
-def test_mutated_files_raise_only_weight_file_errors(tmp_path):
+@pytest.mark.parametrize("blocked", [False, True], ids=["safetensors-package", "safetensors-fallback"])
+def test_mutated_files_raise_only_weight_file_errors(tmp_path, monkeypatch, blocked):
   """Random byte flips and cuts of valid files of every format: a WeightFileError or a dict, never anything else."""
+  if blocked:  # the no-dependency safetensors reader (the other formats do not depend on it: run once)
+    monkeypatch.setitem(sys.modules, "safetensors", None)
   rng = np.random.default_rng(0)
   arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16)}
   _pth_files.write_zip_pth(tmp_path / "w.pth", arrays)
@@ -422,7 +482,8 @@ def test_mutated_files_raise_only_weight_file_errors(tmp_path):
   _pth_files.write_safetensors(tmp_path / "w.safetensors", arrays)
   np.savez(tmp_path / "w.npz", **arrays)
   np.savez_compressed(tmp_path / "w_compressed.npz", **arrays)
-  for source in ("w.pth", "w_legacy.pth", "w.safetensors", "w.npz", "w_compressed.npz"):
+  sources = ("w.safetensors",) if blocked else ("w.pth", "w_legacy.pth", "w.safetensors", "w.npz", "w_compressed.npz")
+  for source in sources:
     good = (tmp_path / source).read_bytes()
     target = tmp_path / f"m_{source}"
     for trial in range(300):
@@ -452,7 +513,7 @@ def test_cli_refuses_a_bad_pretrained_file_in_one_line(capsys, tmp_path, kind):
   assert code == 2
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("disam-train: error: "), err
-  assert str(path) in lines[0] and re.search(BAD_FILES[kind][2], lines[0]), lines[0]
+  assert str(path) in lines[0] and re.search(_expected_message(kind), lines[0]), lines[0]
   assert not (tmp_path / "run").exists() and not os.path.exists(f"{path}.pwned")
 
 
@@ -460,10 +521,11 @@ def _mlp_weights(path, **options):
   """Our .npz layout of the MLP for rotated digits (64 inputs, 10 classes, or `num_classes`)."""
   from flax import nnx
 
-  from disam_jax.harness import models, train
+  from disam_jax.harness import models
+  from disam_jax.harness.steps import init_model
 
   num_classes = options.pop("num_classes", 10)
-  graphdef, params, state = train.init_model("mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1,
+  graphdef, params, state = init_model("mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1,
                                              model_kwargs=options)
   models.save_weights(nnx.merge(graphdef, params, state), path)
   return path

@@ -1,4 +1,4 @@
-"""Harness overhead: `disam-train`'s training loop (`train.run_experiment` -> `run_cell`) against a bare loop.
+"""Harness overhead: `disam-train`'s training loop (`run_experiment` -> `run_cell`) against a bare loop.
 
 The bare loop calls the harness's own compiled step (the same jitted function, donated state) on one batch already
 on the device, `steps` times, and blocks once at the end: the most a training loop could get from that step. The
@@ -26,26 +26,30 @@ def _harness_and_bare(algorithm: str, steps: int, model: str):
   import jax
   import jax.numpy as jnp
 
-  from disam_jax.harness import data, train
+  from disam_jax.harness import data
+  from disam_jax.harness.config import ExperimentConfig
+  from disam_jax.harness.experiment import _cell_split, prepare, run_experiment
+  from disam_jax.harness.loop import _compile
+  from disam_jax.harness.steps import init_model, init_train_state
 
-  config = train.ExperimentConfig(dataset='rotated_digits', model=model, algorithms=(algorithm,),
+  config = ExperimentConfig(dataset='rotated_digits', model=model, algorithms=(algorithm,),
                                   seeds=(0,), steps=steps, eval_every=steps)
-  prepared = train.prepare(config)
+  prepared = prepare(config)
   config = dataclasses.replace(config, held_out=(prepared[1][0],))
   ds, held_out = prepared[0], (prepared[1][0],)
-  split = train._cell_split(config, ds, held_out[0], 0)
-  graphdef, params, model_state = train.init_model(model, num_classes=ds.num_classes, input_shape=ds.input_shape,
+  split = _cell_split(config, ds, held_out[0], 0)
+  graphdef, params, model_state = init_model(model, num_classes=ds.num_classes, input_shape=ds.input_shape,
                                                    seed=0)
-  compiled = train._compile(config, graphdef, model_state, len(split.train))
+  compiled = _compile(config, graphdef, model_state, len(split.train))
   step_fn = compiled.train_steps[algorithm]
   sampler = data.DomainBatchSampler(split.train, config.hparams.batch_size, 0, domain_names=split.train_domains)
   batch = jax.device_put(sampler.next())
-  state0 = train.init_train_state(params, model_state, compiled.txs[algorithm],
+  state0 = init_train_state(params, model_state, compiled.txs[algorithm],
                                   (compiled.penalties or {}).get(algorithm))
 
   def harness(run_dir: str) -> float:
     stamps: dict[int, float] = {}
-    train.run_experiment(config, run_dir, progress=False, prepared=(ds, held_out),
+    run_experiment(config, run_dir, progress=False, prepared=(ds, held_out),
                          on_step=lambda a, d, s, k, line: stamps.__setitem__(k, time.perf_counter()))
     first, last = 2, steps - 1
     return (stamps[last] - stamps[first]) / (last - first)

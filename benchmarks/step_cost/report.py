@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.step_cost.config import CONV_MODELS, REFERENCE_PERTURB_EVERY, TARGETS, XLA_CONFIGS
+from disam_jax.harness.tables import markdown_table
 
 def evaluate_targets(results: dict) -> list[dict[str, Any]]:
   """Each target with its measured value (ratio of min times; `paired`: median of per-round ratios) and whether
@@ -88,46 +89,35 @@ def to_markdown(results: dict) -> str:
       for k in res['cases']:
         if k not in labels:
           labels.append(k)
-    lines += ['| case | ' + ' | '.join(f'{k} ({r["batch"]} = {r["num_domains"]}x{r["per_domain_batch"]})'
-                                       for k, r in st.items()) + ' |',
-              '|---' * (len(st) + 1) + '|']
-    for lab in labels:
-      lines.append(f'| {lab} | ' + ' | '.join(_fmt_ms(r['cases'][lab]) if lab in r['cases'] else '-'
-                                              for r in st.values()) + ' |')
-    lines.append('| rounds | ' + ' | '.join(str(len(next(iter(r['cases'].values()))['times_ms']))
-                                           for r in st.values()) + ' |')
+    rows = [[lab, *(_fmt_ms(r['cases'][lab]) if lab in r['cases'] else '-' for r in st.values())] for lab in labels]
+    rows.append(['rounds', *(len(next(iter(r['cases'].values()))['times_ms']) for r in st.values())])
+    lines += markdown_table(['case', *(f'{k} ({r["batch"]} = {r["num_domains"]}x{r["per_domain_batch"]})'
+                                       for k, r in st.items())], rows)
     lines += ['', 'Process CPU time per step, min ms (all threads of this process; time spent descheduled does not '
               'count) / minor page faults per step (fresh pages touched) / cores other processes kept busy '
-              'meanwhile (mean over samples):', '',
-              '| case | ' + ' | '.join(st) + ' |', '|---' * (len(st) + 1) + '|']
+              'meanwhile (mean over samples):', '']
     cpu_cell = lambda c: (f'{c["cpu_min_ms"]:.1f} / {c["page_faults_per_step"] / 1e3:.1f}k / '
                           f'{c["other_processes_cores"] if c["other_processes_cores"] is not None else "-"}')
-    for lab in labels:
-      lines.append(f'| {lab} | ' + ' | '.join(cpu_cell(r['cases'][lab]) if lab in r['cases'] else '-'
-                                              for r in st.values()) + ' |')
+    lines += markdown_table(['case', *st], ([lab, *(cpu_cell(r['cases'][lab]) if lab in r['cases'] else '-'
+                                                    for r in st.values())] for lab in labels))
     peak = results.get('peak', {})
     lines += ['', 'Achieved GFLOP/s (work: XLA\'s FLOP count of the out-of-the-box JAX step of the same kind, so '
               'every implementation of a kind is credited the same work; over the min time). Peak of this CPU: '
-              f'{peak.get("note", "not measured")}', '',
-              '| case | ' + ' | '.join(st) + ' |', '|---' * (len(st) + 1) + '|']
-    for lab in labels:
-      lines.append(f'| {lab} | ' + ' | '.join(f'{r["cases"][lab]["gflop_per_s"]:.1f}'
-                                              if 'gflop_per_s' in r['cases'].get(lab, {}) else '-'
-                                              for r in st.values()) + ' |')
+              f'{peak.get("note", "not measured")}', '']
+    lines += markdown_table(['case', *st], ([lab, *(f'{r["cases"][lab]["gflop_per_s"]:.1f}'
+                                                    if 'gflop_per_s' in r['cases'].get(lab, {}) else '-'
+                                                    for r in st.values())] for lab in labels))
     lines += ['', '## Ratios (min times)', '']
     keys = []
     for res in st.values():
       for k in res['ratios']:
         if k not in keys:
           keys.append(k)
-    lines += ['| ratio | ' + ' | '.join(st) + ' |', '|---' * (len(st) + 1) + '|']
-    for k in keys:
-      lines.append(f'| {k} | ' + ' | '.join(f'{r["ratios"][k]:.3f}' if k in r['ratios'] else '-'
-                                            for r in st.values()) + ' |')
+    lines += markdown_table(['ratio', *st], ([k, *(f'{r["ratios"][k]:.3f}' if k in r['ratios'] else '-'
+                                                   for r in st.values())] for k in keys))
     lines += ['', '## Compile time, FLOPs and memory (XLA compiled analysis)', '',
-              'peak = temp + argument + output (MiB); alias = outputs written into donated arguments.', '',
-              '| model | case | lower s | compile s | GFLOP/step | conv+dot ops | temp | argument | output | alias | '
-              'peak |', '|---|---|---|---|---|---|---|---|---|---|---|']
+              'peak = temp + argument + output (MiB); alias = outputs written into donated arguments.', '']
+    rows = []
     for name, res in st.items():
       for lab, c in res['cases'].items():
         if c['framework'] != 'jax':
@@ -135,53 +125,54 @@ def to_markdown(results: dict) -> str:
         mem = c.get('memory', {})
         cells = [_mib(mem[k]) if k in mem else '-' for k in ('temp', 'argument', 'output', 'alias', 'peak')]
         ops = c.get('hlo_ops', {})
-        lines.append(f'| {name} | {lab} | {c["lower_s"]:.2f} | {c["compile_s"]:.2f} | {c.get("gflops", "-")} | '
-                     f'{ops.get("convolution", 0) + ops.get("dot", 0)} | ' + ' | '.join(cells) + ' |')
-    lines += ['', '| model | XLA config | params MiB | disam - ERM peak MiB | = parameter copies | '
-              'disam - ERM temp MiB | disam - SAM peak MiB |', '|---|---|---|---|---|---|---|']
+        rows.append([name, lab, f'{c["lower_s"]:.2f}', f'{c["compile_s"]:.2f}', c.get("gflops", "-"),
+                     ops.get("convolution", 0) + ops.get("dot", 0), *cells])
+    lines += markdown_table(['model', 'case', 'lower s', 'compile s', 'GFLOP/step', 'conv+dot ops', 'temp', 'argument',
+                             'output', 'alias', 'peak'], rows)
+    rows = []
     for name, res in st.items():
       mem = res.get('memory', {})
       if mem:
-        lines.append(f'| {name} | {mem["config"]} | {_mib(res["params_bytes"])} | '
-                     f'{_mib(mem["disam_minus_erm_bytes"])} | '
-                     f'{mem["disam_minus_erm_in_param_copies"]:.3f} | {_mib(mem["disam_minus_erm_temp_bytes"])} | '
-                     f'{_mib(mem["disam_minus_sam_bytes"])} |')
+        rows.append([name, mem["config"], _mib(res["params_bytes"]), _mib(mem["disam_minus_erm_bytes"]),
+                     f'{mem["disam_minus_erm_in_param_copies"]:.3f}', _mib(mem["disam_minus_erm_temp_bytes"]),
+                     _mib(mem["disam_minus_sam_bytes"])])
+    lines += ['', *markdown_table(['model', 'XLA config', 'params MiB', 'disam - ERM peak MiB', '= parameter copies',
+                                   'disam - ERM temp MiB', 'disam - SAM peak MiB'], rows)]
   dom = results.get('domains', {})
   if dom:
     lines += ['', '## Number of domains at a fixed total batch (disam, median (min) ms)', '']
     for name, res in dom.items():
       ms = res['num_domains']
       lines += [f'{name}, total batch {res["total_batch"]}:', '',
-                '| ' + ' | '.join(f'M={m}' for m in ms) + ' | SAM | ' + ' | '.join(res['ratios']) + ' |',
-                '|---' * (len(ms) + 1 + len(res['ratios'])) + '|',
-                '| ' + ' | '.join(_fmt_ms(res['cases'][f'disam_M{m}']) for m in ms) + f' | '
-                f'{_fmt_ms(res["cases"]["sam"])} | ' + ' | '.join(f'{v:.3f}' for v in res['ratios'].values())
-                + ' |', '']
+                *markdown_table([*(f'M={m}' for m in ms), 'SAM', *res['ratios']],
+                                [[*(_fmt_ms(res['cases'][f'disam_M{m}']) for m in ms), _fmt_ms(res["cases"]["sam"]),
+                                  *(f'{v:.3f}' for v in res['ratios'].values())]]), '']
   md = results.get('multi_device', {})
   if md.get('models'):
     lines += ['## Multi-device (host CPU devices sharing the same 2 cores: correctness and overhead only)', '',
               f'XLA_FLAGS={md.get("xla_flags")}; params after {next(iter(md["models"].values()))["check_steps"]} '
               'steps compared with one device on the whole batch.', '',
-              '| model | variant | median (min) ms | / single device | max abs diff vs single | replica spread |',
-              '|---|---|---|---|---|---|']
-    for name, res in md['models'].items():
-      for lab, c in res['cases'].items():
-        lines.append(f'| {name} | {lab} | {_fmt_ms(c)} | {c["overhead_vs_single"]:.3f} | '
-                     f'{c["max_abs_diff_vs_single"]:.2e} | {c["replica_spread"]:.1e} |')
+              *markdown_table(['model', 'variant', 'median (min) ms', '/ single device', 'max abs diff vs single',
+                               'replica spread'],
+                              ([name, lab, _fmt_ms(c), f'{c["overhead_vs_single"]:.3f}',
+                                f'{c["max_abs_diff_vs_single"]:.2e}', f'{c["replica_spread"]:.1e}']
+                               for name, res in md['models'].items() for lab, c in res['cases'].items()))]
     lines.append('')
   elif 'error' in md:
     lines += ['## Multi-device', '', f'failed: {md["error"][-500:]}', '']
   fl = results.get('xla_flag_sweep', {})
   if fl.get('runs'):
     lines += ['## XLA:CPU flags (ERM step; each in its own process, sequential; median (min) ms)', '',
-              '| model | XLA_FLAGS | ERM step | compile s | other processes (cores) |', '|---|---|---|---|---|']
+              ]
+    rows = []
     for run in fl['runs']:
       if 'cases' in run:
         c = run['cases']['erm']
-        lines.append(f'| {run["model"]} | `{run["xla_flags"] or "(none)"}` | {_fmt_ms(c)} | {c["compile_s"]:.1f} | '
-                     f'{c["other_processes_cores"]} |')
+        rows.append([run["model"], f'`{run["xla_flags"] or "(none)"}`', _fmt_ms(c), f'{c["compile_s"]:.1f}',
+                     c["other_processes_cores"]])
       else:
-        lines.append(f'| {run["model"]} | `{run["xla_flags"]}` | failed | - | - |')
+        rows.append([run["model"], f'`{run["xla_flags"]}`', 'failed', '-', '-'])
+    lines += markdown_table(['model', 'XLA_FLAGS', 'ERM step', 'compile s', 'other processes (cores)'], rows)
     lines.append('')
   hl = results.get('harness_loop', {})
   if hl.get('algorithms'):
@@ -190,22 +181,23 @@ def to_markdown(results: dict) -> str:
               'harness time between the step-2 and last-but-one on_step callbacks (no compile, evaluation or '
               'checkpoint); bare: one device-resident batch, donated state, one block at the end; bare sampled: '
               'the same with a fresh batch from the sampler each step. Median (min) ms.',
-              '', '| algorithm | harness | bare | bare sampled | harness / bare | paired | harness steps/s / bare '
-              'steps/s | harness / bare sampled |', '|---|---|---|---|---|---|---|---|']
+              '']
+    rows = []
     for algorithm, res in hl['algorithms'].items():
       sampled = res.get('bare_sampled')
-      lines.append(f'| {algorithm} | {_fmt_ms(res["harness"])} | {_fmt_ms(res["bare"])} | '
-                   f'{_fmt_ms(sampled) if sampled else "-"} | {res["harness/bare"]:.3f} | '
-                   f'{res["harness/bare (paired)"]:.3f} | {res["harness steps/s / bare steps/s"]:.3f} | '
-                   f'{res.get("harness/bare_sampled", float("nan")):.3f} |')
+      rows.append([algorithm, _fmt_ms(res["harness"]), _fmt_ms(res["bare"]), _fmt_ms(sampled) if sampled else "-",
+                   f'{res["harness/bare"]:.3f}', f'{res["harness/bare (paired)"]:.3f}',
+                   f'{res["harness steps/s / bare steps/s"]:.3f}',
+                   f'{res.get("harness/bare_sampled", float("nan")):.3f}'])
+    lines += markdown_table(['algorithm', 'harness', 'bare', 'bare sampled', 'harness / bare', 'paired',
+                             'harness steps/s / bare steps/s', 'harness / bare sampled'], rows)
     lines.append('')
   tg = results.get('targets', [])
   if tg:
     lines += ['## Targets', '', 'value: ratio of min times; paired: median over rounds of the per-round ratio.', '',
-              '| target | value | paired | threshold | met |', '|---|---|---|---|---|']
-    for t in tg:
-      paired = f'{t["paired"]:.3f}' if t.get('paired') is not None else '-'
-      lines.append(f'| {t["target"]} | {t["value"]:.3f} | {paired} | <= {t["threshold"]:.3f} | '
-                   f'{"yes" if t["met"] else "**no**"} |')
+              *markdown_table(['target', 'value', 'paired', 'threshold', 'met'],
+                              ([t["target"], f'{t["value"]:.3f}',
+                                f'{t["paired"]:.3f}' if t.get('paired') is not None else '-',
+                                f'<= {t["threshold"]:.3f}', "yes" if t["met"] else "**no**"] for t in tg))]
     lines.append('')
   return '\n'.join(lines) + '\n'

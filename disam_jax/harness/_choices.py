@@ -480,13 +480,14 @@ def default_hparams(dataset: str, **overrides: Any) -> HParams:
 def hparams_markdown() -> str:
   """The table of every hyperparameter (flag, default, random-search distribution, used by, meaning), generated
   from the declarations for docs/harness.md (tests/test_harness_search.py checks the docs hold it verbatim)."""
-  lines = ["| Hyperparameter | Flag | Default | Search distribution | Drawn for | Meaning | Source |",
-           "|---|---|---|---|---|---|---|"]
+  from disam_jax.harness.tables import markdown_table
+
+  rows = []
   users = {"all": "every algorithm", "sharpness": "sharpness-aware rules", "disam": "DISAM rules",
            "gsam_sagm": "GSAM, SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
   for name, d in declarations().items():
     flag = f"`{d.option}`" if d.option else "(with `--trigger-gaps`)"
     drawn = users[d.used_by] if d.search_description() != "–" else "–"
-    lines.append(f"| `{name}` | {flag} | {d.default_description()} | {d.search_description()} | {drawn} | "
-                 f"{d.help} | {d.source or '–'} |")
-  return "\n".join(lines)
+    rows.append([f"`{name}`", flag, d.default_description(), d.search_description(), drawn, d.help, d.source or "–"])
+  return "\n".join(markdown_table(["Hyperparameter", "Flag", "Default", "Search distribution", "Drawn for", "Meaning",
+                                   "Source"], rows))

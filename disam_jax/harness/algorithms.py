@@ -11,7 +11,7 @@ the same code for all of them. An algorithm is a sharpness-aware *rule* and opti
   ``adaptive`` it is ASAM, Kwon et al. 2021), ``disam`` (`disam_jax.disam`, Zhang et al., ICLR 2024);
 * penalties (`PENALTIES`, `disam_jax.harness.penalties`): ``coral``, ``vrex``, ``fishr``, DomainBed's definitions,
   which change the *training loss* `L + w_t P` (every pass); `make_penalty(name, hparams)` gives the penalty that
-  `train.make_train_step` adds to every domain's loss, and the rule's base optimizer is re-initialized at the
+  `steps.make_train_step` adds to every domain's loss, and the rule's base optimizer is re-initialized at the
   penalty's anneal step as DomainBed re-initializes Adam;
 * names: a rule (``disam``), a penalty alone (``coral``: ERM on CORAL's loss), or ``RULE+PENALTY`` (``disam+coral``:
   DISAM's perturbation and update on CORAL's loss; DISAM's variance term stays that of the plain cross-entropies,
@@ -269,7 +269,7 @@ def make_optimizer(
   """The transformation of `algorithm` (a key of `ALGORITHMS`) with `hparams`' base optimizer inside.
 
   An algorithm with a penalty also needs `make_penalty(algorithm, hparams)` in the training step (see
-  `train.make_train_step`); the transformation alone only carries the penalty's optimizer reset.
+  `steps.make_train_step`); the transformation alone only carries the penalty's optimizer reset.
 
   Args:
     algorithm: a key of `ALGORITHMS`.

@@ -45,6 +45,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from disam_jax.harness._atomic import write_atomic
+
 __all__ = ["CheckpointError", "CheckpointStore", "UnreadableCheckpoint", "deferred_signals", "state_from_leaves",
            "state_to_leaves", "write_json"]
 
@@ -58,17 +60,9 @@ class UnreadableCheckpoint(CheckpointError):
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON to `path` through a temporary file in the same folder and a rename: a kill or a full disk
-  leaves the previous file or the new one, never half of one."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes `obj` as JSON (``indent=1``) to `path` atomically (`_atomic.write_atomic`): a kill or a full disk leaves
+  the previous file or the new one, never half of one."""
+  write_atomic(path, json.dumps(obj, indent=1))
 
 
 @contextlib.contextmanager

@@ -713,7 +713,7 @@ def dataset_domains(name: str, data_dir: str | None = None) -> tuple[str, ...]:
 
 def describe(ds: DomainDataset) -> dict[str, Any]:
   """A JSON summary of a loaded dataset: examples per domain, classes, and every data warning (unreadable files
-  skipped, other warnings), as `train.run_experiment` writes it to ``data.json`` for the report."""
+  skipped, other warnings), as `experiment.run_experiment` writes it to ``data.json`` for the report."""
   return {
     "dataset": ds.name,
     "domains": {d: int(len(y)) for d, y in zip(ds.domains, ds.labels)},

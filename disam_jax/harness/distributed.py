@@ -301,15 +301,19 @@ def _process_slice(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -
   return slice(start, stop)
 
 
+def _assemble(sharding: NamedSharding, local_arrays, axis: int, size: int):
+  """Global arrays of `sharding` from each process's slices of every leaf along `axis`, which is `size` long
+  globally (`jax.make_array_from_process_local_data`)."""
+  def one(local):
+    return jax.make_array_from_process_local_data(
+        sharding, local, local.shape[:axis] + (size,) + local.shape[axis + 1:])
+
+  return jax.tree.map(one, local_arrays)
+
+
 def global_batch(mesh: Mesh, local_arrays, per_domain_batch: int):
   """Assembles global `[M, b, ...]` arrays from each process's `[M, b_local, ...]` slices."""
-  sharding = batch_sharding(mesh)
-
-  def assemble(local):
-    shape = (local.shape[0], per_domain_batch) + local.shape[2:]
-    return jax.make_array_from_process_local_data(sharding, local, shape)
-
-  return jax.tree.map(assemble, local_arrays)
+  return _assemble(batch_sharding(mesh), local_arrays, 1, per_domain_batch)
 
 
 def flat_batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -330,9 +334,7 @@ def local_flat_slice(batch: int, mesh: Mesh) -> slice:
 
 def global_flat_batch(mesh: Mesh, local_arrays, batch: int):
   """Assembles global merged `[B, ...]` arrays from each process's `[B_local, ...]` slices."""
-  sharding = flat_batch_sharding(mesh)
-  return jax.tree.map(
-      lambda a: jax.make_array_from_process_local_data(sharding, a, (batch,) + a.shape[1:]), local_arrays)
+  return _assemble(flat_batch_sharding(mesh), local_arrays, 0, batch)
 
 
 def local_replica(tree):

@@ -6,12 +6,15 @@
 Each process gets `JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` and, for CPU,
 `XLA_FLAGS=--xla_force_host_platform_device_count=<devices-per-process>`; the harness reads them (see
 `distributed.DistributedConfig.from_env`). If any process fails, the others are stopped and the launcher exits
-with that process's exit code, naming it: a dead peer never leaves the job hanging. On a TPU pod or a GPU cluster
-you do not need this launcher: run the same command on every host (see docs/distributed.md).
+with that process's exit code, naming it: a dead peer never leaves the job hanging. A command that cannot be found
+(``disam-train`` when the environment's bin folder is not on PATH) is refused before anything starts, with the full
+path or the ``python -m`` form to write instead. On a TPU pod or a GPU cluster you do not need this launcher: run
+the same command on every host (see docs/distributed.md).
 """
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +27,25 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+# The console scripts pyproject installs -> the module that `python -m` runs in their place.
+_SCRIPTS = {'disam-train': 'disam_jax.harness.cli', 'disam-launch': 'disam_jax.harness.launch'}
+
+
+def _check_program(program: str, env: dict) -> None:
+  """Raises ValueError (one line: what to write instead) when `program` is neither on env's PATH nor a path to an
+  executable file."""
+  if shutil.which(program, path=env.get('PATH', os.defpath)) is not None:
+    return
+  beside = os.path.join(os.path.dirname(sys.executable), program)
+  if os.sep not in program and os.access(beside, os.X_OK) and not os.path.isdir(beside):
+    hint = f'write its full path, {beside}, or put {os.path.dirname(beside)} on PATH'
+  elif program in _SCRIPTS:
+    hint = f'write "{sys.executable} -m {_SCRIPTS[program]}" in its place, or install disam_jax where PATH finds it'
+  else:
+    hint = 'write its full path, or put its folder on PATH'
+  raise ValueError(f'command {program!r} not found (PATH={env.get("PATH", "")!r}): {hint}.')
 
 
 def launch(
@@ -41,6 +63,7 @@ def launch(
     )
   if not command:
     raise ValueError('no command to launch (put it after --).')
+  _check_program(command[0], dict(os.environ if env is None else env))
   port = port or free_port()
   procs = []
   for pid in range(num_processes):
@@ -54,7 +77,13 @@ def launch(
         JAX_PLATFORMS=proc_env.get('JAX_PLATFORMS', 'cpu'),
         XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices_per_process}'.strip(),
     )
-    procs.append(subprocess.Popen(list(command), env=proc_env))
+    try:
+      procs.append(subprocess.Popen(list(command), env=proc_env))
+    except OSError as e:  # found but not startable (permissions, not an executable format)
+      for p in procs:
+        p.kill()
+        p.wait()
+      raise ValueError(f'cannot start {command[0]!r}: {e.strerror or e}.') from None
   deadline = None if timeout is None else time.monotonic() + timeout
   try:
     while True:

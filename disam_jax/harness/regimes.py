@@ -6,7 +6,7 @@ domains (in memory: pixel arrays; streamed image folders: record-index arrays, r
 `infer_domains`, which needs pixels and refuses them); the validation parts (training-domain validation, used for model selection) and the held-out test domains
 are never touched, so held-out accuracies stay comparable across regimes, and every algorithm run on the same seed
 sees the same regrouped data. `apply_regimes` applies them in a fixed order (imbalance, wrong domain labels,
-sub-domains; or imbalance, then inferred domains), as `train._cell_split` does for the `disam-train` options
+sub-domains; or imbalance, then inferred domains), as `experiment._cell_split` does for the `disam-train` options
 ``--imbalance``, ``--domain-label-noise``, ``--sub-domains`` and ``--infer-domains``.
 
 Example::

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from disam_jax.harness._atomic import write_atomic
 from disam_jax.harness.merge import MergeError, _replaceable, merge_runs
 from disam_jax.harness.plots import write_plots
 from disam_jax.harness.stats import (  # noqa: F401
@@ -46,9 +47,7 @@ from disam_jax.harness.tables import (  # noqa: F401
   _data_summary,
   _ordered,
   _primary,
-  _write_text,
   expected_runs,
-  format_mean_std,
   load_results,
   missing_runs,
   results_markdown,
@@ -62,7 +61,6 @@ __all__ = [
   "BadResults",
   "MergeError",
   "SELECTIONS",
-  "format_mean_std",
   "dynamics_table",
   "expected_runs",
   "load_metrics",
@@ -95,7 +93,7 @@ def _render(run_dir: str, out_dir: str, cells, config, data, plots: bool, thresh
   path = os.path.join(out_dir, "results.md")
   with open(path) as f:
     text = f.read()
-  _write_text(path, text + "\n## Training dynamics\n\n" + dynamics_table(run_dir, primary, threshold) + "\n")
+  write_atomic(path, text + "\n## Training dynamics\n\n" + dynamics_table(run_dir, primary, threshold) + "\n")
   if plots:
     written += write_plots(run_dir, primary, out_dir=out_dir)
   return [os.path.basename(p) for p in written]

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from disam_jax.harness.tables import _as_dict, _display, _ordered
+from disam_jax.harness.tables import _as_dict, _display, _ordered, markdown_table
 
 __all__ = ["Metrics", "dynamics_table", "load_metrics", "paired_difference", "paired_table", "smooth",
            "steps_to_threshold"]
@@ -135,10 +135,8 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
   rows = [
     f"Moving average over {window} steps; each entry is mean ± std over runs (held-out domains x seeds).",
     "",
-    f"| Algorithm | steps to loss ≤ {threshold:g} | reached | final loss | variance (all steps) | "
-    "variance (last 10%) | perturbation norm | ms / step |",
-    "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
   ]
+  table = []
   per_cell: dict[tuple, dict[str, float]] = {}
   for a in algorithms:
     reached, hit, final, var_all, var_end, pnorm, ms = [], 0, [], [], [], [], []
@@ -157,18 +155,17 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       per_cell[(a, c["held_out"], int(c["seed"]))] = {
         "variance": var_all[-1], "test_acc": float(c["selected"]["test_acc"]), "steps": t,
       }
-    rows.append(
-      f"| {_display(a)} | {_mean_std(reached, '{:.0f}')} | {hit}/{len(group)} | {_mean_std(final)} | "
-      f"{_mean_std(var_all, '{:.2e}')} | {_mean_std(var_end, '{:.2e}')} | {_mean_std(pnorm)} | {_mean_std(ms, '{:.1f}')} |"
-    )
+    table.append([_display(a), _mean_std(reached, '{:.0f}'), f"{hit}/{len(group)}", _mean_std(final),
+                  _mean_std(var_all, '{:.2e}'), _mean_std(var_end, '{:.2e}'), _mean_std(pnorm),
+                  _mean_std(ms, '{:.1f}')])
+  rows += markdown_table(["Algorithm", f"steps to loss ≤ {threshold:g}", "reached", "final loss",
+                          "variance (all steps)", "variance (last 10%)", "perturbation norm", "ms / step"], table,
+                         align=":-:")
   pairs = [(b, a) for a in algorithms if a.startswith("disam")
            for b in _ordered([_sam_of(a, algorithms), *_baselines(a)]) if b in algorithms]
   if pairs:
-    rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", "",
-             "| pair | runs | DISAM variance lower | mean variance ratio DISAM / other | DISAM held-out acc ≥ other "
-             "| mean acc difference (points) | DISAM reaches the loss threshold first or together (of the runs "
-             "where either reached it) |",
-             "|---|:-:|:-:|:-:|:-:|:-:|:-:|"]
+    rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", ""]
+    table = []
     for other, mine in pairs:
       keys = [(h, s) for (a, h, s) in per_cell if a == mine and (other, h, s) in per_cell]
       if not keys:
@@ -183,8 +180,12 @@ def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshol
       decided = [(o["steps"], t["steps"]) for o, t in zip(ours, theirs) if (o["steps"], t["steps"]) != (None, None)]
       first = sum(o is not None and (t is None or o <= t) for o, t in decided)
       first_cell = f"{first}/{len(decided)}" if decided else "– (neither reached it)"
-      rows.append(f"| {_display(mine)} vs {_display(other)} | {len(keys)} | {lower}/{len(keys)} | {ratio:.3f} | "
-                  f"{acc}/{len(keys)} | {diff:+.2f} | {first_cell} |")
+      table.append([f"{_display(mine)} vs {_display(other)}", len(keys), f"{lower}/{len(keys)}", f"{ratio:.3f}",
+                    f"{acc}/{len(keys)}", f"{diff:+.2f}", first_cell])
+    rows += markdown_table(["pair", "runs", "DISAM variance lower", "mean variance ratio DISAM / other",
+                            "DISAM held-out acc ≥ other", "mean acc difference (points)",
+                            "DISAM reaches the loss threshold first or together (of the runs where either reached it)"],
+                           table, align=":-:")
   paired = paired_table(run_dir, cells, threshold, window)
   if paired:
     rows += ["", paired]
@@ -275,15 +276,15 @@ def paired_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold:
       var = paired_difference([x["logvar"] for x in a], [x["logvar"] for x in b], confidence)
       both = [(x["steps"], y["steps"]) for x, y in zip(a, b) if x["steps"] is not None and y["steps"] is not None]
       st = paired_difference([x for x, _ in both], [y for _, y in both], confidence)
-      rows.append(f"| {_display(mine)} − {_display(other)} | {len(keys)} | {_interval(acc, '{:+.2f}')} | "
-                  f"{_interval(var, '{:.3f}', transform=math.exp)} | {_interval(st, '{:+.1f}')} ({len(both)}) |")
+      rows.append([f"{_display(mine)} − {_display(other)}", len(keys), _interval(acc, '{:+.2f}'),
+                   _interval(var, '{:.3f}', transform=math.exp), f"{_interval(st, '{:+.1f}')} ({len(both)})"])
   if not rows:
     return ""
   head = [f"Paired differences (same held-out domain and seed), mean [{confidence:.0%} t-interval]; "
-          "\"no difference resolved\" when the interval covers 0 (ratio: 1):", "",
-          f"| pair | pairs | held-out accuracy (points) | variance ratio (all steps) | steps to loss ≤ {threshold:g} "
-          "(pairs where both reached it) |", "|---|:-:|:-:|:-:|:-:|"]
-  return "\n".join(head + rows)
+          "\"no difference resolved\" when the interval covers 0 (ratio: 1):", ""]
+  return "\n".join(head + markdown_table(["pair", "pairs", "held-out accuracy (points)", "variance ratio (all steps)",
+                                          f"steps to loss ≤ {threshold:g} (pairs where both reached it)"], rows,
+                                         align=":-:"))
 
 
 def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:

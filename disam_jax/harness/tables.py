@@ -12,19 +12,20 @@ selects on (`experiment.held_out_parts`); with a search, a table of the draw eac
 Each row's settings (model, steps, optimizer and algorithm hyperparameters) and the data warnings of the run
 (unreadable images skipped, class folders missing from a domain; `data.json`, written by
 `experiment.run_experiment`) are in results.json and results.md on every run. Owns what "complete" means
-(`expected_runs`, `missing_runs`), reading a results.json back (`load_results`) and writing a file atomically
-(`_write_text`). The training-dynamics tables are `stats.py`'s, the plots `plots.py`'s.
+(`expected_runs`, `missing_runs`) and reading a results.json back (`load_results`); files are written with
+`_atomic.write_atomic`. The training-dynamics tables are `stats.py`'s, the plots `plots.py`'s.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import numpy as np
+
+from disam_jax.harness._atomic import write_atomic
 
 __all__ = [
   "BadResults",
@@ -35,8 +36,8 @@ __all__ = [
   "planned_runs",
   "select",
   "expected_runs",
-  "format_mean_std",
   "load_results",
+  "markdown_table",
   "missing_runs",
   "results_markdown",
   "results_table",
@@ -44,6 +45,27 @@ __all__ = [
   "summarize",
   "write_results",
 ]
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]],
+                   align: str | Sequence[str] = "---") -> list[str]:
+  """The lines of a Markdown table: the `header` cells, the rule, then one line per row of `rows`.
+
+  Args:
+    header: the column titles (``str()``'d, like every cell).
+    rows: one sequence of cells per row.
+    align: the rule's cell under every column but the first (which gets ``---``): ``"---"`` plain, ``":-:"``
+      centred, ``"---:"`` right-aligned; or a list of one rule cell per column.
+
+  Every line is ``"| " + " | ".join(cells) + " |"``; the report's and the benchmarks' tables are built with it.
+  """
+  def line(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+  rule = ["---"] + [align] * (len(header) - 1) if isinstance(align, str) else list(align)
+  if len(rule) != len(header):
+    raise ValueError(f"markdown_table: {len(rule)} alignments for {len(header)} columns")
+  return [line(header), "|" + "|".join(rule) + "|", *(line(r) for r in rows)]
 
 
 # (key, title): DomainBed's three model-selection methods (`select`), then the last checkpoint of draw 0.
@@ -173,23 +195,12 @@ def _ordered(values) -> list:
 def format_mean_se(values: Sequence[float]) -> str:
   """`'97.3 ± 0.3'` for accuracies in [0, 1] (shown in %): mean ± standard error as DomainBed's
   ``collect_results.format_mean`` (``100 * std(ddof=0) / sqrt(n)``); the mean alone for one value; '–' for none."""
-  return _format_mean(values, lambda pct: pct.std() / np.sqrt(len(pct)))
-
-
-def format_mean_std(values: Sequence[float]) -> str:
-  """`'97.3 ± 0.4'` for accuracies in [0, 1] (shown in %); the mean alone for one value; '–' for none."""
-  return _format_mean(values, lambda pct: pct.std(ddof=1))
-
-
-def _format_mean(values: Sequence[float], spread: Callable[[np.ndarray], float]) -> str:
-  """`'<mean> ± <spread(percentages)>'` of accuracies in [0, 1] shown in %; the mean alone for one value; '–' for
-  none."""
   if len(values) == 0:
     return "–"
   pct = 100.0 * np.asarray(values, np.float64)
   if len(pct) == 1:
     return f"{pct[0]:.1f}"
-  return f"{pct.mean():.1f} ± {spread(pct):.1f}"
+  return f"{pct.mean():.1f} ± {pct.std() / np.sqrt(len(pct)):.1f}"
 
 
 def summarize(cells: Sequence[Any], selection: str = "selected",
@@ -198,7 +209,7 @@ def summarize(cells: Sequence[Any], selection: str = "selected",
   """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
 
   Args:
-    cells: run results (`train.CellResult` or their JSON dicts with algorithm, held_out, seed, `selected`, `last`
+    cells: run results (`loop.CellResult` or their JSON dicts with algorithm, held_out, seed, `selected`, `last`
       and `evals`; with a search, several draws of each).
     selection: a key of `SELECTIONS` (`select` chooses one draw per algorithm, held-out domain and seed).
     domains: every domain of the dataset, for leave-one-domain-out (`select`).
@@ -245,13 +256,13 @@ def results_table(cells: Sequence[Any], selection: str = "selected",
   """
   s = summarize(cells, selection, expected, domains)
   header = ["Algorithm"] + [str(d) for d in s["domains"]] + ["Avg"]
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
+  rows = []
   for a in s["algorithms"]:
     row = [_display(a)]
     row += [_entry(list(s["accuracy"][a][d].values()), s["seeds"][a][d]) for d in s["domains"]]
     row.append(_entry(list(s["average"][a].values()), max(s["seeds"][a].values(), default=0)))
-    lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines)
+    rows.append(row)
+  return "\n".join(markdown_table(header, rows, align=":-:"))
 
 
 def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
@@ -291,14 +302,14 @@ def chosen_table(cells: Sequence[Any], selection: str, domains: Optional[Sequenc
   chosen = select(cells, selection, domains)
   algorithms = _ordered(c["algorithm"] for c in chosen)
   held = _ordered(c["held_out"] for c in chosen)
-  lines = ["| Algorithm | " + " | ".join(held) + " |", "|---|" + "|".join([":-:"] * len(held)) + "|"]
+  rows = []
   for a in algorithms:
-    row = []
+    row = [_display(a)]
     for d in held:
       picks = sorted((c["seed"], c["sample"], c["step"]) for c in chosen if (c["algorithm"], c["held_out"]) == (a, d))
       row.append(", ".join(f"{s}: {k} @ {t}" for s, k, t in picks) or "–")
-    lines.append(f"| {_display(a)} | " + " | ".join(row) + " |")
-  return "\n".join(lines)
+    rows.append(row)
+  return "\n".join(markdown_table(["Algorithm", *held], rows, align=":-:"))
 
 
 def _missing_note(missing: Sequence[tuple], expected: Sequence[tuple]) -> str:
@@ -411,9 +422,8 @@ def _value(v: Any) -> str:
 
 def _settings_table(rows: dict[str, dict[str, Any]]) -> str:
   keys = _ordered(k for settings in rows.values() for k in settings)
-  lines = ["| Algorithm | " + " | ".join(keys) + " |", "|---|" + "|".join([":-:"] * len(keys)) + "|"]
-  for a, settings in rows.items():
-    lines.append(f"| {_display(a)} | " + " | ".join(_value(settings.get(k)) for k in keys) + " |")
+  lines = markdown_table(["Algorithm", *keys], ([_display(a), *(_value(settings.get(k)) for k in keys)]
+                                                for a, settings in rows.items()), align=":-:")
   return "\n".join(lines)
 
 
@@ -545,20 +555,6 @@ def _search_missing(cells: Sequence[dict[str, Any]], config: Optional[dict[str, 
           "`--resume`); each selection chooses among the draws that finished.")
 
 
-def _write_text(path: str, text: str) -> None:
-  """Writes `path` through a temporary file in the same folder and a rename: readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _data_summary(run_dir: str) -> Optional[dict[str, Any]]:
   """The run's data.json, None if it has none; BadResults naming it if it is unreadable."""
   path = os.path.join(run_dir, "data.json")
@@ -606,8 +602,8 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
            "data_warnings": _warning_count(data), "tables": tables, "selections": selections, "cells": cells,
            "runs_configured": None if expected is None else len(expected),
            "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)]}
-  _write_text(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
-  _write_text(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
+  write_atomic(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
+  write_atomic(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:

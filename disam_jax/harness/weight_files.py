@@ -10,8 +10,9 @@
   ``torch.*Storage`` types) and maps each to a NumPy stand-in; any other global (``os.system``, ``builtins.eval``,
   ``subprocess.Popen``, a ``torch.nn.Module``...) raises `UnsafeWeightsError` before anything is called, so no
   code from the file ever runs. The tar format of torch < 0.4 is refused with a message.
-* a ``.safetensors`` file: its JSON header is parsed here (no dependency) and every tensor's extent is checked
-  against the data buffer.
+* a ``.safetensors`` file: through the ``safetensors`` package when it is installed (the ``harness`` extra), whose
+  parser checks the header, every tensor's dtype, shape and extent, and that the tensors tile the data buffer; only
+  when the package is absent, its JSON header is parsed here and every tensor's extent is checked against the buffer.
 * an ``.npz`` archive, with ``allow_pickle=False``.
 
 ``resolve_pretrained(name_or_path)`` turns a bundled weights name (`BUNDLED_WEIGHTS`: ``mobilenet_v2``, torchvision's
@@ -519,10 +520,46 @@ def _safetensors_entry(path: str, name: str, info: Any, buffer_size: int) -> tup
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a ``.safetensors`` file (8-byte little-endian header size, JSON header, data buffer) into NumPy.
 
-  Every header entry is checked against the data buffer before its bytes are copied; the header may not claim
-  more than the file holds.
+  Through the ``safetensors`` package when it is installed (`_read_safetensors_package`), else by the parser here
+  (`_read_safetensors_here`); both refuse a header that claims more than the file holds and an entry whose dtype,
+  shape or offsets disagree, with a `WeightFileError` naming the file.
   """
   path = os.fspath(path)
+  try:
+    import safetensors
+  except ImportError:
+    return _read_safetensors_here(path)
+  return _read_safetensors_package(path, safetensors)
+
+
+def _read_safetensors_package(path: str, safetensors) -> dict[str, np.ndarray]:
+  """The file parsed by ``safetensors.deserialize`` (the package's own validation), each tensor a NumPy view of the
+  writable bytearray the package returns.
+
+  Not ``safetensors.numpy.load``: its dtype table lacks BF16 (it raises KeyError on bfloat16 checkpoints), so dtypes
+  go through `_SAFETENSORS_DTYPES` here. Memory: the file's bytes plus one copy of the tensors.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    entries = safetensors.deserialize(data)
+  except safetensors.SafetensorError as e:
+    reason = _one_line(e).removeprefix("Error while deserializing: ")
+    raise WeightFileError(f"{path}: not a valid safetensors file (truncated or corrupt): {reason}") from None
+  del data
+  out = {}
+  for name, info in entries:
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise WeightFileError(f"{path}: {name[:80]!r} has unsupported dtype {str(info['dtype'])[:20]}")
+    make = _SAFETENSORS_DTYPES[info["dtype"]]
+    dtype = make() if make is _bfloat16 else np.dtype(make)
+    out[name] = np.frombuffer(info["data"], dtype).reshape(info["shape"])
+  return out
+
+
+def _read_safetensors_here(path: str) -> dict[str, np.ndarray]:
+  """The no-dependency reader: the header parsed here, every entry checked against the data buffer before its bytes
+  are copied."""
   budget = _Budget(path)
   with open(path, "rb") as f:
     raw = f.read(8)
