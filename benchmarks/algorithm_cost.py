@@ -31,7 +31,6 @@ import os
 import pathlib
 import platform
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -169,7 +168,7 @@ PRECISION_MARKER = "## --precision bf16 against float32"
 
 
 def precision_speed(models: list[str], names: list[str], rounds: int, hparams: HParams,
-                    steps_per_sample: Optional[int] = None) -> dict:
+                    steps_per_sample: int | None = None) -> dict:
   """`{model: {algorithm: {float32_ms, bf16_ms, ratio, median_ratio}}}`: the harness's step in both precisions,
   timed in the same interleaved rounds (ratio: bf16's fastest over float32's fastest)."""
   out = {}

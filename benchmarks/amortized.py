@@ -23,7 +23,6 @@ Ratios to ERM: of the medians over rounds, and paired (the median over rounds of
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import time
@@ -31,7 +30,7 @@ import time
 import numpy as np
 
 from benchmarks.step_cost.cases import build_jax_model, make_batch, make_jax_step
-from benchmarks.step_cost.config import LAM, LR, MOMENTUM, RHO
+from benchmarks.step_cost.config import LAM, RHO
 from benchmarks.step_cost.timing import StepCase, load_avg, machine_line, time_round_robin, write_results
 from disam_jax.harness.tables import markdown_table
 

@@ -59,7 +59,8 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +124,8 @@ class Settings:
   """How much of everything: the full device run or the CPU smoke run."""
 
   models: dict
-  conformance_cases: Optional[tuple[int, ...]]  # indices into the vectors' cases; None: all
-  timing_s: Optional[dict]  # model -> seconds of timed rounds (between 2 and `repeats` rounds); None: `repeats`
+  conformance_cases: tuple[int, ...] | None  # indices into the vectors' cases; None: all
+  timing_s: dict | None  # model -> seconds of timed rounds (between 2 and `repeats` rounds); None: `repeats`
   repeats: int
   min_sample_s: float
   gemm_size: int
@@ -211,7 +212,7 @@ def measured_peak_tflops(dtype: str, size: int) -> float:
   return round(2 * size ** 3 / best / 1e12, 3)
 
 
-def nominal_peak_tflops(device_kind: str) -> Optional[dict]:
+def nominal_peak_tflops(device_kind: str) -> dict | None:
   for key, peaks in _NOMINAL_TFLOPS.items():
     if key in device_kind:
       return dict(peaks)
@@ -375,7 +376,7 @@ class JaxStep(JaxCase):
     self.lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*self.state, self.x, self.y)
     self.compiled, self.compile_s, self.loss, self.times = None, None, None, []
 
-  def compile(self) -> 'JaxStep':
+  def compile(self) -> JaxStep:
     from disam_jax.harness import fast_conv
     t0 = time.perf_counter()
     self.compiled = self.lowered.compile(compiler_options=fast_conv.compiler_options())
@@ -405,7 +406,7 @@ class TorchStep:
   framework = 'torch'
 
   def __init__(self, torch, label: str, kind: str, spec: ModelSpec, x, y, dtype: str,
-               compile_backend: Optional[str] = None):
+               compile_backend: str | None = None):
     from benchmarks import torch_disam as td
     from benchmarks.step_cost.config import LAM, LR, MOMENTUM, NUM_CLASSES, RHO
     self.torch, self.label, self.kind = torch, label, kind
@@ -436,7 +437,7 @@ class TorchStep:
   def final_loss(self) -> float:
     return float(self.loss)
 
-  def peak_bytes(self) -> Optional[int]:
+  def peak_bytes(self) -> int | None:
     """Peak allocation of one step on the GPU (None on CPU)."""
     if self.device != 'cuda':
       return None
@@ -497,7 +498,7 @@ def _throughput(timed: dict, peaks: dict) -> None:
         row[f'share_of_{source}_peak'] = round(row['tflop_per_s'] / peak, 4)
 
 
-def _device_peak_bytes() -> Optional[int]:
+def _device_peak_bytes() -> int | None:
   import jax
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
@@ -851,7 +852,7 @@ def _warm_up_jax() -> None:
       a).block_until_ready()
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--out', required=True, help='directory for device_check.json and device_check.md')
   ap.add_argument('--smoke', action='store_true', help='CPU, tiny sizes, every code path: under a minute')
@@ -870,7 +871,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   # JAX would take 75% of the GPU's memory at its first allocation, leaving PyTorch's peers none.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')

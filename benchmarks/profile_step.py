@@ -20,7 +20,8 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from benchmarks import step_cost
 
@@ -67,7 +68,7 @@ def profile_case(case: step_cost.JaxCase, steps: int = 2) -> dict[str, Any]:
           'top': top}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--model', default='mnist_cnn', choices=sorted(step_cost.MODELS))
   ap.add_argument('--cases', nargs='+', default=['erm', 'sam', 'disam'], choices=step_cost.JAX_CASES)

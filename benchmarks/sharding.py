@@ -31,7 +31,6 @@ if _FLAG not in os.environ.get('XLA_FLAGS', ''):
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
-import functools  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -42,11 +41,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import disam_jax  # noqa: E402
-from disam_jax.harness.tables import markdown_table  # noqa: E402
 from benchmarks.step_cost.timing import load_avg, machine_info, time_round_robin, versions, write_results  # noqa: E402
+from disam_jax.harness.tables import markdown_table  # noqa: E402
 
 MESH_SHAPE = (('data', 4), ('model', 2))
 # vocabulary, width, heads, MLP hidden, layers, sequence length, domains, sequences per domain. Chosen so that no
@@ -176,7 +176,7 @@ def make_steps(cfg, mesh, labels=tuple(CASES)):
       continue
     tx = disam_jax.disam(base, RHO, LAM, num_domains=cfg['M'], **kwargs)
 
-    def disam_step(p, s, t, tx=tx, drop=DROPPED.get(label, ())):
+    def disam_step(p, s, t, tx=tx, drop=DROPPED.get(label, ())):  # noqa: B008 (binds this case's values)
       u, s = tx.update(None, s, p, domain_loss_fn=lambda q: domain_loss_fn(q, t))
       s = s._replace(**{f: jnp.zeros_like(getattr(s, f)) for f in drop})
       return optax.apply_updates(p, u), s, disam_jax.find_disam_state(s).loss

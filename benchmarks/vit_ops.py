@@ -13,11 +13,11 @@ run two), which says how much of the JAX/PyTorch gap of the whole step each laye
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,6 @@ HEAD_DIM = D // HEADS
 def _components(rng):
   """name -> (jax fn, torch fn, inputs, uses per forward pass of the model)."""
   import jax
-  import jax.numpy as jnp
   import torch.nn.functional as F
   from flax import nnx
   from flax.nnx.nn.attention import dot_product_attention
@@ -97,7 +96,7 @@ def _max_difference(jax_fn, torch_fn, inputs) -> float:
   return float(np.max(np.abs(np.asarray(jax_fn(*[jnp.asarray(a) for a in inputs])) - want)))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--rounds', type=int, default=7)
   ap.add_argument('--calls', type=int, default=5, help='calls per sample')

@@ -57,20 +57,16 @@ __all__ = (
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time `__getattr__` imports these on first use
   from disam_jax._accumulation import accumulate_domain_losses
   from disam_jax._amortization import VarianceTrigger
-  from disam_jax._disam import DisamState
-  from disam_jax._disam import disam
-  from disam_jax._disam import domain_objective
-  from disam_jax._disam import find_disam_state
-  from disam_jax._disam import init_state
-  from disam_jax._domain_losses import DomainLosses
-  from disam_jax._domain_losses import as_domain_losses
-  from disam_jax._domain_losses import domain_losses_from_grouped
-  from disam_jax._domain_losses import domain_losses_from_ids
-  from disam_jax._domain_losses import grouped_domain_loss_fn
-  from disam_jax._domain_losses import vmapped_domain_loss_fn
-  from disam_jax._flax import apply_disam
-  from disam_jax._flax import nnx_optimizer
-  from disam_jax._flax import nnx_update
+  from disam_jax._disam import DisamState, disam, domain_objective, find_disam_state, init_state
+  from disam_jax._domain_losses import (
+    DomainLosses,
+    as_domain_losses,
+    domain_losses_from_grouped,
+    domain_losses_from_ids,
+    grouped_domain_loss_fn,
+    vmapped_domain_loss_fn,
+  )
+  from disam_jax._flax import apply_disam, nnx_optimizer, nnx_update
   from disam_jax._numerics import global_norm
 
 

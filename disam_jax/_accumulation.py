@@ -15,7 +15,8 @@ activations, so peak memory stays that of one micro-batch (plus the batch itself
 at the price of one more forward pass per backward pass.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,8 @@ checks (`check_amortization`), the trigger's decision (`trigger_decision`) and t
 the one-pass step (`amortized_gradient`).
 """
 
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ class VarianceTrigger(NamedTuple):
   decay: float = 0.9
 
 
-def check_trigger(trigger: Any) -> Optional[VarianceTrigger]:
+def check_trigger(trigger: Any) -> VarianceTrigger | None:
   """`perturb_when` validated at construction: None, or a VarianceTrigger with static gaps, factor >= 0 and decay in
   [0, 1) (a traced decay / factor, from inject_hyperparams, is taken as given)."""
   if trigger is None:
@@ -118,7 +119,7 @@ def trigger_decision(trigger: VarianceTrigger, state: '_disam.DisamState', varia
 
 
 def amortized_gradient(state: '_disam.DisamState', params: optax.Params, full_now: jax.Array, first: optax.Updates, full_step: Callable,
-                        reuse_weight: Optional[jax.Array], dtype: Any, layout: _sharding.ParamLayout):
+                        reuse_weight: jax.Array | None, dtype: Any, layout: _sharding.ParamLayout):
   """LookSAM over DISAM: `full_step(g_p)` when `full_now`, else the plain gradient plus the reused component.
 
   `first` is the backward pass of the unperturbed forward: `g_p` on a full step, `grad L(w)` in between.

@@ -6,7 +6,8 @@ reported before any compute, and a check costs nothing per step.
 
 import math
 import operator
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +16,10 @@ import optax
 
 from disam_jax import _wrappers
 
-
 _SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 
-def concrete_float(value: Any) -> Optional[float]:
+def concrete_float(value: Any) -> float | None:
   """`float(value)`, or None when value is traced (e.g. a hyperparameter of optax.inject_hyperparams under jit)."""
   try:
     return float(value)
@@ -49,7 +49,7 @@ def check_hyperparameter(name: str, value: optax.ScalarOrSchedule) -> None:
     raise ValueError(f'{name} must be finite and >= 0; got {name}={value!r}.')
 
 
-def may_be_positive(value: optax.ScalarOrSchedule) -> Optional[bool]:
+def may_be_positive(value: optax.ScalarOrSchedule) -> bool | None:
   """Whether lam can be > 0: schedules at the probe steps; None when traced (unknown)."""
   if callable(value):
     with jax.ensure_compile_time_eval():
@@ -74,13 +74,13 @@ def static_positive_int(name: str, value: Any, sets: str, must_be: str = 'an int
   return n
 
 
-def static_num_domains(num_domains: Any) -> Optional[int]:
+def static_num_domains(num_domains: Any) -> int | None:
   if num_domains is None:
     return None
   return static_positive_int('num_domains', num_domains, "sets the state's shape", 'a positive int')
 
 
-def checked_domain_weights(domain_weights: Any, num_domains: Optional[int]) -> Any:
+def checked_domain_weights(domain_weights: Any, num_domains: int | None) -> Any:
   """'uniform' / 'count', a traced array (inject_hyperparams under jit: checked at init), or a checked [M] array."""
   if isinstance(domain_weights, str):
     if domain_weights not in ('uniform', 'count'):
@@ -98,8 +98,8 @@ def checked_domain_weights(domain_weights: Any, num_domains: Optional[int]) -> A
   return jnp.asarray(weighting)
 
 
-def check_call(updates: Optional[optax.Updates], params: Optional[optax.Params],
-               domain_loss_fn: Optional[Callable[[optax.Params], Any]]) -> None:
+def check_call(updates: optax.Updates | None, params: optax.Params | None,
+               domain_loss_fn: Callable[[optax.Params], Any] | None) -> None:
   """What `update` was given: `domain_loss_fn` and all the params, no incoming updates (see `_wrappers`)."""
   if domain_loss_fn is None:
     raise ValueError(
@@ -129,8 +129,8 @@ def evaluate(domain_loss_fn: Callable, params: optax.Params) -> Any:
     raise
 
 
-def check_domain_count(m: int, num_domains: Optional[int], axes: Optional[tuple], lam: Any,
-                        lam_may_be_positive: Optional[bool]) -> None:
+def check_domain_count(m: int, num_domains: int | None, axes: tuple | None, lam: Any,
+                        lam_may_be_positive: bool | None) -> None:
   if num_domains is not None and m != num_domains:
     raise ValueError(_wrong_domain_count(m, num_domains, axes))
   if m == 1 and lam_may_be_positive:
@@ -140,7 +140,7 @@ def check_domain_count(m: int, num_domains: Optional[int], axes: Optional[tuple]
     )
 
 
-def _wrong_domain_count(m: int, num_domains: int, axes: Optional[tuple]) -> str:
+def _wrong_domain_count(m: int, num_domains: int, axes: tuple | None) -> str:
   """Why `domain_loss_fn` returned m losses where num_domains were expected, and what to write instead."""
   said = f'domain_loss_fn returned {m} values, but this optimizer was built with num_domains={num_domains}: '
   if m > num_domains:

@@ -34,17 +34,14 @@ carries `-(lam / 2) grad V`, i.e. the step *increases* V by `lr lam / 2 |grad V|
 `g_perp` includes V's gradient; the paper does not say which it meant.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from disam_jax import _amortization
-from disam_jax import _checks
-from disam_jax import _rules
-from disam_jax import _sharding
-from disam_jax import _wrappers
+from disam_jax import _amortization, _checks, _rules, _sharding, _wrappers
 from disam_jax._amortization import VarianceTrigger
 from disam_jax._domain_losses import DomainLosses, as_domain_losses
 from disam_jax._numerics import NORM_EPS, apply_mask, at_step, metric_dtype, resolve_mask, wide
@@ -91,19 +88,19 @@ class DisamState(NamedTuple):
 
   count: jax.Array
   base_state: optax.OptState
-  domain_losses: Optional[jax.Array]
-  domain_counts: Optional[jax.Array]
+  domain_losses: jax.Array | None
+  domain_counts: jax.Array | None
   loss: jax.Array
   variance: jax.Array
   perturbation_norm: jax.Array
   grad_norm: jax.Array
   aux: Any  # a pytree: whatever domain_loss_fn returned beside its losses
-  perturbation_weights: Optional[jax.Array]
+  perturbation_weights: jax.Array | None
   sam_cosine: jax.Array
-  reused_component: Optional[optax.Updates] = None
-  ascended: Optional[jax.Array] = None
-  trigger_reference: Optional[jax.Array] = None
-  steps_since_ascent: Optional[jax.Array] = None
+  reused_component: optax.Updates | None = None
+  ascended: jax.Array | None = None
+  trigger_reference: jax.Array | None = None
+  steps_since_ascent: jax.Array | None = None
 
 
 def disam(
@@ -112,20 +109,20 @@ def disam(
     lam: optax.ScalarOrSchedule = 0.1,
     *,
     adaptive: bool = False,
-    domain_weights: Union[str, jax.typing.ArrayLike] = 'uniform',
+    domain_weights: str | jax.typing.ArrayLike = 'uniform',
     has_aux: bool = False,
     aux_example: Any = None,
-    num_domains: Optional[int] = None,
-    batch_axis_name: Optional[Union[str, tuple[str, ...]]] = None,
+    num_domains: int | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     per_device_perturbation: bool = False,
     param_specs: Any = None,
-    perturbation_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    perturbation_mask: Any | Callable[[optax.Params], Any] | None = None,
     diagnostics: bool = False,
     rule: str = 'sam',
-    alpha: Optional[optax.ScalarOrSchedule] = None,
-    perturb_every: Optional[int] = None,
-    reuse_weight: Optional[optax.ScalarOrSchedule] = None,
-    perturb_when: Optional[VarianceTrigger] = None,
+    alpha: optax.ScalarOrSchedule | None = None,
+    perturb_every: int | None = None,
+    reuse_weight: optax.ScalarOrSchedule | None = None,
+    perturb_when: VarianceTrigger | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
@@ -289,8 +286,8 @@ def disam(
         trigger_reference=None if trigger is None else zero,
         steps_since_ascent=None if trigger is None else jnp.asarray(trigger.max_gap - 1, jnp.int32))
 
-  def update_fn(updates: Optional[optax.Updates], state: DisamState, params: Optional[optax.Params] = None, *,
-                domain_loss_fn: Optional[Callable[[optax.Params], Any]] = None,
+  def update_fn(updates: optax.Updates | None, state: DisamState, params: optax.Params | None = None, *,
+                domain_loss_fn: Callable[[optax.Params], Any] | None = None,
                 **extra_args: Any) -> tuple[optax.Updates, DisamState]:
     _checks.check_call(updates, params, domain_loss_fn)
     assert params is not None and domain_loss_fn is not None  # check_call refused None with a message
@@ -380,7 +377,7 @@ class _Statistics(NamedTuple):
   cotangent: jax.Array      # [M] dJ/dtotal_i of J = L - lam V: g_p is the VJP with these
 
 
-def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: Optional[tuple], weighting: Any,
+def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: tuple | None, weighting: Any,
                        lam_t: jax.Array, per_device: bool) -> _Statistics:
   """Eq. 6 on the sums and counts of the whole batch (psummed over `axes`), and Eq. 7's cotangent:
   `c_i / n_i` with `c_i = a_i (1 - 2 lam (L_i - L))`, from the global sums (this device's, per-device)."""
@@ -401,7 +398,7 @@ def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: Opt
   return _Statistics(means, global_count, loss, variance, grad_weights, pert_count, pert_weights, cotangent)
 
 
-def _ascent_point(params: optax.Params, g_p: optax.Updates, rho_t: jax.Array, sagm_alpha: Optional[jax.Array], adaptive: bool,
+def _ascent_point(params: optax.Params, g_p: optax.Updates, rho_t: jax.Array, sagm_alpha: jax.Array | None, adaptive: bool,
                   layout: _sharding.ParamLayout) -> tuple[optax.Params, jax.Array]:
   """Eq. 8: `(w + rho g_p / ||g_p||, ||g_p||)`; ASAM: `w + rho w^2 g_p / || |w| g_p ||`; SAGM (`sagm_alpha`):
   `w + (rho / ||g_p|| - alpha) g_p` (the official code; adaptive: times w^2). In the params' dtypes."""
@@ -436,7 +433,7 @@ def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: opta
 
 
 def _next_state(state: DisamState, base_state: optax.OptState, stats: _Statistics, metrics: tuple, aux: Any,
-                reused: Optional[optax.Updates], dtype: Any, amortization: tuple = (None, None, None)) -> DisamState:
+                reused: optax.Updates | None, dtype: Any, amortization: tuple = (None, None, None)) -> DisamState:
   """The state after the step: `metrics = (||g_p||, ||g||, cosine, c)`; `[M]` fields None without num_domains;
   `amortization = (ascended, trigger_reference, steps_since_ascent)`, each None where not kept."""
   ascended, reference, since = amortization
@@ -463,7 +460,7 @@ def _next_state(state: DisamState, base_state: optax.OptState, stats: _Statistic
 
 # -- public helpers: the objective, the initial state, the state inside a chain --------------------------------------
 
-def domain_objective(losses: DomainLosses, domain_weights: Union[str, jax.Array] = 'uniform'
+def domain_objective(losses: DomainLosses, domain_weights: str | jax.Array = 'uniform'
                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """DISAM's objective terms (Eq. 6) from per-domain loss sums and counts: `(means, weights, L, V)`.
 
@@ -496,7 +493,7 @@ def domain_objective(losses: DomainLosses, domain_weights: Union[str, jax.Array]
   return means, weights, loss, variance
 
 
-def _domain_weights(weighting: Union[str, jax.Array], count: jax.Array) -> jax.Array:
+def _domain_weights(weighting: str | jax.Array, count: jax.Array) -> jax.Array:
   """`[M]` weights a_i over the domains present in the batch (count > 0), summing to 1 (0 if none present)."""
   present = (count > 0).astype(count.dtype)
   if isinstance(weighting, str):
@@ -511,7 +508,7 @@ def _domain_weights(weighting: Union[str, jax.Array], count: jax.Array) -> jax.A
   return raw / jnp.maximum(raw.sum(), jnp.finfo(count.dtype).tiny)
 
 
-def init_state(base_state: optax.OptState, num_domains: Optional[int] = None, aux_example: Any = None,
+def init_state(base_state: optax.OptState, num_domains: int | None = None, aux_example: Any = None,
                dtype: Any = jnp.float32) -> DisamState:
   """The `DisamState` before the first step, for a transformation that logs what `disam` logs.
 

@@ -22,7 +22,8 @@ growing once it dwarfs each addend); float16 sums overflow past 65504, and a bfl
 bfloat16 compute with float32 parameters costs nothing extra.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,7 @@ def as_domain_losses(out: Any, has_aux: bool = False) -> tuple[DomainLosses, Any
 
 
 def domain_losses_from_grouped(
-    per_example_losses: jax.Array, mask: Optional[jax.Array] = None
+    per_example_losses: jax.Array, mask: jax.Array | None = None
 ) -> DomainLosses:
   """Per-domain sums and counts of losses laid out `[M, b]` (domain-major).
 

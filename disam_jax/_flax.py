@@ -5,7 +5,8 @@ keyword arguments to `tx.update`, and NNX needs the model split into parameters 
 perturbs) and the rest (BatchNorm statistics, RNG counters), merged back inside the loss function.
 """
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -46,7 +47,7 @@ def nnx_optimizer(
     rho: optax.ScalarOrSchedule = 0.05,
     lam: optax.ScalarOrSchedule = 0.1,
     *,
-    num_domains: Optional[int] = None,
+    num_domains: int | None = None,
     wrt: Any = nnx.Param,
     **disam_kwargs,
 ) -> nnx.Optimizer:
@@ -70,7 +71,7 @@ def nnx_update(
     *,
     has_aux: bool = False,
     **extra_args,
-) -> Union[DisamState, tuple[DisamState, Any]]:
+) -> DisamState | tuple[DisamState, Any]:
   """One DISAM step on an NNX model, in place (call it inside `nnx.jit`).
 
   Example, with the logits of the unperturbed forward pass for accuracy (no third forward pass)::

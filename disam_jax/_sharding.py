@@ -13,14 +13,15 @@ partitions a whole-array reduction itself.
 """
 
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 
-def explicit_spec(x: Any) -> Optional[tuple]:
+def explicit_spec(x: Any) -> tuple | None:
   """The spec of x's sharding, one entry per axis, restricted to Explicit mesh axes; None if none is used.
 
   Each entry is a tuple of mesh axis names (empty for an unsharded axis).
@@ -91,7 +92,7 @@ class ParamLayout:
   With no axes (jit, GSPMD, explicit meshes) every reduction is the plain whole-array one.
   """
 
-  def __init__(self, params: optax.Params, batch_axes: tuple = (), sharded: Optional[list] = None, typed: bool = False):
+  def __init__(self, params: optax.Params, batch_axes: tuple = (), sharded: list | None = None, typed: bool = False):
     self.treedef = jax.tree.structure(params)
     self.batch_axes = tuple(batch_axes)
     self.sharded = [frozenset()] * self.treedef.num_leaves if sharded is None else list(sharded)
@@ -200,7 +201,7 @@ def leaf_dot(x: Any, y: Any) -> jax.Array:
 
 # -- disam's options checked against the layout --------------------------------------------------------------------
 
-def param_layout(params: optax.Params, axes: Optional[tuple], param_specs: Any, domain_loss_fn: Callable,
+def param_layout(params: optax.Params, axes: tuple | None, param_specs: Any, domain_loss_fn: Callable,
                   per_device_perturbation: bool) -> ParamLayout:
   """How `params` are split over the mapped axes, checked against what the loss and the options need.
 

@@ -19,7 +19,6 @@ with optax's TypeError. docs/composition.md's table lists each case; tests/test_
 sees, so an optax change to any of them fails a test.
 """
 
-from typing import Optional
 
 import jax
 import optax
@@ -51,7 +50,7 @@ def check_params(params: optax.Params) -> None:
     raise ValueError(MASKED)
 
 
-def check_updates(updates: Optional[optax.Updates]) -> None:
+def check_updates(updates: optax.Updates | None) -> None:
   """Refuses incoming updates (any array leaf): disam would not use them, so whatever produced them is dropped."""
   if jax.tree.leaves(updates):
     raise ValueError(UPDATES)

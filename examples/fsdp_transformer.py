@@ -32,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import PartitionSpec as P, reshard  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from jax.sharding import reshard  # noqa: E402
 
 import disam_jax  # noqa: E402
 

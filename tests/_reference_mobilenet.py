@@ -84,8 +84,8 @@ def state_dict_shapes(num_classes=1000):
 
   conv_bn("features.0.", 3, 32, 3)
   idx, cin = 1, 32
-  for t, c, n, s in SETTING:
-    for i in range(n):
+  for t, c, n, _s in SETTING:
+    for _i in range(n):
       p, k, hidden = f"features.{idx}.conv.", 0, cin * t
       if t != 1:
         conv_bn(p + "0.", cin, hidden, 1)

@@ -9,7 +9,7 @@ from flax import linen
 
 import disam_jax
 from tests import _reference as ref
-from tests.test_disam import NUM_CLASSES, M, D, assert_tree_close, make_problem, to_jax
+from tests.test_disam import NUM_CLASSES, D, M, assert_tree_close, make_problem, to_jax
 
 RHO, LAM, LR = 0.1, 0.4, 1.0
 

@@ -17,7 +17,6 @@ import pytest
 from disam_jax.harness import checkpoint, distributed
 from disam_jax.harness.checkpoint import CheckpointStore, UnreadableCheckpoint
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The digest: a NumPy transcription, independent of JAX
 # ---------------------------------------------------------------------------------------------------------------------

@@ -450,7 +450,7 @@ def test_inject_hyperparams_under_jit_with_traced_rho_and_lam():
 
   q, s = p, tx.init(p)
   expected, opt = params, ref.SGDMomentumWithDecay(0.1, 0.9, 0.0)
-  for t, (rho, lam) in enumerate([(0.05, 0.1), (0.2, 0.7), (0.0, 0.0)]):
+  for _t, (rho, lam) in enumerate([(0.05, 0.1), (0.2, 0.7), (0.0, 0.0)]):
     s.hyperparams['rho'] = jnp.asarray(rho)
     s.hyperparams['lam'] = jnp.asarray(lam)
     q, s = step(q, s)
@@ -598,7 +598,8 @@ def test_count_weighting_equals_per_example_mean_and_weighted_variance():
   losses, grads = [], []
   for xi, yi in zip(xs, ys):
     li, gi = ref.domain_losses_and_grads(params, xi[None], yi[None], NUM_CLASSES)
-    losses.append(li[0]); grads.append(gi[0])
+    losses.append(li[0])
+    grads.append(gi[0])
   losses, a = np.array(losses), np.array(counts) / sum(counts)
   mean = a @ losses
   c = a * (1 - 2 * lam * (losses - mean))  # d/dL_i [sum a L - lam sum a (L - mean)^2]

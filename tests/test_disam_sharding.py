@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import disam_jax
 from tests import _reference as ref
@@ -358,7 +359,6 @@ def test_a_grouped_loss_on_a_devices_block_of_domains_says_so():
   x, y, params = _problem()
   mesh = _mesh(AxisType.Auto)
   tx = disam_jax.disam(optax.sgd(0.5), 0.1, 0.5, num_domains=M, batch_axis_name='data')
-  loss = _local_loss('fsdp')
 
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=P())
   def step(p, xb, yb):

@@ -10,7 +10,7 @@ from flax.training import train_state
 
 import disam_jax
 from tests import _reference as ref
-from tests.test_disam import NUM_CLASSES, M, B, D, assert_tree_close, make_problem
+from tests.test_disam import NUM_CLASSES, B, D, M, assert_tree_close, make_problem
 
 
 def test_linen_train_state_step_matches_numpy_reference():

@@ -315,8 +315,9 @@ def test_quiet_still_prints_the_run_directory(capsys, tmp_path):
 
 
 def test_help_lists_every_plot_the_run_directory_gets():
-  from disam_jax.harness import plots
   import re
+
+  from disam_jax.harness import plots
   documented = set(re.findall(r"``(\w+\.png)``", plots.__doc__))
   assert {"training_curves.png", "domain_losses.png", "heldout_accuracy.png", "mechanism.png"} <= documented
   assert all(name in cli._EPILOG for name in documented), documented - {n for n in documented if n in cli._EPILOG}

@@ -396,8 +396,9 @@ def _prepare_shapes(tmp_path):
   """A real (unmocked) array_record TFDS dataset ``disam_test_shapes`` prepared under `tmp_path`: 24 random 6x6x1
   uint8 images (train 18, test 6), label i % 2. Returns `(images, builder)`."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  from PIL import Image
   import io
+
+  from PIL import Image
 
   images = np.random.default_rng(0).integers(0, 256, (24, 6, 6, 1), dtype=np.uint8)
 
@@ -523,7 +524,7 @@ def test_split_holds_out_and_splits_80_20():
   assert [len(x) for x, _ in split.train] == [40, 24, 16]
   assert [len(x) for x, _ in split.val] == [10, 6, 4]
   assert len(split.test[0][0]) == 40
-  for (xt, yt), (xv, yv), d in zip(split.train, split.val, (0, 2, 3)):
+  for (xt, yt), (xv, _yv), d in zip(split.train, split.val, (0, 2, 3)):
     ids = np.concatenate([xt[:, 0, 0, 0], xv[:, 0, 0, 0]])
     assert sorted(ids) == list(d * 1000 + np.arange(len(ds.images[d])))  # a partition of its own domain
     assert not np.any((ids >= 1000) & (ids < 2000))  # never the held-out domain

@@ -153,6 +153,7 @@ def test_replicate_places_nan_metrics_and_typed_keys():
   """The state may hold NaN (sam_cosine without diagnostics) and typed PRNG keys: both are placed, neither refused."""
   import jax
   import numpy as np
+
   from disam_jax.harness import distributed
   mesh = distributed.data_mesh()
   tree = {'cosine': np.float32(np.nan), 'losses': np.array([1.0, np.nan], np.float32), 'key': jax.random.key(3)}
@@ -199,9 +200,9 @@ def test_parse_mesh_refuses_bad_specs(mesh, message):
 def test_place_state_splits_weights_and_their_optimizer_state_fsdp_style():
   """In this 8-device process: leaves of 2+ dims split over 'fsdp' along their largest divisible dimension, the
   rest replicated; local_replica gathers the full values back."""
-  import jax.numpy as jnp
   import optax
   from jax.sharding import PartitionSpec as P
+
   from disam_jax.harness import distributed
   mesh = distributed.parse_mesh('data=4,fsdp=2')
   assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {'data': 4, 'fsdp': 2}

@@ -1,9 +1,9 @@
 """disam_jax.harness.fast_conv: equal to lax.conv_general_dilated (and to a NumPy convolution), CPU-only paths."""
 
-import jax
-import jax.numpy as jnp
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

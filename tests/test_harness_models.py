@@ -27,7 +27,7 @@ def _rngs(seed=0):
   return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name, input_shape, num_classes, seed=0, **kwargs):
   """Shared instances; tests that change a model work on ``nnx.clone`` of it."""
   return create_model(name, num_classes=num_classes, input_shape=input_shape,
@@ -259,7 +259,7 @@ def _bn_model():
   return _model("resnet18", BN_SHAPE, 3, width=8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bn_setup():
   """A resnet18 with non-trivial running statistics, its split, a batch, jitted passes."""
   model = nnx.clone(_bn_model())

@@ -17,7 +17,7 @@ from disam_jax.harness.steps import init_model, init_train_state, make_train_ste
 from tests import _reference
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract(name, **kwargs):
   return nnx.eval_shape(lambda: models.create_model(name, num_classes=3, input_shape=(16, 16, 3),
                                                     rngs=nnx.Rngs(0), width=4, **kwargs))

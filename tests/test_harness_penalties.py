@@ -283,8 +283,7 @@ def test_registry_models_hand_fishr_the_closed_form_head():
 
 
 def test_add_penalty_shifts_every_present_domain_and_leaves_the_variance():
-  from disam_jax import domain_objective
-  from disam_jax import DomainLosses
+  from disam_jax import DomainLosses, domain_objective
 
   losses = DomainLosses(jnp.array([2.0, 9.0, 0.0]), jnp.array([4.0, 6.0, 0.0]))  # third domain absent
   shifted = penalties.add_penalty(losses, 0.25)

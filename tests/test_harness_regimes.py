@@ -48,7 +48,7 @@ def test_imbalance_keeps_a_geometric_fraction_of_each_domain():
   m = len(SIZES)
   expected = [max(1, round(n * 8.0 ** (-j / (m - 1)))) for j, n in enumerate(SIZES)]
   assert [len(x) for x, _ in out.train] == expected == [40, 15, 12, 2]
-  for d, ((x, y), (x0, _)) in enumerate(zip(out.train, split.train)):
+  for _d, ((x, y), (x0, _)) in enumerate(zip(out.train, split.train)):
     assert _origins(x) <= _origins(x0) and len(_origins(x)) == len(x)       # a subset, no duplicates
     np.testing.assert_array_equal(y, x[:, 0, 1, 0].astype(np.int32) % 3)    # labels travel with their images
   assert out.train_domains == split.train_domains
@@ -94,7 +94,7 @@ def _blobs_split():
   rng = np.random.default_rng(0)
   centres = np.array([[0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0]])
   parts = []
-  for d in range(4):
+  for _d in range(4):
     blob = np.repeat(np.arange(3), [6, 9, 12])
     x = (centres[blob] + 0.1 * rng.standard_normal((len(blob), 4))).astype(np.float32).reshape(-1, 2, 2, 1)
     parts.append((x, blob.astype(np.int32)))     # label = blob, to check the clusters

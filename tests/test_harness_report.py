@@ -393,8 +393,7 @@ def test_mechanism_plot_shows_perturbation_weights_and_the_cosine_when_logged(tm
 def test_every_registered_algorithm_has_its_own_color_line_style_and_marker():
   """Plotted together, every algorithm of the registry (and more) differs from every other in all three: color (as
   RGB), line style (as its dash pattern) and marker."""
-  from matplotlib import colors
-  from matplotlib import lines
+  from matplotlib import colors, lines
 
   from disam_jax.harness import plots
   from disam_jax.harness.algorithms import ALGORITHMS

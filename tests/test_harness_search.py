@@ -14,10 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from disam_jax.harness import _choices
-from disam_jax.harness import cli
-from disam_jax.harness import search
-from disam_jax.harness import tables
+from disam_jax.harness import _choices, cli, search, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +151,7 @@ def _cell(sample, evals, val_domain=None, algorithm="erm", seed=0):
   return {"algorithm": algorithm, "held_out": "a", "seed": seed, "steps": 20, "selected": summary(best),
           "last": summary(evals[-1]), "evals": evals, "seconds": 1.0, "sample": sample, "val_domain": val_domain,
           "directory": f"cells/{algorithm}_heldout-a{'+' + val_domain if val_domain else ''}_seed-{seed}"
-                       f"{'_hparams-%d' % sample if sample else ''}", "hparams": {"lr": 0.001 * (sample + 1)}}
+                       f"{f'_hparams-{sample}' if sample else ''}", "hparams": {"lr": 0.001 * (sample + 1)}}
 
 
 # Domains a, b, c; held out: a; draws 0 and 1. Validation (training domains' 20%) / a's 80% / a's 20% per step:

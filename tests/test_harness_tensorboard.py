@@ -16,10 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from disam_jax.harness import cli
-from disam_jax.harness import distributed
-from disam_jax.harness import experiment
-from disam_jax.harness import tensorboard
+from disam_jax.harness import cli, distributed, experiment, tensorboard
 from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 

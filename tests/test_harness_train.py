@@ -292,7 +292,7 @@ def test_harden_domain_subsamples_and_corrupts_only_that_training_domain():
   originals = {a.tobytes(): b for a, b in zip(*split.train[i])}
   before = np.asarray([originals[a.tobytes()] for a in x])
   assert np.sum(before != y) == round(0.5 * len(y))
-  for j, d in enumerate(split.train_domains):
+  for j, _d in enumerate(split.train_domains):
     if j != i:
       assert hard.train[j][0] is split.train[j][0]
   assert hard.val is split.val and hard.test is split.test

@@ -248,9 +248,8 @@ def test_a_linen_model_with_dropout_resumes_exactly(tmp_path):
 def test_a_user_model_with_a_penalty_on_two_processes_equals_one_device(tmp_path, algorithm):
   """Each process imports the factory; CORAL's and Fishr's per-domain statistics over a batch sharded across 2
   processes x 2 devices give the parameters of one device."""
-  from tests.test_harness_distributed import _start, _wait
-
   from disam_jax.harness import experiment
+  from tests.test_harness_distributed import _start, _wait
 
   extra = ["--model", f"{HERE}:TinyNet", "--algorithm", algorithm]
   runs = {"one": _wait(_start(tmp_path / "one", 1, 1, *extra)), "two": _wait(_start(tmp_path / "two", 2, 2, *extra))}

@@ -89,15 +89,14 @@ def test_python_dash_m_cli_bogus_flag_loads_no_jax():
 
 def test_lazy_module_keeps_the_public_names():
   import disam_jax
-  from disam_jax import _disam
-  from disam_jax import disam
+  from disam_jax import _disam, disam
 
   assert disam is _disam.disam and disam_jax.disam is disam
   assert set(disam_jax.__all__) <= set(dir(disam_jax)) and "__version__" in dir(disam_jax)
   for name in disam_jax.__all__:
     assert getattr(disam_jax, name) is not None, name
   with pytest.raises(AttributeError, match=r"^module 'disam_jax' has no attribute 'no_such_name'$"):
-    disam_jax.no_such_name
+    _ = disam_jax.no_such_name
   with pytest.raises(ImportError, match="cannot import name 'no_such_name' from 'disam_jax'"):
     from disam_jax import no_such_name  # noqa: F401
 
@@ -115,10 +114,7 @@ def test_type_checking_block_imports_exactly_the_lazy_names():
 
 
 def test_registries_take_their_names_from_the_jax_free_table():
-  from disam_jax.harness import _choices
-  from disam_jax.harness import algorithms
-  from disam_jax.harness import data
-  from disam_jax.harness import models
+  from disam_jax.harness import _choices, algorithms, data, models
 
   assert list(algorithms.RULES) == list(_choices.RULES)
   assert {n: text for n, (_, text) in algorithms.RULES.items()} == _choices.RULES

@@ -26,6 +26,7 @@ def test_every_program_a_help_text_names_is_installed_by_pyproject():
   """`disam-launch --help` calls itself disam-launch: pyproject installs that command, pointing at its main."""
   import importlib
   import pathlib
+
   import tomllib
 
   scripts = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())['project']['scripts']
@@ -41,6 +42,7 @@ def test_every_program_a_help_text_names_is_installed_by_pyproject():
 def test_the_core_runs_without_chex_and_pyproject_does_not_declare_it():
   """chex was dropped (jax.Array and optax's types replace its alias): the core imports without it."""
   import pathlib
+
   import tomllib
 
   code = (
@@ -57,6 +59,7 @@ def test_the_core_runs_without_chex_and_pyproject_does_not_declare_it():
 def test_one_version_source():
   """pyproject's version is dynamic, read by setuptools from disam_jax.__version__ (no second copy to drift)."""
   import pathlib
+
   import tomllib
 
   pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / 'pyproject.toml').read_text())
@@ -73,6 +76,7 @@ def test_the_declared_minimum_versions_are_the_tested_ones():
   import os
   import pathlib
   import re
+
   import tomllib
 
   root = pathlib.Path(__file__).parents[1]

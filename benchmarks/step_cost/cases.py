@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from benchmarks.step_cost.config import LAM, LR, MOMENTUM, NUM_CLASSES, RHO
+
 
 def make_batch(num_domains: int, per_domain: int, shape: Sequence[int], seed: int = 0):
   """`x [M, b, H, W, C]` N(0, 1) float32 and `y [M, b]` labels: domain-major, equal counts."""
@@ -32,7 +34,7 @@ def build_jax_model(name: str, shape, model_kwargs, *, fast_conv: bool = False, 
   return graphdef, jax.device_get(params), jax.device_get(model_state)
 
 
-def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwargs: Optional[dict] = None):
+def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwargs: dict | None = None):
   """`(tx, step)` with `step(params, opt_state, model_state, x [M, b, ...], y [M, b]) -> (params, opt_state,
   model_state, loss)`. All kinds use the same model, loss and base optimizer; BatchNorm statistics come from the
   unperturbed pass in every kind. `disam_kwargs` go to `disam_jax.disam` of the DISAM kinds (e.g. `perturb_when`)."""
@@ -117,7 +119,7 @@ class JaxCase:
   framework = 'jax'
 
   def __init__(self, label: str, kind: str, graphdef, params, model_state, x, y,
-               compiler_options: Optional[dict] = None):
+               compiler_options: dict | None = None):
     import jax
     import jax.numpy as jnp
     self.label, self.kind = label, kind

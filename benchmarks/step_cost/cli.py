@@ -9,11 +9,22 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import benchmarks.step_cost as _package
-from benchmarks.step_cost.config import _REPO, FLAG_SWEEP, LAM, LR, MODELS, MOMENTUM, NUM_CLASSES, QUICK_MODELS, RHO
-from benchmarks.step_cost.config import XLA_CONFIGS
+from benchmarks.step_cost.config import (
+  _REPO,
+  FLAG_SWEEP,
+  LAM,
+  LR,
+  MODELS,
+  MOMENTUM,
+  NUM_CLASSES,
+  QUICK_MODELS,
+  RHO,
+  XLA_CONFIGS,
+)
 from benchmarks.step_cost.domains import bench_domains
 from benchmarks.step_cost.flags import bench_flags, flags_worker
 from benchmarks.step_cost.harness_loop import bench_harness_loop
@@ -22,7 +33,8 @@ from benchmarks.step_cost.report import evaluate_targets, to_markdown
 from benchmarks.step_cost.step_time import bench_step_time
 from benchmarks.step_cost.timing import cpu_peak, load_avg, machine_info, versions
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=_package.__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='one repeat of a tiny MLP (seconds), for CI')
   ap.add_argument('--name', default=None, help='results file stem (default step_cost or step_cost_quick)')
@@ -77,7 +89,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.multidevice_worker is not None:
     config = json.loads(args.multidevice_worker)

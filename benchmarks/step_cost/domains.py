@@ -8,6 +8,7 @@ from benchmarks.step_cost.cases import JaxCase, build_jax_model, make_batch
 from benchmarks.step_cost.config import XLA_CONFIGS
 from benchmarks.step_cost.timing import ratio, time_round_robin
 
+
 def bench_domains(models: dict, args, load_samples, log) -> dict[str, Any]:
   """disam at M = 2..64 domains with a fixed total batch (plus SAM, which does not depend on M)."""
   out = {}

@@ -10,6 +10,7 @@ from benchmarks.step_cost.config import FLAG_SWEEP, MODELS
 from benchmarks.step_cost.timing import load_avg, time_round_robin
 from benchmarks.step_cost.worker import run_worker
 
+
 def flags_worker(config: dict) -> dict[str, Any]:
   """(subprocess) ERM and DISAM step time of one model under the XLA_FLAGS this process was started with."""
   name = config['model']

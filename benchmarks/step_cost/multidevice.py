@@ -17,12 +17,14 @@ from benchmarks.step_cost.config import _DEVICE_FLAG, LAM, LR, MOMENTUM, MULTIDE
 from benchmarks.step_cost.timing import time_round_robin
 from benchmarks.step_cost.worker import run_worker
 
+
 def multidevice_worker(config: dict) -> dict[str, Any]:
   """(subprocess) DISAM under pmap and sharded jit on n host CPU devices vs one device on the whole batch."""
   import jax
   import jax.numpy as jnp
   import optax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import disam_jax
   from disam_jax.harness.models import apply_model
@@ -48,7 +50,7 @@ def multidevice_worker(config: dict) -> dict[str, Any]:
       losses = per_example(q, xb.reshape((-1,) + xb.shape[3:]), yb.reshape(-1)).reshape(n_, m_, k_)
       return disam_jax.DomainLosses(losses.sum(axis=(0, 2)), jnp.full((m_,), n_ * k_, jnp.float32))
 
-    def make_step(tx, loss_fn=disam_jax.grouped_domain_loss_fn(per_example)):
+    def make_step(tx, loss_fn=disam_jax.grouped_domain_loss_fn(per_example)):  # noqa: B008 (built once, on purpose)
       def step(p, s, xb, yb):
         u, s = tx.update(None, s, p, domain_loss_fn=lambda q: loss_fn(q, xb, yb))
         return optax.apply_updates(p, u), s

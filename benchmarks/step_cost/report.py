@@ -7,6 +7,7 @@ from typing import Any
 from benchmarks.step_cost.config import CONV_MODELS, REFERENCE_PERTURB_EVERY, TARGETS, XLA_CONFIGS
 from disam_jax.harness.tables import markdown_table
 
+
 def evaluate_targets(results: dict) -> list[dict[str, Any]]:
   """Each target with its measured value (ratio of min times; `paired`: median of per-round ratios) and whether
   the min-based value meets it."""

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from benchmarks.step_cost.cases import JaxCase, build_jax_model, label, make_batch, perturb_every
-from benchmarks.step_cost.config import (_DEFAULT_SPECS, AMORTIZED_CASES, JAX_CASES, JAX_SPECS_BY_MODEL, TORCH_CASES,
-                                         TORCH_CASES_BY_MODEL, XLA_CONFIGS)
+from benchmarks.step_cost.config import (
+  _DEFAULT_SPECS,
+  AMORTIZED_CASES,
+  JAX_CASES,
+  JAX_SPECS_BY_MODEL,
+  TORCH_CASES,
+  TORCH_CASES_BY_MODEL,
+  XLA_CONFIGS,
+)
 from benchmarks.step_cost.timing import ratio, time_round_robin
 from benchmarks.step_cost.torch_side import TorchCase
 
@@ -26,7 +33,7 @@ def step_ratios(timed: dict[str, Any]) -> dict[str, float]:
   """The ratios the report and the targets read: within the out-of-the-box cases (no prefix), within each other
   configuration ('<config>: ' prefix), and against the PyTorch peers."""
   r = lambda a, b, stat='min_ms': ratio(timed, a, b, stat)
-  ratios: dict[str, Optional[float]] = {
+  ratios: dict[str, float | None] = {
       'disam/sam (median)': r('disam', 'sam', 'median_ms'), 'disam/sam (cpu)': r('disam', 'sam', 'cpu_min_ms'),
       'disam/erm (median)': r('disam', 'erm', 'median_ms'), 'disam/erm (cpu)': r('disam', 'erm', 'cpu_min_ms'),
       'disam_lam0/sam (cpu)': r('disam_lam0', 'sam', 'cpu_min_ms'), 'sam/erm (cpu)': r('sam', 'erm', 'cpu_min_ms'),

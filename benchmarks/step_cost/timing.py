@@ -16,9 +16,11 @@ import pathlib
 import platform
 import statistics
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
 
 def _cpu_model() -> str:
   try:
@@ -31,7 +33,7 @@ def _cpu_model() -> str:
   return platform.processor() or 'unknown'
 
 
-def _mem_total_gb() -> Optional[float]:
+def _mem_total_gb() -> float | None:
   try:
     with open('/proc/meminfo') as f:
       for line in f:
@@ -53,7 +55,7 @@ def machine_info() -> dict[str, Any]:
   }
 
 
-def versions(torch_module=None) -> dict[str, Optional[str]]:
+def versions(torch_module=None) -> dict[str, str | None]:
   import flax
   import jax
   import jaxlib
@@ -73,7 +75,7 @@ def versions(torch_module=None) -> dict[str, Optional[str]]:
 
 def load_avg() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
-def _machine_busy() -> Optional[tuple[int, int]]:
+def _machine_busy() -> tuple[int, int] | None:
   """(busy, total) jiffies of the whole machine from /proc/stat, or None off Linux."""
   try:
     with open('/proc/stat') as f:
@@ -128,9 +130,9 @@ def wait_for_quiet(threshold: float, max_wait_s: float, log) -> float:
   return waited
 
 
-def time_round_robin(cases: list, *, repeats: Optional[int], min_sample_s: float, budget_s: Optional[float],
-                     load_samples: list, log: Callable[[str], None], quiet: Optional[dict] = None,
-                     max_rounds: int = 15, steps_per_sample: Optional[dict[str, int]] = None) -> dict[str, Any]:
+def time_round_robin(cases: list, *, repeats: int | None, min_sample_s: float, budget_s: float | None,
+                     load_samples: list, log: Callable[[str], None], quiet: dict | None = None,
+                     max_rounds: int = 15, steps_per_sample: dict[str, int] | None = None) -> dict[str, Any]:
   """Warm-up, then rounds over all cases (order rotated each round); each sample runs `inner` steps.
 
   `inner` is chosen per case so that one sample lasts at least `min_sample_s` (fast steps would otherwise be
@@ -204,7 +206,7 @@ class StepCase:
   framework = 'jax'
 
   def __init__(self, label: str, step: Callable[[Any], Any], state: Any,
-               loss: Optional[Callable[[Any], Any]] = None):
+               loss: Callable[[Any], Any] | None = None):
     self.label, self.step, self.state, self._loss = label, step, state, loss
     self.times: list[float] = []
 
@@ -227,7 +229,7 @@ def machine_line() -> str:
           f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__}')
 
 
-def ratio(cases: dict, a: str, b: str, stat: str = 'min_ms') -> Optional[float]:
+def ratio(cases: dict, a: str, b: str, stat: str = 'min_ms') -> float | None:
   """`a / b` of a statistic; `stat='paired'`: the median over rounds of the per-round ratio (the two samples of
   a round were taken seconds apart, so slow drifts of the machine's load cancel)."""
   if a not in cases or b not in cases:
@@ -237,7 +239,7 @@ def ratio(cases: dict, a: str, b: str, stat: str = 'min_ms') -> Optional[float]:
   return round(cases[a][stat] / cases[b][stat], 4)
 
 
-def _nominal_mhz() -> Optional[float]:
+def _nominal_mhz() -> float | None:
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
@@ -274,7 +276,7 @@ def cpu_peak(gemm_size: int = 2048, repeats: int = 5) -> dict[str, Any]:
           'gemm_size': gemm_size, 'note': note}
 
 
-def write_results(out_dir: str, stem: str, markdown: str, data: Optional[dict] = None) -> pathlib.Path:
+def write_results(out_dir: str, stem: str, markdown: str, data: dict | None = None) -> pathlib.Path:
   """Writes `<stem>.md` (and `<stem>.json` of `data`, if given) under `out_dir`, created if missing; returns the
   Markdown file's path. The one results writer of the benchmark scripts outside step_cost's own incremental one."""
   out = pathlib.Path(out_dir)

@@ -6,6 +6,7 @@ import numpy as np
 
 from benchmarks.step_cost.config import LAM, LR, MOMENTUM, NUM_CLASSES, RHO
 
+
 class TorchCase:
   """A PyTorch training step from benchmarks/torch_disam.py on the same model, batch and data."""
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from benchmarks.step_cost.config import _REPO
 
+
 def run_worker(mode: str, config: dict, xla_flags: str, timeout: float) -> dict[str, Any]:
   """Runs this module in a subprocess with XLA_FLAGS set before jax is imported; returns its JSON result."""
   env = dict(os.environ)

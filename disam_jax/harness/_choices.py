@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
   "ALGORITHMS",
@@ -90,7 +90,7 @@ def _algorithms():
 
 # Every algorithm name: name -> (rule, penalty or None, one line). A rule alone, a penalty alone (trained with ERM's
 # rule) or RULE+PENALTY; `algorithms.ALGORITHMS` holds the same names, in this order, as `AlgorithmSpec`s.
-ALGORITHMS: dict[str, tuple[str, Optional[str], str]] = dict(_algorithms())
+ALGORITHMS: dict[str, tuple[str, str | None, str]] = dict(_algorithms())
 
 # Registered datasets: name -> one line (`data.DATASETS` adds each one's loader, domains and classes).
 DATASETS: dict[str, str] = {
@@ -147,7 +147,7 @@ class LogUniform:
   hi: float
   base: float = 10.0
   integer: bool = False
-  per_steps: Optional[int] = None
+  per_steps: int | None = None
 
   def draw(self, rng: Any, steps: int) -> Any:
     """One value from `rng` (a `numpy.random.Generator`: one ``uniform`` call)."""
@@ -170,7 +170,7 @@ class Uniform:
   lo: float
   hi: float
   integer: bool = False
-  per_steps: Optional[int] = None
+  per_steps: int | None = None
 
   def draw(self, rng: Any, steps: int) -> Any:
     return _finish(float(rng.uniform(self.lo, self.hi)), self.integer, self.per_steps, steps)
@@ -199,13 +199,13 @@ class Choice:
 Distribution = Any  # LogUniform | Uniform | Choice
 
 
-def _finish(value: float, integer: bool, per_steps: Optional[int], steps: int) -> Any:
+def _finish(value: float, integer: bool, per_steps: int | None, steps: int) -> Any:
   if per_steps is not None:
     value = value * steps / per_steps
   return int(value) if integer else float(value)
 
 
-def _described(text: str, integer: bool, per_steps: Optional[int]) -> str:
+def _described(text: str, integer: bool, per_steps: int | None) -> str:
   if per_steps is not None:
     text = f"{text} x steps/{per_steps}"
   return f"int({text})" if integer else text
@@ -251,14 +251,14 @@ class Hyperparameter:
   default: Any
   help: str
   large: Any = _SAME
-  search: Optional[Distribution] = None
+  search: Distribution | None = None
   search_large: Any = _SAME
   used_by: str = "all"
   flag: Any = ""
-  metavar: Optional[Any] = None
+  metavar: Any | None = None
   choices: tuple = ()
-  nargs: Optional[int] = None
-  default_text: Optional[str] = None
+  nargs: int | None = None
+  default_text: str | None = None
   group: str = "training"
   source: str = ""
   name: str = ""
@@ -266,7 +266,7 @@ class Hyperparameter:
   def default_for(self, kind: str) -> Any:
     return self.default if kind == "small" or self.large == _SAME else self.large
 
-  def search_for(self, kind: str) -> Optional[Distribution]:
+  def search_for(self, kind: str) -> Distribution | None:
     return self.search if kind == "small" or self.search_large == _SAME else self.search_large
 
   def used(self, algorithm: str) -> bool:
@@ -274,7 +274,7 @@ class Hyperparameter:
     return _USERS[self.used_by](rule, penalty)
 
   @property
-  def option(self) -> Optional[str]:
+  def option(self) -> str | None:
     """The command-line flag (None when another flag sets it)."""
     if self.flag is None:
       return None
@@ -346,15 +346,15 @@ class HParams:
                              "SAM's every step (mechanism.png; one extra backward pass per DISAM step)")
   adaptive: bool = hparam(bool, False, "adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive "
                           "is ASAM)")
-  alpha: Optional[float] = hparam(float, None, "GSAM's / SAGM's alpha", used_by="gsam_sagm", metavar="ALPHA",
+  alpha: float | None = hparam(float, None, "GSAM's / SAGM's alpha", used_by="gsam_sagm", metavar="ALPHA",
                                   default_text="the rule's published default")
   perturb_every: int = hparam(int, 1, "amortized sharpness-aware rules: the full two-pass step every K steps, one "
                               "pass reusing its gradient component in between (LookSAM-style; ERM unaffected; 1: "
                               "every step)", used_by="sharpness", metavar="K")
-  reuse_weight: Optional[float] = hparam(float, None, "with --perturb-every K > 1 or --perturb-when: weight of the "
+  reuse_weight: float | None = hparam(float, None, "with --perturb-every K > 1 or --perturb-when: weight of the "
                                          "reused gradient component in the steps in between (0: plain gradient "
                                          "steps; LookSAM: 0.7)", used_by="sharpness", metavar="W", default_text="0")
-  perturb_when: Optional[str] = hparam(str, None, "amortized sharpness-aware rules: the full two-pass step when "
+  perturb_when: str | None = hparam(str, None, "amortized sharpness-aware rules: the full two-pass step when "
                                        "this step's domain-loss variance exceeds --trigger-factor x its running "
                                        "mean, within --trigger-gaps; one pass otherwise", used_by="sharpness",
                                        choices=PERTURB_WHEN, default_text="off")
@@ -372,7 +372,7 @@ class HParams:
   vrex_lambda: float = hparam(float, 10.0, "V-REx's penalty weight after the anneal step, 1 before",
                               search=LogUniform(-1, 5), used_by="vrex", metavar="L", group="penalties",
                               source="DomainBed hparams_registry")
-  vrex_anneal_steps: Optional[int] = hparam(int, None, "V-REx's anneal step, where the base optimizer is also "
+  vrex_anneal_steps: int | None = hparam(int, None, "V-REx's anneal step, where the base optimizer is also "
                                             "re-initialized", search=LogUniform(0, 4, integer=True, per_steps=5000),
                                             used_by="vrex", metavar="N", default_text="10% of --steps",
                                             group="penalties",
@@ -382,13 +382,13 @@ class HParams:
                                source="DomainBed hparams_registry (Fishr)")
   fishr_ema: float = hparam(float, 0.95, "Fishr's moving-average factor", search=Uniform(0.90, 0.99),
                             used_by="fishr", metavar="E", group="penalties", source="DomainBed hparams_registry")
-  fishr_anneal_steps: Optional[int] = hparam(int, None, "Fishr's anneal step, where the base optimizer is also "
+  fishr_anneal_steps: int | None = hparam(int, None, "Fishr's anneal step, where the base optimizer is also "
                                              "re-initialized (if > 0)",
                                              search=Uniform(0, 5000, integer=True, per_steps=5000), used_by="fishr",
                                              metavar="N", default_text="30% of --steps", group="penalties",
                                              source="DomainBed: 1500 of 5000 steps; search scaled to --steps")
 
-  def for_run(self, steps: int) -> "HParams":
+  def for_run(self, steps: int) -> HParams:
     """These hyperparameters with the anneal steps left at None set to DomainBed's fraction of a `steps` run.
 
     DomainBed trains 5000 steps and anneals V-REx at 500 (10%) and Fishr at 1500 (30%); the harness's runs are
@@ -459,7 +459,7 @@ _VREX_ANNEAL_FRACTION = 500 / 5000  # DomainBed: vrex_penalty_anneal_iters 500 o
 _FISHR_ANNEAL_FRACTION = 1500 / 5000  # DomainBed: penalty_anneal_iters 1500 of its default 5000 steps
 
 
-def _fraction(value: Optional[int], fraction: float, steps: int) -> int:
+def _fraction(value: int | None, fraction: float, steps: int) -> int:
   return int(round(fraction * steps)) if value is None else value
 
 

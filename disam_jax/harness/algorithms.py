@@ -28,16 +28,15 @@ the anneal steps at DomainBed's fraction of the run (`HParams.for_run`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from disam_jax import (DomainLosses, VarianceTrigger, as_domain_losses, disam, domain_objective, global_norm,
-                       init_state)
-from disam_jax.harness import _choices
-from disam_jax.harness import penalties
+from disam_jax import DomainLosses, VarianceTrigger, as_domain_losses, disam, domain_objective, global_norm, init_state
+from disam_jax.harness import _choices, penalties
 from disam_jax.harness._choices import HParams, default_hparams  # public here; defined JAX-free for the CLI's parser
 
 __all__ = [
@@ -98,7 +97,7 @@ def erm(
     *,
     has_aux: bool = False,
     aux_example: Any = None,
-    num_domains: Optional[int] = None,
+    num_domains: int | None = None,
     perturbation_mask: Any = None,
     domain_weights: str = "uniform",
 ) -> optax.GradientTransformationExtraArgs:
@@ -168,7 +167,7 @@ def _erm_rule(base, hp, **kw):
   return erm(base, domain_weights=hp.domain_weights, **kw)
 
 
-def _sam_rule(lam_on: bool, rule: Optional[str] = None):
+def _sam_rule(lam_on: bool, rule: str | None = None):
   def build(base, hp, **kw):
     extra = {} if rule is None else {"rule": rule, "alpha": hp.alpha}
     if lam_on and hp.diagnostics:
@@ -223,7 +222,7 @@ class AlgorithmSpec:
 
   name: str
   rule: str
-  penalty: Optional[str]
+  penalty: str | None
   description: str
 
   def build(self, base_tx, hparams: HParams, **state_kwargs) -> optax.GradientTransformationExtraArgs:
@@ -233,7 +232,7 @@ class AlgorithmSpec:
       base_tx = penalties.reset_at(base_tx, penalty.reset_step)
     return RULES[self.rule][0](base_tx, hparams, **state_kwargs)
 
-  def make_penalty(self, hparams: HParams) -> Optional[penalties.Penalty]:
+  def make_penalty(self, hparams: HParams) -> penalties.Penalty | None:
     return None if self.penalty is None else PENALTIES[self.penalty][0](hparams)
 
 
@@ -258,7 +257,7 @@ def check_algorithm(algorithm: str) -> AlgorithmSpec:
   return ALGORITHMS[algorithm]
 
 
-def make_penalty(algorithm: str, hparams: HParams) -> Optional[penalties.Penalty]:
+def make_penalty(algorithm: str, hparams: HParams) -> penalties.Penalty | None:
   """The training-loss penalty of `algorithm` (None for erm and the sharpness-aware rules alone)."""
   return check_algorithm(algorithm).make_penalty(hparams)
 

@@ -40,7 +40,7 @@ import signal
 import sys
 import threading
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -98,7 +98,7 @@ class _QuietOrbax(logging.Filter):
   """Drops orbax's error records (tracebacks of failures `CheckpointStore` re-raises as one `CheckpointError`),
   keeping the last exception they carry: orbax logs, and does not raise, a background write that failed."""
 
-  last: Optional[BaseException] = None
+  last: BaseException | None = None
 
   def filter(self, record: logging.LogRecord) -> bool:
     orbax = f"{os.sep}orbax{os.sep}"
@@ -310,7 +310,7 @@ class CheckpointStore:
     _quiet_abandoned_callbacks()
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
-    self._pending: Optional[int] = None  # the step of a save that may still be in flight
+    self._pending: int | None = None  # the step of a save that may still be in flight
     self._failed = False  # a CheckpointError was raised: `close` then adds no second one
     # Retention by orbax's own policy: the latest, and the best by training-domain validation. orbax decides what
     # goes when a save starts and deletes it in its background thread once the new checkpoint is complete, so a
@@ -356,7 +356,7 @@ class CheckpointStore:
       self._remove_temporary(step)  # free the space the failed save took
       raise
 
-  def _remove_temporary(self, step: Optional[int] = None) -> None:
+  def _remove_temporary(self, step: int | None = None) -> None:
     """Removes orbax's temporary folders of unfinished saves (of `step`, or all); only process 0, which writes them
     (another process opening its store late must not remove a folder process 0 is writing)."""
     if jax.process_index() != 0 or not os.path.isdir(self.directory):
@@ -369,11 +369,11 @@ class CheckpointStore:
     """Steps with a complete checkpoint, ascending."""
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: Any, meta: dict[str, Any], *, val_acc_mean: Optional[float] = None) -> None:
+  def save(self, step: int, state: Any, meta: dict[str, Any], *, val_acc_mean: float | None = None) -> None:
     """Starts writing the checkpoint of `step` and returns once the state is copied off the devices (orbax writes
     in the background; the next save, `restore` or `close` waits for it). When it is complete, orbax deletes every
     other checkpoint but the best by `val_acc_mean` (earliest on ties) and the latest.
@@ -475,7 +475,7 @@ class CheckpointStore:
     crc = [zlib.crc32(np.ascontiguousarray(jax.device_get(x)).reshape(-1).view(np.uint8)) for x in leaves]
     return stored == {"leaves": crc, "meta": _meta_crc(meta)}
 
-  def restore_latest(self, template: Any) -> Optional[tuple[int, Any, dict[str, Any], list[str]]]:
+  def restore_latest(self, template: Any) -> tuple[int, Any, dict[str, Any], list[str]] | None:
     """`(step, state, meta, notes)` of the latest readable checkpoint, None if there is none at all.
 
     A checkpoint that cannot be read (`UnreadableCheckpoint`) is skipped for the one before it; `notes` says which

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 PROG = "disam-train"
 EXIT_BAD_INPUT = 2
@@ -254,7 +254,7 @@ def _hparam_options(parser: argparse.ArgumentParser, train: argparse._ArgumentGr
   penalty = parser.add_argument_group(
     "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
     "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
-  for name, d in declarations().items():
+  for d in declarations().values():
     if d.option is None:
       continue
     group = penalty if d.group == "penalties" else train
@@ -390,7 +390,6 @@ _RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "data_workers", "no_plots",
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
   """The stored configuration of `run_dir`, with --steps from the command line; other differences are errors."""
-  from disam_jax.harness.config import ExperimentConfig
 
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
@@ -495,7 +494,7 @@ def _terminate(signum, frame):
   raise _Terminated()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit code (the console script exits with it).
 
   Owns the process-level fault handling: SIGTERM raises `_Terminated` (a KeyboardInterrupt) while it runs, so a
@@ -557,9 +556,7 @@ def _main(argv: list[str]) -> int:
 
 def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
   """Validates everything before anything is written: `(config, run_dir, prepared, mesh)`; raises BadInput & co."""
-  from disam_jax.harness import distributed
-  from disam_jax.harness import experiment
-  from disam_jax.harness import tensorboard
+  from disam_jax.harness import distributed, experiment, tensorboard
 
   config = config_from_args(args)
   mesh = None
@@ -597,9 +594,7 @@ def _check_new_run_directory(run_dir: str) -> None:
 
 def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_process: bool) -> int:
   """Trains and reports; every fault of a run is one line and its exit code (the module docstring's table)."""
-  from disam_jax.harness import checkpoint
-  from disam_jax.harness import experiment
-  from disam_jax.harness import report
+  from disam_jax.harness import checkpoint, experiment, report
   from disam_jax.harness.loop import TrainingDiverged
 
   resume = f"continue with: {PROG} --resume --output-dir {run_dir}"
@@ -634,7 +629,7 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
   return 0
 
 
-def _write_failure(e: OSError, run_dir: Optional[str]) -> str:
+def _write_failure(e: OSError, run_dir: str | None) -> str:
   """One line for a failed write (disk full, read-only, permissions): the file, the reason and what to do."""
   where = e.filename or (f"into {run_dir}" if run_dir else "the run directory")
   text = f"cannot write {where}: {e.strerror or e}"
@@ -644,7 +639,7 @@ def _write_failure(e: OSError, run_dir: Optional[str]) -> str:
           f"with: {PROG} --resume --output-dir {run_dir}")
 
 
-def _lock_run_directory(run_dir: str, *, resume: bool) -> Optional[int]:
+def _lock_run_directory(run_dir: str, *, resume: bool) -> int | None:
   """Takes `run_dir/.lock` (flock) for this process; returns its descriptor (None where flock does not exist).
 
   Owns "one run per directory": a second run refuses (BadInput naming the PID the lock file holds) instead of

@@ -7,7 +7,7 @@ default model of a dataset (`default_model`). The checks against the data are `e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from disam_jax.harness._choices import HParams  # algorithms.HParams; this module imports no JAX until validate()
 
@@ -76,16 +76,16 @@ class ExperimentConfig:
   """
 
   dataset: str = "rotated_digits"
-  data_dir: Optional[str] = None
-  image_size: Optional[int] = None
-  cache_dir: Optional[str] = None
-  model: Optional[str] = None
+  data_dir: str | None = None
+  image_size: int | None = None
+  cache_dir: str | None = None
+  model: str | None = None
   model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   precision: str = "float32"
-  pretrained: Optional[str] = None
-  train_only: Optional[tuple[str, ...]] = None
+  pretrained: str | None = None
+  train_only: tuple[str, ...] | None = None
   algorithms: tuple[str, ...] = ("erm", "sam", "disam")
-  held_out: Optional[tuple[str, ...]] = None
+  held_out: tuple[str, ...] | None = None
   seeds: tuple[int, ...] = (0,)
   steps: int = 300
   eval_every: int = 50
@@ -94,7 +94,7 @@ class ExperimentConfig:
   fixed_hparams: tuple[str, ...] = ()
   leave_one_out: bool = False
   holdout_fraction: float = 0.2
-  hard_domain: Optional[str] = None
+  hard_domain: str | None = None
   hard_domain_fraction: float = 1.0
   hard_domain_label_noise: float = 0.0
   imbalance: float = 1.0
@@ -103,7 +103,7 @@ class ExperimentConfig:
   infer_domains: int = 0
   eval_batch_size: int = 512
   augment: bool = True
-  data_workers: Optional[int] = None
+  data_workers: int | None = None
 
   def __post_init__(self):
     if self.pretrained is not None:
@@ -132,7 +132,7 @@ class ExperimentConfig:
     return out
 
   @classmethod
-  def from_json(cls, d: dict[str, Any]) -> "ExperimentConfig":
+  def from_json(cls, d: dict[str, Any]) -> ExperimentConfig:
     d = dict(d)
     d["hparams"] = HParams(**d.get("hparams", {}))
     for key in ("algorithms", "seeds", "fixed_hparams"):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import io
 import logging
@@ -45,7 +44,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -494,7 +493,7 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=
   image_size = int(image_size or spec.default_image_size)
   domains, classes, files, notes = _scan_folder(spec, root)
   for note in notes:
-    warnings.warn(note)
+    warnings.warn(note, stacklevel=2)
 
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
   rels = [rel for rel, _, _ in files]
@@ -508,7 +507,7 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=
   skipped = tuple(meta.get("skipped_files", ()))
   if skipped:  # on every load, converted now or earlier
     shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-    warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s) of {len(files)}: {shown}")
+    warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s) of {len(files)}: {shown}", stacklevel=2)
   label_of, domain_of = streaming.read_index(directory)
   records = streaming.RecordSet(directory, tuple(os.path.join(directory, s) for s in meta["shards"]), image_size)
   images, labels = [], []
@@ -831,7 +830,7 @@ class DomainBatchSampler:
     self._rng = np.random.default_rng(seed)
     self._steps = 0
 
-  def next(self, local: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray]:
+  def next(self, local: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns images ``[M, b, H, W, C]`` float32 and labels ``[M, b]`` int32, one row per training domain.
 
     With `local`, only that slice of the per-domain batch axis is gathered (``[M, b_local, ...]``): in a
@@ -929,7 +928,7 @@ class MergedBatchSampler:
     self._order = self._rng.permutation(len(self._y))
     self._given = 0  # batches of this epoch handed out
 
-  def next(self, local: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def next(self, local: slice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns images ``[B, H, W, C]`` float32, labels ``[B]`` int32 and domain ids ``[B]`` int32 (index into
     `train`).
 

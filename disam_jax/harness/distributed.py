@@ -14,12 +14,13 @@ import dataclasses
 import os
 import socket
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -43,9 +44,9 @@ class DistributedConfig:
       with no arguments.
   """
 
-  coordinator_address: Optional[str] = None
-  num_processes: Optional[int] = None
-  process_id: Optional[int] = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
   initialization_timeout: int = 60
   heartbeat_timeout: int = 20
   auto: bool = False
@@ -151,7 +152,7 @@ def _wait_for_coordinator(config: DistributedConfig) -> None:
       time.sleep(0.5)
 
 
-def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named `data` over all devices of all processes (global device order)."""
   return Mesh(np.array(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
@@ -160,7 +161,7 @@ FSDP_AXIS = 'fsdp'
 _MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def parse_mesh(text: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of `--mesh data=4,fsdp=2`: axes `data` and (optionally) `fsdp`, sizes multiplying to the device count.
 
   The batch is split over every axis (each device holds a slice of every domain); the 2-D-or-more weights are also

@@ -18,14 +18,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
 
 from disam_jax.harness import data as data_lib
-from disam_jax.harness import distributed
-from disam_jax.harness import regimes
+from disam_jax.harness import distributed, regimes
 from disam_jax.harness import tensorboard as tensorboard_lib
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.loop import CellResult, _compile, run_cell
@@ -184,7 +183,7 @@ def _smallest_training_domain(config: ExperimentConfig, ds: data_lib.DomainDatas
   return min(sizes, key=lambda t: t[0])
 
 
-def fit_batch_size(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[ExperimentConfig, Optional[str]]:
+def fit_batch_size(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[ExperimentConfig, str | None]:
   """Caps the per-domain batch size at the smallest training domain (for a default batch size, which must work
   for every documented setting, e.g. --hard-domain); returns the config and a notice saying so, or None."""
   size, name, held_out = _smallest_training_domain(config, ds, check_domains(config, ds.name, ds.domains))
@@ -219,7 +218,7 @@ def _safe_name(text: str) -> str:
 
 
 def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int, sample: int = 0,
-                   val_domain: Optional[str] = None) -> str:
+                   val_domain: str | None = None) -> str:
   """``cells/<algorithm>_heldout-<domain>[+<val domain>]_seed-<seed>[_hparams-<sample>]``: draw 0 of a run with one
   held-out domain keeps the name it had before the search existed."""
   held = _safe_name(held_out) + ("" if val_domain is None else "+" + _safe_name(val_domain))
@@ -244,7 +243,7 @@ def planned_runs(config: ExperimentConfig, held_out: Sequence[str], domains: Seq
           for k in range(config.hparams_samples) for a in config.algorithms]
 
 
-def load_cell_result(directory: str) -> Optional[CellResult]:
+def load_cell_result(directory: str) -> CellResult | None:
   """The `result.json` of a finished run; None if there is none, or if it is unreadable (said on the log: a resumed
   experiment then rebuilds it from the run's latest checkpoint)."""
   path = os.path.join(directory, "result.json")
@@ -338,8 +337,7 @@ def _check_pretrained(config: ExperimentConfig, graphdef: Any, params: Any, mode
     return
   from flax import nnx
 
-  from disam_jax.harness import models
-  from disam_jax.harness import weight_files
+  from disam_jax.harness import models, weight_files
 
   path, module = config.pretrained, nnx.merge(graphdef, params, model_state)
   arrays = weight_files.read_weights(path)
@@ -384,9 +382,9 @@ def run_experiment(
     *,
     resume: bool = False,
     progress: bool = True,
-    on_step: Optional[Callable[[str, str, int, int, dict[str, Any]], None]] = None,
-    prepared: Optional[tuple[data_lib.DomainDataset, tuple[str, ...]]] = None,
-    mesh: Optional[Any] = None,
+    on_step: Callable[[str, str, int, int, dict[str, Any]], None] | None = None,
+    prepared: tuple[data_lib.DomainDataset, tuple[str, ...]] | None = None,
+    mesh: Any | None = None,
     tensorboard: bool = False,
 ) -> list[CellResult]:
   """Trains every (seed, held-out domain, algorithm) of `config` under `run_dir`; returns the results.
@@ -464,7 +462,7 @@ def _label(held: Sequence[str], sample: int) -> str:
 
 
 def _draw(config: ExperimentConfig, algorithm: str, sample: int, seed: int,
-          split: data_lib.DomainSplit) -> tuple[ExperimentConfig, Optional[dict[str, Any]]]:
+          split: data_lib.DomainSplit) -> tuple[ExperimentConfig, dict[str, Any] | None]:
   """`(config of one run, its searched values)`: `config` with draw `sample` of `seed`'s hyperparameters for
   `algorithm` (`ExperimentConfig.hparams_for`) and only that algorithm; None for the values without a search.
 
@@ -498,7 +496,7 @@ def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.Do
 
 
 def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int,
-                mesh: Optional[Any] = None) -> tuple[Any, tuple[Any, Any], Any]:
+                mesh: Any | None = None) -> tuple[Any, tuple[Any, Any], Any]:
   """`(graphdef, (params, model_state), trainable mask)`: a seed's initial model, shared by its runs. With a `mesh`,
   the model is created in its target shardings (`init_model`'s `mesh`)."""
   graphdef, params, model_state = init_model(
@@ -526,7 +524,7 @@ class _Progress:
       self._bar.last_print_n = self._bar.n
       self._bar.refresh()
 
-  def start_run(self, algorithm: str, held_out: str, seed: int, resumed: Optional[str]) -> None:
+  def start_run(self, algorithm: str, held_out: str, seed: int, resumed: str | None) -> None:
     """A run starts; `resumed`: its directory when resuming (the steps it has done already count, and are said)."""
     if self._bar is not None:
       self._bar.set_description(f"{algorithm} held-out {held_out} seed {seed}")

@@ -44,7 +44,7 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,7 @@ CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def compiler_options(backend: Optional[str] = None) -> Optional[dict[str, Any]]:
+def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
   """The compiler options for a ``jax.jit`` on ``backend`` (default: JAX's default backend).
 
   Returns a copy of ``CPU_COMPILER_OPTIONS`` on 'cpu', ``None`` (XLA's defaults) on any other backend.

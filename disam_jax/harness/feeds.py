@@ -25,8 +25,8 @@ on these shapes; nothing else crosses.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from typing import Any, Optional, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,7 +39,7 @@ EvalBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
 class TrainFeed(Protocol):
   """Per-domain balanced training batches (DomainBed): every training domain gives `b` examples per step."""
 
-  def next(self, local: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray]:
+  def next(self, local: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`(x [M, b_local, H, W, C], y [M, b_local] int32)`: this process's slice of the next global batch."""
 
   def state(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def free_port() -> int:
@@ -52,9 +52,9 @@ def launch(
     command: Sequence[str],
     num_processes: int,
     devices_per_process: int = 1,
-    port: Optional[int] = None,
-    timeout: Optional[float] = None,
-    env: Optional[dict] = None,
+    port: int | None = None,
+    timeout: float | None = None,
+    env: dict | None = None,
 ) -> int:
   """Runs `command` as `num_processes` processes; returns 0, or the exit code of the first process that failed."""
   if num_processes < 1 or devices_per_process < 1:
@@ -113,7 +113,7 @@ def launch(
         p.kill()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog='disam-launch',
       allow_abbrev=False,

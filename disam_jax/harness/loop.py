@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,7 @@ import numpy as np
 
 from disam_jax.harness import algorithms as algorithms_lib
 from disam_jax.harness import data as data_lib
-from disam_jax.harness import distributed
-from disam_jax.harness import fast_conv
-from disam_jax.harness import feeds
+from disam_jax.harness import distributed, fast_conv, feeds
 from disam_jax.harness.config import ExperimentConfig
 from disam_jax.harness.steps import (
   TrainState,
@@ -77,8 +75,8 @@ class CellResult:
   seconds: float
   directory: str
   sample: int = 0
-  val_domain: Optional[str] = None
-  hparams: Optional[dict[str, Any]] = None
+  val_domain: str | None = None
+  hparams: dict[str, Any] | None = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -192,8 +190,8 @@ class _Compiled:
   txs: dict[str, Any]
   train_steps: dict[str, Callable]
   eval_step: Callable
-  penalties: Optional[dict[str, Any]] = None  # algorithm -> its training-loss penalty (None: none)
-  loop_steps: Optional[dict[str, _LoopStep]] = None
+  penalties: dict[str, Any] | None = None  # algorithm -> its training-loss penalty (None: none)
+  loop_steps: dict[str, _LoopStep] | None = None
 
 
 # Jitted steps by (graphdef, algorithm, hparams, num_domains): repeated experiments in one process (a notebook, the
@@ -238,8 +236,8 @@ def run_cell(
     directory: str,
     *,
     resume: bool = False,
-    on_step: Optional[Callable[[int, dict[str, Any]], None]] = None,
-    mesh: Optional[Any] = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    mesh: Any | None = None,
 ) -> CellResult:
   """Trains `algorithm` on `split` for `config.steps` steps, evaluating and checkpointing every `eval_every`.
 
@@ -313,7 +311,7 @@ def run_cell(
   return result
 
 
-def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
+def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Any | None):
   """`(sampler, place, draw)`: the run's training feed (`feeds.TrainFeed`: in memory, or streamed through grain for
   a split of record indices; with `--batching merged` the merged stream, `_merged_batch_source`), `place(state)`
   on the devices, and `draw()` of the next batch on the devices (under a mesh: this process reads only its slice of
@@ -340,7 +338,7 @@ def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: i
   return sampler, place, draw
 
 
-def _merged_batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Optional[Any]):
+def _merged_batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: int, mesh: Any | None):
   """`_batch_source` of `--batching merged`: one shuffled stream over the training domains, `batch_size * M`
   examples per step (`data.MergedBatchSampler`), each batch `(x [B, ...], y [B], domain ids [B])`; on a mesh the
   batch axis is split over every device (B must be a multiple of the device count)."""
@@ -400,9 +398,9 @@ class _HostSide:
   """The host's part of a run's steps: each step's metrics line checked and logged, and at evaluation steps the
   evaluation and the checkpoint. `evals` (the evaluations so far) grows in place."""
 
-  def __init__(self, log, store, batches: "_Prefetcher", evaluate: Callable, evals: list[dict[str, Any]],
+  def __init__(self, log, store, batches: _Prefetcher, evaluate: Callable, evals: list[dict[str, Any]],
                train_domains: Sequence[str], held_out: str, start: float, context: str,
-               on_step: Optional[Callable[[int, dict[str, Any]], None]]):
+               on_step: Callable[[int, dict[str, Any]], None] | None):
     self.log, self.store, self.batches, self.evaluate, self.evals = log, store, batches, evaluate, evals
     self.train_domains, self.held_out, self.start, self.context, self.on_step = (
       train_domains, held_out, start, context, on_step)
@@ -420,7 +418,7 @@ class _HostSide:
     self.store.save(step, state, {"step": step, "sampler": self.batches.sampler_state(), "evals": self.evals},
                     val_acc_mean=record["val_acc_mean"])
 
-  def finish(self, step: int, metrics: dict[str, Any], state: Optional[TrainState] = None) -> None:
+  def finish(self, step: int, metrics: dict[str, Any], state: TrainState | None = None) -> None:
     """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
     line = _step_line(metrics, step, self.train_domains, self.start, self.store, context=self.context)
     if state is not None:
@@ -431,7 +429,7 @@ class _HostSide:
       self.on_step(step, line)
 
 
-def _train_steps(loop_step: _LoopStep, state: TrainState, batches: "_Prefetcher", config: ExperimentConfig,
+def _train_steps(loop_step: _LoopStep, state: TrainState, batches: _Prefetcher, config: ExperimentConfig,
                  host: _HostSide) -> None:
   """Steps `state` (from its step to `config.steps`), keeping the device busy: each step is dispatched before the
   host gathers the next batch and reads the previous step's metrics (by then finished: the device has the new step
@@ -465,7 +463,7 @@ class _Prefetcher:
 
   def __init__(self, sampler: feeds.TrainFeed, draw: Callable[[], Any]):
     self._sampler, self._draw = sampler, draw
-    self._ahead: Optional[tuple[dict[str, Any], Any]] = None
+    self._ahead: tuple[dict[str, Any], Any] | None = None
 
   def prefetch(self) -> None:
     if self._ahead is None:
@@ -514,7 +512,7 @@ def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str],
   return line
 
 
-def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit, mesh: Optional[Any] = None) -> feeds.EvalFeed:
+def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit, mesh: Any | None = None) -> feeds.EvalFeed:
   """The run's evaluation sets: the validation part of every training domain, then the held-out domain(s); in
   memory, or streamed through grain (DomainBed's evaluation transform) for a split of record indices. On a mesh,
   each process reads only its slice of every global batch, whose size is `eval_batch_size` rounded up to a
@@ -537,7 +535,7 @@ def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit, mesh: Opti
 _COUNTS_CACHE: dict[tuple, Callable] = {}
 
 
-def _eval_counts(graphdef: Any, num_parts: int, mesh: Optional[Any]) -> Callable:
+def _eval_counts(graphdef: Any, num_parts: int, mesh: Any | None) -> Callable:
   key = (graphdef, num_parts, mesh)
   if key not in _COUNTS_CACHE:
     if len(_COUNTS_CACHE) >= 32:
@@ -550,7 +548,7 @@ def _eval_counts(graphdef: Any, num_parts: int, mesh: Optional[Any]) -> Callable
 
 
 def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, held_out: str, seed: int,
-               compiled: _Compiled, mesh: Optional[Any] = None) -> Callable[[TrainState, int], dict[str, Any]]:
+               compiled: _Compiled, mesh: Any | None = None) -> Callable[[TrainState, int], dict[str, Any]]:
   """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`, over the
   batches of `feed` (`feeds.EvalFeed`).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from disam_jax.harness.tables import (
   _SAME_DATA,
@@ -37,7 +37,7 @@ def _suffix_hint(sources: Sequence[str], label: str) -> str:
   return "--merge " + " ".join(others + [f"{label}={suggestion}"])
 
 
-def merge_runs(sources: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any], Optional[dict[str, Any]]]:
+def merge_runs(sources: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
   """Combines the runs of several run directories, `"DIR"` or `"DIR=SUFFIX"` (algorithms renamed
   `<algorithm><SUFFIX>`), into `(cells, config, data)` for `write_report` (`data`: each directory's data
   warnings).

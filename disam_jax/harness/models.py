@@ -45,7 +45,7 @@ import os
 import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -624,7 +624,7 @@ class ViT(_Classifier):
   """
 
   def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               patch_size: Optional[int] = None, dim: int = 192, depth: int = 6, heads: int = 3,
+               patch_size: int | None = None, dim: int = 192, depth: int = 6, heads: int = 3,
                mlp_ratio: int = 4, pool: str = "cls", dropout: float = 0.0,
                dtype=None, param_dtype=jnp.float32):
     shape = _check_input_shape(input_shape)

@@ -38,7 +38,8 @@ gradient magnitudes"); the harness does the same with whatever base optimizer ru
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,7 @@ class Penalty(NamedTuple):
   init: Callable[[int, Any], Any]
   value: Callable[[DomainOutputs, Any], tuple[jax.Array, Any]]
   weight: Callable[[jax.Array], jax.Array]
-  reset_step: Optional[int]
+  reset_step: int | None
 
 
 def add_penalty(losses: DomainLosses, term: jax.Array) -> DomainLosses:

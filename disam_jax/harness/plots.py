@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -169,7 +169,7 @@ def _zoom(ax, lows: list[float], highs: list[float]) -> None:
   ax.set_ylim(lo - margin, hi + margin)
 
 
-def write_plots(run_dir: str, cells: Optional[Sequence[Any]] = None, out_dir: Optional[str] = None) -> list[str]:
+def write_plots(run_dir: str, cells: Sequence[Any] | None = None, out_dir: str | None = None) -> list[str]:
   """Draws the PNGs described in the module docstring into `out_dir` (default `run_dir`); returns their paths.
 
   The runs' metrics are read from `run_dir/cells/...` (or the directories recorded in the cells).
@@ -320,7 +320,7 @@ def _plot_heldout_accuracy(out_dir, metrics, algorithms, domains, styles, runs, 
   return path
 
 
-def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_color) -> Optional[str]:
+def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_color) -> str | None:
   """DISAM's perturbation weights c_i per training domain (and the cosine with SAM's direction, when logged)."""
   variants = [a for a in algorithms if a.startswith("disam") and any(
     m.perturbation_weights is not None for d in domains for m in runs(a, d))]

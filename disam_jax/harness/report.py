@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from disam_jax.harness._atomic import write_atomic
 from disam_jax.harness.merge import MergeError, _replaceable, merge_runs
@@ -99,8 +99,8 @@ def _render(run_dir: str, out_dir: str, cells, config, data, plots: bool, thresh
   return [os.path.basename(p) for p in written]
 
 
-def write_report(run_dir: str, cells: Optional[Sequence[Any]] = None, config: Any = None,
-                 plots: bool = True, threshold: float = 0.1, data: Optional[dict[str, Any]] = None) -> list[str]:
+def write_report(run_dir: str, cells: Sequence[Any] | None = None, config: Any = None,
+                 plots: bool = True, threshold: float = 0.1, data: dict[str, Any] | None = None) -> list[str]:
   """Tables (accuracy, and training dynamics with `threshold` for the loss) and plots; returns the paths written.
 
   Everything is first written to a temporary folder inside `run_dir`, then each file is renamed into place: an
@@ -151,7 +151,7 @@ def write_merged_report(out_dir: str, sources: Sequence[str], plots: bool = True
   return [os.path.join(out_dir, name) for name in names]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """The report command; returns its exit code: 0 written (with a warning on stderr when runs are missing), 2 bad
   input (one line naming the file: an unreadable results.json, a merge that would lose or mix runs)."""
   parser = argparse.ArgumentParser(

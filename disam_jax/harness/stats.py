@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +51,8 @@ class Metrics:
   eval_steps: np.ndarray
   val_acc_mean: np.ndarray
   test_acc: np.ndarray
-  perturbation_weights: Optional[np.ndarray] = None
-  sam_cosine: Optional[np.ndarray] = None
+  perturbation_weights: np.ndarray | None = None
+  sam_cosine: np.ndarray | None = None
 
 
 def load_metrics(path: str) -> Metrics:
@@ -104,7 +104,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
   return (cumsum[idx] - cumsum[lo]) / counts
 
 
-def steps_to_threshold(steps: np.ndarray, loss: np.ndarray, threshold: float, window: int = 1) -> Optional[int]:
+def steps_to_threshold(steps: np.ndarray, loss: np.ndarray, threshold: float, window: int = 1) -> int | None:
   """The first step at which the (moving-average) training loss is at or below `threshold`; None if never."""
   below = np.flatnonzero(smooth(loss, window) <= threshold)
   return int(steps[below[0]]) if len(below) else None
@@ -119,8 +119,8 @@ def _mean_std(values: Sequence[float], fmt: str = "{:.3g}") -> str:
   return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
 
 
-def dynamics_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold: float = 0.1,
-                   window: Optional[int] = None) -> str:
+def dynamics_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: float = 0.1,
+                   window: int | None = None) -> str:
   """Training dynamics per algorithm, mean ± std over every run (held-out domain x seed), as Markdown.
 
   Columns: steps until the moving-average training loss first reaches `threshold` (runs that never do are counted
@@ -248,8 +248,8 @@ def _baselines(algorithm: str) -> list[str]:
   return ["sam" + plus + penalty, penalty if plus else "erm"]
 
 
-def paired_table(run_dir: str, cells: Optional[Sequence[Any]] = None, threshold: float = 0.1,
-                 window: Optional[int] = None, confidence: float = 0.95) -> str:
+def paired_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: float = 0.1,
+                 window: int | None = None, confidence: float = 0.95) -> str:
   """Paired differences, DISAM rows against their partners (`_partners`), matched by held-out domain and seed
   (same initialization and batches), as Markdown: mean difference [confidence interval] (`paired_difference`) of
   the held-out accuracy (training-domain validation; points), of the log of the mean domain-loss variance (shown
@@ -303,7 +303,7 @@ def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
   return "sam+" + penalty if "sam+" + penalty in algorithms else penalty
 
 
-def _runs(run_dir: str, cells: Optional[Sequence[Any]], window: Optional[int]):
+def _runs(run_dir: str, cells: Sequence[Any] | None, window: int | None):
   """`(cells, metrics, algorithms, window)` of the tables over runs: the cells as dicts (default: the run's
   results.json), their metrics by (algorithm, held-out domain, seed), the algorithms in order, and the smoothing
   window (default: 2% of the longest run's steps)."""

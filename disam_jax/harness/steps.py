@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from disam_jax import (DisamState, domain_losses_from_grouped, domain_losses_from_ids, domain_objective,
-                       find_disam_state, grouped_domain_loss_fn)
+from disam_jax import (
+  DisamState,
+  domain_losses_from_grouped,
+  domain_losses_from_ids,
+  domain_objective,
+  find_disam_state,
+  grouped_domain_loss_fn,
+)
 from disam_jax.harness import penalties as penalties_lib
 from disam_jax.harness.feeds import as_model_input
 
@@ -84,7 +90,7 @@ class PenaltyAux(NamedTuple):
 
 
 def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation,
-                     penalty: Optional[penalties_lib.Penalty] = None) -> TrainState:
+                     penalty: penalties_lib.Penalty | None = None) -> TrainState:
   """The state before the first step. The optimizer's aux slot starts as this run's own model state.
 
   With a `penalty` (from `algorithms.make_penalty`), the aux slot is a `PenaltyAux` holding the penalty's initial
@@ -102,7 +108,7 @@ def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransforma
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
-                    penalty: Optional[penalties_lib.Penalty] = None) -> Callable:
+                    penalty: penalties_lib.Penalty | None = None) -> Callable:
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for a model and an optimizer.
 
   Args:
@@ -282,9 +288,9 @@ def init_model(
     num_classes: int,
     input_shape: Sequence[int],
     seed: int,
-    model_kwargs: Optional[dict[str, Any]] = None,
-    pretrained: Optional[str] = None,
-    mesh: Optional[Any] = None,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained: str | None = None,
+    mesh: Any | None = None,
 ) -> tuple[Any, Any, Any]:
   """Builds a registry model as `(graphdef, params, model_state)`, initialized from `seed`.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -86,14 +86,14 @@ def _primary(c: dict[str, Any]) -> bool:
   return int(c.get("sample") or 0) == 0 and c.get("val_domain") is None
 
 
-def _test_in(record: dict[str, Any], domain: str) -> Optional[float]:
+def _test_in(record: dict[str, Any], domain: str) -> float | None:
   """An evaluation's accuracy on `domain`'s 80% (its `test_accs`; `test_acc` for runs from before the split)."""
   accs = record.get("test_accs")
   return float(accs[domain]) if accs and domain in accs else (float(record["test_acc"]) if not accs else None)
 
 
 def _run_acc(method: str, cell: dict[str, Any], domain: str, pair_runs: dict[str, dict[str, Any]],
-             others: Sequence[str]) -> Optional[dict[str, Any]]:
+             others: Sequence[str]) -> dict[str, Any] | None:
   """DomainBed's ``run_acc`` of one draw: ``{"val_acc", "test_acc", "step"}`` of its chosen checkpoint, or None.
 
   selected: the checkpoint with the best mean training-domain validation accuracy (the run's `selected`).
@@ -126,7 +126,7 @@ def _run_acc(method: str, cell: dict[str, Any], domain: str, pair_runs: dict[str
   return best
 
 
-def select(cells: Sequence[Any], method: str, domains: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+def select(cells: Sequence[Any], method: str, domains: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """DomainBed's model selection: per (algorithm, held-out domain, trial seed), the draw (and checkpoint) `method`
   chooses, as DomainBed's ``SelectionMethod.sweep_acc``: each draw's `_run_acc`, then the draw with the highest
   validation accuracy (the lowest draw on ties).
@@ -204,8 +204,8 @@ def format_mean_se(values: Sequence[float]) -> str:
 
 
 def summarize(cells: Sequence[Any], selection: str = "selected",
-              expected: Optional[Sequence[tuple[str, str, int]]] = None,
-              domains: Optional[Sequence[str]] = None) -> dict[str, Any]:
+              expected: Sequence[tuple[str, str, int]] | None = None,
+              domains: Sequence[str] | None = None) -> dict[str, Any]:
   """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
 
   Args:
@@ -246,8 +246,8 @@ def _entry(values: Sequence[float], wanted: int) -> str:
 
 
 def results_table(cells: Sequence[Any], selection: str = "selected",
-                  expected: Optional[Sequence[tuple[str, str, int]]] = None,
-                  domains: Optional[Sequence[str]] = None) -> str:
+                  expected: Sequence[tuple[str, str, int]] | None = None,
+                  domains: Sequence[str] | None = None) -> str:
   """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± s.e. (%) over seeds of the
   draw `selection` chose (`select`).
 
@@ -265,7 +265,7 @@ def results_table(cells: Sequence[Any], selection: str = "selected",
   return "\n".join(markdown_table(header, rows, align=":-:"))
 
 
-def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
+def expected_runs(config: dict[str, Any] | None, data: dict[str, Any] | None) -> list[tuple] | None:
   """The (algorithm, held-out domain, seed) runs `config` asks for, in training order; None when not known.
 
   Owns what "complete" means for a report: the configuration's algorithms x held-out domains (every domain of
@@ -289,13 +289,13 @@ def expected_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any
   return [(a, str(d), int(s)) for s in config["seeds"] for d in domains for a in config["algorithms"]]
 
 
-def missing_runs(cells: Sequence[Any], expected: Optional[Sequence[tuple]]) -> list[tuple]:
+def missing_runs(cells: Sequence[Any], expected: Sequence[tuple] | None) -> list[tuple]:
   """The runs of `expected` that `cells` lacks (none when `expected` is None)."""
   have = {(c["algorithm"], str(c["held_out"]), int(c["seed"])) for c in map(_as_dict, cells) if _primary(c)}
   return [e for e in expected or [] if e not in have]
 
 
-def chosen_table(cells: Sequence[Any], selection: str, domains: Optional[Sequence[str]] = None) -> str:
+def chosen_table(cells: Sequence[Any], selection: str, domains: Sequence[str] | None = None) -> str:
   """Which draw `selection` chose, as a Markdown table: rows algorithms, columns held-out domains, each entry the
   chosen draw of every trial seed (``seed: draw @ step``); draw 0 is the defaults (results.json has each draw's
   values: its cells' "hparams")."""
@@ -382,7 +382,7 @@ def load_results(directory: str) -> dict[str, Any]:
   return saved
 
 
-def _flat(config: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _flat(config: dict[str, Any] | None) -> dict[str, Any]:
   """A run's configuration with its hyperparameters at the top level."""
   if not config:
     return {}
@@ -395,7 +395,7 @@ def _row_config(flat: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in flat.items() if k not in _NOT_ROW and not (k == "model_kwargs" and not v)}
 
 
-def row_settings(cells: Sequence[Any], config: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
+def row_settings(cells: Sequence[Any], config: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
   """Per row (algorithm), the settings it was trained with: model, steps, optimizer and algorithm hyperparameters.
 
   For a merged report (`merge_runs`), each row's settings are those of the run directory it came from (``"run"``).
@@ -427,7 +427,7 @@ def _settings_table(rows: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _data_lines(data: Optional[dict[str, Any]]) -> list[str]:
+def _data_lines(data: dict[str, Any] | None) -> list[str]:
   """What the data layer warned about (`data.json` of each run), counted."""
   if not data:
     return []
@@ -450,8 +450,8 @@ def _data_lines(data: Optional[dict[str, Any]]) -> list[str]:
   return lines
 
 
-def results_markdown(cells: Sequence[Any], config: Optional[dict[str, Any]] = None,
-                     data: Optional[dict[str, Any]] = None) -> str:
+def results_markdown(cells: Sequence[Any], config: dict[str, Any] | None = None,
+                     data: dict[str, Any] | None = None) -> str:
   """Both tables (training-domain validation and last checkpoint) as one Markdown document.
 
   The header gives the run's settings (for a merged report: the runs merged, the settings that differ between them,
@@ -516,13 +516,13 @@ _METHOD_NOTES = {
 }
 
 
-def _domains(data: Optional[dict[str, Any]]) -> Optional[list[str]]:
+def _domains(data: dict[str, Any] | None) -> list[str] | None:
   """Every domain of the dataset (data.json's "domains"), None when not known (a merged report: from the cells)."""
   domains = (data or {}).get("domains")
   return [str(d) for d in domains] if domains else None
 
 
-def planned_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]]) -> Optional[list[tuple]]:
+def planned_runs(config: dict[str, Any] | None, data: dict[str, Any] | None) -> list[tuple] | None:
   """Every run of a search or leave-one-domain-out experiment, ``(algorithm, held-out, seed, draw, val domain or
   None)``, as `experiment.planned_runs` trains them; None without one (or when not known)."""
   if not config or "merged" in config or (int(config.get("hparams_samples") or 1) == 1
@@ -540,8 +540,8 @@ def planned_runs(config: Optional[dict[str, Any]], data: Optional[dict[str, Any]
           for k in range(int(config.get("hparams_samples") or 1)) for a in config["algorithms"]]
 
 
-def _search_missing(cells: Sequence[dict[str, Any]], config: Optional[dict[str, Any]],
-                    data: Optional[dict[str, Any]]) -> str:
+def _search_missing(cells: Sequence[dict[str, Any]], config: dict[str, Any] | None,
+                    data: dict[str, Any] | None) -> str:
   """The line saying how many runs of the search (other draws, leave-one-domain-out runs) have no result yet."""
   planned = planned_runs(config, data)
   if not planned:
@@ -555,7 +555,7 @@ def _search_missing(cells: Sequence[dict[str, Any]], config: Optional[dict[str, 
           "`--resume`); each selection chooses among the draws that finished.")
 
 
-def _data_summary(run_dir: str) -> Optional[dict[str, Any]]:
+def _data_summary(run_dir: str) -> dict[str, Any] | None:
   """The run's data.json, None if it has none; BadResults naming it if it is unreadable."""
   path = os.path.join(run_dir, "data.json")
   if not os.path.exists(path):
@@ -568,15 +568,15 @@ def _data_summary(run_dir: str) -> Optional[dict[str, Any]]:
                      "data warnings") from None
 
 
-def _warning_count(data: Optional[dict[str, Any]]) -> Optional[int]:
+def _warning_count(data: dict[str, Any] | None) -> int | None:
   if not data:
     return None
   sources = data["runs"].values() if "runs" in data else [data]
   return sum(len(s.get("unreadable_files") or []) + len(s.get("warnings") or []) for s in sources)
 
 
-def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, data: Optional[dict[str, Any]] = None,
-                  out_dir: Optional[str] = None) -> None:
+def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, data: dict[str, Any] | None = None,
+                  out_dir: str | None = None) -> None:
   """Writes `results.json` (every run's result, each row's settings, the data warnings and the table numbers) and
   `results.md` into `out_dir` (default `run_dir`), each atomically. `data` defaults to `run_dir/data.json`."""
   cells = [_as_dict(c) for c in cells]

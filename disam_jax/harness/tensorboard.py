@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["CellWriter", "EVENTS_GLOB", "cell_events", "has_events", "require", "run_has_events", "scalars", "wanted",
            "write_cell"]
@@ -54,7 +54,7 @@ def run_has_events(run_dir: str) -> bool:
   return bool(glob.glob(os.path.join(glob.escape(run_dir), "cells", "*", EVENTS_GLOB)))
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     return None
   value = float(value)
@@ -88,7 +88,7 @@ def scalars(line: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def _read_lines(path: str, before: Optional[int] = None) -> list[dict[str, Any]]:
+def _read_lines(path: str, before: int | None = None) -> list[dict[str, Any]]:
   """The metrics lines of `path` (steps below `before`, if given), up to the first unreadable one."""
   lines = []
   if not os.path.exists(path):
@@ -143,7 +143,7 @@ class CellWriter:
       self._open(step)
     self._add(step, line)
 
-  def hook(self, on_step: Optional[Callable[[int, dict[str, Any]], None]]) -> Callable[[int, dict[str, Any]], None]:
+  def hook(self, on_step: Callable[[int, dict[str, Any]], None] | None) -> Callable[[int, dict[str, Any]], None]:
     """`on_step` (may be None) with every line written first."""
 
     def step_hook(step: int, line: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +51,8 @@ class TfdsRecords:
 
   augmentable = False  # rotation domains are never augmented (DomainBed's RotatedMNIST)
 
-  def __init__(self, name: str, data_dir: Optional[str], splits: Sequence[str], image_key: str,
-               image_shape: tuple[int, int, int], resize: Optional[int], groups: np.ndarray, sources=None):
+  def __init__(self, name: str, data_dir: str | None, splits: Sequence[str], image_key: str,
+               image_shape: tuple[int, int, int], resize: int | None, groups: np.ndarray, sources=None):
     self.name, self.data_dir, self.splits, self.image_key = name, data_dir, tuple(splits), image_key
     self.image_shape, self.resize = tuple(int(s) for s in image_shape), resize
     self.groups = np.asarray(groups, np.uint8)
