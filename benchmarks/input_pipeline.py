@@ -110,6 +110,77 @@ def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
   return first, rate
 
 
+def _stage_profile(records, root: str, size: int, images: int, batch: int) -> dict:
+  """Mean microseconds per training image in each stage, in this process (no workers), ours and torchvision's on
+  the same `images` files (torchvision's transforms called one by one as its Compose does; its random draws from
+  torch's generator, ours from a NumPy generator per image as the feed does). "to the main process" is a pickle
+  round trip of one batch per image (what grain's worker queue does with a batch; torchvision's workers instead put
+  batches in shared memory, not timed here)."""
+  import pickle
+
+  from PIL import Image
+
+  from disam_jax.harness import streaming
+
+  source = records.source()
+  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs)[:images]
+  ours = dict.fromkeys(["setup (generator)", "read record", "decode", "RandomResizedCrop", "flip", "ColorJitter",
+                        "grayscale + to array", "batch (stack)", "to the main process"], 0.0)
+  clock = time.perf_counter
+
+  def timed(name, fn, *a):
+    t = clock()
+    out = fn(*a)
+    ours[name] += clock() - t
+    return out
+
+  pixels = []
+  for k in range(len(files)):
+    rng = timed("setup (generator)", lambda: np.random.default_rng([0, 1, 2, k]))
+    raw = timed("read record", lambda: source[k % len(source)])
+    image = timed("decode", streaming.decode, raw)
+    image = timed("RandomResizedCrop", streaming._random_resized_crop, image, size, rng)
+    image = timed("flip", streaming._random_flip, image, rng)
+    image = timed("ColorJitter", streaming._color_jitter, image, rng)
+    pixels.append(timed("grayscale + to array", streaming._random_grayscale, image, rng))
+    if len(pixels) == batch:
+      stacked = timed("batch (stack)", np.stack, pixels)
+      timed("to the main process", lambda: pickle.loads(pickle.dumps(stacked, protocol=pickle.HIGHEST_PROTOCOL)))
+      pixels = []
+  result = {"disam_jax grain": {k: v / len(files) * 1e6 for k, v in ours.items()}}
+  try:
+    torch, torchvision = import_torchvision()
+  except ImportError:
+    return result
+  T = torchvision.transforms
+  stages = [("RandomResizedCrop", T.RandomResizedCrop(size, scale=(0.7, 1.0))), ("flip", T.RandomHorizontalFlip()),
+            ("ColorJitter", T.ColorJitter(0.3, 0.3, 0.3, 0.3)), ("grayscale + to tensor", T.Compose(
+              [T.RandomGrayscale(), T.PILToTensor()]))]
+  theirs = dict.fromkeys(["read file", "decode", *(name for name, _ in stages), "batch (collate)"], 0.0)
+  tensors = []
+  for path in files:
+    t = clock()
+    with open(path, "rb") as f:  # torchvision's pil_loader: Image.open(f).convert("RGB") on the open file
+      image = Image.open(f)
+      image.size  # noqa: B018 (the header, as a read)
+      theirs["read file"] += clock() - t
+      t = clock()
+      image = image.convert("RGB")
+      theirs["decode"] += clock() - t
+    for name, transform in stages:
+      t = clock()
+      image = transform(image)
+      theirs[name] += clock() - t
+    tensors.append(image)
+    if len(tensors) == batch:
+      t = clock()
+      torch.utils.data.default_collate(tensors)
+      theirs["batch (collate)"] += clock() - t
+      tensors = []
+  result["torchvision"] = {k: v / len(files) * 1e6 for k, v in theirs.items()}
+  return result
+
+
 _FIRST_STEP = textwrap.dedent("""
   import json, os, sys, time
   t0 = time.perf_counter()

@@ -204,6 +204,24 @@ def test_augmentation_matches_torchvision_statistics(tmp_path):
   assert abs(a["contrast"] - b["contrast"]) < 0.1 * b["contrast"]
 
 
+def test_brightness_and_contrast_tables_give_pillows_bytes():
+  """The lookup tables of `_color_jitter` against Pillow's `ImageEnhance` (what torchvision's PIL backend calls): the
+  same bytes for every value 0..255 in every channel, over the factors ColorJitter(0.3) draws and past 1 (clipping)."""
+  from PIL import Image, ImageEnhance
+
+  rng = np.random.default_rng(0)
+  values = np.arange(256, dtype=np.uint8)
+  for k in range(40):
+    pixels = np.stack([rng.permutation(values), rng.permutation(values), rng.permutation(values)], -1)
+    image = Image.fromarray(pixels.reshape(16, 16, 3) if k % 2 else np.roll(pixels, k, 0).reshape(8, 32, 3))
+    factor = float(rng.uniform(0.7, 1.3)) if k < 30 else float(rng.uniform(0, 3))
+    np.testing.assert_array_equal(np.asarray(streaming._blend_with_constant(image, 0, factor)),
+                                  np.asarray(ImageEnhance.Brightness(image).enhance(factor)))
+    np.testing.assert_array_equal(
+      np.asarray(streaming._blend_with_constant(image, streaming._gray_mean(image), factor)),
+      np.asarray(ImageEnhance.Contrast(image).enhance(factor)))
+
+
 def test_augmentation_is_a_function_of_seed_step_domain_and_position(tmp_path):
   from PIL import Image
 
