@@ -73,7 +73,13 @@ def make_folder(root: str, n: int, *, sizes=(200, 300), seed: int = 0) -> str:
   return root
 
 
+# Batches taken after the first and before the steady-state clock starts: both pipelines read ahead (grain: 2 per
+# worker, torch's DataLoader: prefetch_factor 2 per worker), so the batches right after the first are partly ready.
+_WARMUP = 3
+
+
 def _ours(records, split, batch: int, workers: int, steps: int, size: int):
+  """`(seconds to the first batch, steady-state images/s over `steps` batches after `_WARMUP` more)`."""
   from disam_jax.harness import streaming
 
   feed = streaming.StreamedTrainFeed(records, split.train, batch, seed=0, augment=True, workers=workers)
@@ -82,6 +88,8 @@ def _ours(records, split, batch: int, workers: int, steps: int, size: int):
     x, _ = feed.next()
     first = time.perf_counter() - t0
     assert x.shape[2:] == (size, size, 3)
+    for _ in range(_WARMUP):
+      feed.next()
     t0 = time.perf_counter()
     for _ in range(steps):
       feed.next()
@@ -91,6 +99,7 @@ def _ours(records, split, batch: int, workers: int, steps: int, size: int):
 
 
 def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
+  """As `_ours`, torchvision's ImageFolder + DataLoader (its default start method: fork on Linux)."""
   torch, torchvision = import_torchvision()
   T = torchvision.transforms
   transform = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
@@ -99,15 +108,21 @@ def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
   sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
   loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
   it = iter(loader)
-  t0 = time.perf_counter()
-  next(it)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
+  try:
+    t0 = time.perf_counter()
     next(it)
-  rate = steps * batch / (time.perf_counter() - t0)
-  del it
-  return first, rate
+    first = time.perf_counter() - t0
+    for _ in range(_WARMUP):
+      next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    return first, steps * batch / (time.perf_counter() - t0)
+  finally:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+      shutdown()
+    del it
 
 
 def _stage_profile(records, root: str, size: int, images: int, batch: int) -> dict:
@@ -255,18 +270,19 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--images", type=int, default=1000)
+  parser.add_argument("--profile-images", type=int, default=200)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8, help="per domain (4 domains)")
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=30, help="timed batches per cell")
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--stat-images", type=int, default=20000)
   parser.add_argument("--memory-images", type=int, nargs=2, default=[400, 4000])
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
   if args.quick:
     args.images, args.size, args.batch, args.steps, args.workers, args.rounds = 48, 32, 2, 2, [0], 1
-    args.stat_images, args.memory_images = 100, [40, 80]
+    args.stat_images, args.memory_images, args.profile_images = 100, [40, 80], 8
 
   from disam_jax.harness import data
 
@@ -290,15 +306,21 @@ def main(argv=None) -> int:
       have_torch = False
     for r in range(args.rounds):
       for w in args.workers:
-        first, rate = _ours(ds.records, split, args.batch, w, args.steps, args.size)
-        rows.append({"round": r, "workers": w, "pipeline": "disam_jax grain", "first_batch_s": first,
-                     "images_per_s": rate})
-        if have_torch:
-          first, rate = _torchvision(train_root, args.batch * domains, w, args.steps, args.size)
-          rows.append({"round": r, "workers": w, "pipeline": "torchvision", "first_batch_s": first,
-                       "images_per_s": rate})
-        print(rows[-1] if not have_torch else rows[-2:], flush=True)
+        # interleaved, the order alternating by round so neither pipeline always runs after the other
+        for pipeline in (["ours", "torchvision"] if r % 2 == 0 else ["torchvision", "ours"]):
+          if pipeline == "ours":
+            first, rate = _ours(ds.records, split, args.batch, w, args.steps, args.size)
+            name = "disam_jax grain"
+          elif have_torch:
+            first, rate = _torchvision(train_root, args.batch * domains, w, args.steps, args.size)
+            name = "torchvision"
+          else:
+            continue
+          rows.append({"round": r, "workers": w, "pipeline": name, "first_batch_s": first, "images_per_s": rate})
+          print(rows[-1], flush=True)
     results["throughput"] = rows
+    results["stage_profile_us_per_image"] = _stage_profile(ds.records, train_root, args.size, args.profile_images,
+                                                           args.batch * domains)
 
     stat_root = make_folder(os.path.join(tmp, "stat"), args.stat_images, sizes=(16, 24))
     cache = os.path.join(tmp, "stat_cache")
@@ -318,14 +340,64 @@ def main(argv=None) -> int:
   return 0
 
 
+def summary(rows: list[dict]) -> list[dict]:
+  """Per worker count: each pipeline's median steady-state images/s and first-batch seconds over the rounds, the
+  per-round values, and whether ours is at least torchvision's median rate."""
+  import statistics
+
+  out = []
+  for w in sorted({r["workers"] for r in rows}):
+    cell = {"workers": w}
+    for name, key in (("disam_jax grain", "ours"), ("torchvision", "torchvision")):
+      mine = [r for r in rows if r["workers"] == w and r["pipeline"] == name]
+      if mine:
+        cell[key] = {"median_images_per_s": statistics.median(r["images_per_s"] for r in mine),
+                     "median_first_batch_s": statistics.median(r["first_batch_s"] for r in mine),
+                     "images_per_s": [r["images_per_s"] for r in mine]}
+    if "ours" in cell and "torchvision" in cell:
+      cell["ratio"] = cell["ours"]["median_images_per_s"] / cell["torchvision"]["median_images_per_s"]
+      cell["target_met"] = cell["ratio"] >= 1.0
+    out.append(cell)
+  return out
+
+
 def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
   out.mkdir(parents=True, exist_ok=True)
   name = "input_pipeline_quick" if quick else "input_pipeline"
+  results["summary"] = summary(results["throughput"])
   (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+  a = results["args"]
   lines = [f"# Input pipeline ({results['date']}, {results['cpus']} CPUs)", "",
+           f"`python -m benchmarks.input_pipeline` (run under `flock /work/cpu.lock`: no other benchmark beside it). "
+           f"{a['images']} synthetic JPEGs (200-300 px, 4 domains, 3 read for training), {a['size']} px, batches of "
+           f"{a['batch']} per domain (torchvision: {a['batch'] * 3} per batch from the same 3 domains' files), "
+           f"DomainBed's training augmentation in both; {a['rounds']} interleaved rounds (the order alternating), "
+           f"per cell: the first batch (worker start-up included) timed apart, {_WARMUP} batches untimed, then "
+           f"{a['steps']} batches timed (the steady-state rate).",
+           f"The box has {results['cpus']} cores: with 2 workers, the workers and the main process oversubscribe it "
+           "(both pipelines alike), and other users' processes may share it.", "",
            f"Conversion: {results['conversion_images_per_s']:.0f} images/s (200-300 px JPEGs), "
            f"{results['conversion_small_images_per_s']:.0f} images/s (16-24 px JPEGs).", "",
-           "| round | workers | pipeline | first batch (s) | images/s |", "|---|---|---|---|---|"]
+           "| workers | ours: median images/s | torchvision: median images/s | ours / torchvision | target met | "
+           "ours: first batch (s) | torchvision: first batch (s) | ours per round | torchvision per round |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for c in results["summary"]:
+    o, t = c.get("ours"), c.get("torchvision")
+    if o is None or t is None:
+      continue
+    rounds = lambda p: ", ".join(f"{v:.0f}" for v in p["images_per_s"])
+    lines.append(f"| {c['workers']} | {o['median_images_per_s']:.0f} | {t['median_images_per_s']:.0f} | "
+                 f"{c['ratio']:.2f} | {'yes' if c['target_met'] else 'no'} | {o['median_first_batch_s']:.2f} | "
+                 f"{t['median_first_batch_s']:.2f} | {rounds(o)} | {rounds(t)} |")
+  profile = results.get("stage_profile_us_per_image", {})
+  if profile:
+    lines += ["", f"Where a training image's time goes, in one process, no workers ({a['profile_images']} images, "
+                  "microseconds per image; `_stage_profile`):", "",
+              "| pipeline | stage | us per image |", "|---|---|---|"]
+    for pipe, stages in profile.items():
+      lines += [f"| {pipe} | {k} | {v:.0f} |" for k, v in stages.items()]
+      lines.append(f"| {pipe} | **total** | **{sum(stages.values()):.0f}** |")
+  lines += ["", "| round | workers | pipeline | first batch (s) | images/s |", "|---|---|---|---|---|"]
   for row in results["throughput"]:
     lines.append(f"| {row['round']} | {row['workers']} | {row['pipeline']} | {row['first_batch_s']:.2f} | "
                  f"{row['images_per_s']:.1f} |")
