@@ -505,10 +505,11 @@ _WORKER_MMAP_THRESHOLD = 1 << 20
 def _worker_init(worker_index: int, worker_count: int) -> None:
   """Run first in each grain worker: on glibc, allocations from 1 MiB up (every batch array) are mapped and
   unmapped on free instead of kept in the heap. glibc's default threshold grows to the largest freed mapping (up to
-  32 MiB), after which freed batches stay in the worker's heap: the workers of an evaluation feed grew with the
-  number of batches they had made (4 workers: +31 MiB at 4,000 images over 400, 224 px; with a fixed threshold:
-  +1.5 MiB; benchmarks/results/input_pipeline.md). Per-image buffers (a 224 px image is 150 KiB) stay below it and
-  are reused from the heap. Elsewhere (not glibc) nothing is changed."""
+  32 MiB), after which freed batches stay in the worker's heap: the 4 workers of a training and an evaluation feed
+  (2 each) grew with the number of batches they had made (+31 MiB at 4,000 images over 400, 224 px, after one
+  evaluation pass; /tmp probe). With this threshold the whole process tree measured 511 MiB at 400 images and 508
+  at 4,000 after the evaluation pass (benchmarks/results/input_pipeline.md; 530 and 564 before). Per-image buffers
+  (a 224 px image is 150 KiB) stay below it and are reused from the heap. Elsewhere (not glibc) nothing changes."""
   del worker_index, worker_count
   import ctypes
   import ctypes.util
