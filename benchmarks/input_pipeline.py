@@ -125,14 +125,18 @@ def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
     del it
 
 
+def _pickle_round_trip(x):
+  import pickle
+
+  return pickle.loads(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _stage_profile(records, root: str, size: int, images: int, batch: int) -> dict:
   """Mean microseconds per training image in each stage, in this process (no workers), ours and torchvision's on
   the same `images` files (torchvision's transforms called one by one as its Compose does; its random draws from
   torch's generator, ours from a NumPy generator per image as the feed does). "to the main process" is a pickle
   round trip of one batch per image (what grain's worker queue does with a batch; torchvision's workers instead put
   batches in shared memory, not timed here)."""
-  import pickle
-
   from PIL import Image
 
   from disam_jax.harness import streaming
@@ -151,8 +155,8 @@ def _stage_profile(records, root: str, size: int, images: int, batch: int) -> di
 
   pixels = []
   for k in range(len(files)):
-    rng = timed("setup (generator)", lambda: np.random.default_rng([0, 1, 2, k]))
-    raw = timed("read record", lambda: source[k % len(source)])
+    rng = timed("setup (generator)", np.random.default_rng, [0, 1, 2, k])
+    raw = timed("read record", source.__getitem__, k % len(source))
     image = timed("decode", streaming.decode, raw)
     image = timed("RandomResizedCrop", streaming._random_resized_crop, image, size, rng)
     image = timed("flip", streaming._random_flip, image, rng)
@@ -160,7 +164,7 @@ def _stage_profile(records, root: str, size: int, images: int, batch: int) -> di
     pixels.append(timed("grayscale + to array", streaming._random_grayscale, image, rng))
     if len(pixels) == batch:
       stacked = timed("batch (stack)", np.stack, pixels)
-      timed("to the main process", lambda: pickle.loads(pickle.dumps(stacked, protocol=pickle.HIGHEST_PROTOCOL)))
+      timed("to the main process", _pickle_round_trip, stacked)
       pixels = []
   result = {"disam_jax grain": {k: v / len(files) * 1e6 for k, v in ours.items()}}
   try:
