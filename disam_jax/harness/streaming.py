@@ -502,14 +502,15 @@ _M_MMAP_THRESHOLD = -3
 _WORKER_MMAP_THRESHOLD = 1 << 20
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
+def _worker_init(worker_index: int, worker_count: int) -> bool:
   """Run first in each grain worker: on glibc, allocations from 1 MiB up (every batch array) are mapped and
   unmapped on free instead of kept in the heap. glibc's default threshold grows to the largest freed mapping (up to
   32 MiB), after which freed batches stay in the worker's heap: the 4 workers of a training and an evaluation feed
   (2 each) grew with the number of batches they had made (+31 MiB at 4,000 images over 400, 224 px, after one
   evaluation pass; /tmp probe). With this threshold the whole process tree measured 511 MiB at 400 images and 508
   at 4,000 after the evaluation pass (benchmarks/results/input_pipeline.md; 530 and 564 before). Per-image buffers
-  (a 224 px image is 150 KiB) stay below it and are reused from the heap. Elsewhere (not glibc) nothing changes."""
+  (a 224 px image is 150 KiB) stay below it and are reused from the heap. Elsewhere (not glibc) nothing changes.
+  Returns whether the threshold was set."""
   del worker_index, worker_count
   import ctypes
   import ctypes.util
@@ -520,8 +521,8 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     mallopt = getattr(libc, "mallopt", None) if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
   except OSError:
     mallopt = None
-  if mallopt is not None:
-    mallopt(_M_MMAP_THRESHOLD, _WORKER_MMAP_THRESHOLD)
+  # mallopt returns 1 when it set the parameter; whether it did is returned (for the tests)
+  return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, _WORKER_MMAP_THRESHOLD) == 1
 
 
 def _iterate(dataset, workers: int):
