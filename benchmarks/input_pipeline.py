@@ -73,7 +73,13 @@ def make_folder(root: str, n: int, *, sizes=(200, 300), seed: int = 0) -> str:
   return root
 
 
+# Batches taken after the first and before the steady-state clock starts: both pipelines read ahead (grain: 2 per
+# worker, torch's DataLoader: prefetch_factor 2 per worker), so the batches right after the first are partly ready.
+_WARMUP = 3
+
+
 def _ours(records, split, batch: int, workers: int, steps: int, size: int):
+  """`(seconds to the first batch, steady-state images/s over `steps` batches after `_WARMUP` more)`."""
   from disam_jax.harness import streaming
 
   feed = streaming.StreamedTrainFeed(records, split.train, batch, seed=0, augment=True, workers=workers)
@@ -82,6 +88,8 @@ def _ours(records, split, batch: int, workers: int, steps: int, size: int):
     x, _ = feed.next()
     first = time.perf_counter() - t0
     assert x.shape[2:] == (size, size, 3)
+    for _ in range(_WARMUP):
+      feed.next()
     t0 = time.perf_counter()
     for _ in range(steps):
       feed.next()
@@ -91,6 +99,7 @@ def _ours(records, split, batch: int, workers: int, steps: int, size: int):
 
 
 def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
+  """As `_ours`, torchvision's ImageFolder + DataLoader (its default start method: fork on Linux)."""
   torch, torchvision = import_torchvision()
   T = torchvision.transforms
   transform = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
@@ -99,15 +108,96 @@ def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
   sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
   loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
   it = iter(loader)
-  t0 = time.perf_counter()
-  next(it)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
+  try:
+    t0 = time.perf_counter()
     next(it)
-  rate = steps * batch / (time.perf_counter() - t0)
-  del it
-  return first, rate
+    first = time.perf_counter() - t0
+    for _ in range(_WARMUP):
+      next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    return first, steps * batch / (time.perf_counter() - t0)
+  finally:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+      shutdown()
+    del it
+
+
+def _pickle_round_trip(x):
+  import pickle
+
+  return pickle.loads(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _stage_profile(records, root: str, size: int, images: int, batch: int) -> dict:
+  """Mean microseconds per training image in each stage, in this process (no workers), ours and torchvision's on
+  the same `images` files (torchvision's transforms called one by one as its Compose does; its random draws from
+  torch's generator, ours from a NumPy generator per image as the feed does). "to the main process" is a pickle
+  round trip of one batch per image (what grain's worker queue does with a batch; torchvision's workers instead put
+  batches in shared memory, not timed here)."""
+  from PIL import Image
+
+  from disam_jax.harness import streaming
+
+  source = records.source()
+  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs)[:images]
+  ours = dict.fromkeys(["setup (generator)", "read record", "decode", "RandomResizedCrop", "flip", "ColorJitter",
+                        "grayscale + to array", "batch (stack)", "to the main process"], 0.0)
+  clock = time.perf_counter
+
+  def timed(name, fn, *a):
+    t = clock()
+    out = fn(*a)
+    ours[name] += clock() - t
+    return out
+
+  pixels = []
+  for k in range(len(files)):
+    rng = timed("setup (generator)", np.random.default_rng, [0, 1, 2, k])
+    raw = timed("read record", source.__getitem__, k % len(source))
+    image = timed("decode", streaming.decode, raw)
+    image = timed("RandomResizedCrop", streaming._random_resized_crop, image, size, rng)
+    image = timed("flip", streaming._random_flip, image, rng)
+    image = timed("ColorJitter", streaming._color_jitter, image, rng)
+    pixels.append(timed("grayscale + to array", streaming._random_grayscale, image, rng))
+    if len(pixels) == batch:
+      stacked = timed("batch (stack)", np.stack, pixels)
+      timed("to the main process", _pickle_round_trip, stacked)
+      pixels = []
+  result = {"disam_jax grain": {k: v / len(files) * 1e6 for k, v in ours.items()}}
+  try:
+    torch, torchvision = import_torchvision()
+  except ImportError:
+    return result
+  T = torchvision.transforms
+  stages = [("RandomResizedCrop", T.RandomResizedCrop(size, scale=(0.7, 1.0))), ("flip", T.RandomHorizontalFlip()),
+            ("ColorJitter", T.ColorJitter(0.3, 0.3, 0.3, 0.3)), ("grayscale + to tensor", T.Compose(
+              [T.RandomGrayscale(), T.PILToTensor()]))]
+  theirs = dict.fromkeys(["read file", "decode", *(name for name, _ in stages), "batch (collate)"], 0.0)
+  tensors = []
+  for path in files:
+    t = clock()
+    with open(path, "rb") as f:  # torchvision's pil_loader: Image.open(f).convert("RGB") on the open file
+      image = Image.open(f)
+      image.size  # noqa: B018 (the header, as a read)
+      theirs["read file"] += clock() - t
+      t = clock()
+      image = image.convert("RGB")
+      theirs["decode"] += clock() - t
+    for name, transform in stages:
+      t = clock()
+      image = transform(image)
+      theirs[name] += clock() - t
+    tensors.append(image)
+    if len(tensors) == batch:
+      t = clock()
+      torch.utils.data.default_collate(tensors)
+      theirs["batch (collate)"] += clock() - t
+      tensors = []
+  result["torchvision"] = {k: v / len(files) * 1e6 for k, v in theirs.items()}
+  return result
 
 
 _FIRST_STEP = textwrap.dedent("""
@@ -184,18 +274,19 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--images", type=int, default=1000)
+  parser.add_argument("--profile-images", type=int, default=200)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8, help="per domain (4 domains)")
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=30, help="timed batches per cell")
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--stat-images", type=int, default=20000)
   parser.add_argument("--memory-images", type=int, nargs=2, default=[400, 4000])
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
   if args.quick:
     args.images, args.size, args.batch, args.steps, args.workers, args.rounds = 48, 32, 2, 2, [0], 1
-    args.stat_images, args.memory_images = 100, [40, 80]
+    args.stat_images, args.memory_images, args.profile_images = 100, [40, 80], 8
 
   from disam_jax.harness import data
 
@@ -219,15 +310,21 @@ def main(argv=None) -> int:
       have_torch = False
     for r in range(args.rounds):
       for w in args.workers:
-        first, rate = _ours(ds.records, split, args.batch, w, args.steps, args.size)
-        rows.append({"round": r, "workers": w, "pipeline": "disam_jax grain", "first_batch_s": first,
-                     "images_per_s": rate})
-        if have_torch:
-          first, rate = _torchvision(train_root, args.batch * domains, w, args.steps, args.size)
-          rows.append({"round": r, "workers": w, "pipeline": "torchvision", "first_batch_s": first,
-                       "images_per_s": rate})
-        print(rows[-1] if not have_torch else rows[-2:], flush=True)
+        # interleaved, the order alternating by round so neither pipeline always runs after the other
+        for pipeline in (["ours", "torchvision"] if r % 2 == 0 else ["torchvision", "ours"]):
+          if pipeline == "ours":
+            first, rate = _ours(ds.records, split, args.batch, w, args.steps, args.size)
+            name = "disam_jax grain"
+          elif have_torch:
+            first, rate = _torchvision(train_root, args.batch * domains, w, args.steps, args.size)
+            name = "torchvision"
+          else:
+            continue
+          rows.append({"round": r, "workers": w, "pipeline": name, "first_batch_s": first, "images_per_s": rate})
+          print(rows[-1], flush=True)
     results["throughput"] = rows
+    results["stage_profile_us_per_image"] = _stage_profile(ds.records, train_root, args.size, args.profile_images,
+                                                           args.batch * domains)
 
     stat_root = make_folder(os.path.join(tmp, "stat"), args.stat_images, sizes=(16, 24))
     cache = os.path.join(tmp, "stat_cache")
@@ -247,18 +344,81 @@ def main(argv=None) -> int:
   return 0
 
 
+def summary(rows: list[dict]) -> list[dict]:
+  """Per worker count: each pipeline's median steady-state images/s and first-batch seconds over the rounds, the
+  per-round values, and whether ours is at least torchvision's median rate."""
+  import statistics
+
+  out = []
+  for w in sorted({r["workers"] for r in rows}):
+    cell = {"workers": w}
+    for name, key in (("disam_jax grain", "ours"), ("torchvision", "torchvision")):
+      mine = [r for r in rows if r["workers"] == w and r["pipeline"] == name]
+      if mine:
+        cell[key] = {"median_images_per_s": statistics.median(r["images_per_s"] for r in mine),
+                     "median_first_batch_s": statistics.median(r["first_batch_s"] for r in mine),
+                     "images_per_s": [r["images_per_s"] for r in mine]}
+    if "ours" in cell and "torchvision" in cell:
+      cell["ratio"] = cell["ours"]["median_images_per_s"] / cell["torchvision"]["median_images_per_s"]
+      cell["target_met"] = cell["ratio"] >= 1.0
+    out.append(cell)
+  return out
+
+
+def _summary_table(summary_rows: list[dict]) -> list[str]:
+  """The per-worker-count table: medians, the ratio, whether the target is met, first batches, per-round rates."""
+  from disam_jax.harness.tables import markdown_table
+
+  rounds = lambda p: ", ".join(f"{v:.0f}" for v in p["images_per_s"])
+  rows = []
+  for c in summary_rows:
+    o, t = c.get("ours"), c.get("torchvision")
+    if o is None or t is None:
+      continue
+    rows.append([c["workers"], f"{o['median_images_per_s']:.0f}", f"{t['median_images_per_s']:.0f}", f"{c['ratio']:.2f}",
+                 "yes" if c["target_met"] else "no", f"{o['median_first_batch_s']:.2f}",
+                 f"{t['median_first_batch_s']:.2f}", rounds(o), rounds(t)])
+  return markdown_table(["workers", "ours: median images/s", "torchvision: median images/s", "ours / torchvision",
+                         "target met", "ours: first batch (s)", "torchvision: first batch (s)", "ours per round",
+                         "torchvision per round"], rows)
+
+
 def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
   from disam_jax.harness.tables import markdown_table
 
   out.mkdir(parents=True, exist_ok=True)
   name = "input_pipeline_quick" if quick else "input_pipeline"
+  results["summary"] = summary(results["throughput"])
   (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+  a = results["args"]
   lines = [f"# Input pipeline ({results['date']}, {results['cpus']} CPUs)", "",
+           f"`python -m benchmarks.input_pipeline` (run under `flock /work/cpu.lock`: no other benchmark beside it). "
+           f"{a['images']} synthetic JPEGs (200-300 px, 4 domains, 3 read for training), {a['size']} px, batches of "
+           f"{a['batch']} per domain (torchvision: {a['batch'] * 3} per batch from the same 3 domains' files), "
+           f"DomainBed's training augmentation in both; {a['rounds']} interleaved rounds (the order alternating), "
+           f"per cell: the first batch (worker start-up included) timed apart, {_WARMUP} batches untimed, then "
+           f"{a['steps']} batches timed (the steady-state rate).",
+           f"The box has {results['cpus']} cores: with 2 workers, the workers and the main process oversubscribe it "
+           "(both pipelines alike), and other users' processes may share it.", "",
            f"Conversion: {results['conversion_images_per_s']:.0f} images/s (200-300 px JPEGs), "
            f"{results['conversion_small_images_per_s']:.0f} images/s (16-24 px JPEGs).", "",
-           *markdown_table(["round", "workers", "pipeline", "first batch (s)", "images/s"],
-                           ([row['round'], row['workers'], row['pipeline'], f"{row['first_batch_s']:.2f}",
-                             f"{row['images_per_s']:.1f}"] for row in results["throughput"]))]
+            *_summary_table(results["summary"])]
+  lines += ["", "The first batch of ours includes starting grain's worker processes: grain starts them with the spawn "
+                "method (not configurable) and each imports grain, which imports JAX (`import grain` in a fresh "
+                "process: 1.3-1.7 s on this box; our module, Pillow and array_record add 0.02 s); torchvision's "
+                "DataLoader forks. A run pays it once per feed (the evaluation feed keeps its workers for the whole "
+                "run), not per step or per evaluation."]
+  profile = results.get("stage_profile_us_per_image", {})
+  if profile:
+    lines += ["", f"Where a training image's time goes, in one process, no workers ({a['profile_images']} images, "
+                  "microseconds per image; `_stage_profile`):", "",
+              *markdown_table(["pipeline", "stage", "us per image"],
+                              [row for pipe, stages in profile.items()
+                               for row in [*([pipe, k, f"{v:.0f}"] for k, v in stages.items()),
+                                           [pipe, "**total**", f"**{sum(stages.values()):.0f}**"]]])]
+  lines += ["", *markdown_table(["round", "workers", "pipeline", "first batch (s)", "images/s"],
+                                ([row["round"], row["workers"], row["pipeline"], f"{row['first_batch_s']:.2f}",
+                                  f"{row['images_per_s']:.1f}"] for row in results["throughput"]))]
   f = results["first_step_cached"]
   lines += ["", f"Cached folder of {f['files']} files: listing {f['list_s']:.2f} s, stat of every file "
                 f"{f['stat_s']:.2f} s, load_dataset {f['load_dataset_s']:.2f} s, to the first batch "

@@ -206,6 +206,24 @@ def test_augmentation_matches_torchvision_statistics(tmp_path):
   assert abs(a["contrast"] - b["contrast"]) < 0.1 * b["contrast"]
 
 
+def test_brightness_and_contrast_tables_give_pillows_bytes():
+  """The lookup tables of `_color_jitter` against Pillow's `ImageEnhance` (what torchvision's PIL backend calls): the
+  same bytes for every value 0..255 in every channel, over the factors ColorJitter(0.3) draws and past 1 (clipping)."""
+  from PIL import Image, ImageEnhance
+
+  rng = np.random.default_rng(0)
+  values = np.arange(256, dtype=np.uint8)
+  for k in range(40):
+    pixels = np.stack([rng.permutation(values), rng.permutation(values), rng.permutation(values)], -1)
+    image = Image.fromarray(pixels.reshape(16, 16, 3) if k % 2 else np.roll(pixels, k, 0).reshape(8, 32, 3))
+    factor = float(rng.uniform(0.7, 1.3)) if k < 30 else float(rng.uniform(0, 3))
+    np.testing.assert_array_equal(np.asarray(streaming._blend_with_constant(image, 0, factor)),
+                                  np.asarray(ImageEnhance.Brightness(image).enhance(factor)))
+    np.testing.assert_array_equal(
+      np.asarray(streaming._blend_with_constant(image, streaming._gray_mean(image), factor)),
+      np.asarray(ImageEnhance.Contrast(image).enhance(factor)))
+
+
 def test_augmentation_is_a_function_of_seed_step_domain_and_position(tmp_path):
   from PIL import Image
 
@@ -312,7 +330,7 @@ def test_an_unwritable_cache_is_reported_as_a_cache_error(tmp_path):
 
 
 _MEMORY = textwrap.dedent("""
-  import sys, numpy as np
+  import json, sys, tracemalloc
   from disam_jax.harness import data, streaming
 
   def rss_anon():
@@ -321,7 +339,8 @@ _MEMORY = textwrap.dedent("""
         return int(line.split()[1]) * 1024
 
   root, cache = sys.argv[1], sys.argv[2]
-  before = rss_anon()
+  tracemalloc.start()
+  before, live_before = rss_anon(), tracemalloc.get_traced_memory()[0]
   ds = data.load_dataset("image_folder", data_dir=root, image_size=32, cache_dir=cache)
   split = data.split_dataset(ds, "c")
   feed = streaming.StreamedTrainFeed(split.records, split.train, 8, 0, workers=0)
@@ -330,28 +349,46 @@ _MEMORY = textwrap.dedent("""
                                      list(split.val) + list(split.test), 64, workers=0)
   n = sum(1 for _ in evals.batches())
   feed.close(); evals.close()
-  print(rss_anon() - before)
+  print(json.dumps({"rss_anon": rss_anon() - before, "live": tracemalloc.get_traced_memory()[0] - live_before}))
 """)
 
 
 def _growth(root, cache):
+  """`{"rss_anon", "live"}`: bytes the measuring process grew by (RssAnon) and holds in live Python and NumPy
+  allocations (tracemalloc), from before loading to after 3 training steps and an evaluation pass."""
   # Converted first in another process: the measured process only reads the cache, as every later run does.
   subprocess.run([sys.executable, "-c", _LOAD, root, cache], check=True, capture_output=True, env=_env())
   out = subprocess.run([sys.executable, "-c", _MEMORY, root, cache], check=True, capture_output=True, text=True,
                        env=_env())
-  return int(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_host_memory_does_not_grow_with_the_number_of_images(tmp_path):
   small = _folder(tmp_path / "small", per_class=50, size=(32, 32), fmt="jpg")  # 300 images
   large = _folder(tmp_path / "large", per_class=500, size=(32, 32), fmt="jpg")  # 3000 images
   grow_small, grow_large = _growth(small, str(tmp_path / "c1")), _growth(large, str(tmp_path / "c2"))
-  per_image = (grow_large - grow_small) / 2700
-  # float32 pixels held in memory would be 12 KiB per image (32 x 32 x 3 x 4 bytes), uint8 pixels 3 KiB; the index
-  # arrays are 12 bytes. Measured: 1.2-2.1 KiB per image, of which 27 bytes are live (tracemalloc); the rest is
-  # freed memory that CPython's and glibc's allocators keep (docs/harness.md: 174-193 bytes per image in all with
-  # MALLOC_TRIM_THRESHOLD_=0), which does not scale with the image size.
-  assert per_image < 4096, (grow_small, grow_large, per_image)
+  live = (grow_large["live"] - grow_small["live"]) / 2700
+  rss = (grow_large["rss_anon"] - grow_small["rss_anon"]) / 2700
+  # Live data per image: the index arrays of the dataset, the split and the evaluation feed (int32 / int64 record
+  # indices and labels). Measured: 62-64 bytes per image (3 runs); one Python object per image kept alive (a path
+  # string in a list) made it 195 (seen red). float32 pixels held in memory would be 12 KiB per image (32 x 32 x 3
+  # x 4 bytes), uint8 pixels 3 KiB. RssAnon, measured 2,749-2,799 bytes per image (3 runs, tracemalloc's own tables
+  # included), adds the freed memory that CPython's and glibc's allocators keep (docs/harness.md): a loose bound.
+  assert live < 128, (grow_small, grow_large, live)
+  assert rss < 4096, (grow_small, grow_large, rss)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_grain_workers_fix_glibcs_mmap_threshold():
+  """The worker init that keeps freed batch arrays out of grain workers' heaps (`streaming._worker_init`, passed to
+  grain's `mp_prefetch`) sets glibc's M_MMAP_THRESHOLD; its effect on memory is measured by
+  benchmarks/input_pipeline.py (the process tree at 400 and 4,000 images)."""
+  import platform
+
+  if platform.libc_ver()[0] != "glibc":
+    pytest.skip("not glibc")
+  assert streaming._WORKER_MMAP_THRESHOLD == 1 << 20
+  assert streaming._worker_init(0, 1) is True
 
 
 def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
