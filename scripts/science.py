@@ -4,7 +4,10 @@
     python scripts/science.py ROOT --plot docs/results_mechanism.png
 
 Each comparison pairs runs by (held-out domain, seed): same initialization, same data split and, within one run
-directory, the same batches. Intervals are `report.paired_difference`'s t-based 95% intervals. DISAM's perturbation
+directory, the same batches. Intervals are `report.paired_difference`'s t-based 95% intervals. A row may also be a
+difference of two paired differences, (A - B) - (C - D). The last table gives each comparison's power: the smallest
+accuracy difference it detects at 80% power (two-sided paired t-test, alpha 0.05) given the s.d. of its paired
+differences and its number of pairs. DISAM's perturbation
 weights are recomputed from the logged, unperturbed per-domain losses, c_i = (1 - 2 lam (L_i - L)) / M (the
 quantity `disam` uses, algorithm.md), or read from the metrics when the run logged them.
 """
@@ -85,6 +88,14 @@ COMPARISONS = {
      ("bal", "sam")),
     ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", ("merged_count", "disam"), ("merged_count", "sam"),
      ("bal", "disam"), ("bal", "sam"))]),
+  "rotated digits, 6 per domain (30 per step; released: 32): balanced vs merged batches": (0.1, [
+    ("DISAM − SAM, balanced batches", ("bal_b6", "disam"), ("bal_b6", "sam")),
+    ("DISAM − SAM, merged batches", ("merged_b6", "disam"), ("merged_b6", "sam")),
+    ("DISAM − SAM, merged, count weights", ("merged_count_b6", "disam"), ("merged_count_b6", "sam")),
+    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", ("merged_b6", "disam"), ("merged_b6", "sam"),
+     ("bal_b6", "disam"), ("bal_b6", "sam")),
+    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", ("merged_count_b6", "disam"),
+     ("merged_count_b6", "sam"), ("bal_b6", "disam"), ("bal_b6", "sam"))]),
 }
 
 
