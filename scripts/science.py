@@ -28,8 +28,8 @@ from disam_jax.harness import report
 # (label, A, B, C, D) is the difference of two paired differences, "(A - B) - (C - D)", paired by (held-out, seed).
 # A run directory "a,b" joins directories that hold different seeds (or algorithms) of one configuration.
 _NOISY = 0.5
-_FT_FROZEN = "ft_frozen_s0,ft_frozen_s1,ft_frozen_s2"
-_FT_TRAIN = "ft_train_sam_s0,ft_train_disam_s0,ft_train_s1,ft_train_s2"
+_SGD_FROZEN, _SGD_TRAIN = (",".join(f"sgd_{mode}_s{s}" for s in range(4)) for mode in ("frozen", "train"))
+_BAL6, _MER6, _CNT6 = (f"{d},{d}_s10" for d in ("bal_b6", "merged_b6", "merged_count_b6"))  # seeds 0-9, 10-29
 COMPARISONS = {
   "rotated digits (baseline)": (0.1, [("DISAM − SAM", ("base", "disam"), ("base", "sam")),
                                       ("SAM − ERM", ("base", "sam"), ("base", "erm")),
@@ -72,13 +72,17 @@ COMPARISONS = {
                                              ("DISAM lam 1 − SAM", ("noisy30_rho1.5_lam1", "disam"),
                                               ("noisy30_rho1.5", "sam"))]),
   # Issue 31: the released code's SAM trains in model.eval() (frozen BatchNorm), its DISAM in model.train().
-  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09): BatchNorm mode": (0.5, [
-    ("DISAM train BN − SAM frozen BN (the released pairing)", (_FT_TRAIN, "disam"), (_FT_FROZEN, "sam")),
-    ("SAM train BN − SAM frozen BN (the mode alone)", (_FT_TRAIN, "sam"), (_FT_FROZEN, "sam")),
-    ("DISAM − SAM, both frozen BN", (_FT_FROZEN, "disam"), (_FT_FROZEN, "sam")),
-    ("DISAM − SAM, both train BN", (_FT_TRAIN, "disam"), (_FT_TRAIN, "sam")),
-    ("(DISAM − SAM) train BN − (DISAM − SAM) frozen BN", (_FT_TRAIN, "disam"), (_FT_TRAIN, "sam"),
-     (_FT_FROZEN, "disam"), (_FT_FROZEN, "sam"))]),
+  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), SGD lr 0.002 (released): BatchNorm mode": (0.5, [
+    ("DISAM train BN − SAM frozen BN (the released pairing)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "sam")),
+    ("SAM train BN − SAM frozen BN (the mode alone)", (_SGD_TRAIN, "sam"), (_SGD_FROZEN, "sam")),
+    ("DISAM train BN − DISAM frozen BN (the mode alone)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "disam")),
+    ("DISAM − SAM, both frozen BN", (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam")),
+    ("DISAM − SAM, both train BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam")),
+    ("(DISAM − SAM) train BN − (DISAM − SAM) frozen BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam"),
+     (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam"))]),
+  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), Adam lr 1e-3: BatchNorm mode": (0.5, [
+    ("SAM train BN − SAM frozen BN (the mode alone)", ("ft_train_sam_s0", "sam"), ("ft_frozen_s0", "sam")),
+    ("DISAM − SAM, both frozen BN", ("ft_frozen_s0", "disam"), ("ft_frozen_s0", "sam"))]),
   # Issue 31: the released code's batches (one shuffled stream over the training domains) vs DomainBed's balanced ones.
   "rotated digits, balanced vs merged batches": (0.1, [
     ("DISAM − SAM, balanced batches", ("bal", "disam"), ("bal", "sam")),
@@ -88,14 +92,14 @@ COMPARISONS = {
      ("bal", "sam")),
     ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", ("merged_count", "disam"), ("merged_count", "sam"),
      ("bal", "disam"), ("bal", "sam"))]),
-  "rotated digits, 6 per domain (30 per step; released: 32): balanced vs merged batches": (0.1, [
-    ("DISAM − SAM, balanced batches", ("bal_b6", "disam"), ("bal_b6", "sam")),
-    ("DISAM − SAM, merged batches", ("merged_b6", "disam"), ("merged_b6", "sam")),
-    ("DISAM − SAM, merged, count weights", ("merged_count_b6", "disam"), ("merged_count_b6", "sam")),
-    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", ("merged_b6", "disam"), ("merged_b6", "sam"),
-     ("bal_b6", "disam"), ("bal_b6", "sam")),
-    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", ("merged_count_b6", "disam"),
-     ("merged_count_b6", "sam"), ("bal_b6", "disam"), ("bal_b6", "sam"))]),
+  "rotated digits, 6 per domain (30 per step; released: 32): balanced vs merged batches": (0.25, [
+    ("DISAM − SAM, balanced batches", (_BAL6, "disam"), (_BAL6, "sam")),
+    ("DISAM − SAM, merged batches", (_MER6, "disam"), (_MER6, "sam")),
+    ("DISAM − SAM, merged, count weights", (_CNT6, "disam"), (_CNT6, "sam")),
+    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", (_MER6, "disam"), (_MER6, "sam"),
+     (_BAL6, "disam"), (_BAL6, "sam")),
+    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", (_CNT6, "disam"),
+     (_CNT6, "sam"), (_BAL6, "disam"), (_BAL6, "sam"))]),
 }
 
 
