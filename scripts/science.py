@@ -28,7 +28,8 @@ from disam_jax.harness import report
 # (label, A, B, C, D) is the difference of two paired differences, "(A - B) - (C - D)", paired by (held-out, seed).
 # A run directory "a,b" joins directories that hold different seeds (or algorithms) of one configuration.
 _NOISY = 0.5
-_SGD_FROZEN, _SGD_TRAIN = (",".join(f"sgd_{mode}_s{s}" for s in range(4)) for mode in ("frozen", "train"))
+_SGD_FROZEN = "sgd_frozen_s0,sgd_frozen_sam_s1,sgd_frozen_disam_s1,sgd_frozen_s2"
+_SGD_TRAIN = "sgd_train_s0,sgd_train_s1,sgd_train_s2"
 _BAL6, _MER6, _CNT6 = (f"{d},{d}_s10" for d in ("bal_b6", "merged_b6", "merged_count_b6"))  # seeds 0-9, 10-29
 COMPARISONS = {
   "rotated digits (baseline)": (0.1, [("DISAM − SAM", ("base", "disam"), ("base", "sam")),

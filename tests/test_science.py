@@ -22,7 +22,8 @@ def _science():
 
 science = _science()
 
-T975 = {4: 2.7764451051977987, 8: 2.306004135204166, 9: 2.2621571627409915}  # Student t quantiles (tables), df -> t_{0.975}
+# Student t quantiles t_{0.975} by degrees of freedom (tables)
+T975 = {4: 2.7764451051977987, 8: 2.306004135204166, 9: 2.2621571627409915}
 
 
 def _write_run(root, name, accs, algorithm):
