@@ -28,7 +28,7 @@ from disam_jax.harness import report
 # (label, A, B, C, D) is the difference of two paired differences, "(A - B) - (C - D)", paired by (held-out, seed).
 # A run directory "a,b" joins directories that hold different seeds (or algorithms) of one configuration.
 _NOISY = 0.5
-_SGD_FROZEN, _SGD_TRAIN = "sgd_frozen_s0", "sgd_train_s0"  # one seed: the CPU time of this session ran out
+_SGD_FROZEN, _SGD_TRAIN = "sgd_frozen_s0,sgd_frozen_sam_s1", "sgd_train_s0,sgd_train_sam_s1"  # seed 1: SAM only
 _BAL6, _MER6, _CNT6 = (f"{d},{d}_s10" for d in ("bal_b6", "merged_b6", "merged_count_b6"))  # seeds 0-9, 10-29
 COMPARISONS = {
   "rotated digits (baseline)": (0.1, [("DISAM − SAM", ("base", "disam"), ("base", "sam")),
