@@ -4,7 +4,10 @@
     python scripts/science.py ROOT --plot docs/results_mechanism.png
 
 Each comparison pairs runs by (held-out domain, seed): same initialization, same data split and, within one run
-directory, the same batches. Intervals are `report.paired_difference`'s t-based 95% intervals. DISAM's perturbation
+directory, the same batches. Intervals are `report.paired_difference`'s t-based 95% intervals. A row may also be a
+difference of two paired differences, (A - B) - (C - D). The last table gives each comparison's power: the smallest
+accuracy difference it detects at 80% power (two-sided paired t-test, alpha 0.05) given the s.d. of its paired
+differences and its number of pairs. DISAM's perturbation
 weights are recomputed from the logged, unperturbed per-domain losses, c_i = (1 - 2 lam (L_i - L)) / M (the
 quantity `disam` uses, algorithm.md), or read from the metrics when the run logged them.
 """
@@ -21,8 +24,12 @@ import numpy as np
 
 from disam_jax.harness import report
 
-# regime: (loss threshold for "steps to loss", [(label, (run directory, algorithm) A, B)]): rows "A - B".
+# regime: (loss threshold for "steps to loss", [(label, (run directory, algorithm) A, B)]): rows "A - B"; a row
+# (label, A, B, C, D) is the difference of two paired differences, "(A - B) - (C - D)", paired by (held-out, seed).
+# A run directory "a,b" joins directories that hold different seeds (or algorithms) of one configuration.
 _NOISY = 0.5
+_SGD_FROZEN, _SGD_TRAIN = "sgd_frozen_s0,sgd_frozen_sam_s1", "sgd_train_s0,sgd_train_sam_s1"  # seed 1: SAM only
+_BAL6, _MER6, _CNT6 = (f"{d},{d}_s10" for d in ("bal_b6", "merged_b6", "merged_count_b6"))  # seeds 0-9, 10-29
 COMPARISONS = {
   "rotated digits (baseline)": (0.1, [("DISAM − SAM", ("base", "disam"), ("base", "sam")),
                                       ("SAM − ERM", ("base", "sam"), ("base", "erm")),
@@ -64,6 +71,36 @@ COMPARISONS = {
   "noisy 30°, rho 1.5 (held out 75)": (1.0, [("DISAM − SAM", ("noisy30_rho1.5", "disam"), ("noisy30_rho1.5", "sam")),
                                              ("DISAM lam 1 − SAM", ("noisy30_rho1.5_lam1", "disam"),
                                               ("noisy30_rho1.5", "sam"))]),
+  # Issue 31: the released code's SAM trains in model.eval() (frozen BatchNorm), its DISAM in model.train().
+  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), SGD lr 0.002 (released): BatchNorm mode": (0.5, [
+    ("DISAM train BN − SAM frozen BN (the released pairing)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "sam")),
+    ("SAM train BN − SAM frozen BN (the mode alone)", (_SGD_TRAIN, "sam"), (_SGD_FROZEN, "sam")),
+    ("DISAM train BN − DISAM frozen BN (the mode alone)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "disam")),
+    ("DISAM − SAM, both frozen BN", (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam")),
+    ("DISAM − SAM, both train BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam")),
+    ("(DISAM − SAM) train BN − (DISAM − SAM) frozen BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam"),
+     (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam")),
+    ("ERM frozen BN − SAM frozen BN", ("sgd_frozen_erm_s0", "erm"), (_SGD_FROZEN, "sam"))]),
+  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), Adam lr 1e-3: BatchNorm mode": (0.5, [
+    ("SAM train BN − SAM frozen BN (the mode alone)", ("ft_train_sam_s0", "sam"), ("ft_frozen_s0", "sam")),
+    ("DISAM − SAM, both frozen BN", ("ft_frozen_s0", "disam"), ("ft_frozen_s0", "sam"))]),
+  # Issue 31: the released code's batches (one shuffled stream over the training domains) vs DomainBed's balanced ones.
+  "rotated digits, balanced vs merged batches": (0.1, [
+    ("DISAM − SAM, balanced batches", ("bal", "disam"), ("bal", "sam")),
+    ("DISAM − SAM, merged batches", ("merged", "disam"), ("merged", "sam")),
+    ("DISAM − SAM, merged, count weights", ("merged_count", "disam"), ("merged_count", "sam")),
+    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", ("merged", "disam"), ("merged", "sam"), ("bal", "disam"),
+     ("bal", "sam")),
+    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", ("merged_count", "disam"), ("merged_count", "sam"),
+     ("bal", "disam"), ("bal", "sam"))]),
+  "rotated digits, 6 per domain (30 per step; released: 32): balanced vs merged batches": (0.25, [
+    ("DISAM − SAM, balanced batches", (_BAL6, "disam"), (_BAL6, "sam")),
+    ("DISAM − SAM, merged batches", (_MER6, "disam"), (_MER6, "sam")),
+    ("DISAM − SAM, merged, count weights", (_CNT6, "disam"), (_CNT6, "sam")),
+    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", (_MER6, "disam"), (_MER6, "sam"),
+     (_BAL6, "disam"), (_BAL6, "sam")),
+    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", (_CNT6, "disam"),
+     (_CNT6, "sam"), (_BAL6, "disam"), (_BAL6, "sam"))]),
 }
 
 
@@ -126,13 +163,59 @@ def _fmt(p, fmt="{:+.2f}", f=lambda v: v):
   return f"{fmt.format(f(p['mean']))} [{fmt.format(f(p['low']))}, {fmt.format(f(p['high']))}]{tag}"
 
 
+_PAIRED = ("acc", "logvar", "final_loss", "steps")  # the per-run quantities compared pair by pair
+
+
+def _row_runs(root, spec, threshold):
+  """Per (held-out, seed) statistics of one side of a row: `spec` is (directory, algorithm), or two of them,
+  (A, B), whose paired difference A - B it then gives (None where a run or its `steps` is missing)."""
+  if len(spec) == 2 and isinstance(spec[0], str):
+    return _run_stats(root, spec[0], spec[1], threshold)
+  a, b = (_run_stats(root, d, alg, threshold) for d, alg in spec)
+  if not a or not b:
+    return None
+  sub = lambda x, y: None if x is None or y is None else x - y
+  return {k: {q: sub(a[k][q], b[k][q]) for q in _PAIRED} for k in sorted(set(a) & set(b))}
+
+
+def _row(root, threshold, row):
+  """(label, A runs, B runs, A's own runs or None) of a COMPARISONS row: 'A - B' or '(A - B) - (C - D)'."""
+  label, *specs = row
+  if len(specs) == 2:
+    a, b = (_row_runs(root, s, threshold) for s in specs)
+    return label, a, b, a
+  if len(specs) == 4:
+    return label, _row_runs(root, specs[:2], threshold), _row_runs(root, specs[2:], threshold), None
+  raise ValueError(f"COMPARISONS row {label!r}: give A, B or A, B, C, D as (run directory, algorithm), not "
+                   f"{len(specs)} of them")
+
+
+def detectable_difference(sd, n, alpha=0.05, power=0.8):
+  """Smallest true mean difference that a two-sided paired t-test at level `alpha` finds with probability `power`
+  from `n` pairs whose differences have standard deviation `sd` (noncentral t; None when n < 2 or sd is 0).
+  The usual normal approximation is (z_{1-alpha/2} + z_power) sd / sqrt(n); the t version is larger for small n."""
+  from scipy import integrate, optimize, stats
+
+  if n < 2 or not sd > 0:
+    return None
+  df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
+
+  def reach(nc):  # P(|T| > crit), T = (Z + nc) / sqrt(V / df), V ~ chi2(df), integrated over V's quantiles u
+    # (scipy's nct is NaN at large nc for small df)
+    s = lambda u: crit * math.sqrt(stats.chi2.ppf(u, df) / df)
+    return integrate.quad(lambda u: stats.norm.cdf(nc - s(u)) + stats.norm.cdf(-nc - s(u)), 0.0, 1.0, limit=200)[0]
+
+  nc = optimize.brentq(lambda nc: reach(nc) - power, 0.0, 10.0 * (crit + 3.0))
+  return float(nc * sd / math.sqrt(n))
+
+
 def tables(root):
   lines = ["| regime | A − B | pairs | held-out acc (points) | variance ratio A / B | final loss A − B | "
            "steps to loss ≤ t: A − B (pairs) | A: mean spread of M·c_i | A: steps with a c_i < 0 |",
            "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|"]
   for regime, (threshold, rows) in COMPARISONS.items():
-    for label, (da, aa), (db, ab) in rows:
-      a, b = _run_stats(root, da, aa, threshold), _run_stats(root, db, ab, threshold)
+    for row in rows:
+      label, a, b, own = _row(root, threshold, row)
       if not a or not b:
         continue
       keys = sorted(set(a) & set(b))
@@ -141,10 +224,30 @@ def tables(root):
       fl = report.paired_difference([a[k]["final_loss"] for k in keys], [b[k]["final_loss"] for k in keys])
       both = [k for k in keys if a[k]["steps"] is not None and b[k]["steps"] is not None]
       st = report.paired_difference([a[k]["steps"] for k in both], [b[k]["steps"] for k in both])
-      spread = np.mean([a[k]["w_spread"] for k in keys])
-      neg = np.mean([a[k]["w_neg"] for k in keys])
+      spread = f"{np.mean([own[k]['w_spread'] for k in keys]):.3f}" if own else "–"
+      neg = f"{np.mean([own[k]['w_neg'] for k in keys]):.0%}" if own else "–"
       lines.append(f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {_fmt(var, '{:.3f}', math.exp)} | "
-                   f"{_fmt(fl, '{:+.3f}')} | t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread:.3f} | {neg:.0%} |")
+                   f"{_fmt(fl, '{:+.3f}')} | t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread} | {neg} |")
+  return "\n".join(lines)
+
+
+def power_table(root):
+  """Per comparison: the s.d. of the paired accuracy differences and the smallest difference the comparison
+  detects at 80% power (alpha 0.05, two-sided), from that s.d. and the number of pairs."""
+  lines = ["| regime | A − B | pairs | held-out acc A − B (points) | s.d. of the paired differences | "
+           "detectable at 80% power (points) |", "|---|---|:-:|:-:|:-:|:-:|"]
+  for regime, (threshold, rows) in COMPARISONS.items():
+    for row in rows:
+      label, a, b, _ = _row(root, threshold, row)
+      if not a or not b:
+        continue
+      keys = sorted(set(a) & set(b))
+      d = np.asarray([a[k]["acc"] - b[k]["acc"] for k in keys])
+      sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+      mde = detectable_difference(sd, len(d))
+      acc = report.paired_difference([a[k]["acc"] for k in keys], [b[k]["acc"] for k in keys])
+      lines.append(f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {'–' if len(d) < 2 else f'{sd:.2f}'} | "
+                   f"{'–' if mde is None else f'{mde:.2f}'} |")
   return "\n".join(lines)
 
 
@@ -214,6 +317,8 @@ def main(argv=None):
   print(accuracy_table(args.root))
   print()
   print(tables(args.root))
+  print()
+  print(power_table(args.root))
   if args.plot:
     plot(args.root, args.plot)
 
