@@ -30,7 +30,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import io
@@ -42,7 +41,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -181,7 +180,7 @@ def _read_meta(directory: str) -> dict[str, Any]:
 
 
 def convert_folder(root: str, files: Sequence[tuple[str, int, int]], *, domains: Sequence[str],
-                   classes: Sequence[str], cache_dir: str, key: str, workers: Optional[int] = None,
+                   classes: Sequence[str], cache_dir: str, key: str, workers: int | None = None,
                    on_convert=None) -> tuple[str, dict[str, Any]]:
   """The conversion of `files` (``(relative path, domain index, class index)``, in record order) under
   ``cache_dir/<key>``, made now unless it exists; returns ``(folder, meta)``.
@@ -228,7 +227,7 @@ def convert_folder(root: str, files: Sequence[tuple[str, int, int]], *, domains:
     raise CacheError(f"the conversion cache {final} is damaged ({e}); delete that folder to convert again") from e
 
 
-def _convert_into(scratch: str, root: str, files, domains, classes, workers: Optional[int]) -> dict[str, Any]:
+def _convert_into(scratch: str, root: str, files, domains, classes, workers: int | None) -> dict[str, Any]:
   """Converts `files` into `scratch`: the shards, then index.npz, then meta.json (last: it marks completeness)."""
   _require("array_record", "Converting image folders to ArrayRecord")
   _require("PIL", "Decoding image files")
@@ -591,7 +590,7 @@ class StreamedTrainFeed:
   """
 
   def __init__(self, records: RecordSet, train: Sequence[tuple[np.ndarray, np.ndarray]], batch_size_per_domain: int,
-               seed: int, *, augment: bool = True, workers: int = 0, domain_names: Optional[Sequence[str]] = None):
+               seed: int, *, augment: bool = True, workers: int = 0, domain_names: Sequence[str] | None = None):
     if not train:
       raise ValueError("StreamedTrainFeed needs at least one training domain.")
     names = list(domain_names) if domain_names is not None else [f"#{i}" for i in range(len(train))]
@@ -613,7 +612,7 @@ class StreamedTrainFeed:
     fn = _StepBatch(self._records, self._members, self._labels, self._batch, self._seed, local, self._augment)
     return _iterate(grain.MapDataset.range(self._step, _HORIZON).map(fn), self._workers)
 
-  def next(self, local: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray]:
+  def next(self, local: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     local = slice(None) if local is None else local
     key = (local.start, local.stop, local.step)
     if self._iterator is None or self._local != key:
