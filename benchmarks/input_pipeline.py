@@ -102,10 +102,17 @@ def _torchvision(root: str, batch: int, workers: int, steps: int, size: int):
   """As `_ours`, torchvision's ImageFolder + DataLoader (its default start method: fork on Linux)."""
   torch, torchvision = import_torchvision()
   T = torchvision.transforms
-  transform = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
-                         T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale(), T.PILToTensor()])  # uint8, as ours
+  transform = T.Compose(
+    [
+      T.RandomResizedCrop(size, scale=(0.7, 1.0)),
+      T.RandomHorizontalFlip(),
+      T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+      T.RandomGrayscale(),
+      T.PILToTensor(),
+    ]
+  )  # uint8, as ours
   dataset = torchvision.datasets.ImageFolder(root, transform=transform)
-  sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
+  sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
   loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
   it = iter(loader)
   try:
@@ -143,8 +150,20 @@ def _stage_profile(records, root: str, size: int, images: int, batch: int) -> di
 
   source = records.source()
   files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs)[:images]
-  ours = dict.fromkeys(["setup (generator)", "read record", "decode", "RandomResizedCrop", "flip", "ColorJitter",
-                        "grayscale + to array", "batch (stack)", "to the main process"], 0.0)
+  ours = dict.fromkeys(
+    [
+      "setup (generator)",
+      "read record",
+      "decode",
+      "RandomResizedCrop",
+      "flip",
+      "ColorJitter",
+      "grayscale + to array",
+      "batch (stack)",
+      "to the main process",
+    ],
+    0.0,
+  )
   clock = time.perf_counter
 
   def timed(name, fn, *a):
@@ -172,9 +191,12 @@ def _stage_profile(records, root: str, size: int, images: int, batch: int) -> di
   except ImportError:
     return result
   T = torchvision.transforms
-  stages = [("RandomResizedCrop", T.RandomResizedCrop(size, scale=(0.7, 1.0))), ("flip", T.RandomHorizontalFlip()),
-            ("ColorJitter", T.ColorJitter(0.3, 0.3, 0.3, 0.3)), ("grayscale + to tensor", T.Compose(
-              [T.RandomGrayscale(), T.PILToTensor()]))]
+  stages = [
+    ("RandomResizedCrop", T.RandomResizedCrop(size, scale=(0.7, 1.0))),
+    ("flip", T.RandomHorizontalFlip()),
+    ("ColorJitter", T.ColorJitter(0.3, 0.3, 0.3, 0.3)),
+    ("grayscale + to tensor", T.Compose([T.RandomGrayscale(), T.PILToTensor()])),
+  ]
   theirs = dict.fromkeys(["read file", "decode", *(name for name, _ in stages), "batch (collate)"], 0.0)
   tensors = []
   for path in files:
@@ -265,8 +287,9 @@ _MEMORY = textwrap.dedent("""
 
 def _run(code: str, *args) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                       check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, check=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -311,7 +334,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
       for w in args.workers:
         # interleaved, the order alternating by round so neither pipeline always runs after the other
-        for pipeline in (["ours", "torchvision"] if r % 2 == 0 else ["torchvision", "ours"]):
+        for pipeline in ["ours", "torchvision"] if r % 2 == 0 else ["torchvision", "ours"]:
           if pipeline == "ours":
             first, rate = _ours(ds.records, split, args.batch, w, args.steps, args.size)
             name = "disam_jax grain"
@@ -323,8 +346,9 @@ def main(argv=None) -> int:
           rows.append({"round": r, "workers": w, "pipeline": name, "first_batch_s": first, "images_per_s": rate})
           print(rows[-1], flush=True)
     results["throughput"] = rows
-    results["stage_profile_us_per_image"] = _stage_profile(ds.records, train_root, args.size, args.profile_images,
-                                                           args.batch * domains)
+    results["stage_profile_us_per_image"] = _stage_profile(
+      ds.records, train_root, args.size, args.profile_images, args.batch * domains
+    )
 
     stat_root = make_folder(os.path.join(tmp, "stat"), args.stat_images, sizes=(16, 24))
     cache = os.path.join(tmp, "stat_cache")
@@ -355,9 +379,11 @@ def summary(rows: list[dict]) -> list[dict]:
     for name, key in (("disam_jax grain", "ours"), ("torchvision", "torchvision")):
       mine = [r for r in rows if r["workers"] == w and r["pipeline"] == name]
       if mine:
-        cell[key] = {"median_images_per_s": statistics.median(r["images_per_s"] for r in mine),
-                     "median_first_batch_s": statistics.median(r["first_batch_s"] for r in mine),
-                     "images_per_s": [r["images_per_s"] for r in mine]}
+        cell[key] = {
+          "median_images_per_s": statistics.median(r["images_per_s"] for r in mine),
+          "median_first_batch_s": statistics.median(r["first_batch_s"] for r in mine),
+          "images_per_s": [r["images_per_s"] for r in mine],
+        }
     if "ours" in cell and "torchvision" in cell:
       cell["ratio"] = cell["ours"]["median_images_per_s"] / cell["torchvision"]["median_images_per_s"]
       cell["target_met"] = cell["ratio"] >= 1.0
@@ -375,12 +401,33 @@ def _summary_table(summary_rows: list[dict]) -> list[str]:
     o, t = c.get("ours"), c.get("torchvision")
     if o is None or t is None:
       continue
-    rows.append([c["workers"], f"{o['median_images_per_s']:.0f}", f"{t['median_images_per_s']:.0f}", f"{c['ratio']:.2f}",
-                 "yes" if c["target_met"] else "no", f"{o['median_first_batch_s']:.2f}",
-                 f"{t['median_first_batch_s']:.2f}", rounds(o), rounds(t)])
-  return markdown_table(["workers", "ours: median images/s", "torchvision: median images/s", "ours / torchvision",
-                         "target met", "ours: first batch (s)", "torchvision: first batch (s)", "ours per round",
-                         "torchvision per round"], rows)
+    rows.append(
+      [
+        c["workers"],
+        f"{o['median_images_per_s']:.0f}",
+        f"{t['median_images_per_s']:.0f}",
+        f"{c['ratio']:.2f}",
+        "yes" if c["target_met"] else "no",
+        f"{o['median_first_batch_s']:.2f}",
+        f"{t['median_first_batch_s']:.2f}",
+        rounds(o),
+        rounds(t),
+      ]
+    )
+  return markdown_table(
+    [
+      "workers",
+      "ours: median images/s",
+      "torchvision: median images/s",
+      "ours / torchvision",
+      "target met",
+      "ours: first batch (s)",
+      "torchvision: first batch (s)",
+      "ours per round",
+      "torchvision per round",
+    ],
+    rows,
+  )
 
 
 def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
@@ -391,42 +438,80 @@ def _write(results: dict, out: pathlib.Path, quick: bool) -> None:
   results["summary"] = summary(results["throughput"])
   (out / f"{name}.json").write_text(json.dumps(results, indent=1))
   a = results["args"]
-  lines = [f"# Input pipeline ({results['date']}, {results['cpus']} CPUs)", "",
-           f"`python -m benchmarks.input_pipeline` (run under `flock /work/cpu.lock`: no other benchmark beside it). "
-           f"{a['images']} synthetic JPEGs (200-300 px, 4 domains, 3 read for training), {a['size']} px, batches of "
-           f"{a['batch']} per domain (torchvision: {a['batch'] * 3} per batch from the same 3 domains' files), "
-           f"DomainBed's training augmentation in both; {a['rounds']} interleaved rounds (the order alternating), "
-           f"per cell: the first batch (worker start-up included) timed apart, {_WARMUP} batches untimed, then "
-           f"{a['steps']} batches timed (the steady-state rate).",
-           f"The box has {results['cpus']} cores: with 2 workers, the workers and the main process oversubscribe it "
-           "(both pipelines alike), and other users' processes may share it.", "",
-           f"Conversion: {results['conversion_images_per_s']:.0f} images/s (200-300 px JPEGs), "
-           f"{results['conversion_small_images_per_s']:.0f} images/s (16-24 px JPEGs).", "",
-            *_summary_table(results["summary"])]
-  lines += ["", "The first batch of ours includes starting grain's worker processes: grain starts them with the spawn "
-                "method (not configurable) and each imports grain, which imports JAX (`import grain` in a fresh "
-                "process: 1.3-1.7 s on this box; our module, Pillow and array_record add 0.02 s); torchvision's "
-                "DataLoader forks. A run pays it once per feed (the evaluation feed keeps its workers for the whole "
-                "run), not per step or per evaluation."]
+  lines = [
+    f"# Input pipeline ({results['date']}, {results['cpus']} CPUs)",
+    "",
+    f"`python -m benchmarks.input_pipeline` (run under `flock /work/cpu.lock`: no other benchmark beside it). "
+    f"{a['images']} synthetic JPEGs (200-300 px, 4 domains, 3 read for training), {a['size']} px, batches of "
+    f"{a['batch']} per domain (torchvision: {a['batch'] * 3} per batch from the same 3 domains' files), "
+    f"DomainBed's training augmentation in both; {a['rounds']} interleaved rounds (the order alternating), "
+    f"per cell: the first batch (worker start-up included) timed apart, {_WARMUP} batches untimed, then "
+    f"{a['steps']} batches timed (the steady-state rate).",
+    f"The box has {results['cpus']} cores: with 2 workers, the workers and the main process oversubscribe it "
+    "(both pipelines alike), and other users' processes may share it.",
+    "",
+    f"Conversion: {results['conversion_images_per_s']:.0f} images/s (200-300 px JPEGs), "
+    f"{results['conversion_small_images_per_s']:.0f} images/s (16-24 px JPEGs).",
+    "",
+    *_summary_table(results["summary"]),
+  ]
+  lines += [
+    "",
+    "The first batch of ours includes starting grain's worker processes: grain starts them with the spawn "
+    "method (not configurable) and each imports grain, which imports JAX (`import grain` in a fresh "
+    "process: 1.3-1.7 s on this box; our module, Pillow and array_record add 0.02 s); torchvision's "
+    "DataLoader forks. A run pays it once per feed (the evaluation feed keeps its workers for the whole "
+    "run), not per step or per evaluation.",
+  ]
   profile = results.get("stage_profile_us_per_image", {})
   if profile:
-    lines += ["", f"Where a training image's time goes, in one process, no workers ({a['profile_images']} images, "
-                  "microseconds per image; `_stage_profile`):", "",
-              *markdown_table(["pipeline", "stage", "us per image"],
-                              [row for pipe, stages in profile.items()
-                               for row in [*([pipe, k, f"{v:.0f}"] for k, v in stages.items()),
-                                           [pipe, "**total**", f"**{sum(stages.values()):.0f}**"]]])]
-  lines += ["", *markdown_table(["round", "workers", "pipeline", "first batch (s)", "images/s"],
-                                ([row["round"], row["workers"], row["pipeline"], f"{row['first_batch_s']:.2f}",
-                                  f"{row['images_per_s']:.1f}"] for row in results["throughput"]))]
+    lines += [
+      "",
+      f"Where a training image's time goes, in one process, no workers ({a['profile_images']} images, "
+      "microseconds per image; `_stage_profile`):",
+      "",
+      *markdown_table(
+        ["pipeline", "stage", "us per image"],
+        [
+          row
+          for pipe, stages in profile.items()
+          for row in [
+            *([pipe, k, f"{v:.0f}"] for k, v in stages.items()),
+            [pipe, "**total**", f"**{sum(stages.values()):.0f}**"],
+          ]
+        ],
+      ),
+    ]
+  lines += [
+    "",
+    *markdown_table(
+      ["round", "workers", "pipeline", "first batch (s)", "images/s"],
+      (
+        [row["round"], row["workers"], row["pipeline"], f"{row['first_batch_s']:.2f}", f"{row['images_per_s']:.1f}"]
+        for row in results["throughput"]
+      ),
+    ),
+  ]
   f = results["first_step_cached"]
-  lines += ["", f"Cached folder of {f['files']} files: listing {f['list_s']:.2f} s, stat of every file "
-                f"{f['stat_s']:.2f} s, load_dataset {f['load_dataset_s']:.2f} s, to the first batch "
-                f"{f['to_first_batch_s']:.2f} s (after imports of {f['import_s']:.2f} s).", "",
-            *markdown_table(["images", "RssAnon before (MiB)", "running (MiB)", "after an eval pass (MiB)"],
-                            ([m['images'], f"{m['rss_anon_before'] / 2**20:.0f}",
-                              f"{m['rss_anon_running'] / 2**20:.0f}", f"{m['rss_anon_after_eval'] / 2**20:.0f}"]
-                             for m in results["memory"]))]
+  lines += [
+    "",
+    f"Cached folder of {f['files']} files: listing {f['list_s']:.2f} s, stat of every file "
+    f"{f['stat_s']:.2f} s, load_dataset {f['load_dataset_s']:.2f} s, to the first batch "
+    f"{f['to_first_batch_s']:.2f} s (after imports of {f['import_s']:.2f} s).",
+    "",
+    *markdown_table(
+      ["images", "RssAnon before (MiB)", "running (MiB)", "after an eval pass (MiB)"],
+      (
+        [
+          m["images"],
+          f"{m['rss_anon_before'] / 2**20:.0f}",
+          f"{m['rss_anon_running'] / 2**20:.0f}",
+          f"{m['rss_anon_after_eval'] / 2**20:.0f}",
+        ]
+        for m in results["memory"]
+      ),
+    ),
+  ]
   (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "TorchDISAM",
-    "MODEL_NAMES",
-    "build_model",
-    "domain_losses_grouped",
-    "domain_losses_per_sample",
-    "perturbation_loss",
-    "make_train_step",
-    "time_torch_step",
+  "TorchDISAM",
+  "MODEL_NAMES",
+  "build_model",
+  "domain_losses_grouped",
+  "domain_losses_per_sample",
+  "perturbation_loss",
+  "make_train_step",
+  "time_torch_step",
 ]
 
 PER_DOMAIN_MODES = ("grouped", "per_sample")
@@ -63,8 +63,7 @@ def domain_losses_grouped(per_sample_ce: torch.Tensor, num_domains: int) -> torc
   return per_sample_ce.view(num_domains, -1).mean(dim=1)
 
 
-def domain_losses_per_sample(logits: torch.Tensor, y: torch.Tensor,
-                             domain_ids: torch.Tensor) -> torch.Tensor:
+def domain_losses_per_sample(logits: torch.Tensor, y: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
   """The authors' public code, as it effectively runs: one masked loss per *sample*, ``[n]``.
 
   Their trainer builds the list of domains as ``set(domain_labels)`` with ``domain_labels`` a tensor.
@@ -92,9 +91,15 @@ def domain_losses_per_sample(logits: torch.Tensor, y: torch.Tensor,
   return torch.stack(losses)
 
 
-def perturbation_loss(logits: torch.Tensor, y: torch.Tensor, *, lam: float, num_domains: int,
-                      domain_ids: torch.Tensor | None = None,
-                      per_domain: str = "grouped") -> torch.Tensor:
+def perturbation_loss(
+  logits: torch.Tensor,
+  y: torch.Tensor,
+  *,
+  lam: float,
+  num_domains: int,
+  domain_ids: torch.Tensor | None = None,
+  per_domain: str = "grouped",
+) -> torch.Tensor:
   """DISAM's perturbation objective: ``CE(batch, mean) - lam * Var_pop(per-domain losses)``.
 
   ``per_domain='grouped'`` requires a domain-major equal-count batch (``[M*b]``);
@@ -134,9 +139,16 @@ class TorchDISAM:
   ``torch.optim.SGD(..., weight_decay=wd)`` is coupled decay, applied at w, not at w + eps).
   """
 
-  def __init__(self, params: Iterable[torch.nn.Parameter],
-               base_optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD, *,
-               rho: float = 0.05, lam: float = 0.1, adaptive: bool = False, **base_kwargs: Any):
+  def __init__(
+    self,
+    params: Iterable[torch.nn.Parameter],
+    base_optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD,
+    *,
+    rho: float = 0.05,
+    lam: float = 0.1,
+    adaptive: bool = False,
+    **base_kwargs: Any,
+  ):
     if rho < 0:
       raise ValueError(f"rho must be >= 0, got {rho}")
     self.params = [p for p in params if p.requires_grad]
@@ -154,11 +166,9 @@ class TorchDISAM:
     """``w <- w + eps`` from the gradient of the perturbation loss held in ``p.grad``."""
     with_grad = [p for p in self.params if p.grad is not None]
     if self.adaptive:
-      norm = torch.linalg.vector_norm(
-          torch.stack([torch.linalg.vector_norm(p.abs() * p.grad) for p in with_grad]))
+      norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.abs() * p.grad) for p in with_grad]))
     else:
-      norm = torch.linalg.vector_norm(
-          torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad]))
+      norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad]))
     scale = self.rho / (norm + 1e-12)
     self._eps = []
     for p in self.params:
@@ -240,7 +250,6 @@ class MNISTCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-
   expansion = 1
 
   def __init__(self, cin: int, planes: int, stride: int):
@@ -251,8 +260,7 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(planes)
     self.downsample = None
     if stride != 1 or cin != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=stride, bias=False),
-                                      nn.BatchNorm2d(planes))
+      self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -290,9 +298,15 @@ class ResNet18(nn.Module):
   stage_sizes=(3, 4, 6, 3)`` (ResNet-50, registry name 'resnet50'). CIFAR stem (conv3x3/1, no max-pool) for
   inputs of height <= 64, as ``disam_jax``'s resnets pick for 32x32 inputs; else ImageNet stem."""
 
-  def __init__(self, num_classes: int, input_shape: Sequence[int], width: int = 64,
-               small_input_stem: bool | None = None, block: type = BasicBlock,
-               stage_sizes: Sequence[int] = (2, 2, 2, 2)):
+  def __init__(
+    self,
+    num_classes: int,
+    input_shape: Sequence[int],
+    width: int = 64,
+    small_input_stem: bool | None = None,
+    block: type = BasicBlock,
+    stage_sizes: Sequence[int] = (2, 2, 2, 2),
+  ):
     super().__init__()
     h, _, c = input_shape
     self.small_input_stem = h <= 64 if small_input_stem is None else bool(small_input_stem)
@@ -365,8 +379,16 @@ class ViT(nn.Module):
   ``depth`` defaults to 6, the default of ``disam_jax``'s ``vit_tiny``; pass ``depth=4`` for a shallower one.
   """
 
-  def __init__(self, num_classes: int, input_shape: Sequence[int], patch_size: int = 4,
-               dim: int = 192, depth: int = 6, heads: int = 3, mlp_ratio: int = 4):
+  def __init__(
+    self,
+    num_classes: int,
+    input_shape: Sequence[int],
+    patch_size: int = 4,
+    dim: int = 192,
+    depth: int = 6,
+    heads: int = 3,
+    mlp_ratio: int = 4,
+  ):
     super().__init__()
     h, w, c = input_shape
     if h % patch_size or w % patch_size:
@@ -390,11 +412,11 @@ class ViT(nn.Module):
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLP,
-    "mnist_cnn": MNISTCNN,
-    "resnet18": ResNet18,
-    "resnet50": functools.partial(ResNet18, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
-    "vit_tiny": ViT,
+  "mlp": MLP,
+  "mnist_cnn": MNISTCNN,
+  "resnet18": ResNet18,
+  "resnet50": functools.partial(ResNet18, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
+  "vit_tiny": ViT,
 }
 MODEL_NAMES = tuple(_MODELS)
 
@@ -432,10 +454,20 @@ class _FreezeBatchNormStats:
       bn.momentum = m
 
 
-def make_train_step(model: nn.Module, algorithm: str, *, num_domains: int, rho: float = 0.05,
-                    lam: float = 0.1, adaptive: bool = False, per_domain: str = "grouped",
-                    base: str = "sgd", lr: float = 0.01, momentum: float = 0.9,
-                    weight_decay: float = 0.0) -> tuple[Callable[..., torch.Tensor], Any]:
+def make_train_step(
+  model: nn.Module,
+  algorithm: str,
+  *,
+  num_domains: int,
+  rho: float = 0.05,
+  lam: float = 0.1,
+  adaptive: bool = False,
+  per_domain: str = "grouped",
+  base: str = "sgd",
+  lr: float = 0.01,
+  momentum: float = 0.9,
+  weight_decay: float = 0.0,
+) -> tuple[Callable[..., torch.Tensor], Any]:
   """Returns ``(step, optimizer)``; ``step(x, y, domain_ids)`` runs one full training step in place
   and returns the loss it computed at the unperturbed weights (for SAM/DISAM, the perturbation
   objective). ``algorithm``: 'erm', 'sam' (DISAM with lam=0) or
@@ -464,14 +496,16 @@ def make_train_step(model: nn.Module, algorithm: str, *, num_domains: int, rho: 
 
     return erm_step, opt
 
-  opt = TorchDISAM(model.parameters(), base_cls, rho=rho, lam=0.0 if algorithm == "sam" else lam,
-                   adaptive=adaptive, **base_kwargs)
+  opt = TorchDISAM(
+    model.parameters(), base_cls, rho=rho, lam=0.0 if algorithm == "sam" else lam, adaptive=adaptive, **base_kwargs
+  )
   freeze_bn = _FreezeBatchNormStats(model)
 
   def sharpness_aware_step(x, y, domain_ids=None):
     opt.zero_grad(set_to_none=True)
-    loss_p = perturbation_loss(model(x), y, lam=opt.lam, num_domains=num_domains,
-                               domain_ids=domain_ids, per_domain=per_domain)
+    loss_p = perturbation_loss(
+      model(x), y, lam=opt.lam, num_domains=num_domains, domain_ids=domain_ids, per_domain=per_domain
+    )
     loss_p.backward()
     opt.first_step(zero_grad=True)
     with freeze_bn:  # BN running statistics: from the unperturbed pass only
@@ -483,12 +517,28 @@ def make_train_step(model: nn.Module, algorithm: str, *, num_domains: int, rho: 
   return sharpness_aware_step, opt
 
 
-def time_torch_step(model_name: str, algorithm: str, *, num_domains: int, per_domain_batch: int,
-                    input_shape: Sequence[int], num_classes: int, repeats: int, warmup: int,
-                    threads: int, per_domain: str = "grouped", adaptive: bool = False, seed: int = 0,
-                    rho: float = 0.05, lam: float = 0.1, base: str = "sgd", lr: float = 0.01,
-                    model_kwargs: dict[str, Any] | None = None,
-                    x: np.ndarray | None = None, y: np.ndarray | None = None) -> dict[str, Any]:
+def time_torch_step(
+  model_name: str,
+  algorithm: str,
+  *,
+  num_domains: int,
+  per_domain_batch: int,
+  input_shape: Sequence[int],
+  num_classes: int,
+  repeats: int,
+  warmup: int,
+  threads: int,
+  per_domain: str = "grouped",
+  adaptive: bool = False,
+  seed: int = 0,
+  rho: float = 0.05,
+  lam: float = 0.1,
+  base: str = "sgd",
+  lr: float = 0.01,
+  model_kwargs: dict[str, Any] | None = None,
+  x: np.ndarray | None = None,
+  y: np.ndarray | None = None,
+) -> dict[str, Any]:
   """Times whole training steps (forward + backward + optimizer) of ``model_name`` on CPU.
 
   The batch is ``num_domains * per_domain_batch`` examples laid out domain-major (``[M, b]``
@@ -516,8 +566,17 @@ def time_torch_step(model_name: str, algorithm: str, *, num_domains: int, per_do
   domain_ids = torch.arange(num_domains).repeat_interleave(per_domain_batch)
 
   model = build_model(model_name, num_classes=num_classes, input_shape=shape, **(model_kwargs or {}))
-  step, _ = make_train_step(model, algorithm, num_domains=num_domains, rho=rho, lam=lam,
-                            adaptive=adaptive, per_domain=per_domain, base=base, lr=lr)
+  step, _ = make_train_step(
+    model,
+    algorithm,
+    num_domains=num_domains,
+    rho=rho,
+    lam=lam,
+    adaptive=adaptive,
+    per_domain=per_domain,
+    base=base,
+    lr=lr,
+  )
   for _ in range(warmup):
     step(xt, yt, domain_ids)
   times, cpu_times = [], []
@@ -530,30 +589,29 @@ def time_torch_step(model_name: str, algorithm: str, *, num_domains: int, per_do
   if not math.isfinite(float(loss)):
     raise FloatingPointError(f"non-finite loss {float(loss)} while timing {model_name}/{algorithm}")
   return {
-      "min_ms": min(times),
-      "median_ms": statistics.median(times),
-      "times_ms": times,
-      # CPU time of the whole process (all threads) per step: less sensitive than wall time to other
-      # processes on a shared machine; with threads=1 it is close to the compute time of the step.
-      "cpu_times_ms": cpu_times,
-      "torch_version": torch.__version__,
-      "threads": torch.get_num_threads(),
-      "model": model_name,
-      "algorithm": algorithm,
-      "per_domain": per_domain if algorithm == "disam" else None,
-      "adaptive": adaptive,
-      "num_domains": num_domains,
-      "per_domain_batch": per_domain_batch,
-      "input_shape": list(shape),
-      "num_classes": num_classes,
-      "num_params": sum(p.numel() for p in model.parameters()),
+    "min_ms": min(times),
+    "median_ms": statistics.median(times),
+    "times_ms": times,
+    # CPU time of the whole process (all threads) per step: less sensitive than wall time to other
+    # processes on a shared machine; with threads=1 it is close to the compute time of the step.
+    "cpu_times_ms": cpu_times,
+    "torch_version": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "model": model_name,
+    "algorithm": algorithm,
+    "per_domain": per_domain if algorithm == "disam" else None,
+    "adaptive": adaptive,
+    "num_domains": num_domains,
+    "per_domain_batch": per_domain_batch,
+    "input_shape": list(shape),
+    "num_classes": num_classes,
+    "num_params": sum(p.numel() for p in model.parameters()),
   }
 
 
 # ----------------------------------------------------------------------------- CLI table
 
-_DEFAULT_SHAPES = {"mlp": (28, 28, 1), "mnist_cnn": (28, 28, 1), "resnet18": (32, 32, 3),
-                   "vit_tiny": (32, 32, 3)}
+_DEFAULT_SHAPES = {"mlp": (28, 28, 1), "mnist_cnn": (28, 28, 1), "resnet18": (32, 32, 3), "vit_tiny": (32, 32, 3)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -565,23 +623,39 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant per round")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant per round")
-  ap.add_argument("--rounds", type=int, default=3,
-                  help="the four variants are timed round-robin this many times, so that load from other "
-                       "processes on a shared machine hits them alike; min and median are over all rounds")
-  ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                  help="wall: time.perf_counter (the benchmark's measure); cpu: process CPU time, steadier "
-                       "when other processes load the machine (best with --threads 1)")
+  ap.add_argument(
+    "--rounds",
+    type=int,
+    default=3,
+    help="the four variants are timed round-robin this many times, so that load from other "
+    "processes on a shared machine hits them alike; min and median are over all rounds",
+  )
+  ap.add_argument(
+    "--clock",
+    choices=("wall", "cpu"),
+    default="wall",
+    help="wall: time.perf_counter (the benchmark's measure); cpu: process CPU time, steadier "
+    "when other processes load the machine (best with --threads 1)",
+  )
   args = ap.parse_args(argv)
   key = "times_ms" if args.clock == "wall" else "cpu_times_ms"
 
-  variants = [("ERM", "erm", "grouped"), ("SAM", "sam", "grouped"),
-              ("DISAM grouped", "disam", "grouped"), ("DISAM per_sample", "disam", "per_sample")]
-  print(f"torch {torch.__version__}, threads={args.threads}, M={args.num_domains} domains x "
-        f"{args.per_domain_batch} per domain, {args.num_classes} classes, SGD(momentum 0.9), "
-        f"rho 0.05, lam 0.1; {args.clock} ms per step: min (median) over {args.rounds} rounds x {args.repeats} steps, "
-        f"{args.warmup} warm-up per round; ratios of minima")
-  header = (f"{'model':<10} {'input':<9} {'ERM':>18} {'SAM':>18} {'DISAM grouped':>18} "
-            f"{'DISAM per_sample':>18} {'grp/ERM':>8} {'grp/SAM':>8} {'ps/ERM':>8} {'ps/SAM':>8}")
+  variants = [
+    ("ERM", "erm", "grouped"),
+    ("SAM", "sam", "grouped"),
+    ("DISAM grouped", "disam", "grouped"),
+    ("DISAM per_sample", "disam", "per_sample"),
+  ]
+  print(
+    f"torch {torch.__version__}, threads={args.threads}, M={args.num_domains} domains x "
+    f"{args.per_domain_batch} per domain, {args.num_classes} classes, SGD(momentum 0.9), "
+    f"rho 0.05, lam 0.1; {args.clock} ms per step: min (median) over {args.rounds} rounds x {args.repeats} steps, "
+    f"{args.warmup} warm-up per round; ratios of minima"
+  )
+  header = (
+    f"{'model':<10} {'input':<9} {'ERM':>18} {'SAM':>18} {'DISAM grouped':>18} "
+    f"{'DISAM per_sample':>18} {'grp/ERM':>8} {'grp/SAM':>8} {'ps/ERM':>8} {'ps/SAM':>8}"
+  )
   print(header)
   print("-" * len(header))
   for name in args.models:
@@ -590,14 +664,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     for _ in range(args.rounds):
       for label, algo, mode in variants:
         times[label] += time_torch_step(
-            name, algo, num_domains=args.num_domains, per_domain_batch=args.per_domain_batch,
-            input_shape=shape, num_classes=args.num_classes, repeats=args.repeats, warmup=args.warmup,
-            threads=args.threads, per_domain=mode)[key]
+          name,
+          algo,
+          num_domains=args.num_domains,
+          per_domain_batch=args.per_domain_batch,
+          input_shape=shape,
+          num_classes=args.num_classes,
+          repeats=args.repeats,
+          warmup=args.warmup,
+          threads=args.threads,
+          per_domain=mode,
+        )[key]
     best = {k: min(v) for k, v in times.items()}
     cells = " ".join(f"{best[k]:8.1f} ({statistics.median(times[k]):7.1f})" for k, *_ in variants)
     g, p = best["DISAM grouped"], best["DISAM per_sample"]
-    print(f"{name:<10} {'x'.join(map(str, shape)):<9} {cells} {g / best['ERM']:8.2f} {g / best['SAM']:8.2f} "
-          f"{p / best['ERM']:8.2f} {p / best['SAM']:8.2f}   (load avg {os.getloadavg()[0]:.1f})", flush=True)
+    print(
+      f"{name:<10} {'x'.join(map(str, shape)):<9} {cells} {g / best['ERM']:8.2f} {g / best['SAM']:8.2f} "
+      f"{p / best['ERM']:8.2f} {p / best['SAM']:8.2f}   (load avg {os.getloadavg()[0]:.1f})",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

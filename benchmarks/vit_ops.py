@@ -47,21 +47,24 @@ def _components(rng):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
   return {
-      'Linear 192->768 (fc1)': (dense, dense, (r(D, FF, scale=.05), r(FF), x), DEPTH),
-      'Linear 768->192 (fc2)': (dense, dense, (r(FF, D, scale=.05), r(D), h), DEPTH),
-      'Linear 192->192 (q, k, v, out)': (dense, dense, (r(D, D, scale=.05), r(D), x), 4 * DEPTH),
-      'GELU (tanh)': (lambda a: jax.nn.gelu(a, approximate=True), lambda a: F.gelu(a, approximate='tanh'), (h,),
-                      DEPTH),
-      'LayerNorm 192': (jax_layer_norm, lambda s, b, a: F.layer_norm(a, (D,), s, b, 1e-6), (r(D), r(D), x),
-                        2 * DEPTH + 1),
-      'attention core (softmax(QK^T/8) V)': (lambda q, k, v: dot_product_attention(q, k, v), torch_attention, qkv,
-                                             DEPTH),
+    "Linear 192->768 (fc1)": (dense, dense, (r(D, FF, scale=0.05), r(FF), x), DEPTH),
+    "Linear 768->192 (fc2)": (dense, dense, (r(FF, D, scale=0.05), r(D), h), DEPTH),
+    "Linear 192->192 (q, k, v, out)": (dense, dense, (r(D, D, scale=0.05), r(D), x), 4 * DEPTH),
+    "GELU (tanh)": (lambda a: jax.nn.gelu(a, approximate=True), lambda a: F.gelu(a, approximate="tanh"), (h,), DEPTH),
+    "LayerNorm 192": (
+      jax_layer_norm,
+      lambda s, b, a: F.layer_norm(a, (D,), s, b, 1e-6),
+      (r(D), r(D), x),
+      2 * DEPTH + 1,
+    ),
+    "attention core (softmax(QK^T/8) V)": (lambda q, k, v: dot_product_attention(q, k, v), torch_attention, qkv, DEPTH),
   }
 
 
 def _jax_case(fn, inputs, options):
   import jax
   import jax.numpy as jnp
+
   args = [jnp.asarray(a) for a in inputs]
   cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(jax.eval_shape(fn, *args).shape), jnp.float32)
 
@@ -75,6 +78,7 @@ def _jax_case(fn, inputs, options):
 
 def _torch_case(fn, inputs):
   import torch
+
   tensors = [torch.from_numpy(a).requires_grad_() for a in inputs]
   with torch.no_grad():
     shape = fn(*tensors).shape
@@ -84,6 +88,7 @@ def _torch_case(fn, inputs):
     for t in tensors:
       t.grad = None
     fn(*tensors).backward(cotangent)
+
   return run
 
 
@@ -91,6 +96,7 @@ def _max_difference(jax_fn, torch_fn, inputs) -> float:
   """Largest |JAX - PyTorch| of the forward outputs on the same inputs: both time the same computation."""
   import jax.numpy as jnp
   import torch
+
   with torch.no_grad():
     want = torch_fn(*[torch.from_numpy(a) for a in inputs]).numpy()
   return float(np.max(np.abs(np.asarray(jax_fn(*[jnp.asarray(a) for a in inputs])) - want)))
@@ -98,11 +104,11 @@ def _max_difference(jax_fn, torch_fn, inputs) -> float:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--rounds', type=int, default=7)
-  ap.add_argument('--calls', type=int, default=5, help='calls per sample')
-  ap.add_argument('--threads', type=int, default=2, help='torch.set_num_threads')
-  ap.add_argument('--out-dir', default=None, help='write <name>.md and .json here')
-  ap.add_argument('--name', default='vit_ops')
+  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--calls", type=int, default=5, help="calls per sample")
+  ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  ap.add_argument("--out-dir", default=None, help="write <name>.md and .json here")
+  ap.add_argument("--name", default="vit_ops")
   args = ap.parse_args(argv)
   try:
     import torch
@@ -116,13 +122,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   differences = {name: _max_difference(jf, tf, inputs) for name, (jf, tf, inputs, _) in comps.items()}
   cases = []
   for name, (jf, tf, inputs, _) in comps.items():
-    cases += [(name, 'jax', _jax_case(jf, inputs, CPU_COMPILER_OPTIONS)), (name, 'torch', _torch_case(tf, inputs))]
+    cases += [(name, "jax", _jax_case(jf, inputs, CPU_COMPILER_OPTIONS)), (name, "torch", _torch_case(tf, inputs))]
   for _, _, run in cases:
     run(), run()
   times: dict = {(n, fw): [] for n, fw, _ in cases}
   load = [load_avg()[0]]
   for r in range(args.rounds):
-    for name, fw, run in cases[r % len(cases):] + cases[:r % len(cases)]:
+    for name, fw, run in cases[r % len(cases) :] + cases[: r % len(cases)]:
       t0 = time.perf_counter()
       for _ in range(args.calls):
         run()
@@ -130,31 +136,60 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load.append(load_avg()[0])
   rows = []
   for name, (*_, uses) in comps.items():
-    j, t = times[(name, 'jax')], times[(name, 'torch')]
-    rows.append({'op': name, 'jax_median_ms': statistics.median(j), 'torch_median_ms': statistics.median(t),
-                 'jax_min_ms': min(j), 'torch_min_ms': min(t),
-                 'paired_ratio': statistics.median(a / b for a, b in zip(j, t)), 'uses_per_pass': uses,
-                 'gap_per_pass_ms': uses * (statistics.median(j) - statistics.median(t)),
-                 'max_abs_difference': differences[name]})
+    j, t = times[(name, "jax")], times[(name, "torch")]
+    rows.append(
+      {
+        "op": name,
+        "jax_median_ms": statistics.median(j),
+        "torch_median_ms": statistics.median(t),
+        "jax_min_ms": min(j),
+        "torch_min_ms": min(t),
+        "paired_ratio": statistics.median(a / b for a, b in zip(j, t)),
+        "uses_per_pass": uses,
+        "gap_per_pass_ms": uses * (statistics.median(j) - statistics.median(t)),
+        "max_abs_difference": differences[name],
+      }
+    )
   from disam_jax.harness.tables import markdown_table
 
-  lines = [f'# ViT-tiny layer kinds, forward + backward, JAX vs PyTorch ({machine_line()}, torch {torch.__version__} '
-           f'at {args.threads} threads)', '',
-           f'`python -m benchmarks.vit_ops --rounds {args.rounds}`: batch {B} x {T} tokens x {D}; median (min) ms '
-           f'over {args.rounds} interleaved rounds of {args.calls} calls; load average per round {load}.', '']
-  lines += markdown_table(['op', 'JAX ms', 'PyTorch ms', 'JAX / PyTorch (paired)', 'uses per pass',
-                           'gap per pass (ms, median)', 'max abs JAX - PyTorch output'],
-                          ([row['op'], f"{row['jax_median_ms']:.2f} ({row['jax_min_ms']:.2f})",
-                            f"{row['torch_median_ms']:.2f} ({row['torch_min_ms']:.2f})", f"{row['paired_ratio']:.2f}",
-                            row['uses_per_pass'], f"{row['gap_per_pass_ms']:+.1f}", f"{row['max_abs_difference']:.1e}"]
-                           for row in rows))
-  markdown = '\n'.join(lines) + '\n'
+  lines = [
+    f"# ViT-tiny layer kinds, forward + backward, JAX vs PyTorch ({machine_line()}, torch {torch.__version__} "
+    f"at {args.threads} threads)",
+    "",
+    f"`python -m benchmarks.vit_ops --rounds {args.rounds}`: batch {B} x {T} tokens x {D}; median (min) ms "
+    f"over {args.rounds} interleaved rounds of {args.calls} calls; load average per round {load}.",
+    "",
+  ]
+  lines += markdown_table(
+    [
+      "op",
+      "JAX ms",
+      "PyTorch ms",
+      "JAX / PyTorch (paired)",
+      "uses per pass",
+      "gap per pass (ms, median)",
+      "max abs JAX - PyTorch output",
+    ],
+    (
+      [
+        row["op"],
+        f"{row['jax_median_ms']:.2f} ({row['jax_min_ms']:.2f})",
+        f"{row['torch_median_ms']:.2f} ({row['torch_min_ms']:.2f})",
+        f"{row['paired_ratio']:.2f}",
+        row["uses_per_pass"],
+        f"{row['gap_per_pass_ms']:+.1f}",
+        f"{row['max_abs_difference']:.1e}",
+      ]
+      for row in rows
+    ),
+  )
+  markdown = "\n".join(lines) + "\n"
   print(markdown)
-  data = {'rows': rows, 'load': load, 'rounds': args.rounds, 'calls': args.calls, 'threads': args.threads}
+  data = {"rows": rows, "load": load, "rounds": args.rounds, "calls": args.calls, "threads": args.threads}
   if args.out_dir:
     write_results(args.out_dir, args.name, markdown, data)
   return data
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -23,15 +23,15 @@ import jax.numpy as jnp
 
 from disam_jax._domain_losses import DomainLosses, _accumulation_dtype, as_domain_losses
 
-_AUX_REDUCTIONS = ('mean', 'stack')
+_AUX_REDUCTIONS = ("mean", "stack")
 
 
 def accumulate_domain_losses(
-    domain_loss_fn: Callable[..., Any],
-    *micro_batches: Any,
-    has_aux: bool = False,
-    aux_reduction: str = 'mean',
-    remat: bool = True,
+  domain_loss_fn: Callable[..., Any],
+  *micro_batches: Any,
+  has_aux: bool = False,
+  aux_reduction: str = "mean",
+  remat: bool = True,
 ) -> Callable[[Any], Any]:
   """A domain loss function of the whole batch, summing `domain_loss_fn` over k micro-batches with `lax.scan`.
 
@@ -86,12 +86,12 @@ def accumulate_domain_losses(
   if aux_reduction not in _AUX_REDUCTIONS:
     raise ValueError(f"aux_reduction must be one of {_AUX_REDUCTIONS}; got {aux_reduction!r}.")
   if not micro_batches:
-    raise ValueError('accumulate_domain_losses needs the micro-batches: accumulate_domain_losses(fn, xs, ys, ...).')
+    raise ValueError("accumulate_domain_losses needs the micro-batches: accumulate_domain_losses(fn, xs, ys, ...).")
   sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(micro_batches)}
   if len(sizes) != 1 or None in sizes or 0 in sizes:
     raise ValueError(
-        'every micro-batch array must have the same leading axis k >= 1 (the micro-batch index); got leading '
-        f'sizes {sorted(sizes, key=str)}.'
+      "every micro-batch array must have the same leading axis k >= 1 (the micro-batch index); got leading "
+      f"sizes {sorted(sizes, key=str)}."
     )
 
   def evaluate(params, batch):
@@ -117,7 +117,7 @@ def accumulate_domain_losses(
     losses, auxes = jax.lax.scan(body, init, micro_batches)
     if not has_aux:
       return losses
-    return losses, (auxes if aux_reduction == 'stack' else jax.tree.map(_mean_or_last, auxes))
+    return losses, (auxes if aux_reduction == "stack" else jax.tree.map(_mean_or_last, auxes))
 
   return fn
 

@@ -58,20 +58,22 @@ def check_trigger(trigger: Any) -> VarianceTrigger | None:
     return None
   if not isinstance(trigger, VarianceTrigger):
     raise TypeError(
-        'perturb_when must be None (ascend every perturb_every steps) or disam_jax.VarianceTrigger(min_gap=..., '
-        f'max_gap=..., factor=..., decay=...); got {trigger!r}.')
-  min_gap = static_positive_int('VarianceTrigger.min_gap', trigger.min_gap, "chooses the step's structure")
-  max_gap = static_positive_int('VarianceTrigger.max_gap', trigger.max_gap, "chooses the step's structure")
+      "perturb_when must be None (ascend every perturb_every steps) or disam_jax.VarianceTrigger(min_gap=..., "
+      f"max_gap=..., factor=..., decay=...); got {trigger!r}."
+    )
+  min_gap = static_positive_int("VarianceTrigger.min_gap", trigger.min_gap, "chooses the step's structure")
+  max_gap = static_positive_int("VarianceTrigger.max_gap", trigger.max_gap, "chooses the step's structure")
   if max_gap < min_gap:
     raise ValueError(
-        f'VarianceTrigger needs min_gap <= max_gap (at least one ascent every max_gap steps, at most one every '
-        f'min_gap); got min_gap={min_gap}, max_gap={max_gap}.')
-  check_hyperparameter('VarianceTrigger.factor', trigger.factor)
+      f"VarianceTrigger needs min_gap <= max_gap (at least one ascent every max_gap steps, at most one every "
+      f"min_gap); got min_gap={min_gap}, max_gap={max_gap}."
+    )
+  check_hyperparameter("VarianceTrigger.factor", trigger.factor)
   if callable(trigger.decay):
-    raise TypeError('VarianceTrigger.decay must be a float in [0, 1), not a schedule.')
+    raise TypeError("VarianceTrigger.decay must be a float in [0, 1), not a schedule.")
   decay = concrete_float(trigger.decay)
   if decay is not None and not 0 <= decay < 1:
-    raise ValueError(f'VarianceTrigger.decay must be in [0, 1); got {trigger.decay!r}.')
+    raise ValueError(f"VarianceTrigger.decay must be in [0, 1); got {trigger.decay!r}.")
   return trigger._replace(min_gap=min_gap, max_gap=max_gap)
 
 
@@ -81,30 +83,32 @@ def check_amortization(perturb_every: Any, reuse_weight: Any, per_device_perturb
   reused, so no `g_v` is computed or kept."""
   if perturb_every is None:
     perturb_every = 1
-  k = static_positive_int('perturb_every', perturb_every, "chooses the step's structure")
+  k = static_positive_int("perturb_every", perturb_every, "chooses the step's structure")
   trigger = check_trigger(perturb_when)
   if trigger is not None and k != 1:
     raise ValueError(
-        f'perturb_every={k} and perturb_when both choose which steps ascend: pass one of them (perturb_when '
-        'bounds the gap between ascents itself, with VarianceTrigger(min_gap, max_gap)).')
+      f"perturb_every={k} and perturb_when both choose which steps ascend: pass one of them (perturb_when "
+      "bounds the gap between ascents itself, with VarianceTrigger(min_gap, max_gap))."
+    )
   if k == 1 and trigger is None:
     if reuse_weight is not None:
       raise ValueError(
-          'reuse_weight weighs the component reused between full steps: it needs perturb_every > 1 or perturb_when.')
+        "reuse_weight weighs the component reused between full steps: it needs perturb_every > 1 or perturb_when."
+      )
     return k, None, None
   if per_device_perturbation:
     raise ValueError(
-        'perturb_every > 1 / perturb_when reuse state between steps, which per_device_perturbation would keep '
-        'different on every device (the replicas would drift apart): use the global perturbation.'
+      "perturb_every > 1 / perturb_when reuse state between steps, which per_device_perturbation would keep "
+      "different on every device (the replicas would drift apart): use the global perturbation."
     )
   reuse_weight = 0.0 if reuse_weight is None else reuse_weight
-  check_hyperparameter('reuse_weight', reuse_weight)
+  check_hyperparameter("reuse_weight", reuse_weight)
   if not callable(reuse_weight) and concrete_float(reuse_weight) == 0.0:
     reuse_weight = None
   return k, reuse_weight, trigger
 
 
-def trigger_decision(trigger: VarianceTrigger, state: '_disam.DisamState', variance: jax.Array, dtype: Any):
+def trigger_decision(trigger: VarianceTrigger, state: "_disam.DisamState", variance: jax.Array, dtype: Any):
   """`(ascend, r_t, s_t)`: whether this step ascends (see `VarianceTrigger`), the updated reference and the steps
   since the last ascent after this step (0 if it ascends). Scalars only: no pass through the model."""
   reference, since = state.trigger_reference, state.steps_since_ascent
@@ -118,8 +122,16 @@ def trigger_decision(trigger: VarianceTrigger, state: '_disam.DisamState', varia
   return ascend, new_reference, jnp.where(ascend, 0, gap).astype(jnp.int32)
 
 
-def amortized_gradient(state: '_disam.DisamState', params: optax.Params, full_now: jax.Array, first: optax.Updates, full_step: Callable,
-                        reuse_weight: jax.Array | None, dtype: Any, layout: _sharding.ParamLayout):
+def amortized_gradient(
+  state: "_disam.DisamState",
+  params: optax.Params,
+  full_now: jax.Array,
+  first: optax.Updates,
+  full_step: Callable,
+  reuse_weight: jax.Array | None,
+  dtype: Any,
+  layout: _sharding.ParamLayout,
+):
   """LookSAM over DISAM: `full_step(g_p)` when `full_now`, else the plain gradient plus the reused component.
 
   `first` is the backward pass of the unperturbed forward: `g_p` on a full step, `grad L(w)` in between.

@@ -104,25 +104,25 @@ class DisamState(NamedTuple):
 
 
 def disam(
-    base_tx: optax.GradientTransformation,
-    rho: optax.ScalarOrSchedule = 0.05,
-    lam: optax.ScalarOrSchedule = 0.1,
-    *,
-    adaptive: bool = False,
-    domain_weights: str | jax.typing.ArrayLike = 'uniform',
-    has_aux: bool = False,
-    aux_example: Any = None,
-    num_domains: int | None = None,
-    batch_axis_name: str | tuple[str, ...] | None = None,
-    per_device_perturbation: bool = False,
-    param_specs: Any = None,
-    perturbation_mask: Any | Callable[[optax.Params], Any] | None = None,
-    diagnostics: bool = False,
-    rule: str = 'sam',
-    alpha: optax.ScalarOrSchedule | None = None,
-    perturb_every: int | None = None,
-    reuse_weight: optax.ScalarOrSchedule | None = None,
-    perturb_when: VarianceTrigger | None = None,
+  base_tx: optax.GradientTransformation,
+  rho: optax.ScalarOrSchedule = 0.05,
+  lam: optax.ScalarOrSchedule = 0.1,
+  *,
+  adaptive: bool = False,
+  domain_weights: str | jax.typing.ArrayLike = "uniform",
+  has_aux: bool = False,
+  aux_example: Any = None,
+  num_domains: int | None = None,
+  batch_axis_name: str | tuple[str, ...] | None = None,
+  per_device_perturbation: bool = False,
+  param_specs: Any = None,
+  perturbation_mask: Any | Callable[[optax.Params], Any] | None = None,
+  diagnostics: bool = False,
+  rule: str = "sam",
+  alpha: optax.ScalarOrSchedule | None = None,
+  perturb_every: int | None = None,
+  reuse_weight: optax.ScalarOrSchedule | None = None,
+  perturb_when: VarianceTrigger | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Domain-Inspired Sharpness-Aware Minimization (arXiv 2405.18861, Algorithm 1).
 
@@ -259,18 +259,19 @@ def disam(
     Wang et al., Sharpness-Aware Gradient Matching for Domain Generalization, CVPR 2023 (SAGM, Algorithm 1).
     Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022 (LookSAM, Algorithm 1).
   """
-  _checks.check_hyperparameter('rho', rho)
-  _checks.check_hyperparameter('lam', lam)
+  _checks.check_hyperparameter("rho", rho)
+  _checks.check_hyperparameter("lam", lam)
   alpha = _rules.checked_rule(rule, alpha, per_device_perturbation)
   num_domains = _checks.static_num_domains(num_domains)
   perturb_every, reuse_weight, trigger = _amortization.check_amortization(
-      perturb_every, reuse_weight, per_device_perturbation, perturb_when)
+    perturb_every, reuse_weight, per_device_perturbation, perturb_when
+  )
   amortized = perturb_every > 1 or trigger is not None
   weighting = _checks.checked_domain_weights(domain_weights, num_domains)
   if per_device_perturbation and batch_axis_name is None:
-    raise ValueError('per_device_perturbation=True needs batch_axis_name (the pmap/shard_map axis).')
+    raise ValueError("per_device_perturbation=True needs batch_axis_name (the pmap/shard_map axis).")
   if aux_example is not None and not has_aux:
-    raise ValueError('aux_example is only meaningful with has_aux=True.')
+    raise ValueError("aux_example is only meaningful with has_aux=True.")
   base_tx = optax.with_extra_args_support(base_tx)
   lam_may_be_positive = _checks.may_be_positive(lam)
 
@@ -281,14 +282,20 @@ def disam(
       return state
     zero = jnp.zeros([], state.loss.dtype)
     return state._replace(  # the amortization's own fields (see DisamState); None where not kept
-        reused_component=None if reuse_weight is None else jax.tree.map(jnp.zeros_like, params),
-        ascended=zero,
-        trigger_reference=None if trigger is None else zero,
-        steps_since_ascent=None if trigger is None else jnp.asarray(trigger.max_gap - 1, jnp.int32))
+      reused_component=None if reuse_weight is None else jax.tree.map(jnp.zeros_like, params),
+      ascended=zero,
+      trigger_reference=None if trigger is None else zero,
+      steps_since_ascent=None if trigger is None else jnp.asarray(trigger.max_gap - 1, jnp.int32),
+    )
 
-  def update_fn(updates: optax.Updates | None, state: DisamState, params: optax.Params | None = None, *,
-                domain_loss_fn: Callable[[optax.Params], Any] | None = None,
-                **extra_args: Any) -> tuple[optax.Updates, DisamState]:
+  def update_fn(
+    updates: optax.Updates | None,
+    state: DisamState,
+    params: optax.Params | None = None,
+    *,
+    domain_loss_fn: Callable[[optax.Params], Any] | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, DisamState]:
     _checks.check_call(updates, params, domain_loss_fn)
     assert params is not None and domain_loss_fn is not None  # check_call refused None with a message
     dtype = state.loss.dtype  # fixed by init: float32, or float64 with float64 params
@@ -312,7 +319,7 @@ def disam(
     def sharpness_aware_gradient(g_ascent):  # the two-pass step from g_ascent = g_p: (g for base_tx, ||g_p||, cos)
       mask = None if perturbation_mask is None else resolve_mask(perturbation_mask, params)
       g_p = g_ascent if mask is None else apply_mask(g_ascent, mask)
-      perturbed, p_norm = _ascent_point(params, g_p, rho_t, alpha_t if rule == 'sagm' else None, adaptive, layout)
+      perturbed, p_norm = _ascent_point(params, g_p, rho_t, alpha_t if rule == "sagm" else None, adaptive, layout)
       cosine = jnp.full([], jnp.nan)
       if diagnostics:  # SAM's direction grad L(w): the same VJP with cotangent a_i / n_i (no extra forward pass)
         g_sam = backward(stats.pert_weights / jnp.maximum(stats.pert_count, 1.0))
@@ -338,7 +345,8 @@ def disam(
       first = backward(jnp.where(full_now, stats.cotangent, stats.grad_weights))
       weight_t = None if reuse_weight is None else at_step(reuse_weight, state.count, dtype)
       g, p_norm, cosine, reused = _amortization.amortized_gradient(
-          state, params, full_now, first, sharpness_aware_gradient, weight_t, dtype, layout)
+        state, params, full_now, first, sharpness_aware_gradient, weight_t, dtype, layout
+      )
 
     new_updates, base_state = base_tx.update(g, state.base_state, params, **extra_args)
     c = stats.cotangent * stats.pert_count  # the weights c_i of g_p = sum_i c_i grad L_i
@@ -352,6 +360,7 @@ def disam(
 
 
 # -- the stages of one step, in the order `update_fn` runs them ----------------------------------------------------
+
 
 def _unperturbed_pass(domain_loss_fn: Callable, has_aux: bool, params: optax.Params, layout: _sharding.ParamLayout):
   """Pass 1 at `w`: `(total [M], count [M], aux, vjp)` of this device's domain-loss sums; `vjp(cotangent)` is the
@@ -367,18 +376,20 @@ def _unperturbed_pass(domain_loss_fn: Callable, has_aux: bool, params: optax.Par
 
 class _Statistics(NamedTuple):
   """The domain statistics of one step (global over devices unless `pert_*`, the perturbation's own)."""
-  means: jax.Array          # [M] L_i
-  count: jax.Array          # [M] n_i, summed over devices
-  loss: jax.Array           # L = sum_i a_i L_i
-  variance: jax.Array       # V = sum_i a_i (L_i - L)^2
-  grad_weights: jax.Array   # [M] dL/dtotal_i = a_i / n_i: grad L is the VJP with these
-  pert_count: jax.Array     # [M] the counts the perturbation is formed from (this device's, per-device)
-  pert_weights: jax.Array   # [M] a_i of the perturbation's counts
-  cotangent: jax.Array      # [M] dJ/dtotal_i of J = L - lam V: g_p is the VJP with these
+
+  means: jax.Array  # [M] L_i
+  count: jax.Array  # [M] n_i, summed over devices
+  loss: jax.Array  # L = sum_i a_i L_i
+  variance: jax.Array  # V = sum_i a_i (L_i - L)^2
+  grad_weights: jax.Array  # [M] dL/dtotal_i = a_i / n_i: grad L is the VJP with these
+  pert_count: jax.Array  # [M] the counts the perturbation is formed from (this device's, per-device)
+  pert_weights: jax.Array  # [M] a_i of the perturbation's counts
+  cotangent: jax.Array  # [M] dJ/dtotal_i of J = L - lam V: g_p is the VJP with these
 
 
-def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: tuple | None, weighting: Any,
-                       lam_t: jax.Array, per_device: bool) -> _Statistics:
+def _domain_statistics(
+  total: jax.Array, count: jax.Array, dtype: Any, axes: tuple | None, weighting: Any, lam_t: jax.Array, per_device: bool
+) -> _Statistics:
   """Eq. 6 on the sums and counts of the whole batch (psummed over `axes`), and Eq. 7's cotangent:
   `c_i / n_i` with `c_i = a_i (1 - 2 lam (L_i - L))`, from the global sums (this device's, per-device)."""
   wide = jnp.promote_types(dtype, total.dtype)
@@ -398,8 +409,14 @@ def _domain_statistics(total: jax.Array, count: jax.Array, dtype: Any, axes: tup
   return _Statistics(means, global_count, loss, variance, grad_weights, pert_count, pert_weights, cotangent)
 
 
-def _ascent_point(params: optax.Params, g_p: optax.Updates, rho_t: jax.Array, sagm_alpha: jax.Array | None, adaptive: bool,
-                  layout: _sharding.ParamLayout) -> tuple[optax.Params, jax.Array]:
+def _ascent_point(
+  params: optax.Params,
+  g_p: optax.Updates,
+  rho_t: jax.Array,
+  sagm_alpha: jax.Array | None,
+  adaptive: bool,
+  layout: _sharding.ParamLayout,
+) -> tuple[optax.Params, jax.Array]:
   """Eq. 8: `(w + rho g_p / ||g_p||, ||g_p||)`; ASAM: `w + rho w^2 g_p / || |w| g_p ||`; SAGM (`sagm_alpha`):
   `w + (rho / ||g_p|| - alpha) g_p` (the official code; adaptive: times w^2). In the params' dtypes."""
   if adaptive:
@@ -420,8 +437,13 @@ def _cosine(a: optax.Updates, b: optax.Updates, layout: _sharding.ParamLayout) -
   return layout.vdot(a, b) / (layout.norm(a) * layout.norm(b) + NORM_EPS)
 
 
-def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: optax.Params, grad_weights: jax.Array,
-                        layout: _sharding.ParamLayout) -> optax.Updates:
+def _perturbed_gradient(
+  domain_loss_fn: Callable,
+  has_aux: bool,
+  perturbed: optax.Params,
+  grad_weights: jax.Array,
+  layout: _sharding.ParamLayout,
+) -> optax.Updates:
   """Pass 2: `g = grad L(w_adv)`, the plain training loss (no variance term) at the perturbed point, summed over
   devices; its aux (e.g. BatchNorm statistics) is dropped."""
 
@@ -432,36 +454,46 @@ def _perturbed_gradient(domain_loss_fn: Callable, has_aux: bool, perturbed: opta
   return layout.sum_gradient(jax.grad(perturbed_loss)(layout.device_local(perturbed)))
 
 
-def _next_state(state: DisamState, base_state: optax.OptState, stats: _Statistics, metrics: tuple, aux: Any,
-                reused: optax.Updates | None, dtype: Any, amortization: tuple = (None, None, None)) -> DisamState:
+def _next_state(
+  state: DisamState,
+  base_state: optax.OptState,
+  stats: _Statistics,
+  metrics: tuple,
+  aux: Any,
+  reused: optax.Updates | None,
+  dtype: Any,
+  amortization: tuple = (None, None, None),
+) -> DisamState:
   """The state after the step: `metrics = (||g_p||, ||g||, cosine, c)`; `[M]` fields None without num_domains;
   `amortization = (ascended, trigger_reference, steps_since_ascent)`, each None where not kept."""
   ascended, reference, since = amortization
   p_norm, grad_norm, cosine, c = metrics
   per_domain = lambda x: None if state.domain_losses is None else x.astype(dtype)
   return DisamState(
-      count=jnp.asarray(optax.safe_increment(state.count)),
-      base_state=base_state,
-      domain_losses=per_domain(stats.means),
-      domain_counts=per_domain(stats.count),
-      loss=stats.loss.astype(dtype),
-      variance=stats.variance.astype(dtype),
-      perturbation_norm=p_norm.astype(dtype),
-      grad_norm=grad_norm.astype(dtype),
-      aux=aux,
-      perturbation_weights=per_domain(c),
-      sam_cosine=cosine.astype(dtype),
-      reused_component=reused,
-      ascended=None if ascended is None else ascended.astype(dtype),
-      trigger_reference=reference,
-      steps_since_ascent=since,
+    count=jnp.asarray(optax.safe_increment(state.count)),
+    base_state=base_state,
+    domain_losses=per_domain(stats.means),
+    domain_counts=per_domain(stats.count),
+    loss=stats.loss.astype(dtype),
+    variance=stats.variance.astype(dtype),
+    perturbation_norm=p_norm.astype(dtype),
+    grad_norm=grad_norm.astype(dtype),
+    aux=aux,
+    perturbation_weights=per_domain(c),
+    sam_cosine=cosine.astype(dtype),
+    reused_component=reused,
+    ascended=None if ascended is None else ascended.astype(dtype),
+    trigger_reference=reference,
+    steps_since_ascent=since,
   )
 
 
 # -- public helpers: the objective, the initial state, the state inside a chain --------------------------------------
 
-def domain_objective(losses: DomainLosses, domain_weights: str | jax.Array = 'uniform'
-                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+
+def domain_objective(
+  losses: DomainLosses, domain_weights: str | jax.Array = "uniform"
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """DISAM's objective terms (Eq. 6) from per-domain loss sums and counts: `(means, weights, L, V)`.
 
   `means_i = total_i / max(count_i, 1)`; `weights` are the `a_i` over the domains present (count > 0), summing to
@@ -497,19 +529,19 @@ def _domain_weights(weighting: str | jax.Array, count: jax.Array) -> jax.Array:
   """`[M]` weights a_i over the domains present in the batch (count > 0), summing to 1 (0 if none present)."""
   present = (count > 0).astype(count.dtype)
   if isinstance(weighting, str):
-    raw = present if weighting == 'uniform' else count
+    raw = present if weighting == "uniform" else count
   else:
     if weighting.shape != count.shape:
       raise ValueError(
-          f'domain_weights has {weighting.shape[0]} entries but domain_loss_fn returned {count.shape[0]} '
-          'domain losses.'
+        f"domain_weights has {weighting.shape[0]} entries but domain_loss_fn returned {count.shape[0]} domain losses."
       )
     raw = weighting.astype(count.dtype) * present
   return raw / jnp.maximum(raw.sum(), jnp.finfo(count.dtype).tiny)
 
 
-def init_state(base_state: optax.OptState, num_domains: int | None = None, aux_example: Any = None,
-               dtype: Any = jnp.float32) -> DisamState:
+def init_state(
+  base_state: optax.OptState, num_domains: int | None = None, aux_example: Any = None, dtype: Any = jnp.float32
+) -> DisamState:
   """The `DisamState` before the first step, for a transformation that logs what `disam` logs.
 
   Metrics are 0 (`sam_cosine` NaN), the `[num_domains]` fields zeros (`None` without `num_domains`), `aux` is
@@ -528,26 +560,25 @@ def init_state(base_state: optax.OptState, num_domains: int | None = None, aux_e
   per_domain = None if num_domains is None else jnp.zeros([num_domains], dtype)
   zero = jnp.zeros([], dtype)
   return DisamState(
-      count=jnp.zeros([], jnp.int32),
-      base_state=base_state,
-      domain_losses=per_domain,
-      domain_counts=per_domain,
-      loss=zero,
-      variance=zero,
-      perturbation_norm=zero,
-      grad_norm=zero,
-      aux=aux_example,
-      perturbation_weights=per_domain,
-      sam_cosine=jnp.full([], jnp.nan, dtype),
+    count=jnp.zeros([], jnp.int32),
+    base_state=base_state,
+    domain_losses=per_domain,
+    domain_counts=per_domain,
+    loss=zero,
+    variance=zero,
+    perturbation_norm=zero,
+    grad_norm=zero,
+    aux=aux_example,
+    perturbation_weights=per_domain,
+    sam_cosine=jnp.full([], jnp.nan, dtype),
   )
 
 
 def find_disam_state(opt_state: optax.OptState) -> DisamState:
   """Returns the `DisamState` inside an optimizer state (e.g. of a chain), to read the logged metrics."""
   found = [
-      s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DisamState))
-      if isinstance(s, DisamState)
+    s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DisamState)) if isinstance(s, DisamState)
   ]
   if len(found) != 1:
-    raise ValueError(f'expected exactly one DisamState in the optimizer state; found {len(found)}.')
+    raise ValueError(f"expected exactly one DisamState in the optimizer state; found {len(found)}.")
   return found[0]

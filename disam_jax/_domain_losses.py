@@ -81,16 +81,13 @@ def as_domain_losses(out: Any, has_aux: bool = False) -> tuple[DomainLosses, Any
   """
   if has_aux:
     if not (isinstance(out, tuple) and len(out) == 2) or isinstance(out, DomainLosses):
-      raise ValueError(
-          'With has_aux=True, domain_loss_fn must return (domain_losses, aux); got '
-          f'{type(out).__name__}.'
-      )
+      raise ValueError(f"With has_aux=True, domain_loss_fn must return (domain_losses, aux); got {type(out).__name__}.")
     out, aux = out
   else:
     if isinstance(out, tuple) and not isinstance(out, DomainLosses):
       raise ValueError(
-          'domain_loss_fn returned a tuple: pass has_aux=True to disam() if it returns (domain_losses, aux), '
-          'or return a DomainLosses / a [M] vector.'
+        "domain_loss_fn returned a tuple: pass has_aux=True to disam() if it returns (domain_losses, aux), "
+        "or return a DomainLosses / a [M] vector."
       )
     aux = None
   if isinstance(out, DomainLosses):
@@ -100,18 +97,18 @@ def as_domain_losses(out: Any, has_aux: bool = False) -> tuple[DomainLosses, Any
     count = jnp.ones(jnp.shape(total), jnp.float32)
   if total.ndim != 1 or count.shape != total.shape:
     raise ValueError(
-        'domain_loss_fn must return the per-domain losses as a vector of shape [M] (or DomainLosses with '
-        f'total and count of shape [M]); got losses of shape {total.shape} and counts of shape {count.shape}.'
+      "domain_loss_fn must return the per-domain losses as a vector of shape [M] (or DomainLosses with "
+      f"total and count of shape [M]); got losses of shape {total.shape} and counts of shape {count.shape}."
     )
   if not jnp.issubdtype(total.dtype, jnp.floating):
-    raise ValueError(f'domain losses must be floating point; got dtype {total.dtype}.')
-  count_dtype = jnp.promote_types(count.dtype, jnp.float32) if jnp.issubdtype(count.dtype, jnp.floating) else jnp.float32
+    raise ValueError(f"domain losses must be floating point; got dtype {total.dtype}.")
+  count_dtype = (
+    jnp.promote_types(count.dtype, jnp.float32) if jnp.issubdtype(count.dtype, jnp.floating) else jnp.float32
+  )
   return DomainLosses(total, jax.lax.stop_gradient(count.astype(count_dtype))), aux
 
 
-def domain_losses_from_grouped(
-    per_example_losses: jax.Array, mask: jax.Array | None = None
-) -> DomainLosses:
+def domain_losses_from_grouped(per_example_losses: jax.Array, mask: jax.Array | None = None) -> DomainLosses:
   """Per-domain sums and counts of losses laid out `[M, b]` (domain-major).
 
   Args:
@@ -124,8 +121,8 @@ def domain_losses_from_grouped(
   losses = jnp.asarray(per_example_losses)
   if losses.ndim != 2:
     raise ValueError(
-        'domain_losses_from_grouped expects per-example losses of shape [M, b] '
-        f'(domains, per-domain batch); got shape {losses.shape}.'
+      "domain_losses_from_grouped expects per-example losses of shape [M, b] "
+      f"(domains, per-domain batch); got shape {losses.shape}."
     )
   acc = _accumulation_dtype(losses.dtype)
   wide = losses.astype(acc)
@@ -133,13 +130,11 @@ def domain_losses_from_grouped(
     return DomainLosses(wide.sum(axis=1), jnp.full(losses.shape[:1], losses.shape[1], dtype=acc))
   mask = jnp.asarray(mask)
   if mask.shape != losses.shape:
-    raise ValueError(f'mask shape {mask.shape} does not match losses shape {losses.shape}.')
+    raise ValueError(f"mask shape {mask.shape} does not match losses shape {losses.shape}.")
   return DomainLosses(jnp.sum(jnp.where(mask, wide, 0), axis=1), mask.astype(acc).sum(axis=1))
 
 
-def domain_losses_from_ids(
-    per_example_losses: jax.Array, domain_ids: jax.Array, num_domains: int
-) -> DomainLosses:
+def domain_losses_from_ids(per_example_losses: jax.Array, domain_ids: jax.Array, num_domains: int) -> DomainLosses:
   """Per-domain sums and counts of a flat batch with integer domain ids.
 
   Args:
@@ -153,38 +148,35 @@ def domain_losses_from_ids(
     absent from the batch has count 0.
   """
   if not isinstance(num_domains, (int, np.integer)) or num_domains < 1:
-    raise ValueError(f'num_domains must be a static positive int; got {num_domains!r}.')
+    raise ValueError(f"num_domains must be a static positive int; got {num_domains!r}.")
   losses = jnp.asarray(per_example_losses)
   if losses.ndim != 1 or jnp.shape(domain_ids) != losses.shape:
     raise ValueError(
-        'domain_losses_from_ids expects per_example_losses [n] and domain_ids [n]; '
-        f'got {losses.shape} and {jnp.shape(domain_ids)}.'
+      "domain_losses_from_ids expects per_example_losses [n] and domain_ids [n]; "
+      f"got {losses.shape} and {jnp.shape(domain_ids)}."
     )
   if not isinstance(domain_ids, jax.core.Tracer):
     ids = np.asarray(domain_ids)
     if not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f'domain_ids must be integers; got dtype {ids.dtype}.')
+      raise ValueError(f"domain_ids must be integers; got dtype {ids.dtype}.")
     bad = ids[(ids < 0) | (ids >= num_domains)]
     if bad.size:
-      raise ValueError(
-          f'domain_ids must lie in [0, {num_domains}); found {sorted(set(bad.tolist()))[:10]}.'
-      )
+      raise ValueError(f"domain_ids must lie in [0, {num_domains}); found {sorted(set(bad.tolist()))[:10]}.")
   acc = _accumulation_dtype(losses.dtype)
   wide, ones = losses.astype(acc), jnp.ones_like(losses, dtype=acc)
   if _sharding.explicit_spec(losses) is not None or _sharding.explicit_spec(domain_ids) is not None:
     # A batch sharded over an explicit mesh: the [M] sums are replicated (each device adds its slice, then one
     # all-reduce), which JAX must be told for a scatter. Out-of-range ids are dropped, as segment_sum does.
-    add = lambda v: jnp.zeros([num_domains], acc).at[domain_ids].add(
-        v, mode='drop', out_sharding=jax.sharding.PartitionSpec())
+    add = lambda v: (
+      jnp.zeros([num_domains], acc).at[domain_ids].add(v, mode="drop", out_sharding=jax.sharding.PartitionSpec())
+    )
     return DomainLosses(add(wide), add(ones))
   total = jax.ops.segment_sum(wide, domain_ids, num_segments=num_domains)
   count = jax.ops.segment_sum(ones, domain_ids, num_segments=num_domains)
   return DomainLosses(total, count)
 
 
-def grouped_domain_loss_fn(
-    per_example_loss_fn: Callable[..., Any], has_aux: bool = False
-) -> Callable[..., Any]:
+def grouped_domain_loss_fn(per_example_loss_fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
   """Wraps a per-example loss into a domain loss function for `[M, b, ...]` batches.
 
   The returned function flattens the batch to `[M*b, ...]`, calls `per_example_loss_fn` once (one forward pass
@@ -231,9 +223,9 @@ def _per_domain_axis_sharded(*arrays: Any) -> bool:
       continue
     if spec[0]:
       raise ValueError(
-          f'grouped_domain_loss_fn: the domain axis (0) of a [M, b, ...] batch is sharded over {spec[0]}; shard '
-          "the per-domain batch axis instead (PartitionSpec(None, 'data')), so that every device holds a slice of "
-          'every domain, or pass a flat batch with domain ids to domain_losses_from_ids.'
+        f"grouped_domain_loss_fn: the domain axis (0) of a [M, b, ...] batch is sharded over {spec[0]}; shard "
+        "the per-domain batch axis instead (PartitionSpec(None, 'data')), so that every device holds a slice of "
+        "every domain, or pass a flat batch with domain ids to domain_losses_from_ids."
       )
     sharded = sharded or (len(spec) > 1 and bool(spec[1]))
   return sharded

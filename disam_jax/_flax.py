@@ -18,7 +18,7 @@ from disam_jax._domain_losses import DomainLosses
 
 
 def apply_disam(
-    state: linen_train_state.TrainState, domain_loss_fn: Callable[[optax.Params], Any], **extra_args
+  state: linen_train_state.TrainState, domain_loss_fn: Callable[[optax.Params], Any], **extra_args
 ) -> tuple[linen_train_state.TrainState, DisamState]:
   """One DISAM step on a Linen `TrainState` whose `tx` contains `disam` (what `apply_gradients` cannot do).
 
@@ -33,23 +33,25 @@ def apply_disam(
     to write back: `new_state.replace(batch_stats=disam_state.aux)`).
   """
   updates, opt_state = state.tx.update(
-      None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn, **extra_args  # pyrefly: ignore
+    None,
+    state.opt_state,
+    state.params,
+    domain_loss_fn=domain_loss_fn,
+    **extra_args,  # pyrefly: ignore
   )
-  new_state = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-  )
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
   return new_state, find_disam_state(opt_state)
 
 
 def nnx_optimizer(
-    model: nnx.Module,
-    base_tx: optax.GradientTransformation,
-    rho: optax.ScalarOrSchedule = 0.05,
-    lam: optax.ScalarOrSchedule = 0.1,
-    *,
-    num_domains: int | None = None,
-    wrt: Any = nnx.Param,
-    **disam_kwargs,
+  model: nnx.Module,
+  base_tx: optax.GradientTransformation,
+  rho: optax.ScalarOrSchedule = 0.05,
+  lam: optax.ScalarOrSchedule = 0.1,
+  *,
+  num_domains: int | None = None,
+  wrt: Any = nnx.Param,
+  **disam_kwargs,
 ) -> nnx.Optimizer:
   """An `nnx.Optimizer` running `disam` on `model`'s `wrt` variables, ready for `nnx_update`.
 
@@ -58,19 +60,17 @@ def nnx_optimizer(
   `num_domains` is optional, as for `disam`: without it the state's `[M]` fields (`domain_losses`, ...) are None.
   """
   _, _, rest = nnx.split(model, wrt, ...)
-  tx = disam(
-      base_tx, rho, lam, has_aux=True, aux_example=nnx.as_pure(rest), num_domains=num_domains, **disam_kwargs
-  )
+  tx = disam(base_tx, rho, lam, has_aux=True, aux_example=nnx.as_pure(rest), num_domains=num_domains, **disam_kwargs)
   return nnx.Optimizer(model, tx, wrt=wrt)
 
 
 def nnx_update(
-    optimizer: nnx.Optimizer,
-    model: nnx.Module,
-    loss_fn: Callable[[nnx.Module], Any],
-    *,
-    has_aux: bool = False,
-    **extra_args,
+  optimizer: nnx.Optimizer,
+  model: nnx.Module,
+  loss_fn: Callable[[nnx.Module], Any],
+  *,
+  has_aux: bool = False,
+  **extra_args,
 ) -> DisamState | tuple[DisamState, Any]:
   """One DISAM step on an NNX model, in place (call it inside `nnx.jit`).
 
@@ -148,13 +148,11 @@ def _split_user_output(out: Any, has_aux: bool) -> tuple[Any, Any]:
   """(losses, aux) from what an NNX `loss_fn` returned, refusing a tuple that `has_aux` does not announce."""
   is_pair = isinstance(out, tuple) and not isinstance(out, DomainLosses) and len(out) == 2
   if has_aux and not is_pair:
-    raise ValueError(
-        f'nnx_update(..., has_aux=True) needs loss_fn to return (losses, aux); got {type(out).__name__}.'
-    )
+    raise ValueError(f"nnx_update(..., has_aux=True) needs loss_fn to return (losses, aux); got {type(out).__name__}.")
   if not has_aux and isinstance(out, tuple) and not isinstance(out, DomainLosses):
     raise ValueError(
-        'loss_fn returned a tuple: if it is (losses, aux), call nnx_update(optimizer, model, loss_fn, '
-        'has_aux=True), which returns (DisamState, aux).'
+      "loss_fn returned a tuple: if it is (losses, aux), call nnx_update(optimizer, model, loss_fn, "
+      "has_aux=True), which returns (DisamState, aux)."
     )
   return out if has_aux else (out, None)
 

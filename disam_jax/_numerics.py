@@ -55,8 +55,8 @@ def resolve_mask(perturbation_mask: Any, params: optax.Params) -> Any:
     return jax.tree.map(lambda keep, sub: jax.tree.map(lambda _: keep, sub), mask, params)
   except ValueError as e:
     raise ValueError(
-        'perturbation_mask must be a pytree of bools with the structure of params, or a prefix of it (as '
-        f'optax.masked accepts), or a function of params returning one: {e}'
+      "perturbation_mask must be a pytree of bools with the structure of params, or a prefix of it (as "
+      f"optax.masked accepts), or a function of params returning one: {e}"
     ) from None
 
 

@@ -26,9 +26,9 @@ def explicit_spec(x: Any) -> tuple | None:
 
   Each entry is a tuple of mesh axis names (empty for an unsharded axis).
   """
-  sharding = getattr(jax.typeof(x), 'sharding', None)
-  mesh = getattr(sharding, 'mesh', None)
-  if sharding is None or mesh is None or not getattr(mesh, 'axis_names', ()):
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if sharding is None or mesh is None or not getattr(mesh, "axis_names", ()):
     return None
   explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit}
   if not explicit:
@@ -46,8 +46,8 @@ def explicit_spec(x: Any) -> tuple | None:
 def varying_axes(x: Any) -> frozenset:
   """The shard_map mesh axes x varies over (its type's vma), empty outside shard_map or with check_vma=False."""
   aval = jax.typeof(x)
-  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; earlier releases call it `vma`
-  return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', frozenset()))
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; earlier releases call it `vma`
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", frozenset()))
 
 
 def axis_names(axis_name: Any) -> tuple:
@@ -74,7 +74,7 @@ def _is_spec(x: Any) -> bool:
 def checks_vma(batch_axes: tuple) -> bool:
   """Whether the enclosing map types values with their varying axes (shard_map's check_vma=True), not pmap or
   shard_map(check_vma=False), where every value looks the same whatever it holds."""
-  probe = jax.lax.pcast(jax.numpy.zeros([]), batch_axes, to='varying')
+  probe = jax.lax.pcast(jax.numpy.zeros([]), batch_axes, to="varying")
   return bool(varying_axes(probe))
 
 
@@ -99,7 +99,7 @@ class ParamLayout:
     self.typed = typed  # read from shard_map's varying axes (check_vma=True), not declared or assumed
 
   @classmethod
-  def of(cls, params: optax.Params, batch_axes: tuple, param_specs: Any) -> 'ParamLayout':
+  def of(cls, params: optax.Params, batch_axes: tuple, param_specs: Any) -> "ParamLayout":
     """The layout of `params` under the enclosing map: from the types' varying axes when shard_map checks them
     (and `param_specs`, if given, must agree), else from `param_specs` (None: every leaf replicated)."""
     if not batch_axes:
@@ -114,9 +114,9 @@ class ParamLayout:
       for path, seen, declared in zip(paths, sharded, specs):
         if seen != declared:
           raise ValueError(
-              f'param_specs says params{path} is split over {sorted(declared)}, but inside this shard_map it '
-              f'varies over {sorted(seen)}: pass the same PartitionSpecs as the in_specs of the params (or drop '
-              'param_specs: with check_vma=True the layout is read from the types).'
+            f"param_specs says params{path} is split over {sorted(declared)}, but inside this shard_map it "
+            f"varies over {sorted(seen)}: pass the same PartitionSpecs as the in_specs of the params (or drop "
+            "param_specs: with check_vma=True the layout is read from the types)."
           )
     return cls(params, batch_axes, sharded, typed=True)
 
@@ -136,7 +136,7 @@ class ParamLayout:
 
     def cast(x):
       missing = tuple(a for a in self.batch_axes if a not in varying_axes(x))
-      return jax.lax.pcast(x, missing, to='varying') if missing else x
+      return jax.lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
 
@@ -171,12 +171,13 @@ class ParamLayout:
 def _spec_leaves(param_specs: Any, params: optax.Params) -> list:
   """The mesh axes of every params leaf from a (prefix) tree of PartitionSpecs (None: replicated)."""
   try:
-    full = jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: _spec_axes(spec), sub), param_specs, params,
-                        is_leaf=_is_spec)
+    full = jax.tree.map(
+      lambda spec, sub: jax.tree.map(lambda _: _spec_axes(spec), sub), param_specs, params, is_leaf=_is_spec
+    )
   except ValueError as e:
     raise ValueError(
-        'param_specs must be a pytree of PartitionSpecs with the structure of params, or a prefix of it (the '
-        f'in_specs of the params in shard_map): {e}'
+      "param_specs must be a pytree of PartitionSpecs with the structure of params, or a prefix of it (the "
+      f"in_specs of the params in shard_map): {e}"
     ) from None
   return jax.tree.leaves(full, is_leaf=lambda x: isinstance(x, frozenset))
 
@@ -195,14 +196,21 @@ def leaf_dot(x: Any, y: Any) -> jax.Array:
   wide = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   axes = tuple(range(jnp.ndim(x)))
   explicit = explicit_spec(x) is not None or explicit_spec(y) is not None
-  return jax.lax.dot_general(x, y, ((axes, axes), ((), ())), preferred_element_type=wide,
-                             out_sharding=jax.sharding.PartitionSpec() if explicit else None)
+  return jax.lax.dot_general(
+    x,
+    y,
+    ((axes, axes), ((), ())),
+    preferred_element_type=wide,
+    out_sharding=jax.sharding.PartitionSpec() if explicit else None,
+  )
 
 
 # -- disam's options checked against the layout --------------------------------------------------------------------
 
-def param_layout(params: optax.Params, axes: tuple | None, param_specs: Any, domain_loss_fn: Callable,
-                  per_device_perturbation: bool) -> ParamLayout:
+
+def param_layout(
+  params: optax.Params, axes: tuple | None, param_specs: Any, domain_loss_fn: Callable, per_device_perturbation: bool
+) -> ParamLayout:
   """How `params` are split over the mapped axes, checked against what the loss and the options need.
 
   Refuses, at trace time: a loss that all-gathers over a batch axis where the layout cannot be seen (pmap, or
@@ -213,30 +221,30 @@ def param_layout(params: optax.Params, axes: tuple | None, param_specs: Any, dom
   if axes is None:
     if param_specs is not None:
       raise ValueError(
-          'param_specs describes parameters split inside shard_map/pmap; it needs batch_axis_name. Under jax.jit '
-          'with sharded arrays (GSPMD or an explicit mesh) the layout is in the arrays: drop param_specs.'
+        "param_specs describes parameters split inside shard_map/pmap; it needs batch_axis_name. Under jax.jit "
+        "with sharded arrays (GSPMD or an explicit mesh) the layout is in the arrays: drop param_specs."
       )
     return ParamLayout(params)
   layout = ParamLayout.of(params, axes, param_specs)
   if param_specs is None and not layout.typed and _gathers_over(domain_loss_fn, params, axes):
     raise ValueError(
-        f'domain_loss_fn all-gathers over the batch axis {axes if len(axes) > 1 else axes[0]!r}, which is how '
-        'FSDP parameters are used, but this map does not type values with their layout (pmap, or shard_map with '
-        'check_vma=False), so disam cannot tell split parameters from replicated ones. Use shard_map with '
-        'check_vma=True (the default), or pass disam(..., param_specs=specs) with the in_specs of the params '
-        '(PartitionSpec() for a replicated leaf; param_specs=PartitionSpec() if all are replicated and the '
-        'all-gather is of something else).'
+      f"domain_loss_fn all-gathers over the batch axis {axes if len(axes) > 1 else axes[0]!r}, which is how "
+      "FSDP parameters are used, but this map does not type values with their layout (pmap, or shard_map with "
+      "check_vma=False), so disam cannot tell split parameters from replicated ones. Use shard_map with "
+      "check_vma=True (the default), or pass disam(..., param_specs=specs) with the in_specs of the params "
+      "(PartitionSpec() for a replicated leaf; param_specs=PartitionSpec() if all are replicated and the "
+      "all-gather is of something else)."
     )
   if per_device_perturbation and layout.any_sharded_over_batch:
     raise ValueError(
-        'per_device_perturbation=True with parameters split over the batch axis (FSDP): their gradient is summed '
-        'over the devices by the all-gather in the loss, so no device has a gradient of its own to perturb with. '
-        'Use the global perturbation (per_device_perturbation=False).'
+      "per_device_perturbation=True with parameters split over the batch axis (FSDP): their gradient is summed "
+      "over the devices by the all-gather in the loss, so no device has a gradient of its own to perturb with. "
+      "Use the global perturbation (per_device_perturbation=False)."
     )
   return layout
 
 
-_GATHERS = ('all_gather', 'all_gather_invariant')
+_GATHERS = ("all_gather", "all_gather_invariant")
 
 
 def _gathers_over(domain_loss_fn: Callable, params: optax.Params, axes: tuple) -> bool:
@@ -246,14 +254,14 @@ def _gathers_over(domain_loss_fn: Callable, params: optax.Params, axes: tuple) -
   def walk(j) -> bool:
     for eqn in j.eqns:
       if eqn.primitive.name in _GATHERS:
-        names = eqn.params.get('axis_name', ())
+        names = eqn.params.get("axis_name", ())
         names = names if isinstance(names, tuple) else (names,)
         if set(names) & set(axes):
           return True
       for value in eqn.params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
-          inner = getattr(sub, 'jaxpr', sub)
-          if hasattr(inner, 'eqns') and walk(inner):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns") and walk(inner):
             return True
     return False
 
@@ -266,9 +274,11 @@ def warn_if_one_local_domain(local_count: jax.Array) -> None:
 
   def warn():
     warnings.warn(
-        'per_device_perturbation=True: a device holds the examples of at most one domain, so its local domain-loss '
-        'variance is 0 and lam has no effect on its perturbation (it is SAM there). Give every device a slice of '
-        'every domain (split the per-domain batch axis), or use the global perturbation '
-        '(per_device_perturbation=False).', stacklevel=1)
+      "per_device_perturbation=True: a device holds the examples of at most one domain, so its local domain-loss "
+      "variance is 0 and lam has no effect on its perturbation (it is SAM there). Give every device a slice of "
+      "every domain (split the per-domain batch axis), or use the global perturbation "
+      "(per_device_perturbation=False).",
+      stacklevel=1,
+    )
 
   jax.lax.cond(jnp.sum(local_count > 0) <= 1, lambda: jax.debug.callback(warn), lambda: None)

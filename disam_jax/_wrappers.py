@@ -19,27 +19,26 @@ with optax's TypeError. docs/composition.md's table lists each case; tests/test_
 sees, so an optax change to any of them fails a test.
 """
 
-
 import jax
 import optax
 
 WHERE_TO = (
-    'Put gradient transformations (clipping, weight decay, apply_if_finite, masking of the update, ...) inside '
-    'base_tx, where they act on the sharpness-aware gradient: disam(optax.chain(optax.clip_by_global_norm(1.0), '
-    'optax.sgd(lr)), rho, lam). For gradient accumulation, evaluate the micro-batches inside domain_loss_fn with '
-    'disam_jax.accumulate_domain_losses (not optax.MultiSteps).'
+  "Put gradient transformations (clipping, weight decay, apply_if_finite, masking of the update, ...) inside "
+  "base_tx, where they act on the sharpness-aware gradient: disam(optax.chain(optax.clip_by_global_norm(1.0), "
+  "optax.sgd(lr)), rho, lam). For gradient accumulation, evaluate the micro-batches inside domain_loss_fn with "
+  "disam_jax.accumulate_domain_losses (not optax.MultiSteps)."
 )
 MASKED = (
-    'disam cannot run inside optax.masked / optax.multi_transform / optax.partition: domain_loss_fn must see all '
-    'the params, and these hand disam only a subset. To perturb a subset, use disam(..., perturbation_mask=mask); '
-    'to update a subset, put the mask inside base_tx: disam(optax.multi_transform({"train": optax.sgd(lr), '
-    '"freeze": optax.set_to_zero()}, labels), ...).'
+  "disam cannot run inside optax.masked / optax.multi_transform / optax.partition: domain_loss_fn must see all "
+  "the params, and these hand disam only a subset. To perturb a subset, use disam(..., perturbation_mask=mask); "
+  'to update a subset, put the mask inside base_tx: disam(optax.multi_transform({"train": optax.sgd(lr), '
+  '"freeze": optax.set_to_zero()}, labels), ...).'
 )
 UPDATES = (
-    'disam computes both of its gradients from domain_loss_fn, so it cannot use incoming updates: pass None as the '
-    'first argument of update (tx.update(None, state, params, domain_loss_fn=f)). A wrapper that hands disam '
-    'gradients is refused here too: a member before disam in an optax.chain (members after it act on its updates '
-    'as usual), or optax.MultiSteps / apply_if_finite / conditionally_transform / flatten around it. ' + WHERE_TO
+  "disam computes both of its gradients from domain_loss_fn, so it cannot use incoming updates: pass None as the "
+  "first argument of update (tx.update(None, state, params, domain_loss_fn=f)). A wrapper that hands disam "
+  "gradients is refused here too: a member before disam in an optax.chain (members after it act on its updates "
+  "as usual), or optax.MultiSteps / apply_if_finite / conditionally_transform / flatten around it. " + WHERE_TO
 )
 
 

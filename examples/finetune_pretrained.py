@@ -55,11 +55,19 @@ def mobilenet_v2_checkpoint() -> str:
 
 def make_config(data_dir: str, args, train_only=("head", "adapters")) -> ExperimentConfig:
   return ExperimentConfig(
-    dataset="image_folder", data_dir=data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
-    model="mobilenet_v2", model_kwargs={"freeze_bn": True, "adapter_dim": args.adapter_dim},
-    pretrained=mobilenet_v2_checkpoint(), train_only=train_only,
-    algorithms=tuple(args.algorithm), seeds=tuple(args.seeds),
-    held_out=None if args.held_out is None else tuple(args.held_out), steps=args.steps, eval_every=args.eval_every,
+    dataset="image_folder",
+    data_dir=data_dir,
+    image_size=args.image_size,
+    cache_dir=args.cache_dir,
+    model="mobilenet_v2",
+    model_kwargs={"freeze_bn": True, "adapter_dim": args.adapter_dim},
+    pretrained=mobilenet_v2_checkpoint(),
+    train_only=train_only,
+    algorithms=tuple(args.algorithm),
+    seeds=tuple(args.seeds),
+    held_out=None if args.held_out is None else tuple(args.held_out),
+    steps=args.steps,
+    eval_every=args.eval_every,
     hparams=HParams(optimizer="adam", lr=args.lr, batch_size=args.batch_size, rho=args.rho, lam=args.lam),
   )
 
@@ -67,17 +75,23 @@ def make_config(data_dir: str, args, train_only=("head", "adapters")) -> Experim
 def step_cost(config: ExperimentConfig, ds, rounds: int = 5) -> dict[str, float]:
   """Min seconds per DISAM step, full fine-tuning vs `config.train_only`, same model and batch, interleaved."""
   graphdef, params, model_state = init_model(
-    config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=0,
-    model_kwargs=config.model_kwargs, pretrained=config.pretrained)
+    config.model_name,
+    num_classes=ds.num_classes,
+    input_shape=ds.input_shape,
+    seed=0,
+    model_kwargs=config.model_kwargs,
+    pretrained=config.pretrained,
+  )
   rng = np.random.default_rng(0)
   m, b = len(ds.domains) - 1, config.hparams.batch_size
-  batch = (np.stack([x[rng.integers(0, len(x), b)] for x in ds.images[:m]]),
-           np.stack([y[rng.integers(0, len(y), b)] for y in ds.labels[:m]]))
+  batch = (
+    np.stack([x[rng.integers(0, len(x), b)] for x in ds.images[:m]]),
+    np.stack([y[rng.integers(0, len(y), b)] for y in ds.labels[:m]]),
+  )
   steps = {}
   for name, selectors in (("full", None), ("peft", config.train_only)):
     mask = _trainable_mask(dataclasses.replace(config, train_only=selectors), graphdef, params, model_state)
-    tx = algorithms.make_optimizer("disam", config.hparams, num_domains=m, aux_example=model_state,
-                                   trainable_mask=mask)
+    tx = algorithms.make_optimizer("disam", config.hparams, num_domains=m, aux_example=model_state, trainable_mask=mask)
     step = jax.jit(make_train_step(graphdef, tx))
     state = init_train_state(params, model_state, tx)
     jax.block_until_ready(step(state, batch))  # compile
@@ -118,14 +132,18 @@ def main(argv=None):
   results = run_experiment(config, run_dir, progress=sys.stderr.isatty(), prepared=(ds, held_out))
   seconds = time.perf_counter() - start
   print(report.results_markdown(results, config))
-  print(f"{len(results)} run(s) of {config.steps} steps in {seconds:.0f} s (load average "
-        f"{os.getloadavg()[0]:.1f}); run directory {run_dir}")
+  print(
+    f"{len(results)} run(s) of {config.steps} steps in {seconds:.0f} s (load average "
+    f"{os.getloadavg()[0]:.1f}); run directory {run_dir}"
+  )
   if args.step_cost:
     cost = step_cost(config, ds)
-    print(f"DISAM step, {config.hparams.batch_size} x {len(ds.domains) - 1} images of {args.image_size} px: full "
-          f"fine-tuning {cost['full'] * 1e3:.0f} ms, PEFT ({' + '.join(config.train_only)}) "
-          f"{cost['peft'] * 1e3:.0f} ms, ratio full / PEFT {cost['full'] / cost['peft']:.2f} "
-          f"(load average {os.getloadavg()[0]:.1f})")
+    print(
+      f"DISAM step, {config.hparams.batch_size} x {len(ds.domains) - 1} images of {args.image_size} px: full "
+      f"fine-tuning {cost['full'] * 1e3:.0f} ms, PEFT ({' + '.join(config.train_only)}) "
+      f"{cost['peft'] * 1e3:.0f} ms, ratio full / PEFT {cost['full'] / cost['peft']:.2f} "
+      f"(load average {os.getloadavg()[0]:.1f})"
+    )
 
 
 if __name__ == "__main__":

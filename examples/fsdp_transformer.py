@@ -20,9 +20,9 @@ that every parameter and moment is still sharded as it started.
 
 import os
 
-_FLAG = '--xla_force_host_platform_device_count=8'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):  # before jax is imported: XLA reads it once
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before jax is imported: XLA reads it once
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -41,22 +41,34 @@ V, D, H, F, L, S = 64, 64, 4, 128, 2, 16  # vocabulary, width, heads, MLP hidden
 M, B = 4, 8  # domains, sequences per domain in a batch (B divisible by the 4 'data' devices)
 NOISE = (0.0, 0.05, 0.1, 0.2)  # fraction of tokens replaced at random, per domain
 
-ROW = P('data', 'model')  # [in, out]: FSDP x column-parallel
-COL = P('model', 'data')  # output projections: row-parallel x FSDP
-LAYER_SPECS = {'ln1': P(), 'wq': ROW, 'wk': ROW, 'wv': ROW, 'wo': COL, 'ln2': P(), 'w1': ROW, 'w2': COL}
-SPECS = {'embed': ROW, 'pos': ROW, 'layers': [LAYER_SPECS] * L, 'ln_f': P(), 'unembed': ROW}
-BATCH = P(None, 'data', None)  # [M, b, S]: every device holds a slice of every domain
-RESIDUAL = P(None, 'data', None, None)  # [M, b, S, D]
+ROW = P("data", "model")  # [in, out]: FSDP x column-parallel
+COL = P("model", "data")  # output projections: row-parallel x FSDP
+LAYER_SPECS = {"ln1": P(), "wq": ROW, "wk": ROW, "wv": ROW, "wo": COL, "ln2": P(), "w1": ROW, "w2": COL}
+SPECS = {"embed": ROW, "pos": ROW, "layers": [LAYER_SPECS] * L, "ln_f": P(), "unembed": ROW}
+BATCH = P(None, "data", None)  # [M, b, S]: every device holds a slice of every domain
+RESIDUAL = P(None, "data", None, None)  # [M, b, S, D]
 
 
 def init_params(key):
   keys = iter(jax.random.split(key, 3 + 6 * L))
   normal = lambda shape, scale: scale * jax.random.normal(next(keys), shape, jnp.float32)
-  layer = lambda: {'ln1': jnp.ones([D]), 'wq': normal([D, D], D ** -0.5), 'wk': normal([D, D], D ** -0.5),
-                   'wv': normal([D, D], D ** -0.5), 'wo': normal([D, D], D ** -0.5), 'ln2': jnp.ones([D]),
-                   'w1': normal([D, F], D ** -0.5), 'w2': normal([F, D], F ** -0.5)}
-  return {'embed': normal([V, D], 1.0), 'pos': normal([S, D], 0.1), 'layers': [layer() for _ in range(L)],
-          'ln_f': jnp.ones([D]), 'unembed': normal([D, V], D ** -0.5)}
+  layer = lambda: {
+    "ln1": jnp.ones([D]),
+    "wq": normal([D, D], D**-0.5),
+    "wk": normal([D, D], D**-0.5),
+    "wv": normal([D, D], D**-0.5),
+    "wo": normal([D, D], D**-0.5),
+    "ln2": jnp.ones([D]),
+    "w1": normal([D, F], D**-0.5),
+    "w2": normal([F, D], F**-0.5),
+  }
+  return {
+    "embed": normal([V, D], 1.0),
+    "pos": normal([S, D], 0.1),
+    "layers": [layer() for _ in range(L)],
+    "ln_f": jnp.ones([D]),
+    "unembed": normal([D, V], D**-0.5),
+  }
 
 
 def layer_norm(x, scale):
@@ -66,33 +78,33 @@ def layer_norm(x, scale):
 
 def column_parallel(x, w):
   """x [..., in] (replicated on 'model') @ w gathered over 'data' only: the output is split over 'model'."""
-  return x @ reshard(w, P(None, 'model'))
+  return x @ reshard(w, P(None, "model"))
 
 
 def row_parallel(x, w):
   """x [..., in@model] @ w [in@model, out]: each device's partial product, summed over 'model'."""
-  return jnp.matmul(x, reshard(w, P('model', None)), out_sharding=RESIDUAL)
+  return jnp.matmul(x, reshard(w, P("model", None)), out_sharding=RESIDUAL)
 
 
 def attention(x, p):
   m, b, s, _ = x.shape
   heads = lambda t: t.reshape(m, b, s, H, D // H)  # D@model -> (H@model, D/H)
-  q, k, v = (heads(column_parallel(x, p[name])) for name in ('wq', 'wk', 'wv'))
-  logits = jnp.einsum('mbshd,mbthd->mbhst', q, k) / math.sqrt(D // H)
+  q, k, v = (heads(column_parallel(x, p[name])) for name in ("wq", "wk", "wv"))
+  logits = jnp.einsum("mbshd,mbthd->mbhst", q, k) / math.sqrt(D // H)
   logits = jnp.where(jnp.tril(jnp.ones((s, s), bool)), logits, -1e9)
-  out = jnp.einsum('mbhst,mbthd->mbshd', jax.nn.softmax(logits, axis=-1), v).reshape(m, b, s, D)
-  return row_parallel(out, p['wo'])
+  out = jnp.einsum("mbhst,mbthd->mbshd", jax.nn.softmax(logits, axis=-1), v).reshape(m, b, s, D)
+  return row_parallel(out, p["wo"])
 
 
 def sequence_losses(params, tokens):
   """tokens [M, b, S] -> [M, b] mean next-token cross-entropy of each sequence."""
   inputs, targets = tokens[..., :-1], tokens[..., 1:]
-  x = jax.nn.one_hot(inputs, V, dtype=jnp.float32) @ reshard(params['embed'], P())
-  x = x + reshard(params['pos'], P())[:-1]
-  for p in params['layers']:
-    x = x + attention(layer_norm(x, p['ln1']), p)
-    x = x + row_parallel(jax.nn.gelu(column_parallel(layer_norm(x, p['ln2']), p['w1'])), p['w2'])
-  logits = column_parallel(layer_norm(x, params['ln_f']), params['unembed'])  # [M, b, S-1, V@model]
+  x = jax.nn.one_hot(inputs, V, dtype=jnp.float32) @ reshard(params["embed"], P())
+  x = x + reshard(params["pos"], P())[:-1]
+  for p in params["layers"]:
+    x = x + attention(layer_norm(x, p["ln1"]), p)
+    x = x + row_parallel(jax.nn.gelu(column_parallel(layer_norm(x, p["ln2"]), p["w1"])), p["w2"])
+  logits = column_parallel(layer_norm(x, params["ln_f"]), params["unembed"])  # [M, b, S-1, V@model]
   log_p = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.sum(jax.nn.one_hot(targets, V, dtype=jnp.float32) * log_p, axis=-1).mean(-1)
 
@@ -112,18 +124,22 @@ def _same_layout(tree, shardings):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=150)
-  parser.add_argument('--log-every', type=int, default=25)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument("--steps", type=int, default=150)
+  parser.add_argument("--log-every", type=int, default=25)
+  parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  mesh = jax.make_mesh((4, 2), ('data', 'model'))  # Explicit axes: the default
+  mesh = jax.make_mesh((4, 2), ("data", "model"))  # Explicit axes: the default
   rng = np.random.default_rng(args.seed)
   tx = disam_jax.disam(optax.adam(3e-3), rho=0.05, lam=0.1, num_domains=M)
 
   with jax.set_mesh(mesh):
-    params = jax.tree.map(lambda x, s: jax.device_put(x, s), init_params(jax.random.key(args.seed)), SPECS,
-                          is_leaf=lambda v: isinstance(v, P))
+    params = jax.tree.map(
+      lambda x, s: jax.device_put(x, s),
+      init_params(jax.random.key(args.seed)),
+      SPECS,
+      is_leaf=lambda v: isinstance(v, P),
+    )
     state = tx.init(params)  # Adam's moments are created sharded like the params
     layout = [x.sharding for x in jax.tree.leaves(params)]
     assert _same_layout(state.base_state[0].mu, layout)
@@ -134,9 +150,11 @@ def main(argv=None):
       updates, state = tx.update(None, state, params, domain_loss_fn=domain_loss_fn)
       return optax.apply_updates(params, updates), state
 
-    print(f'{jax.device_count()} devices, mesh {dict(mesh.shape)} ({mesh.axis_types[0].name} axes); '
-          f'{sum(x.size for x in jax.tree.leaves(params))} parameters; batch [M={M}, b={B}, S={S}]')
-    print(f'{"step":>5} {"loss":>7} {"variance":>9}  per-domain losses (noise {", ".join(map(str, NOISE))})')
+    print(
+      f"{jax.device_count()} devices, mesh {dict(mesh.shape)} ({mesh.axis_types[0].name} axes); "
+      f"{sum(x.size for x in jax.tree.leaves(params))} parameters; batch [M={M}, b={B}, S={S}]"
+    )
+    print(f"{'step':>5} {'loss':>7} {'variance':>9}  per-domain losses (noise {', '.join(map(str, NOISE))})")
     first_step_s, t0 = None, time.perf_counter()
     for i in range(1, args.steps + 1):
       params, state = step(params, state, jax.device_put(sample_tokens(rng), BATCH))
@@ -144,22 +162,29 @@ def main(argv=None):
         jax.block_until_ready(params)
         first_step_s, t0 = time.perf_counter() - t0, time.perf_counter()
       if i % args.log_every == 0 or i in (1, args.steps):
-        losses = ' '.join(f'{v:.3f}' for v in np.asarray(state.domain_losses))
-        print(f'{i:>5} {float(state.loss):>7.3f} {float(state.variance):>9.5f}  [{losses}]')
+        losses = " ".join(f"{v:.3f}" for v in np.asarray(state.domain_losses))
+        print(f"{i:>5} {float(state.loss):>7.3f} {float(state.variance):>9.5f}  [{losses}]")
     jax.block_until_ready(params)
     steady_s = (time.perf_counter() - t0) / max(1, args.steps - 1)
 
-  for name, tree in (('params', params), ("Adam's first moments", state.base_state[0].mu),
-                     ("Adam's second moments", state.base_state[0].nu)):
+  for name, tree in (
+    ("params", params),
+    ("Adam's first moments", state.base_state[0].mu),
+    ("Adam's second moments", state.base_state[0].nu),
+  ):
     if not _same_layout(tree, layout):
-      raise SystemExit(f'the layout of the {name} changed: {[x.sharding.spec for x in jax.tree.leaves(tree)]}')
-  w = params['layers'][0]['w1']
-  print(f'params and Adam moments still sharded as they started; e.g. layers[0].w1 {w.shape} {w.sharding.spec}, '
-        f'{len(w.addressable_shards)} shards of {w.addressable_shards[0].data.shape}')
-  print(f'first step (compile) {first_step_s:.1f} s, then {1e3 * steady_s:.0f} ms/step; '
-        f'{time.perf_counter() - start:.1f} s in all')
+      raise SystemExit(f"the layout of the {name} changed: {[x.sharding.spec for x in jax.tree.leaves(tree)]}")
+  w = params["layers"][0]["w1"]
+  print(
+    f"params and Adam moments still sharded as they started; e.g. layers[0].w1 {w.shape} {w.sharding.spec}, "
+    f"{len(w.addressable_shards)} shards of {w.addressable_shards[0].data.shape}"
+  )
+  print(
+    f"first step (compile) {first_step_s:.1f} s, then {1e3 * steady_s:.0f} ms/step; "
+    f"{time.perf_counter() - start:.1f} s in all"
+  )
   return float(state.loss)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -54,7 +54,7 @@ def timed_steps(step, next_batch, steps: int) -> tuple[float, float]:
   jax.block_until_ready(step(*next_batch()))
   first_s = time.perf_counter() - start
   if steps < 2:
-    return first_s, float('nan')
+    return first_s, float("nan")
   start = time.perf_counter()
   for _ in range(steps - 1):
     out = step(*next_batch())
@@ -65,15 +65,15 @@ def timed_steps(step, next_batch, steps: int) -> tuple[float, float]:
 def train(algorithm: str, split, steps: int, seed: int, rho: float, lam: float):
   model = MLP(64, 10, nnx.Rngs(seed))
   base = optax.adam(1e-3)
-  if algorithm == 'erm':
+  if algorithm == "erm":
     optimizer = nnx.Optimizer(model, base, wrt=nnx.Param)
   else:
-    lam = 0.0 if algorithm == 'sam' else lam
+    lam = 0.0 if algorithm == "sam" else lam
     optimizer = disam_jax.nnx_optimizer(model, base, rho=rho, lam=lam, num_domains=len(split.train))
 
   @nnx.jit
   def step(model, optimizer, x, y):
-    if algorithm == 'erm':
+    if algorithm == "erm":
       loss, grads = nnx.value_and_grad(lambda m: domain_losses(m, x, y).mean())(model)
       optimizer.update(model, grads)
       return loss
@@ -93,23 +93,27 @@ def train(algorithm: str, split, steps: int, seed: int, rho: float, lam: float):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--steps', type=int, default=600, help='training steps per algorithm')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--rho', type=float, default=0.05)
-  parser.add_argument('--lam', type=float, default=0.1)
+  parser.add_argument("--steps", type=int, default=600, help="training steps per algorithm")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--rho", type=float, default=0.05)
+  parser.add_argument("--lam", type=float, default=0.1)
   args = parser.parse_args()
-  split = split_dataset(load_dataset('rotated_digits', seed=args.seed), held_out='75', seed=args.seed)
-  print(f'training domains {split.train_domains}, held out {split.test_domains}, {args.steps} steps, '
-        f'batch 32 per domain, adam 1e-3, rho={args.rho}, lam={args.lam}')
-  header = ' '.join(f'{d:>6}' for d in split.train_domains)
-  print(f'{"algorithm":<9} {header}  {"held-out":>8}  {"compile":>7}  {"ms/step":>7}   '
-        '(validation accuracy per training domain; compile: the first step)')
+  split = split_dataset(load_dataset("rotated_digits", seed=args.seed), held_out="75", seed=args.seed)
+  print(
+    f"training domains {split.train_domains}, held out {split.test_domains}, {args.steps} steps, "
+    f"batch 32 per domain, adam 1e-3, rho={args.rho}, lam={args.lam}"
+  )
+  header = " ".join(f"{d:>6}" for d in split.train_domains)
+  print(
+    f"{'algorithm':<9} {header}  {'held-out':>8}  {'compile':>7}  {'ms/step':>7}   "
+    "(validation accuracy per training domain; compile: the first step)"
+  )
   jax.block_until_ready(jax.jit(lambda a: a + 1)(jnp.zeros(())))  # start JAX's runtime outside the timings
-  for algorithm in ('erm', 'sam', 'disam'):
+  for algorithm in ("erm", "sam", "disam"):
     train_acc, held_out, compile_s, step_s = train(algorithm, split, args.steps, args.seed, args.rho, args.lam)
-    cells = ' '.join(f'{100 * a:6.1f}' for a in train_acc)
-    print(f'{algorithm:<9} {cells}  {100 * held_out:8.1f}  {compile_s:6.2f}s  {1e3 * step_s:7.2f}')
+    cells = " ".join(f"{100 * a:6.1f}" for a in train_acc)
+    print(f"{algorithm:<9} {cells}  {100 * held_out:8.1f}  {compile_s:6.2f}s  {1e3 * step_s:7.2f}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

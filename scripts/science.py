@@ -31,76 +31,167 @@ _NOISY = 0.5
 _SGD_FROZEN, _SGD_TRAIN = "sgd_frozen_s0,sgd_frozen_sam_s1", "sgd_train_s0,sgd_train_sam_s1"  # seed 1: SAM only
 _BAL6, _MER6, _CNT6 = (f"{d},{d}_s10" for d in ("bal_b6", "merged_b6", "merged_count_b6"))  # seeds 0-9, 10-29
 COMPARISONS = {
-  "rotated digits (baseline)": (0.1, [("DISAM − SAM", ("base", "disam"), ("base", "sam")),
-                                      ("SAM − ERM", ("base", "sam"), ("base", "erm")),
-                                      ("DISAM, 5 inferred domains − SAM", ("base_infer5", "disam"),
-                                       ("base_infer5", "sam"))]),
-  "noisy 30° domain (50% wrong class labels)": (_NOISY, [
-    ("DISAM − SAM", ("noisy30", "disam"), ("noisy30", "sam")),
-    ("DISAM lam 0.5 − SAM", ("noisy30_lam05", "disam"), ("noisy30", "sam")),
-    ("DISAM lam 1 − SAM", ("noisy30_lam1", "disam"), ("noisy30", "sam")),
-    ("DISAM+CORAL − SAM+CORAL", ("noisy30_coral", "disam+coral"), ("noisy30_coral", "sam+coral")),
-    ("SAM+CORAL − SAM", ("noisy30_coral", "sam+coral"), ("noisy30", "sam"))]),
-  "noisy 30° + 30% wrong domain labels": (_NOISY, [
-    ("DISAM − SAM", ("noisy30_dln03", "disam"), ("noisy30_dln03", "sam"))]),
-  "noisy 30°, 5 inferred pseudo-domains": (_NOISY, [
-    ("DISAM − SAM", ("noisy30_infer5", "disam"), ("noisy30_infer5", "sam")),
-    ("DISAM inferred − DISAM true labels", ("noisy30_infer5", "disam"), ("noisy30", "disam"))]),
-  "noisy 30°, GSAM / SAGM (held out 75; alpha: rule defaults)": (_NOISY, [
-    ("DISAM-GSAM − GSAM", ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "disam_gsam"), ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "gsam")),
-    ("DISAM-SAGM − SAGM", ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "disam_sagm"), ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "sagm"))]),
-  "colored digits (held out agree10)": (0.2, [("DISAM − SAM", ("colored", "disam"), ("colored", "sam")),
-                                              ("DISAM lam 1 − SAM", ("colored_lam1", "disam"), ("colored", "sam")),
-                                              ("SAM − ERM", ("colored", "sam"), ("colored", "erm"))]),
+  "rotated digits (baseline)": (
+    0.1,
+    [
+      ("DISAM − SAM", ("base", "disam"), ("base", "sam")),
+      ("SAM − ERM", ("base", "sam"), ("base", "erm")),
+      ("DISAM, 5 inferred domains − SAM", ("base_infer5", "disam"), ("base_infer5", "sam")),
+    ],
+  ),
+  "noisy 30° domain (50% wrong class labels)": (
+    _NOISY,
+    [
+      ("DISAM − SAM", ("noisy30", "disam"), ("noisy30", "sam")),
+      ("DISAM lam 0.5 − SAM", ("noisy30_lam05", "disam"), ("noisy30", "sam")),
+      ("DISAM lam 1 − SAM", ("noisy30_lam1", "disam"), ("noisy30", "sam")),
+      ("DISAM+CORAL − SAM+CORAL", ("noisy30_coral", "disam+coral"), ("noisy30_coral", "sam+coral")),
+      ("SAM+CORAL − SAM", ("noisy30_coral", "sam+coral"), ("noisy30", "sam")),
+    ],
+  ),
+  "noisy 30° + 30% wrong domain labels": (
+    _NOISY,
+    [("DISAM − SAM", ("noisy30_dln03", "disam"), ("noisy30_dln03", "sam"))],
+  ),
+  "noisy 30°, 5 inferred pseudo-domains": (
+    _NOISY,
+    [
+      ("DISAM − SAM", ("noisy30_infer5", "disam"), ("noisy30_infer5", "sam")),
+      ("DISAM inferred − DISAM true labels", ("noisy30_infer5", "disam"), ("noisy30", "disam")),
+    ],
+  ),
+  "noisy 30°, GSAM / SAGM (held out 75; alpha: rule defaults)": (
+    _NOISY,
+    [
+      (
+        "DISAM-GSAM − GSAM",
+        ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "disam_gsam"),
+        ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "gsam"),
+      ),
+      (
+        "DISAM-SAGM − SAGM",
+        ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "disam_sagm"),
+        ("noisy30_gsam_sagm,noisy30_gsam_sagm_b", "sagm"),
+      ),
+    ],
+  ),
+  "colored digits (held out agree10)": (
+    0.2,
+    [
+      ("DISAM − SAM", ("colored", "disam"), ("colored", "sam")),
+      ("DISAM lam 1 − SAM", ("colored_lam1", "disam"), ("colored", "sam")),
+      ("SAM − ERM", ("colored", "sam"), ("colored", "erm")),
+    ],
+  ),
   "imbalance 10:1": (0.1, [("DISAM − SAM", ("imb10", "disam"), ("imb10", "sam"))]),
   "20 small domains (4 per rotation)": (0.1, [("DISAM − SAM", ("sub4", "disam"), ("sub4", "sam"))]),
-  "rotated animals, MLP (held out 75)": (0.5, [("DISAM − SAM", ("animals", "disam"), ("animals", "sam")),
-                                               ("DISAM lam 1 − SAM", ("animals_lam1", "disam"), ("animals", "sam"))]),
-  "rotated animals, DomainBed MNIST CNN (held out 75, 16 per domain)": (0.5, [
-    ("DISAM − SAM", ("animals_cnn", "disam"), ("animals_cnn", "sam")),
-    ("DISAM perturb_every 4 − DISAM", ("animals_cnn_k4", "disam"), ("animals_cnn", "disam")),
-    ("DISAM perturb_every 4, reuse weight 0 − DISAM", ("animals_cnn_k4_r0", "disam"), ("animals_cnn", "disam"))]),
-  "pretrained MobileNetV2, head + adapters, VLCS mini (held out SUN09)": (0.5, [
-    ("DISAM − SAM", ("peft", "disam"), ("peft", "sam"))]),
-  "rotated digits, amortized DISAM (held out 75)": (0.1, [
-    *[(f"DISAM perturb_every {k} − DISAM", (f"k{k}", "disam"), ("k1", "disam")) for k in (2, 4, 8)],
-    ("DISAM perturb_every 4, reuse weight 0 − DISAM", ("k4_r0", "disam"), ("k1", "disam"))]),
+  "rotated animals, MLP (held out 75)": (
+    0.5,
+    [
+      ("DISAM − SAM", ("animals", "disam"), ("animals", "sam")),
+      ("DISAM lam 1 − SAM", ("animals_lam1", "disam"), ("animals", "sam")),
+    ],
+  ),
+  "rotated animals, DomainBed MNIST CNN (held out 75, 16 per domain)": (
+    0.5,
+    [
+      ("DISAM − SAM", ("animals_cnn", "disam"), ("animals_cnn", "sam")),
+      ("DISAM perturb_every 4 − DISAM", ("animals_cnn_k4", "disam"), ("animals_cnn", "disam")),
+      ("DISAM perturb_every 4, reuse weight 0 − DISAM", ("animals_cnn_k4_r0", "disam"), ("animals_cnn", "disam")),
+    ],
+  ),
+  "pretrained MobileNetV2, head + adapters, VLCS mini (held out SUN09)": (
+    0.5,
+    [("DISAM − SAM", ("peft", "disam"), ("peft", "sam"))],
+  ),
+  "rotated digits, amortized DISAM (held out 75)": (
+    0.1,
+    [
+      *[(f"DISAM perturb_every {k} − DISAM", (f"k{k}", "disam"), ("k1", "disam")) for k in (2, 4, 8)],
+      ("DISAM perturb_every 4, reuse weight 0 − DISAM", ("k4_r0", "disam"), ("k1", "disam")),
+    ],
+  ),
   "rho 1.25 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.25", "disam"), ("rho1.25", "sam"))]),
   "rho 1.5 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.5", "disam"), ("rho1.5", "sam"))]),
   "rho 1.75 (held out 75)": (0.5, [("DISAM − SAM", ("rho1.75", "disam"), ("rho1.75", "sam"))]),
-  "noisy 30°, rho 1.5 (held out 75)": (1.0, [("DISAM − SAM", ("noisy30_rho1.5", "disam"), ("noisy30_rho1.5", "sam")),
-                                             ("DISAM lam 1 − SAM", ("noisy30_rho1.5_lam1", "disam"),
-                                              ("noisy30_rho1.5", "sam"))]),
+  "noisy 30°, rho 1.5 (held out 75)": (
+    1.0,
+    [
+      ("DISAM − SAM", ("noisy30_rho1.5", "disam"), ("noisy30_rho1.5", "sam")),
+      ("DISAM lam 1 − SAM", ("noisy30_rho1.5_lam1", "disam"), ("noisy30_rho1.5", "sam")),
+    ],
+  ),
   # Issue 31: the released code's SAM trains in model.eval() (frozen BatchNorm), its DISAM in model.train().
-  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), SGD lr 0.002 (released): BatchNorm mode": (0.5, [
-    ("DISAM train BN − SAM frozen BN (the released pairing)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "sam")),
-    ("SAM train BN − SAM frozen BN (the mode alone)", (_SGD_TRAIN, "sam"), (_SGD_FROZEN, "sam")),
-    ("DISAM train BN − DISAM frozen BN (the mode alone)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "disam")),
-    ("DISAM − SAM, both frozen BN", (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam")),
-    ("DISAM − SAM, both train BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam")),
-    ("(DISAM − SAM) train BN − (DISAM − SAM) frozen BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam"),
-     (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam")),
-    ("ERM frozen BN − SAM frozen BN", ("sgd_frozen_erm_s0", "erm"), (_SGD_FROZEN, "sam"))]),
-  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), Adam lr 1e-3: BatchNorm mode": (0.5, [
-    ("SAM train BN − SAM frozen BN (the mode alone)", ("ft_train_sam_s0", "sam"), ("ft_frozen_s0", "sam")),
-    ("DISAM − SAM, both frozen BN", ("ft_frozen_s0", "disam"), ("ft_frozen_s0", "sam"))]),
+  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), SGD lr 0.002 (released): BatchNorm mode": (
+    0.5,
+    [
+      ("DISAM train BN − SAM frozen BN (the released pairing)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "sam")),
+      ("SAM train BN − SAM frozen BN (the mode alone)", (_SGD_TRAIN, "sam"), (_SGD_FROZEN, "sam")),
+      ("DISAM train BN − DISAM frozen BN (the mode alone)", (_SGD_TRAIN, "disam"), (_SGD_FROZEN, "disam")),
+      ("DISAM − SAM, both frozen BN", (_SGD_FROZEN, "disam"), (_SGD_FROZEN, "sam")),
+      ("DISAM − SAM, both train BN", (_SGD_TRAIN, "disam"), (_SGD_TRAIN, "sam")),
+      (
+        "(DISAM − SAM) train BN − (DISAM − SAM) frozen BN",
+        (_SGD_TRAIN, "disam"),
+        (_SGD_TRAIN, "sam"),
+        (_SGD_FROZEN, "disam"),
+        (_SGD_FROZEN, "sam"),
+      ),
+      ("ERM frozen BN − SAM frozen BN", ("sgd_frozen_erm_s0", "erm"), (_SGD_FROZEN, "sam")),
+    ],
+  ),
+  "MobileNetV2, full fine-tuning, VLCS mini (held out SUN09), Adam lr 1e-3: BatchNorm mode": (
+    0.5,
+    [
+      ("SAM train BN − SAM frozen BN (the mode alone)", ("ft_train_sam_s0", "sam"), ("ft_frozen_s0", "sam")),
+      ("DISAM − SAM, both frozen BN", ("ft_frozen_s0", "disam"), ("ft_frozen_s0", "sam")),
+    ],
+  ),
   # Issue 31: the released code's batches (one shuffled stream over the training domains) vs DomainBed's balanced ones.
-  "rotated digits, balanced vs merged batches": (0.1, [
-    ("DISAM − SAM, balanced batches", ("bal", "disam"), ("bal", "sam")),
-    ("DISAM − SAM, merged batches", ("merged", "disam"), ("merged", "sam")),
-    ("DISAM − SAM, merged, count weights", ("merged_count", "disam"), ("merged_count", "sam")),
-    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", ("merged", "disam"), ("merged", "sam"), ("bal", "disam"),
-     ("bal", "sam")),
-    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", ("merged_count", "disam"), ("merged_count", "sam"),
-     ("bal", "disam"), ("bal", "sam"))]),
-  "rotated digits, 6 per domain (30 per step; released: 32): balanced vs merged batches": (0.25, [
-    ("DISAM − SAM, balanced batches", (_BAL6, "disam"), (_BAL6, "sam")),
-    ("DISAM − SAM, merged batches", (_MER6, "disam"), (_MER6, "sam")),
-    ("DISAM − SAM, merged, count weights", (_CNT6, "disam"), (_CNT6, "sam")),
-    ("(DISAM − SAM) merged − (DISAM − SAM) balanced", (_MER6, "disam"), (_MER6, "sam"),
-     (_BAL6, "disam"), (_BAL6, "sam")),
-    ("(DISAM − SAM) merged count − (DISAM − SAM) balanced", (_CNT6, "disam"),
-     (_CNT6, "sam"), (_BAL6, "disam"), (_BAL6, "sam"))]),
+  "rotated digits, balanced vs merged batches": (
+    0.1,
+    [
+      ("DISAM − SAM, balanced batches", ("bal", "disam"), ("bal", "sam")),
+      ("DISAM − SAM, merged batches", ("merged", "disam"), ("merged", "sam")),
+      ("DISAM − SAM, merged, count weights", ("merged_count", "disam"), ("merged_count", "sam")),
+      (
+        "(DISAM − SAM) merged − (DISAM − SAM) balanced",
+        ("merged", "disam"),
+        ("merged", "sam"),
+        ("bal", "disam"),
+        ("bal", "sam"),
+      ),
+      (
+        "(DISAM − SAM) merged count − (DISAM − SAM) balanced",
+        ("merged_count", "disam"),
+        ("merged_count", "sam"),
+        ("bal", "disam"),
+        ("bal", "sam"),
+      ),
+    ],
+  ),
+  "rotated digits, 6 per domain (30 per step; released: 32): balanced vs merged batches": (
+    0.25,
+    [
+      ("DISAM − SAM, balanced batches", (_BAL6, "disam"), (_BAL6, "sam")),
+      ("DISAM − SAM, merged batches", (_MER6, "disam"), (_MER6, "sam")),
+      ("DISAM − SAM, merged, count weights", (_CNT6, "disam"), (_CNT6, "sam")),
+      (
+        "(DISAM − SAM) merged − (DISAM − SAM) balanced",
+        (_MER6, "disam"),
+        (_MER6, "sam"),
+        (_BAL6, "disam"),
+        (_BAL6, "sam"),
+      ),
+      (
+        "(DISAM − SAM) merged count − (DISAM − SAM) balanced",
+        (_CNT6, "disam"),
+        (_CNT6, "sam"),
+        (_BAL6, "disam"),
+        (_BAL6, "sam"),
+      ),
+    ],
+  ),
 }
 
 
@@ -114,8 +205,9 @@ def _cells(root, name):
 
 
 def _metrics(root, name, cell):
-  return report.load_metrics(os.path.join(root, name, "cells", os.path.basename(cell["directory"].rstrip("/")),
-                                          "metrics.jsonl"))
+  return report.load_metrics(
+    os.path.join(root, name, "cells", os.path.basename(cell["directory"].rstrip("/")), "metrics.jsonl")
+  )
 
 
 def _weights(m, lam):
@@ -145,10 +237,13 @@ def _run_stats(root, name, algorithm, threshold):
     window = max(1, len(m.steps) // 50)
     w = _weights(m, lam)
     out[(c["held_out"], int(c["seed"]))] = {
-      "acc": 100 * c["selected"]["test_acc"], "acc_last": 100 * c["last"]["test_acc"],
-      "logvar": math.log(max(m.variance.mean(), 1e-300)), "final_loss": float(m.loss[-max(1, len(m.loss) // 10):].mean()),
+      "acc": 100 * c["selected"]["test_acc"],
+      "acc_last": 100 * c["last"]["test_acc"],
+      "logvar": math.log(max(m.variance.mean(), 1e-300)),
+      "final_loss": float(m.loss[-max(1, len(m.loss) // 10) :].mean()),
       "steps": report.steps_to_threshold(m.steps, m.loss, threshold, window),
-      "w_spread": float((w.max(1) - w.min(1)).mean()), "w_neg": float((w.min(1) < 0).mean()),
+      "w_spread": float((w.max(1) - w.min(1)).mean()),
+      "w_neg": float((w.min(1) < 0).mean()),
       "w_min": float(w.min(1).mean()),
     }
   return out
@@ -186,8 +281,9 @@ def _row(root, threshold, row):
     return label, a, b, a
   if len(specs) == 4:
     return label, _row_runs(root, specs[:2], threshold), _row_runs(root, specs[2:], threshold), None
-  raise ValueError(f"COMPARISONS row {label!r}: give A, B or A, B, C, D as (run directory, algorithm), not "
-                   f"{len(specs)} of them")
+  raise ValueError(
+    f"COMPARISONS row {label!r}: give A, B or A, B, C, D as (run directory, algorithm), not {len(specs)} of them"
+  )
 
 
 def detectable_difference(sd, n, alpha=0.05, power=0.8):
@@ -210,9 +306,11 @@ def detectable_difference(sd, n, alpha=0.05, power=0.8):
 
 
 def tables(root):
-  lines = ["| regime | A − B | pairs | held-out acc (points) | variance ratio A / B | final loss A − B | "
-           "steps to loss ≤ t: A − B (pairs) | A: mean spread of M·c_i | A: steps with a c_i < 0 |",
-           "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|"]
+  lines = [
+    "| regime | A − B | pairs | held-out acc (points) | variance ratio A / B | final loss A − B | "
+    "steps to loss ≤ t: A − B (pairs) | A: mean spread of M·c_i | A: steps with a c_i < 0 |",
+    "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
+  ]
   for regime, (threshold, rows) in COMPARISONS.items():
     for row in rows:
       label, a, b, own = _row(root, threshold, row)
@@ -226,16 +324,21 @@ def tables(root):
       st = report.paired_difference([a[k]["steps"] for k in both], [b[k]["steps"] for k in both])
       spread = f"{np.mean([own[k]['w_spread'] for k in keys]):.3f}" if own else "–"
       neg = f"{np.mean([own[k]['w_neg'] for k in keys]):.0%}" if own else "–"
-      lines.append(f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {_fmt(var, '{:.3f}', math.exp)} | "
-                   f"{_fmt(fl, '{:+.3f}')} | t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread} | {neg} |")
+      lines.append(
+        f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {_fmt(var, '{:.3f}', math.exp)} | "
+        f"{_fmt(fl, '{:+.3f}')} | t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread} | {neg} |"
+      )
   return "\n".join(lines)
 
 
 def power_table(root):
   """Per comparison: the s.d. of the paired accuracy differences and the smallest difference the comparison
   detects at 80% power (alpha 0.05, two-sided), from that s.d. and the number of pairs."""
-  lines = ["| regime | A − B | pairs | held-out acc A − B (points) | s.d. of the paired differences | "
-           "detectable at 80% power (points) |", "|---|---|:-:|:-:|:-:|:-:|"]
+  lines = [
+    "| regime | A − B | pairs | held-out acc A − B (points) | s.d. of the paired differences | "
+    "detectable at 80% power (points) |",
+    "|---|---|:-:|:-:|:-:|:-:|",
+  ]
   for regime, (threshold, rows) in COMPARISONS.items():
     for row in rows:
       label, a, b, _ = _row(root, threshold, row)
@@ -246,14 +349,18 @@ def power_table(root):
       sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
       mde = detectable_difference(sd, len(d))
       acc = report.paired_difference([a[k]["acc"] for k in keys], [b[k]["acc"] for k in keys])
-      lines.append(f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {'–' if len(d) < 2 else f'{sd:.2f}'} | "
-                   f"{'–' if mde is None else f'{mde:.2f}'} |")
+      lines.append(
+        f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {'–' if len(d) < 2 else f'{sd:.2f}'} | "
+        f"{'–' if mde is None else f'{mde:.2f}'} |"
+      )
   return "\n".join(lines)
 
 
 def accuracy_table(root):
-  lines = ["| run directory | algorithm | runs | held-out acc (selected) | held-out acc (last) | final loss |",
-           "|---|---|:-:|:-:|:-:|:-:|"]
+  lines = [
+    "| run directory | algorithm | runs | held-out acc (selected) | held-out acc (last) | final loss |",
+    "|---|---|:-:|:-:|:-:|:-:|",
+  ]
   for name in sorted(os.listdir(root)):
     loaded = _cells(root, name)
     if loaded is None:
@@ -262,21 +369,28 @@ def accuracy_table(root):
       s = _run_stats(root, name, algorithm, 0.1)
       v = lambda key: np.asarray([x[key] for x in s.values()])
       sd = lambda x: f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
-      lines.append(f"| {name} | {algorithm} | {len(s)} | {sd(v('acc'))} | {sd(v('acc_last'))} | "
-                   f"{v('final_loss').mean():.3f} |")
+      lines.append(
+        f"| {name} | {algorithm} | {len(s)} | {sd(v('acc'))} | {sd(v('acc_last'))} | {v('final_loss').mean():.3f} |"
+      )
   return "\n".join(lines)
 
 
-PLOTS = [("rotated digits", "diag_base"), ("noisy 30° domain", "diag_noisy30"),
-         ("noisy 30° domain", "diag_noisy30_lam1"), ("noisy 30°, 5 inferred domains", "diag_noisy30_infer5"),
-         ("colored digits", "diag_colored"), ("colored digits", "diag_colored_lam1"),
-         ("MobileNetV2 PEFT, VLCS mini", "diag_peft")]
+PLOTS = [
+  ("rotated digits", "diag_base"),
+  ("noisy 30° domain", "diag_noisy30"),
+  ("noisy 30° domain", "diag_noisy30_lam1"),
+  ("noisy 30°, 5 inferred domains", "diag_noisy30_infer5"),
+  ("colored digits", "diag_colored"),
+  ("colored digits", "diag_colored_lam1"),
+  ("MobileNetV2 PEFT, VLCS mini", "diag_peft"),
+]
 
 
 def plot(root, path):
   """Top: DISAM's weights M·c_i per training domain (SAM: all 1); bottom: cosine between DISAM's and SAM's
   perturbation directions; one column per single --diagnostics run (seed 0)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -302,8 +416,11 @@ def plot(root, path):
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("step")
     ax.set_ylabel("cos(DISAM direction, SAM direction)" if k == 0 else None, fontsize=7)
-  fig.suptitle("DISAM's mechanism per regime: perturbation weights c_i of g_p = Σ c_i ∇L_i (top) and cosine to "
-               "SAM's direction (bottom); seed 0; MLP, 300 steps (MobileNetV2: 60)", fontsize=9)
+  fig.suptitle(
+    "DISAM's mechanism per regime: perturbation weights c_i of g_p = Σ c_i ∇L_i (top) and cosine to "
+    "SAM's direction (bottom); seed 0; MLP, 300 steps (MobileNetV2: 60)",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   print(path)

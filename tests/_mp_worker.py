@@ -23,7 +23,7 @@ def main():
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(M, B, D)) + np.arange(M)[:, None, None]).astype(np.float32)
   y = rng.integers(0, 3, size=(M, B)).astype(np.int32)
-  params = {'w': jnp.asarray(rng.normal(size=(D, 3)), jnp.float32), 'b': jnp.zeros(3, jnp.float32)}
+  params = {"w": jnp.asarray(rng.normal(size=(D, 3)), jnp.float32), "b": jnp.zeros(3, jnp.float32)}
   mesh = distributed.data_mesh()
   local = distributed.local_batch_slice(B, mesh)
   xg, yg = distributed.global_batch(mesh, (x[:, local], y[:, local]), B)
@@ -31,13 +31,14 @@ def main():
   tx = disam_jax.disam(optax.adam(0.05), 0.1, 0.5)
 
   loss = lambda q, xb, yb: disam_jax.domain_losses_from_grouped(
-      optax.softmax_cross_entropy_with_integer_labels(xb @ q['w'] + q['b'], yb))
+    optax.softmax_cross_entropy_with_integer_labels(xb @ q["w"] + q["b"], yb)
+  )
   params, state = run_steps(tx, params, loss, STEPS, xg, yg)
   if distributed.is_main_process():
     out = {k: np.asarray(jax.device_get(v)).tolist() for k, v in params.items()}
-    print('RESULT ' + json.dumps({'params': out, 'devices': jax.device_count(), 'processes': jax.process_count()}))
+    print("RESULT " + json.dumps({"params": out, "devices": jax.device_count(), "processes": jax.process_count()}))
   sys.stdout.flush()
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

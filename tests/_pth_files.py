@@ -13,9 +13,15 @@ import zipfile
 
 import numpy as np
 
-STORAGES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
-            np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage",
-            np.dtype(np.uint8): "ByteStorage", np.dtype(np.bool_): "BoolStorage"}
+STORAGES = {
+  np.dtype(np.float32): "FloatStorage",
+  np.dtype(np.float64): "DoubleStorage",
+  np.dtype(np.float16): "HalfStorage",
+  np.dtype(np.int64): "LongStorage",
+  np.dtype(np.int32): "IntStorage",
+  np.dtype(np.uint8): "ByteStorage",
+  np.dtype(np.bool_): "BoolStorage",
+}
 
 
 def _global(module, name):
@@ -42,9 +48,20 @@ def state_dict_pickle(entries, legacy=False, extra=b""):
     pid = [_str("storage"), _global("torch", STORAGES[np.dtype(dtype)]), _str(key), _str("cpu"), _int(numel)]
     if legacy:
       pid.append(b"N")
-    out += [_str(name), _global("torch._utils", "_rebuild_tensor_v2"), b"(", _tuple(pid), b"Q", _int(offset),
-            _tuple(_int(s) for s in size), _tuple(_int(s) for s in stride), b"\x89",
-            _global("collections", "OrderedDict"), b")R", b"tR"]
+    out += [
+      _str(name),
+      _global("torch._utils", "_rebuild_tensor_v2"),
+      b"(",
+      _tuple(pid),
+      b"Q",
+      _int(offset),
+      _tuple(_int(s) for s in size),
+      _tuple(_int(s) for s in stride),
+      b"\x89",
+      _global("collections", "OrderedDict"),
+      b")R",
+      b"tR",
+    ]
   out += [extra, b"u."]
   return b"".join(out)
 
@@ -75,8 +92,11 @@ def write_legacy_pth(path, arrays, extra=b""):
   with open(path, "wb") as f:
     f.write(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
     f.write(pickle.dumps(1001, protocol=2))
-    f.write(pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                          "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
+    f.write(
+      pickle.dumps(
+        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2
+      )
+    )
     f.write(state_dict_pickle(entries, legacy=True, extra=extra))
     f.write(pickle.dumps(sorted(storages), protocol=2))
     for key in sorted(storages):
@@ -93,8 +113,13 @@ def write_safetensors(path, arrays):
   """The safetensors layout: little-endian u64 header size, JSON header, one data buffer."""
   import json
 
-  names = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16",
-           np.dtype(np.int64): "I64", np.dtype(np.bool_): "BOOL"}
+  names = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.bool_): "BOOL",
+  }
   header, chunks, offset = {"__metadata__": {"format": "np"}}, [], 0
   for k, a in arrays.items():
     b = np.require(a, requirements="C").tobytes()

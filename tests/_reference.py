@@ -15,14 +15,14 @@ def softmax(z):
 
 def domain_losses_and_grads(params, x, y, num_classes):
   """x [M, b, d], y [M, b] -> (losses [M], per-domain grads: list of dicts)."""
-  w, b = params['w'], params['b']
+  w, b = params["w"], params["b"]
   losses, grads = [], []
   for xi, yi in zip(x, y):
     p = softmax(xi @ w + b)
     onehot = np.eye(num_classes)[yi]
     losses.append(-np.mean(np.log(p[np.arange(len(yi)), yi])))
     d = (p - onehot) / len(yi)
-    grads.append({'w': xi.T @ d, 'b': d.sum(axis=0)})
+    grads.append({"w": xi.T @ d, "b": d.sum(axis=0)})
   return np.array(losses), grads
 
 

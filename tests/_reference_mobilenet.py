@@ -18,7 +18,7 @@ def conv_nchw(x, w, stride, pad, groups=1):
   og = o // groups
   for i in range(kh):
     for j in range(kw):
-      win = x[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+      win = x[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride]
       if groups == 1:
         out += np.einsum("nchw,oc->nohw", win, w[:, :, i, j])
       elif groups == c and cg == 1 and og == 1:
@@ -79,8 +79,15 @@ def state_dict_shapes(num_classes=1000):
     bn_(prefix + "1.", cout)
 
   def bn_(prefix, c):
-    out.extend([(prefix + "weight", (c,)), (prefix + "bias", (c,)), (prefix + "running_mean", (c,)),
-                (prefix + "running_var", (c,)), (prefix + "num_batches_tracked", ())])
+    out.extend(
+      [
+        (prefix + "weight", (c,)),
+        (prefix + "bias", (c,)),
+        (prefix + "running_mean", (c,)),
+        (prefix + "running_var", (c,)),
+        (prefix + "num_batches_tracked", ()),
+      ]
+    )
 
   conv_bn("features.0.", 3, 32, 3)
   idx, cin = 1, 32

@@ -11,6 +11,7 @@ def disam_step(tx, loss):
   `loss(params, *batch)` returns the per-domain losses (``[M]`` or a ``DomainLosses``). Wrap the step in
   ``jax.jit``, ``jax.pmap``, ``shard_map`` or ``lax.scan`` as the test needs.
   """
+
   def step(params, state, *batch):
     updates, state = tx.update(None, state, params, domain_loss_fn=lambda q: loss(q, *batch))
     return optax.apply_updates(params, updates), state

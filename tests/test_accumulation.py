@@ -15,7 +15,7 @@ RHO, LAM, LR = 0.1, 0.4, 1.0
 
 
 def _per_example(params, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(x @ params['w'] + params['b'], y)
+  return optax.softmax_cross_entropy_with_integer_labels(x @ params["w"] + params["b"], y)
 
 
 def _step(f, params):
@@ -26,11 +26,11 @@ def _step(f, params):
 
 def _split(a, k, axis):
   """[..., n, ...] -> [k, ..., n // k, ...]: k micro-batches along `axis`."""
-  shape = a.shape[:axis] + (k, a.shape[axis] // k) + a.shape[axis + 1:]
+  shape = a.shape[:axis] + (k, a.shape[axis] // k) + a.shape[axis + 1 :]
   return jnp.moveaxis(jnp.reshape(a, shape), axis, 0)
 
 
-@pytest.mark.parametrize('k', [1, 2, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_grouped_micro_batches_equal_the_big_batch_step(k):
   x, y, params = make_problem(30, b=8)
   p = to_jax(params)
@@ -48,15 +48,15 @@ def test_grouped_micro_batches_equal_the_big_batch_step(k):
 
 def _numpy_disam_gradient_from_ids(params, x, y, ids, present):
   """DISAM's gradient (uniform weights over the present domains) of a flat batch, float64 NumPy by hand."""
-  per_domain = [ref.domain_losses_and_grads(params, x[ids == i][None], y[ids == i][None], NUM_CLASSES)
-                for i in present]
+  per_domain = [ref.domain_losses_and_grads(params, x[ids == i][None], y[ids == i][None], NUM_CLASSES) for i in present]
   losses = np.array([l[0] for l, _ in per_domain])
   a = 1.0 / len(present)
   g_p = ref.combine([g[0] for _, g in per_domain], a * (1 - 2 * LAM * (losses - losses.mean())))
-  norm = np.sqrt(sum(np.sum(v ** 2) for v in g_p.values()))
+  norm = np.sqrt(sum(np.sum(v**2) for v in g_p.values()))
   perturbed = {k: params[k] + RHO * g_p[k] / norm for k in params}
-  grads = [ref.domain_losses_and_grads(perturbed, x[ids == i][None], y[ids == i][None], NUM_CLASSES)[1][0]
-           for i in present]
+  grads = [
+    ref.domain_losses_and_grads(perturbed, x[ids == i][None], y[ids == i][None], NUM_CLASSES)[1][0] for i in present
+  ]
   return ref.combine(grads, [a] * len(present))
 
 
@@ -117,38 +117,43 @@ def test_aux_mean_gives_the_big_batch_running_mean_and_stack_keeps_every_micro_b
 
   def per_batch(params, xb, yb):
     m, b = yb.shape
-    out, updated = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                               xb.reshape(m * b, 3), mutable=['batch_stats'])
-    return disam_jax.domain_losses_from_grouped(jnp.sum(out ** 2, -1).reshape(m, b)), updated['batch_stats']
+    out, updated = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, xb.reshape(m * b, 3), mutable=["batch_stats"]
+    )
+    return disam_jax.domain_losses_from_grouped(jnp.sum(out**2, -1).reshape(m, b)), updated["batch_stats"]
 
   f = disam_jax.accumulate_domain_losses(per_batch, _split(x, 4, 1), _split(y, 4, 1), has_aux=True)
-  losses, stats = f(variables['params'])
+  losses, stats = f(variables["params"])
   big = np.asarray(x).reshape(-1, 3)
-  np.testing.assert_allclose(stats['mean'], 0.1 * big.mean(axis=0), rtol=1e-5)  # running mean started at 0
+  np.testing.assert_allclose(stats["mean"], 0.1 * big.mean(axis=0), rtol=1e-5)  # running mean started at 0
   micro = np.asarray(_split(x, 4, 1)).reshape(4, -1, 3)
-  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * micro.var(axis=1).mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * micro.var(axis=1).mean(axis=0), rtol=1e-5)
   np.testing.assert_array_equal(losses.count, [8] * M)
-  stacked = disam_jax.accumulate_domain_losses(per_batch, _split(x, 4, 1), _split(y, 4, 1), has_aux=True,
-                                               aux_reduction='stack')(variables['params'])[1]
-  assert stacked['mean'].shape == (4, 3)
-  np.testing.assert_allclose(stacked['mean'], 0.1 * micro.mean(axis=1), rtol=1e-5)
+  stacked = disam_jax.accumulate_domain_losses(
+    per_batch, _split(x, 4, 1), _split(y, 4, 1), has_aux=True, aux_reduction="stack"
+  )(variables["params"])[1]
+  assert stacked["mean"].shape == (4, 3)
+  np.testing.assert_allclose(stacked["mean"], 0.1 * micro.mean(axis=1), rtol=1e-5)
 
 
 def _mlp_step_temp_bytes(k, remat):
   """XLA's temporary memory of a jitted DISAM step of an MLP over a [4096, 32] batch in k micro-batches."""
   rng = np.random.default_rng(35)
   n, d, h = 4096, 32, 256
-  params = {'w1': jnp.asarray(rng.normal(size=(d, h)) * 0.1, jnp.float32),
-            'w2': jnp.asarray(rng.normal(size=(h, h)) * 0.1, jnp.float32),
-            'w3': jnp.asarray(rng.normal(size=(h, NUM_CLASSES)) * 0.1, jnp.float32)}
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(d, h)) * 0.1, jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(h, h)) * 0.1, jnp.float32),
+    "w3": jnp.asarray(rng.normal(size=(h, NUM_CLASSES)) * 0.1, jnp.float32),
+  }
   x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   y = jnp.asarray(rng.integers(0, NUM_CLASSES, size=n))
   ids = jnp.asarray(rng.integers(0, M, size=n))
 
   def per_batch(q, xb, yb, ib):
-    hidden = jnp.tanh(jnp.tanh(xb @ q['w1']) @ q['w2'])
+    hidden = jnp.tanh(jnp.tanh(xb @ q["w1"]) @ q["w2"])
     return disam_jax.domain_losses_from_ids(
-        optax.softmax_cross_entropy_with_integer_labels(hidden @ q['w3'], yb), ib, M)
+      optax.softmax_cross_entropy_with_integer_labels(hidden @ q["w3"], yb), ib, M
+    )
 
   tx = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
   micro = [_split(a, k, 0) for a in (x, y, ids)]
@@ -168,13 +173,13 @@ def test_peak_memory_does_not_grow_with_the_batch_when_split_in_micro_batches():
 
 def test_bad_arguments_are_refused():
   f = lambda q, xb: disam_jax.DomainLosses(xb * q, jnp.ones(2))
-  with pytest.raises(ValueError, match='same leading axis'):
+  with pytest.raises(ValueError, match="same leading axis"):
     disam_jax.accumulate_domain_losses(f, jnp.ones((4, 2)), jnp.ones((3, 2)))
-  with pytest.raises(ValueError, match='needs the micro-batches'):
+  with pytest.raises(ValueError, match="needs the micro-batches"):
     disam_jax.accumulate_domain_losses(f)
   with pytest.raises(ValueError, match="aux_reduction must be one of"):
-    disam_jax.accumulate_domain_losses(f, jnp.ones((4, 2)), aux_reduction='last')
-  with pytest.raises(ValueError, match='has_aux=True'):
+    disam_jax.accumulate_domain_losses(f, jnp.ones((4, 2)), aux_reduction="last")
+  with pytest.raises(ValueError, match="has_aux=True"):
     disam_jax.accumulate_domain_losses(lambda q, xb: (f(q, xb), 0), jnp.ones((4, 2)))(1.0)
 
 
@@ -183,9 +188,9 @@ def test_benchmark_quick_smoke(tmp_path):
   """`python -m benchmarks.accumulation --quick` runs and writes its table (timings are not asserted)."""
   from benchmarks import accumulation
 
-  accumulation.main(['--quick', '--out-dir', str(tmp_path)])
-  table = (tmp_path / 'accumulation_quick.md').read_text()
-  for case in ('| plain |', '| k=1 |', '| k=2 |', '| k=2 no remat |'):
+  accumulation.main(["--quick", "--out-dir", str(tmp_path)])
+  table = (tmp_path / "accumulation_quick.md").read_text()
+  for case in ("| plain |", "| k=1 |", "| k=2 |", "| k=2 no remat |"):
     assert case in table
 
 
@@ -194,17 +199,17 @@ def test_readme_snippet_equals_the_big_batch_step():
   import pathlib
   import re
 
-  readme = (pathlib.Path(__file__).parents[1] / 'docs' / 'guide.md').read_text()
-  snippet = re.search(r'## Gradient accumulation\n.*?```python\n(.*?)```', readme, re.S).group(1)
+  readme = (pathlib.Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+  snippet = re.search(r"## Gradient accumulation\n.*?```python\n(.*?)```", readme, re.S).group(1)
   env = {}
   exec(snippet, env)  # self-contained: its own toy [M, b, 5] batch, split into k micro-batches
-  assert env['xs'].shape[0] == env['k'] > 1
+  assert env["xs"].shape[0] == env["k"] > 1
   rng = np.random.default_rng(36)
-  params = {'w': rng.normal(size=(5, 2)), 'b': rng.normal(size=2)}
+  params = {"w": rng.normal(size=(5, 2)), "b": rng.normal(size=2)}
   tx = disam_jax.disam(optax.sgd(LR), RHO, LAM)
   p = to_jax(params)
-  updates, _ = tx.update(None, tx.init(p), p, domain_loss_fn=env['f'])
-  expected, _ = ref.disam_gradient(params, np.asarray(env['x'], np.float64), np.asarray(env['y']), 2, RHO, LAM)
+  updates, _ = tx.update(None, tx.init(p), p, domain_loss_fn=env["f"])
+  expected, _ = ref.disam_gradient(params, np.asarray(env["x"], np.float64), np.asarray(env["y"]), 2, RHO, LAM)
   assert_tree_close({k: -updates[k] / LR for k in p}, expected, atol=2e-6)
 
 
@@ -225,6 +230,7 @@ def test_a_key_per_micro_batch_gives_each_its_own_dropout_mask():
   expected = sum(float(np.sum(np.where(m, 1.0, 0.0) * np.asarray(w))) for m in masks)
   np.testing.assert_allclose(float(total[0]), expected, rtol=1e-6)
   closed = disam_jax.accumulate_domain_losses(lambda p, x: per_batch(p, x, keys[0]), x)(w).total
-  np.testing.assert_allclose(float(closed[0]), k * float(np.sum(np.where(masks[0], 1.0, 0.0) * np.asarray(w))),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(closed[0]), k * float(np.sum(np.where(masks[0], 1.0, 0.0) * np.asarray(w))), rtol=1e-6
+  )
   assert float(closed[0]) != float(total[0])

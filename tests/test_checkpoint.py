@@ -82,10 +82,13 @@ def test_the_digest_changes_with_a_value_a_permutation_or_a_sign():
 
 def _state():
   rng = np.random.default_rng(1)
-  return {"w": jnp.asarray(rng.standard_normal((64, 16)), jnp.float32),
-          "v": jnp.asarray(rng.standard_normal((16, 32)), jnp.bfloat16),
-          "b": jnp.asarray(rng.standard_normal(16), jnp.float32),
-          "key": jax.random.key(7), "step": jnp.int32(12)}
+  return {
+    "w": jnp.asarray(rng.standard_normal((64, 16)), jnp.float32),
+    "v": jnp.asarray(rng.standard_normal((16, 32)), jnp.bfloat16),
+    "b": jnp.asarray(rng.standard_normal(16), jnp.float32),
+    "key": jax.random.key(7),
+    "step": jnp.int32(12),
+  }
 
 
 def _assert_equal(a, b):
@@ -96,11 +99,14 @@ def _assert_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("saved_on, restored_on", [
-  ("data=1,fsdp=8", "data=4,fsdp=2"),
-  ("data=4,fsdp=2", None),  # one device
-  (None, "data=2,fsdp=4"),
-])
+@pytest.mark.parametrize(
+  "saved_on, restored_on",
+  [
+    ("data=1,fsdp=8", "data=4,fsdp=2"),
+    ("data=4,fsdp=2", None),  # one device
+    (None, "data=2,fsdp=4"),
+  ],
+)
 def test_a_checkpoint_restores_onto_another_mesh_into_the_template_shardings(tmp_path, saved_on, restored_on):
   state = _state()
   place = lambda tree, spec: tree if spec is None else distributed.place_state(tree, distributed.parse_mesh(spec))
@@ -121,8 +127,11 @@ def test_a_checkpoint_of_another_configuration_is_refused_before_reading_its_arr
   with CheckpointStore(str(tmp_path)) as store:
     store.save(1, _state(), {"step": 1})
     other = {**_state(), "w": jnp.zeros((32, 16))}
-    with pytest.raises(ValueError, match=r"Checkpoint array 4 has shape \(64, 16\) but the training state expects "
-                                         r"\(32, 16\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"Checkpoint array 4 has shape \(64, 16\) but the training state expects "
+      r"\(32, 16\)",
+    ):
       store.restore(1, other)
     with pytest.raises(ValueError, match="Checkpoint holds 5 arrays but this configuration's training state has 4"):
       store.restore(1, {k: v for k, v in _state().items() if k != "b"})
@@ -192,8 +201,9 @@ def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device
   from disam_jax.harness.steps import init_model, init_train_state
 
   mesh = distributed.parse_mesh("data=2,fsdp=4")
-  graphdef, params, model_state = init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
-                                                   model_kwargs={"hidden": 32}, mesh=mesh)
+  graphdef, params, model_state = init_model(
+    "mlp", num_classes=12, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 32}, mesh=mesh
+  )
   _, whole, _ = init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 32})
   tx = algorithms.make_optimizer("disam", HParams(), num_domains=3, aux_example=model_state)
   state = distributed.init_sharded(lambda p, m: init_train_state(p, m, tx), mesh, params, model_state)
@@ -210,14 +220,18 @@ def test_sharded_init_creates_every_leaf_in_its_shards_never_whole_on_one_device
   assert split >= 3 * 2  # the weight matrices, and Adam's two moments of each
   _assert_equal(state.params, whole)  # the values of the unsharded initialization
   # What XLA allocates per device to create the state: the shards, never the whole state (nor a whole weight)
-  make = lambda: init_train_state(*init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0,
-                                                           model_kwargs={"hidden": 32})[1:], tx)
+  make = lambda: init_train_state(
+    *init_model("mlp", num_classes=12, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 32})[1:], tx
+  )
   memory = distributed.sharded_initializer(make, mesh).lower().compile().memory_analysis()
   leaves = jax.tree.leaves(state)
   nbytes = lambda x: x.size * (8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.itemsize)
   whole_bytes = sum(nbytes(x) for x in leaves)
-  shard_bytes = sum(s.data.nbytes if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else nbytes(x)
-                    for x in leaves for s in x.addressable_shards[:1])
+  shard_bytes = sum(
+    s.data.nbytes if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else nbytes(x)
+    for x in leaves
+    for s in x.addressable_shards[:1]
+  )
   assert shard_bytes < whole_bytes / 2
   assert memory.output_size_in_bytes <= shard_bytes + 64 * len(leaves)  # alignment slack
   assert memory.output_size_in_bytes + memory.temp_size_in_bytes < whole_bytes
@@ -235,23 +249,26 @@ def test_sharded_evaluation_counts_equal_a_numpy_count_of_the_predictions(device
   from disam_jax.harness.config import ExperimentConfig
   from disam_jax.harness.steps import init_model, init_train_state
 
-  config = ExperimentConfig(algorithms=("erm",), held_out=("75",), model="mlp", model_kwargs={"hidden": 16},
-                            eval_batch_size=100)
+  config = ExperimentConfig(
+    algorithms=("erm",), held_out=("75",), model="mlp", model_kwargs={"hidden": 16}, eval_batch_size=100
+  )
   split = data.split_dataset(data.load_dataset("rotated_digits", seed=0), "75", seed=0)
   mesh = None if mesh_spec is None else distributed.parse_mesh(mesh_spec, jax.devices()[:devices])
-  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
-                                                   model_kwargs={"hidden": 16}, mesh=mesh)
+  graphdef, params, model_state = init_model(
+    "mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16}, mesh=mesh
+  )
   compiled = loop._compile(config, graphdef, model_state, len(split.train))
   state = init_train_state(params, model_state, compiled.txs["erm"])
   feed = loop._eval_feed(config, split, mesh)
   assert feed.global_batch_size == 100 if devices != 8 else 104  # a multiple of the devices
   record = loop._evaluator(config, "erm", feed, "75", 0, compiled, mesh)(state, 0)
 
-  _, whole, whole_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
-                                           model_kwargs={"hidden": 16})
+  _, whole, whole_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16})
   eval_step = compiled.eval_step  # jitted
-  acc = [float(np.sum(np.argmax(np.asarray(eval_step(whole, whole_state, x)), -1) == y) / len(y))
-         for x, y in tuple(split.val) + tuple(split.test)]
+  acc = [
+    float(np.sum(np.argmax(np.asarray(eval_step(whole, whole_state, x)), -1) == y) / len(y))
+    for x, y in tuple(split.val) + tuple(split.test)
+  ]
   assert record["val_acc"] == dict(zip([d for kind, d in feed.parts if kind == "val"], acc[:-1]))
   assert record["test_acc"] == acc[-1]
   assert isinstance(feed, feeds.ArrayEvalFeed)

@@ -23,7 +23,7 @@ def make_problem(seed=0, m=M, b=B):
   # Domain shift: each domain has its own input offset and scale, so the domain losses differ.
   x = np.stack([rng.normal(loc=i * 0.7, scale=1.0 + 0.3 * i, size=(b, D)) for i in range(m)])
   y = rng.integers(0, NUM_CLASSES, size=(m, b))
-  params = {'w': rng.normal(size=(D, NUM_CLASSES)) * 0.5, 'b': rng.normal(size=(NUM_CLASSES,)) * 0.1}
+  params = {"w": rng.normal(size=(D, NUM_CLASSES)) * 0.5, "b": rng.normal(size=(NUM_CLASSES,)) * 0.1}
   return x, y, params
 
 
@@ -31,7 +31,7 @@ def jax_domain_loss_fn(x, y):
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
 
   def f(p):
-    logits = x @ p['w'] + p['b']
+    logits = x @ p["w"] + p["b"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
 
   return f
@@ -60,18 +60,20 @@ def _explicit_objective(params_flat, shapes, x, y, lam):
   return losses.mean() - lam * np.var(losses)  # np.var: population variance, as the paper
 
 
-@pytest.mark.parametrize('lam', [0.0, 0.1, 0.7, 3.0])
+@pytest.mark.parametrize("lam", [0.0, 0.1, 0.7, 3.0])
 def test_perturbation_direction_matches_finite_differences(lam):
   x, y, params = make_problem(1)
   rho = 0.05
   shapes = {k: v.shape for k, v in params.items()}
   flat = np.concatenate([params[k].ravel() for k in shapes])
   h = 1e-6
-  fd = np.array([
+  fd = np.array(
+    [
       (_explicit_objective(flat + h * e, shapes, x, y, lam) - _explicit_objective(flat - h * e, shapes, x, y, lam))
       / (2 * h)
       for e in np.eye(flat.size)
-  ])
+    ]
+  )
   # DISAM evaluates domain_loss_fn at w, then at the perturbed point w + eps: eps must be rho * fd / ||fd||.
   tx = disam_jax.disam(optax.sgd(1.0), rho=rho, lam=lam)
   f = jax_domain_loss_fn(x, y)
@@ -119,8 +121,8 @@ def test_reweighted_vjp_identity_against_per_domain_gradients():
 def test_perturbation_weights_go_negative_for_a_domain_far_above_the_mean():
   """c_i = a_i (1 - 2 lam (L_i - L)) < 0 when 2 lam (L_i - L) > 1: documented, visible in the state."""
   losses = np.array([0.2, 0.3, 3.0])
-  p = {'w': jnp.ones(3)}
-  f = lambda q: jnp.asarray(losses, jnp.float32) * q['w']
+  p = {"w": jnp.ones(3)}
+  f = lambda q: jnp.asarray(losses, jnp.float32) * q["w"]
   tx = disam_jax.disam(optax.sgd(0.1), 0.05, 1.0, num_domains=3, diagnostics=True)
   _, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
   expected = (1 - 2 * 1.0 * (losses - losses.mean())) / 3
@@ -128,8 +130,9 @@ def test_perturbation_weights_go_negative_for_a_domain_far_above_the_mean():
   np.testing.assert_allclose(state.perturbation_weights, expected, rtol=1e-5)
   # grad L_i = L_i e_i here, so g_p = c * losses and SAM's direction = losses / 3.
   g_p, g_sam = expected * losses, losses / 3
-  np.testing.assert_allclose(float(state.sam_cosine), g_p @ g_sam / np.linalg.norm(g_p) / np.linalg.norm(g_sam),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(state.sam_cosine), g_p @ g_sam / np.linalg.norm(g_p) / np.linalg.norm(g_sam), rtol=1e-5
+  )
   assert float(state.sam_cosine) < 0  # the perturbation points away from SAM's
 
 
@@ -149,21 +152,25 @@ def test_lam_effect_scales_with_the_loss_scale():
   """V is quadratic in the losses: scaling every loss by s is the same perturbation as lam * s (documented)."""
   x, y, params = make_problem(2)
   p, f = to_jax(params), jax_domain_loss_fn(x, y)
-  run = lambda lam, scale: disam_jax.disam(optax.sgd(1.0), 0.05, lam, num_domains=M).update(
-      None, disam_jax.disam(optax.sgd(1.0), 0.05, lam, num_domains=M).init(p), p,
-      domain_loss_fn=lambda q: scale * f(q))[1].perturbation_weights
+  run = lambda lam, scale: (
+    disam_jax.disam(optax.sgd(1.0), 0.05, lam, num_domains=M)
+    .update(
+      None, disam_jax.disam(optax.sgd(1.0), 0.05, lam, num_domains=M).init(p), p, domain_loss_fn=lambda q: scale * f(q)
+    )[1]
+    .perturbation_weights
+  )
   np.testing.assert_allclose(run(0.5, 4.0), run(2.0, 1.0), rtol=1e-5)
 
 
 # --- trajectories against the hand-written NumPy step ---------------------------------------------------------
 
 
-@pytest.mark.parametrize('adaptive', [False, True])
-@pytest.mark.parametrize('base', ['sgd_momentum_wd', 'adam'])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("base", ["sgd_momentum_wd", "adam"])
 def test_ten_step_trajectory_matches_numpy_reference(base, adaptive):
   x, y, params = make_problem(3)
   rho, lam = 0.1, 0.3
-  if base == 'sgd_momentum_wd':
+  if base == "sgd_momentum_wd":
     base_tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9))
     opt = ref.SGDMomentumWithDecay(0.1, 0.9, 1e-2)
   else:
@@ -173,40 +180,42 @@ def test_ten_step_trajectory_matches_numpy_reference(base, adaptive):
   for _ in range(10):
     g, _ = ref.disam_gradient(expected, x, y, NUM_CLASSES, rho, lam, adaptive=adaptive)
     expected = opt.step(expected, g)
-  got, _ = run_steps(disam_jax.disam(base_tx, rho, lam, adaptive=adaptive), to_jax(params), jax_domain_loss_fn(x, y), 10)
+  got, _ = run_steps(
+    disam_jax.disam(base_tx, rho, lam, adaptive=adaptive), to_jax(params), jax_domain_loss_fn(x, y), 10
+  )
   assert_tree_close(got, expected, atol=2e-5)
   # The reference must actually move the parameters, or the test would prove nothing.
   assert max(np.abs(expected[k] - params[k]).max() for k in params) > 1e-2
 
 
 def _conformance():
-  path = pathlib.Path(__file__).parent / 'data' / 'disam_reference_v1.json'
+  path = pathlib.Path(__file__).parent / "data" / "disam_reference_v1.json"
   return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize('case', range(6))
+@pytest.mark.parametrize("case", range(6))
 def test_conformance_vectors(case):
   """Trajectories from an independent PyTorch restatement of the authors' loop (../shared/conformance)."""
   d = _conformance()
-  c = d['cases'][case]
-  x, y = jnp.asarray(d['x'], jnp.float32), jnp.asarray(d['y'])
-  params = {k: jnp.asarray(v, jnp.float32) for k, v in d['params_init'].items()}
+  c = d["cases"][case]
+  x, y = jnp.asarray(d["x"], jnp.float32), jnp.asarray(d["y"])
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in d["params_init"].items()}
 
   def f(p):
-    logits = jnp.tanh(x @ p['w1'].T + p['b1']) @ p['w2'].T + p['b2']
+    logits = jnp.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
 
-  b = c['base']
-  assert b['kind'] == 'sgd'
+  b = c["base"]
+  assert b["kind"] == "sgd"
   base_tx = optax.chain(
-      optax.add_decayed_weights(b['weight_decay_coupled']),
-      optax.sgd(b['learning_rate'], b['momentum'], nesterov=b['nesterov']),
+    optax.add_decayed_weights(b["weight_decay_coupled"]),
+    optax.sgd(b["learning_rate"], b["momentum"], nesterov=b["nesterov"]),
   )
-  tx = disam_jax.disam(base_tx, rho=c['rho'], lam=c['lam'], adaptive=c['adaptive'])
+  tx = disam_jax.disam(base_tx, rho=c["rho"], lam=c["lam"], adaptive=c["adaptive"])
   trajectory = []
   ten, _ = run_steps(tx, params, f, 10, trajectory=trajectory)
-  assert_tree_close(trajectory[0], c['params_after_1_step'], atol=2e-5)
-  assert_tree_close(ten, c['params_after_10_steps'], atol=2e-5)
+  assert_tree_close(trajectory[0], c["params_after_1_step"], atol=2e-5)
+  assert_tree_close(ten, c["params_after_10_steps"], atol=2e-5)
 
 
 # --- special cases: SAM and the base optimizer ---------------------------------------------------------------
@@ -264,11 +273,15 @@ def mlp_problem(m, n=128, d=32, h=64, seed=7):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(m, n // m, d)), jnp.float32)
   y = jnp.asarray(rng.integers(0, NUM_CLASSES, size=(m, n // m)))
-  p = {'w1': jnp.asarray(rng.normal(size=(d, h)) / d**0.5, jnp.float32), 'b1': jnp.zeros(h),
-       'w2': jnp.asarray(rng.normal(size=(h, NUM_CLASSES)) / h**0.5, jnp.float32), 'b2': jnp.zeros(NUM_CLASSES)}
+  p = {
+    "w1": jnp.asarray(rng.normal(size=(d, h)) / d**0.5, jnp.float32),
+    "b1": jnp.zeros(h),
+    "w2": jnp.asarray(rng.normal(size=(h, NUM_CLASSES)) / h**0.5, jnp.float32),
+    "b2": jnp.zeros(NUM_CLASSES),
+  }
 
   def f(q):
-    logits = jnp.tanh(x.reshape(n, d) @ q['w1'] + q['b1']) @ q['w2'] + q['b2']
+    logits = jnp.tanh(x.reshape(n, d) @ q["w1"] + q["b1"]) @ q["w2"] + q["b2"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y.reshape(n)).reshape(m, n // m).mean(axis=1)
 
   return p, f
@@ -278,7 +291,7 @@ def compiled_flops(fn, *args):
   """FLOPs of the compiled computation, from XLA's cost analysis."""
   cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops'])
+  return float(cost["flops"])
 
 
 def _disam_step_flops(m, tx=None):
@@ -296,7 +309,8 @@ def test_step_flops_do_not_grow_with_number_of_domains_and_equal_sams():
   loss = lambda q: jnp.mean(f(q))
   sam = optax.contrib.sam(optax.sgd(0.1), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True)
   sam_flops = compiled_flops(
-      lambda q, s: sam.update(jax.grad(loss)(q), s, q, grad_fn=lambda w, _: jax.grad(loss)(w)), p, sam.init(p))
+    lambda q, s: sam.update(jax.grad(loss)(q), s, q, grad_fn=lambda w, _: jax.grad(loss)(w)), p, sam.init(p)
+  )
   assert abs(flops_32 / sam_flops - 1) < 0.02, (flops_32, sam_flops)
 
   def per_domain_gradients_step(q):  # what the reweighting avoids: M backward passes (a Jacobian)
@@ -316,7 +330,7 @@ def test_state_exposes_metrics_and_unperturbed_aux():
   f = jax_domain_loss_fn(x, y)
 
   def f_aux(p):
-    return f(p), {'first_weight': p['w'][0, 0]}
+    return f(p), {"first_weight": p["w"][0, 0]}
 
   tx = disam_jax.disam(optax.sgd(0.1), rho=0.5, lam=0.1, has_aux=True, num_domains=M)
   p = to_jax(params)
@@ -324,7 +338,7 @@ def test_state_exposes_metrics_and_unperturbed_aux():
   assert state.domain_losses.shape == (M,) and state.aux is None
   _, state = jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f_aux))(p, state)
   # aux comes from the unperturbed evaluation: the weight itself, not the perturbed weight.
-  assert float(state.aux['first_weight']) == float(p['w'][0, 0])
+  assert float(state.aux["first_weight"]) == float(p["w"][0, 0])
   losses, _ = ref.domain_losses_and_grads(params, x, y, NUM_CLASSES)
   np.testing.assert_allclose(state.domain_losses, losses, rtol=1e-5)
   assert int(state.count) == 1
@@ -338,7 +352,7 @@ def test_find_disam_state_in_a_chain():
   p = to_jax(params)
   _, state = tx.update(None, tx.init(p), p, domain_loss_fn=jax_domain_loss_fn(x, y))
   assert disam_jax.find_disam_state(state).loss > 0
-  with pytest.raises(ValueError, match='exactly one DisamState'):
+  with pytest.raises(ValueError, match="exactly one DisamState"):
     disam_jax.find_disam_state(optax.sgd(0.1).init(p))
 
 
@@ -365,7 +379,7 @@ def test_incoming_updates_are_refused_not_discarded():
   p, f = _composition_problem()
   tx = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
   grads = jax.tree.map(jnp.ones_like, p)
-  with pytest.raises(ValueError, match=r'cannot use incoming updates: pass None.*inside base_tx'):
+  with pytest.raises(ValueError, match=r"cannot use incoming updates: pass None.*inside base_tx"):
     jax.jit(lambda p, s: tx.update(grads, s, p, domain_loss_fn=f))(p, tx.init(p))
 
 
@@ -373,7 +387,7 @@ def test_chain_member_before_disam_given_gradients_is_refused_and_clip_inside_ba
   p, f = _composition_problem()
   chained = optax.chain(optax.clip_by_global_norm(1e-3), disam_jax.disam(optax.sgd(0.1), 0.05, 0.1))
   # Given None, clip clips nothing and is not refused (no argument shows it): tests/test_wrappers.py.
-  with pytest.raises(ValueError, match=r'member before disam in an optax.chain.*inside base_tx'):
+  with pytest.raises(ValueError, match=r"member before disam in an optax.chain.*inside base_tx"):
     grads = jax.tree.map(jnp.ones_like, p)
     jax.jit(lambda p, s: chained.update(grads, s, p, domain_loss_fn=f))(p, chained.init(p))
   # What the message says to write: the clip then acts on the sharpness-aware gradient (NumPy reference).
@@ -390,32 +404,32 @@ def test_multisteps_given_gradients_is_refused_with_a_pointer_to_accumulation():
   p, f = _composition_problem()
   tx = optax.MultiSteps(disam_jax.disam(optax.sgd(0.1), 0.05, 0.1), every_k_schedule=2)
   grads = jax.tree.map(jnp.ones_like, p)  # given None, optax's own error (tests/test_wrappers.py)
-  with pytest.raises(ValueError, match='MultiSteps.*accumulate_domain_losses'):
+  with pytest.raises(ValueError, match="MultiSteps.*accumulate_domain_losses"):
     jax.jit(lambda p, s: tx.update(grads, s, p, domain_loss_fn=f))(p, tx.init(p))
 
 
-@pytest.mark.parametrize('wrapper', ['apply_if_finite', 'conditionally_transform', 'conditionally_mask'])
+@pytest.mark.parametrize("wrapper", ["apply_if_finite", "conditionally_transform", "conditionally_mask"])
 def test_conditional_wrappers_given_gradients_are_refused_with_a_pointer_inside(wrapper):
   p, f = _composition_problem()
   inner = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
-  if wrapper == 'apply_if_finite':
+  if wrapper == "apply_if_finite":
     tx = optax.apply_if_finite(inner, max_consecutive_errors=2)
   else:
     tx = getattr(optax, wrapper)(inner, lambda step, **_: step % 2 == 0, forward_extra_args=True)
   grads = jax.tree.map(jnp.ones_like, p)  # given None, JAX's lax.cond error (tests/test_wrappers.py)
-  with pytest.raises(ValueError, match=r'apply_if_finite.*inside base_tx'):
+  with pytest.raises(ValueError, match=r"apply_if_finite.*inside base_tx"):
     jax.jit(lambda p, s: tx.update(grads, s, p, domain_loss_fn=f))(p, tx.init(p))
 
 
-@pytest.mark.parametrize('wrapper', ['masked', 'multi_transform'])
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
 def test_masked_and_multi_transform_are_refused_with_a_pointer_to_perturbation_mask(wrapper):
   p, f = _composition_problem()
   inner = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
-  if wrapper == 'masked':
-    tx = optax.masked(inner, {'w': True, 'b': False})
+  if wrapper == "masked":
+    tx = optax.masked(inner, {"w": True, "b": False})
   else:
-    tx = optax.multi_transform({'d': inner, 'z': optax.set_to_zero()}, {'w': 'd', 'b': 'z'})
-  with pytest.raises(ValueError, match=r'optax.masked / optax.multi_transform.*perturbation_mask'):
+    tx = optax.multi_transform({"d": inner, "z": optax.set_to_zero()}, {"w": "d", "b": "z"})
+  with pytest.raises(ValueError, match=r"optax.masked / optax.multi_transform.*perturbation_mask"):
     jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f))(p, tx.init(p))
 
 
@@ -424,23 +438,27 @@ def test_masked_inside_base_tx_updates_only_the_subset():
   x, y, params = make_problem(10)
   p, f = to_jax(params), jax_domain_loss_fn(x, y)
   g, _ = ref.disam_gradient(params, x, y, NUM_CLASSES, 0.05, 0.1)
-  tx = disam_jax.disam(optax.multi_transform({'train': optax.sgd(1.0), 'freeze': optax.set_to_zero()},
-                                             {'w': 'train', 'b': 'freeze'}), 0.05, 0.1)
+  tx = disam_jax.disam(
+    optax.multi_transform({"train": optax.sgd(1.0), "freeze": optax.set_to_zero()}, {"w": "train", "b": "freeze"}),
+    0.05,
+    0.1,
+  )
   got, _ = _update(tx, f, p)
-  np.testing.assert_allclose(-got['w'], g['w'], atol=2e-6)
-  np.testing.assert_array_equal(got['b'], 0.0)
+  np.testing.assert_allclose(-got["w"], g["w"], atol=2e-6)
+  np.testing.assert_array_equal(got["b"], 0.0)
   # optax.masked inside base_tx: sgd on 'w'; the other leaves' gradients pass through unchanged (optax's rule).
-  got, _ = _update(disam_jax.disam(optax.masked(optax.sgd(1.0), {'w': True, 'b': False}), 0.05, 0.1), f, p)
-  np.testing.assert_allclose(-got['w'], g['w'], atol=2e-6)
-  np.testing.assert_allclose(got['b'], g['b'], atol=2e-6)
+  got, _ = _update(disam_jax.disam(optax.masked(optax.sgd(1.0), {"w": True, "b": False}), 0.05, 0.1), f, p)
+  np.testing.assert_allclose(-got["w"], g["w"], atol=2e-6)
+  np.testing.assert_allclose(got["b"], g["b"], atol=2e-6)
 
 
 def test_inject_hyperparams_under_jit_with_traced_rho_and_lam():
   """The standard way to change rho/lam during training: equal to disam with those values, no recompile."""
   x, y, params = make_problem(12)
   p, f = to_jax(params), jax_domain_loss_fn(x, y)
-  tx = optax.inject_hyperparams(disam_jax.disam, static_args=('base_tx', 'num_domains'))(
-      base_tx=optax.sgd(0.1, momentum=0.9), rho=0.05, lam=0.1, num_domains=np.int64(M))
+  tx = optax.inject_hyperparams(disam_jax.disam, static_args=("base_tx", "num_domains"))(
+    base_tx=optax.sgd(0.1, momentum=0.9), rho=0.05, lam=0.1, num_domains=np.int64(M)
+  )
   traces = []
 
   @jax.jit
@@ -451,18 +469,19 @@ def test_inject_hyperparams_under_jit_with_traced_rho_and_lam():
   q, s = p, tx.init(p)
   expected, opt = params, ref.SGDMomentumWithDecay(0.1, 0.9, 0.0)
   for _t, (rho, lam) in enumerate([(0.05, 0.1), (0.2, 0.7), (0.0, 0.0)]):
-    s.hyperparams['rho'] = jnp.asarray(rho)
-    s.hyperparams['lam'] = jnp.asarray(lam)
+    s.hyperparams["rho"] = jnp.asarray(rho)
+    s.hyperparams["lam"] = jnp.asarray(lam)
     q, s = step(q, s)
     g, _ = ref.disam_gradient(expected, x, y, NUM_CLASSES, rho, lam)
     expected = opt.step(expected, g)
   assert_tree_close(q, expected, atol=2e-5)
   assert len(traces) == 1
   assert s.inner_state.domain_losses.shape == (M,)
-  with pytest.raises(ValueError, match='rho must be finite and >= 0'):  # concrete values are still checked
-    optax.inject_hyperparams(disam_jax.disam, static_args=('base_tx',))(base_tx=optax.sgd(0.1), rho=-1.0).init(p)
-  untraced_m = optax.inject_hyperparams(disam_jax.disam, static_args=('base_tx',))(
-      base_tx=optax.sgd(0.1), num_domains=M)
+  with pytest.raises(ValueError, match="rho must be finite and >= 0"):  # concrete values are still checked
+    optax.inject_hyperparams(disam_jax.disam, static_args=("base_tx",))(base_tx=optax.sgd(0.1), rho=-1.0).init(p)
+  untraced_m = optax.inject_hyperparams(disam_jax.disam, static_args=("base_tx",))(
+    base_tx=optax.sgd(0.1), num_domains=M
+  )
   with pytest.raises(ValueError, match="static_args=\\('base_tx', 'num_domains'\\)"):
     jax.jit(lambda p, s: untraced_m.update(None, s, p, domain_loss_fn=f))(p, untraced_m.init(p))
 
@@ -470,7 +489,7 @@ def test_inject_hyperparams_under_jit_with_traced_rho_and_lam():
 # --- the state's structure never changes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('num_domains', [None, M])
+@pytest.mark.parametrize("num_domains", [None, M])
 def test_state_structure_is_fixed_by_init(num_domains):
   x, y, params = make_problem(21)
   p, f = to_jax(params), jax_domain_loss_fn(x, y)
@@ -498,11 +517,12 @@ def test_state_structure_is_fixed_by_init(num_domains):
   assert_tree_close(skip(p, init, True)[0], step(p, init)[0], atol=0)
 
 
-@pytest.mark.parametrize('num_domains', [None, M])
+@pytest.mark.parametrize("num_domains", [None, M])
 def test_checkpoint_restores_into_a_fresh_init(num_domains, tmp_path):
   """orbax and flax serialization restore a trained state into tx.init(params) (the target's shapes)."""
   import flax.serialization
   import orbax.checkpoint as ocp
+
   x, y, params = make_problem(22)
   p, f = to_jax(params), jax_domain_loss_fn(x, y)
   tx = disam_jax.disam(optax.sgd(0.1, momentum=0.9), 0.05, 0.1, num_domains=num_domains, diagnostics=True)
@@ -511,9 +531,9 @@ def test_checkpoint_restores_into_a_fresh_init(num_domains, tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / 'state', state)
+    ckpt.save(tmp_path / "state", state)
     ckpt.wait_until_finished()
-    restored = ckpt.restore(tmp_path / 'state', tx.init(p))
+    restored = ckpt.restore(tmp_path / "state", tx.init(p))
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
@@ -560,7 +580,7 @@ def test_absent_domain_is_excluded_not_counted_as_zero():
   xk, yk, ik = xf[keep], yf[keep], ids[keep]
 
   def f(q):
-    losses = optax.softmax_cross_entropy_with_integer_labels(xk @ q['w'] + q['b'], yk)
+    losses = optax.softmax_cross_entropy_with_integer_labels(xk @ q["w"] + q["b"], yk)
     return disam_jax.domain_losses_from_ids(losses, ik, M)
 
   tx = disam_jax.disam(optax.sgd(0.1), 0.1, 0.4, num_domains=M)
@@ -577,7 +597,7 @@ def test_absent_domain_is_excluded_not_counted_as_zero():
 
 def test_all_domains_absent_gives_zero_step_not_nan():
   p = to_jax(make_problem(14)[2])
-  f = lambda q: disam_jax.DomainLosses(jnp.zeros(3) * q['b'][0], jnp.zeros(3))
+  f = lambda q: disam_jax.DomainLosses(jnp.zeros(3) * q["b"][0], jnp.zeros(3))
   tx = disam_jax.disam(optax.sgd(0.1), 0.1, 0.4)
   updates, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
@@ -612,10 +632,10 @@ def test_count_weighting_equals_per_example_mean_and_weighted_variance():
   expected = ref.combine(pgrads, a)
 
   def f(q):
-    per_example = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(xf, jnp.float32) @ q['w'] + q['b'], yf)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(xf, jnp.float32) @ q["w"] + q["b"], yf)
     return disam_jax.domain_losses_from_ids(per_example, ids, 3)
 
-  tx = disam_jax.disam(optax.sgd(1.0), rho, lam, domain_weights='count', num_domains=3)
+  tx = disam_jax.disam(optax.sgd(1.0), rho, lam, domain_weights="count", num_domains=3)
   p = to_jax(params)
   updates, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
   assert_tree_close({k: -updates[k] for k in updates}, expected, atol=2e-6)
@@ -649,11 +669,11 @@ def test_fixed_domain_weights():
 
 
 def test_zero_gradient_gives_zero_perturbation_not_nan():
-  p = {'w': jnp.ones((3,))}
+  p = {"w": jnp.ones((3,))}
   tx = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
-  f = lambda q: jnp.array([1.0, 2.0]) + 0.0 * q['w'].sum()
+  f = lambda q: jnp.array([1.0, 2.0]) + 0.0 * q["w"].sum()
   updates, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
-  assert np.all(np.asarray(updates['w']) == 0.0)
+  assert np.all(np.asarray(updates["w"]) == 0.0)
   assert float(state.perturbation_norm) == 0.0
 
 
@@ -684,8 +704,8 @@ def test_bfloat16_params():
 def test_norms_of_bfloat16_params_are_float32():
   """A linear loss whose gradients are exact in bf16: ||g_p|| = sqrt(3 * 1.5^2) and ||g|| to float32 precision
   (a bf16 norm would be 2.59375 instead of 2.598076)."""
-  p = {'w': jnp.zeros(3, jnp.bfloat16)}
-  f = lambda q: jnp.stack([1.0 * q['w'].astype(jnp.float32).sum(), 2.0 * q['w'].astype(jnp.float32).sum()])
+  p = {"w": jnp.zeros(3, jnp.bfloat16)}
+  f = lambda q: jnp.stack([1.0 * q["w"].astype(jnp.float32).sum(), 2.0 * q["w"].astype(jnp.float32).sum()])
   tx = disam_jax.disam(optax.sgd(0.1), 0.05, 0.0)
   _, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
   np.testing.assert_allclose(float(state.perturbation_norm), math.sqrt(3 * 1.5**2), rtol=1e-6)
@@ -705,11 +725,11 @@ def test_non_finite_loss_composes_with_apply_if_finite():
   assert int(state.base_state.notfinite_count) == 1
   assert np.isnan(float(state.loss))  # the state still reports what happened
   updates, state = tx.update(None, state, p, domain_loss_fn=f)
-  assert int(state.base_state.notfinite_count) == 0 and np.any(np.asarray(updates['w']) != 0)
+  assert int(state.base_state.notfinite_count) == 0 and np.any(np.asarray(updates["w"]) != 0)
   # Without it, NaN propagates into the updates: it is never silently zeroed.
   raw = disam_jax.disam(optax.sgd(0.1), 0.05, 0.1)
   updates, _ = raw.update(None, raw.init(p), p, domain_loss_fn=bad)
-  assert np.isnan(np.asarray(updates['w'])).all()
+  assert np.isnan(np.asarray(updates["w"])).all()
 
 
 def test_perturbation_mask_restricts_perturbation_and_norm():
@@ -718,38 +738,38 @@ def test_perturbation_mask_restricts_perturbation_and_norm():
   losses, grads = ref.domain_losses_and_grads(params, x, y, NUM_CLASSES)
   g_p = ref.combine(grads, (1.0 / M) * (1 - 2 * lam * (losses - losses.mean())))
   pert = dict(params)
-  pert['w'] = params['w'] + rho * g_p['w'] / np.linalg.norm(g_p['w'])  # only 'w' perturbed, norm over 'w' alone
+  pert["w"] = params["w"] + rho * g_p["w"] / np.linalg.norm(g_p["w"])  # only 'w' perturbed, norm over 'w' alone
   _, pgrads = ref.domain_losses_and_grads(pert, x, y, NUM_CLASSES)
   expected = ref.combine(pgrads, [1.0 / M] * M)
   p = to_jax(params)
-  tx = disam_jax.disam(optax.sgd(1.0), rho, lam, perturbation_mask={'w': True, 'b': False})
+  tx = disam_jax.disam(optax.sgd(1.0), rho, lam, perturbation_mask={"w": True, "b": False})
   updates, _ = tx.update(None, tx.init(p), p, domain_loss_fn=jax_domain_loss_fn(x, y))
   assert_tree_close({k: -updates[k] for k in updates}, expected, atol=2e-6)
 
 
-@pytest.mark.parametrize('form', ['prefix', 'callable_python_bools', 'callable_jnp_bools', 'traced_bools'])
+@pytest.mark.parametrize("form", ["prefix", "callable_python_bools", "callable_jnp_bools", "traced_bools"])
 def test_perturbation_mask_accepts_what_optax_masked_accepts(form):
   """Prefix trees, callables, JAX bools (traced under jit): the same step as the full mask of the NumPy test."""
   x, y, params = make_problem(19)
-  nested = {'enc': {'w': to_jax(params)['w']}, 'head': {'b': to_jax(params)['b']}}
+  nested = {"enc": {"w": to_jax(params)["w"]}, "head": {"b": to_jax(params)["b"]}}
 
   def f(q):
-    logits = jnp.asarray(x, jnp.float32) @ q['enc']['w'] + q['head']['b']
+    logits = jnp.asarray(x, jnp.float32) @ q["enc"]["w"] + q["head"]["b"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean(axis=1)
 
-  full = {'enc': {'w': True}, 'head': {'b': False}}
+  full = {"enc": {"w": True}, "head": {"b": False}}
   reference = disam_jax.disam(optax.sgd(1.0), 0.2, 0.3, perturbation_mask=full)
   expected, _ = _update(reference, f, nested)
-  if form == 'prefix':
-    mask = {'enc': True, 'head': False}
-  elif form == 'callable_python_bools':
+  if form == "prefix":
+    mask = {"enc": True, "head": False}
+  elif form == "callable_python_bools":
     mask = lambda q: jax.tree.map(lambda a: a.ndim == 2, q)
-  elif form == 'callable_jnp_bools':
+  elif form == "callable_jnp_bools":
     mask = lambda q: jax.tree.map(lambda a: jnp.asarray(a.ndim == 2), q)
   tx_for = lambda m: disam_jax.disam(optax.sgd(1.0), 0.2, 0.3, perturbation_mask=m)
-  if form == 'traced_bools':
+  if form == "traced_bools":
     step = jax.jit(lambda p, s, m: tx_for(m).update(None, s, p, domain_loss_fn=f))
-    got, _ = step(nested, reference.init(nested), {'enc': jnp.asarray(True), 'head': jnp.asarray(False)})
+    got, _ = step(nested, reference.init(nested), {"enc": jnp.asarray(True), "head": jnp.asarray(False)})
   else:
     tx = tx_for(mask)
     got, _ = jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f))(nested, tx.init(nested))
@@ -757,8 +777,8 @@ def test_perturbation_mask_accepts_what_optax_masked_accepts(form):
     np.testing.assert_allclose(a, b, atol=1e-7)
   unmasked, _ = _update(disam_jax.disam(optax.sgd(1.0), 0.2, 0.3), f, nested)
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(unmasked), jax.tree.leaves(expected))) > 1e-4
-  with pytest.raises(ValueError, match='perturbation_mask must be a pytree of bools'):
-    _update(tx_for({'enc': True}), f, nested)
+  with pytest.raises(ValueError, match="perturbation_mask must be a pytree of bools"):
+    _update(tx_for({"enc": True}), f, nested)
 
 
 def test_gradient_accumulation_inside_the_loss_function_equals_big_batch():
@@ -771,7 +791,7 @@ def test_gradient_accumulation_inside_the_loss_function_equals_big_batch():
   def accumulated(q):
     def body(acc, batch):
       xb, yb = batch
-      losses = optax.softmax_cross_entropy_with_integer_labels(xb @ q['w'] + q['b'], yb)
+      losses = optax.softmax_cross_entropy_with_integer_labels(xb @ q["w"] + q["b"], yb)
       return acc + disam_jax.domain_losses_from_grouped(losses).total, None
 
     total, _ = jax.lax.scan(body, jnp.zeros(M), (xs, ys))
@@ -787,85 +807,87 @@ def test_gradient_accumulation_inside_the_loss_function_equals_big_batch():
 
 
 @pytest.mark.parametrize(
-    'kwargs, match',
-    [
-        ({'rho': -0.1}, 'rho=-0.1'),
-        ({'lam': -1.0}, 'lam=-1.0'),
-        ({'rho': float('nan')}, 'rho=nan'),
-        ({'lam': float('inf')}, 'lam=inf'),
-        ({'rho': optax.linear_schedule(-0.1, 0.05, 10)}, r'rho\(0\) = -0.1'),
-        ({'domain_weights': 'balanced'}, "'balanced'"),
-        ({'domain_weights': [1.0, -1.0]}, 'finite values >= 0'),
-        ({'domain_weights': [1.0, 1.0], 'num_domains': 3}, '2 entries but num_domains=3'),
-        ({'per_device_perturbation': True}, 'needs batch_axis_name'),
-        ({'aux_example': {'a': 1.0}}, 'only meaningful with has_aux=True'),
-        ({'num_domains': 0}, 'num_domains must be a positive int'),
-        ({'rho': 'big'}, None),
-    ],
+  "kwargs, match",
+  [
+    ({"rho": -0.1}, "rho=-0.1"),
+    ({"lam": -1.0}, "lam=-1.0"),
+    ({"rho": float("nan")}, "rho=nan"),
+    ({"lam": float("inf")}, "lam=inf"),
+    ({"rho": optax.linear_schedule(-0.1, 0.05, 10)}, r"rho\(0\) = -0.1"),
+    ({"domain_weights": "balanced"}, "'balanced'"),
+    ({"domain_weights": [1.0, -1.0]}, "finite values >= 0"),
+    ({"domain_weights": [1.0, 1.0], "num_domains": 3}, "2 entries but num_domains=3"),
+    ({"per_device_perturbation": True}, "needs batch_axis_name"),
+    ({"aux_example": {"a": 1.0}}, "only meaningful with has_aux=True"),
+    ({"num_domains": 0}, "num_domains must be a positive int"),
+    ({"rho": "big"}, None),
+  ],
 )
 def test_bad_hyperparameters(kwargs, match):
-  with pytest.raises(TypeError if match is None else ValueError, match=match or 'float or an optax schedule'):
+  with pytest.raises(TypeError if match is None else ValueError, match=match or "float or an optax schedule"):
     disam_jax.disam(optax.sgd(0.1), **kwargs)
 
 
 def _update(tx, f, p=None):
-  p = p if p is not None else {'w': jnp.ones(3)}
+  p = p if p is not None else {"w": jnp.ones(3)}
   return tx.update(None, tx.init(p), p, domain_loss_fn=f)
 
 
 def test_missing_domain_loss_fn():
   tx = disam_jax.disam(optax.sgd(0.1))
-  p = {'w': jnp.ones(3)}
-  with pytest.raises(ValueError, match='domain_loss_fn'):
+  p = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="domain_loss_fn"):
     tx.update(None, tx.init(p), p)
 
 
 def test_loss_fn_returning_non_vector():
-  with pytest.raises(ValueError, match=r'shape \[M\].*got losses of shape \(2, 3\)'):
-    _update(disam_jax.disam(optax.sgd(0.1)), lambda q: jnp.ones((2, 3)) * q['w'].sum())
-  with pytest.raises(ValueError, match=r'got losses of shape \(\)'):
-    _update(disam_jax.disam(optax.sgd(0.1)), lambda q: q['w'].sum())
+  with pytest.raises(ValueError, match=r"shape \[M\].*got losses of shape \(2, 3\)"):
+    _update(disam_jax.disam(optax.sgd(0.1)), lambda q: jnp.ones((2, 3)) * q["w"].sum())
+  with pytest.raises(ValueError, match=r"got losses of shape \(\)"):
+    _update(disam_jax.disam(optax.sgd(0.1)), lambda q: q["w"].sum())
 
 
 def test_number_of_domains_must_not_change():
   tx = disam_jax.disam(optax.sgd(0.1), num_domains=3)
-  with pytest.raises(ValueError, match='returned 4 values, but this optimizer was built with num_domains=3'):
-    _update(tx, lambda q: jnp.ones(4) * q['w'].sum())
+  with pytest.raises(ValueError, match="returned 4 values, but this optimizer was built with num_domains=3"):
+    _update(tx, lambda q: jnp.ones(4) * q["w"].sum())
 
 
 def test_num_domains_accepts_numpy_integers():
-  p = {'w': jnp.ones(3)}
+  p = {"w": jnp.ones(3)}
   for m in (np.int64(3), np.int32(3), jnp.asarray(3)):
     tx = disam_jax.disam(optax.sgd(0.1), num_domains=m)
-    _, state = _update(tx, lambda q: q['w'] ** 2, p)
+    _, state = _update(tx, lambda q: q["w"] ** 2, p)
     assert state.domain_losses.shape == (3,)
   for bad in (True, 2.0, np.int64(0)):
-    with pytest.raises(ValueError, match='num_domains must be a positive int'):
+    with pytest.raises(ValueError, match="num_domains must be a positive int"):
       disam_jax.disam(optax.sgd(0.1), num_domains=bad)
 
 
 def test_single_domain_with_positive_lam_is_an_error_and_lam_zero_is_sam():
-  with pytest.raises(ValueError, match='single domain loss with lam=0.1'):
-    _update(disam_jax.disam(optax.sgd(0.1), lam=0.1), lambda q: jnp.sum(q['w'] ** 2)[None])
-  updates, _ = _update(disam_jax.disam(optax.sgd(0.1), lam=0.0), lambda q: jnp.sum(q['w'] ** 2)[None])
-  assert np.all(np.isfinite(np.asarray(updates['w'])))
+  with pytest.raises(ValueError, match="single domain loss with lam=0.1"):
+    _update(disam_jax.disam(optax.sgd(0.1), lam=0.1), lambda q: jnp.sum(q["w"] ** 2)[None])
+  updates, _ = _update(disam_jax.disam(optax.sgd(0.1), lam=0.0), lambda q: jnp.sum(q["w"] ** 2)[None])
+  assert np.all(np.isfinite(np.asarray(updates["w"])))
   # A schedule that is 0 wherever it is probed is lam=0; one that becomes positive is refused.
-  got, _ = _update(disam_jax.disam(optax.sgd(0.1), lam=optax.constant_schedule(0.0)),
-                   lambda q: jnp.sum(q['w'] ** 2)[None])
-  np.testing.assert_array_equal(got['w'], updates['w'])
-  with pytest.raises(ValueError, match='single domain loss'):
-    _update(disam_jax.disam(optax.sgd(0.1), lam=optax.linear_schedule(0.0, 0.5, 100)),
-            lambda q: jnp.sum(q['w'] ** 2)[None])
+  got, _ = _update(
+    disam_jax.disam(optax.sgd(0.1), lam=optax.constant_schedule(0.0)), lambda q: jnp.sum(q["w"] ** 2)[None]
+  )
+  np.testing.assert_array_equal(got["w"], updates["w"])
+  with pytest.raises(ValueError, match="single domain loss"):
+    _update(
+      disam_jax.disam(optax.sgd(0.1), lam=optax.linear_schedule(0.0, 0.5, 100)), lambda q: jnp.sum(q["w"] ** 2)[None]
+    )
 
 
 def test_wrong_length_domain_weights():
-  with pytest.raises(ValueError, match='domain_weights has 2 entries but domain_loss_fn returned 3'):
-    _update(disam_jax.disam(optax.sgd(0.1), domain_weights=[1.0, 2.0]), lambda q: q['w'] ** 2)
+  with pytest.raises(ValueError, match="domain_weights has 2 entries but domain_loss_fn returned 3"):
+    _update(disam_jax.disam(optax.sgd(0.1), domain_weights=[1.0, 2.0]), lambda q: q["w"] ** 2)
 
 
 def test_tuple_without_has_aux():
-  with pytest.raises(ValueError, match='has_aux=True'):
-    _update(disam_jax.disam(optax.sgd(0.1)), lambda q: (q['w'] ** 2, {}))
+  with pytest.raises(ValueError, match="has_aux=True"):
+    _update(disam_jax.disam(optax.sgd(0.1)), lambda q: (q["w"] ** 2, {}))
 
 
 # --- float64 end to end -----------------------------------------------------------------------------------------
@@ -878,14 +900,14 @@ def test_float64_params_stay_float64_end_to_end():
     x, y, params = make_problem(23)
     p = to_jax(params, jnp.float64)
     xs, ys = jnp.asarray(x, jnp.float64), jnp.asarray(y)
-    f = lambda q: optax.softmax_cross_entropy_with_integer_labels(xs @ q['w'] + q['b'], ys).mean(axis=1)
+    f = lambda q: optax.softmax_cross_entropy_with_integer_labels(xs @ q["w"] + q["b"], ys).mean(axis=1)
     tx = disam_jax.disam(optax.sgd(1.0), 0.0, 0.5, num_domains=M)
     updates, state = jax.jit(lambda p, s: tx.update(None, s, p, domain_loss_fn=f))(p, tx.init(p))
     plain = jax.grad(lambda q: jnp.mean(f(q)))(p)
     for k in p:
       assert updates[k].dtype == jnp.float64
       np.testing.assert_allclose(-updates[k], plain[k], rtol=0, atol=1e-15)  # float32 rounding: ~1e-8
-    for field in ('loss', 'variance', 'perturbation_norm', 'grad_norm', 'domain_losses', 'perturbation_weights'):
+    for field in ("loss", "variance", "perturbation_norm", "grad_norm", "domain_losses", "perturbation_weights"):
       assert getattr(state, field).dtype == jnp.float64, field
     tx = disam_jax.disam(optax.sgd(1.0), 0.3, 0.5, num_domains=M, adaptive=True)
     updates, state = tx.update(None, tx.init(p), p, domain_loss_fn=f)
@@ -910,10 +932,10 @@ def _numpy_family_gradient(params, x, y, rho, lam, rule, alpha):
   m = len(losses)
   g_p = ref.combine(grads, [(1 - 2 * lam * (li - losses.mean())) / m for li in losses])
   norm = np.linalg.norm(_flat(g_p, keys))
-  step = rho / norm - (alpha if rule == 'sagm' else 0.0)
+  step = rho / norm - (alpha if rule == "sagm" else 0.0)
   w_adv = {k: params[k] + step * g_p[k] for k in keys}
   g_adv = ref.combine(ref.domain_losses_and_grads(w_adv, x, y, NUM_CLASSES)[1], [1.0 / m] * m)
-  if rule == 'sagm':
+  if rule == "sagm":
     return {k: (g_p[k] + g_adv[k]) / 2 for k in keys}
   a, b = _flat(g_p, keys), _flat(g_adv, keys)
   perp = {k: g_p[k] - (a @ b) / (b @ b) * g_adv[k] for k in keys}  # the part of g_p orthogonal to g_adv
@@ -921,12 +943,12 @@ def _numpy_family_gradient(params, x, y, rho, lam, rule, alpha):
   return {k: g_adv[k] - alpha * perp[k] for k in keys}
 
 
-@pytest.mark.parametrize('rule, alpha', [('gsam', 0.3), ('sagm', 0.5), ('gsam', None), ('sagm', None)])
-@pytest.mark.parametrize('lam', [0.0, 0.7])
+@pytest.mark.parametrize("rule, alpha", [("gsam", 0.3), ("sagm", 0.5), ("gsam", None), ("sagm", None)])
+@pytest.mark.parametrize("lam", [0.0, 0.7])
 def test_gsam_and_sagm_match_numpy_restatement(rule, alpha, lam):
   x, y, params = make_problem(40)
   rho = 0.2
-  used_alpha = alpha if alpha is not None else {'gsam': 0.2, 'sagm': 0.001}[rule]
+  used_alpha = alpha if alpha is not None else {"gsam": 0.2, "sagm": 0.001}[rule]
   expected = _numpy_family_gradient(params, x, y, rho, lam, rule, used_alpha)
   p = to_jax(params)
   tx = disam_jax.disam(optax.sgd(1.0), rho, lam, rule=rule, alpha=alpha)
@@ -937,15 +959,16 @@ def test_gsam_and_sagm_match_numpy_restatement(rule, alpha, lam):
   assert max(np.abs(expected[k] - sam[k]).max() for k in sam) > (1e-3 if alpha is not None else 1e-5)
 
 
-@pytest.mark.parametrize('rule', ['gsam', 'sagm'])
+@pytest.mark.parametrize("rule", ["gsam", "sagm"])
 def test_gsam_and_sagm_ten_step_trajectories_with_adam(rule):
   x, y, params = make_problem(41)
   rho, lam, alpha = 0.1, 0.3, 0.2
   opt, expected = ref.Adam(0.05), params
   for _ in range(10):
     expected = opt.step(expected, _numpy_family_gradient(expected, x, y, rho, lam, rule, alpha))
-  got, _ = run_steps(disam_jax.disam(optax.adam(0.05), rho, lam, rule=rule, alpha=alpha), to_jax(params),
-                     jax_domain_loss_fn(x, y), 10)
+  got, _ = run_steps(
+    disam_jax.disam(optax.adam(0.05), rho, lam, rule=rule, alpha=alpha), to_jax(params), jax_domain_loss_fn(x, y), 10
+  )
   assert_tree_close(got, expected, atol=2e-5)
 
 
@@ -954,8 +977,10 @@ def test_gsam_lam_zero_matches_finite_difference_gradients():
   x, y, params = make_problem(42)
   keys = sorted(params)
   shapes = {k: params[k].shape for k in keys}
-  unflat = lambda v: {k: v[o:o + int(np.prod(shapes[k]))].reshape(shapes[k])
-                      for k, o in zip(keys, np.cumsum([0] + [int(np.prod(shapes[k])) for k in keys])[:-1])}
+  unflat = lambda v: {
+    k: v[o : o + int(np.prod(shapes[k]))].reshape(shapes[k])
+    for k, o in zip(keys, np.cumsum([0] + [int(np.prod(shapes[k])) for k in keys])[:-1])
+  }
   loss = lambda v: ref.domain_losses_and_grads(unflat(v), x, y, NUM_CLASSES)[0].mean()
   fd = lambda v: np.array([(loss(v + 1e-6 * e) - loss(v - 1e-6 * e)) / 2e-6 for e in np.eye(v.size)])
   w = _flat(params, keys)
@@ -964,7 +989,7 @@ def test_gsam_lam_zero_matches_finite_difference_gradients():
   g_adv = fd(w + rho * g / np.linalg.norm(g))
   expected = g_adv - alpha * (g - (g @ g_adv) / (g_adv @ g_adv) * g_adv)
   p = to_jax(params)
-  tx = disam_jax.disam(optax.sgd(1.0), rho, 0.0, rule='gsam', alpha=alpha)
+  tx = disam_jax.disam(optax.sgd(1.0), rho, 0.0, rule="gsam", alpha=alpha)
   updates, _ = tx.update(None, tx.init(p), p, domain_loss_fn=jax_domain_loss_fn(x, y))
   np.testing.assert_allclose(-_flat(updates, keys), expected, atol=2e-6)
 
@@ -973,7 +998,7 @@ def test_sagm_lam_zero_matches_finite_difference_gradients():
   x, y, params = make_problem(43)
   keys = sorted(params)
   sizes = [int(np.prod(params[k].shape)) for k in keys]
-  unflat = lambda v: {k: v[o:o + n].reshape(params[k].shape) for k, o, n in zip(keys, np.cumsum([0] + sizes), sizes)}
+  unflat = lambda v: {k: v[o : o + n].reshape(params[k].shape) for k, o, n in zip(keys, np.cumsum([0] + sizes), sizes)}
   loss = lambda v: ref.domain_losses_and_grads(unflat(v), x, y, NUM_CLASSES)[0].mean()
   fd = lambda v: np.array([(loss(v + 1e-6 * e) - loss(v - 1e-6 * e)) / 2e-6 for e in np.eye(v.size)])
   w = _flat(params, keys)
@@ -981,12 +1006,12 @@ def test_sagm_lam_zero_matches_finite_difference_gradients():
   g = fd(w)
   expected = (g + fd(w + (rho / np.linalg.norm(g) - alpha) * g)) / 2
   p = to_jax(params)
-  tx = disam_jax.disam(optax.sgd(1.0), rho, 0.0, rule='sagm', alpha=alpha)
+  tx = disam_jax.disam(optax.sgd(1.0), rho, 0.0, rule="sagm", alpha=alpha)
   updates, _ = tx.update(None, tx.init(p), p, domain_loss_fn=jax_domain_loss_fn(x, y))
   np.testing.assert_allclose(-_flat(updates, keys), expected, atol=2e-6)
 
 
-@pytest.mark.parametrize('rule', ['gsam', 'sagm'])
+@pytest.mark.parametrize("rule", ["gsam", "sagm"])
 def test_gsam_and_sagm_cost_what_sam_costs(rule):
   """Two forward and two backward passes: the compiled step's FLOPs equal SAM's within 2%; domain_loss_fn is
   traced twice."""
@@ -1002,10 +1027,10 @@ def test_gsam_and_sagm_cost_what_sam_costs(rule):
 
 def test_family_arguments_are_checked():
   with pytest.raises(ValueError, match="rule must be 'sam', 'gsam' or 'sagm'"):
-    disam_jax.disam(optax.sgd(0.1), rule='asam')
+    disam_jax.disam(optax.sgd(0.1), rule="asam")
   with pytest.raises(ValueError, match="alpha is GSAM's / SAGM's parameter"):
     disam_jax.disam(optax.sgd(0.1), alpha=0.1)
-  with pytest.raises(ValueError, match='alpha must be finite and >= 0'):
-    disam_jax.disam(optax.sgd(0.1), rule='gsam', alpha=-0.1)
-  with pytest.raises(ValueError, match='per_device_perturbation'):
-    disam_jax.disam(optax.sgd(0.1), rule='sagm', batch_axis_name='d', per_device_perturbation=True)
+  with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+    disam_jax.disam(optax.sgd(0.1), rule="gsam", alpha=-0.1)
+  with pytest.raises(ValueError, match="per_device_perturbation"):
+    disam_jax.disam(optax.sgd(0.1), rule="sagm", batch_axis_name="d", per_device_perturbation=True)

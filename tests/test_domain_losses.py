@@ -18,9 +18,9 @@ def test_grouped_sums_counts_and_mask():
   np.testing.assert_allclose(out.total, [0 + 1, 4 + 5 + 6 + 7, 0])
   np.testing.assert_allclose(out.count, [2, 4, 0])
   np.testing.assert_allclose(out.mean, [0.5, 5.5, 0.0])  # absent domain: 0, not NaN
-  with pytest.raises(ValueError, match=r'shape \[M, b\].*\(12,\)'):
+  with pytest.raises(ValueError, match=r"shape \[M, b\].*\(12,\)"):
     disam_jax.domain_losses_from_grouped(losses.ravel())
-  with pytest.raises(ValueError, match='mask shape'):
+  with pytest.raises(ValueError, match="mask shape"):
     disam_jax.domain_losses_from_grouped(losses, mask[:2])
 
 
@@ -38,20 +38,23 @@ def test_from_ids_matches_numpy_and_handles_absent_domains():
   np.testing.assert_allclose(jitted.total, out.total, rtol=1e-6)
 
 
-@pytest.mark.parametrize('ids, match', [
-    (np.array([0, 1, 4]), r'\[0, 4\); found \[4\]'),
-    (np.array([0, -1, 2]), r'found \[-1\]'),
-    (np.array([0.0, 1.0, 2.0]), 'must be integers'),
-])
+@pytest.mark.parametrize(
+  "ids, match",
+  [
+    (np.array([0, 1, 4]), r"\[0, 4\); found \[4\]"),
+    (np.array([0, -1, 2]), r"found \[-1\]"),
+    (np.array([0.0, 1.0, 2.0]), "must be integers"),
+  ],
+)
 def test_from_ids_rejects_bad_ids_eagerly(ids, match):
   with pytest.raises(ValueError, match=match):
     disam_jax.domain_losses_from_ids(np.ones(3, np.float32), ids, 4)
 
 
 def test_from_ids_rejects_bad_shapes_and_num_domains():
-  with pytest.raises(ValueError, match='num_domains'):
+  with pytest.raises(ValueError, match="num_domains"):
     disam_jax.domain_losses_from_ids(np.ones(3), np.zeros(3, int), 0)
-  with pytest.raises(ValueError, match=r'\(3,\) and \(2,\)'):
+  with pytest.raises(ValueError, match=r"\(3,\) and \(2,\)"):
     disam_jax.domain_losses_from_ids(np.ones(3), np.zeros(2, int), 2)
 
 
@@ -69,9 +72,9 @@ def test_grouped_loss_fn_runs_one_forward_pass_over_the_whole_batch():
   assert seen == [(15, 2)]
   expected = (np.sum((x * 2.0) ** 2, axis=-1) + y).mean(axis=1)
   np.testing.assert_allclose(out.mean, expected, rtol=1e-6)
-  with_aux = disam_jax.grouped_domain_loss_fn(lambda p, a, b: (per_example(p, a, b), 'aux'), has_aux=True)
+  with_aux = disam_jax.grouped_domain_loss_fn(lambda p, a, b: (per_example(p, a, b), "aux"), has_aux=True)
   out, aux = with_aux(2.0, x, y)
-  assert aux == 'aux'
+  assert aux == "aux"
   np.testing.assert_allclose(out.mean, expected, rtol=1e-6)
 
 
@@ -93,7 +96,7 @@ def _bf16_losses(n, seed=0):
   return bf16, np.asarray(bf16, np.float64)
 
 
-@pytest.mark.parametrize('b', [32, 512, 1024])
+@pytest.mark.parametrize("b", [32, 512, 1024])
 def test_bfloat16_losses_are_summed_to_float32_accuracy(b):
   m = 3
   losses, exact = _bf16_losses(m * b, seed=b)
@@ -106,7 +109,8 @@ def test_bfloat16_losses_are_summed_to_float32_accuracy(b):
     np.testing.assert_allclose(np.asarray(out.total, np.float64), expected, rtol=2e-6)
     np.testing.assert_array_equal(out.count, [b] * m)
   vmapped = disam_jax.vmapped_domain_loss_fn(lambda p, x, y: x * p)(
-      jnp.bfloat16(1), losses.reshape(m, b), losses.reshape(m, b))
+    jnp.bfloat16(1), losses.reshape(m, b), losses.reshape(m, b)
+  )
   assert vmapped.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(vmapped, np.float64), expected / b, rtol=2e-6)
 
@@ -149,19 +153,22 @@ def test_readme_mixed_precision_example_matches_float64_reference():
 
   import optax
 
-  readme = (pathlib.Path(__file__).parents[1] / 'docs' / 'guide.md').read_text()
-  snippet = re.search(r'## Mixed precision\n.*?```python\n(.*?)```', readme, re.S).group(1)
+  readme = (pathlib.Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+  snippet = re.search(r"## Mixed precision\n.*?```python\n(.*?)```", readme, re.S).group(1)
   env = {}
   exec(snippet, env)  # the block is self-contained: its own toy data, params and model
-  state, updates = env['opt_state'], env['updates']
-  x, y, ids, params, apply, m = (env[k] for k in ('x', 'y', 'ids', 'params', 'apply', 'M'))
+  state, updates = env["opt_state"], env["updates"]
+  x, y, ids, params, apply, m = (env[k] for k in ("x", "y", "ids", "params", "apply", "M"))
   assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
   # Reference: the bf16 per-example losses at params, grouped and averaged in float64 NumPy.
   # XLA rounds the bf16 per-example losses slightly differently in each compiled program (measured: means 4e-5
   # apart), hence rtol 5e-4.
-  per_example = jax.jit(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      apply(jax.tree.map(lambda w: w.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)), y))(params)
+  per_example = jax.jit(
+    lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      apply(jax.tree.map(lambda w: w.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)), y
+    )
+  )(params)
   assert per_example.dtype == jnp.bfloat16
   per_example, ids = np.asarray(per_example, np.float64), np.asarray(ids)
   means = np.array([per_example[ids == i].mean() for i in range(m)])

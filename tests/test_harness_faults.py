@@ -92,8 +92,11 @@ _CACHE: dict[str, str] = {}
 def _compilation_cache(tmp_path_factory):
   """One persistent XLA compilation cache for this module's subprocesses: each then loads the tiny run's compiled
   steps instead of compiling them (about 3 s of 11 on 2 shared cores)."""
-  _CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  _CACHE.update(
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   yield
   _CACHE.clear()
 
@@ -134,9 +137,13 @@ def _assert_same_results(run, reference):
   keys = ("algorithm", "held_out", "seed", "steps", "selected", "last", "evals")
   assert [{k: c[k] for k in keys} for c in mine["cells"]] == [{k: c[k] for k in keys} for c in theirs["cells"]]
   for cell in sorted(os.listdir(reference / "cells")):
-    lines = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(r / "cells" / cell /
-                                                                                         "metrics.jsonl")]
-             for r in (run, reference)]
+    lines = [
+      [
+        {k: v for k, v in json.loads(line).items() if k != "time"}
+        for line in open(r / "cells" / cell / "metrics.jsonl")
+      ]
+      for r in (run, reference)
+    ]
     assert lines[0] == lines[1], cell
     for u, v in zip(_latest_leaves(run / "cells" / cell), _latest_leaves(reference / "cells" / cell)):
       np.testing.assert_array_equal(u, v)
@@ -152,15 +159,19 @@ def _resume(capsys, run, *extra):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault, left", [
-  ("kill_before_save:6", ["4"]),
-  ("kill_in_flight:6", ["4", "6.orbax-checkpoint-tmp"]),  # the step's folder half written
-  ("kill_before_rename:6", ["4", "6.orbax-checkpoint-tmp"]),  # written, not renamed
-  ("kill_after_rename:4", ["2", "4"]),  # renamed, the old step 2 not deleted yet
-  ("kill_half_deleted:2", ["2", "4"]),  # step 2 half deleted
-])
-def test_sigkill_during_a_checkpoint_save_then_resume_ends_as_an_uninterrupted_run(capsys, tmp_path, reference,
-                                                                                   fault, left):
+@pytest.mark.parametrize(
+  "fault, left",
+  [
+    ("kill_before_save:6", ["4"]),
+    ("kill_in_flight:6", ["4", "6.orbax-checkpoint-tmp"]),  # the step's folder half written
+    ("kill_before_rename:6", ["4", "6.orbax-checkpoint-tmp"]),  # written, not renamed
+    ("kill_after_rename:4", ["2", "4"]),  # renamed, the old step 2 not deleted yet
+    ("kill_half_deleted:2", ["2", "4"]),  # step 2 half deleted
+  ],
+)
+def test_sigkill_during_a_checkpoint_save_then_resume_ends_as_an_uninterrupted_run(
+  capsys, tmp_path, reference, fault, left
+):
   from disam_jax.harness.checkpoint import CheckpointStore
 
   run = tmp_path / "run"
@@ -201,8 +212,9 @@ def test_a_second_run_is_refused_by_the_lock_and_sigterm_stops_the_first_like_ct
   finally:
     first.kill()
   assert first.returncode == 130
-  assert err.splitlines() == [f"disam-train: error: terminated (SIGTERM); continue with: disam-train --resume "
-                              f"--output-dir {run}"]
+  assert err.splitlines() == [
+    f"disam-train: error: terminated (SIGTERM); continue with: disam-train --resume --output-dir {run}"
+  ]
   assert not (run / ".lock").exists()
   code, err = _resume(capsys, run)
   assert code == 0, err
@@ -215,8 +227,10 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_notice(capsys, tmp_pa
   (run / ".lock").write_text("PID 999999 on elsewhere, started 2020-01-01 00:00:00\n")
   code, err = _resume(capsys, run)
   assert code == 0, err
-  assert f"{run / '.lock'} was left by PID 999999 on elsewhere, started 2020-01-01 00:00:00, which is no longer " \
-         "running (killed?): taking it over" in err
+  assert (
+    f"{run / '.lock'} was left by PID 999999 on elsewhere, started 2020-01-01 00:00:00, which is no longer "
+    "running (killed?): taking it over" in err
+  )
   _assert_same_results(run, reference)
 
 
@@ -224,8 +238,9 @@ def test_ctrl_c_while_orbax_writes_finishes_the_save_quietly_and_exits_130(capsy
   run = tmp_path / "run"
   interrupted = _faulty_run("sigint_during_save:4", FAULT_RUN + ["--output-dir", str(run)])  # Ctrl-C twice
   assert interrupted.returncode == 130, interrupted.stderr
-  assert interrupted.stderr.splitlines() == [f"disam-train: error: interrupted; continue with: disam-train --resume "
-                                             f"--output-dir {run}"]
+  assert interrupted.stderr.splitlines() == [
+    f"disam-train: error: interrupted; continue with: disam-train --resume --output-dir {run}"
+  ]
   # The save in flight was finished. (Saves return before their write ends: the loop may have reached step 6's
   # save, which then held the signal until orbax had it in hand, and finished it too.)
   left = sorted(os.listdir(run / CELL / "checkpoints"))
@@ -248,8 +263,9 @@ def _copy(reference, tmp_path):
 
 def _data_files(step_dir):
   """The array data files of a checkpoint (OCDBT's `d/` folders)."""
-  return [os.path.join(d, n) for d, _, names in os.walk(step_dir / "state") for n in names
-          if os.path.basename(d) == "d"]
+  return [
+    os.path.join(d, n) for d, _, names in os.walk(step_dir / "state") for n in names if os.path.basename(d) == "d"
+  ]
 
 
 def _truncate(step_dir):
@@ -279,21 +295,30 @@ def _other_values(step_dir):
   shutil.copytree(step_dir.parent / "4" / "state", step_dir / "state")
 
 
-@pytest.mark.parametrize("corrupt, reason, real_process", [
-  (_truncate, "could not read the checkpoint of step 8 in", True),
-  (_remove_meta, "could not read the checkpoint of step 8 in", False),
-  (_overwrite, "could not read the checkpoint of step 8 in", True),
-  (_other_values, "the checkpoint of step 8 in {} does not match its checksums", True),
-])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before_saying_so(capsys, tmp_path, reference, corrupt,
-                                                                           reason, real_process):
+@pytest.mark.parametrize(
+  "corrupt, reason, real_process",
+  [
+    (_truncate, "could not read the checkpoint of step 8 in", True),
+    (_remove_meta, "could not read the checkpoint of step 8 in", False),
+    (_overwrite, "could not read the checkpoint of step 8 in", True),
+    (_other_values, "the checkpoint of step 8 in {} does not match its checksums", True),
+  ],
+)
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before_saying_so(
+  capsys, tmp_path, reference, corrupt, reason, real_process
+):
   """Resumed in a real process where tensorstore's callbacks of a failed read would print tracebacks until exit."""
   run = _copy(reference, tmp_path)
   (run / CELL / "result.json").unlink()  # interrupted after its last checkpoint: --resume restores it
   corrupt(run / CELL / "checkpoints" / "8")
   if real_process:
-    done = subprocess.run([sys.executable, "-m", "disam_jax.harness.cli", "--resume", "--output-dir", str(run),
-                           "--quiet", "--no-plots"], capture_output=True, text=True, timeout=300, env=_env())
+    done = subprocess.run(
+      [sys.executable, "-m", "disam_jax.harness.cli", "--resume", "--output-dir", str(run), "--quiet", "--no-plots"],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=_env(),
+    )
     code, err = done.returncode, done.stderr
   else:
     code, err = _resume(capsys, run)
@@ -354,10 +379,14 @@ def test_truncated_metrics_are_said_and_the_tables_stay_those_of_the_uninterrupt
   _cut(run / CELL / "metrics.jsonl")
   code, err = _resume(capsys, run)
   assert code == 0, err
-  assert f"{run / CELL / 'metrics.jsonl'} is unreadable after step 3 (line 5), before the checkpoint of step 8: " \
-         "steps 4-8 of this run will have no metrics line" in err
-  assert json.loads((run / "results.json").read_text())["tables"] == \
-      json.loads((reference / "results.json").read_text())["tables"]
+  assert (
+    f"{run / CELL / 'metrics.jsonl'} is unreadable after step 3 (line 5), before the checkpoint of step 8: "
+    "steps 4-8 of this run will have no metrics line" in err
+  )
+  assert (
+    json.loads((run / "results.json").read_text())["tables"]
+    == json.loads((reference / "results.json").read_text())["tables"]
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,8 +404,13 @@ def _in_mount_namespace(tmp_path, script):
   probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True)
   if probe.returncode:
     pytest.skip(f"mount namespaces are not available: {probe.stderr.decode().strip()}")
-  done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs {mnt} && {script}"],
-                        capture_output=True, text=True, timeout=300, env=_env())
+  done = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs {mnt} && {script}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=_env(),
+  )
   assert done.returncode == 0, done.stderr
   return mnt
 
@@ -388,13 +422,17 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_resume_finishes_t
   out.mkdir()
   run = mnt / "run"
   command = shlex.join([sys.executable, "-c", _FAULT, *FAULT_RUN, "--output-dir", str(run)])
-  _in_mount_namespace(tmp_path, f"DISAM_FAULT=fill_disk:6 DISAM_FILL={mnt}/filler {command} 2> {out}/err; "
-                                f"echo $? > {out}/code; cp -a {run} {out}/run")  # the filler stays behind
+  _in_mount_namespace(
+    tmp_path,
+    f"DISAM_FAULT=fill_disk:6 DISAM_FILL={mnt}/filler {command} 2> {out}/err; "
+    f"echo $? > {out}/code; cp -a {run} {out}/run",
+  )  # the filler stays behind
   assert (out / "code").read_text().strip() == "4"
   assert (out / "err").read_text().splitlines() == [
     f"disam-train: error: could not write the checkpoint of step 6 in {run / CELL / 'checkpoints'}: No space left on "
     f"device (errno 28); the checkpoint of step 4 is kept. Make room (or make {run} writable) and continue with: "
-    f"disam-train --resume --output-dir {run}"]
+    f"disam-train --resume --output-dir {run}"
+  ]
   copy = out / "run"  # as it was on the full disk
   # Step 4 intact (a temporary folder of step 6 may remain when orbax still wrote into it: the next open removes it)
   assert [n for n in os.listdir(copy / CELL / "checkpoints") if n.isdigit()] == ["4"]
@@ -412,21 +450,27 @@ def test_a_read_only_output_directory_is_one_line_and_changes_nothing(tmp_path, 
   cli = [sys.executable, "-m", "disam_jax.harness.cli"]
   resume = shlex.join(cli + ["--resume", "--output-dir", str(run), "--quiet", "--no-plots"])
   new = shlex.join(cli + FAULT_RUN + ["--output-dir", str(mnt / "new")])
-  _in_mount_namespace(tmp_path, f"cp -a {reference} {run} && rm {run / CELL / 'result.json'} && ls -lR {run} > "
-                                f"{out}/before && mount -o remount,ro {mnt} && {{ {resume} 2> {out}/err_resume; "
-                                f"echo $? > {out}/code_resume; {new} 2> {out}/err_new; echo $? > {out}/code_new; "
-                                f"ls -lR {run} > {out}/after; }}")
+  _in_mount_namespace(
+    tmp_path,
+    f"cp -a {reference} {run} && rm {run / CELL / 'result.json'} && ls -lR {run} > "
+    f"{out}/before && mount -o remount,ro {mnt} && {{ {resume} 2> {out}/err_resume; "
+    f"echo $? > {out}/code_resume; {new} 2> {out}/err_new; echo $? > {out}/code_new; "
+    f"ls -lR {run} > {out}/after; }}",
+  )
   assert (out / "code_resume").read_text().strip() == "4"
-  assert (out / "err_resume").read_text().splitlines() == [f"disam-train: error: cannot write {run}: Read-only file "
-                                                           "system."]
+  assert (out / "err_resume").read_text().splitlines() == [
+    f"disam-train: error: cannot write {run}: Read-only file system."
+  ]
   assert (out / "code_new").read_text().strip() == "4"
-  assert (out / "err_new").read_text().splitlines() == [f"disam-train: error: cannot write {mnt / 'new'}: Read-only "
-                                                        "file system."]
+  assert (out / "err_new").read_text().splitlines() == [
+    f"disam-train: error: cannot write {mnt / 'new'}: Read-only file system."
+  ]
   assert (out / "after").read_text() == (out / "before").read_text()
 
 
-@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated (SIGTERM)")],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+  "signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated (SIGTERM)")], ids=["SIGINT", "SIGTERM"]
+)
 def test_a_signal_before_training_starts_is_one_line_and_exit_130(capsys, monkeypatch, tmp_path, signum, said):
   from disam_jax.harness import experiment
 
@@ -456,6 +500,8 @@ def test_lost_checkpoints_retrain_from_step_0_saying_so(capsys, tmp_path, refere
   code, err = _resume(capsys, run)
   assert code == 0, err
   cell = run / CELL
-  assert err == (f"disam-train: {cell / 'checkpoints'} holds no checkpoint although {cell / 'metrics.jsonl'} has "
-                 "lines: training this run again from step 0\n")
+  assert err == (
+    f"disam-train: {cell / 'checkpoints'} holds no checkpoint although {cell / 'metrics.jsonl'} has "
+    "lines: training this run again from step 0\n"
+  )
   _assert_same_results(run, reference)

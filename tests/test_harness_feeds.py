@@ -9,8 +9,9 @@ from disam_jax.harness import feeds
 
 def _sets():
   rng = np.random.default_rng(0)
-  return tuple((rng.integers(0, 256, (n, 2, 2, 1), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32))
-               for n in (5, 0, 7))
+  return tuple(
+    (rng.integers(0, 256, (n, 2, 2, 1), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32)) for n in (5, 0, 7)
+  )
 
 
 @pytest.mark.parametrize("processes", [1, 2, 4])

@@ -41,7 +41,7 @@ def _reference_stream(seed, batch, steps):
   rng, n, out = np.random.default_rng(seed), sum(SIZES), []
   while len(out) < steps:
     order = rng.permutation(n)
-    out += [order[k * batch:(k + 1) * batch] for k in range(n // batch)]
+    out += [order[k * batch : (k + 1) * batch] for k in range(n // batch)]
   return out[:steps]
 
 
@@ -112,10 +112,12 @@ def test_bad_batches_and_foreign_states_are_refused():
 
 
 def _model(m, algorithm="disam", **hparams):
-  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
-                                                   model_kwargs={"hidden": 16})
-  tx = algorithms.make_optimizer(algorithm, HParams(lr=1e-2, rho=0.05, lam=0.5, **hparams), num_domains=m,
-                                 aux_example=model_state)
+  graphdef, params, model_state = init_model(
+    "mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs={"hidden": 16}
+  )
+  tx = algorithms.make_optimizer(
+    algorithm, HParams(lr=1e-2, rho=0.05, lam=0.5, **hparams), num_domains=m, aux_example=model_state
+  )
   return graphdef, params, model_state, tx
 
 
@@ -162,8 +164,7 @@ def test_count_domain_weights_make_the_loss_the_batch_mean_as_the_released_code(
   means = np.array([ce[ids == d].mean() if counts[d] else 0.0 for d in range(m)])
   loss = ce.mean()
   variance = np.sum(counts / counts.sum() * (means - loss) ** 2)
-  _, metrics = jax.jit(make_train_step(graphdef, tx))(init_train_state(params, model_state, tx),
-                                                            (x, y, ids))
+  _, metrics = jax.jit(make_train_step(graphdef, tx))(init_train_state(params, model_state, tx), (x, y, ids))
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["variance"], variance, rtol=1e-4)
   assert abs(loss - means[counts > 0].mean()) > 1e-4  # the two weightings differ on this batch
@@ -177,8 +178,9 @@ def test_a_flat_batch_holding_a_balanced_one_steps_as_the_balanced_batch():
   step = jax.jit(make_train_step(graphdef, tx))
   grouped, g_metrics = step(init_train_state(params, model_state, tx), (x, y))
   ids = np.repeat(np.arange(m, dtype=np.int32), b)
-  flat, f_metrics = step(init_train_state(params, model_state, tx),
-                         (x.reshape((m * b,) + x.shape[2:]), y.reshape(-1), ids))
+  flat, f_metrics = step(
+    init_train_state(params, model_state, tx), (x.reshape((m * b,) + x.shape[2:]), y.reshape(-1), ids)
+  )
   for a, c in zip(jax.tree.leaves(grouped.params), jax.tree.leaves(flat.params)):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_metrics["variance"], f_metrics["variance"], rtol=1e-5)
@@ -191,8 +193,14 @@ def test_a_flat_batch_holding_a_balanced_one_steps_as_the_balanced_batch():
 
 def _config(**overrides):
   base = ExperimentConfig(
-    algorithms=("disam",), held_out=("75",), seeds=(0,), steps=8, eval_every=4, model="mlp",
-    model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4, batching="merged"),
+    algorithms=("disam",),
+    held_out=("75",),
+    seeds=(0,),
+    steps=8,
+    eval_every=4,
+    model="mlp",
+    model_kwargs={"hidden": 16},
+    hparams=HParams(batch_size=4, batching="merged"),
   )
   return dataclasses.replace(base, **overrides)
 
@@ -223,8 +231,9 @@ def test_a_merged_run_on_a_four_device_mesh_equals_one_device(tmp_path):
     assert a.keys() == b.keys() and a["step"] == b["step"]
     if "loss" in a:
       np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-      np.testing.assert_allclose(list(a["domain_losses"].values()), list(b["domain_losses"].values()), rtol=1e-5,
-                                 atol=1e-6)
+      np.testing.assert_allclose(
+        list(a["domain_losses"].values()), list(b["domain_losses"].values()), rtol=1e-5, atol=1e-6
+      )
     assert a.get("eval") == b.get("eval")
   assert [e["val_acc"] for e in one[0].evals] == [e["val_acc"] for e in sharded[0].evals]
 
@@ -232,8 +241,7 @@ def test_a_merged_run_on_a_four_device_mesh_equals_one_device(tmp_path):
 def test_a_merged_batch_the_devices_do_not_divide_is_refused(tmp_path):
   config = _config(hparams=HParams(batch_size=3, batching="merged"))  # 3 x 5 domains = 15 examples, 4 devices
   with pytest.raises(distributed.DistributedError, match="merged batch of 15 examples .* divisible by .* 4"):
-    run_experiment(config, str(tmp_path / "run"), progress=False,
-                         mesh=distributed.data_mesh(jax.devices()[:4]))
+    run_experiment(config, str(tmp_path / "run"), progress=False, mesh=distributed.data_mesh(jax.devices()[:4]))
 
 
 def test_penalties_and_streamed_folders_are_refused_with_what_to_write():

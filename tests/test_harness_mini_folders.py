@@ -33,8 +33,12 @@ def test_pacs_loader_on_real_pacs_images(zdata, tmp_path):
   assert [len(y) for y in ds.labels] == [10, 10, 10, 10]
   assert any("'art_painting' has no folder for class(es) ['house']" in str(w.message) for w in caught)
   # the first art_painting image in path order is dog/pic_195.jpg: the loader's pixels are PIL's
-  first = os.path.join(mini_folders.pacs_mini(), "art_painting", "dog", sorted(
-      os.listdir(os.path.join(mini_folders.pacs_mini(), "art_painting", "dog")))[0])
+  first = os.path.join(
+    mini_folders.pacs_mini(),
+    "art_painting",
+    "dog",
+    sorted(os.listdir(os.path.join(mini_folders.pacs_mini(), "art_painting", "dog")))[0],
+  )
   assert ds.labels[0][0] == ds.classes.index("dog")
   pixels = lambda k: streaming.read_images(ds.records, ds.images[k]).astype(np.float32) / 255  # streamed: indices
   np.testing.assert_allclose(pixels(0)[0], _pil_pixels(first, 32), atol=1 / 255 + 1e-6)

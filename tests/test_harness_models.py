@@ -30,8 +30,7 @@ def _rngs(seed=0):
 @functools.cache
 def _model(name, input_shape, num_classes, seed=0, **kwargs):
   """Shared instances; tests that change a model work on ``nnx.clone`` of it."""
-  return create_model(name, num_classes=num_classes, input_shape=input_shape,
-                      rngs=_rngs(seed), **kwargs)
+  return create_model(name, num_classes=num_classes, input_shape=input_shape, rngs=_rngs(seed), **kwargs)
 
 
 def _param_count(model):
@@ -40,8 +39,9 @@ def _param_count(model):
 
 def _abstract_model(name, input_shape, num_classes, **kwargs):
   """Shapes only (no initialization compute)."""
-  return nnx.eval_shape(lambda: create_model(name, num_classes=num_classes,
-                                             input_shape=input_shape, rngs=nnx.Rngs(0), **kwargs))
+  return nnx.eval_shape(
+    lambda: create_model(name, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0), **kwargs)
+  )
 
 
 def _np(v):
@@ -50,8 +50,8 @@ def _np(v):
 
 def _assert_states_equal(a, b):
   def raw(leaf):  # RNG keys (dropout streams) compare by their key data
-    return np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-                      else leaf)
+    return np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf)
+
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(raw(x), raw(y))
@@ -66,7 +66,7 @@ def _conv_nhwc(x, kernel, stride=1, pad=1):
   out = 0.0
   for i in range(kh):
     for j in range(kw):
-      window = x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride, :]
+      window = x[:, i : i + stride * out_h : stride, j : j + stride * out_w : stride, :]
       out = out + np.einsum("nhwc,co->nhwo", window, kernel[i, j])
   return out
 
@@ -96,8 +96,7 @@ def test_vit_patch_follows_the_input_size(side, patch):
   """The smallest patch dividing the side into at most 14 x 14 = 196 tokens (hand-computed divisors)."""
   assert models.vit_patch_size(side, side) == patch
   if side <= 64:
-    model = create_model("vit_tiny", num_classes=2, input_shape=(side, side, 3), rngs=_rngs(), depth=1, dim=8,
-                         heads=2)
+    model = create_model("vit_tiny", num_classes=2, input_shape=(side, side, 3), rngs=_rngs(), depth=1, dim=8, heads=2)
     assert model.backbone.patch_size == patch
     assert model.backbone.pos_embed.shape[1] == (side // patch) ** 2 + 1
 
@@ -110,9 +109,11 @@ def test_vit_refuses_an_input_no_patch_fits_saying_what_to_write():
 def test_vit_at_224px_needs_megabytes_not_hundreds_of_gibibytes():
   """The compiled train-mode forward and backward of vit_tiny at 224 px, batch 8: temp memory with the derived patch
   (16: 197 tokens) against the old fixed patch 4 (3137 tokens), compiled only."""
+
   def temp_bytes(**options):
-    model = nnx.eval_shape(lambda: create_model("vit_tiny", num_classes=10, input_shape=(224, 224, 3),
-                                                rngs=_rngs(), **options))
+    model = nnx.eval_shape(
+      lambda: create_model("vit_tiny", num_classes=10, input_shape=(224, 224, 3), rngs=_rngs(), **options)
+    )
     graphdef, params, model_state = functional_model(model)
     x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
     loss = lambda p, x: jnp.sum(apply_model(graphdef, p, model_state, x, train=True)[0])
@@ -125,21 +126,26 @@ def test_vit_at_224px_needs_megabytes_not_hundreds_of_gibibytes():
 
 # (name, input_shape, num_classes, kwargs): each model on a typical input, made small.
 REGISTRY_CASES = [
-    ("mlp", (28, 28, 2), 2, ()),                      # ColoredMNIST-shaped
-    ("mnist_cnn", (28, 28, 1), 10, ()),
-    ("mnist_cnn", (8, 8, 1), 10, ()),                 # sklearn digits
-    ("resnet18", (16, 16, 3), 3, (("width", 8),)),    # small-input stem
-    ("vit_tiny", (32, 32, 3), 10, ()),
+  ("mlp", (28, 28, 2), 2, ()),  # ColoredMNIST-shaped
+  ("mnist_cnn", (28, 28, 1), 10, ()),
+  ("mnist_cnn", (8, 8, 1), 10, ()),  # sklearn digits
+  ("resnet18", (16, 16, 3), 3, (("width", 8),)),  # small-input stem
+  ("vit_tiny", (32, 32, 3), 10, ()),
 ]
 
 
-FIRST_KERNEL = {"mlp": ("layers", 0, "kernel"), "mnist_cnn": ("conv1", "kernel"),
-                "resnet18": ("conv1", "kernel"), "resnet50": ("conv1", "kernel"),
-                "vit_tiny": ("patch_embed", "kernel")}
+FIRST_KERNEL = {
+  "mlp": ("layers", 0, "kernel"),
+  "mnist_cnn": ("conv1", "kernel"),
+  "resnet18": ("conv1", "kernel"),
+  "resnet50": ("conv1", "kernel"),
+  "vit_tiny": ("patch_embed", "kernel"),
+}
 
 
-@pytest.mark.parametrize("name,input_shape,num_classes,kwargs", REGISTRY_CASES,
-                         ids=[f"{c[0]}-{c[1][0]}px" for c in REGISTRY_CASES])
+@pytest.mark.parametrize(
+  "name,input_shape,num_classes,kwargs", REGISTRY_CASES, ids=[f"{c[0]}-{c[1][0]}px" for c in REGISTRY_CASES]
+)
 def test_model_forward_and_grad_under_jit(name, input_shape, num_classes, kwargs):
   model = _model(name, input_shape, num_classes, **dict(kwargs))
   graphdef, params, model_state = functional_model(model)
@@ -151,8 +157,7 @@ def test_model_forward_and_grad_under_jit(name, input_shape, num_classes, kwargs
     loss = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
     return loss, (logits, new_state)
 
-  (loss, (logits, new_state)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params, model_state, x)
+  (loss, (logits, new_state)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, model_state, x)
   assert logits.shape == (2, num_classes)
   assert logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits))) and np.isfinite(float(loss))
@@ -174,8 +179,7 @@ def test_resnet50_forward_on_tiny_inputs():
   assert model.n_features == 4 * 8 * 4
   graphdef, params, model_state = functional_model(model)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
-  logits, new_state = jax.jit(functools.partial(apply_model, graphdef, train=True))(
-      params, model_state, x)
+  logits, new_state = jax.jit(functools.partial(apply_model, graphdef, train=True))(params, model_state, x)
   assert logits.shape == (2, 3) and np.all(np.isfinite(np.asarray(logits)))
   assert jax.tree.structure(new_state) == jax.tree.structure(model_state)
 
@@ -205,8 +209,7 @@ def test_resnet_parameter_counts_match_torchvision():
   assert _param_count(_abstract_model("resnet18", (224, 224, 3), 1000)) == 11_689_512
   assert _param_count(_abstract_model("resnet50", (224, 224, 3), 1000)) == 25_557_032
   # The small-input stem swaps the 7x7x3x64 stem kernel for a 3x3x3x64 one.
-  assert (_param_count(_abstract_model("resnet18", (32, 32, 3), 1000))
-          == 11_689_512 - (49 - 9) * 3 * 64)
+  assert _param_count(_abstract_model("resnet18", (32, 32, 3), 1000)) == 11_689_512 - (49 - 9) * 3 * 64
   stats = nnx.state(_abstract_model("resnet18", (224, 224, 3), 1000), nnx.BatchStat)
   assert len(jax.tree.leaves(stats)) == 2 * 20  # 17 conv BNs + 3 downsample BNs
 
@@ -218,12 +221,17 @@ def test_mnist_cnn_matches_domainbed():
   model = _abstract_model("mnist_cnn", (28, 28, 1), 10)
   b = model.backbone
   assert [b.conv1.kernel.shape, b.conv2.kernel.shape, b.conv3.kernel.shape, b.conv4.kernel.shape] == [
-      (3, 3, 1, 64), (3, 3, 64, 128), (3, 3, 128, 128), (3, 3, 128, 128)]
+    (3, 3, 1, 64),
+    (3, 3, 64, 128),
+    (3, 3, 128, 128),
+    (3, 3, 128, 128),
+  ]
   assert [n.num_groups for n in (b.norm0, b.norm1, b.norm2, b.norm3)] == [8, 8, 8, 8]
   assert [n.scale.shape[0] for n in (b.norm0, b.norm1, b.norm2, b.norm3)] == [64, 128, 128, 128]
   assert model.classifier.kernel.shape == (128, 10)
-  expected = ((9 * 1 * 64 + 64) + (9 * 64 * 128 + 128) + 2 * (9 * 128 * 128 + 128)
-              + 2 * 64 + 3 * 2 * 128 + (128 * 10 + 10))
+  expected = (
+    (9 * 1 * 64 + 64) + (9 * 64 * 128 + 128) + 2 * (9 * 128 * 128 + 128) + 2 * 64 + 3 * 2 * 128 + (128 * 10 + 10)
+  )
   assert expected == 371_850
   assert _param_count(model) == expected
   assert nnx.state(model, nnx.Not(nnx.Param)) == nnx.State({})  # no BatchNorm, no RNG state
@@ -243,8 +251,9 @@ def test_mnist_cnn_strided_conv_pads_like_torch(size, expected):
 
 
 def test_bfloat16_compute():
-  model = create_model("mlp", num_classes=3, input_shape=(4, 4, 1), rngs=_rngs(),
-                       dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model = create_model(
+    "mlp", num_classes=3, input_shape=(4, 4, 1), rngs=_rngs(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+  )
   assert model.classifier.kernel.dtype == jnp.bfloat16
   logits = model(jnp.ones((2, 4, 4, 1)))
   assert logits.dtype == jnp.bfloat16 and logits.shape == (2, 3)
@@ -280,8 +289,10 @@ def _expected_stem_statistics(params, x, old_mean, old_var):
   conv = _conv_nhwc(x.astype(np.float64), _np(params["backbone"]["conv1"]["kernel"]))
   batch_mean = conv.mean(axis=(0, 1, 2))
   batch_var = conv.var(axis=(0, 1, 2))  # biased, as Flax (and unlike torch's running_var)
-  return (BN_MOMENTUM * old_mean + (1 - BN_MOMENTUM) * batch_mean,
-          BN_MOMENTUM * old_var + (1 - BN_MOMENTUM) * batch_var)
+  return (
+    BN_MOMENTUM * old_mean + (1 - BN_MOMENTUM) * batch_mean,
+    BN_MOMENTUM * old_var + (1 - BN_MOMENTUM) * batch_var,
+  )
 
 
 def _stem_stats(model_state):
@@ -373,8 +384,9 @@ def test_two_passes_keep_the_first_pass_statistics():
 
 
 def test_freeze_bn_and_dropout_state():
-  model = create_model("resnet18", num_classes=3, input_shape=BN_SHAPE, rngs=_rngs(),
-                       width=8, dropout=0.5, freeze_bn=True)
+  model = create_model(
+    "resnet18", num_classes=3, input_shape=BN_SHAPE, rngs=_rngs(), width=8, dropout=0.5, freeze_bn=True
+  )
   graphdef, params, model_state = functional_model(model)
   stats = nnx.state(model, nnx.BatchStat)
   rng_state = nnx.state(model, nnx.RngState)
@@ -384,8 +396,9 @@ def test_freeze_bn_and_dropout_state():
   logits1, state1 = train(params, model_state, x)
   logits2, state2 = train(params, state1, x)
   # Frozen BN: running statistics untouched in train mode...
-  for got, want in zip(jax.tree.leaves(nnx.state(nnx.merge(graphdef, params, state2), nnx.BatchStat)),
-                       jax.tree.leaves(stats)):
+  for got, want in zip(
+    jax.tree.leaves(nnx.state(nnx.merge(graphdef, params, state2), nnx.BatchStat)), jax.tree.leaves(stats)
+  ):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # ...and used: an example's train logits ignore the other examples (same dropout mask).
   x_other = x.copy()
@@ -411,8 +424,13 @@ def test_save_and_load_round_trip(tmp_path):
   path = tmp_path / "weights.npz"
   saved = models.save_weights(source, path)
   assert path.exists()
-  assert {"backbone/conv1/kernel", "backbone/layer1/0/bn1/mean", "backbone/layer2/0/downsample/0/kernel",
-          "classifier/kernel", "classifier/bias"} <= set(saved)
+  assert {
+    "backbone/conv1/kernel",
+    "backbone/layer1/0/bn1/mean",
+    "backbone/layer2/0/downsample/0/kernel",
+    "classifier/kernel",
+    "classifier/bias",
+  } <= set(saved)
   with np.load(path) as archive:
     assert set(archive.files) == set(saved)
     assert archive["backbone/conv1/kernel"].shape == (3, 3, 3, 8)  # HWIO
@@ -420,8 +438,7 @@ def test_save_and_load_round_trip(tmp_path):
   target = create_model("resnet18", num_classes=3, input_shape=BN_SHAPE, rngs=_rngs(seed=1), width=8)
   loaded = models.load_pretrained(target, str(path), strict=True)
   assert loaded == sorted(saved)
-  for (path_a, a), (path_b, b) in zip(nnx.to_flat_state(nnx.state(source)),
-                                      nnx.to_flat_state(nnx.state(target))):
+  for (path_a, a), (path_b, b) in zip(nnx.to_flat_state(nnx.state(source)), nnx.to_flat_state(nnx.state(target))):
     assert path_a == path_b
     np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
 
@@ -434,10 +451,15 @@ def test_load_skips_a_head_of_another_shape(tmp_path):
   head_before = np.asarray(target.classifier.kernel[...]).copy()
   with pytest.warns(UserWarning, match="classifier/kernel"):
     loaded = models.load_pretrained(target, path)
-  assert loaded == ["backbone/layers/0/bias", "backbone/layers/0/kernel",
-                    "backbone/layers/1/bias", "backbone/layers/1/kernel"]
-  np.testing.assert_array_equal(np.asarray(target.backbone.layers[1].kernel[...]),
-                                np.asarray(source.backbone.layers[1].kernel[...]))
+  assert loaded == [
+    "backbone/layers/0/bias",
+    "backbone/layers/0/kernel",
+    "backbone/layers/1/bias",
+    "backbone/layers/1/kernel",
+  ]
+  np.testing.assert_array_equal(
+    np.asarray(target.backbone.layers[1].kernel[...]), np.asarray(source.backbone.layers[1].kernel[...])
+  )
   np.testing.assert_array_equal(np.asarray(target.classifier.kernel[...]), head_before)
 
 
@@ -473,17 +495,27 @@ def test_convert_torchvision_layout(tmp_path):
   fc_out_in = rng.normal(size=(3, 64)).astype(np.float32)
   fc_bias = rng.normal(size=3).astype(np.float32)
   state_dict = {
-      "conv1.weight": conv_oihw,
-      "bn1.weight": np.full(8, 2.0, np.float32), "bn1.bias": np.zeros(8, np.float32),
-      "bn1.running_mean": np.ones(8, np.float32), "bn1.running_var": np.full(8, 3.0, np.float32),
-      "bn1.num_batches_tracked": np.array(7),
-      "layer2.0.downsample.0.weight": rng.normal(size=(16, 8, 1, 1)).astype(np.float32),
-      "fc.weight": fc_out_in, "fc.bias": fc_bias,
+    "conv1.weight": conv_oihw,
+    "bn1.weight": np.full(8, 2.0, np.float32),
+    "bn1.bias": np.zeros(8, np.float32),
+    "bn1.running_mean": np.ones(8, np.float32),
+    "bn1.running_var": np.full(8, 3.0, np.float32),
+    "bn1.num_batches_tracked": np.array(7),
+    "layer2.0.downsample.0.weight": rng.normal(size=(16, 8, 1, 1)).astype(np.float32),
+    "fc.weight": fc_out_in,
+    "fc.bias": fc_bias,
   }
   converted = models.convert_torchvision_resnet(state_dict)
   assert set(converted) == {
-      "backbone/conv1/kernel", "backbone/bn1/scale", "backbone/bn1/bias", "backbone/bn1/mean",
-      "backbone/bn1/var", "backbone/layer2/0/downsample/0/kernel", "classifier/kernel", "classifier/bias"}
+    "backbone/conv1/kernel",
+    "backbone/bn1/scale",
+    "backbone/bn1/bias",
+    "backbone/bn1/mean",
+    "backbone/bn1/var",
+    "backbone/layer2/0/downsample/0/kernel",
+    "classifier/kernel",
+    "classifier/bias",
+  }
   assert converted["backbone/layer2/0/downsample/0/kernel"].shape == (1, 1, 8, 16)
   path = tmp_path / "tv.npz"
   np.savez(path, **converted)
@@ -497,12 +529,13 @@ def test_convert_torchvision_layout(tmp_path):
   torch_out = np.zeros((2, 8, 5, 5))
   for i in range(3):
     for j in range(3):
-      torch_out += np.einsum("nchw,oc->nohw", x_nchw[:, :, i:i + 5, j:j + 5], conv_oihw[:, :, i, j])
+      torch_out += np.einsum("nchw,oc->nohw", x_nchw[:, :, i : i + 5, j : j + 5], conv_oihw[:, :, i, j])
   np.testing.assert_allclose(ours, torch_out.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
 
   features = rng.normal(size=(2, 64)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(model.classifier(jnp.asarray(features))),
-                             features @ fc_out_in.T + fc_bias, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(model.classifier(jnp.asarray(features))), features @ fc_out_in.T + fc_bias, rtol=1e-4, atol=1e-4
+  )
 
 
 # ------------------------------------------------------ torchvision checkpoints, MobileNetV2
@@ -514,8 +547,11 @@ from tests.test_harness_weight_files import mobilenet_v2_path  # noqa: E402
 # 256-px resize), from the independent NumPy forward in tests/_reference_mobilenet.py: Egyptian cat, tiger cat,
 # tabby, lynx, plastic bag; espresso, consomme, cup, soup bowl, coffee mug; space shuttle, drilling platform,
 # missile, obelisk, torch.
-PHOTO_TOP5 = {"chelsea": [285, 282, 281, 287, 728], "coffee": [967, 925, 968, 809, 504],
-              "rocket": [812, 540, 657, 682, 862]}
+PHOTO_TOP5 = {
+  "chelsea": [285, 282, 281, 287, 728],
+  "coffee": [967, 925, 968, 809, 504],
+  "rocket": [812, 540, 657, 682, 862],
+}
 
 
 def _imagenet_crop(image):
@@ -542,7 +578,8 @@ def test_mobilenet_v2_parameter_count_matches_torchvision():
   model = _abstract_model("mobilenet_v2", (224, 224, 3), 1000)
   assert _param_count(model) == 3_504_872  # torchvision.models.mobilenet_v2()
   converted = models.convert_torchvision(
-      {k: np.zeros(s, np.float32) for k, s in _reference_mobilenet.state_dict_shapes()}, head="classifier.1")
+    {k: np.zeros(s, np.float32) for k, s in _reference_mobilenet.state_dict_shapes()}, head="classifier.1"
+  )
   variables = {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
   assert {k: v.shape for k, v in converted.items()} == variables  # every key and shape, both ways
 
@@ -618,8 +655,12 @@ def _torchvision_resnet18_state_dict(width=8, num_classes=5, seed=0):
 
 def test_resnet_loads_torchvision_pth_safetensors_and_npz_alike(tmp_path):
   sd = _torchvision_resnet18_state_dict()
-  files = {"pth": tmp_path / "r.pth", "legacy": tmp_path / "legacy.pth", "safetensors": tmp_path / "r.safetensors",
-           "npz": tmp_path / "r.npz"}
+  files = {
+    "pth": tmp_path / "r.pth",
+    "legacy": tmp_path / "legacy.pth",
+    "safetensors": tmp_path / "r.safetensors",
+    "npz": tmp_path / "r.npz",
+  }
   _pth_files.write_zip_pth(files["pth"], sd)
   _pth_files.write_legacy_pth(files["legacy"], sd)
   _pth_files.write_safetensors(files["safetensors"], sd)
@@ -636,8 +677,10 @@ def test_resnet_loads_torchvision_pth_safetensors_and_npz_alike(tmp_path):
   for name, path in files.items():
     model, loaded = _loaded_model("resnet18", path, 5, (72, 72, 3), width=8, input_norm="imagenet")
     assert len(loaded) == len(sd) - 20  # no num_batches_tracked
-    np.testing.assert_array_equal(np.asarray(model.backbone.layer3[0].downsample[0].kernel[...]),
-                                  sd["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+      np.asarray(model.backbone.layer3[0].downsample[0].kernel[...]),
+      sd["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0),
+    )
     np.testing.assert_array_equal(np.asarray(model.backbone.layer4[1].bn2.var[...]), sd["layer4.1.bn2.running_var"])
     np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), sd["fc.weight"].T)
     outputs[name] = np.asarray(model(jnp.asarray(x)))
@@ -649,10 +692,10 @@ def test_adapters_start_as_the_identity(tmp_path):
   sd = _torchvision_resnet18_state_dict(num_classes=4)
   _pth_files.write_zip_pth(tmp_path / "r.pth", sd)
   x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 72, 72, 3)), jnp.float32)
-  plain = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8,
-                       input_norm="imagenet")
-  adapted = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8, adapter_dim=2,
-                         input_norm="imagenet")
+  plain = create_model("resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8, input_norm="imagenet")
+  adapted = create_model(
+    "resnet18", num_classes=4, input_shape=(72, 72, 3), rngs=_rngs(), width=8, adapter_dim=2, input_norm="imagenet"
+  )
   for m in (plain, adapted):
     models.load_pretrained(m, tmp_path / "r.pth")
     m.eval()
@@ -664,7 +707,8 @@ def test_adapters_start_as_the_identity(tmp_path):
   adapters = [k for k, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)) if "adapter" in map(str, k)]
   assert len(adapters) == 17 * 4  # down/up kernel and bias after each of the 17 inverted-residual blocks
   widths = [16] + [24] * 2 + [32] * 3 + [64] * 4 + [96] * 3 + [160] * 3 + [320]
-  assert _param_count(abstract) - _param_count(_abstract_model("mobilenet_v2", (32, 32, 3), 4)) == \
-      sum(2 * c * 4 + 4 + c for c in widths)
+  assert _param_count(abstract) - _param_count(_abstract_model("mobilenet_v2", (32, 32, 3), 4)) == sum(
+    2 * c * 4 + 4 + c for c in widths
+  )
   with pytest.raises(ValueError, match="input_norm"):
     _abstract_model("mobilenet_v2", (32, 32, 1), 4)

@@ -19,8 +19,9 @@ from tests import _reference
 
 @functools.cache
 def _abstract(name, **kwargs):
-  return nnx.eval_shape(lambda: models.create_model(name, num_classes=3, input_shape=(16, 16, 3),
-                                                    rngs=nnx.Rngs(0), width=4, **kwargs))
+  return nnx.eval_shape(
+    lambda: models.create_model(name, num_classes=3, input_shape=(16, 16, 3), rngs=nnx.Rngs(0), width=4, **kwargs)
+  )
 
 
 def _selected(model, selectors):
@@ -40,8 +41,9 @@ def test_selectors_pick_the_named_parts():
   assert _selected(model, ["last_block"]) == {p for p in paths if p.startswith("backbone/layer4/1/")}
   norm = _selected(model, ["norm"])
   assert norm and all(p.rsplit("/", 1)[1] in ("scale", "bias") and "/bn" in p or "downsample/1" in p for p in norm)
-  assert norm == {p for p in paths if p.endswith("/scale")} | {p[:-len("scale")] + "bias" for p in paths
-                                                                if p.endswith("/scale")}
+  assert norm == {p for p in paths if p.endswith("/scale")} | {
+    p[: -len("scale")] + "bias" for p in paths if p.endswith("/scale")
+  }
   adapters = _selected(model, ["adapters"])
   assert adapters == {p for p in paths if "/adapter/" in p} and len(adapters) == 8 * 4
   assert _selected(model, ["backbone/layer3"]) == {p for p in paths if p.startswith("backbone/layer3/")}
@@ -54,10 +56,14 @@ def test_selectors_pick_the_named_parts():
 
 
 def test_mobilenet_selectors():
-  model = nnx.eval_shape(lambda: models.create_model("mobilenet_v2", num_classes=3, input_shape=(32, 32, 3),
-                                                     rngs=nnx.Rngs(0), adapter_dim=4))
-  assert _selected(model, ["last_block"]) == {"backbone/features/18/0/kernel", "backbone/features/18/1/scale",
-                                              "backbone/features/18/1/bias"}
+  model = nnx.eval_shape(
+    lambda: models.create_model("mobilenet_v2", num_classes=3, input_shape=(32, 32, 3), rngs=nnx.Rngs(0), adapter_dim=4)
+  )
+  assert _selected(model, ["last_block"]) == {
+    "backbone/features/18/0/kernel",
+    "backbone/features/18/1/scale",
+    "backbone/features/18/1/bias",
+  }
   assert len(_selected(model, ["adapters"])) == 17 * 4
 
 
@@ -125,8 +131,13 @@ def test_masked_step_matches_numpy_reference(algorithm, lam):
 
 
 def _run_steps(selectors, model_kwargs, algorithm="disam", steps=2):
-  graphdef, params, model_state = init_model("resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0,
-                                                   model_kwargs={"width": 4, "stage_sizes": [1, 1], **model_kwargs})
+  graphdef, params, model_state = init_model(
+    "resnet18",
+    num_classes=3,
+    input_shape=(8, 8, 3),
+    seed=0,
+    model_kwargs={"width": 4, "stage_sizes": [1, 1], **model_kwargs},
+  )
   config = ExperimentConfig(train_only=tuple(selectors) if selectors else None)
   mask = _trainable_mask(config, graphdef, params, model_state)
   hp = HParams(optimizer="adamw", lr=1e-2, weight_decay=0.1, rho=0.1, lam=0.5)
@@ -141,13 +152,13 @@ def _run_steps(selectors, model_kwargs, algorithm="disam", steps=2):
 
 
 def _changed(before, after):
-  return [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(before),
-                                                                          jax.tree.leaves(after))]
+  return [
+    not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+  ]
 
 
 def test_frozen_parameters_and_statistics_never_change():
-  params, model_state, state, mask, metrics = _run_steps(["head", "adapters"], {"adapter_dim": 2,
-                                                                                "freeze_bn": True})
+  params, model_state, state, mask, metrics = _run_steps(["head", "adapters"], {"adapter_dim": 2, "freeze_bn": True})
   keep = jax.tree.leaves(mask)
   changed = _changed(params, state.params)
   assert not any(c for c, k in zip(changed, keep) if not k)  # frozen: bit-identical despite weight decay
@@ -165,8 +176,9 @@ def test_batchnorm_statistics_update_when_not_frozen():
 
 def test_peft_step_skips_the_frozen_gradients():
   """The compiled PEFT step does less work than the full one (no weight gradients of the frozen backbone)."""
-  graphdef, params, model_state = init_model("resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0,
-                                                   model_kwargs={"width": 4, "stage_sizes": [1, 1]})
+  graphdef, params, model_state = init_model(
+    "resnet18", num_classes=3, input_shape=(8, 8, 3), seed=0, model_kwargs={"width": 4, "stage_sizes": [1, 1]}
+  )
   flops = {}
   for selectors in (None, ("head",)):
     mask = _trainable_mask(ExperimentConfig(train_only=selectors), graphdef, params, model_state)
@@ -182,15 +194,45 @@ def test_cli_train_only_end_to_end(tmp_path):
   from disam_jax.harness import cli
 
   out = tmp_path / "run"
-  code = cli.main(["--dataset", "rotated_digits", "--model", "mlp", "--algorithm", "disam", "--held-out", "0",
-                   "--steps", "3", "--eval-every", "3", "--train-only", "head", "--quiet", "--no-plots",
-                   "--output-dir", str(out)])
+  code = cli.main(
+    [
+      "--dataset",
+      "rotated_digits",
+      "--model",
+      "mlp",
+      "--algorithm",
+      "disam",
+      "--held-out",
+      "0",
+      "--steps",
+      "3",
+      "--eval-every",
+      "3",
+      "--train-only",
+      "head",
+      "--quiet",
+      "--no-plots",
+      "--output-dir",
+      str(out),
+    ]
+  )
   assert code == 0
   import json
 
   assert json.load(open(out / "config.json"))["train_only"] == ["head"]
-  bad = cli.main(["--dataset", "rotated_digits", "--model", "mlp", "--train-only", "adapters", "--quiet",
-                  "--output-dir", str(tmp_path / "bad")])
+  bad = cli.main(
+    [
+      "--dataset",
+      "rotated_digits",
+      "--model",
+      "mlp",
+      "--train-only",
+      "adapters",
+      "--quiet",
+      "--output-dir",
+      str(tmp_path / "bad"),
+    ]
+  )
   assert bad == cli.EXIT_BAD_INPUT
 
 

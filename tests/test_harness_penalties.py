@@ -105,7 +105,7 @@ def np_fishr_step(hp, features, labels, emas):
   per_domain = [{} for _ in range(m)]
   for name, g in grads.items():
     for d in range(m):
-      env = g[d * b:(d + 1) * b]
+      env = g[d * b : (d + 1) * b]
       per_domain[d][name] = ((env - env.mean(0, keepdims=True)) ** 2).mean(0)
   per_domain = [emas[d].update(per_domain[d]) for d in range(m)]
   mean = {name: np.stack([per_domain[d][name] for d in range(m)]).mean(0) for name in per_domain[0]}
@@ -142,8 +142,9 @@ def test_coral_of_one_domain_is_zero_and_bf16_features_accumulate_in_float32():
   assert float(penalties.coral_penalty(jnp.asarray(z[:1], jnp.float32))) == 0.0
   got = penalties.coral_penalty(jnp.asarray(z, jnp.bfloat16))
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(float(got), np_coral(list(np.asarray(jnp.asarray(z, jnp.bfloat16), np.float64))),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    float(got), np_coral(list(np.asarray(jnp.asarray(z, jnp.bfloat16), np.float64))), rtol=1e-4
+  )
 
 
 @pytest.mark.parametrize("m, b, f", [(2, 3, 1), (5, 7, 6), (16, 4, 3)])
@@ -165,8 +166,9 @@ def test_coral_in_o_m_f2_equals_the_pairwise_reference_to_1e6(m, b, f):
 
 def test_vrex_penalty_and_its_weight_schedule():
   losses = np.array([0.3, 1.7, 0.9, 2.4])
-  np.testing.assert_allclose(float(penalties.vrex_penalty(jnp.asarray(losses, jnp.float32))), np_vrex(losses),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(penalties.vrex_penalty(jnp.asarray(losses, jnp.float32))), np_vrex(losses), rtol=1e-6
+  )
   pen = penalties.vrex(vrex_lambda=10.0, anneal_steps=500)
   # DomainBed: penalty_weight = vrex_lambda if update_count >= anneal_iters else 1.0; Adam reset at == anneal.
   assert [float(pen.weight(jnp.asarray(s))) for s in (0, 499, 500, 501)] == [1.0, 1.0, 10.0, 10.0]
@@ -185,8 +187,9 @@ def test_fishr_gradient_variance_and_penalty_equal_domainbed_over_three_steps():
   assert state.shape == (M, F * C + C)
   for step in range(3):
     z, y = _inputs(20 + step)
-    outputs = penalties.DomainOutputs(jnp.asarray(z, jnp.float32), jnp.asarray(y), None, _head,
-                                      jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), hp))
+    outputs = penalties.DomainOutputs(
+      jnp.asarray(z, jnp.float32), jnp.asarray(y), None, _head, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), hp)
+    )
     got, state = pen.value(outputs, state)
     np.testing.assert_allclose(float(got), np_fishr_step(hp, z, y, emas), rtol=1e-5)
   # DomainBed: weight 0 before penalty_anneal_iters, lambda from it on; Adam reset there (if != 0).
@@ -203,8 +206,7 @@ def test_fishr_gradient_matches_finite_differences_of_the_reference():
   pen = penalties.fishr(ema=ema)
 
   hp32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), hp)
-  _, state = pen.value(penalties.DomainOutputs(jnp.asarray(z0, jnp.float32), y0, None, _head, hp32),
-                       pen.init(M, hp32))
+  _, state = pen.value(penalties.DomainOutputs(jnp.asarray(z0, jnp.float32), y0, None, _head, hp32), pen.init(M, hp32))
 
   def ours(features, head_params):
     return pen.value(penalties.DomainOutputs(features, y, None, _head, head_params), state)[0]
@@ -237,8 +239,10 @@ def test_fishr_closed_form_of_the_linear_head_equals_per_example_gradients_to_1e
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   d = p - np.eye(C)[y.reshape(-1)]
-  per_example = {"kernel": (z.reshape(m * b, F)[:, :, None] * d[:, None, :]).reshape(m, b, -1),
-                 "bias": d.reshape(m, b, C)}
+  per_example = {
+    "kernel": (z.reshape(m * b, F)[:, :, None] * d[:, None, :]).reshape(m, b, -1),
+    "bias": d.reshape(m, b, C),
+  }
   expected = np.concatenate([per_example[k].var(axis=1) for k in sorted(hp)], axis=1)  # tree order: bias, kernel
   generic = lambda params, features: features @ params["kernel"] + params.get("bias", 0.0)
   with jax.enable_x64(True):
@@ -260,8 +264,11 @@ def test_fishr_closed_form_of_the_linear_head_equals_per_example_gradients_to_1e
         np.testing.assert_allclose(np.asarray(a), np.asarray(v), rtol=1e-6, atol=1e-12)
   # float32 (what the harness runs): close to the float64 reference
   closed32 = penalties.fishr_domain_gradient_variance(
-    penalties.linear_head, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), hp), jnp.asarray(z, jnp.float32),
-    jnp.asarray(y))
+    penalties.linear_head,
+    jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), hp),
+    jnp.asarray(z, jnp.float32),
+    jnp.asarray(y),
+  )
   assert closed32.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(closed32), expected, rtol=2e-4, atol=1e-6)
 
@@ -318,11 +325,14 @@ def test_reset_at_reinitializes_the_optimizer_right_before_that_update():
   assert not np.allclose(np.asarray(u2["w"]), np.asarray(v["w"]))  # without the reset the update would differ
 
 
-@pytest.mark.parametrize("make, message", [
-  (lambda: penalties.coral(-1.0), "mmd_gamma must be a finite number >= 0"),
-  (lambda: penalties.vrex(anneal_steps=1.5), "vrex anneal_steps must be an integer >= 0"),
-  (lambda: penalties.fishr(ema=1.0), "fishr ema must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+  "make, message",
+  [
+    (lambda: penalties.coral(-1.0), "mmd_gamma must be a finite number >= 0"),
+    (lambda: penalties.vrex(anneal_steps=1.5), "vrex anneal_steps must be an integer >= 0"),
+    (lambda: penalties.fishr(ema=1.0), "fishr ema must be in [0, 1)"),
+  ],
+)
 def test_bad_hyperparameters_are_refused(make, message):
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
     make()

@@ -29,8 +29,9 @@ def _split(sizes=SIZES):
     val_parts.append((x[:5], np.zeros(5, np.int32)))
   test = ((np.ones((7, 2, 2, 1), np.float32), np.zeros(7, np.int32)),)
   names = tuple(f"d{d}" for d in range(len(sizes)))
-  return data.DomainSplit(train_domains=names, test_domains=("t",), train=tuple(train_parts), val=tuple(val_parts),
-                          test=test)
+  return data.DomainSplit(
+    train_domains=names, test_domains=("t",), train=tuple(train_parts), val=tuple(val_parts), test=test
+  )
 
 
 def _origins(x):
@@ -49,8 +50,8 @@ def test_imbalance_keeps_a_geometric_fraction_of_each_domain():
   expected = [max(1, round(n * 8.0 ** (-j / (m - 1)))) for j, n in enumerate(SIZES)]
   assert [len(x) for x, _ in out.train] == expected == [40, 15, 12, 2]
   for _d, ((x, y), (x0, _)) in enumerate(zip(out.train, split.train)):
-    assert _origins(x) <= _origins(x0) and len(_origins(x)) == len(x)       # a subset, no duplicates
-    np.testing.assert_array_equal(y, x[:, 0, 1, 0].astype(np.int32) % 3)    # labels travel with their images
+    assert _origins(x) <= _origins(x0) and len(_origins(x)) == len(x)  # a subset, no duplicates
+    np.testing.assert_array_equal(y, x[:, 0, 1, 0].astype(np.int32) % 3)  # labels travel with their images
   assert out.train_domains == split.train_domains
   _unchanged_evaluation(split, out)
   assert regimes.imbalance(split, 1.0, seed=0).train[2][0].shape[0] == SIZES[2]
@@ -80,7 +81,7 @@ def test_sub_domains_partition_every_domain():
   out = regimes.split_domains(split, 3, seed=0)
   assert out.train_domains == tuple(f"d{d}/{j}" for d in range(len(SIZES)) for j in range(3))
   for d, n in enumerate(SIZES):
-    parts = out.train[3 * d: 3 * d + 3]
+    parts = out.train[3 * d : 3 * d + 3]
     assert sorted(len(x) for x, _ in parts) == sorted(len(a) for a in np.array_split(np.arange(n), 3))
     union = set().union(*(_origins(x) for x, _ in parts))
     assert union == _origins(split.train[d][0])
@@ -97,10 +98,15 @@ def _blobs_split():
   for _d in range(4):
     blob = np.repeat(np.arange(3), [6, 9, 12])
     x = (centres[blob] + 0.1 * rng.standard_normal((len(blob), 4))).astype(np.float32).reshape(-1, 2, 2, 1)
-    parts.append((x, blob.astype(np.int32)))     # label = blob, to check the clusters
+    parts.append((x, blob.astype(np.int32)))  # label = blob, to check the clusters
   val = tuple((x[:3], y[:3]) for x, y in parts)
-  return data.DomainSplit(train_domains=("a", "b", "c", "d"), test_domains=("t",), train=tuple(parts), val=val,
-                          test=((parts[0][0][:2], parts[0][1][:2]),))
+  return data.DomainSplit(
+    train_domains=("a", "b", "c", "d"),
+    test_domains=("t",),
+    train=tuple(parts),
+    val=val,
+    test=((parts[0][0][:2], parts[0][1][:2]),),
+  )
 
 
 def test_inferred_domains_recover_input_clusters_deterministically():
@@ -128,18 +134,26 @@ def test_infer_domains_is_deterministic_per_seed_on_digits():
 def test_apply_regimes_refuses_inferred_domains_with_label_edits():
   with pytest.raises(ValueError, match="cannot be combined"):
     regimes.apply_regimes(_split(), seed=0, domain_label_noise=0.1, inferred_domains=3)
-  assert regimes.apply_regimes(_split(), seed=0) .train_domains == _split().train_domains
+  assert regimes.apply_regimes(_split(), seed=0).train_domains == _split().train_domains
 
 
 def test_disam_trains_on_inferred_domains_and_is_evaluated_on_the_true_ones(tmp_path):
-  config = ExperimentConfig(algorithms=("disam",), held_out=("75",), seeds=(0,), steps=3, eval_every=3,
-                                  model="mlp", model_kwargs={"hidden": 8}, hparams=HParams(batch_size=8),
-                                  infer_domains=3)
+  config = ExperimentConfig(
+    algorithms=("disam",),
+    held_out=("75",),
+    seeds=(0,),
+    steps=3,
+    eval_every=3,
+    model="mlp",
+    model_kwargs={"hidden": 8},
+    hparams=HParams(batch_size=8),
+    infer_domains=3,
+  )
   results = run_experiment(config, str(tmp_path), progress=False)
   with open(os.path.join(cell_directory(str(tmp_path), "disam", "75", 0), "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
   steps = [line for line in lines if "loss" in line]
-  assert list(steps[0]["domain_losses"]) == ["c0", "c1", "c2"]            # DISAM sees K = 3 domains
+  assert list(steps[0]["domain_losses"]) == ["c0", "c1", "c2"]  # DISAM sees K = 3 domains
   assert sorted(results[0].evals[-1]["val_acc"]) == ["0", "15", "30", "45", "60"]  # selection on the true ones
   with pytest.raises(ValueError, match="cannot be combined"):
     dataclasses.replace(config, sub_domains=2).validate()

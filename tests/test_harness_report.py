@@ -14,17 +14,25 @@ from disam_jax.harness import report, tables
 
 def _cell(algorithm, held_out, seed, selected, last, directory=""):
   return {
-    "algorithm": algorithm, "held_out": held_out, "seed": seed, "steps": 20,
+    "algorithm": algorithm,
+    "held_out": held_out,
+    "seed": seed,
+    "steps": 20,
     "selected": {"step": 10, "val_acc": 0.9, "test_acc": selected},
     "last": {"step": 20, "val_acc": 0.8, "test_acc": last},
-    "evals": [], "seconds": 1.0, "directory": directory,
+    "evals": [],
+    "seconds": 1.0,
+    "directory": directory,
   }
 
 
 CELLS = [
-  _cell("erm", "a", 0, 0.90, 0.50), _cell("erm", "a", 1, 0.92, 0.52),
-  _cell("erm", "b", 0, 0.80, 0.60), _cell("erm", "b", 1, 0.80, 0.62),
-  _cell("disam", "a", 0, 0.95, 0.70), _cell("disam", "a", 1, 0.93, 0.72),
+  _cell("erm", "a", 0, 0.90, 0.50),
+  _cell("erm", "a", 1, 0.92, 0.52),
+  _cell("erm", "b", 0, 0.80, 0.60),
+  _cell("erm", "b", 1, 0.80, 0.62),
+  _cell("disam", "a", 0, 0.95, 0.70),
+  _cell("disam", "a", 1, 0.93, 0.72),
   _cell("disam", "b", 0, 0.81, 0.70),  # seed 1 missing: no Avg from it
 ]
 
@@ -50,9 +58,15 @@ def test_format_mean_se():
 
 
 def test_results_markdown_has_both_selections_and_seed_note():
-  text = report.results_markdown(CELLS, {"dataset": "rotated_digits", "model": "mlp", "steps": 20,
-                                         "hparams": {"optimizer": "adam", "lr": 0.001, "batch_size": 64,
-                                                     "rho": 0.05, "lam": 0.1}})
+  text = report.results_markdown(
+    CELLS,
+    {
+      "dataset": "rotated_digits",
+      "model": "mlp",
+      "steps": 20,
+      "hparams": {"optimizer": "adam", "lr": 0.001, "batch_size": 64, "rho": 0.05, "lam": 0.1},
+    },
+  )
   assert "## Model selection: training-domain validation" in text
   assert "## Model selection: last checkpoint" in text
   assert "mean ± standard error over 2 trial seeds (0, 1)" in text
@@ -69,19 +83,48 @@ def test_steps_to_threshold_and_smoothing():
 
 
 def _config(**changes):
-  config = {"dataset": "rotated_digits", "data_dir": None, "image_size": None, "model": "mlp", "model_kwargs": {},
-            "pretrained": None, "algorithms": ["erm", "sam", "disam"], "held_out": None, "seeds": [0, 1],
-            "steps": 30, "eval_every": 10, "holdout_fraction": 0.2, "hard_domain": None, "hard_domain_fraction": 1.0,
-            "hard_domain_label_noise": 0.0, "eval_batch_size": 512,
-            "hparams": {"optimizer": "adam", "lr": 0.001, "weight_decay": 0.0, "batch_size": 64, "rho": 0.05,
-                        "lam": 0.1, "adaptive": False}}
+  config = {
+    "dataset": "rotated_digits",
+    "data_dir": None,
+    "image_size": None,
+    "model": "mlp",
+    "model_kwargs": {},
+    "pretrained": None,
+    "algorithms": ["erm", "sam", "disam"],
+    "held_out": None,
+    "seeds": [0, 1],
+    "steps": 30,
+    "eval_every": 10,
+    "holdout_fraction": 0.2,
+    "hard_domain": None,
+    "hard_domain_fraction": 1.0,
+    "hard_domain_label_noise": 0.0,
+    "eval_batch_size": 512,
+    "hparams": {
+      "optimizer": "adam",
+      "lr": 0.001,
+      "weight_decay": 0.0,
+      "batch_size": 64,
+      "rho": 0.05,
+      "lam": 0.1,
+      "adaptive": False,
+    },
+  }
   for key, value in changes.items():
     (config["hparams"] if key in config["hparams"] else config)[key] = value
   return config
 
 
-def _write_fake_run(run_dir, steps=30, eval_every=10, algorithms=("erm", "sam", "disam"), held_outs=("0", "75"),
-                    config=None, weights=False, cosine=False):
+def _write_fake_run(
+  run_dir,
+  steps=30,
+  eval_every=10,
+  algorithms=("erm", "sam", "disam"),
+  held_outs=("0", "75"),
+  config=None,
+  weights=False,
+  cosine=False,
+):
   """A run directory with synthetic metrics.jsonl files, as disam-train writes them."""
   rng = np.random.default_rng(0)
   cells = []
@@ -96,16 +139,25 @@ def _write_fake_run(run_dir, steps=30, eval_every=10, algorithms=("erm", "sam", 
             line = {"step": step}
             if step:
               losses = {d: float(2.0 / step + rng.random() * 0.1) for d in train_domains}
-              line.update(loss=float(np.mean(list(losses.values()))), domain_losses=losses,
-                          variance=float(np.var(list(losses.values()))), perturbation_norm=0.5, grad_norm=1.0,
-                          time=step * 0.01)
+              line.update(
+                loss=float(np.mean(list(losses.values()))),
+                domain_losses=losses,
+                variance=float(np.var(list(losses.values()))),
+                perturbation_norm=0.5,
+                grad_norm=1.0,
+                time=step * 0.01,
+              )
               if weights:
-                line["perturbation_weights"] = {d: 0.5 + 0.1 * k * (algorithm == "disam")
-                                                for k, d in enumerate(train_domains)}
+                line["perturbation_weights"] = {
+                  d: 0.5 + 0.1 * k * (algorithm == "disam") for k, d in enumerate(train_domains)
+                }
                 line["sam_cosine"] = 0.9 if cosine and algorithm == "disam" else None
             if step % eval_every == 0:
-              line["eval"] = {"val_acc": {d: 0.5 for d in train_domains}, "val_acc_mean": 0.5,
-                              "test_acc": {held_out: float(0.1 + step / steps * 0.8)}}
+              line["eval"] = {
+                "val_acc": {d: 0.5 for d in train_domains},
+                "val_acc_mean": 0.5,
+                "test_acc": {held_out: float(0.1 + step / steps * 0.8)},
+              }
             f.write(json.dumps(line) + "\n")
         cells.append(_cell(algorithm, held_out, seed, 0.8, 0.9, directory) | {"steps": steps})
   with open(os.path.join(run_dir, "results.json"), "w") as f:
@@ -126,8 +178,7 @@ def test_plots_are_written_as_png(tmp_path):
   cells = _write_fake_run(str(tmp_path))
   paths = report.write_report(str(tmp_path), cells, None)
   names = sorted(os.path.basename(p) for p in paths)
-  assert names == ["domain_losses.png", "heldout_accuracy.png", "results.json", "results.md",
-                   "training_curves.png"]
+  assert names == ["domain_losses.png", "heldout_accuracy.png", "results.json", "results.md", "training_curves.png"]
   for path in paths:
     assert os.path.getsize(path) > 1000 or path.endswith((".json", ".md"))
     if path.endswith(".png"):
@@ -224,7 +275,7 @@ def test_merge_lists_the_differences_and_every_rows_settings(tmp_path, capsys):
   text = (tmp_path / "out" / "results.md").read_text()
   assert f"steps (`{tmp_path / 'short'}`: 300, `{tmp_path / 'long'}`: 20000)" in text
   assert "lam (" in text
-  settings = text[text.index("## Settings of each row"):].splitlines()
+  settings = text[text.index("## Settings of each row") :].splitlines()
   header = settings[2]
   assert header.startswith("| Algorithm | run | dataset") is False and "| steps |" in header and "| lam |" in header
   row = next(line for line in settings if line.startswith("| DISAM_LONG |"))
@@ -303,17 +354,24 @@ def test_threshold_cell_when_no_run_reaches_the_threshold(tmp_path):
 
 def test_data_warnings_are_counted_in_results(tmp_path):
   cells = _write_fake_run(str(tmp_path), config=_config())
-  (tmp_path / "data.json").write_text(json.dumps({
-    "dataset": "image_folder", "domains": {"a": 3, "b": 4},
-    "unreadable_files": ["a/x/broken.jpg", "b/y/bad.png"],
-    "warnings": ["domain 'a' has no folder for class(es) ['z']"]}))
+  (tmp_path / "data.json").write_text(
+    json.dumps(
+      {
+        "dataset": "image_folder",
+        "domains": {"a": 3, "b": 4},
+        "unreadable_files": ["a/x/broken.jpg", "b/y/bad.png"],
+        "warnings": ["domain 'a' has no folder for class(es) ['z']"],
+      }
+    )
+  )
   report.write_report(str(tmp_path), cells, _config(), plots=False)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["data_warnings"] == 3
   text = (tmp_path / "results.md").read_text()
   assert "Data: 2 unreadable image file(s) skipped (a/x/broken.jpg, b/y/bad.png); 1 other warning(s)" in text
-  (tmp_path / "data.json").write_text(json.dumps({"dataset": "rotated_digits", "domains": {},
-                                                  "unreadable_files": [], "warnings": []}))
+  (tmp_path / "data.json").write_text(
+    json.dumps({"dataset": "rotated_digits", "domains": {}, "unreadable_files": [], "warnings": []})
+  )
   report.write_report(str(tmp_path), cells, _config(), plots=False)
   assert "Data: no warnings." in (tmp_path / "results.md").read_text()
   assert json.loads((tmp_path / "results.json").read_text())["data_warnings"] == 0
@@ -349,8 +407,11 @@ def test_plots_distinguish_algorithms_and_zoom_the_accuracy_axes(tmp_path, figur
   report.write_plots(str(tmp_path), cells)
   # Every algorithm has its own color, line style and marker; markers of coinciding curves sit at other steps.
   ax = figures["training_curves.png"].axes[0]
-  styles = {a: (line.get_color(), str(line.get_linestyle()), line.get_marker(), str(line.get_markevery()))
-            for a, line in _lines(ax).items() if a in ("ERM", "SAM", "DISAM")}
+  styles = {
+    a: (line.get_color(), str(line.get_linestyle()), line.get_marker(), str(line.get_markevery()))
+    for a, line in _lines(ax).items()
+    if a in ("ERM", "SAM", "DISAM")
+  }
   for k in range(4):
     assert len({s[k] for s in styles.values()}) == 3, styles
   # A paired DISAM - SAM panel under the curves.
@@ -377,8 +438,9 @@ def test_mechanism_plot_shows_perturbation_weights_and_the_cosine_when_logged(tm
   assert os.path.join(str(tmp_path / "weights"), "mechanism.png") in paths
   fig = figures["mechanism.png"]
   # The fake weights are 0.5 and 0.6 against SAM's 1/2: up to 20% from SAM's.
-  assert [a.get_title() for a in fig.axes] == [f"DISAM, held-out {d}: weights c_i\n(up to 20% from SAM's)"
-                                               for d in ("0", "75")]
+  assert [a.get_title() for a in fig.axes] == [
+    f"DISAM, held-out {d}: weights c_i\n(up to 20% from SAM's)" for d in ("0", "75")
+  ]
   np.testing.assert_allclose(fig.axes[0].get_lines()[1].get_ydata()[-1], 0.6)  # c of the second training domain
   assert "--diagnostics" in fig._suptitle.get_text()
   cells = _write_fake_run(str(tmp_path / "cosine"), weights=True, cosine=True)
@@ -422,22 +484,36 @@ def test_docs_sample_output_is_what_the_report_prints():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "docs", "harness.md")) as f:
     text = f.read()
-  sample = text[text.index("```\n# Held-out accuracy") + 4:]
-  sample = sample[:sample.index("```")].rstrip("\n").splitlines()
+  sample = text[text.index("```\n# Held-out accuracy") + 4 :]
+  sample = sample[: sample.index("```")].rstrip("\n").splitlines()
   domains = ["0", "15", "30", "45", "60", "75"]
   cells = [_cell(a, d, 0, 0.9, 0.9) for a in ("erm", "sam", "disam") for d in domains]
   data = {"dataset": "rotated_digits", "domains": {}, "unreadable_files": [], "warnings": []}
-  printed = report.results_markdown(cells, ExperimentConfig(), data).splitlines()[:len(sample)]
+  printed = report.results_markdown(cells, ExperimentConfig(), data).splitlines()[: len(sample)]
   numbers = lambda line: line.startswith(("| ERM |", "| SAM |", "| DISAM |"))
   assert [line for line in sample if not numbers(line)] == [line for line in printed if not numbers(line)]
   assert [line.split(" |")[0] for line in sample if numbers(line)] == ["| ERM", "| SAM", "| DISAM"]
 
 
 def test_sam_counterparts():
-  algorithms = ["sam", "gsam", "disam", "disam_gsam", "sam+coral", "disam+coral", "gsam+coral", "disam_gsam+coral",
-                "disam_lam1"]
+  algorithms = [
+    "sam",
+    "gsam",
+    "disam",
+    "disam_gsam",
+    "sam+coral",
+    "disam+coral",
+    "gsam+coral",
+    "disam_gsam+coral",
+    "disam_lam1",
+  ]
   assert [report._sam_of(a, algorithms) for a in algorithms if a.startswith("disam")] == [
-    "sam", "gsam", "sam+coral", "gsam+coral", "sam"]
+    "sam",
+    "gsam",
+    "sam+coral",
+    "gsam+coral",
+    "sam",
+  ]
   # no sagm+coral: SAM on the same loss, else the penalty alone (ERM on it), never plain SAM (another objective)
   assert report._sam_of("disam_sagm+coral", algorithms) == "sam+coral"
   assert report._sam_of("disam_sagm+coral", ["sam", "coral", "disam_sagm+coral"]) == "coral"
@@ -453,28 +529,32 @@ def test_a_disam_variant_is_compared_with_its_own_sam(tmp_path, figures):
   assert "| DISAM+CORAL vs SAM+CORAL | 2 |" in text
 
 
-
 def test_a_disam_penalty_variant_is_compared_with_the_penalty_alone_not_with_sam_or_erm(tmp_path, figures):
   """DISAM+CORAL optimizes CORAL's loss: without SAM+CORAL its partner is CORAL (ERM on that loss), never SAM or
   ERM (another objective); a suffixed one (disam_sagm+coral) also meets its unsuffixed rule on the same loss."""
-  cells = _write_fake_run(str(tmp_path), algorithms=("erm", "sam", "coral", "disam+coral", "disam_sagm+coral"),
-                          held_outs=("0",))
+  cells = _write_fake_run(
+    str(tmp_path), algorithms=("erm", "sam", "coral", "disam+coral", "disam_sagm+coral"), held_outs=("0",)
+  )
   report.write_plots(str(tmp_path), cells)
   titles = [a.get_title() for a in figures["heldout_accuracy.png"].axes]
   assert "DISAM+CORAL − CORAL, paired by seed" in titles and "DISAM_SAGM+CORAL − CORAL, paired by seed" in titles
   assert not any("− SAM" in t or "− ERM" in t for t in titles), titles
-  paired = [line.split(" |")[0] for line in report.paired_table(str(tmp_path), cells).splitlines()
-            if line.startswith("| DISAM")]
+  paired = [
+    line.split(" |")[0] for line in report.paired_table(str(tmp_path), cells).splitlines() if line.startswith("| DISAM")
+  ]
   assert paired == ["| DISAM+CORAL − CORAL", "| DISAM_SAGM+CORAL − CORAL", "| DISAM_SAGM+CORAL − DISAM+CORAL"]
-  runs = [line.split(" |")[0] for line in report.dynamics_table(str(tmp_path), cells).splitlines()
-          if " vs " in line]
+  runs = [line.split(" |")[0] for line in report.dynamics_table(str(tmp_path), cells).splitlines() if " vs " in line]
   assert runs == ["| DISAM+CORAL vs CORAL", "| DISAM_SAGM+CORAL vs CORAL"]
   algorithms = ["sam", "coral", "sam+coral", "gsam+coral", "disam+coral", "disam_gsam+coral", "disam_sagm+coral"]
   assert report._partners("disam+coral", algorithms) == ["sam+coral", "coral"]
   assert report._partners("disam_gsam+coral", algorithms) == ["gsam+coral", "disam+coral", "sam+coral", "coral"]
   assert report._partners("disam_sagm+coral", algorithms) == ["sam+coral", "disam+coral", "coral"]
   assert report._partners("disam_gsam", ["erm", "sam", "gsam", "disam", "disam_gsam"]) == [
-    "gsam", "disam", "sam", "erm"]
+    "gsam",
+    "disam",
+    "sam",
+    "erm",
+  ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,7 +571,7 @@ def test_paired_difference_matches_a_hand_computation():
   n = len(d)
   mean = sum(d) / n
   sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
-  half = T_975[9] * sd / n ** 0.5
+  half = T_975[9] * sd / n**0.5
   p = report.paired_difference(mine, theirs)
   assert p["n"] == 10
   np.testing.assert_allclose([p["mean"], p["low"], p["high"]], [mean, mean - half, mean + half], rtol=1e-6)
@@ -501,8 +581,7 @@ def test_paired_difference_matches_a_hand_computation():
   half = T_975[4] * d.std(ddof=1) / np.sqrt(5)
   np.testing.assert_allclose([covering["low"], covering["high"]], [d.mean() - half, d.mean() + half], rtol=1e-6)
   assert not covering["resolved"]
-  assert report.paired_difference([1.0], [0.0]) == {"n": 1, "mean": 1.0, "low": None, "high": None,
-                                                    "resolved": False}
+  assert report.paired_difference([1.0], [0.0]) == {"n": 1, "mean": 1.0, "low": None, "high": None, "resolved": False}
 
 
 def test_paired_table_says_no_difference_resolved_when_the_interval_covers_zero(tmp_path):
@@ -538,9 +617,13 @@ def _damage(run_dir, how):
     os.remove(path)
   else:
     text = open(path).read()
-    content = {"empty": "", "not JSON": "<html>not found</html>", "truncated": text[: len(text) // 2],
-               "JSON but no cells": json.dumps({"config": None}), "a cell without its result":
-               json.dumps({"cells": [{"algorithm": "erm"}]})}[how]
+    content = {
+      "empty": "",
+      "not JSON": "<html>not found</html>",
+      "truncated": text[: len(text) // 2],
+      "JSON but no cells": json.dumps({"config": None}),
+      "a cell without its result": json.dumps({"cells": [{"algorithm": "erm"}]}),
+    }[how]
     with open(path, "w") as f:
       f.write(content)
 
@@ -583,8 +666,16 @@ def test_merge_of_one_run_twice_exits_2_in_one_line(tmp_path, capsys):
 
 def _data_json(run_dir, domains=("0", "15", "75")):
   with open(os.path.join(run_dir, "data.json"), "w") as f:
-    json.dump({"dataset": "rotated_digits", "domains": {d: 100 for d in domains}, "classes": 10,
-               "unreadable_files": [], "warnings": []}, f)
+    json.dump(
+      {
+        "dataset": "rotated_digits",
+        "domains": {d: 100 for d in domains},
+        "classes": 10,
+        "unreadable_files": [],
+        "warnings": [],
+      },
+      f,
+    )
 
 
 def test_report_of_an_interrupted_run_lists_the_missing_runs_and_averages_only_complete_seeds(tmp_path, capsys):
@@ -595,8 +686,10 @@ def test_report_of_an_interrupted_run_lists_the_missing_runs_and_averages_only_c
   err = capsys.readouterr().err
   assert "warning: incomplete: 25 of the 27 runs configured have no result (e.g. sam held-out 0 seed 0)" in err
   text = open(os.path.join(run, "results.md")).read()
-  assert "**Incomplete: 25 of the 27 runs configured have no result** (interrupted, failed or not started): sam " \
-         "held-out 0 seed 0, disam held-out 0 seed 0, erm held-out 15 seed 0" in text
+  assert (
+    "**Incomplete: 25 of the 27 runs configured have no result** (interrupted, failed or not started): sam "
+    "held-out 0 seed 0, disam held-out 0 seed 0, erm held-out 15 seed 0" in text
+  )
   assert "and 13 more (all in results.json)" in text
   assert "| Algorithm | 0 | 15 | 75 | Avg |" in text
   assert "| ERM | 80.0 ± 0.0 (2/3 seeds) | – | – | – |" in text  # no Avg from one domain of three
@@ -609,8 +702,9 @@ def test_report_of_an_interrupted_run_lists_the_missing_runs_and_averages_only_c
 
 def test_a_merge_of_interrupted_runs_lists_the_missing_runs_of_every_source(tmp_path, capsys):
   for name, algorithms in (("a", ("erm", "sam")), ("b", ("disam",))):
-    _write_fake_run(str(tmp_path / name), algorithms=algorithms, held_outs=("0", "15"),
-                    config=_config(algorithms=list(algorithms)))
+    _write_fake_run(
+      str(tmp_path / name), algorithms=algorithms, held_outs=("0", "15"), config=_config(algorithms=list(algorithms))
+    )
     _data_json(str(tmp_path / name))
   code, err = _merge(capsys, tmp_path / "out", tmp_path / "a", f"{tmp_path / 'b'}=_lam1")
   assert code == 0 and "warning: incomplete: 6 of the 18 runs configured have no result" in err, err
@@ -661,7 +755,11 @@ def test_markdown_table_lines_and_alignment():
   from disam_jax.harness.tables import markdown_table
 
   assert markdown_table(["a", "b", "c"], [[1, "x", 2.5], ("y", None, "")]) == [
-    "| a | b | c |", "|---|---|---|", "| 1 | x | 2.5 |", "| y | None |  |"]
+    "| a | b | c |",
+    "|---|---|---|",
+    "| 1 | x | 2.5 |",
+    "| y | None |  |",
+  ]
   assert markdown_table(["Algorithm", "d"], [], align=":-:") == ["| Algorithm | d |", "|---|:-:|"]
   assert markdown_table(["m", "n", "t"], iter([["r", 1, 2]]), align=["---", "---", "---:"])[1] == "|---|---|---:|"
   with pytest.raises(ValueError, match="2 alignments for 3 columns"):

@@ -50,8 +50,21 @@ def test_the_docs_hold_the_generated_table_of_hyperparameters():
 
 
 def test_config_from_args_fixes_the_flags_given_and_fills_the_rest_from_the_declarations():
-  args = cli.build_parser().parse_args(["--lr", "0.01", "--trigger-gaps", "4", "8", "--perturb-when", "variance",
-                                        "--hparams-samples", "5", "--dataset", "pacs"])
+  args = cli.build_parser().parse_args(
+    [
+      "--lr",
+      "0.01",
+      "--trigger-gaps",
+      "4",
+      "8",
+      "--perturb-when",
+      "variance",
+      "--hparams-samples",
+      "5",
+      "--dataset",
+      "pacs",
+    ]
+  )
   config = cli.config_from_args(args)
   hp = config.hparams
   assert (hp.lr, hp.trigger_min_gap, hp.trigger_max_gap, hp.batch_size) == (0.01, 4, 8, 32)
@@ -107,11 +120,14 @@ def test_adding_or_reordering_hyperparameters_does_not_change_the_others_draws(m
 def test_draws_stay_within_their_distributions(dataset):
   base = _choices.default_hparams(dataset).for_run(300)
   small = dataset == "rotated_digits"
-  lr_lo, lr_hi = (10 ** -4.5, 10 ** -2.5) if small else (1e-5, 10 ** -3.5)
-  bs_lo, bs_hi = (8, 512) if small else (8, int(2 ** 5.5))
-  draws = [search.draw(base, algorithm, dataset, k, s, 300)
-           for algorithm in ("disam+vrex", "sam+fishr", "erm+coral" if False else "coral") for k in range(1, 34)
-           for s in range(3)]
+  lr_lo, lr_hi = (10**-4.5, 10**-2.5) if small else (1e-5, 10**-3.5)
+  bs_lo, bs_hi = (8, 512) if small else (8, int(2**5.5))
+  draws = [
+    search.draw(base, algorithm, dataset, k, s, 300)
+    for algorithm in ("disam+vrex", "sam+fishr", "erm+coral" if False else "coral")
+    for k in range(1, 34)
+    for s in range(3)
+  ]
   lrs = np.array([h.lr for h in draws])
   assert lrs.min() >= lr_lo and lrs.max() <= lr_hi
   # log-uniform: the mean of log10(lr) is near the middle of the range (~300 draws, sd of the mean ~0.03)
@@ -122,7 +138,7 @@ def test_draws_stay_within_their_distributions(dataset):
   else:
     assert all(1e-6 <= h.weight_decay <= 1e-2 for h in draws)
   for h in draws:
-    assert 0.01 <= h.rho <= 10 ** -0.5 and 0.01 <= h.lam <= 1.0
+    assert 0.01 <= h.rho <= 10**-0.5 and 0.01 <= h.lam <= 1.0
     assert 0.1 <= h.coral_gamma <= 10 and 0.1 <= h.vrex_lambda <= 1e5 and 10 <= h.fishr_lambda <= 1e4
     assert 0.90 <= h.fishr_ema <= 0.99
     assert 0 <= h.vrex_anneal_steps <= 600 and 0 <= h.fishr_anneal_steps <= 300  # 10^4 and 5000 of 5000 steps
@@ -148,10 +164,21 @@ def _evals(val, held, held_20, others=None):
 def _cell(sample, evals, val_domain=None, algorithm="erm", seed=0):
   best = max(evals, key=lambda r: r["val_acc_mean"])  # no ties in these numbers
   summary = lambda r: {"step": r["step"], "val_acc": r["val_acc_mean"], "test_acc": r["test_acc"]}
-  return {"algorithm": algorithm, "held_out": "a", "seed": seed, "steps": 20, "selected": summary(best),
-          "last": summary(evals[-1]), "evals": evals, "seconds": 1.0, "sample": sample, "val_domain": val_domain,
-          "directory": f"cells/{algorithm}_heldout-a{'+' + val_domain if val_domain else ''}_seed-{seed}"
-                       f"{f'_hparams-{sample}' if sample else ''}", "hparams": {"lr": 0.001 * (sample + 1)}}
+  return {
+    "algorithm": algorithm,
+    "held_out": "a",
+    "seed": seed,
+    "steps": 20,
+    "selected": summary(best),
+    "last": summary(evals[-1]),
+    "evals": evals,
+    "seconds": 1.0,
+    "sample": sample,
+    "val_domain": val_domain,
+    "directory": f"cells/{algorithm}_heldout-a{'+' + val_domain if val_domain else ''}_seed-{seed}"
+    f"{f'_hparams-{sample}' if sample else ''}",
+    "hparams": {"lr": 0.001 * (sample + 1)},
+  }
 
 
 # Domains a, b, c; held out: a; draws 0 and 1. Validation (training domains' 20%) / a's 80% / a's 20% per step:
@@ -163,12 +190,19 @@ def _cell(sample, evals, val_domain=None, algorithm="erm", seed=0):
 # Hence: training-domain validation: draw 1 (.72 > .70) at step 20, a = .64
 #        oracle: the last checkpoint's a20: draw 0 .58 > draw 1 .50 -> draw 0, a = .62 (step 20)
 #        leave-one-domain-out: draw 0 (.60 > .55) at step 10, a = .60
-DRAW0 = _evals([.50, .70, .65], [.40, .60, .62], [.45, .55, .58])
-DRAW1 = _evals([.50, .68, .72], [.40, .66, .64], [.45, .70, .50])
-PAIR = lambda v, accs: _evals([.9, .9, .9], [.1, .1, .1], [.1, .1, .1], {v: accs, f"{v} (20%)": [.99, .99, .99]})
-CELLS = [_cell(0, DRAW0), _cell(1, DRAW1),
-         _cell(0, PAIR("b", [.30, .50, .60]), "b"), _cell(0, PAIR("c", [.30, .70, .50]), "c"),
-         _cell(1, PAIR("b", [.30, .40, .50]), "b"), _cell(1, PAIR("c", [.30, .50, .60]), "c")]
+DRAW0 = _evals([0.50, 0.70, 0.65], [0.40, 0.60, 0.62], [0.45, 0.55, 0.58])
+DRAW1 = _evals([0.50, 0.68, 0.72], [0.40, 0.66, 0.64], [0.45, 0.70, 0.50])
+PAIR = lambda v, accs: _evals(
+  [0.9, 0.9, 0.9], [0.1, 0.1, 0.1], [0.1, 0.1, 0.1], {v: accs, f"{v} (20%)": [0.99, 0.99, 0.99]}
+)
+CELLS = [
+  _cell(0, DRAW0),
+  _cell(1, DRAW1),
+  _cell(0, PAIR("b", [0.30, 0.50, 0.60]), "b"),
+  _cell(0, PAIR("c", [0.30, 0.70, 0.50]), "c"),
+  _cell(1, PAIR("b", [0.30, 0.40, 0.50]), "b"),
+  _cell(1, PAIR("c", [0.30, 0.50, 0.60]), "c"),
+]
 DOMAINS = ["a", "b", "c"]
 
 
@@ -177,35 +211,45 @@ def _chosen(method, cells=CELLS, domains=DOMAINS):
 
 
 def test_training_domain_validation_chooses_the_draw_and_checkpoint_with_the_best_validation_accuracy():
-  assert _chosen("selected") == [("a", 1, 20, .64)]
+  assert _chosen("selected") == [("a", 1, 20, 0.64)]
 
 
 def test_oracle_chooses_the_draw_whose_last_checkpoint_is_best_on_the_held_out_domains_20_percent():
-  assert _chosen("oracle") == [("a", 0, 20, .62)]
+  assert _chosen("oracle") == [("a", 0, 20, 0.62)]
 
 
 def test_leave_one_domain_out_scores_each_checkpoint_on_the_other_domains_held_out_with_it():
-  assert _chosen("leave_one_out") == [("a", 0, 10, .60)]
+  assert _chosen("leave_one_out") == [("a", 0, 10, 0.60)]
   # Draw 0 without its (a, c) run cannot be scored: draw 1 is chosen; without any pair run, nothing is
   assert _chosen("leave_one_out", [c for c in CELLS if (c["sample"], c["val_domain"]) != (0, "c")]) == [
-    ("a", 1, 20, .64)]
+    ("a", 1, 20, 0.64)
+  ]
   assert _chosen("leave_one_out", CELLS[:2]) == []
   # The last checkpoint of draw 0, no selection
-  assert _chosen("last") == [("a", 0, 20, .62)]
+  assert _chosen("last") == [("a", 0, 20, 0.62)]
 
 
 def test_ties_choose_the_lowest_draw():
   same = [_cell(0, DRAW0), _cell(1, DRAW0), _cell(2, DRAW1)]
   same[1]["hparams"] = {"lr": 9.0}
-  assert _chosen("selected", same) == [("a", 2, 20, .64)]
-  assert _chosen("oracle", same[:2]) == [("a", 0, 20, .62)]
+  assert _chosen("selected", same) == [("a", 2, 20, 0.64)]
+  assert _chosen("oracle", same[:2]) == [("a", 0, 20, 0.62)]
 
 
 def test_results_md_gives_each_method_with_the_draw_it_chose_and_standard_errors(tmp_path):
   seed1 = [dict(c, seed=1) for c in CELLS]
-  seed1[0] = _cell(0, _evals([.5, .9, .6], [.4, .7, .6], [.4, .5, .6]), seed=1)  # draw 0 at step 10: .70
-  config = {"dataset": "fake", "model": "mlp", "steps": 20, "hparams": {}, "algorithms": ["erm"], "seeds": [0, 1],
-            "held_out": ["a"], "hparams_samples": 2, "leave_one_out": True}
+  seed1[0] = _cell(0, _evals([0.5, 0.9, 0.6], [0.4, 0.7, 0.6], [0.4, 0.5, 0.6]), seed=1)  # draw 0 at step 10: .70
+  config = {
+    "dataset": "fake",
+    "model": "mlp",
+    "steps": 20,
+    "hparams": {},
+    "algorithms": ["erm"],
+    "seeds": [0, 1],
+    "held_out": ["a"],
+    "hparams_samples": 2,
+    "leave_one_out": True,
+  }
   data = {"dataset": "fake", "domains": {"a": 10, "b": 10, "c": 10}, "unreadable_files": [], "warnings": []}
   tables.write_results(str(tmp_path), CELLS + seed1, config, data=data)
   text = (tmp_path / "results.md").read_text()
@@ -242,9 +286,17 @@ def _search_config(**kw):
   from disam_jax.harness.algorithms import HParams
   from disam_jax.harness.config import ExperimentConfig
 
-  return ExperimentConfig(algorithms=("erm",), held_out=("0",), steps=4, eval_every=2, hparams_samples=3,
-                          model_kwargs={"hidden": 8}, hparams=HParams(batch_size=8).for_run(4),
-                          fixed_hparams=("batch_size",), **kw)
+  return ExperimentConfig(
+    algorithms=("erm",),
+    held_out=("0",),
+    steps=4,
+    eval_every=2,
+    hparams_samples=3,
+    model_kwargs={"hidden": 8},
+    hparams=HParams(batch_size=8).for_run(4),
+    fixed_hparams=("batch_size",),
+    **kw,
+  )
 
 
 def test_a_search_interrupted_in_its_second_draw_resumes_to_the_uninterrupted_result(tmp_path):
@@ -255,7 +307,10 @@ def test_a_search_interrupted_in_its_second_draw_resumes_to_the_uninterrupted_re
   full = experiment.run_experiment(config, str(tmp_path / "full"), progress=False, prepared=prepared)
   assert [c.sample for c in full] == [0, 1, 2] and len({c.hparams["lr"] for c in full}) == 3
   assert sorted(os.listdir(tmp_path / "full" / "cells")) == [
-    "erm_heldout-0_seed-0", "erm_heldout-0_seed-0_hparams-1", "erm_heldout-0_seed-0_hparams-2"]
+    "erm_heldout-0_seed-0",
+    "erm_heldout-0_seed-0_hparams-1",
+    "erm_heldout-0_seed-0_hparams-2",
+  ]
   calls = []
 
   def stop(*args):
@@ -274,8 +329,24 @@ def test_a_search_interrupted_in_its_second_draw_resumes_to_the_uninterrupted_re
 
 def test_the_cli_grows_a_search_on_resume_and_refuses_to_shrink_it(tmp_path, capsys):
   run = str(tmp_path / "run")
-  base = ["--algorithm", "erm", "--held-out", "0", "--steps", "2", "--eval-every", "2", "--model-option", "hidden=8",
-          "--batch-size", "8", "--no-plots", "--quiet", "--output-dir", run]
+  base = [
+    "--algorithm",
+    "erm",
+    "--held-out",
+    "0",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--model-option",
+    "hidden=8",
+    "--batch-size",
+    "8",
+    "--no-plots",
+    "--quiet",
+    "--output-dir",
+    run,
+  ]
   assert cli.main(base + ["--hparams-samples", "2"]) == 0
   first = json.loads(open(os.path.join(run, "results.json")).read())["cells"]
   assert cli.main(["--resume", "--output-dir", run, "--hparams-samples", "3", "--quiet", "--no-plots"]) == 0
@@ -321,23 +392,49 @@ def test_the_plan_and_the_progress_bar_cover_every_draw_and_leave_one_out_run(tm
 def test_merge_keeps_draws_and_leave_one_out_runs_apart_and_refuses_a_duplicate_search(tmp_path, capsys):
   from disam_jax.harness import report
 
-  config = {"dataset": "fake", "model": "mlp", "steps": 20, "hparams": {}, "algorithms": ["erm"], "seeds": [0],
-            "held_out": ["a"], "hparams_samples": 2, "leave_one_out": True}
+  config = {
+    "dataset": "fake",
+    "model": "mlp",
+    "steps": 20,
+    "hparams": {},
+    "algorithms": ["erm"],
+    "seeds": [0],
+    "held_out": ["a"],
+    "hparams_samples": 2,
+    "leave_one_out": True,
+  }
   data = {"dataset": "fake", "domains": {"a": 10, "b": 10, "c": 10}, "unreadable_files": [], "warnings": []}
   for name in ("one", "two"):
     cell = tmp_path / name / "cells" / "erm_heldout-a_seed-0"  # draw 0's metrics: the dynamics table reads them
     os.makedirs(cell)
     with open(cell / "metrics.jsonl", "w") as f:
       for step in range(1, 21):
-        f.write(json.dumps({"step": step, "loss": 1.0 / step, "domain_losses": {"b": 1.0, "c": 1.0}, "variance": 0.0,
-                            "perturbation_norm": 0.0, "grad_norm": 1.0, "time": 0.01 * step}) + "\n")
+        f.write(
+          json.dumps(
+            {
+              "step": step,
+              "loss": 1.0 / step,
+              "domain_losses": {"b": 1.0, "c": 1.0},
+              "variance": 0.0,
+              "perturbation_norm": 0.0,
+              "grad_norm": 1.0,
+              "time": 0.01 * step,
+            }
+          )
+          + "\n"
+        )
     tables.write_results(str(tmp_path / name), CELLS, config, data=data)
-  assert report.main([str(tmp_path / "merged"), "--no-plots", "--merge", str(tmp_path / "one"),
-                      f"{tmp_path / 'two'}=_again"]) == 0
+  assert (
+    report.main(
+      [str(tmp_path / "merged"), "--no-plots", "--merge", str(tmp_path / "one"), f"{tmp_path / 'two'}=_again"]
+    )
+    == 0
+  )
   text = (tmp_path / "merged" / "results.md").read_text()
   section = text.split("## Model selection: leave-one-domain-out validation")[1].split("## Model selection")[0]
   assert "| ERM | 60.0 | 60.0 |" in section and "| ERM_AGAIN | 60.0 | 60.0 |" in section
   capsys.readouterr()
-  assert report.main([str(tmp_path / "merged2"), "--no-plots", "--merge", str(tmp_path / "one"),
-                      str(tmp_path / "two")]) == 2
+  assert (
+    report.main([str(tmp_path / "merged2"), "--no-plots", "--merge", str(tmp_path / "one"), str(tmp_path / "two")]) == 2
+  )
   assert "the report would keep only one of them" in capsys.readouterr().err

@@ -63,8 +63,9 @@ def test_streamed_dataset_holds_indices_and_labels_only(streamed):
   assert split.records is ds.records and [len(x) for x, _ in split.train] == [10, 10]
   # record k of the conversion is the k-th file in scan order, its bytes unchanged
   raw = ds.records.source()[int(ds.images[1][7])]
-  with open(os.path.join(json.load(open(os.path.join(ds.records.directory, "meta.json")))["root"], "b", "y", "1.png"),
-            "rb") as f:
+  with open(
+    os.path.join(json.load(open(os.path.join(ds.records.directory, "meta.json")))["root"], "b", "y", "1.png"), "rb"
+  ) as f:
     assert raw == f.read()
 
 
@@ -109,8 +110,10 @@ def test_per_process_slices_are_disjoint_and_cover_the_global_batch(streamed):
 def test_eval_feed_slices_cover_every_example_once(streamed):
   _, split = streamed
   parts, sets = [("val", "a"), ("val", "b"), ("test", "c")], list(split.val) + list(split.test)
-  feeds = [streaming.StreamedEvalFeed(split.records, parts, sets, 4, process_index=p, process_count=2, workers=0)
-           for p in range(2)]
+  feeds = [
+    streaming.StreamedEvalFeed(split.records, parts, sets, 4, process_index=p, process_count=2, workers=0)
+    for p in range(2)
+  ]
   whole = streaming.StreamedEvalFeed(split.records, parts, sets, 4, workers=0)
   try:
     for _ in range(2):  # the pipeline cycles: a second pass yields the same batches
@@ -122,7 +125,8 @@ def test_eval_feed_slices_cover_every_example_once(streamed):
           np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), full[k])
     part = np.concatenate([p for _, _, p in one])
     assert [int((part == k).sum()) for k in range(3)] == [len(y) for _, y in sets] and (part == -1).sum() == 4 * len(
-      one) - whole.size
+      one
+    ) - whole.size
     expected = np.concatenate([streaming.read_images(split.records, x) for x, _ in sets])
     np.testing.assert_array_equal(np.concatenate([x for x, _, _ in one])[part >= 0], expected)
   finally:
@@ -132,8 +136,9 @@ def test_eval_feed_slices_cover_every_example_once(streamed):
 
 def test_resumed_feed_continues_bit_exactly_and_workers_do_not_change_batches(streamed):
   _, split = streamed
-  make = lambda workers: streaming.StreamedTrainFeed(split.records, split.train, 4, seed=2, augment=True,
-                                                     workers=workers)
+  make = lambda workers: streaming.StreamedTrainFeed(
+    split.records, split.train, 4, seed=2, augment=True, workers=workers
+  )
   a, b = make(0), make(1)
   try:
     batches = [a.next() for _ in range(4)]
@@ -182,21 +187,33 @@ def test_augmentation_matches_torchvision_statistics(tmp_path):
   yy, xx = np.mgrid[0:60, 0:80]
   base = np.stack([xx * 3, yy * 4, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)  # a gradient: crops show
   image = Image.fromarray(base)
-  reference = T.Compose([T.RandomResizedCrop(32, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
-                         T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale()])
+  reference = T.Compose(
+    [
+      T.RandomResizedCrop(32, scale=(0.7, 1.0)),
+      T.RandomHorizontalFlip(),
+      T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+      T.RandomGrayscale(),
+    ]
+  )
   torch.manual_seed(0)
   n = 600
   theirs = np.stack([np.asarray(reference(image)) for _ in range(n)]).astype(np.float64)
   ours = np.stack([streaming.train_transform(image, 32, np.random.default_rng([0, k])) for k in range(n)]).astype(
-    np.float64)
+    np.float64
+  )
   assert ours.shape == theirs.shape == (n, 32, 32, 3)
 
   def stats(x):
     gray = (np.abs(x[..., 0] - x[..., 1]).max(axis=(1, 2)) == 0) & (np.abs(x[..., 1] - x[..., 2]).max(axis=(1, 2)) == 0)
     channel = x.mean(axis=(1, 2))  # [n, 3]
     left_right = x[:, :, :8].mean(axis=(1, 2, 3)) - x[:, :, -8:].mean(axis=(1, 2, 3))  # red gradient: the flip
-    return {"gray": gray.mean(), "mean": channel.mean(0), "spread": channel.std(0), "flipped": (left_right > 0).mean(),
-            "contrast": x.std(axis=(1, 2, 3)).mean()}
+    return {
+      "gray": gray.mean(),
+      "mean": channel.mean(0),
+      "spread": channel.std(0),
+      "flipped": (left_right > 0).mean(),
+      "contrast": x.std(axis=(1, 2, 3)).mean(),
+    }
 
   a, b = stats(ours), stats(theirs)
   assert abs(a["gray"] - b["gray"]) < 0.05 and abs(a["gray"] - 0.1) < 0.04
@@ -217,11 +234,14 @@ def test_brightness_and_contrast_tables_give_pillows_bytes():
     pixels = np.stack([rng.permutation(values), rng.permutation(values), rng.permutation(values)], -1)
     image = Image.fromarray(pixels.reshape(16, 16, 3) if k % 2 else np.roll(pixels, k, 0).reshape(8, 32, 3))
     factor = float(rng.uniform(0.7, 1.3)) if k < 30 else float(rng.uniform(0, 3))
-    np.testing.assert_array_equal(np.asarray(streaming._blend_with_constant(image, 0, factor)),
-                                  np.asarray(ImageEnhance.Brightness(image).enhance(factor)))
+    np.testing.assert_array_equal(
+      np.asarray(streaming._blend_with_constant(image, 0, factor)),
+      np.asarray(ImageEnhance.Brightness(image).enhance(factor)),
+    )
     np.testing.assert_array_equal(
       np.asarray(streaming._blend_with_constant(image, streaming._gray_mean(image), factor)),
-      np.asarray(ImageEnhance.Contrast(image).enhance(factor)))
+      np.asarray(ImageEnhance.Contrast(image).enhance(factor)),
+    )
 
 
 def test_augmentation_is_a_function_of_seed_step_domain_and_position(tmp_path):
@@ -247,9 +267,20 @@ def _metrics(run_dir):
 def test_resume_with_augmentation_is_bit_exact(tmp_path):
   root = _folder(tmp_path / "data")
   config = ExperimentConfig(
-    dataset="image_folder", data_dir=root, image_size=12, cache_dir=str(tmp_path / "cache"), algorithms=("disam",),
-    held_out=("c",), steps=6, eval_every=2, model="mlp", model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4),
-    eval_batch_size=8, data_workers=0)
+    dataset="image_folder",
+    data_dir=root,
+    image_size=12,
+    cache_dir=str(tmp_path / "cache"),
+    algorithms=("disam",),
+    held_out=("c",),
+    steps=6,
+    eval_every=2,
+    model="mlp",
+    model_kwargs={"hidden": 16},
+    hparams=HParams(batch_size=4),
+    eval_batch_size=8,
+    data_workers=0,
+  )
   full = run_experiment(config, str(tmp_path / "full"), progress=False)
 
   interrupted = str(tmp_path / "interrupted")
@@ -280,8 +311,12 @@ _LOAD = textwrap.dedent("""
 def test_two_processes_on_a_fresh_cache_convert_once(tmp_path):
   root = _folder(tmp_path / "data", per_class=150, size=(8, 8))  # 900 files: a parallel conversion
   cache = str(tmp_path / "cache")
-  procs = [subprocess.Popen([sys.executable, "-c", _LOAD, root, cache], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _LOAD, root, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    for _ in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert sum("converting" in err for _, err in outs) == 1, outs  # one converted, the other waited and read
@@ -296,12 +331,19 @@ def test_two_processes_on_a_fresh_cache_convert_once(tmp_path):
 def test_a_killed_conversion_is_never_taken_for_a_cache(tmp_path):
   root = _folder(tmp_path / "data", per_class=150, size=(8, 8))
   cache = str(tmp_path / "cache")
-  slow = ("from disam_jax.harness import streaming\n"
-          "import time\n_convert = streaming._convert_shard\n"
-          "def slow(*a):\n  time.sleep(60)\n  return _convert(*a)\n"
-          "streaming._convert_shard = slow\nstreaming._INLINE_FILES = 10**9\n") + _LOAD
-  proc = subprocess.Popen([sys.executable, "-c", slow, root, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=_env(), start_new_session=True)
+  slow = (
+    "from disam_jax.harness import streaming\n"
+    "import time\n_convert = streaming._convert_shard\n"
+    "def slow(*a):\n  time.sleep(60)\n  return _convert(*a)\n"
+    "streaming._convert_shard = slow\nstreaming._INLINE_FILES = 10**9\n"
+  ) + _LOAD
+  proc = subprocess.Popen(
+    [sys.executable, "-c", slow, root, cache],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=_env(),
+    start_new_session=True,
+  )
   folder = os.path.join(cache, "disam_domain_image_folder")
   deadline = time.time() + 60
   while time.time() < deadline and not (os.path.isdir(folder) and any(".incomplete-" in n for n in os.listdir(folder))):
@@ -358,8 +400,9 @@ def _growth(root, cache):
   allocations (tracemalloc), from before loading to after 3 training steps and an evaluation pass."""
   # Converted first in another process: the measured process only reads the cache, as every later run does.
   subprocess.run([sys.executable, "-c", _LOAD, root, cache], check=True, capture_output=True, env=_env())
-  out = subprocess.run([sys.executable, "-c", _MEMORY, root, cache], check=True, capture_output=True, text=True,
-                       env=_env())
+  out = subprocess.run(
+    [sys.executable, "-c", _MEMORY, root, cache], check=True, capture_output=True, text=True, env=_env()
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -400,9 +443,20 @@ def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
 
   root = _folder(tmp_path / "data")
   config = ExperimentConfig(
-    dataset="image_folder", data_dir=root, image_size=12, cache_dir=str(tmp_path / "cache"), algorithms=("disam",),
-    held_out=("c",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 16}, hparams=HParams(batch_size=4),
-    eval_batch_size=6, data_workers=0)
+    dataset="image_folder",
+    data_dir=root,
+    image_size=12,
+    cache_dir=str(tmp_path / "cache"),
+    algorithms=("disam",),
+    held_out=("c",),
+    steps=4,
+    eval_every=2,
+    model="mlp",
+    model_kwargs={"hidden": 16},
+    hparams=HParams(batch_size=4),
+    eval_batch_size=6,
+    data_workers=0,
+  )
   one = run_experiment(config, str(tmp_path / "one"), progress=False)
   mesh = distributed.parse_mesh("data=2,fsdp=2", jax.devices()[:4])
   sharded = run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
@@ -426,9 +480,19 @@ def test_tfds_run_is_streamed_end_to_end(tmp_path):
 
   _prepare_shapes(tmp_path / "tfds")
   config = ExperimentConfig(
-    dataset="tfds:disam_test_shapes", data_dir=str(tmp_path / "tfds"), image_size=8, algorithms=("disam",),
-    held_out=("75",), steps=4, eval_every=2, model="mlp", model_kwargs={"hidden": 8}, hparams=HParams(batch_size=2),
-    eval_batch_size=4, data_workers=0)
+    dataset="tfds:disam_test_shapes",
+    data_dir=str(tmp_path / "tfds"),
+    image_size=8,
+    algorithms=("disam",),
+    held_out=("75",),
+    steps=4,
+    eval_every=2,
+    model="mlp",
+    model_kwargs={"hidden": 8},
+    hparams=HParams(batch_size=2),
+    eval_batch_size=4,
+    data_workers=0,
+  )
   full = run_experiment(config, str(tmp_path / "full"), progress=False)
   interrupted = str(tmp_path / "interrupted")
   run_killed_at(config, interrupted, 2)
@@ -459,12 +523,13 @@ def test_records_are_read_one_at_a_time(streamed):
       raise AssertionError("batched read")
 
   records = split.records
-  fn = streaming._StepBatch(records, [x for x, _ in split.train], [y for _, y in split.train], 3, 0, slice(None),
-                            False)
+  fn = streaming._StepBatch(records, [x for x, _ in split.train], [y for _, y in split.train], 3, 0, slice(None), False)
   fn._source = OneAtATime(records.source())
   x, _ = fn(0)
-  expected = [streaming.read_images(records, m[p]) for (m, _), p in
-              zip(split.train, streaming.step_picks(0, 0, [len(m) for m, _ in split.train], 3))]
+  expected = [
+    streaming.read_images(records, m[p])
+    for (m, _), p in zip(split.train, streaming.step_picks(0, 0, [len(m) for m, _ in split.train], 3))
+  ]
   np.testing.assert_array_equal(x, np.stack(expected))
 
 

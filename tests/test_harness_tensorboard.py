@@ -21,18 +21,43 @@ from disam_jax.harness.algorithms import HParams
 from disam_jax.harness.config import ExperimentConfig
 
 pytest.importorskip("tensorboardX", reason="the tensorboard extra: pip install 'disam_jax[tensorboard]'")
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                        reason="TensorBoard's loader (the test extra): pip install tensorboard")
-event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader",
-                                        reason="TensorBoard's loader (the test extra): pip install tensorboard")
+event_accumulator = pytest.importorskip(
+  "tensorboard.backend.event_processing.event_accumulator",
+  reason="TensorBoard's loader (the test extra): pip install tensorboard",
+)
+event_file_loader = pytest.importorskip(
+  "tensorboard.backend.event_processing.event_file_loader",
+  reason="TensorBoard's loader (the test extra): pip install tensorboard",
+)
 
 # The MLP of tests/test_harness_train.py (its compiled steps are shared through the harness's cache), with
 # --diagnostics so that DISAM logs the cosine to SAM's direction too.
-CONFIG = ExperimentConfig(algorithms=("disam",), held_out=("75",), seeds=(0,), steps=12, eval_every=4, model="mlp",
-                          model_kwargs={"hidden": 16}, hparams=HParams(batch_size=8, diagnostics=True))
+CONFIG = ExperimentConfig(
+  algorithms=("disam",),
+  held_out=("75",),
+  seeds=(0,),
+  steps=12,
+  eval_every=4,
+  model="mlp",
+  model_kwargs={"hidden": 16},
+  hparams=HParams(batch_size=8, diagnostics=True),
+)
 TRAIN_DOMAINS = ["0", "15", "30", "45", "60"]
-CLI = ["--held-out", "75", "--model-option", "hidden=16", "--batch-size", "8", "--no-plots", "--quiet",
-       "--algorithm", "erm", "disam", "--eval-every", "2"]
+CLI = [
+  "--held-out",
+  "75",
+  "--model-option",
+  "hidden=16",
+  "--batch-size",
+  "8",
+  "--no-plots",
+  "--quiet",
+  "--algorithm",
+  "erm",
+  "disam",
+  "--eval-every",
+  "2",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,12 +148,20 @@ def test_events_are_the_metrics_lines_of_every_run(tmp_path):
   cell = experiment.cell_directory(str(tmp_path), "disam", "75", 0)
   expected = _check_events(cell, steps=6)
   tags = set(expected)
-  assert {"train/loss", "train/variance", "train/perturbation_norm", "train/grad_norm", "train/sam_cosine",
-          "eval/val_acc_mean", "test_acc/75"} <= tags
+  assert {
+    "train/loss",
+    "train/variance",
+    "train/perturbation_norm",
+    "train/grad_norm",
+    "train/sam_cosine",
+    "eval/val_acc_mean",
+    "test_acc/75",
+  } <= tags
   for d in TRAIN_DOMAINS:
     assert {f"domain_losses/{d}", f"perturbation_weights/{d}", f"val_acc/{d}"} <= tags
   assert [s for s, _ in expected["test_acc/75"]] == [0, 3, 6] and [s for s, _ in expected["train/loss"]] == list(
-    range(1, 7))
+    range(1, 7)
+  )
   assert _accumulated(cell) == expected  # and TensorBoard shows exactly that
 
 
@@ -204,7 +237,19 @@ def test_only_process_0_writes_events(tmp_path, monkeypatch):
 
 
 def test_scalars_skips_missing_values():
-  line = {"step": 3, "loss": 1.5, "time": 0.2, "sam_cosine": None, "domain_losses": {"a": 1.0, "b": 2.0},
-          "eval": {"val_acc": {"a": 0.5}, "val_acc_mean": 0.5, "test_acc": {"c": 0.25}}}
-  assert tensorboard.scalars(line) == {"train/loss": 1.5, "domain_losses/a": 1.0, "domain_losses/b": 2.0,
-                                       "val_acc/a": 0.5, "eval/val_acc_mean": 0.5, "test_acc/c": 0.25}
+  line = {
+    "step": 3,
+    "loss": 1.5,
+    "time": 0.2,
+    "sam_cosine": None,
+    "domain_losses": {"a": 1.0, "b": 2.0},
+    "eval": {"val_acc": {"a": 0.5}, "val_acc_mean": 0.5, "test_acc": {"c": 0.25}},
+  }
+  assert tensorboard.scalars(line) == {
+    "train/loss": 1.5,
+    "domain_losses/a": 1.0,
+    "domain_losses/b": 2.0,
+    "val_acc/a": 0.5,
+    "eval/val_acc_mean": 0.5,
+    "test_acc/c": 0.25,
+  }

@@ -74,8 +74,12 @@ def mlp():
   "algorithm, hparams, base_tx, lam",
   [
     ("disam", HParams(rho=0.3, lam=0.5), optax.adam(1e-3), 0.5),
-    ("sam", HParams(optimizer="sgd", lr=0.1, weight_decay=1e-3, rho=0.2, adaptive=True),
-     optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9)), 0.0),
+    (
+      "sam",
+      HParams(optimizer="sgd", lr=0.1, weight_decay=1e-3, rho=0.2, adaptive=True),
+      optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9)),
+      0.0,
+    ),
   ],
 )
 def test_step_matches_disam_on_hand_written_losses(mlp, algorithm, hparams, base_tx, lam):
@@ -154,11 +158,13 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass():
   unperturbed_stats, perturbed_stats = reference(params)
 
   _assert_trees_close(_pure(state.model_state), _pure(unperturbed_stats), rtol=1e-5, atol=1e-7)
-  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-            zip(jax.tree.leaves(unperturbed_stats), jax.tree.leaves(perturbed_stats)))
+  gap = max(
+    float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(unperturbed_stats), jax.tree.leaves(perturbed_stats))
+  )
   assert gap > 1e-3, "the test must be able to tell the two passes apart"
-  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-              zip(jax.tree.leaves(state.model_state), jax.tree.leaves(model_state)))
+  moved = max(
+    float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state.model_state), jax.tree.leaves(model_state))
+  )
   assert moved > 1e-3, "the running statistics were updated"
 
 
@@ -169,9 +175,15 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass():
 
 def _config(**overrides):
   base = ExperimentConfig(
-    algorithms=("disam",), held_out=("75",), seeds=(0,), steps=12, eval_every=4, model="mlp",
+    algorithms=("disam",),
+    held_out=("75",),
+    seeds=(0,),
+    steps=12,
+    eval_every=4,
+    model="mlp",
     # dropout puts an RNG key and counter in the model state: resume must restore them too
-    model_kwargs={"hidden": 16, "dropout": 0.1}, hparams=HParams(batch_size=8),
+    model_kwargs={"hidden": 16, "dropout": 0.1},
+    hparams=HParams(batch_size=8),
   )
   return dataclasses.replace(base, **overrides)
 
@@ -200,8 +212,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
   assert sorted(int(s) for s in os.listdir(os.path.join(cell, "checkpoints"))) == [4]
   resumed = run_experiment(config, interrupted, progress=False, resume=True)
 
-  (state_a, meta_a), (state_b, meta_b) = _final_state(str(tmp_path / "full"), config), _final_state(interrupted,
-                                                                                                    config)
+  (state_a, meta_a), (state_b, meta_b) = _final_state(str(tmp_path / "full"), config), _final_state(interrupted, config)
   assert int(state_a.step) == int(state_b.step) == 12
   leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
   assert len(leaves_a) == len(leaves_b)
@@ -220,12 +231,12 @@ def test_cells_share_the_initialization_and_the_step_donates_its_state(tmp_path)
   # which must survive the first cell: the second algorithm trains exactly as it does alone.
   config = _config(algorithms=("erm", "disam"), steps=5, eval_every=2)
   both = run_experiment(config, str(tmp_path / "both"), progress=False)
-  alone = run_experiment(dataclasses.replace(config, algorithms=("disam",)), str(tmp_path / "alone"),
-                               progress=False)
+  alone = run_experiment(dataclasses.replace(config, algorithms=("disam",)), str(tmp_path / "alone"), progress=False)
   assert both[1].evals == alone[0].evals
   assert _metrics_without_time(str(tmp_path / "both")) == _metrics_without_time(str(tmp_path / "alone"))
-  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
-                                                   model_kwargs=config.model_kwargs)
+  graphdef, params, model_state = init_model(
+    "mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs=config.model_kwargs
+  )
   compiled = _compile(config, graphdef, model_state, 5)
   step = compiled.train_steps["disam"]
   state = init_train_state(params, model_state, compiled.txs["disam"])
@@ -238,8 +249,9 @@ def test_the_loop_step_is_the_train_step_over_flat_leaves_with_its_metrics_packe
   the jitted train step's state and metrics: every metric by name and shape, bit for bit, for ERM and DISAM with its
   [M] perturbation weights and the non-finite sam_cosine of a run without --diagnostics."""
   config = _config(algorithms=("erm", "disam"), steps=5, eval_every=2)
-  graphdef, params, model_state = init_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0,
-                                                   model_kwargs=config.model_kwargs)
+  graphdef, params, model_state = init_model(
+    "mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, model_kwargs=config.model_kwargs
+  )
   compiled = _compile(config, graphdef, model_state, 5)
   rng = np.random.default_rng(0)
   batch = (rng.standard_normal((5, 8, 8, 8, 1)).astype(np.float32), rng.integers(0, 10, (5, 8)).astype(np.int32))
@@ -276,8 +288,10 @@ def test_checkpoints_keep_latest_and_best_and_selection_picks_best_validation(tm
 
 
 def test_select_best_takes_the_earliest_of_equal_validation_accuracies():
-  evals = [{"step": s, "val_acc_mean": v, "test_acc": t} for s, v, t in
-           [(0, 0.1, 0.1), (10, 0.8, 0.5), (20, 0.9, 0.6), (30, 0.9, 0.7), (40, 0.85, 0.9)]]
+  evals = [
+    {"step": s, "val_acc_mean": v, "test_acc": t}
+    for s, v, t in [(0, 0.1, 0.1), (10, 0.8, 0.5), (20, 0.9, 0.6), (30, 0.9, 0.7), (40, 0.85, 0.9)]
+  ]
   assert select_best(evals)["step"] == 20
 
 
@@ -303,9 +317,11 @@ def test_progress_of_a_resumed_run_says_where_it_resumes_and_does_not_time_the_s
   """The bar counts a resumed run's finished steps without timing them (an update by thousands of steps read as
   thousands of steps per second) and says 'resuming ... from step N'."""
   from disam_jax.harness import experiment
+
   cell = tmp_path / "cell"
   (cell / "checkpoints" / "6").mkdir(parents=True)
   import time
+
   bar = experiment._Progress(True, 2400)
   time.sleep(0.2)  # past tqdm's mininterval, so that an update would be timed
   bar.update(1200)  # a finished run

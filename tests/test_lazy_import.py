@@ -107,8 +107,7 @@ def test_type_checking_block_imports_exactly_the_lazy_names():
 
   tree = ast.parse(pathlib.Path(disam_jax.__file__).read_text())
   block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
-  seen = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
-          for alias in node.names}
+  seen = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
   assert seen == disam_jax._LAZY
   assert set(disam_jax.__all__) == set(disam_jax._LAZY)
 

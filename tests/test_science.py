@@ -34,11 +34,30 @@ def _write_run(root, name, accs, algorithm):
     os.makedirs(os.path.join(root, name, "cells", cell))
     with open(os.path.join(root, name, "cells", cell, "metrics.jsonl"), "w") as f:
       for step in range(1, 11):
-        f.write(json.dumps({"step": step, "loss": 1.0 / step, "domain_losses": {"a": 1.0 / step, "b": 1.1 / step},
-                            "variance": 0.01 / step, "perturbation_norm": 0.1, "grad_norm": 1.0,
-                            "time": float(step)}) + "\n")
-    cells.append({"algorithm": algorithm, "held_out": held_out, "seed": seed, "directory": f"cells/{cell}/",
-                  "selected": {"test_acc": acc / 100}, "last": {"test_acc": acc / 100}})
+        f.write(
+          json.dumps(
+            {
+              "step": step,
+              "loss": 1.0 / step,
+              "domain_losses": {"a": 1.0 / step, "b": 1.1 / step},
+              "variance": 0.01 / step,
+              "perturbation_norm": 0.1,
+              "grad_norm": 1.0,
+              "time": float(step),
+            }
+          )
+          + "\n"
+        )
+    cells.append(
+      {
+        "algorithm": algorithm,
+        "held_out": held_out,
+        "seed": seed,
+        "directory": f"cells/{cell}/",
+        "selected": {"test_acc": acc / 100},
+        "last": {"test_acc": acc / 100},
+      }
+    )
   path = os.path.join(root, name, "results.json")
   old = json.load(open(path))["cells"] if os.path.exists(path) else []
   with open(path, "w") as f:
@@ -61,9 +80,16 @@ def test_difference_of_differences_row_pairs_by_held_out_and_seed(tmp_path, monk
   d_accs = dict(zip(keys[:9], arms["D"][:9]))
   d_accs[("75", 42)] = 0.0
   _write_run(tmp_path, "y", d_accs, "sam")
-  monkeypatch.setattr(science, "COMPARISONS", {"r": (0.5, [
-    ("A − B", ("x", "disam"), ("x", "sam")),
-    ("dd", ("x", "disam"), ("x", "sam"), ("y", "disam"), ("y", "sam"))])})
+  monkeypatch.setattr(
+    science,
+    "COMPARISONS",
+    {
+      "r": (
+        0.5,
+        [("A − B", ("x", "disam"), ("x", "sam")), ("dd", ("x", "disam"), ("x", "sam"), ("y", "disam"), ("y", "sam"))],
+      )
+    },
+  )
   out = science.tables(str(tmp_path))
   ab = arms["A"] - arms["B"]
   dd = (arms["A"] - arms["B"] - arms["C"] + arms["D"])[:9]

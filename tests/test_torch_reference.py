@@ -57,8 +57,9 @@ def _batch(ref):
 def _run_steps(model, opt, x, y, domain_ids, m, per_domain, steps):
   for _ in range(steps):
     opt.zero_grad()
-    td.perturbation_loss(model(x), y, lam=opt.lam, num_domains=m, domain_ids=domain_ids,
-                         per_domain=per_domain).backward()
+    td.perturbation_loss(
+      model(x), y, lam=opt.lam, num_domains=m, domain_ids=domain_ids, per_domain=per_domain
+    ).backward()
     opt.first_step(zero_grad=True)
     F.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
@@ -72,15 +73,23 @@ def test_reference_trajectories(reference, case_index, per_domain):
   assert base["kind"] == "sgd" and not base["nesterov"]
   x, y, domain_ids, m = _batch(reference)
   model = TanhMLP(reference["params_init"])
-  opt = td.TorchDISAM(model.parameters(), torch.optim.SGD, rho=case["rho"], lam=case["lam"],
-                      adaptive=case["adaptive"], lr=base["learning_rate"], momentum=base["momentum"],
-                      weight_decay=base["weight_decay_coupled"])
+  opt = td.TorchDISAM(
+    model.parameters(),
+    torch.optim.SGD,
+    rho=case["rho"],
+    lam=case["lam"],
+    adaptive=case["adaptive"],
+    lr=base["learning_rate"],
+    momentum=base["momentum"],
+    weight_decay=base["weight_decay_coupled"],
+  )
   for steps_done, key in ((1, "params_after_1_step"), (10, "params_after_10_steps")):
     _run_steps(model, opt, x, y, domain_ids, m, per_domain, 1 if steps_done == 1 else 9)
     for name, expected in case[key].items():
       got = getattr(model, name).detach().numpy()
-      np.testing.assert_allclose(got, np.asarray(expected, np.float32), rtol=0, atol=TOL,
-                                 err_msg=f"case {case_index} {key} {name}")
+      np.testing.assert_allclose(
+        got, np.asarray(expected, np.float32), rtol=0, atol=TOL, err_msg=f"case {case_index} {key} {name}"
+      )
 
 
 def test_the_reference_is_not_trivial(reference):
@@ -104,7 +113,7 @@ def test_grouped_and_per_sample_variance_agree_on_equal_counts():
   grouped = td.domain_losses_grouped(F.cross_entropy(logits, y, reduction="none"), m)
   per_sample = td.domain_losses_per_sample(logits, y, domain_ids)
   assert grouped.shape == (m,) and per_sample.shape == (m * b,)
-  expected = torch.stack([F.cross_entropy(logits[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(m)])
+  expected = torch.stack([F.cross_entropy(logits[i * b : (i + 1) * b], y[i * b : (i + 1) * b]) for i in range(m)])
   torch.testing.assert_close(grouped, expected)
   torch.testing.assert_close(per_sample, expected.repeat_interleave(b))
   var_g, var_s = grouped.var(unbiased=False), per_sample.var(unbiased=False)
@@ -151,19 +160,21 @@ def test_lam_zero_is_a_hand_computed_sam_step(reference, adaptive):
   g = torch.autograd.grad(loss, ps)
   if adaptive:
     norm = torch.sqrt(sum(((w.abs() * gi) ** 2).sum() for w, gi in zip(w0, g)))
-    eps = [rho * w ** 2 * gi / (norm + 1e-12) for w, gi in zip(w0, g)]
+    eps = [rho * w**2 * gi / (norm + 1e-12) for w, gi in zip(w0, g)]
   else:
-    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
     eps = [rho * gi / (norm + 1e-12) for gi in g]
   loss2, ps2 = ce_at([w + e for w, e in zip(w0, eps)])
   g2 = torch.autograd.grad(loss2, ps2)
   expected = [w - lr * (gi + wd * w) for w, gi in zip(w0, g2)]
 
-  opt = td.TorchDISAM(model.parameters(), torch.optim.SGD, rho=rho, lam=0.0, adaptive=adaptive,
-                      lr=lr, momentum=mom, weight_decay=wd)
+  opt = td.TorchDISAM(
+    model.parameters(), torch.optim.SGD, rho=rho, lam=0.0, adaptive=adaptive, lr=lr, momentum=mom, weight_decay=wd
+  )
   for mode in td.PER_DOMAIN_MODES:  # with lam = 0 the layout is irrelevant; run one step only once
-    assert td.perturbation_loss(model(x), y, lam=0.0, num_domains=m, domain_ids=domain_ids,
-                                per_domain=mode).item() == pytest.approx(loss.item(), abs=1e-7)
+    assert td.perturbation_loss(
+      model(x), y, lam=0.0, num_domains=m, domain_ids=domain_ids, per_domain=mode
+    ).item() == pytest.approx(loss.item(), abs=1e-7)
   _run_steps(model, opt, x, y, domain_ids, m, "grouped", 1)
   for name, p, e in zip(names, model.parameters(), expected):
     torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6, msg=f"{name}")
@@ -183,7 +194,7 @@ def test_disam_positive_lam_changes_the_perturbation_not_the_descent_loss(refere
     td.perturbation_loss(model(x), y, lam=lam, num_domains=m).backward()
     opt.first_step(zero_grad=True)
     eps = [p.detach() - w for p, w in zip(model.parameters(), w0)]
-    total = torch.sqrt(sum((e ** 2).sum() for e in eps))
+    total = torch.sqrt(sum((e**2).sum() for e in eps))
     assert total.item() == pytest.approx(0.05, rel=1e-4)  # ||eps|| = rho
     eps_by_lam[lam] = eps
     F.cross_entropy(model(x), y).backward()
@@ -213,14 +224,25 @@ def test_batchnorm_statistics_from_the_unperturbed_pass_only():
     assert bn.momentum == 0.1  # restored after the perturbed pass
 
 
-@pytest.mark.parametrize("model_name,shape", [("mlp", (28, 28, 1)), ("mnist_cnn", (28, 28, 1)),
-                                              ("resnet18", (32, 32, 3)), ("vit_tiny", (32, 32, 3))])
+@pytest.mark.parametrize(
+  "model_name,shape",
+  [("mlp", (28, 28, 1)), ("mnist_cnn", (28, 28, 1)), ("resnet18", (32, 32, 3)), ("vit_tiny", (32, 32, 3))],
+)
 def test_models_build_and_time_every_algorithm(model_name, shape):
-  for algorithm, per_domain in (("erm", "grouped"), ("sam", "grouped"), ("disam", "grouped"),
-                                ("disam", "per_sample")):
-    out = td.time_torch_step(model_name, algorithm, num_domains=2, per_domain_batch=2, input_shape=shape,
-                             num_classes=7, repeats=1, warmup=0, threads=1, per_domain=per_domain,
-                             adaptive=algorithm == "disam")
+  for algorithm, per_domain in (("erm", "grouped"), ("sam", "grouped"), ("disam", "grouped"), ("disam", "per_sample")):
+    out = td.time_torch_step(
+      model_name,
+      algorithm,
+      num_domains=2,
+      per_domain_batch=2,
+      input_shape=shape,
+      num_classes=7,
+      repeats=1,
+      warmup=0,
+      threads=1,
+      per_domain=per_domain,
+      adaptive=algorithm == "disam",
+    )
     assert set(out) >= {"min_ms", "median_ms", "times_ms", "torch_version", "threads"}
     assert len(out["times_ms"]) == 1 and out["min_ms"] > 0 and out["threads"] == 1
     assert len(out["cpu_times_ms"]) == 1 and out["cpu_times_ms"][0] >= 0
@@ -232,12 +254,34 @@ def test_time_torch_step_accepts_a_given_batch_and_adam():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 3, 28, 28, 1), dtype=np.float32)  # [M, b, H, W, C]
   y = rng.integers(0, 10, size=(2, 3))
-  out = td.time_torch_step("mlp", "disam", num_domains=2, per_domain_batch=3, input_shape=(28, 28, 1),
-                           num_classes=10, repeats=2, warmup=1, threads=1, x=x, y=y, base="adam", lr=1e-3)
+  out = td.time_torch_step(
+    "mlp",
+    "disam",
+    num_domains=2,
+    per_domain_batch=3,
+    input_shape=(28, 28, 1),
+    num_classes=10,
+    repeats=2,
+    warmup=1,
+    threads=1,
+    x=x,
+    y=y,
+    base="adam",
+    lr=1e-3,
+  )
   assert len(out["times_ms"]) == 2
   with pytest.raises(ValueError):
-    td.time_torch_step("mlp", "gsam", num_domains=2, per_domain_batch=3, input_shape=(28, 28, 1),
-                       num_classes=10, repeats=1, warmup=0, threads=1)
+    td.time_torch_step(
+      "mlp",
+      "gsam",
+      num_domains=2,
+      per_domain_batch=3,
+      input_shape=(28, 28, 1),
+      num_classes=10,
+      repeats=1,
+      warmup=0,
+      threads=1,
+    )
 
 
 def test_vit_depth_matches_disam_jax_default():

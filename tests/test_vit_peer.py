@@ -26,8 +26,9 @@ _HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def _jax_vit():
-  model = create_model("vit_tiny", num_classes=5, input_shape=_SHAPE,
-                       rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), **_KW)
+  model = create_model(
+    "vit_tiny", num_classes=5, input_shape=_SHAPE, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), **_KW
+  )
   graphdef, params, state = functional_model(model)
   # Non-trivial LayerNorm affine parameters and biases (initialized to 1 and 0), so a swapped or dropped
   # scale/bias shows up.
@@ -38,8 +39,10 @@ def _jax_vit():
 
 def _weights(params):
   """The JAX parameters as a flat dict of NumPy arrays keyed by '/'-joined paths."""
-  return {"/".join(str(k) for k in path): np.asarray(v[...] if hasattr(v, "get_value") else v, np.float64)
-          for path, v in nnx.to_flat_state(params)}
+  return {
+    "/".join(str(k) for k in path): np.asarray(v[...] if hasattr(v, "get_value") else v, np.float64)
+    for path, v in nnx.to_flat_state(params)
+  }
 
 
 def _layer_norm(x, scale, bias):
@@ -49,7 +52,7 @@ def _layer_norm(x, scale, bias):
 
 
 def _gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _numpy_vit(w, x, *, patch=_KW["patch_size"], depth=_KW["depth"], heads=_KW["heads"]):
@@ -61,8 +64,10 @@ def _numpy_vit(w, x, *, patch=_KW["patch_size"], depth=_KW["depth"], heads=_KW["
   for i in range(depth):
     b = lambda name: w[f"backbone/blocks/{i}/{name}"]
     y = _layer_norm(x, b("norm1/scale"), b("norm1/bias"))
-    q, k, v = (np.einsum("btd,dnh->bnth", y, b(f"attention/{p}/kernel")) + b(f"attention/{p}/bias")[:, None]
-               for p in ("query", "key", "value"))
+    q, k, v = (
+      np.einsum("btd,dnh->bnth", y, b(f"attention/{p}/kernel")) + b(f"attention/{p}/bias")[:, None]
+      for p in ("query", "key", "value")
+    )
     s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
@@ -90,10 +95,17 @@ def test_jax_vit_matches_a_numpy_forward():
 def _torch_state_dict(w, depth=_KW["depth"]):
   """The JAX weights in the PyTorch peer's layout (nn.Linear weights are [out, in])."""
   import torch
-  sd = {"patch_embed.weight": w["backbone/patch_embed/kernel"].T, "patch_embed.bias": w["backbone/patch_embed/bias"],
-        "cls_token": w["backbone/cls_token"], "pos_embed": w["backbone/pos_embed"],
-        "norm.weight": w["backbone/norm/scale"], "norm.bias": w["backbone/norm/bias"],
-        "classifier.weight": w["classifier/kernel"].T, "classifier.bias": w["classifier/bias"]}
+
+  sd = {
+    "patch_embed.weight": w["backbone/patch_embed/kernel"].T,
+    "patch_embed.bias": w["backbone/patch_embed/bias"],
+    "cls_token": w["backbone/cls_token"],
+    "pos_embed": w["backbone/pos_embed"],
+    "norm.weight": w["backbone/norm/scale"],
+    "norm.bias": w["backbone/norm/bias"],
+    "classifier.weight": w["classifier/kernel"].T,
+    "classifier.bias": w["classifier/bias"],
+  }
   for i in range(depth):
     b = lambda name: w[f"backbone/blocks/{i}/{name}"]
     for p in ("query", "key", "value"):
@@ -115,6 +127,7 @@ def _torch_state_dict(w, depth=_KW["depth"]):
 @pytest.mark.skipif(not _HAS_TORCH, reason="torch not installed (the 'bench' extra): the PyTorch peer is not checked")
 def test_torch_peer_computes_the_same_vit():
   import torch
+
   root = pathlib.Path(__file__).resolve().parents[1]
   if str(root) not in sys.path:  # `benchmarks` is not an installed package; import it from the checkout
     sys.path.insert(0, str(root))
@@ -126,22 +139,30 @@ def test_torch_peer_computes_the_same_vit():
   assert sum(p.numel() for p in peer.parameters()) == sum(int(v.size) for v in w.values())
   peer.load_state_dict(_torch_state_dict(w), strict=True)
   x = _inputs()
-  np.testing.assert_allclose(peer(torch.from_numpy(x)).detach().numpy(), _numpy_vit(w, x.astype(np.float64)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    peer(torch.from_numpy(x)).detach().numpy(), _numpy_vit(w, x.astype(np.float64)), rtol=1e-4, atol=1e-4
+  )
 
   # The gradient of the same loss with respect to the same weight, in both frameworks.
   labels = np.array([0, 3, 4])
+
   def jax_loss(p):
     logits, _ = apply_model(graphdef, p, state, jnp.asarray(x), train=True)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels])
+
   grads = _weights(jax.grad(jax_loss)(params))
   loss = torch.nn.functional.cross_entropy(peer(torch.from_numpy(x)), torch.from_numpy(labels))
   loss.backward()
   np.testing.assert_allclose(loss.detach().item(), float(jax_loss(params)), rtol=1e-5)
-  np.testing.assert_allclose(peer.blocks[0].fc1.weight.grad.numpy(), grads["backbone/blocks/0/fc1/kernel"].T,
-                             rtol=1e-3, atol=1e-5)
-  np.testing.assert_allclose(peer.blocks[1].attention.query.weight.grad.numpy(),
-                             grads["backbone/blocks/1/attention/query/kernel"].reshape(_KW["dim"], -1).T,
-                             rtol=1e-3, atol=1e-5)
-  np.testing.assert_allclose(peer.patch_embed.weight.grad.numpy(), grads["backbone/patch_embed/kernel"].T,
-                             rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(
+    peer.blocks[0].fc1.weight.grad.numpy(), grads["backbone/blocks/0/fc1/kernel"].T, rtol=1e-3, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    peer.blocks[1].attention.query.weight.grad.numpy(),
+    grads["backbone/blocks/1/attention/query/kernel"].reshape(_KW["dim"], -1).T,
+    rtol=1e-3,
+    atol=1e-5,
+  )
+  np.testing.assert_allclose(
+    peer.patch_embed.weight.grad.numpy(), grads["backbone/patch_embed/kernel"].T, rtol=1e-3, atol=1e-5
+  )

@@ -40,5 +40,18 @@ from benchmarks.step_cost.config import JAX_CASES, MODELS, TORCH_CASES, XLA_CONF
 from benchmarks.step_cost.timing import load_avg, time_round_robin
 from benchmarks.step_cost.torch_side import TorchCase
 
-__all__ = ['JaxCase', 'TorchCase', 'build_jax_model', 'make_batch', 'make_jax_step', 'main', 'parse_args',
-           'JAX_CASES', 'MODELS', 'TORCH_CASES', 'XLA_CONFIGS', 'load_avg', 'time_round_robin']
+__all__ = [
+  "JaxCase",
+  "TorchCase",
+  "build_jax_model",
+  "make_batch",
+  "make_jax_step",
+  "main",
+  "parse_args",
+  "JAX_CASES",
+  "MODELS",
+  "TORCH_CASES",
+  "XLA_CONFIGS",
+  "load_avg",
+  "time_round_robin",
+]

@@ -2,5 +2,5 @@
 
 from benchmarks.step_cost.cli import main
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

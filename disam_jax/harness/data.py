@@ -122,8 +122,10 @@ class DomainDataset:
     if self.records is not None:
       for domain, x, y in zip(self.domains, self.images, self.labels):
         if x.ndim != 1 or x.dtype != np.int64 or y.dtype != np.int32 or len(x) != len(y):
-          raise ValueError(f"{self.name}/{domain}: a streamed dataset needs int64 record indices [n] and int32 "
-                           f"labels [n], got {x.dtype}{list(x.shape)} and {y.dtype}{list(y.shape)}.")
+          raise ValueError(
+            f"{self.name}/{domain}: a streamed dataset needs int64 record indices [n] and int32 "
+            f"labels [n], got {x.dtype}{list(x.shape)} and {y.dtype}{list(y.shape)}."
+          )
       return
     shapes = {x.shape[1:] for x in self.images}
     if len(shapes) > 1:
@@ -269,7 +271,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _rotation_domains(
-    name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], seed: int, image_size: int | None
+  name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], seed: int, image_size: int | None
 ) -> DomainDataset:
   """Disjoint groups of one image pool, group k rotated by ROTATION_DEGREES[k] (DomainBed's RotatedMNIST)."""
   images = np.asarray(images, np.float32)
@@ -354,8 +356,13 @@ def _color_domains(name: str, images: np.ndarray, digits: np.ndarray, seed: int)
     x[np.arange(len(idx)), ..., colors] = images[idx]
     xs.append(x)
     ys.append(labels)
-  return DomainDataset(name=name, domains=tuple(d for d, _ in COLOR_DOMAINS), classes=("digit>=5", "digit<5"),
-                       images=tuple(xs), labels=tuple(ys))
+  return DomainDataset(
+    name=name,
+    domains=tuple(d for d, _ in COLOR_DOMAINS),
+    classes=("digit>=5", "digit<5"),
+    images=tuple(xs),
+    labels=tuple(ys),
+  )
 
 
 def _load_colored_digits(spec: DatasetSpec, data_dir, seed, image_size) -> DomainDataset:
@@ -383,8 +390,10 @@ def _folder_root(spec: DatasetSpec, data_dir: str | None) -> str:
   """The folder holding the domain folders: ``data_dir/<spec.folder>``, or ``data_dir`` itself."""
   what = f"{spec.name}" + (f" (DomainBed folder {spec.folder}/)" if spec.folder else "")
   if data_dir is None:
-    raise ValueError(f"{what} needs data_dir: " + ("the folder holding its domain folders." if not spec.folder
-             else f"the folder that contains {spec.folder}/."))
+    raise ValueError(
+      f"{what} needs data_dir: "
+      + ("the folder holding its domain folders." if not spec.folder else f"the folder that contains {spec.folder}/.")
+    )
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
   if not os.path.isdir(data_dir):
     raise _layout_error(FileNotFoundError, f"{what}: data_dir {data_dir} does not exist.")
@@ -501,9 +510,19 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=
   key = f"{spec.name}_{streaming.fingerprint(root, rels, (tuple(domains), tuple(classes)))}"
   numbered = [(rel, domains.index(d), classes.index(c)) for rel, d, c in files]
   directory, meta = streaming.convert_folder(
-    root, numbered, domains=domains, classes=classes, cache_dir=os.path.join(cache_dir, _FOLDER_CACHE), key=key,
-    on_convert=lambda n: _log.info("converting %s (%d image files) to ArrayRecord under %s, once: later runs reuse "
-                                   "it while the files are unchanged", root, n, cache_dir))
+    root,
+    numbered,
+    domains=domains,
+    classes=classes,
+    cache_dir=os.path.join(cache_dir, _FOLDER_CACHE),
+    key=key,
+    on_convert=lambda n: _log.info(
+      "converting %s (%d image files) to ArrayRecord under %s, once: later runs reuse it while the files are unchanged",
+      root,
+      n,
+      cache_dir,
+    ),
+  )
   skipped = tuple(meta.get("skipped_files", ()))
   if skipped:  # on every load, converted now or earlier
     shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
@@ -517,8 +536,16 @@ def _load_image_folder(spec: DatasetSpec, data_dir, seed, image_size, cache_dir=
       raise ValueError(f"{spec.name}: domain {d!r} has no readable images in {root}.")
     images.append(members.astype(np.int64))
     labels.append(label_of[members])
-  return DomainDataset(spec.name, tuple(domains), tuple(classes), tuple(images), tuple(labels),
-                       unreadable_files=skipped, warnings=tuple(notes), records=records)
+  return DomainDataset(
+    spec.name,
+    tuple(domains),
+    tuple(classes),
+    tuple(images),
+    tuple(labels),
+    unreadable_files=skipped,
+    warnings=tuple(notes),
+    records=records,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -580,18 +607,19 @@ def _read_tfds(tfds, reference: str, data_dir, seed, image_size) -> DomainDatase
   if not isinstance(features.get(label_key), tfds.features.ClassLabel):
     label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
   if image_key is None or label_key is None:
-    raise ValueError(
-      f"tfds:{name} needs an Image feature and a ClassLabel feature; it has {builder.info.features}."
-    )
+    raise ValueError(f"tfds:{name} needs an Image feature and a ClassLabel feature; it has {builder.info.features}.")
 
   shape = tuple(features[image_key].shape)
   channels = shape[-1] if len(shape) == 3 else None
   if channels is None:
-    raise ValueError(f"tfds:{name}: its Image feature has no fixed channel count ({shape}); only images with a "
-                     "declared shape [H, W, C] can be streamed.")
+    raise ValueError(
+      f"tfds:{name}: its Image feature has no fixed channel count ({shape}); only images with a "
+      "declared shape [H, W, C] can be streamed."
+    )
   if image_size is None and None in shape[:2]:
-    raise ValueError(f"tfds:{name} images have no fixed size ({shape}); pass image_size (--image-size N) to resize "
-                     "them to a square.")
+    raise ValueError(
+      f"tfds:{name} images have no fixed size ({shape}); pass image_size (--image-size N) to resize them to a square."
+    )
   image_shape = (int(image_size), int(image_size), channels) if image_size is not None else shape
   labels = _tfds_labels(tfds, builder, splits, sources, image_key, label_key)
   order = np.random.default_rng(seed).permutation(len(labels))  # as `_rotation_domains`
@@ -601,12 +629,23 @@ def _read_tfds(tfds, reference: str, data_dir, seed, image_size) -> DomainDatase
     groups[m] = k
   from disam_jax.harness import tfds_records
 
-  records = tfds_records.TfdsRecords(name, data_dir, splits, image_key, image_shape,
-                                     None if image_size is None else int(image_size), groups, sources=sources)
+  records = tfds_records.TfdsRecords(
+    name,
+    data_dir,
+    splits,
+    image_key,
+    image_shape,
+    None if image_size is None else int(image_size),
+    groups,
+    sources=sources,
+  )
   return DomainDataset(
-    name=f"tfds:{reference}", domains=tuple(str(d) for d in ROTATION_DEGREES),
-    classes=tuple(features[label_key].names), images=tuple(members),
-    labels=tuple(labels[m] for m in members), records=records,
+    name=f"tfds:{reference}",
+    domains=tuple(str(d) for d in ROTATION_DEGREES),
+    classes=tuple(features[label_key].names),
+    images=tuple(members),
+    labels=tuple(labels[m] for m in members),
+    records=records,
   )
 
 
@@ -643,20 +682,38 @@ _ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "
 def _registry() -> dict[str, DatasetSpec]:
   """The specs, keyed and ordered by `_choices.DATASETS` (the JAX-free table of names and descriptions that
   `disam-train --help` and --list read); an error if the two name sets differ."""
-  specs = {spec.name: spec for spec in (
-    DatasetSpec("rotated_digits", _load_rotated_digits, tuple(map(str, ROTATION_DEGREES)),
-          tuple(map(str, range(10))), description=_choices.DATASETS["rotated_digits"]),
-    DatasetSpec("rotated_animals", _load_rotated_animals, tuple(map(str, ROTATION_DEGREES)), _ANIMAL_CLASSES,
-          description=_choices.DATASETS["rotated_animals"]),
-    DatasetSpec("colored_digits", _load_colored_digits, tuple(d for d, _ in COLOR_DOMAINS), ("digit>=5", "digit<5"),
-          description=_choices.DATASETS["colored_digits"]),
-    _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch")),
-    _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
-    _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World")),
-    _folder_spec("terra_incognita", "terra_incognita", ("location_100", "location_38", "location_43", "location_46")),
-    _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
-    _folder_spec("image_folder", None, ()),
-  )}
+  specs = {
+    spec.name: spec
+    for spec in (
+      DatasetSpec(
+        "rotated_digits",
+        _load_rotated_digits,
+        tuple(map(str, ROTATION_DEGREES)),
+        tuple(map(str, range(10))),
+        description=_choices.DATASETS["rotated_digits"],
+      ),
+      DatasetSpec(
+        "rotated_animals",
+        _load_rotated_animals,
+        tuple(map(str, ROTATION_DEGREES)),
+        _ANIMAL_CLASSES,
+        description=_choices.DATASETS["rotated_animals"],
+      ),
+      DatasetSpec(
+        "colored_digits",
+        _load_colored_digits,
+        tuple(d for d, _ in COLOR_DOMAINS),
+        ("digit>=5", "digit<5"),
+        description=_choices.DATASETS["colored_digits"],
+      ),
+      _folder_spec("pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch")),
+      _folder_spec("vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
+      _folder_spec("office_home", "office_home", ("Art", "Clipart", "Product", "Real World")),
+      _folder_spec("terra_incognita", "terra_incognita", ("location_100", "location_38", "location_43", "location_46")),
+      _folder_spec("domain_net", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
+      _folder_spec("image_folder", None, ()),
+    )
+  }
   return _choices.ordered_like(specs, _choices.DATASETS, "DATASETS")
 
 
@@ -664,8 +721,12 @@ DATASETS: dict[str, DatasetSpec] = _registry()
 
 
 def load_dataset(
-    name: str, *, data_dir: str | None = None, seed: int = 0, image_size: int | None = None,
-    cache_dir: str | None = None,
+  name: str,
+  *,
+  data_dir: str | None = None,
+  seed: int = 0,
+  image_size: int | None = None,
+  cache_dir: str | None = None,
 ) -> DomainDataset:
   """Loads a registered dataset, or ``tfds:<name>`` (a TFDS dataset prepared under ``data_dir``), by domain.
 
@@ -687,7 +748,7 @@ def load_dataset(
     A `DomainDataset`.
   """
   if name.startswith("tfds:"):
-    return _load_tfds(name[len("tfds:"):], data_dir, seed, image_size)
+    return _load_tfds(name[len("tfds:") :], data_dir, seed, image_size)
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or tfds:<name>.")
   spec = DATASETS[name]
@@ -735,8 +796,9 @@ def _domain_index(ds: DomainDataset, domain) -> int:
   if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool):
     if 0 <= domain < len(ds.domains):
       return int(domain)
-    hint = f" (an int is a domain index; pass {str(domain)!r} for the domain named so)" if str(domain) in \
-      ds.domains else ""
+    hint = (
+      f" (an int is a domain index; pass {str(domain)!r} for the domain named so)" if str(domain) in ds.domains else ""
+    )
     raise ValueError(
       f"Domain index {domain} out of range for {ds.name}{hint}; valid: 0..{len(ds.domains) - 1} "
       f"or the names {list(ds.domains)}."
@@ -745,7 +807,7 @@ def _domain_index(ds: DomainDataset, domain) -> int:
 
 
 def split_dataset(
-    ds: DomainDataset, held_out: str | int | Sequence[str | int], *, holdout_fraction: float = 0.2, seed: int = 0
+  ds: DomainDataset, held_out: str | int | Sequence[str | int], *, holdout_fraction: float = 0.2, seed: int = 0
 ) -> DomainSplit:
   """Holds out domains for testing and splits each training domain into train and validation parts.
 
@@ -801,12 +863,12 @@ class DomainBatchSampler:
   """
 
   def __init__(
-      self,
-      train: Sequence[tuple[np.ndarray, np.ndarray]],
-      batch_size_per_domain: int,
-      seed: int,
-      *,
-      domain_names: Sequence[str] | None = None,
+    self,
+    train: Sequence[tuple[np.ndarray, np.ndarray]],
+    batch_size_per_domain: int,
+    seed: int,
+    *,
+    domain_names: Sequence[str] | None = None,
   ):
     if not train:
       raise ValueError("DomainBatchSampler needs at least one training domain.")
@@ -864,8 +926,10 @@ class DomainBatchSampler:
   def restore(self, state: dict[str, Any]) -> None:
     """Continues the stream captured by `state()` (from a sampler over the same domains and batch size)."""
     if state.get("batching") == "merged":
-      raise ValueError("The checkpoint's sampler state is of merged batches; this run draws balanced per-domain "
-                       "batches: resume with the run's own --batching.")
+      raise ValueError(
+        "The checkpoint's sampler state is of merged batches; this run draws balanced per-domain "
+        "batches: resume with the run's own --batching."
+      )
     mine = (self._batch, [len(x) for x in self._x])
     theirs = (state.get("batch_size_per_domain"), list(state.get("domain_sizes", [])))
     if mine != theirs:
@@ -895,12 +959,12 @@ class MergedBatchSampler:
   """
 
   def __init__(
-      self,
-      train: Sequence[tuple[np.ndarray, np.ndarray]],
-      batch_size: int,
-      seed: int,
-      *,
-      domain_names: Sequence[str] | None = None,
+    self,
+    train: Sequence[tuple[np.ndarray, np.ndarray]],
+    batch_size: int,
+    seed: int,
+    *,
+    domain_names: Sequence[str] | None = None,
   ):
     if not train:
       raise ValueError("MergedBatchSampler needs at least one training domain.")
@@ -915,8 +979,10 @@ class MergedBatchSampler:
     self._sizes = [len(y) for y in ys]
     self._batch = int(batch_size)
     if not 1 <= self._batch <= sum(self._sizes):
-      raise ValueError(f"The merged batch of {batch_size} examples must be between 1 and the {sum(self._sizes)} "
-                       f"training examples of all domains together; use a smaller --batch-size.")
+      raise ValueError(
+        f"The merged batch of {batch_size} examples must be between 1 and the {sum(self._sizes)} "
+        f"training examples of all domains together; use a smaller --batch-size."
+      )
     self._x, self._y = np.concatenate(xs), np.concatenate(ys)
     self._d = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(self._sizes)])
     self._rng = np.random.default_rng(seed)
@@ -937,7 +1003,7 @@ class MergedBatchSampler:
     """
     if (self._given + 1) * self._batch > len(self._order):  # drop_last: the tail starts a new epoch
       self._new_epoch()
-    picks = self._order[self._given * self._batch:(self._given + 1) * self._batch]
+    picks = self._order[self._given * self._batch : (self._given + 1) * self._batch]
     self._given += 1
     self._steps += 1
     if local is not None:
@@ -965,8 +1031,10 @@ class MergedBatchSampler:
   def restore(self, state: dict[str, Any]) -> None:
     """Continues the stream captured by `state()` (from a sampler over the same domains and batch size)."""
     if state.get("batching") != "merged":
-      raise ValueError("The checkpoint's sampler state is of balanced per-domain batches; this run draws merged "
-                       "batches: resume with the run's own --batching.")
+      raise ValueError(
+        "The checkpoint's sampler state is of balanced per-domain batches; this run draws merged "
+        "batches: resume with the run's own --batching."
+      )
     mine = (self._batch, list(self._sizes))
     theirs = (state.get("batch_size"), list(state.get("domain_sizes", [])))
     if mine != theirs:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = 'data'
+DATA_AXIS = "data"
 
 
 class DistributedError(RuntimeError):
@@ -52,22 +52,22 @@ class DistributedConfig:
   auto: bool = False
 
   @classmethod
-  def from_env(cls, **overrides) -> 'DistributedConfig':
+  def from_env(cls, **overrides) -> "DistributedConfig":
     """Fills unset fields from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
 
     def env_int(name):
       value = os.environ.get(name)
-      if value is None or value == '':
+      if value is None or value == "":
         return None
       try:
         return int(value)
       except ValueError:
-        raise DistributedError(f'{name}={value!r} is not an integer.') from None
+        raise DistributedError(f"{name}={value!r} is not an integer.") from None
 
     values = {
-        'coordinator_address': os.environ.get('JAX_COORDINATOR_ADDRESS') or None,
-        'num_processes': env_int('JAX_NUM_PROCESSES'),
-        'process_id': env_int('JAX_PROCESS_ID'),
+      "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+      "num_processes": env_int("JAX_NUM_PROCESSES"),
+      "process_id": env_int("JAX_PROCESS_ID"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
@@ -80,26 +80,26 @@ class DistributedConfig:
     if self.auto:
       return
     if self.num_processes is not None and self.num_processes < 1:
-      raise DistributedError(f'num_processes must be >= 1; got {self.num_processes}.')
+      raise DistributedError(f"num_processes must be >= 1; got {self.num_processes}.")
     if not self.is_multi_process:
       if self.process_id not in (None, 0):
         raise DistributedError(
-            f'process id {self.process_id} given for a single-process run (num_processes={self.num_processes}).'
+          f"process id {self.process_id} given for a single-process run (num_processes={self.num_processes})."
         )
       return
     if self.coordinator_address is None:
       raise DistributedError(
-          f'num_processes={self.num_processes} needs a coordinator address (host:port of process 0): pass '
-          '--coordinator-address or set JAX_COORDINATOR_ADDRESS.'
+        f"num_processes={self.num_processes} needs a coordinator address (host:port of process 0): pass "
+        "--coordinator-address or set JAX_COORDINATOR_ADDRESS."
       )
-    if ':' not in self.coordinator_address:
-      raise DistributedError(f'coordinator address {self.coordinator_address!r} must be host:port.')
+    if ":" not in self.coordinator_address:
+      raise DistributedError(f"coordinator address {self.coordinator_address!r} must be host:port.")
     if self.process_id is None:
-      raise DistributedError('a multi-process run needs --process-id (or JAX_PROCESS_ID) on every process.')
+      raise DistributedError("a multi-process run needs --process-id (or JAX_PROCESS_ID) on every process.")
     if not 0 <= self.process_id < self.num_processes:
       raise DistributedError(
-          f'process id {self.process_id} is out of range for num_processes={self.num_processes} '
-          f'(valid ids: 0..{self.num_processes - 1}).'
+        f"process id {self.process_id} is out of range for num_processes={self.num_processes} "
+        f"(valid ids: 0..{self.num_processes - 1})."
       )
 
 
@@ -115,39 +115,43 @@ def initialize(config: DistributedConfig) -> None:
     # jaxlib aborts the whole process (a C++ fatal error, not an exception) when it cannot reach the coordinator;
     # probe the address first so the user gets a message instead of a stack trace.
     _wait_for_coordinator(config)
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  where = {} if config.auto else dict(
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  where = (
+    {}
+    if config.auto
+    else dict(
       coordinator_address=config.coordinator_address,
       num_processes=config.num_processes,
       process_id=config.process_id,
+    )
   )
   try:
     jax.distributed.initialize(
-        **where,
-        initialization_timeout=config.initialization_timeout,
-        heartbeat_timeout_seconds=config.heartbeat_timeout,
+      **where,
+      initialization_timeout=config.initialization_timeout,
+      heartbeat_timeout_seconds=config.heartbeat_timeout,
     )
   except Exception as e:  # jaxlib raises XlaRuntimeError / RuntimeError with a gRPC status inside.
     raise DistributedError(
-        f'process {config.process_id} of {config.num_processes} could not join the coordinator at '
-        f'{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is '
-        f'the address reachable from here? ({type(e).__name__}: {str(e).splitlines()[0][:300]})'
+      f"process {config.process_id} of {config.num_processes} could not join the coordinator at "
+      f"{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is "
+      f"the address reachable from here? ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
     ) from e
 
 
 def _wait_for_coordinator(config: DistributedConfig) -> None:
-  host, _, port = config.coordinator_address.rpartition(':')
+  host, _, port = config.coordinator_address.rpartition(":")
   deadline = time.monotonic() + config.initialization_timeout
   while True:
     try:
-      with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
         return
     except (OSError, ValueError) as e:
       if time.monotonic() > deadline:
         raise DistributedError(
-            f'process {config.process_id} of {config.num_processes} could not join the coordinator at '
-            f'{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is '
-            f'the address reachable from here? ({type(e).__name__}: {e})'
+          f"process {config.process_id} of {config.num_processes} could not join the coordinator at "
+          f"{config.coordinator_address} within {config.initialization_timeout} s: is process 0 running and is "
+          f"the address reachable from here? ({type(e).__name__}: {e})"
         ) from e
       time.sleep(0.5)
 
@@ -157,7 +161,7 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.array(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
-FSDP_AXIS = 'fsdp'
+FSDP_AXIS = "fsdp"
 _MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
@@ -169,24 +173,25 @@ def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """
   devices = list(devices if devices is not None else jax.devices())
   sizes = {}
-  for part in text.split(','):
-    name, eq, value = part.strip().partition('=')
+  for part in text.split(","):
+    name, eq, value = part.strip().partition("=")
     if not eq or name not in _MESH_AXES or name in sizes:
       raise DistributedError(
-          f"--mesh {text!r}: expected 'data=N' or 'data=N,fsdp=K' (axes {', '.join(_MESH_AXES)}, each once).")
+        f"--mesh {text!r}: expected 'data=N' or 'data=N,fsdp=K' (axes {', '.join(_MESH_AXES)}, each once)."
+      )
     try:
       sizes[name] = int(value)
     except ValueError:
-      raise DistributedError(f'--mesh {text!r}: the size of {name!r} must be an integer; got {value!r}.') from None
+      raise DistributedError(f"--mesh {text!r}: the size of {name!r} must be an integer; got {value!r}.") from None
     if sizes[name] < 1:
-      raise DistributedError(f'--mesh {text!r}: the size of {name!r} must be >= 1.')
+      raise DistributedError(f"--mesh {text!r}: the size of {name!r} must be >= 1.")
   sizes.setdefault(DATA_AXIS, 1)
   shape = tuple(sizes.get(a, 1) for a in _MESH_AXES)
   if int(np.prod(shape)) != len(devices):
     raise DistributedError(
-        f'--mesh {text!r} has {int(np.prod(shape))} devices but there are {len(devices)} '
-        f'({jax.process_count()} process(es) x {jax.local_device_count()} device(s)): the sizes must multiply to '
-        f'{len(devices)}.'
+      f"--mesh {text!r} has {int(np.prod(shape))} devices but there are {len(devices)} "
+      f"({jax.process_count()} process(es) x {jax.local_device_count()} device(s)): the sizes must multiply to "
+      f"{len(devices)}."
     )
   return Mesh(np.array(devices).reshape(shape), _MESH_AXES)
 
@@ -240,8 +245,11 @@ def place_state(tree, mesh: Mesh):
   `fsdp_sharding`, the rest replicated. Every process holds the same full values; each keeps its shards."""
   if FSDP_AXIS not in mesh.axis_names:
     return replicate(tree, mesh)
-  return _place_leaves(tree, mesh, lambda host: jax.make_array_from_callback(
-    host.shape, fsdp_sharding(host.shape, mesh), lambda index: host[index]))
+  return _place_leaves(
+    tree,
+    mesh,
+    lambda host: jax.make_array_from_callback(host.shape, fsdp_sharding(host.shape, mesh), lambda index: host[index]),
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -278,9 +286,9 @@ def check_batch_divisible(per_domain_batch: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if per_domain_batch % n:
     raise DistributedError(
-        f'the per-domain batch size {per_domain_batch} is not divisible by the number of devices {n} '
-        f'({jax.process_count()} process(es) x {jax.local_device_count()} device(s)): every device must hold '
-        f'the same slice of every domain. Use a multiple of {n}.'
+      f"the per-domain batch size {per_domain_batch} is not divisible by the number of devices {n} "
+      f"({jax.process_count()} process(es) x {jax.local_device_count()} device(s)): every device must hold "
+      f"the same slice of every domain. Use a multiple of {n}."
     )
 
 
@@ -298,16 +306,18 @@ def _process_slice(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -
   per_device = shape[axis] // sharding.mesh.devices.size
   start, stop = starts[0], starts[-1] + per_device
   if stop - start != per_device * len(starts):
-    raise DistributedError('this process\'s devices do not hold a contiguous slice of the batch.')
+    raise DistributedError("this process's devices do not hold a contiguous slice of the batch.")
   return slice(start, stop)
 
 
 def _assemble(sharding: NamedSharding, local_arrays, axis: int, size: int):
   """Global arrays of `sharding` from each process's slices of every leaf along `axis`, which is `size` long
   globally (`jax.make_array_from_process_local_data`)."""
+
   def one(local):
     return jax.make_array_from_process_local_data(
-        sharding, local, local.shape[:axis] + (size,) + local.shape[axis + 1:])
+      sharding, local, local.shape[:axis] + (size,) + local.shape[axis + 1 :]
+    )
 
   return jax.tree.map(one, local_arrays)
 
@@ -327,9 +337,11 @@ def local_flat_slice(batch: int, mesh: Mesh) -> slice:
   """The slice of a merged batch `[B]` that this process's devices hold; refuses a B the devices do not divide."""
   n = mesh.devices.size
   if batch % n:
-    raise DistributedError(f'the merged batch of {batch} examples (--batch-size x the training domains) is not '
-                           f'divisible by the number of devices {n}: use a --batch-size that makes it a multiple '
-                           f'of {n}.')
+    raise DistributedError(
+      f"the merged batch of {batch} examples (--batch-size x the training domains) is not "
+      f"divisible by the number of devices {n}: use a --batch-size that makes it a multiple "
+      f"of {n}."
+    )
   return _process_slice(flat_batch_sharding(mesh), (batch,), axis=0)
 
 
@@ -345,6 +357,7 @@ def local_replica(tree):
   A replicated leaf is read from this process's first device; a leaf split over devices (FSDP) is gathered: within
   the process when it holds every shard, else from every process (a collective: every process must call this).
   """
+
   def local(a):
     if not isinstance(a, jax.Array):
       return a
@@ -353,7 +366,9 @@ def local_replica(tree):
     if a.is_fully_addressable:
       return jnp.asarray(np.asarray(a))
     from jax.experimental import multihost_utils
+
     return jnp.asarray(multihost_utils.process_allgather(a, tiled=True))
+
   return jax.tree.map(local, tree)
 
 

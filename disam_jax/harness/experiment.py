@@ -55,13 +55,13 @@ _log = logging.getLogger("disam_jax.harness.train")
 
 
 def harden_domain(
-    split: data_lib.DomainSplit,
-    domain: str,
-    *,
-    fraction: float = 1.0,
-    label_noise: float = 0.0,
-    num_classes: int,
-    seed: int,
+  split: data_lib.DomainSplit,
+  domain: str,
+  *,
+  fraction: float = 1.0,
+  label_noise: float = 0.0,
+  num_classes: int,
+  seed: int,
 ) -> data_lib.DomainSplit:
   """Makes one training domain harder: fewer training examples and/or noisy training labels.
 
@@ -100,8 +100,9 @@ def harden_domain(
 OUT_SUFFIX = " (20%)"
 
 
-def held_out_parts(split: data_lib.DomainSplit, ds: data_lib.DomainDataset, holdout_fraction: float,
-                   seed: int) -> data_lib.DomainSplit:
+def held_out_parts(
+  split: data_lib.DomainSplit, ds: data_lib.DomainDataset, holdout_fraction: float, seed: int
+) -> data_lib.DomainSplit:
   """Splits each held-out domain as DomainBed splits every environment: the `holdout_fraction` part (named
   ``<domain> (20%)``) and the rest (named ``<domain>``).
 
@@ -131,14 +132,20 @@ def _cell_split(config: ExperimentConfig, ds: data_lib.DomainDataset, held_out, 
       num_classes=ds.num_classes,
       seed=seed,
     )
-  return regimes.apply_regimes(split, seed=seed, imbalance_ratio=config.imbalance,
-                               domain_label_noise=config.domain_label_noise, sub_domains=config.sub_domains,
-                               inferred_domains=config.infer_domains)
+  return regimes.apply_regimes(
+    split,
+    seed=seed,
+    imbalance_ratio=config.imbalance,
+    domain_label_noise=config.domain_label_noise,
+    sub_domains=config.sub_domains,
+    inferred_domains=config.infer_domains,
+  )
 
 
 def load_data(config: ExperimentConfig, seed: int) -> data_lib.DomainDataset:
-  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=seed, image_size=config.image_size,
-                               cache_dir=config.cache_dir)
+  return data_lib.load_dataset(
+    config.dataset, data_dir=config.data_dir, seed=seed, image_size=config.image_size, cache_dir=config.cache_dir
+  )
 
 
 def _seed_changes_domains(dataset: str) -> bool:
@@ -159,18 +166,22 @@ def check_domains(config: ExperimentConfig, name: str, domains: Sequence[str]) -
   if left < 1 or (any(a.startswith("disam") for a in config.algorithms) and left < 2):
     raise ValueError(
       f"{name} has {len(domains)} domain(s) ({', '.join(domains)}), so holding one out leaves "
-      + ("no training domain: leave-one-domain-out needs at least 2 domains"
-         if left < 1 else "one training domain: DISAM needs at least two (the variance of a single domain loss is "
-         "0; that would be SAM)") + "."
+      + (
+        "no training domain: leave-one-domain-out needs at least 2 domains"
+        if left < 1
+        else "one training domain: DISAM needs at least two (the variance of a single domain loss is "
+        "0; that would be SAM)"
+      )
+      + "."
     )
   if config.leave_one_out and (left < 2 or (any(a.startswith("disam") for a in config.algorithms) and left < 3)):
     raise ValueError(
       f"{name} has {len(domains)} domain(s): leave-one-domain-out validation holds out two at a time, which leaves "
       f"{left - 1} training domain(s); it needs {'4 domains for DISAM' if left >= 2 else 'at least 3 domains'}. "
-      "Drop --leave-one-domain-out.")
+      "Drop --leave-one-domain-out."
+    )
   if config.hard_domain is not None and config.hard_domain not in domains:
-    raise ValueError(f"Hard domain {config.hard_domain!r} does not exist in {name}; its domains are "
-                     f"{list(domains)}.")
+    raise ValueError(f"Hard domain {config.hard_domain!r} does not exist in {name}; its domains are {list(domains)}.")
   return held_out
 
 
@@ -189,10 +200,12 @@ def fit_batch_size(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tupl
   size, name, held_out = _smallest_training_domain(config, ds, check_domains(config, ds.name, ds.domains))
   if config.hparams.batch_size <= size:
     return config, None
-  notice = (f"batch size {size} per domain instead of the default {config.hparams.batch_size}: training domain "
-            f"{name!r} has only {size} training examples (held-out domain {held_out!r}"
-            + (", after --hard-domain-fraction" if name == config.hard_domain else "")
-            + "). Pass --batch-size to choose it.")
+  notice = (
+    f"batch size {size} per domain instead of the default {config.hparams.batch_size}: training domain "
+    f"{name!r} has only {size} training examples (held-out domain {held_out!r}"
+    + (", after --hard-domain-fraction" if name == config.hard_domain else "")
+    + "). Pass --batch-size to choose it."
+  )
   return dataclasses.replace(config, hparams=dataclasses.replace(config.hparams, batch_size=size)), notice
 
 
@@ -200,8 +213,10 @@ def check_data(config: ExperimentConfig, ds: data_lib.DomainDataset) -> tuple[st
   """Validates the held-out domains, the hard domain and the batch size against `ds`; returns the held-out list."""
   held_out = check_domains(config, ds.name, ds.domains)
   if config.hparams.batching == "merged" and ds.streamed:
-    raise ValueError(f"{ds.name} is streamed from an image folder: --batching merged needs an in-memory dataset; "
-                     "drop --batching merged (the default --batching balanced) for it.")
+    raise ValueError(
+      f"{ds.name} is streamed from an image folder: --batching merged needs an in-memory dataset; "
+      "drop --batching merged (the default --batching balanced) for it."
+    )
   size, name, d = _smallest_training_domain(config, ds, held_out)
   if config.hparams.batch_size > size:
     raise ValueError(
@@ -217,8 +232,9 @@ def _safe_name(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
 
 
-def cell_directory(run_dir: str, algorithm: str, held_out: str, seed: int, sample: int = 0,
-                   val_domain: str | None = None) -> str:
+def cell_directory(
+  run_dir: str, algorithm: str, held_out: str, seed: int, sample: int = 0, val_domain: str | None = None
+) -> str:
   """``cells/<algorithm>_heldout-<domain>[+<val domain>]_seed-<seed>[_hparams-<sample>]``: draw 0 of a run with one
   held-out domain keeps the name it had before the search existed."""
   held = _safe_name(held_out) + ("" if val_domain is None else "+" + _safe_name(val_domain))
@@ -239,8 +255,13 @@ def held_out_sets(config: ExperimentConfig, held_out: Sequence[str], domains: Se
 
 def planned_runs(config: ExperimentConfig, held_out: Sequence[str], domains: Sequence[str]) -> list[tuple]:
   """Every run of `config`, in training order: ``(seed, held-out set, sample, algorithm)``."""
-  return [(seed, held, k, a) for seed in config.seeds for held in held_out_sets(config, held_out, domains)
-          for k in range(config.hparams_samples) for a in config.algorithms]
+  return [
+    (seed, held, k, a)
+    for seed in config.seeds
+    for held in held_out_sets(config, held_out, domains)
+    for k in range(config.hparams_samples)
+    for a in config.algorithms
+  ]
 
 
 def load_cell_result(directory: str) -> CellResult | None:
@@ -253,8 +274,9 @@ def load_cell_result(directory: str) -> CellResult | None:
     with open(path, errors="replace") as f:
       return CellResult(**json.load(f))
   except (OSError, ValueError, TypeError) as e:
-    _log.warning(f"{path} is unreadable ({' '.join(str(e).split())[:120]}): rebuilding it from the run's latest "
-                 "checkpoint")
+    _log.warning(
+      f"{path} is unreadable ({' '.join(str(e).split())[:120]}): rebuilding it from the run's latest checkpoint"
+    )
     return None
 
 
@@ -298,8 +320,9 @@ def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
   """
   config.validate()
   if config.pretrained is not None and not os.path.isfile(config.pretrained):
-    raise FileNotFoundError(f"No pretrained weights file at {config.pretrained!r} (.pth, .safetensors or .npz; see "
-                            "docs/harness.md).")
+    raise FileNotFoundError(
+      f"No pretrained weights file at {config.pretrained!r} (.pth, .safetensors or .npz; see docs/harness.md)."
+    )
   check_domains(config, config.dataset, data_lib.dataset_domains(config.dataset, config.data_dir))
   ds = load_data(config, config.seeds[0])
   notice = None
@@ -307,8 +330,9 @@ def prepare_and_fit(config: ExperimentConfig, *, fit_batch: bool = False):
     config, notice = fit_batch_size(config, ds)
   held_out = check_data(config, ds)
   try:  # builds the model abstractly (shapes only): catches unknown or invalid --model-option values now
-    graphdef, initialize = _model_initializer(config.model_name, ds.num_classes, tuple(ds.input_shape),
-                                              config.model_options)
+    graphdef, initialize = _model_initializer(
+      config.model_name, ds.num_classes, tuple(ds.input_shape), config.model_options
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(f"Model {config.model_name!r} with options {config.model_kwargs}: {e}") from None
   key = jax.random.key(0)
@@ -344,25 +368,32 @@ def _check_pretrained(config: ExperimentConfig, graphdef: Any, params: Any, mode
   if models._is_torchvision_layout(arrays.keys()):
     head = getattr(module, "torchvision_head", None)
     if head is None:
-      raise ValueError(f"{path}: a torchvision state dict, but model {config.model_name!r} has no torchvision "
-                       "counterpart (resnet18, resnet50 and mobilenet_v2 do)")
+      raise ValueError(
+        f"{path}: a torchvision state dict, but model {config.model_name!r} has no torchvision "
+        "counterpart (resnet18, resnet50 and mobilenet_v2 do)"
+      )
     try:
       arrays = models.convert_torchvision(arrays, head=head)
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
-  shapes = {"/".join(map(str, p)): tuple(v.shape)
-            for p, v in nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState)))}
+  shapes = {
+    "/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState)))
+  }
   common = sorted(arrays.keys() & shapes.keys())
   differ = [k for k in common if tuple(arrays[k].shape) != shapes[k]]
   wrong = [k for k in differ if not k.startswith(_MAY_DIFFER)]
   if wrong:
     k = wrong[0]
-    raise ValueError(f"{path}: does not fit model {config.model_name!r} with options {config.model_kwargs}: {k} is "
-                     f"{tuple(arrays[k].shape)} in the file and {shapes[k]} in the model ({len(wrong)} weight(s) "
-                     "differ; only the classifier may). A checkpoint of another model or other --model-option values?")
+    raise ValueError(
+      f"{path}: does not fit model {config.model_name!r} with options {config.model_kwargs}: {k} is "
+      f"{tuple(arrays[k].shape)} in the file and {shapes[k]} in the model ({len(wrong)} weight(s) "
+      "differ; only the classifier may). A checkpoint of another model or other --model-option values?"
+    )
   if arrays and len(differ) == len(common):
-    raise ValueError(f"{path}: none of its {len(arrays)} weights fits model {config.model_name!r} (file keys e.g. "
-                     f"{sorted(arrays)[:2]}, model keys e.g. {sorted(shapes)[:2]})")
+    raise ValueError(
+      f"{path}: none of its {len(arrays)} weights fits model {config.model_name!r} (file keys e.g. "
+      f"{sorted(arrays)[:2]}, model keys e.g. {sorted(shapes)[:2]})"
+    )
 
 
 def _trainable_mask(config: ExperimentConfig, graphdef: Any, params: Any, model_state: Any) -> Any:
@@ -377,15 +408,15 @@ def _trainable_mask(config: ExperimentConfig, graphdef: Any, params: Any, model_
 
 
 def run_experiment(
-    config: ExperimentConfig,
-    run_dir: str,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    on_step: Callable[[str, str, int, int, dict[str, Any]], None] | None = None,
-    prepared: tuple[data_lib.DomainDataset, tuple[str, ...]] | None = None,
-    mesh: Any | None = None,
-    tensorboard: bool = False,
+  config: ExperimentConfig,
+  run_dir: str,
+  *,
+  resume: bool = False,
+  progress: bool = True,
+  on_step: Callable[[str, str, int, int, dict[str, Any]], None] | None = None,
+  prepared: tuple[data_lib.DomainDataset, tuple[str, ...]] | None = None,
+  mesh: Any | None = None,
+  tensorboard: bool = False,
 ) -> list[CellResult]:
   """Trains every (seed, held-out domain, algorithm) of `config` under `run_dir`; returns the results.
 
@@ -442,8 +473,18 @@ def run_experiment(
             compiled = _compile(cell_config, graphdef, state0[1], len(split.train), mask)
             bar.start_run(algorithm, _label(held, sample), seed, directory if resume else None)
             with tensorboard_lib.cell_events(directory, events) as written:
-              result = run_cell(cell_config, algorithm, split, seed, state0, compiled, directory, resume=resume,
-                                on_step=written(bar.step_hook(on_step, algorithm, d, seed)), mesh=mesh)
+              result = run_cell(
+                cell_config,
+                algorithm,
+                split,
+                seed,
+                state0,
+                compiled,
+                directory,
+                resume=resume,
+                on_step=written(bar.step_hook(on_step, algorithm, d, seed)),
+                mesh=mesh,
+              )
             result = dataclasses.replace(result, **identity)
             results.append(result)
             if main_process:
@@ -461,8 +502,9 @@ def _label(held: Sequence[str], sample: int) -> str:
   return "+".join(held) + (f" draw {sample}" if sample else "")
 
 
-def _draw(config: ExperimentConfig, algorithm: str, sample: int, seed: int,
-          split: data_lib.DomainSplit) -> tuple[ExperimentConfig, dict[str, Any] | None]:
+def _draw(
+  config: ExperimentConfig, algorithm: str, sample: int, seed: int, split: data_lib.DomainSplit
+) -> tuple[ExperimentConfig, dict[str, Any] | None]:
   """`(config of one run, its searched values)`: `config` with draw `sample` of `seed`'s hyperparameters for
   `algorithm` (`ExperimentConfig.hparams_for`) and only that algorithm; None for the values without a search.
 
@@ -476,13 +518,13 @@ def _draw(config: ExperimentConfig, algorithm: str, sample: int, seed: int,
     hparams = dataclasses.replace(hparams, batch_size=min(hparams.batch_size, min(len(y) for _, y in split.train)))
   values = None
   if config.hparams_samples > 1:
-    values = {name: getattr(hparams, name) for name in search.searched(algorithm, config.dataset,
-                                                                       config.fixed_hparams)}
+    values = {name: getattr(hparams, name) for name in search.searched(algorithm, config.dataset, config.fixed_hparams)}
   return dataclasses.replace(config, hparams=hparams, algorithms=(algorithm,)), values
 
 
-def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.DomainDataset,
-                         main_process: bool) -> None:
+def _start_run_directory(
+  run_dir: str, config: ExperimentConfig, ds: data_lib.DomainDataset, main_process: bool
+) -> None:
   """Creates `run_dir`; on process 0 writes its config.json, data.json and (unless there is one) an empty
   results.json."""
   os.makedirs(run_dir, exist_ok=True)
@@ -495,13 +537,19 @@ def _start_run_directory(run_dir: str, config: ExperimentConfig, ds: data_lib.Do
       write_results(run_dir, [], config)
 
 
-def _initialize(config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int,
-                mesh: Any | None = None) -> tuple[Any, tuple[Any, Any], Any]:
+def _initialize(
+  config: ExperimentConfig, ds: data_lib.DomainDataset, seed: int, mesh: Any | None = None
+) -> tuple[Any, tuple[Any, Any], Any]:
   """`(graphdef, (params, model_state), trainable mask)`: a seed's initial model, shared by its runs. With a `mesh`,
   the model is created in its target shardings (`init_model`'s `mesh`)."""
   graphdef, params, model_state = init_model(
-    config.model_name, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed,
-    model_kwargs=config.model_options, pretrained=config.pretrained, mesh=mesh,
+    config.model_name,
+    num_classes=ds.num_classes,
+    input_shape=ds.input_shape,
+    seed=seed,
+    model_kwargs=config.model_options,
+    pretrained=config.pretrained,
+    mesh=mesh,
   )
   return graphdef, (params, model_state), _trainable_mask(config, graphdef, params, model_state)
 

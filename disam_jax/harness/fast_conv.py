@@ -51,12 +51,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-__all__ = ['CPU_COMPILER_OPTIONS', 'compiler_options', 'conv_general_dilated', 'use_fast_conv']
+__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "conv_general_dilated", "use_fast_conv"]
 
 # The YNNPACK library fusions off: convolutions and dots go to XLA's own CPU kernels.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
@@ -65,7 +65,7 @@ def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
   Returns a copy of ``CPU_COMPILER_OPTIONS`` on 'cpu', ``None`` (XLA's defaults) on any other backend.
   """
   backend = backend or jax.default_backend()
-  return dict(CPU_COMPILER_OPTIONS) if backend == 'cpu' else None
+  return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else None
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -87,8 +87,9 @@ def _standard_conv(lhs, rhs, pads, precision):
   runs through its Eigen kernels wherever it sits, inside a ``lax.cond`` branch too.
   """
   acc = jnp.promote_types(lhs.dtype, jnp.float32)
-  out = lax.conv_general_dilated(lhs, rhs, (1, 1), pads, dimension_numbers=_NHWC, precision=precision,
-                                 preferred_element_type=acc)
+  out = lax.conv_general_dilated(
+    lhs, rhs, (1, 1), pads, dimension_numbers=_NHWC, precision=precision, preferred_element_type=acc
+  )
   return out.astype(lhs.dtype)
 
 
@@ -102,10 +103,11 @@ def _pointwise_weight_grad(x, dy, *, strides, padding, precision):
   n, ho, wo, cout = dy.shape
   (sh, sw) = strides
   xp = _pad_spatial(x, padding)
-  window = xp[:, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw, :].reshape(n * ho * wo, -1)
+  window = xp[:, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw, :].reshape(n * ho * wo, -1)
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  dw = lax.dot_general(window, dy.reshape(n * ho * wo, cout), (((0,), (0,)), ((), ())), precision=precision,
-                       preferred_element_type=acc)
+  dw = lax.dot_general(
+    window, dy.reshape(n * ho * wo, cout), (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+  )
   return dw[None, None].astype(x.dtype)
 
 
@@ -127,7 +129,7 @@ def _phase_weight_grad(x, dy, *, kernel_shape, strides, padding, precision):
   for a in range(min(sh, kh)):
     for b in range(min(sw, kw)):
       mh, mw = len(range(a, kh, sh)), len(range(b, kw, sw))
-      phase = xp[:, a::sh, b::sw, :][:, :ho + mh - 1, :wo + mw - 1, :]
+      phase = xp[:, a::sh, b::sw, :][:, : ho + mh - 1, : wo + mw - 1, :]
       out = _standard_conv(jnp.transpose(phase, (3, 1, 2, 0)), kernel, ((0, 0), (0, 0)), precision)  # [Cin,mh,mw,Cout]
       dw = dw.at[a::sh, b::sw].set(jnp.transpose(out, (1, 2, 0, 3)))
   return dw
@@ -163,7 +165,7 @@ def _phase_input_grad(dy, w, *, input_shape, strides, padding, precision):
       row.append(_standard_conv(dy, flipped(taps), ((mh - 1, qh - ho), (mw - 1, qw - wo)), precision))
     phases.append(jnp.stack(row, axis=3))  # [N, qh, qw, sw, Cin]
   dx_pad = jnp.stack(phases, axis=2).reshape(n, qh * sh, qw * sw, cin)  # row q*sh + rh, column q*sw + rw
-  return dx_pad[:, lo_h:lo_h + h, lo_w:lo_w + wd, :]
+  return dx_pad[:, lo_h : lo_h + h, lo_w : lo_w + wd, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -179,13 +181,15 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
   xla_input_grad = lambda dy, w: jax.vjp(lambda a: _xla_conv(a, w, strides, padding, precision), x)[1](dy)[0]
   xla_weight_grad = lambda x, dy: jax.vjp(lambda b: _xla_conv(x, b, strides, padding, precision), w)[1](dy)[0]
-  phase_input_grad = functools.partial(_phase_input_grad, input_shape=x.shape, strides=strides, padding=padding,
-                                       precision=precision)
+  phase_input_grad = functools.partial(
+    _phase_input_grad, input_shape=x.shape, strides=strides, padding=padding, precision=precision
+  )
   if w.shape[:2] == (1, 1):
     cpu_weight_grad = functools.partial(_pointwise_weight_grad, strides=strides, padding=padding, precision=precision)
   else:
-    cpu_weight_grad = functools.partial(_phase_weight_grad, kernel_shape=w.shape, strides=strides, padding=padding,
-                                        precision=precision)
+    cpu_weight_grad = functools.partial(
+      _phase_weight_grad, kernel_shape=w.shape, strides=strides, padding=padding, precision=precision
+    )
   dx = lax.platform_dependent(dy, w, cpu=phase_input_grad, default=xla_input_grad)
   dw = lax.platform_dependent(x, dy, cpu=cpu_weight_grad, default=xla_weight_grad)
   return dx, dw
@@ -194,9 +198,21 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None, out_sharding=None, **kwargs):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  out_sharding=None,
+  **kwargs,
+):
   """``lax.conv_general_dilated`` (same arguments, same result) with gradients in the forward's layout on CPU.
 
   Args:
@@ -212,19 +228,34 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     always passes ``out_sharding``, ``None`` unless the user sets one.)
   """
   plain = (
-      _is_nhwc(dimension_numbers)
-      and all(d == 1 for d in (lhs_dilation or (1, 1)))
-      and all(d == 1 for d in (rhs_dilation or (1, 1)))
-      and feature_group_count == 1 and batch_group_count == 1
-      and preferred_element_type is None and out_sharding is None and not kwargs
-      and jnp.ndim(lhs) == 4 and jnp.ndim(rhs) == 4 and jnp.result_type(lhs) == jnp.result_type(rhs)
+    _is_nhwc(dimension_numbers)
+    and all(d == 1 for d in (lhs_dilation or (1, 1)))
+    and all(d == 1 for d in (rhs_dilation or (1, 1)))
+    and feature_group_count == 1
+    and batch_group_count == 1
+    and preferred_element_type is None
+    and out_sharding is None
+    and not kwargs
+    and jnp.ndim(lhs) == 4
+    and jnp.ndim(rhs) == 4
+    and jnp.result_type(lhs) == jnp.result_type(rhs)
   )
   if not plain:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                                    precision=precision, preferred_element_type=preferred_element_type,
-                                    **({} if out_sharding is None else {'out_sharding': out_sharding}), **kwargs)
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      **({} if out_sharding is None else {"out_sharding": out_sharding}),
+      **kwargs,
+    )
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2], strides, padding)

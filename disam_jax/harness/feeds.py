@@ -90,8 +90,10 @@ class ArrayEvalFeed:
     if len(self.parts) != len(self.sets):
       raise ValueError(f"{len(self.parts)} evaluation parts but {len(self.sets)} (x, y) sets.")
     if self.global_batch_size < 1 or self.global_batch_size % self.process_count:
-      raise ValueError(f"The evaluation batch {self.global_batch_size} must be a positive multiple of the "
-                       f"process count {self.process_count}.")
+      raise ValueError(
+        f"The evaluation batch {self.global_batch_size} must be a positive multiple of the "
+        f"process count {self.process_count}."
+      )
 
   @property
   def size(self) -> int:
@@ -121,4 +123,3 @@ class ArrayEvalFeed:
     for start in range(0, self.size, g):
       lo = start + self.process_index * n_local
       yield self._rows(lo, lo + n_local)
-

@@ -134,8 +134,10 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     kept.append(line)
     last = step
   if last < last_step:
-    _log.warning(f"{path} is unreadable after step {last} (line {len(kept) + 1}), before the checkpoint of step "
-                 f"{last_step}: steps {last + 1}-{last_step} of this run will have no metrics line")
+    _log.warning(
+      f"{path} is unreadable after step {last} (line {len(kept) + 1}), before the checkpoint of step "
+      f"{last_step}: steps {last + 1}-{last_step} of this run will have no metrics line"
+    )
   with open(path, "w") as f:
     f.writelines(kept)
 
@@ -173,7 +175,7 @@ class _LoopStep:
     values, out, start = np.asarray(packed), {}, 0
     for name, shape in self._runs[treedef][1]:
       size = math.prod(shape)
-      out[name] = values[start:start + size].reshape(shape)
+      out[name] = values[start : start + size].reshape(shape)
       start += size
     return out
 
@@ -203,8 +205,9 @@ _STEP_CACHE: dict[tuple, tuple[Any, Callable, Any, _LoopStep]] = {}
 _EVAL_CACHE: dict[Any, Callable] = {}
 
 
-def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int,
-             trainable_mask: Any = None) -> _Compiled:
+def _compile(
+  config: ExperimentConfig, graphdef: Any, model_state: Any, num_domains: int, trainable_mask: Any = None
+) -> _Compiled:
   txs, steps, penalties, loop_steps = {}, {}, {}, {}
   hparams = config.hparams.for_run(config.steps)  # anneal steps left at None: DomainBed's fraction of the run
   for name in config.algorithms:
@@ -212,12 +215,17 @@ def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_doma
     if key not in _STEP_CACHE:
       if len(_STEP_CACHE) >= 32:
         _STEP_CACHE.clear()
-      tx = algorithms_lib.make_optimizer(name, hparams, num_domains=num_domains, aux_example=model_state,
-                                         trainable_mask=trainable_mask)
+      tx = algorithms_lib.make_optimizer(
+        name, hparams, num_domains=num_domains, aux_example=model_state, trainable_mask=trainable_mask
+      )
       penalty = algorithms_lib.make_penalty(name, hparams)
       step = make_train_step(graphdef, tx, penalty)
-      _STEP_CACHE[key] = (tx, jax.jit(step, donate_argnums=0, compiler_options=fast_conv.compiler_options()),
-                          penalty, _LoopStep(step))
+      _STEP_CACHE[key] = (
+        tx,
+        jax.jit(step, donate_argnums=0, compiler_options=fast_conv.compiler_options()),
+        penalty,
+        _LoopStep(step),
+      )
     txs[name], steps[name], penalties[name], loop_steps[name] = _STEP_CACHE[key]
   if graphdef not in _EVAL_CACHE:
     if len(_EVAL_CACHE) >= 32:
@@ -227,17 +235,17 @@ def _compile(config: ExperimentConfig, graphdef: Any, model_state: Any, num_doma
 
 
 def run_cell(
-    config: ExperimentConfig,
-    algorithm: str,
-    split: data_lib.DomainSplit,
-    seed: int,
-    init: tuple[Any, Any],
-    compiled: _Compiled,
-    directory: str,
-    *,
-    resume: bool = False,
-    on_step: Callable[[int, dict[str, Any]], None] | None = None,
-    mesh: Any | None = None,
+  config: ExperimentConfig,
+  algorithm: str,
+  split: data_lib.DomainSplit,
+  seed: int,
+  init: tuple[Any, Any],
+  compiled: _Compiled,
+  directory: str,
+  *,
+  resume: bool = False,
+  on_step: Callable[[int, dict[str, Any]], None] | None = None,
+  mesh: Any | None = None,
 ) -> CellResult:
   """Trains `algorithm` on `split` for `config.steps` steps, evaluating and checkpointing every `eval_every`.
 
@@ -275,8 +283,9 @@ def run_cell(
   os.makedirs(directory, exist_ok=True)
   held_out = split.test_domains[0]
   sampler, _, draw = _batch_source(config, split, seed, mesh)
-  make_state = lambda params, model_state: init_train_state(params, model_state, compiled.txs[algorithm],
-                                                            (compiled.penalties or {}).get(algorithm))
+  make_state = lambda params, model_state: init_train_state(
+    params, model_state, compiled.txs[algorithm], (compiled.penalties or {}).get(algorithm)
+  )
   # On a mesh, the state is created in its target shardings (`init` is placed already: `init_model`'s `mesh`) and a
   # checkpoint is restored into them: nothing is whole on one device, nothing goes through the host.
   state = make_state(*init) if mesh is None else distributed.init_sharded(make_state, mesh, *init)
@@ -287,15 +296,24 @@ def run_cell(
   metrics_path = os.path.join(directory, "metrics.jsonl")
   start = time.perf_counter()
   try:
-    latest, state, evals, log = _open_run(store, state, sampler, metrics_path, resume=resume,
-                                          main_process=main_process)
+    latest, state, evals, log = _open_run(store, state, sampler, metrics_path, resume=resume, main_process=main_process)
     # The step donates its state: train on a copy, never on the caller's `init` (shared by the cell's algorithms;
     # jit forwards leaves it does not change, so init_sharded's output may hold them).
     state = jax.tree.map(jnp.copy, state)
     batches = _Prefetcher(sampler, draw)
     with log:
-      host = _HostSide(log, store, batches, evaluate, evals, list(split.train_domains), held_out, start,
-                       f"{algorithm}, held-out {held_out}, seed {seed}", on_step)
+      host = _HostSide(
+        log,
+        store,
+        batches,
+        evaluate,
+        evals,
+        list(split.train_domains),
+        held_out,
+        start,
+        f"{algorithm}, held-out {held_out}, seed {seed}",
+        on_step,
+      )
       if latest is None:  # step 0: the initialization, as DomainBed's first evaluation
         host.checkpoint(evaluate(state, 0), state, 0, {})
       _train_steps(compiled.loop_steps[algorithm], state, batches, config, host)
@@ -303,9 +321,17 @@ def run_cell(
     store.close()
     _close_feeds(sampler, eval_feed)
 
-  result = CellResult(algorithm=algorithm, held_out=held_out, seed=seed, steps=config.steps,
-                      selected=_summary(select_best(evals)), last=_summary(evals[-1]), evals=evals,
-                      seconds=round(time.perf_counter() - start, 3), directory=directory)
+  result = CellResult(
+    algorithm=algorithm,
+    held_out=held_out,
+    seed=seed,
+    steps=config.steps,
+    selected=_summary(select_best(evals)),
+    last=_summary(evals[-1]),
+    evals=evals,
+    seconds=round(time.perf_counter() - start, 3),
+    directory=directory,
+  )
   if main_process:
     write_json(os.path.join(directory, "result.json"), result.to_json())
   return result
@@ -322,8 +348,14 @@ def _batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, seed: i
     from disam_jax.harness import streaming
 
     sampler = streaming.StreamedTrainFeed(
-      split.records, split.train, config.hparams.batch_size, seed, augment=config.augment,
-      workers=_data_workers(config), domain_names=split.train_domains)
+      split.records,
+      split.train,
+      config.hparams.batch_size,
+      seed,
+      augment=config.augment,
+      workers=_data_workers(config),
+      domain_names=split.train_domains,
+    )
   else:
     sampler = data_lib.DomainBatchSampler(
       split.train, config.hparams.batch_size, seed, domain_names=split.train_domains
@@ -343,8 +375,10 @@ def _merged_batch_source(config: ExperimentConfig, split: data_lib.DomainSplit, 
   examples per step (`data.MergedBatchSampler`), each batch `(x [B, ...], y [B], domain ids [B])`; on a mesh the
   batch axis is split over every device (B must be a multiple of the device count)."""
   if split.records is not None:
-    raise ValueError("--batching merged needs an in-memory dataset, not one streamed from an image folder: drop "
-                     "--batching merged (the default --batching balanced) for it.")
+    raise ValueError(
+      "--batching merged needs an in-memory dataset, not one streamed from an image folder: drop "
+      "--batching merged (the default --batching balanced) for it."
+    )
   batch = config.hparams.batch_size * len(split.train)
   sampler = data_lib.MergedBatchSampler(split.train, batch, seed, domain_names=split.train_domains)
   if mesh is None:
@@ -370,8 +404,15 @@ def _close_feeds(*feeds_) -> None:
       close()
 
 
-def _open_run(store: Any, state: TrainState, sampler: data_lib.DomainBatchSampler, metrics_path: str, *,
-              resume: bool, main_process: bool):
+def _open_run(
+  store: Any,
+  state: TrainState,
+  sampler: data_lib.DomainBatchSampler,
+  metrics_path: str,
+  *,
+  resume: bool,
+  main_process: bool,
+):
   """`(latest step or None, state, evals, metrics log)`: a resumed run's checkpoint restored (its sampler state
   into `sampler`, its metrics lines after it dropped), or a fresh start; the log opened for appending or anew (on
   `os.devnull` but on process 0).
@@ -382,8 +423,9 @@ def _open_run(store: Any, state: TrainState, sampler: data_lib.DomainBatchSample
   restored = store.restore_latest(state) if resume else None  # UnreadableCheckpoint if none is readable
   if restored is None:
     if resume and main_process and os.path.exists(metrics_path) and os.path.getsize(metrics_path):
-      _log.warning(f"{store.directory} holds no checkpoint although {metrics_path} has lines: training this run "
-                   "again from step 0")
+      _log.warning(
+        f"{store.directory} holds no checkpoint although {metrics_path} has lines: training this run again from step 0"
+      )
     return None, state, [], open(metrics_path if main_process else os.devnull, "w")
   latest, state, meta, notes = restored
   for note in notes:
@@ -398,25 +440,50 @@ class _HostSide:
   """The host's part of a run's steps: each step's metrics line checked and logged, and at evaluation steps the
   evaluation and the checkpoint. `evals` (the evaluations so far) grows in place."""
 
-  def __init__(self, log, store, batches: _Prefetcher, evaluate: Callable, evals: list[dict[str, Any]],
-               train_domains: Sequence[str], held_out: str, start: float, context: str,
-               on_step: Callable[[int, dict[str, Any]], None] | None):
+  def __init__(
+    self,
+    log,
+    store,
+    batches: _Prefetcher,
+    evaluate: Callable,
+    evals: list[dict[str, Any]],
+    train_domains: Sequence[str],
+    held_out: str,
+    start: float,
+    context: str,
+    on_step: Callable[[int, dict[str, Any]], None] | None,
+  ):
     self.log, self.store, self.batches, self.evaluate, self.evals = log, store, batches, evaluate, evals
     self.train_domains, self.held_out, self.start, self.context, self.on_step = (
-      train_domains, held_out, start, context, on_step)
+      train_domains,
+      held_out,
+      start,
+      context,
+      on_step,
+    )
 
   def checkpoint(self, record: dict[str, Any], state: TrainState, step: int, line: dict[str, Any]) -> None:
     """Logs `line` with the evaluation `record`, then checkpoints. The log is flushed first: every metrics line up
     to a checkpoint is on disk before it, so a run killed after the checkpoint resumes with all of them."""
     self.evals.append(record)
-    line.update(step=step, eval={"val_acc": record["val_acc"], "val_acc_mean": record["val_acc_mean"],
-                                 "test_acc": {self.held_out: record["test_acc"]}})
+    line.update(
+      step=step,
+      eval={
+        "val_acc": record["val_acc"],
+        "val_acc_mean": record["val_acc_mean"],
+        "test_acc": {self.held_out: record["test_acc"]},
+      },
+    )
     self.log.write(json.dumps(line) + "\n")
     self.log.flush()
     # The sampler's state before the batches prefetched for later steps: a resumed run draws them again. The store
     # keeps this checkpoint while it is the latest or the best by `val_acc_mean` (as `select_best`).
-    self.store.save(step, state, {"step": step, "sampler": self.batches.sampler_state(), "evals": self.evals},
-                    val_acc_mean=record["val_acc_mean"])
+    self.store.save(
+      step,
+      state,
+      {"step": step, "sampler": self.batches.sampler_state(), "evals": self.evals},
+      val_acc_mean=record["val_acc_mean"],
+    )
 
   def finish(self, step: int, metrics: dict[str, Any], state: TrainState | None = None) -> None:
     """The host's part of a step: check, log, evaluate and checkpoint (`state`: the state after `step`)."""
@@ -429,8 +496,9 @@ class _HostSide:
       self.on_step(step, line)
 
 
-def _train_steps(loop_step: _LoopStep, state: TrainState, batches: _Prefetcher, config: ExperimentConfig,
-                 host: _HostSide) -> None:
+def _train_steps(
+  loop_step: _LoopStep, state: TrainState, batches: _Prefetcher, config: ExperimentConfig, host: _HostSide
+) -> None:
   """Steps `state` (from its step to `config.steps`), keeping the device busy: each step is dispatched before the
   host gathers the next batch and reads the previous step's metrics (by then finished: the device has the new step
   queued behind it). Evaluation steps are finished before the next dispatch, since the next step donates the state
@@ -480,8 +548,9 @@ class _Prefetcher:
     return self._ahead[0] if self._ahead is not None else self._sampler.state()
 
 
-def _step_line(metrics: dict[str, Any], step: int, train_domains: Sequence[str], start: float, store: Any, *,
-               context: str) -> dict[str, Any]:
+def _step_line(
+  metrics: dict[str, Any], step: int, train_domains: Sequence[str], start: float, store: Any, *, context: str
+) -> dict[str, Any]:
   """The metrics.jsonl line of a step from its metrics (host arrays: `_LoopStep.unpack`'s).
 
   Raises:
@@ -518,7 +587,8 @@ def _eval_feed(config: ExperimentConfig, split: data_lib.DomainSplit, mesh: Any 
   each process reads only its slice of every global batch, whose size is `eval_batch_size` rounded up to a
   multiple of the device count (every device evaluates the same number of rows)."""
   parts = tuple(("val", d) for d in (split.val_domains or split.train_domains)) + tuple(
-    ("test", d) for d in split.test_domains)
+    ("test", d) for d in split.test_domains
+  )
   size, where = config.eval_batch_size, {}
   if mesh is not None:
     size = -(-size // mesh.devices.size) * mesh.devices.size
@@ -542,13 +612,24 @@ def _eval_counts(graphdef: Any, num_parts: int, mesh: Any | None) -> Callable:
       _COUNTS_CACHE.clear()
     # On a mesh the counts are replicated: every process reads the same numbers from its own devices.
     placed = {} if mesh is None else dict(out_shardings=distributed.replicated(mesh))
-    _COUNTS_CACHE[key] = jax.jit(make_eval_counts(make_eval_step(graphdef), num_parts), donate_argnums=0,
-                                 compiler_options=fast_conv.compiler_options(), **placed)
+    _COUNTS_CACHE[key] = jax.jit(
+      make_eval_counts(make_eval_step(graphdef), num_parts),
+      donate_argnums=0,
+      compiler_options=fast_conv.compiler_options(),
+      **placed,
+    )
   return _COUNTS_CACHE[key]
 
 
-def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, held_out: str, seed: int,
-               compiled: _Compiled, mesh: Any | None = None) -> Callable[[TrainState, int], dict[str, Any]]:
+def _evaluator(
+  config: ExperimentConfig,
+  algorithm: str,
+  feed: feeds.EvalFeed,
+  held_out: str,
+  seed: int,
+  compiled: _Compiled,
+  mesh: Any | None = None,
+) -> Callable[[TrainState, int], dict[str, Any]]:
   """`evaluate(state, step)`: validation accuracy per training domain and held-out accuracy of `state`, over the
   batches of `feed` (`feeds.EvalFeed`).
 
@@ -565,8 +646,10 @@ def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, h
   if mesh is not None:
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
     if feed.global_batch_size % mesh.devices.size:
-      raise ValueError(f"The evaluation batch {feed.global_batch_size} is not a multiple of the "
-                       f"{mesh.devices.size} devices of the mesh.")
+      raise ValueError(
+        f"The evaluation batch {feed.global_batch_size} is not a multiple of the "
+        f"{mesh.devices.size} devices of the mesh."
+      )
     glob = lambda a: jax.make_array_from_process_local_data(rows, a, (feed.global_batch_size,) + a.shape[1:])
     zeros = jax.jit(lambda: jnp.zeros([2, num_parts], jnp.int32), out_shardings=distributed.replicated(mesh))
   else:
@@ -588,7 +671,12 @@ def _evaluator(config: ExperimentConfig, algorithm: str, feed: feeds.EvalFeed, h
     acc = correct / np.maximum(total, 1)
     val = {d: float(a) for (kind, d), a in zip(feed.parts, acc) if kind == "val"}
     test = {d: float(a) for (kind, d), a in zip(feed.parts, acc) if kind == "test"}
-    return {"step": step, "val_acc": val, "val_acc_mean": float(np.mean(list(val.values()))),
-            "test_acc": next(iter(test.values())), "test_accs": test}
+    return {
+      "step": step,
+      "val_acc": val,
+      "val_acc_mean": float(np.mean(list(val.values()))),
+      "test_acc": next(iter(test.values())),
+      "test_accs": test,
+    }
 
   return evaluate

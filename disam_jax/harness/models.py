@@ -55,31 +55,31 @@ from flax import nnx
 from disam_jax.harness import fast_conv as _fast_conv
 
 __all__ = [
-    "MODELS",
-    "PRECISIONS",
-    "DomainModel",
-    "FeaturizerClassifier",
-    "LinenFeaturizer",
-    "check_model",
-    "create_model",
-    "resolve_model",
-    "functional_model",
-    "apply_model",
-    "apply_model_with_head",
-    "Head",
-    "save_weights",
-    "load_pretrained",
-    "convert_torchvision",
-    "convert_torchvision_resnet",
-    "MLP",
-    "MNISTCNN",
-    "ResNet",
-    "BasicBlock",
-    "Bottleneck",
-    "MobileNetV2",
-    "Adapter",
-    "ViT",
-    "vit_patch_size",
+  "MODELS",
+  "PRECISIONS",
+  "DomainModel",
+  "FeaturizerClassifier",
+  "LinenFeaturizer",
+  "check_model",
+  "create_model",
+  "resolve_model",
+  "functional_model",
+  "apply_model",
+  "apply_model_with_head",
+  "Head",
+  "save_weights",
+  "load_pretrained",
+  "convert_torchvision",
+  "convert_torchvision_resnet",
+  "MLP",
+  "MNISTCNN",
+  "ResNet",
+  "BasicBlock",
+  "Bottleneck",
+  "MobileNetV2",
+  "Adapter",
+  "ViT",
+  "vit_patch_size",
 ]
 
 # Torch's padding=1 for a 3x3 convolution. Flax's 'SAME' agrees with it at stride 1
@@ -105,8 +105,7 @@ class _Classifier(nnx.Module):
   def _init_head(self, num_classes, dropout, dtype, param_dtype, rngs):
     # No Dropout module at rate 0, so such models carry no RNG state.
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
-    self.classifier = nnx.Linear(self.n_features, num_classes, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+    self.classifier = nnx.Linear(self.n_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def head_inputs(self, x: jax.Array) -> jax.Array:
     """The classifier's input ``[n, n_features]``: backbone features after the optional dropout."""
@@ -123,13 +122,11 @@ class _Classifier(nnx.Module):
 
 
 class _MLPBackbone(nnx.Module):
-
   def __init__(self, n_inputs, hidden, depth, dtype, param_dtype, rngs):
     widths = [n_inputs] + [hidden] * depth
-    self.layers = nnx.List([
-        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for a, b in zip(widths[:-1], widths[1:])
-    ])
+    self.layers = nnx.List(
+      [nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])]
+    )
 
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
@@ -145,9 +142,18 @@ class MLP(_Classifier):
   features before the classifier.
   """
 
-  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               hidden: int = 256, depth: int = 2, dropout: float = 0.0,
-               dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    rngs: nnx.Rngs,
+    hidden: int = 256,
+    depth: int = 2,
+    dropout: float = 0.0,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     h, w, c = _check_input_shape(input_shape)
     self.backbone = _MLPBackbone(h * w * c, hidden, depth, dtype, param_dtype, rngs)
     self.n_features = hidden
@@ -162,10 +168,10 @@ class _MNISTCNNBackbone(nnx.Module):
   # there and norm0..norm3 here.
 
   def __init__(self, in_channels, dtype, param_dtype, rngs):
-    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding=_PAD1, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
-    norm = functools.partial(nnx.GroupNorm, num_groups=8, epsilon=1e-5, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
+    conv = functools.partial(
+      nnx.Conv, kernel_size=(3, 3), padding=_PAD1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    norm = functools.partial(nnx.GroupNorm, num_groups=8, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv1 = conv(in_channels, 64, strides=1)
     self.conv2 = conv(64, 128, strides=2)
     self.conv3 = conv(128, 128, strides=1)
@@ -193,8 +199,16 @@ class MNISTCNN(_Classifier):
   pixels (8x8 digits, 28x28 MNIST).
   """
 
-  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    rngs: nnx.Rngs,
+    dropout: float = 0.0,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     _, _, c = _check_input_shape(input_shape)
     self.backbone = _MNISTCNNBackbone(c, dtype, param_dtype, rngs)
     self.n_features = 128
@@ -235,8 +249,16 @@ class Adapter(nnx.Module):
 
   def __init__(self, channels: int, dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.down = nnx.Conv(channels, dim, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.up = nnx.Conv(dim, channels, (1, 1), padding="VALID", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                       kernel_init=nnx.initializers.zeros_init())
+    self.up = nnx.Conv(
+      dim,
+      channels,
+      (1, 1),
+      padding="VALID",
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      kernel_init=nnx.initializers.zeros_init(),
+    )
 
   def __call__(self, x):
     return x + self.up(nnx.relu(self.down(x)))
@@ -270,15 +292,24 @@ class _ResNetLayers:
   def __init__(self, freeze_bn, dtype, param_dtype, rngs, adapter_dim=0):
     self.adapter = functools.partial(_adapter, adapter_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv = functools.partial(
-        nnx.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"))
-    self.norm = functools.partial(_FrozenBatchNorm if freeze_bn else nnx.BatchNorm,
-                                  momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      nnx.Conv,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    )
+    self.norm = functools.partial(
+      _FrozenBatchNorm if freeze_bn else nnx.BatchNorm,
+      momentum=_BN_MOMENTUM,
+      epsilon=_BN_EPSILON,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def downsample(self, cin, cout, stride):
-    return nnx.List([self.conv(cin, cout, (1, 1), strides=stride, padding="VALID"),
-                     self.norm(cout)])
+    return nnx.List([self.conv(cin, cout, (1, 1), strides=stride, padding="VALID"), self.norm(cout)])
 
 
 def _shortcut(downsample, x):
@@ -309,6 +340,7 @@ class BasicBlock(nnx.Module):
 
 class Bottleneck(nnx.Module):
   """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
   expansion = 4
 
   def __init__(self, cin, planes, stride, layers: _ResNetLayers):
@@ -334,8 +366,20 @@ class _ResNetBackbone(nnx.Module):
   # Attribute names mirror torchvision (conv1, bn1, layer1..layer4, downsample/0|1)
   # so that `convert_torchvision_resnet` is a renaming plus transposes.
 
-  def __init__(self, block, stage_sizes, in_channels, width, small_input_stem, freeze_bn,
-               dtype, param_dtype, rngs, adapter_dim=0, input_norm="none"):
+  def __init__(
+    self,
+    block,
+    stage_sizes,
+    in_channels,
+    width,
+    small_input_stem,
+    freeze_bn,
+    dtype,
+    param_dtype,
+    rngs,
+    adapter_dim=0,
+    input_norm="none",
+  ):
     layers = _ResNetLayers(freeze_bn, dtype, param_dtype, rngs, adapter_dim)
     self.input_norm = _check_input_norm(input_norm, in_channels)
     self.small_input_stem = small_input_stem
@@ -402,16 +446,39 @@ class ResNet(_Classifier):
 
   torchvision_head = "fc"
 
-  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               block: type = BasicBlock, stage_sizes: Sequence[int] = (2, 2, 2, 2),
-               width: int = 64, dropout: float = 0.0, small_input_stem: bool | None = None,
-               freeze_bn: bool = False, adapter_dim: int = 0, input_norm: str = "none",
-               dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    rngs: nnx.Rngs,
+    block: type = BasicBlock,
+    stage_sizes: Sequence[int] = (2, 2, 2, 2),
+    width: int = 64,
+    dropout: float = 0.0,
+    small_input_stem: bool | None = None,
+    freeze_bn: bool = False,
+    adapter_dim: int = 0,
+    input_norm: str = "none",
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     h, _, c = _check_input_shape(input_shape)
     if small_input_stem is None:
       small_input_stem = h <= 64
-    self.backbone = _ResNetBackbone(block, tuple(stage_sizes), c, width, bool(small_input_stem),
-                                    freeze_bn, dtype, param_dtype, rngs, adapter_dim, input_norm)
+    self.backbone = _ResNetBackbone(
+      block,
+      tuple(stage_sizes),
+      c,
+      width,
+      bool(small_input_stem),
+      freeze_bn,
+      dtype,
+      param_dtype,
+      rngs,
+      adapter_dim,
+      input_norm,
+    )
     self.n_features = self.backbone.n_features
     self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
 
@@ -432,9 +499,12 @@ def _make_divisible(v, divisor=8):
 def _conv_bn(layers, cin, cout, kernel, stride=1, groups=1):
   """torchvision's Conv2dNormActivation without the activation: ``[conv, bn]`` (keys ``.0``, ``.1``)."""
   pad = ((kernel - 1) // 2,) * 2
-  return nnx.List([layers.conv(cin, cout, (kernel, kernel), strides=stride, padding=(pad, pad),
-                               feature_group_count=groups),
-                   layers.norm(cout)])
+  return nnx.List(
+    [
+      layers.conv(cin, cout, (kernel, kernel), strides=stride, padding=(pad, pad), feature_group_count=groups),
+      layers.norm(cout),
+    ]
+  )
 
 
 def _conv_bn_relu6(conv_bn, x):
@@ -450,8 +520,11 @@ class _InvertedResidual(nnx.Module):
     hidden = int(round(cin * expand_ratio))
     self.use_residual = stride == 1 and cin == cout
     parts = [_conv_bn(layers, cin, hidden, 1)] if expand_ratio != 1 else []
-    parts += [_conv_bn(layers, hidden, hidden, 3, stride, groups=hidden),
-              layers.conv(hidden, cout, (1, 1), padding="VALID"), layers.norm(cout)]
+    parts += [
+      _conv_bn(layers, hidden, hidden, 3, stride, groups=hidden),
+      layers.conv(hidden, cout, (1, 1), padding="VALID"),
+      layers.norm(cout),
+    ]
     self.conv = nnx.List(parts)
     self.adapter = layers.adapter(cout)
 
@@ -465,8 +538,15 @@ class _InvertedResidual(nnx.Module):
 
 
 # torchvision's inverted_residual_setting: expansion t, channels c, repeats n, first stride s.
-_MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                         (6, 160, 3, 2), (6, 320, 1, 1))
+_MOBILENET_V2_SETTING = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
 
 
 class _MobileNetV2Backbone(nnx.Module):
@@ -520,12 +600,22 @@ class MobileNetV2(_Classifier):
 
   torchvision_head = "classifier.1"
 
-  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs, width_mult: float = 1.0,
-               dropout: float = 0.0, freeze_bn: bool = False, adapter_dim: int = 0, input_norm: str = "imagenet",
-               dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    rngs: nnx.Rngs,
+    width_mult: float = 1.0,
+    dropout: float = 0.0,
+    freeze_bn: bool = False,
+    adapter_dim: int = 0,
+    input_norm: str = "imagenet",
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     _, _, c = _check_input_shape(input_shape)
-    self.backbone = _MobileNetV2Backbone(c, width_mult, freeze_bn, adapter_dim, input_norm, dtype, param_dtype,
-                                         rngs)
+    self.backbone = _MobileNetV2Backbone(c, width_mult, freeze_bn, adapter_dim, input_norm, dtype, param_dtype, rngs)
     self.n_features = self.backbone.n_features
     self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
 
@@ -542,8 +632,9 @@ class _EncoderBlock(nnx.Module):
 
   def __init__(self, dim, heads, mlp_dim, dtype, param_dtype, rngs):
     self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False, dtype=dtype,
-                                            param_dtype=param_dtype, keep_rngs=False, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+      heads, dim, decode=False, dtype=dtype, param_dtype=param_dtype, keep_rngs=False, rngs=rngs
+    )
     self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = nnx.Linear(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -554,9 +645,7 @@ class _EncoderBlock(nnx.Module):
 
 
 class _ViTBackbone(nnx.Module):
-
-  def __init__(self, input_shape, patch_size, dim, depth, heads, mlp_ratio, pool,
-               dtype, param_dtype, rngs):
+  def __init__(self, input_shape, patch_size, dim, depth, heads, mlp_ratio, pool, dtype, param_dtype, rngs):
     h, w, c = input_shape
     if h % patch_size or w % patch_size:
       raise ValueError(f"input {h}x{w} is not divisible into {patch_size}x{patch_size} patches")
@@ -567,14 +656,11 @@ class _ViTBackbone(nnx.Module):
     num_tokens = (h // patch_size) * (w // patch_size) + (pool == "cls")
     # A linear map of flattened (p, p, c) patches: the same function as a p x p
     # stride-p convolution, and a plain matmul on CPU.
-    self.patch_embed = nnx.Linear(patch_size * patch_size * c, dim, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+    self.patch_embed = nnx.Linear(patch_size * patch_size * c, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     init = nnx.initializers.normal(0.02)
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim), param_dtype)) if pool == "cls" else None
     self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, dim), param_dtype))
-    self.blocks = nnx.List([
-        _EncoderBlock(dim, heads, mlp_ratio * dim, dtype, param_dtype, rngs) for _ in range(depth)
-    ])
+    self.blocks = nnx.List([_EncoderBlock(dim, heads, mlp_ratio * dim, dtype, param_dtype, rngs) for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x):
@@ -609,10 +695,12 @@ def vit_patch_size(height: int, width: int, max_tokens: int = _VIT_MAX_TOKENS, m
   for p in range(1, min(height, width) + 1):
     if height % p == 0 and width % p == 0 and min_tokens <= (height // p) * (width // p) <= max_tokens:
       return p
-  raise ValueError(f"vit_tiny: no patch size divides a {height}x{width} input into {min_tokens} to {max_tokens} "
-                   "patches; "
-                   "give --model-option patch_size=P (P dividing both sides) or an --image-size that is a multiple "
-                   "of 16 (e.g. 224)")
+  raise ValueError(
+    f"vit_tiny: no patch size divides a {height}x{width} input into {min_tokens} to {max_tokens} "
+    "patches; "
+    "give --model-option patch_size=P (P dividing both sides) or an --image-size that is a multiple "
+    "of 16 (e.g. 224)"
+  )
 
 
 class ViT(_Classifier):
@@ -623,15 +711,26 @@ class ViT(_Classifier):
   ``pool='mean'``) readout, ``Dense``.
   """
 
-  def __init__(self, *, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
-               patch_size: int | None = None, dim: int = 192, depth: int = 6, heads: int = 3,
-               mlp_ratio: int = 4, pool: str = "cls", dropout: float = 0.0,
-               dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    rngs: nnx.Rngs,
+    patch_size: int | None = None,
+    dim: int = 192,
+    depth: int = 6,
+    heads: int = 3,
+    mlp_ratio: int = 4,
+    pool: str = "cls",
+    dropout: float = 0.0,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     shape = _check_input_shape(input_shape)
     if patch_size is None:
       patch_size = vit_patch_size(shape[0], shape[1])
-    self.backbone = _ViTBackbone(shape, patch_size, dim, depth, heads, mlp_ratio, pool,
-                                 dtype, param_dtype, rngs)
+    self.backbone = _ViTBackbone(shape, patch_size, dim, depth, heads, mlp_ratio, pool, dtype, param_dtype, rngs)
     self.n_features = dim
     self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
 
@@ -639,20 +738,27 @@ class ViT(_Classifier):
 # ------------------------------------------------------------------------ registry
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "mlp": MLP,
-    "mnist_cnn": MNISTCNN,
-    "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
-    "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
-    "mobilenet_v2": MobileNetV2,
-    "vit_tiny": ViT,
+  "mlp": MLP,
+  "mnist_cnn": MNISTCNN,
+  "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
+  "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
+  "mobilenet_v2": MobileNetV2,
+  "vit_tiny": ViT,
 }
 
 PRECISIONS = ("float32", "bf16")
 
 
-def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
-                 rngs: nnx.Rngs, fast_conv: bool = True, precision: str = "float32",
-                 **kwargs: Any) -> nnx.Module:
+def create_model(
+  name: str,
+  *,
+  num_classes: int,
+  input_shape: tuple[int, int, int],
+  rngs: nnx.Rngs,
+  fast_conv: bool = True,
+  precision: str = "float32",
+  **kwargs: Any,
+) -> nnx.Module:
   """Builds the registry model ``name``, or the user's own model ``'package.module:factory'``.
 
   Args:
@@ -694,8 +800,10 @@ def create_model(name: str, *, num_classes: int, input_shape: tuple[int, int, in
   except TypeError as e:
     if name in MODELS or precision == "float32" or "dtype" not in str(e):
       raise
-    raise ValueError(f"model {name!r}: --precision bf16 calls the factory with dtype=jnp.bfloat16, which it does "
-                     f"not take ({e}); add a dtype argument and pass it to its layers") from None
+    raise ValueError(
+      f"model {name!r}: --precision bf16 calls the factory with dtype=jnp.bfloat16, which it does "
+      f"not take ({e}); add a dtype argument and pass it to its layers"
+    ) from None
   if name not in MODELS:
     model = _user_model(name, model, num_classes, input_shape, rngs, kwargs.get("dtype"))
     check_model(model, num_classes=num_classes, input_shape=input_shape, name=name)
@@ -712,8 +820,10 @@ def _precision_options(precision: str, kwargs: dict[str, Any]) -> dict[str, Any]
     return dict(kwargs)
   for key, wanted in (("dtype", jnp.bfloat16), ("param_dtype", jnp.float32)):
     if key in kwargs and jnp.dtype(kwargs[key]) != jnp.dtype(wanted):
-      raise ValueError(f"precision bf16 computes in bfloat16 with float32 parameters; drop the model option "
-                       f"{key}={kwargs[key]} (or use precision float32)")
+      raise ValueError(
+        f"precision bf16 computes in bfloat16 with float32 parameters; drop the model option "
+        f"{key}={kwargs[key]} (or use precision float32)"
+      )
   return {**kwargs, "dtype": jnp.bfloat16}
 
 
@@ -760,15 +870,19 @@ def resolve_model(name: str) -> Callable[..., Any]:
     return MODELS[name]
   module_name, sep, attr = str(name).partition(":")
   if not sep:
-    raise ValueError(f"Unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or package.module:factory "
-                     "for your own model (see docs/harness.md)")
+    raise ValueError(
+      f"Unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or package.module:factory "
+      "for your own model (see docs/harness.md)"
+    )
   if not module_name or not attr:
     raise ValueError(f"model {name!r}: write package.module:factory (e.g. mypkg.nets:build)")
   try:
     obj = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"model {name!r}: cannot import {module_name!r} ({e}); make it importable (installed or on "
-                     "PYTHONPATH, on every host)") from None
+    raise ValueError(
+      f"model {name!r}: cannot import {module_name!r} ({e}); make it importable (installed or on "
+      "PYTHONPATH, on every host)"
+    ) from None
   for part in attr.split("."):
     if not hasattr(obj, part):
       raise ValueError(f"model {name!r}: {module_name} has no attribute {attr!r}")
@@ -787,8 +901,17 @@ class FeaturizerClassifier(_Classifier):
     num_classes, rngs, dropout, dtype, param_dtype: as for the registry models.
   """
 
-  def __init__(self, backbone: nnx.Module, *, n_features: int, num_classes: int, rngs: nnx.Rngs,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    backbone: nnx.Module,
+    *,
+    n_features: int,
+    num_classes: int,
+    rngs: nnx.Rngs,
+    dropout: float = 0.0,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     self.backbone = backbone
     self.n_features = int(n_features)
     self._init_head(num_classes, dropout, dtype, param_dtype, rngs)
@@ -819,8 +942,10 @@ class LinenFeaturizer(nnx.Module):
     self.linen.lazy_init(x, **self._mode(False))
     out = self.linen(x, **self._mode(False))
     if getattr(out, "ndim", None) != 2:
-      raise ValueError(f"the Linen featurizer {type(module).__name__} returns shape {getattr(out, 'shape', out)} "
-                       f"for one input of shape {tuple(input_shape)}; it must return features [n, F]")
+      raise ValueError(
+        f"the Linen featurizer {type(module).__name__} returns shape {getattr(out, 'shape', out)} "
+        f"for one input of shape {tuple(input_shape)}; it must return features [n, F]"
+      )
     self.n_features = int(out.shape[1])
 
   def _mode(self, train: bool) -> dict[str, Any]:
@@ -833,8 +958,9 @@ class LinenFeaturizer(nnx.Module):
     return self.linen(x, mutable=DenyList("params") if train else False, **self._mode(train))
 
 
-def _user_model(name: str, model: Any, num_classes: int, input_shape: tuple[int, ...], rngs: nnx.Rngs,
-                dtype: Any) -> Any:
+def _user_model(
+  name: str, model: Any, num_classes: int, input_shape: tuple[int, ...], rngs: nnx.Rngs, dtype: Any
+) -> Any:
   """A user's factory output as a `DomainModel`: Linen featurizers get the bridge and a linear classifier."""
   try:
     from flax import linen
@@ -842,8 +968,9 @@ def _user_model(name: str, model: Any, num_classes: int, input_shape: tuple[int,
     linen = None
   if linen is not None and isinstance(model, linen.Module):
     backbone = LinenFeaturizer(model, input_shape=input_shape, rngs=rngs)
-    return FeaturizerClassifier(backbone, n_features=backbone.n_features, num_classes=num_classes, rngs=rngs,
-                                dtype=dtype)
+    return FeaturizerClassifier(
+      backbone, n_features=backbone.n_features, num_classes=num_classes, rngs=rngs, dtype=dtype
+    )
   return model
 
 
@@ -855,8 +982,10 @@ def check_model(model: Any, *, num_classes: int, input_shape: Sequence[int], nam
   """
   where = f"model {name!r} ({type(model).__name__})"
   if not isinstance(model, nnx.Module):
-    raise ValueError(f"{where}: the factory must return an nnx.Module satisfying "
-                     "disam_jax.harness.models.DomainModel, or a flax.linen.Module featurizer x -> [n, F]")
+    raise ValueError(
+      f"{where}: the factory must return an nnx.Module satisfying "
+      "disam_jax.harness.models.DomainModel, or a flax.linen.Module featurizer x -> [n, F]"
+    )
   problems = []
   n_features = getattr(model, "n_features", None)
   if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1:
@@ -865,13 +994,13 @@ def check_model(model: Any, *, num_classes: int, input_shape: Sequence[int], nam
     problems.append("head_inputs(x) -> [n, n_features] (the classifier's input)")
   classifier = getattr(model, "classifier", None)
   if not isinstance(classifier, nnx.Module) or not jax.tree.leaves(nnx.state(classifier, nnx.Param)):
-    problems.append("classifier (an nnx.Module [n, n_features] -> [n, num_classes] with nnx.Param weights, "
-                    "e.g. nnx.Linear)")
+    problems.append(
+      "classifier (an nnx.Module [n, n_features] -> [n, num_classes] with nnx.Param weights, e.g. nnx.Linear)"
+    )
   if not problems:
     problems = _shape_problems(model, num_classes, tuple(input_shape), n_features)
   if problems:
-    raise ValueError(f"{where} does not satisfy disam_jax.harness.models.DomainModel: it needs "
-                     + "; ".join(problems))
+    raise ValueError(f"{where} does not satisfy disam_jax.harness.models.DomainModel: it needs " + "; ".join(problems))
 
 
 def _shape_problems(model: nnx.Module, num_classes: int, input_shape: tuple[int, ...], n_features: int) -> list:
@@ -886,8 +1015,10 @@ def _shape_problems(model: nnx.Module, num_classes: int, input_shape: tuple[int,
   try:
     features, head_logits, logits = jax.eval_shape(shapes, state, x)
   except Exception as e:  # the user's code failed on a batch of two inputs: say so with its own message
-    return [f"head_inputs/classifier/__call__ to run on inputs [2, {', '.join(map(str, input_shape))}] "
-            f"(they raised {type(e).__name__}: {e})"]
+    return [
+      f"head_inputs/classifier/__call__ to run on inputs [2, {', '.join(map(str, input_shape))}] "
+      f"(they raised {type(e).__name__}: {e})"
+    ]
   problems = []
   if features.shape != (2, n_features):
     problems.append(f"head_inputs(x) -> [n, n_features] = [2, {n_features}] (returns {list(features.shape)})")
@@ -910,8 +1041,9 @@ def functional_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.St
   return graphdef, params, model_state
 
 
-def apply_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
-                x: jax.Array, *, train: bool) -> tuple[jax.Array, nnx.State]:
+def apply_model(
+  graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, x: jax.Array, *, train: bool
+) -> tuple[jax.Array, nnx.State]:
   """Runs the model as a pure function (usable inside ``jax.jit``/``jax.grad``).
 
   Args:
@@ -962,8 +1094,9 @@ class Head(NamedTuple):
   params: Any
 
 
-def apply_model_with_head(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
-                          x: jax.Array, *, train: bool) -> tuple[jax.Array, Head, nnx.State]:
+def apply_model_with_head(
+  graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State, x: jax.Array, *, train: bool
+) -> tuple[jax.Array, Head, nnx.State]:
   """``apply_model`` that also returns the classifier head: ``(logits, Head, new_model_state)``.
 
   For penalties on the features (CORAL) or on per-example gradients of the head
@@ -996,8 +1129,7 @@ def save_weights(model: nnx.Module, path: str | os.PathLike) -> list[str]:
 
   The file is written at ``path`` exactly (no '.npz' appended). Returns the keys.
   """
-  arrays = {key: np.asarray(jax.device_get(var.get_value()))
-            for key, (_, var) in _weight_variables(model).items()}
+  arrays = {key: np.asarray(jax.device_get(var.get_value())) for key, (_, var) in _weight_variables(model).items()}
   with open(path, "wb") as f:
     np.savez(f, **arrays)
   return sorted(arrays)
@@ -1059,8 +1191,10 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, strict: bool 
     updates.append((state_path, var.replace(jnp.asarray(arrays[key], dtype=var.dtype))))
     loaded.append(key)
   if arrays and not loaded:
-    raise ValueError(f"none of the {len(arrays)} keys in {path!r} matches the model "
-                     f"(file keys e.g. {sorted(arrays)[:3]}, model keys e.g. {sorted(variables)[:3]})")
+    raise ValueError(
+      f"none of the {len(arrays)} keys in {path!r} matches the model "
+      f"(file keys e.g. {sorted(arrays)[:3]}, model keys e.g. {sorted(variables)[:3]})"
+    )
   nnx.update(model, nnx.from_flat_state(updates))
   return loaded
 
@@ -1074,12 +1208,17 @@ def _read_in_our_layout(model: nnx.Module, path: str) -> dict[str, np.ndarray]:
   if _is_torchvision_layout(arrays.keys()):
     head = getattr(model, "torchvision_head", None)
     if head is None:
-      raise ValueError(f"{path!r} is a torchvision-layout state dict (keys like {next(iter(arrays))!r}), but "
-                       f"{type(model).__name__} has no torchvision counterpart; models that load torchvision "
-                       "checkpoints: resnet18, resnet50, mobilenet_v2")
+      raise ValueError(
+        f"{path!r} is a torchvision-layout state dict (keys like {next(iter(arrays))!r}), but "
+        f"{type(model).__name__} has no torchvision counterpart; models that load torchvision "
+        "checkpoints: resnet18, resnet50, mobilenet_v2"
+      )
     if getattr(getattr(model, "backbone", None), "input_norm", "imagenet") == "none":
-      warnings.warn("torchvision's weights expect inputs standardized with ImageNet's mean and std; build the model "
-                    "with input_norm='imagenet' (--model-option input_norm=imagenet)", stacklevel=3)
+      warnings.warn(
+        "torchvision's weights expect inputs standardized with ImageNet's mean and std; build the model "
+        "with input_norm='imagenet' (--model-option input_norm=imagenet)",
+        stacklevel=3,
+      )
     arrays = convert_torchvision(arrays, head=head)
   return arrays
 
@@ -1094,14 +1233,12 @@ def _check_keys(arrays: Mapping[str, Any], variables: dict[str, Any], path: str,
     file_shape = tuple(arrays[key].shape)
     if model_shape != file_shape:
       if strict:
-        raise ValueError(f"shape mismatch for {key!r}: model has {model_shape}, "
-                         f"{path!r} has {file_shape}")
+        raise ValueError(f"shape mismatch for {key!r}: model has {model_shape}, {path!r} has {file_shape}")
       mismatched.append(f"{key} (model {model_shape}, file {file_shape})")
   missing = sorted(variables.keys() - arrays.keys())
   unexpected = sorted(arrays.keys() - variables.keys())
   if strict and (missing or unexpected):
-    raise ValueError(f"keys do not match {path!r}: missing from file {missing}, "
-                     f"not in model {unexpected}")
+    raise ValueError(f"keys do not match {path!r}: missing from file {missing}, not in model {unexpected}")
   if mismatched:
     warnings.warn(f"load_pretrained skipped keys with other shapes: {mismatched}", stacklevel=3)
 

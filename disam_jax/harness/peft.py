@@ -59,8 +59,9 @@ def _param_paths(params) -> list[str]:
 
 
 def _module_paths(model: nnx.Module, predicate) -> list[str]:
-  return ["/".join(map(str, path)) for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Module) and predicate(node)]
+  return [
+    "/".join(map(str, path)) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module) and predicate(node)
+  ]
 
 
 def _selected_prefixes(model: nnx.Module, selector: str, paths: Sequence[str]) -> list[str]:
@@ -73,8 +74,10 @@ def _selected_prefixes(model: nnx.Module, selector: str, paths: Sequence[str]) -
     return _module_paths(model, lambda node: node is model.classifier)
   if selector == "last_block":
     if not hasattr(model, "last_block"):
-      raise ValueError(f"--train-only last_block: {name} does not define its last block; name a parameter path "
-                       "prefix instead (e.g. backbone/layers/1)")
+      raise ValueError(
+        f"--train-only last_block: {name} does not define its last block; name a parameter path "
+        "prefix instead (e.g. backbone/layers/1)"
+      )
     block = model.last_block()
     return _module_paths(model, lambda node: node is block)
   if selector == "norm":
@@ -85,13 +88,17 @@ def _selected_prefixes(model: nnx.Module, selector: str, paths: Sequence[str]) -
 
     found = _module_paths(model, lambda node: isinstance(node, Adapter))
     if not found:
-      raise ValueError(f"--train-only adapters: {name} has no adapters; build it with --model-option adapter_dim=8 "
-                       "(resnet18, resnet50, mobilenet_v2)")
+      raise ValueError(
+        f"--train-only adapters: {name} has no adapters; build it with --model-option adapter_dim=8 "
+        "(resnet18, resnet50, mobilenet_v2)"
+      )
     return found
   prefix = selector.strip("/")
   if not any(p == prefix or p.startswith(prefix + "/") for p in paths):
-    raise ValueError(f"--train-only {selector!r} is neither a selector ({', '.join(SELECTORS)}) nor a prefix of a "
-                     f"parameter path of {name} (e.g. {', '.join(sorted(paths)[:3])})")
+    raise ValueError(
+      f"--train-only {selector!r} is neither a selector ({', '.join(SELECTORS)}) nor a prefix of a "
+      f"parameter path of {name} (e.g. {', '.join(sorted(paths)[:3])})"
+    )
   return [prefix]
 
 

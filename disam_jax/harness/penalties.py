@@ -212,8 +212,7 @@ def _per_example_head_gradients(head: Callable, head_params: Any, z: jax.Array, 
 
   def example_loss(hp, z1, y1):
     logits = head(hp, z1[None])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(_at_least_float32(logits.dtype)),
-                                                           y1[None])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(_at_least_float32(logits.dtype)), y1[None])[0]
 
   grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(head_params, z, y)
   leaves = jax.tree.leaves(grads)
@@ -235,8 +234,7 @@ def _linear_head_gradient_variance(head_params: Any, features: jax.Array, labels
   probs = jax.nn.softmax(logits, axis=-1)
   r = probs - jax.nn.one_hot(labels, probs.shape[-1], dtype=logits.dtype)
   b = z.shape[1]
-  variances = {"kernel": (jnp.einsum("mbf,mbc->mfc", z * z, r * r) / b
-                          - (jnp.einsum("mbf,mbc->mfc", z, r) / b) ** 2)}
+  variances = {"kernel": (jnp.einsum("mbf,mbc->mfc", z * z, r * r) / b - (jnp.einsum("mbf,mbc->mfc", z, r) / b) ** 2)}
   if "bias" in head_params:
     variances["bias"] = jnp.mean(r * r, axis=1) - jnp.mean(r, axis=1) ** 2
   m = z.shape[0]
@@ -244,8 +242,9 @@ def _linear_head_gradient_variance(head_params: Any, features: jax.Array, labels
   return jnp.concatenate([variances[k].reshape(m, -1) for k in sorted(variances)], axis=1)
 
 
-def fishr_domain_gradient_variance(head: Callable, head_params: Any, features: jax.Array,
-                                   labels: jax.Array) -> jax.Array:
+def fishr_domain_gradient_variance(
+  head: Callable, head_params: Any, features: jax.Array, labels: jax.Array
+) -> jax.Array:
   """`[M, P]` per-domain variance (biased, over the b examples) of the per-example head gradients.
 
   For `linear_head` (every registry model's classifier) in closed form (`_linear_head_gradient_variance`: temporary
@@ -261,8 +260,9 @@ def fishr_domain_gradient_variance(head: Callable, head_params: Any, features: j
   if head is linear_head:
     return _linear_head_gradient_variance(head_params, features, labels)
   m, b = labels.shape
-  grads = _per_example_head_gradients(head, head_params, features.reshape((m * b,) + features.shape[2:]),
-                                      labels.reshape(-1)).reshape(m, b, -1)
+  grads = _per_example_head_gradients(
+    head, head_params, features.reshape((m * b,) + features.shape[2:]), labels.reshape(-1)
+  ).reshape(m, b, -1)
   centered = grads - grads.mean(axis=1, keepdims=True)
   return jnp.mean(centered**2, axis=1)
 

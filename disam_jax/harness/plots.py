@@ -45,24 +45,93 @@ _STYLES = {"erm": ("tab:gray", ":", "s"), "sam": ("tab:blue", "--", "o"), "disam
 
 _EXTRA_COLORS = (
   # tab10 without gray, blue and red, then black, tab20's light shades and tab20b
-  "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black",
-  "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
-  "#393b79", "#6b6ecf", "#637939", "#b5cf6b", "#8c6d31", "#e7ba52", "#843c39", "#d6616b", "#7b4173", "#ce6dbd",
+  "tab:orange",
+  "tab:green",
+  "tab:purple",
+  "tab:brown",
+  "tab:pink",
+  "tab:olive",
+  "tab:cyan",
+  "black",
+  "#aec7e8",
+  "#ffbb78",
+  "#98df8a",
+  "#ff9896",
+  "#c5b0d5",
+  "#c49c94",
+  "#f7b6d2",
+  "#c7c7c7",
+  "#dbdb8d",
+  "#9edae5",
+  "#393b79",
+  "#6b6ecf",
+  "#637939",
+  "#b5cf6b",
+  "#8c6d31",
+  "#e7ba52",
+  "#843c39",
+  "#d6616b",
+  "#7b4173",
+  "#ce6dbd",
 )
 
 
 _EXTRA_LINES = (  # dash patterns (in line widths) with whole-number gaps; `_extra` makes more with 1.5 gaps
-  "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (2, 2)), (0, (6, 2, 2, 2)),
-  (0, (10, 3)), (0, (4, 1, 1, 1)), (0, (1, 1)), (0, (8, 2, 1, 2)), (0, (3, 3)), (0, (6, 1, 1, 1, 1, 1)),
-  (0, (12, 2, 2, 2)), (0, (2, 1)), (0, (5, 3, 1, 3)), (0, (8, 1)), (0, (1, 2)), (0, (4, 4)),
-  (0, (10, 2, 1, 2, 1, 2)), (0, (6, 3)), (0, (3, 1)), (0, (7, 2, 3, 2)), (0, (1, 4)), (0, (12, 4)),
+  "-.",
+  (0, (5, 1)),
+  (0, (3, 1, 1, 1, 1, 1)),
+  (0, (1, 3)),
+  (0, (8, 2)),
+  (0, (2, 2)),
+  (0, (6, 2, 2, 2)),
+  (0, (10, 3)),
+  (0, (4, 1, 1, 1)),
+  (0, (1, 1)),
+  (0, (8, 2, 1, 2)),
+  (0, (3, 3)),
+  (0, (6, 1, 1, 1, 1, 1)),
+  (0, (12, 2, 2, 2)),
+  (0, (2, 1)),
+  (0, (5, 3, 1, 3)),
+  (0, (8, 1)),
+  (0, (1, 2)),
+  (0, (4, 4)),
+  (0, (10, 2, 1, 2, 1, 2)),
+  (0, (6, 3)),
+  (0, (3, 1)),
+  (0, (7, 2, 3, 2)),
+  (0, (1, 4)),
+  (0, (12, 4)),
   (0, (2, 3, 2, 3, 6, 3)),
 )
 
 
 _EXTRA_MARKERS = (  # filled, then line markers, then stars (n, 1, 0) and asterisks (n, 2, 0) of 5 to 8 points
-  "D", "v", "P", "X", "*", "h", "<", ">", "p", "H", "d", "8", "+", "x", "1", "2", "3", "4",
-  (6, 1, 0), (7, 1, 0), (8, 1, 0), (5, 2, 0), (6, 2, 0), (7, 2, 0), (8, 2, 0),
+  "D",
+  "v",
+  "P",
+  "X",
+  "*",
+  "h",
+  "<",
+  ">",
+  "p",
+  "H",
+  "d",
+  "8",
+  "+",
+  "x",
+  "1",
+  "2",
+  "3",
+  "4",
+  (6, 1, 0),
+  (7, 1, 0),
+  (8, 1, 0),
+  (5, 2, 0),
+  (6, 2, 0),
+  (7, 2, 0),
+  (8, 2, 0),
 )
 
 
@@ -78,8 +147,11 @@ def _extra(k: int) -> tuple[Any, Any, Any]:
     r, g, b = colorsys.hsv_to_rgb((0.61803398875 * j) % 1.0, (0.9, 0.6)[j % 2], (0.75, 0.95, 0.55)[j % 3])
     return (round(r, 4), round(g, 4), round(b, 4))
 
-  return (pick(_EXTRA_COLORS, color), pick(_EXTRA_LINES, lambda j: (0, (2 + j, 1.5))),
-          pick(_EXTRA_MARKERS, lambda j: (9 + j // 2, 1 + j % 2, 0)))
+  return (
+    pick(_EXTRA_COLORS, color),
+    pick(_EXTRA_LINES, lambda j: (0, (2 + j, 1.5))),
+    pick(_EXTRA_MARKERS, lambda j: (9 + j // 2, 1 + j % 2, 0)),
+  )
 
 
 def _mean_over(metrics: Sequence[Metrics], field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +182,13 @@ def _domain_legend(fig, handles: dict[str, Any], order: Sequence[str], loc: str)
   """One figure legend naming every training domain by its color (the same in every panel)."""
   names = [name for name in order if name in handles]
   width = fig.get_size_inches()[0]
-  fig.legend([handles[name] for name in names], [f"training domain {name}" for name in names], loc=loc,
-             ncols=max(1, min(len(names), int(width / 1.6))), fontsize=8)
+  fig.legend(
+    [handles[name] for name in names],
+    [f"training domain {name}" for name in names],
+    loc=loc,
+    ncols=max(1, min(len(names), int(width / 1.6))),
+    fontsize=8,
+  )
 
 
 def _styles(algorithms: Sequence[str]) -> dict[str, tuple[Any, Any, str]]:
@@ -131,8 +208,9 @@ def _line(ax, x, y, style, k: int, n: int, lw: float = 1.4, **kwargs):
   `n` so that the markers of coinciding curves fall at different steps."""
   color, ls, marker = style
   every = max(1, len(x) // 8)
-  return ax.plot(x, y, color=color, ls=ls, lw=lw, marker=marker, ms=4.5, markevery=(k * every // max(n, 1), every),
-                 **kwargs)
+  return ax.plot(
+    x, y, color=color, ls=ls, lw=lw, marker=marker, ms=4.5, markevery=(k * every // max(n, 1), every), **kwargs
+  )
 
 
 def _comparisons(metrics, algorithms: Sequence[str]) -> list[tuple[str, str]]:
@@ -149,8 +227,9 @@ def _pairs(metrics, mine: str, other: str) -> list[tuple[Metrics, Metrics, str]]
 def _paired(pairs, field: str, window: int, op) -> tuple[np.ndarray, np.ndarray]:
   """`op(smoothed mine, smoothed other)` per pair, `[P, T]` on the steps all pairs have, and those steps."""
   length = min(min(len(getattr(m, field)), len(getattr(o, field))) for m, o, _ in pairs)
-  values = np.stack([op(smooth(getattr(m, field)[:length], window), smooth(getattr(o, field)[:length], window))
-                     for m, o, _ in pairs])
+  values = np.stack(
+    [op(smooth(getattr(m, field)[:length], window), smooth(getattr(o, field)[:length], window)) for m, o, _ in pairs]
+  )
   return pairs[0][0].steps[:length], values
 
 
@@ -214,16 +293,19 @@ def _plot_training_curves(out_dir, metrics, algorithms, domains, seeds, window, 
       pairs = _pairs(metrics, mine, other)
       color = styles[mine][0]
       x, diff = _paired(pairs, "loss", window, lambda p, q: p - q)
-      _difference_panel(axes[1][0], x, diff, color,
-                        f"{_display(mine)} − {_display(other)} (mean of {len(pairs)} pairs; band: range)")
+      _difference_panel(
+        axes[1][0], x, diff, color, f"{_display(mine)} − {_display(other)} (mean of {len(pairs)} pairs; band: range)"
+      )
       x, ratio = _paired(pairs, "variance", window, lambda p, q: np.maximum(p, 1e-30) / np.maximum(q, 1e-30))
       _difference_panel(axes[1][1], x, ratio, color, f"{_display(mine)} / {_display(other)}", log=True)
     axes[1][0].set(title="training loss: DISAM − SAM (paired runs)", xlabel="step")
     axes[1][1].set(title="variance: DISAM / SAM (paired runs)", xlabel="step")
     for ax in axes[1]:
       ax.legend(fontsize=8)
-  fig.suptitle(f"means over {len(domains)} held-out domain(s) x {len(seeds)} seed(s); "
-               f"moving average over {window} steps", fontsize=9)
+  fig.suptitle(
+    f"means over {len(domains)} held-out domain(s) x {len(seeds)} seed(s); moving average over {window} steps",
+    fontsize=9,
+  )
   path = os.path.join(out_dir, "training_curves.png")
   fig.savefig(path, dpi=110)
   return path
@@ -243,8 +325,9 @@ def _plot_domain_losses(out_dir, algorithms, domains, window, styles, runs, doma
         continue
       x, mean_losses = _mean_over(group, "domain_losses")
       for k, name in enumerate(group[0].domains):
-        (handles[name],) = ax.plot(x, smooth(mean_losses[:, k], window), lw=1.0, color=domain_color[name],
-                                   label=f"domain {name}")
+        (handles[name],) = ax.plot(
+          x, smooth(mean_losses[:, k], window), lw=1.0, color=domain_color[name], label=f"domain {name}"
+        )
       ax.set(yscale="log", title=f"{_display(a)}, held-out {d}", xlabel="step", ylabel="domain losses")
     ax = axes[row][len(algorithms)]
     for k, a in enumerate(algorithms):
@@ -278,8 +361,17 @@ def _plot_heldout_accuracy(out_dir, metrics, algorithms, domains, styles, runs, 
       mean = acc.mean(axis=0)
       std = acc.std(0, ddof=1) if len(group) > 1 else np.zeros_like(mean)
       color, ls, marker = styles[a]
-      ax.plot(x, mean, label=_display(a), color=color, ls=ls, lw=1.3, marker=marker, ms=5 - j * 0.8,
-              mfc="none" if j % 2 else color)
+      ax.plot(
+        x,
+        mean,
+        label=_display(a),
+        color=color,
+        ls=ls,
+        lw=1.3,
+        marker=marker,
+        ms=5 - j * 0.8,
+        mfc="none" if j % 2 else color,
+      )
       if len(group) > 1:
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
       after = x > 0
@@ -308,13 +400,15 @@ def _plot_heldout_accuracy(out_dir, metrics, algorithms, domains, styles, runs, 
       length = min(len(v) for v in per_domain)
       ax.plot(x[:length], np.mean([v[:length] for v in per_domain], axis=0), color="black", lw=2.0, label="mean")
     ax.axhline(0.0, color="black", lw=0.8, ls=":")
-    ax.set(title=f"{_display(mine)} − {_display(other)}, paired by seed", xlabel="step",
-           ylabel="held-out accuracy difference (points)")
+    ax.set(
+      title=f"{_display(mine)} − {_display(other)}, paired by seed",
+      xlabel="step",
+      ylabel="held-out accuracy difference (points)",
+    )
     ax.legend(fontsize=6, ncols=2)
   for k in range(len(comparisons), extra * cols):
     axes[rows + k // cols][k % cols].set_visible(False)
-  fig.suptitle("mean ± std over seeds; y axes zoomed on the evaluations after step 0 (the initialization)",
-               fontsize=9)
+  fig.suptitle("mean ± std over seeds; y axes zoomed on the evaluations after step 0 (the initialization)", fontsize=9)
   path = os.path.join(out_dir, "heldout_accuracy.png")
   fig.savefig(path, dpi=100)
   return path
@@ -322,8 +416,11 @@ def _plot_heldout_accuracy(out_dir, metrics, algorithms, domains, styles, runs, 
 
 def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_color) -> str | None:
   """DISAM's perturbation weights c_i per training domain (and the cosine with SAM's direction, when logged)."""
-  variants = [a for a in algorithms if a.startswith("disam") and any(
-    m.perturbation_weights is not None for d in domains for m in runs(a, d))]
+  variants = [
+    a
+    for a in algorithms
+    if a.startswith("disam") and any(m.perturbation_weights is not None for d in domains for m in runs(a, d))
+  ]
   if not variants:
     return None
   has_cosine = any(np.isfinite(m.sam_cosine).any() for a in variants for d in domains for m in runs(a, d))
@@ -355,8 +452,9 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
         (handles[name],) = ax.plot(x, smoothed[:, k], lw=1.1, color=domain_color[name])
       uniform = 1.0 / len(group[0].domains)
       ax.axhline(uniform, color="black", lw=0.8, ls=":")
-      ax.annotate(f"SAM: 1/{len(group[0].domains)}", (0.01, uniform), xycoords=("axes fraction", "data"),
-                  fontsize=7, va="bottom")
+      ax.annotate(
+        f"SAM: 1/{len(group[0].domains)}", (0.01, uniform), xycoords=("axes fraction", "data"), fontsize=7, va="bottom"
+      )
       if smoothed.min() < 0.25 * uniform:  # the axis is not stretched to 0 when nothing comes near it
         ax.axhline(0.0, color="gray", lw=0.5)
       deviation = float(np.max(np.abs(smoothed - uniform))) / uniform
@@ -375,8 +473,11 @@ def _plot_mechanism(out_dir, algorithms, domains, window, styles, runs, domain_c
       ax.legend(fontsize=7)
   _domain_legend(fig, handles, list(domain_color), "outside lower center")
   note = "" if has_cosine else "; the cosine with SAM's direction needs disam-train --diagnostics"
-  fig.suptitle("DISAM's perturbation g_p = Σ c_i ∇L_i, c_i = a_i (1 − 2 lam (L_i − L)): domains behind the mean "
-               f"are perturbed less\n(means over seeds, moving average over {window} steps{note})", fontsize=9)
+  fig.suptitle(
+    "DISAM's perturbation g_p = Σ c_i ∇L_i, c_i = a_i (1 − 2 lam (L_i − L)): domains behind the mean "
+    f"are perturbed less\n(means over seeds, moving average over {window} steps{note})",
+    fontsize=9,
+  )
   path = os.path.join(out_dir, "mechanism.png")
   fig.savefig(path, dpi=90)
   return path

@@ -30,7 +30,9 @@ __all__ = ["apply_regimes", "imbalance", "infer_domains", "shuffle_domain_labels
 
 def _regrouped(split: data_lib.DomainSplit, names: Sequence[str], parts) -> data_lib.DomainSplit:
   return dataclasses.replace(
-    split, train_domains=tuple(names), train=tuple(parts),
+    split,
+    train_domains=tuple(names),
+    train=tuple(parts),
     val_domains=split.val_domains or split.train_domains,
   )
 
@@ -100,9 +102,11 @@ def infer_domains(split: data_lib.DomainSplit, k: int, *, seed: int) -> data_lib
   if not (isinstance(k, (int, np.integer)) and k >= 2):
     raise ValueError(f"--infer-domains needs K >= 2 pseudo-domains (DISAM needs two); got {k!r}.")
   if split.records is not None:
-    raise ValueError("--infer-domains clusters images held in memory; image folders and tfds:<name> are streamed, "
-                     "not held: drop --infer-domains (or use --sub-domains K / --domain-label-noise P, which work on "
-                     "them).")
+    raise ValueError(
+      "--infer-domains clusters images held in memory; image folders and tfds:<name> are streamed, "
+      "not held: drop --infer-domains (or use --sub-domains K / --domain-label-noise P, which work on "
+      "them)."
+    )
   try:
     from sklearn.cluster import KMeans
   except ImportError as e:
@@ -119,15 +123,22 @@ def infer_domains(split: data_lib.DomainSplit, k: int, *, seed: int) -> data_lib
   return _regrouped(split, [f"c{j}" for j in range(int(k))], parts)
 
 
-def apply_regimes(split: data_lib.DomainSplit, *, seed: int, imbalance_ratio: float = 1.0,
-                  domain_label_noise: float = 0.0, sub_domains: int = 1,
-                  inferred_domains: int = 0) -> data_lib.DomainSplit:
+def apply_regimes(
+  split: data_lib.DomainSplit,
+  *,
+  seed: int,
+  imbalance_ratio: float = 1.0,
+  domain_label_noise: float = 0.0,
+  sub_domains: int = 1,
+  inferred_domains: int = 0,
+) -> data_lib.DomainSplit:
   """Applies the regimes in order: `imbalance`, then either `infer_domains` (when `inferred_domains` > 0; it
   ignores domain labels, so it cannot be combined with the other two) or `shuffle_domain_labels` and
   `split_domains`. Defaults change nothing."""
   if inferred_domains and (domain_label_noise or sub_domains != 1):
-    raise ValueError("--infer-domains replaces the domain labels; it cannot be combined with --domain-label-noise "
-                     "or --sub-domains.")
+    raise ValueError(
+      "--infer-domains replaces the domain labels; it cannot be combined with --domain-label-noise or --sub-domains."
+    )
   if imbalance_ratio != 1.0:
     split = imbalance(split, imbalance_ratio, seed=seed)
   if inferred_domains:

@@ -99,8 +99,14 @@ def _render(run_dir: str, out_dir: str, cells, config, data, plots: bool, thresh
   return [os.path.basename(p) for p in written]
 
 
-def write_report(run_dir: str, cells: Sequence[Any] | None = None, config: Any = None,
-                 plots: bool = True, threshold: float = 0.1, data: dict[str, Any] | None = None) -> list[str]:
+def write_report(
+  run_dir: str,
+  cells: Sequence[Any] | None = None,
+  config: Any = None,
+  plots: bool = True,
+  threshold: float = 0.1,
+  data: dict[str, Any] | None = None,
+) -> list[str]:
   """Tables (accuracy, and training dynamics with `threshold` for the loss) and plots; returns the paths written.
 
   Everything is first written to a temporary folder inside `run_dir`, then each file is renamed into place: an
@@ -157,18 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m disam_jax.harness.report",
     description="Rewrites results.md, results.json and the plots of a disam-train run directory, or combines "
-                "several (--merge) into a new one.",
+    "several (--merge) into a new one.",
   )
-  parser.add_argument("run_dir", help="a run directory written by disam-train (with results.json); with --merge, "
-                                      "the directory to write the combined report to")
+  parser.add_argument(
+    "run_dir",
+    help="a run directory written by disam-train (with results.json); with --merge, "
+    "the directory to write the combined report to",
+  )
   parser.add_argument("--no-plots", action="store_true", help="only the tables")
-  parser.add_argument("--threshold", type=float, default=0.1,
-                      help="training-loss threshold for the 'steps to loss' column (default: 0.1)")
-  parser.add_argument("--merge", nargs="+", metavar="DIR[=SUFFIX]",
-                      help="combine the runs of these run directories (trained on the same data), renaming the "
-                           "algorithms of DIR=SUFFIX to <algorithm><SUFFIX>, e.g. --merge noisy noisy_lam1=_lam1; "
-                           "two directories holding the same algorithm, held-out domain and seed, or one row mixing "
-                           "different settings, are refused with the suffix to add")
+  parser.add_argument(
+    "--threshold", type=float, default=0.1, help="training-loss threshold for the 'steps to loss' column (default: 0.1)"
+  )
+  parser.add_argument(
+    "--merge",
+    nargs="+",
+    metavar="DIR[=SUFFIX]",
+    help="combine the runs of these run directories (trained on the same data), renaming the "
+    "algorithms of DIR=SUFFIX to <algorithm><SUFFIX>, e.g. --merge noisy noisy_lam1=_lam1; "
+    "two directories holding the same algorithm, held-out domain and seed, or one row mixing "
+    "different settings, are refused with the suffix to add",
+  )
   args = parser.parse_args(argv)
   try:
     if args.merge:
@@ -190,10 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   missing = saved.get("missing") or []
   if missing:
     first = missing[0]
-    print(f"{parser.prog}: warning: incomplete: {len(missing)} of the {saved['runs_configured']} runs configured "
-          f"have no result (e.g. "
-          f"{first['algorithm']} held-out {first['held_out']} seed {first['seed']}); results.md lists them, and its "
-          "averages cover only complete seeds", file=sys.stderr)
+    print(
+      f"{parser.prog}: warning: incomplete: {len(missing)} of the {saved['runs_configured']} runs configured "
+      f"have no result (e.g. "
+      f"{first['algorithm']} held-out {first['held_out']} seed {first['seed']}); results.md lists them, and its "
+      "averages cover only complete seeds",
+      file=sys.stderr,
+    )
   return 0
 
 

@@ -37,12 +37,16 @@ def _name_key(name: str) -> int:
 def searched(algorithm: str, dataset: str, fixed: Iterable[str] = ()) -> tuple[str, ...]:
   """The hyperparameters a search draws for `algorithm` on `dataset`, in `HParams`' order."""
   kind, fixed = dataset_kind(dataset), set(fixed)
-  return tuple(name for name, d in declarations().items()
-               if d.search_for(kind) is not None and d.used(algorithm) and name not in fixed)
+  return tuple(
+    name
+    for name, d in declarations().items()
+    if d.search_for(kind) is not None and d.used(algorithm) and name not in fixed
+  )
 
 
-def draw(base: HParams, algorithm: str, dataset: str, sample: int, trial_seed: int, steps: int,
-         fixed: Iterable[str] = ()) -> HParams:
+def draw(
+  base: HParams, algorithm: str, dataset: str, sample: int, trial_seed: int, steps: int, fixed: Iterable[str] = ()
+) -> HParams:
   """`base` with the searched hyperparameters (`searched`) replaced by draw `sample` of `trial_seed`.
 
   Args:

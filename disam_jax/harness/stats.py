@@ -21,8 +21,15 @@ import numpy as np
 
 from disam_jax.harness.tables import _as_dict, _display, _ordered, markdown_table
 
-__all__ = ["Metrics", "dynamics_table", "load_metrics", "paired_difference", "paired_table", "smooth",
-           "steps_to_threshold"]
+__all__ = [
+  "Metrics",
+  "dynamics_table",
+  "load_metrics",
+  "paired_difference",
+  "paired_table",
+  "smooth",
+  "steps_to_threshold",
+]
 
 
 @dataclasses.dataclass
@@ -119,8 +126,9 @@ def _mean_std(values: Sequence[float], fmt: str = "{:.3g}") -> str:
   return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
 
 
-def dynamics_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: float = 0.1,
-                   window: int | None = None) -> str:
+def dynamics_table(
+  run_dir: str, cells: Sequence[Any] | None = None, threshold: float = 0.1, window: int | None = None
+) -> str:
   """Training dynamics per algorithm, mean ± std over every run (held-out domain x seed), as Markdown.
 
   Columns: steps until the moving-average training loss first reaches `threshold` (runs that never do are counted
@@ -153,16 +161,43 @@ def dynamics_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: 
       pnorm.append(float(m.perturbation_norm.mean()))
       ms.append(1000 * float(np.median(np.diff(m.time))) if len(m.time) > 1 else None)
       per_cell[(a, c["held_out"], int(c["seed"]))] = {
-        "variance": var_all[-1], "test_acc": float(c["selected"]["test_acc"]), "steps": t,
+        "variance": var_all[-1],
+        "test_acc": float(c["selected"]["test_acc"]),
+        "steps": t,
       }
-    table.append([_display(a), _mean_std(reached, '{:.0f}'), f"{hit}/{len(group)}", _mean_std(final),
-                  _mean_std(var_all, '{:.2e}'), _mean_std(var_end, '{:.2e}'), _mean_std(pnorm),
-                  _mean_std(ms, '{:.1f}')])
-  rows += markdown_table(["Algorithm", f"steps to loss ≤ {threshold:g}", "reached", "final loss",
-                          "variance (all steps)", "variance (last 10%)", "perturbation norm", "ms / step"], table,
-                         align=":-:")
-  pairs = [(b, a) for a in algorithms if a.startswith("disam")
-           for b in _ordered([_sam_of(a, algorithms), *_baselines(a)]) if b in algorithms]
+    table.append(
+      [
+        _display(a),
+        _mean_std(reached, "{:.0f}"),
+        f"{hit}/{len(group)}",
+        _mean_std(final),
+        _mean_std(var_all, "{:.2e}"),
+        _mean_std(var_end, "{:.2e}"),
+        _mean_std(pnorm),
+        _mean_std(ms, "{:.1f}"),
+      ]
+    )
+  rows += markdown_table(
+    [
+      "Algorithm",
+      f"steps to loss ≤ {threshold:g}",
+      "reached",
+      "final loss",
+      "variance (all steps)",
+      "variance (last 10%)",
+      "perturbation norm",
+      "ms / step",
+    ],
+    table,
+    align=":-:",
+  )
+  pairs = [
+    (b, a)
+    for a in algorithms
+    if a.startswith("disam")
+    for b in _ordered([_sam_of(a, algorithms), *_baselines(a)])
+    if b in algorithms
+  ]
   if pairs:
     rows += ["", "Run-by-run comparison with DISAM (same held-out domain and seed):", ""]
     table = []
@@ -180,12 +215,30 @@ def dynamics_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: 
       decided = [(o["steps"], t["steps"]) for o, t in zip(ours, theirs) if (o["steps"], t["steps"]) != (None, None)]
       first = sum(o is not None and (t is None or o <= t) for o, t in decided)
       first_cell = f"{first}/{len(decided)}" if decided else "– (neither reached it)"
-      table.append([f"{_display(mine)} vs {_display(other)}", len(keys), f"{lower}/{len(keys)}", f"{ratio:.3f}",
-                    f"{acc}/{len(keys)}", f"{diff:+.2f}", first_cell])
-    rows += markdown_table(["pair", "runs", "DISAM variance lower", "mean variance ratio DISAM / other",
-                            "DISAM held-out acc ≥ other", "mean acc difference (points)",
-                            "DISAM reaches the loss threshold first or together (of the runs where either reached it)"],
-                           table, align=":-:")
+      table.append(
+        [
+          f"{_display(mine)} vs {_display(other)}",
+          len(keys),
+          f"{lower}/{len(keys)}",
+          f"{ratio:.3f}",
+          f"{acc}/{len(keys)}",
+          f"{diff:+.2f}",
+          first_cell,
+        ]
+      )
+    rows += markdown_table(
+      [
+        "pair",
+        "runs",
+        "DISAM variance lower",
+        "mean variance ratio DISAM / other",
+        "DISAM held-out acc ≥ other",
+        "mean acc difference (points)",
+        "DISAM reaches the loss threshold first or together (of the runs where either reached it)",
+      ],
+      table,
+      align=":-:",
+    )
   paired = paired_table(run_dir, cells, threshold, window)
   if paired:
     rows += ["", paired]
@@ -248,8 +301,13 @@ def _baselines(algorithm: str) -> list[str]:
   return ["sam" + plus + penalty, penalty if plus else "erm"]
 
 
-def paired_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: float = 0.1,
-                 window: int | None = None, confidence: float = 0.95) -> str:
+def paired_table(
+  run_dir: str,
+  cells: Sequence[Any] | None = None,
+  threshold: float = 0.1,
+  window: int | None = None,
+  confidence: float = 0.95,
+) -> str:
   """Paired differences, DISAM rows against their partners (`_partners`), matched by held-out domain and seed
   (same initialization and batches), as Markdown: mean difference [confidence interval] (`paired_difference`) of
   the held-out accuracy (training-domain validation; points), of the log of the mean domain-loss variance (shown
@@ -260,8 +318,11 @@ def paired_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: fl
   for c in cells:
     key = (c["algorithm"], c["held_out"], int(c["seed"]))
     m = metrics[key]
-    per[key] = {"acc": 100 * float(c["selected"]["test_acc"]), "logvar": math.log(max(float(m.variance.mean()), 1e-300)),
-                "steps": steps_to_threshold(m.steps, m.loss, threshold, window)}
+    per[key] = {
+      "acc": 100 * float(c["selected"]["test_acc"]),
+      "logvar": math.log(max(float(m.variance.mean()), 1e-300)),
+      "steps": steps_to_threshold(m.steps, m.loss, threshold, window),
+    }
   rows = []
   for mine in algorithms:
     if not mine.startswith("disam"):
@@ -276,15 +337,36 @@ def paired_table(run_dir: str, cells: Sequence[Any] | None = None, threshold: fl
       var = paired_difference([x["logvar"] for x in a], [x["logvar"] for x in b], confidence)
       both = [(x["steps"], y["steps"]) for x, y in zip(a, b) if x["steps"] is not None and y["steps"] is not None]
       st = paired_difference([x for x, _ in both], [y for _, y in both], confidence)
-      rows.append([f"{_display(mine)} − {_display(other)}", len(keys), _interval(acc, '{:+.2f}'),
-                   _interval(var, '{:.3f}', transform=math.exp), f"{_interval(st, '{:+.1f}')} ({len(both)})"])
+      rows.append(
+        [
+          f"{_display(mine)} − {_display(other)}",
+          len(keys),
+          _interval(acc, "{:+.2f}"),
+          _interval(var, "{:.3f}", transform=math.exp),
+          f"{_interval(st, '{:+.1f}')} ({len(both)})",
+        ]
+      )
   if not rows:
     return ""
-  head = [f"Paired differences (same held-out domain and seed), mean [{confidence:.0%} t-interval]; "
-          "\"no difference resolved\" when the interval covers 0 (ratio: 1):", ""]
-  return "\n".join(head + markdown_table(["pair", "pairs", "held-out accuracy (points)", "variance ratio (all steps)",
-                                          f"steps to loss ≤ {threshold:g} (pairs where both reached it)"], rows,
-                                         align=":-:"))
+  head = [
+    f"Paired differences (same held-out domain and seed), mean [{confidence:.0%} t-interval]; "
+    '"no difference resolved" when the interval covers 0 (ratio: 1):',
+    "",
+  ]
+  return "\n".join(
+    head
+    + markdown_table(
+      [
+        "pair",
+        "pairs",
+        "held-out accuracy (points)",
+        "variance ratio (all steps)",
+        f"steps to loss ≤ {threshold:g} (pairs where both reached it)",
+      ],
+      rows,
+      align=":-:",
+    )
+  )
 
 
 def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
@@ -293,7 +375,7 @@ def _sam_of(algorithm: str, algorithms: Sequence[str]) -> str:
   ``gsam``, ``disam_gsam+coral`` -> ``gsam+coral``); otherwise ``sam`` for a plain loss and, for a penalty's loss,
   ``sam+PENALTY`` if present, else the penalty alone (``disam+fishr`` -> ``fishr``: ERM on Fishr's loss; never
   ``sam``, which optimizes another objective). Callers skip a counterpart that is not among `algorithms`."""
-  rest = algorithm[len("disam"):]
+  rest = algorithm[len("disam") :]
   for twin in ("sam" + rest, rest[1:] if rest.startswith("_") else None):
     if twin and twin in algorithms:
       return twin

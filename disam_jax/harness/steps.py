@@ -89,8 +89,9 @@ class PenaltyAux(NamedTuple):
   loss: jax.Array
 
 
-def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransformation,
-                     penalty: penalties_lib.Penalty | None = None) -> TrainState:
+def init_train_state(
+  params: Any, model_state: Any, tx: optax.GradientTransformation, penalty: penalties_lib.Penalty | None = None
+) -> TrainState:
   """The state before the first step. The optimizer's aux slot starts as this run's own model state.
 
   With a `penalty` (from `algorithms.make_penalty`), the aux slot is a `PenaltyAux` holding the penalty's initial
@@ -107,8 +108,9 @@ def init_train_state(params: Any, model_state: Any, tx: optax.GradientTransforma
   return TrainState(params, model_state, opt_state, jnp.zeros([], jnp.int32))
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
-                    penalty: penalties_lib.Penalty | None = None) -> Callable:
+def make_train_step(
+  graphdef: Any, tx: optax.GradientTransformationExtraArgs, penalty: penalties_lib.Penalty | None = None
+) -> Callable:
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for a model and an optimizer.
 
   Args:
@@ -139,13 +141,18 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
     m, b = y.shape
     prior = find_disam_state(state.opt_state).aux
     logits, head, new_model_state = apply_model_with_head(
-      graphdef, params, state.model_state, x.reshape((m * b,) + x.shape[2:]), train=True)
+      graphdef, params, state.model_state, x.reshape((m * b,) + x.shape[2:]), train=True
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y.reshape(-1))
     plain = domain_losses_from_grouped(ce.reshape(m, b))
     means, _, loss, _ = domain_objective(plain)
     outputs = penalties_lib.DomainOutputs(
-      features=head.features.reshape((m, b) + head.features.shape[1:]), labels=y, domain_losses=means,
-      head=head.apply, head_params=head.params)
+      features=head.features.reshape((m, b) + head.features.shape[1:]),
+      labels=y,
+      domain_losses=means,
+      head=head.apply,
+      head_params=head.params,
+    )
     value, penalty_state = penalty.value(outputs, prior.penalty_state)
     losses = penalties_lib.add_penalty(plain, penalty.weight(state.step) * value)
     return losses, PenaltyAux(new_model_state, penalty_state, value, means, loss)
@@ -160,8 +167,10 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
   def train_step(state: TrainState, batch):
     if len(batch) == 3:  # a merged batch: x [B, ...], y [B], domain ids [B]
       if penalty is not None:
-        raise ValueError("A penalty needs per-domain batches [M, b]; merged batches (x, y, ids) are for erm and "
-                         "the sharpness-aware rules.")
+        raise ValueError(
+          "A penalty needs per-domain batches [M, b]; merged batches (x, y, ids) are for erm and "
+          "the sharpness-aware rules."
+        )
       x, y, ids = batch
       x = as_model_input(x)
       domain_loss_fn = lambda p: flat_domain_losses(p, state, x, y, ids)
@@ -190,8 +199,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs,
     model_state = stats.aux  # from the unperturbed forward pass
     if penalty is not None:
       model_state = stats.aux.model_state
-      metrics.update(loss=stats.aux.loss, domain_losses=stats.aux.domain_losses, penalty=stats.aux.penalty,
-                     objective=stats.loss)
+      metrics.update(
+        loss=stats.aux.loss, domain_losses=stats.aux.domain_losses, penalty=stats.aux.penalty, objective=stats.loss
+      )
     new_state = TrainState(
       params=optax.apply_updates(state.params, updates),
       model_state=model_state,
@@ -283,14 +293,14 @@ def _model_initializer(model: str, num_classes: int, input_shape: tuple[int, ...
 
 
 def init_model(
-    model: str,
-    *,
-    num_classes: int,
-    input_shape: Sequence[int],
-    seed: int,
-    model_kwargs: dict[str, Any] | None = None,
-    pretrained: str | None = None,
-    mesh: Any | None = None,
+  model: str,
+  *,
+  num_classes: int,
+  input_shape: Sequence[int],
+  seed: int,
+  model_kwargs: dict[str, Any] | None = None,
+  pretrained: str | None = None,
+  mesh: Any | None = None,
 ) -> tuple[Any, Any, Any]:
   """Builds a registry model as `(graphdef, params, model_state)`, initialized from `seed`.
 

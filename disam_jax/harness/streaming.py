@@ -179,9 +179,17 @@ def _read_meta(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def convert_folder(root: str, files: Sequence[tuple[str, int, int]], *, domains: Sequence[str],
-                   classes: Sequence[str], cache_dir: str, key: str, workers: int | None = None,
-                   on_convert=None) -> tuple[str, dict[str, Any]]:
+def convert_folder(
+  root: str,
+  files: Sequence[tuple[str, int, int]],
+  *,
+  domains: Sequence[str],
+  classes: Sequence[str],
+  cache_dir: str,
+  key: str,
+  workers: int | None = None,
+  on_convert=None,
+) -> tuple[str, dict[str, Any]]:
   """The conversion of `files` (``(relative path, domain index, class index)``, in record order) under
   ``cache_dir/<key>``, made now unless it exists; returns ``(folder, meta)``.
 
@@ -221,8 +229,10 @@ def convert_folder(root: str, files: Sequence[tuple[str, int, int]], *, domains:
         raise
       return final, meta
   except OSError as e:
-    raise CacheError(f"cannot use the conversion cache {final}: {e.strerror or e} ({type(e).__name__}); choose "
-                     "another with --cache-dir or $DISAM_JAX_TFDS_DIR") from e
+    raise CacheError(
+      f"cannot use the conversion cache {final}: {e.strerror or e} ({type(e).__name__}); choose "
+      "another with --cache-dir or $DISAM_JAX_TFDS_DIR"
+    ) from e
   except json.JSONDecodeError as e:
     raise CacheError(f"the conversion cache {final} is damaged ({e}); delete that folder to convert again") from e
 
@@ -234,17 +244,17 @@ def _convert_into(scratch: str, root: str, files, domains, classes, workers: int
   rels = [rel for rel, _, _ in files]
   workers = (os.cpu_count() or 1) if workers is None else int(workers)
   per = _shard_files(len(rels), workers)
-  chunks = [rels[i:i + per] for i in range(0, len(rels), per)]
+  chunks = [rels[i : i + per] for i in range(0, len(rels), per)]
   shards = [f"shard-{k:05d}.array_record" for k in range(len(chunks))]
   start = time.perf_counter()
   if workers <= 0 or len(rels) < _INLINE_FILES or len(chunks) == 1:
     kept = [_convert_shard(root, chunk, os.path.join(scratch, s)) for chunk, s in zip(chunks, shards)]
   else:
     # Spawned, not forked: the caller may hold JAX's threads, which a fork would copy in an undefined state.
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)),
-                                                mp_context=multiprocessing.get_context("spawn")) as pool:
-      kept = list(pool.map(_convert_shard, [root] * len(chunks), chunks,
-                           [os.path.join(scratch, s) for s in shards]))
+    with concurrent.futures.ProcessPoolExecutor(
+      min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+      kept = list(pool.map(_convert_shard, [root] * len(chunks), chunks, [os.path.join(scratch, s) for s in shards]))
   seconds = time.perf_counter() - start
   mask = np.concatenate([np.asarray(k, bool) for k in kept]) if kept else np.zeros(0, bool)
   domain_of = np.asarray([d for _, d, _ in files], np.int32)[mask]
@@ -252,10 +262,16 @@ def _convert_into(scratch: str, root: str, files, domains, classes, workers: int
   with open(os.path.join(scratch, "index.npz"), "wb") as f:
     np.savez(f, label=label_of, domain=domain_of)
   meta = {
-    "format": FORMAT_VERSION, "root": root, "domains": list(domains), "classes": list(classes),
-    "records": int(mask.sum()), "shards": shards, "shard_records": [int(np.sum(k)) for k in kept],
+    "format": FORMAT_VERSION,
+    "root": root,
+    "domains": list(domains),
+    "classes": list(classes),
+    "records": int(mask.sum()),
+    "shards": shards,
+    "shard_records": [int(np.sum(k)) for k in kept],
     "skipped_files": [rel for rel, ok in zip(rels, mask) if not ok],
-    "convert_seconds": round(seconds, 3), "workers": workers,
+    "convert_seconds": round(seconds, 3),
+    "workers": workers,
   }
   with open(os.path.join(scratch, "meta.json"), "w") as f:
     json.dump(meta, f)
@@ -433,8 +449,11 @@ def read_images(records, indices: Sequence[int]) -> np.ndarray:
   source = records.source()
   indices = [int(i) for i in indices]
   raws = _read_each(source, indices)
-  return np.stack([records.pixels(r, i) for r, i in zip(raws, indices)]) if len(raws) else \
-    np.zeros((0,) + tuple(records.image_shape), np.uint8)
+  return (
+    np.stack([records.pixels(r, i) for r, i in zip(raws, indices)])
+    if len(raws)
+    else np.zeros((0,) + tuple(records.image_shape), np.uint8)
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,8 +487,16 @@ def step_picks(seed: int, step: int, sizes: Sequence[int], batch: int) -> list[n
 class _StepBatch(_Reader):
   """``step -> (x [M, b_local, s, s, 3] uint8, y [M, b_local] int32)``: this process's slice of step's batch."""
 
-  def __init__(self, records: RecordSet, members: Sequence[np.ndarray], labels: Sequence[np.ndarray], batch: int,
-               seed: int, local: slice, augment: bool):
+  def __init__(
+    self,
+    records: RecordSet,
+    members: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    batch: int,
+    seed: int,
+    local: slice,
+    augment: bool,
+  ):
     super().__init__(records)
     self.members, self.labels, self.batch, self.seed = list(members), list(labels), batch, seed
     self.local, self.augment = local, augment
@@ -535,10 +562,12 @@ def _iterate(dataset, workers: int):
   # are gigabytes. Each element here is a whole batch: one thread, two ahead.
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if workers > 0:
-    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
-                               worker_init_fn=_worker_init))
-  return _ThreadAhead(iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))),
-                      depth=2)
+    return iter(
+      ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2), worker_init_fn=_worker_init
+      )
+    )
+  return _ThreadAhead(iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))), depth=2)
 
 
 class _ThreadAhead:
@@ -589,8 +618,17 @@ class StreamedTrainFeed:
     domain_names: for error messages.
   """
 
-  def __init__(self, records: RecordSet, train: Sequence[tuple[np.ndarray, np.ndarray]], batch_size_per_domain: int,
-               seed: int, *, augment: bool = True, workers: int = 0, domain_names: Sequence[str] | None = None):
+  def __init__(
+    self,
+    records: RecordSet,
+    train: Sequence[tuple[np.ndarray, np.ndarray]],
+    batch_size_per_domain: int,
+    seed: int,
+    *,
+    augment: bool = True,
+    workers: int = 0,
+    domain_names: Sequence[str] | None = None,
+  ):
     if not train:
       raise ValueError("StreamedTrainFeed needs at least one training domain.")
     names = list(domain_names) if domain_names is not None else [f"#{i}" for i in range(len(train))]
@@ -599,9 +637,11 @@ class StreamedTrainFeed:
     self._labels = [np.asarray(y, np.int32) for _, y in train]
     for name, m in zip(names, self._members):
       if self._batch > len(m):
-        raise ValueError(f"batch_size_per_domain={self._batch} exceeds the {len(m)} training examples of domain "
-                         f"{name}. Sampling is with replacement, but a per-domain batch larger than the domain is "
-                         "almost certainly a mistake.")
+        raise ValueError(
+          f"batch_size_per_domain={self._batch} exceeds the {len(m)} training examples of domain "
+          f"{name}. Sampling is with replacement, but a per-domain batch larger than the domain is "
+          "almost certainly a mistake."
+        )
     # Record sets DomainBed never augments (tfds:<name> rotation domains) ignore `augment`.
     self._augment, self._workers = bool(augment) and bool(getattr(records, "augmentable", True)), int(workers)
     self._step = 0
@@ -623,15 +663,22 @@ class StreamedTrainFeed:
     return batch
 
   def state(self) -> dict[str, Any]:
-    return {"kind": "streamed", "step": self._step, "seed": self._seed, "batch_size_per_domain": self._batch,
-            "domain_sizes": [len(m) for m in self._members], "augment": self._augment}
+    return {
+      "kind": "streamed",
+      "step": self._step,
+      "seed": self._seed,
+      "batch_size_per_domain": self._batch,
+      "domain_sizes": [len(m) for m in self._members],
+      "augment": self._augment,
+    }
 
   def restore(self, state: dict[str, Any]) -> None:
     mine = self.state()
     keys = ("kind", "seed", "batch_size_per_domain", "domain_sizes", "augment")
     if any(state.get(k) != mine[k] for k in keys):
-      raise ValueError(f"Feed state is for {({k: state.get(k) for k in keys})}; this feed has "
-                       f"{({k: mine[k] for k in keys})}.")
+      raise ValueError(
+        f"Feed state is for { ({k: state.get(k) for k in keys}) }; this feed has { ({k: mine[k] for k in keys}) }."
+      )
     self.close()
     self._step = int(state["step"])
 
@@ -645,8 +692,16 @@ class _EvalBatch(_Reader):
   """``j -> (x [n_local, s, s, 3] uint8, y [n_local], part [n_local])``: this process's rows of global batch
   ``j mod batches`` (rows of the parts laid end to end, part -1 past the end)."""
 
-  def __init__(self, records: RecordSet, members: np.ndarray, labels: np.ndarray, parts: np.ndarray,
-               global_batch: int, process_index: int, process_count: int):
+  def __init__(
+    self,
+    records: RecordSet,
+    members: np.ndarray,
+    labels: np.ndarray,
+    parts: np.ndarray,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+  ):
     super().__init__(records)
     self.members, self.labels, self.parts = members, labels, parts
     self.global_batch, self.process_index, self.process_count = global_batch, process_index, process_count
@@ -665,7 +720,7 @@ class _EvalBatch(_Reader):
     part = np.full(n_local, -1, np.int32)
     for k, (index, raw) in enumerate(zip(self.members[rows], self.read(self.members[rows]))):
       x[k] = self.records.pixels(raw, int(index))
-    y[:len(rows)], part[:len(rows)] = self.labels[rows], self.parts[rows]
+    y[: len(rows)], part[: len(rows)] = self.labels[rows], self.parts[rows]
     return x, y, part
 
 
@@ -683,14 +738,23 @@ class StreamedEvalFeed:
     global_batch_size: rows of every global batch, a multiple of `process_count`.
   """
 
-  def __init__(self, records: RecordSet, parts: Sequence[tuple[str, str]],
-               sets: Sequence[tuple[np.ndarray, np.ndarray]], global_batch_size: int, *, process_index: int = 0,
-               process_count: int = 1, workers: int = 0):
+  def __init__(
+    self,
+    records: RecordSet,
+    parts: Sequence[tuple[str, str]],
+    sets: Sequence[tuple[np.ndarray, np.ndarray]],
+    global_batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+  ):
     if len(parts) != len(sets):
       raise ValueError(f"{len(parts)} evaluation parts but {len(sets)} (indices, labels) sets.")
     if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f"The evaluation batch {global_batch_size} must be a positive multiple of the process count "
-                       f"{process_count}.")
+      raise ValueError(
+        f"The evaluation batch {global_batch_size} must be a positive multiple of the process count {process_count}."
+      )
     self.parts = tuple(tuple(p) for p in parts)
     self.global_batch_size = int(global_batch_size)
     self._records, self._workers = records, int(workers)
@@ -709,8 +773,7 @@ class StreamedEvalFeed:
       return
     grain = _require("grain", "Streaming image folders")
     if self._iterator is None:
-      fn = _EvalBatch(self._records, self._members, self._labels, self._part, self.global_batch_size,
-                      *self._process)
+      fn = _EvalBatch(self._records, self._members, self._labels, self._part, self.global_batch_size, *self._process)
       self._iterator = _iterate(grain.MapDataset.range(0, _HORIZON).map(fn), self._workers)
     count = -(-self.size // self.global_batch_size)
     while self._position % count:  # an earlier pass stopped early: skip to the start of the next pass

@@ -47,8 +47,9 @@ __all__ = [
 ]
 
 
-def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]],
-                   align: str | Sequence[str] = "---") -> list[str]:
+def markdown_table(
+  header: Sequence[Any], rows: Iterable[Sequence[Any]], align: str | Sequence[str] = "---"
+) -> list[str]:
   """The lines of a Markdown table: the `header` cells, the rule, then one line per row of `rows`.
 
   Args:
@@ -59,6 +60,7 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]],
 
   Every line is ``"| " + " | ".join(cells) + " |"``; the report's and the benchmarks' tables are built with it.
   """
+
   def line(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -92,8 +94,9 @@ def _test_in(record: dict[str, Any], domain: str) -> float | None:
   return float(accs[domain]) if accs and domain in accs else (float(record["test_acc"]) if not accs else None)
 
 
-def _run_acc(method: str, cell: dict[str, Any], domain: str, pair_runs: dict[str, dict[str, Any]],
-             others: Sequence[str]) -> dict[str, Any] | None:
+def _run_acc(
+  method: str, cell: dict[str, Any], domain: str, pair_runs: dict[str, dict[str, Any]], others: Sequence[str]
+) -> dict[str, Any] | None:
   """DomainBed's ``run_acc`` of one draw: ``{"val_acc", "test_acc", "step"}`` of its chosen checkpoint, or None.
 
   selected: the checkpoint with the best mean training-domain validation accuracy (the run's `selected`).
@@ -109,8 +112,11 @@ def _run_acc(method: str, cell: dict[str, Any], domain: str, pair_runs: dict[str
     if not evals or domain + OUT_SUFFIX not in (evals[-1].get("test_accs") or {}):
       return None
     last = evals[-1]
-    return {"val_acc": float(last["test_accs"][domain + OUT_SUFFIX]), "test_acc": _test_in(last, domain),
-            "step": int(last["step"])}
+    return {
+      "val_acc": float(last["test_accs"][domain + OUT_SUFFIX]),
+      "test_acc": _test_in(last, domain),
+      "step": int(last["step"]),
+    }
   if not others or any(v not in pair_runs for v in others):
     return None
   by_step = {v: {int(r["step"]): r for r in pair_runs[v].get("evals") or []} for v in others}
@@ -145,8 +151,9 @@ def select(cells: Sequence[Any], method: str, domains: Sequence[str] | None = No
   """
   cells = [_as_dict(c) for c in cells]
   if domains is None:
-    domains = _ordered([str(c["held_out"]) for c in cells] + [str(c["val_domain"]) for c in cells
-                                                              if c.get("val_domain") is not None])
+    domains = _ordered(
+      [str(c["held_out"]) for c in cells] + [str(c["val_domain"]) for c in cells if c.get("val_domain") is not None]
+    )
   singles: dict[tuple, dict[int, dict[str, Any]]] = {}
   pairs: dict[tuple, dict[str, Any]] = {}
   for c in cells:
@@ -161,8 +168,17 @@ def select(cells: Sequence[Any], method: str, domains: Sequence[str] | None = No
     if method == "last":
       if 0 in draws:
         last = draws[0]["last"]
-        out.append({"algorithm": a, "held_out": d, "seed": s, "sample": 0, "step": int(last["step"]),
-                    "val_acc": None, "test_acc": float(last["test_acc"])})
+        out.append(
+          {
+            "algorithm": a,
+            "held_out": d,
+            "seed": s,
+            "sample": 0,
+            "step": int(last["step"]),
+            "val_acc": None,
+            "test_acc": float(last["test_acc"]),
+          }
+        )
       continue
     others = [v for v in domains if v != d]
     best = None
@@ -203,9 +219,12 @@ def format_mean_se(values: Sequence[float]) -> str:
   return f"{pct.mean():.1f} ± {pct.std() / np.sqrt(len(pct)):.1f}"
 
 
-def summarize(cells: Sequence[Any], selection: str = "selected",
-              expected: Sequence[tuple[str, str, int]] | None = None,
-              domains: Sequence[str] | None = None) -> dict[str, Any]:
+def summarize(
+  cells: Sequence[Any],
+  selection: str = "selected",
+  expected: Sequence[tuple[str, str, int]] | None = None,
+  domains: Sequence[str] | None = None,
+) -> dict[str, Any]:
   """Per algorithm and held-out domain, the held-out accuracies of every seed, plus the per-seed averages.
 
   Args:
@@ -245,9 +264,12 @@ def _entry(values: Sequence[float], wanted: int) -> str:
   return f"{text} ({len(values)}/{wanted} seeds)" if values and len(values) < wanted else text
 
 
-def results_table(cells: Sequence[Any], selection: str = "selected",
-                  expected: Sequence[tuple[str, str, int]] | None = None,
-                  domains: Sequence[str] | None = None) -> str:
+def results_table(
+  cells: Sequence[Any],
+  selection: str = "selected",
+  expected: Sequence[tuple[str, str, int]] | None = None,
+  domains: Sequence[str] | None = None,
+) -> str:
   """A Markdown table: rows algorithms, columns held-out domains + Avg, cells mean ± s.e. (%) over seeds of the
   draw `selection` chose (`select`).
 
@@ -316,9 +338,11 @@ def _missing_note(missing: Sequence[tuple], expected: Sequence[tuple]) -> str:
   """The line that says a report is incomplete, and which runs it lacks."""
   shown = ", ".join(f"{a} held-out {d} seed {s}" for a, d, s in missing[:12])
   more = f" and {len(missing) - 12} more (all in results.json)" if len(missing) > 12 else ""
-  return (f"**Incomplete: {len(missing)} of the {len(expected)} runs configured have no result** (interrupted, "
-          f"failed or not started): {shown}{more}. An entry with fewer seeds than configured says k/n seeds; Avg "
-          "averages only the seeds that have every held-out domain (– when none has).")
+  return (
+    f"**Incomplete: {len(missing)} of the {len(expected)} runs configured have no result** (interrupted, "
+    f"failed or not started): {shown}{more}. An entry with fewer seeds than configured says k/n seeds; Avg "
+    "averages only the seeds that have every held-out domain (– when none has)."
+  )
 
 
 def _seed_note(cells: Sequence[dict[str, Any]]) -> str:
@@ -331,8 +355,14 @@ def _seed_note(cells: Sequence[dict[str, Any]]) -> str:
 
 
 # Settings that decide which data a run saw: runs that differ in one of them are not merged.
-_SAME_DATA = ("dataset", "image_size", "holdout_fraction", "hard_domain", "hard_domain_fraction",
-              "hard_domain_label_noise")
+_SAME_DATA = (
+  "dataset",
+  "image_size",
+  "holdout_fraction",
+  "hard_domain",
+  "hard_domain_fraction",
+  "hard_domain_label_noise",
+)
 
 
 # Settings that describe the run as a whole, not one row.
@@ -355,26 +385,31 @@ def load_results(directory: str) -> dict[str, Any]:
   """
   path = os.path.join(directory, "results.json")
   if not os.path.isdir(directory):
-    raise BadResults(f"{directory}: {'a file' if os.path.exists(directory) else 'no such directory'}, not a run "
-                     "directory")
+    raise BadResults(
+      f"{directory}: {'a file' if os.path.exists(directory) else 'no such directory'}, not a run directory"
+    )
   if os.path.isdir(path):
     raise BadResults(f"{path} is a directory, not a results file")
   try:
     with open(path, errors="replace") as f:
       text = f.read()
   except FileNotFoundError:
-    raise BadResults(f"{directory} has no results.json (not a disam-train run directory, or no run has started)") \
-      from None
+    raise BadResults(
+      f"{directory} has no results.json (not a disam-train run directory, or no run has started)"
+    ) from None
   except OSError as e:
     raise BadResults(f"{path}: cannot read it: {e.strerror}") from None
   try:
     saved = json.loads(text)
   except json.JSONDecodeError as e:
-    raise BadResults(f"{path} is empty" if not text.strip() else
-                     f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}: truncated?)") from None
+    raise BadResults(
+      f"{path} is empty"
+      if not text.strip()
+      else f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}: truncated?)"
+    ) from None
   cells = saved.get("cells") if isinstance(saved, dict) else None
   if not isinstance(cells, list):
-    raise BadResults(f"{path} is not a disam-train results file (no list of \"cells\")")
+    raise BadResults(f'{path} is not a disam-train results file (no list of "cells")')
   for k, c in enumerate(cells):
     lacking = [key for key in _CELL_KEYS if not isinstance(c, dict) or key not in c]
     if lacking or not all(isinstance(c[key], dict) and "test_acc" in c[key] for key in ("selected", "last")):
@@ -422,8 +457,11 @@ def _value(v: Any) -> str:
 
 def _settings_table(rows: dict[str, dict[str, Any]]) -> str:
   keys = _ordered(k for settings in rows.values() for k in settings)
-  lines = markdown_table(["Algorithm", *keys], ([_display(a), *(_value(settings.get(k)) for k in keys)]
-                                                for a, settings in rows.items()), align=":-:")
+  lines = markdown_table(
+    ["Algorithm", *keys],
+    ([_display(a), *(_value(settings.get(k)) for k in keys)] for a, settings in rows.items()),
+    align=":-:",
+  )
   return "\n".join(lines)
 
 
@@ -450,8 +488,9 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
   return lines
 
 
-def results_markdown(cells: Sequence[Any], config: dict[str, Any] | None = None,
-                     data: dict[str, Any] | None = None) -> str:
+def results_markdown(
+  cells: Sequence[Any], config: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+) -> str:
   """Both tables (training-domain validation and last checkpoint) as one Markdown document.
 
   The header gives the run's settings (for a merged report: the runs merged, the settings that differ between them,
@@ -466,10 +505,14 @@ def results_markdown(cells: Sequence[Any], config: dict[str, Any] | None = None,
     title += "\n\nRuns merged from " + ", ".join(f"`{d}`" for d in config["merged"]) + "."
     differences = config.get("differences") or {}
     if differences:
-      title += "\nSettings that differ between them: " + "; ".join(
-        f"{key} (" + ", ".join(f"`{run}`: {_value(v)}" for run, v in values.items()) + ")"
-        for key, values in differences.items()
-      ) + "."
+      title += (
+        "\nSettings that differ between them: "
+        + "; ".join(
+          f"{key} (" + ", ".join(f"`{run}`: {_value(v)}" for run, v in values.items()) + ")"
+          for key, values in differences.items()
+        )
+        + "."
+      )
     settings = "\n## Settings of each row\n\n" + _settings_table(row_settings(cells, config)) + "\n"
   elif config:
     hp = config.get("hparams", {})
@@ -501,16 +544,20 @@ def results_markdown(cells: Sequence[Any], config: dict[str, Any] | None = None,
       parts += ["No leave-one-domain-out runs (train with `--leave-one-domain-out`).", ""]
     parts += [results_table(cells, key, expected, domains), ""]
     if searched and key != "last":
-      parts += ["Draw chosen (trial seed: draw @ step; draw 0 = the defaults):", "", chosen_table(cells, key, domains),
-                ""]
+      parts += [
+        "Draw chosen (trial seed: draw @ step; draw 0 = the defaults):",
+        "",
+        chosen_table(cells, key, domains),
+        "",
+      ]
   return "\n".join(parts) + settings
 
 
 _METHOD_NOTES = {
   "selected": "Per draw, the checkpoint with the best mean accuracy on the training domains' held-back 20%; then the "
-              "draw with the best such accuracy.",
+  "draw with the best such accuracy.",
   "leave_one_out": "Per draw and checkpoint, the mean over the other domains v of v's 80% accuracy in the run that "
-                   "also held out v; the best checkpoint, then the best draw.",
+  "also held out v; the best checkpoint, then the best draw.",
   "oracle": "Per draw, the last checkpoint, scored on the held-out domain's 20%; the best draw.",
   "last": "The last checkpoint of draw 0 (the defaults), no selection.",
 }
@@ -525,8 +572,11 @@ def _domains(data: dict[str, Any] | None) -> list[str] | None:
 def planned_runs(config: dict[str, Any] | None, data: dict[str, Any] | None) -> list[tuple] | None:
   """Every run of a search or leave-one-domain-out experiment, ``(algorithm, held-out, seed, draw, val domain or
   None)``, as `experiment.planned_runs` trains them; None without one (or when not known)."""
-  if not config or "merged" in config or (int(config.get("hparams_samples") or 1) == 1
-                                          and not config.get("leave_one_out")):
+  if (
+    not config
+    or "merged" in config
+    or (int(config.get("hparams_samples") or 1) == 1 and not config.get("leave_one_out"))
+  ):
     return None
   domains = _domains(data)
   held = [str(d) for d in (config.get("held_out") or domains or [])]
@@ -536,23 +586,30 @@ def planned_runs(config: dict[str, Any] | None, data: dict[str, Any] | None) -> 
   if config.get("leave_one_out"):
     pairs = {tuple(sorted((t, v), key=domains.index)) for t in held for v in domains if v != t}
     sets += sorted(pairs, key=lambda p: (domains.index(p[0]), domains.index(p[1])))
-  return [(a, d, int(s), k, v) for s in config["seeds"] for d, v in sets
-          for k in range(int(config.get("hparams_samples") or 1)) for a in config["algorithms"]]
+  return [
+    (a, d, int(s), k, v)
+    for s in config["seeds"]
+    for d, v in sets
+    for k in range(int(config.get("hparams_samples") or 1))
+    for a in config["algorithms"]
+  ]
 
 
-def _search_missing(cells: Sequence[dict[str, Any]], config: dict[str, Any] | None,
-                    data: dict[str, Any] | None) -> str:
+def _search_missing(cells: Sequence[dict[str, Any]], config: dict[str, Any] | None, data: dict[str, Any] | None) -> str:
   """The line saying how many runs of the search (other draws, leave-one-domain-out runs) have no result yet."""
   planned = planned_runs(config, data)
   if not planned:
     return ""
-  have = {(c["algorithm"], str(c["held_out"]), int(c["seed"]), int(c.get("sample") or 0), c.get("val_domain"))
-          for c in cells}
+  have = {
+    (c["algorithm"], str(c["held_out"]), int(c["seed"]), int(c.get("sample") or 0), c.get("val_domain")) for c in cells
+  }
   missing = [p for p in planned if p not in have]
   if not missing:
     return f"Search: all {len(planned)} runs finished."
-  return (f"**Search incomplete: {len(missing)} of its {len(planned)} runs have no result** (resume with "
-          "`--resume`); each selection chooses among the draws that finished.")
+  return (
+    f"**Search incomplete: {len(missing)} of its {len(planned)} runs have no result** (resume with "
+    "`--resume`); each selection chooses among the draws that finished."
+  )
 
 
 def _data_summary(run_dir: str) -> dict[str, Any] | None:
@@ -564,8 +621,9 @@ def _data_summary(run_dir: str) -> dict[str, Any] | None:
     with open(path, errors="replace") as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise BadResults(f"{path} is unreadable ({' '.join(str(e).split())[:100]}): delete it to report without the "
-                     "data warnings") from None
+    raise BadResults(
+      f"{path} is unreadable ({' '.join(str(e).split())[:100]}): delete it to report without the data warnings"
+    ) from None
 
 
 def _warning_count(data: dict[str, Any] | None) -> int | None:
@@ -575,8 +633,14 @@ def _warning_count(data: dict[str, Any] | None) -> int | None:
   return sum(len(s.get("unreadable_files") or []) + len(s.get("warnings") or []) for s in sources)
 
 
-def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, data: dict[str, Any] | None = None,
-                  out_dir: str | None = None) -> None:
+def write_results(
+  run_dir: str,
+  cells: Sequence[Any],
+  config: Any = None,
+  *,
+  data: dict[str, Any] | None = None,
+  out_dir: str | None = None,
+) -> None:
   """Writes `results.json` (every run's result, each row's settings, the data warnings and the table numbers) and
   `results.md` into `out_dir` (default `run_dir`), each atomically. `data` defaults to `run_dir/data.json`."""
   cells = [_as_dict(c) for c in cells]
@@ -598,10 +662,17 @@ def write_results(run_dir: str, cells: Sequence[Any], config: Any = None, *, dat
       for a in s["algorithms"]
     }
     selections[key] = select(cells, key, domains)
-  saved = {"config": config, "rows": row_settings(cells, config), "data": data,
-           "data_warnings": _warning_count(data), "tables": tables, "selections": selections, "cells": cells,
-           "runs_configured": None if expected is None else len(expected),
-           "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)]}
+  saved = {
+    "config": config,
+    "rows": row_settings(cells, config),
+    "data": data,
+    "data_warnings": _warning_count(data),
+    "tables": tables,
+    "selections": selections,
+    "cells": cells,
+    "runs_configured": None if expected is None else len(expected),
+    "missing": [{"algorithm": a, "held_out": d, "seed": seed} for a, d, seed in missing_runs(cells, expected)],
+  }
   write_atomic(os.path.join(out_dir, "results.json"), json.dumps(saved, indent=1))
   write_atomic(os.path.join(out_dir, "results.md"), results_markdown(cells, config, data))
 

@@ -21,8 +21,17 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["CellWriter", "EVENTS_GLOB", "cell_events", "has_events", "require", "run_has_events", "scalars", "wanted",
-           "write_cell"]
+__all__ = [
+  "CellWriter",
+  "EVENTS_GLOB",
+  "cell_events",
+  "has_events",
+  "require",
+  "run_has_events",
+  "scalars",
+  "wanted",
+  "write_cell",
+]
 
 
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -31,8 +40,10 @@ EVENTS_GLOB = "events.out.tfevents.*"
 # directory follows it.
 _FLUSH_SECONDS = 10
 
-_MISSING = ("TensorBoard event files need the tensorboardX package (pure Python, no TensorFlow): "
-            "pip install 'disam_jax[tensorboard]'")
+_MISSING = (
+  "TensorBoard event files need the tensorboardX package (pure Python, no TensorFlow): "
+  "pip install 'disam_jax[tensorboard]'"
+)
 
 
 def require() -> Any:
@@ -217,8 +228,10 @@ def wanted(flag: bool, run_dir: str, *, resume: bool) -> bool:
       require()
     except ImportError as e:
       if inherited:
-        raise ImportError(f"{run_dir} holds TensorBoard event files, which --resume keeps writing. {e} (or delete "
-                          f"its cells/*/{EVENTS_GLOB} files to resume without them)") from None
+        raise ImportError(
+          f"{run_dir} holds TensorBoard event files, which --resume keeps writing. {e} (or delete "
+          f"its cells/*/{EVENTS_GLOB} files to resume without them)"
+        ) from None
       raise ImportError(f"--tensorboard: {e}") from None
     return True
   return False

