@@ -350,7 +350,8 @@ def main(argv=None) -> dict:
   lines = [
     "# Step cost of every harness algorithm relative to ERM",
     "",
-    f"`python -m benchmarks.algorithm_cost --rounds {rounds}` on {stamp}: {platform.processor() or platform.machine()}, "
+    f"`python -m benchmarks.algorithm_cost --rounds {rounds}` on {stamp}: "
+    f"{platform.processor() or platform.machine()}, "
     f"{os.cpu_count()} CPU cores, JAX {jax.__version__}, load average {load_before[0]:.1f} before and "
     f"{load_after[0]:.1f} after the run ({time.perf_counter() - started:.0f} s). The harness's jitted step on "
     f"random data shaped like its default job: {M} training domains x {B} examples of 8x8x1, 10 classes, Adam. "

@@ -271,7 +271,8 @@ _MEMORY = textwrap.dedent("""
   feed = streaming.StreamedTrainFeed(split.records, split.train, 8, 0, workers=workers)
   for _ in range(3):
     feed.next()
-  evals = streaming.StreamedEvalFeed(split.records, [("val", d) for d in split.train_domains] + [("test", ds.domains[-1])],
+  parts = [("val", d) for d in split.train_domains] + [("test", ds.domains[-1])]
+  evals = streaming.StreamedEvalFeed(split.records, parts,
                                      list(split.val) + list(split.test), 64, workers=workers)
   batches = iter(evals.batches())
   next(batches)

@@ -425,7 +425,8 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], **mo
   """Builds ``name`` in {'mlp', 'mnist_cnn', 'resnet18', 'resnet50', 'vit_tiny'}; takes NHWC float inputs.
 
   ``model_kwargs`` use the same names as ``disam_jax.harness.models``: ``hidden``/``depth`` (mlp),
-  ``width``/``small_input_stem``/``stage_sizes`` (resnets), ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio`` (vit_tiny).
+  ``width``/``small_input_stem``/``stage_sizes`` (resnets), ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio``
+  (vit_tiny).
   """
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")

@@ -15,11 +15,12 @@ devices (`psum`) and let DISAM drop domains that are absent from a batch (count 
 loss of 0. A `domain_loss_fn` may also return a plain `[M]` vector of means; DISAM then treats every domain as
 present with equal count.
 
-Precision: sums and counts are accumulated, and returned, in float32 whatever the per-example losses' dtype
-(float64 when x64 is enabled and the losses are float64). Summed in bfloat16, the result's rounding alone costs
-up to 0.2%, and a segment sum of 1024 losses drawn uniform on [0, 3] came out 34% low (the running total stops
-growing once it dwarfs each addend); float16 sums overflow past 65504, and a bfloat16 count of 1021 reads 1020. The gradient still flows back to the per-example losses in their own dtype (the cast's transpose), so
-bfloat16 compute with float32 parameters costs nothing extra.
+Precision: sums and counts are accumulated, and returned, in float32 whatever the per-example losses' dtype (float64
+when x64 is enabled and the losses are float64). Summed in bfloat16, the result's rounding alone costs up to 0.2%, and
+a segment sum of 1024 losses drawn uniform on [0, 3] came out 34% low (the running total stops growing once it dwarfs
+each addend); float16 sums overflow past 65504, and a bfloat16 count of 1021 reads 1020. The gradient still flows back
+to the per-example losses in their own dtype (the cast's transpose), so bfloat16 compute with float32 parameters costs
+nothing extra.
 """
 
 from collections.abc import Callable

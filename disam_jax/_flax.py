@@ -32,13 +32,8 @@ def apply_disam(
     `DisamState` with the step's metrics and, with `has_aux`, the unperturbed aux (e.g. new BatchNorm statistics
     to write back: `new_state.replace(batch_stats=disam_state.aux)`).
   """
-  updates, opt_state = state.tx.update(
-    None,
-    state.opt_state,
-    state.params,
-    domain_loss_fn=domain_loss_fn,
-    **extra_args,  # pyrefly: ignore
-  )
+  # pyrefly: ignore  # optax's TransformUpdateFn type has neither `None` updates nor `domain_loss_fn`
+  updates, opt_state = state.tx.update(None, state.opt_state, state.params, domain_loss_fn=domain_loss_fn, **extra_args)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
   return new_state, find_disam_state(opt_state)
 

@@ -72,7 +72,7 @@ def test_the_api_reference_lists_every_public_name():
 
 
 def test_each_option_of_disam_is_documented_in_its_docstring_and_nowhere_else_at_length():
-  """One place documents the options: `disam`'s Args section names every keyword; the README and DisamState link there."""
+  """One place documents the options: `disam`'s Args names every keyword; the README and DisamState link there."""
   import inspect
 
   doc = disam_jax.disam.__doc__

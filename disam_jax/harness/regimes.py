@@ -1,13 +1,13 @@
 """Training-data regimes that stress DISAM's domain labels: imbalance, many small domains, wrong domain labels,
 and pseudo-domains inferred without labels.
 
-Each function takes a `data.DomainSplit` and returns one whose *training* part is regrouped into new training
-domains (in memory: pixel arrays; streamed image folders: record-index arrays, regrouped the same way, except
-`infer_domains`, which needs pixels and refuses them); the validation parts (training-domain validation, used for model selection) and the held-out test domains
-are never touched, so held-out accuracies stay comparable across regimes, and every algorithm run on the same seed
-sees the same regrouped data. `apply_regimes` applies them in a fixed order (imbalance, wrong domain labels,
-sub-domains; or imbalance, then inferred domains), as `experiment._cell_split` does for the `disam-train` options
-``--imbalance``, ``--domain-label-noise``, ``--sub-domains`` and ``--infer-domains``.
+Each function takes a `data.DomainSplit` and returns one whose *training* part is regrouped into new training domains
+(in memory: pixel arrays; streamed image folders: record-index arrays, regrouped the same way, except `infer_domains`,
+which needs pixels and refuses them); the validation parts (training-domain validation, used for model selection) and
+the held-out test domains are never touched, so held-out accuracies stay comparable across regimes, and every
+algorithm run on the same seed sees the same regrouped data. `apply_regimes` applies them in a fixed order (imbalance,
+wrong domain labels, sub-domains; or imbalance, then inferred domains), as `experiment._cell_split` does for the
+`disam-train` options ``--imbalance``, ``--domain-label-noise``, ``--sub-domains`` and ``--infer-domains``.
 
 Example::
 

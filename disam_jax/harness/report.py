@@ -2,10 +2,10 @@
 
 A report is the accuracy tables (results.md, results.json: `tables.py`, one per model-selection method), the
 training-dynamics and paired tables appended to results.md (`stats.py`) and the plots (PNG: `plots.py`); those two
-cover the runs of draw 0 with one held-out domain (a search's other runs are in the selection tables). This module owns putting them together:
-`write_report` regenerates a run directory's report in place; `write_merged_report` writes the combination of
-several run directories (`merge.merge_runs`) into a new folder. Every output is first written to a temporary file
-or directory and then renamed into place, so an error never leaves a half-written report.
+cover the runs of draw 0 with one held-out domain (a search's other runs are in the selection tables). This module
+owns putting them together: `write_report` regenerates a run directory's report in place; `write_merged_report` writes
+the combination of several run directories (`merge.merge_runs`) into a new folder. Every output is first written to a
+temporary file or directory and then renamed into place, so an error never leaves a half-written report.
 
 The command: ``python -m disam_jax.harness.report RUN_DIR [--no-plots] [--threshold T]``; ``--merge DIR[=SUFFIX]
 ...`` combines run directories into RUN_DIR, refusing runs on different data, two copies of one run (same

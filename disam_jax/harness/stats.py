@@ -1,10 +1,10 @@
 """Per-step metrics of the runs and the statistics over them: training dynamics and paired differences.
 
 Owns reading a run's metrics.jsonl (`load_metrics`, `Metrics`), smoothing and the steps to a loss threshold, the
-training-dynamics table (`dynamics_table`: per algorithm, and DISAM against SAM or ERM on the same loss run by run) and the paired
-statistics (`paired_difference`, a t-interval of the differences of runs with the same held-out domain and seed;
-`paired_table`), and which rows a DISAM variant is compared with (`_sam_of`, `_partners`, `_baselines`): always rows
-on the same training loss, so DISAM on a penalty's loss (``disam+coral``) meets SAM or ERM on that loss
+training-dynamics table (`dynamics_table`: per algorithm, and DISAM against SAM or ERM on the same loss run by run)
+and the paired statistics (`paired_difference`, a t-interval of the differences of runs with the same held-out domain
+and seed; `paired_table`), and which rows a DISAM variant is compared with (`_sam_of`, `_partners`, `_baselines`):
+always rows on the same training loss, so DISAM on a penalty's loss (``disam+coral``) meets SAM or ERM on that loss
 (``sam+coral``, ``coral``), never plain SAM or ERM.
 """
 
