@@ -147,6 +147,24 @@ COMPARISONS = {
       ("DISAM − SAM, both frozen BN", ("ft_frozen_s0", "disam"), ("ft_frozen_s0", "sam")),
     ],
   ),
+  # Issue 31: the same pairing where both BatchNorm modes train (the backbone frozen; section "Pretrained MobileNetV2").
+  "MobileNetV2, head + adapters, VLCS mini (held out SUN09), Adam lr 1e-3: BatchNorm mode": (
+    0.5,
+    [
+      ("DISAM train BN − SAM frozen BN (the released pairing)", ("peft_train", "disam"), ("peft_frozen", "sam")),
+      ("SAM train BN − SAM frozen BN (the mode alone)", ("peft_train", "sam"), ("peft_frozen", "sam")),
+      ("DISAM train BN − DISAM frozen BN (the mode alone)", ("peft_train", "disam"), ("peft_frozen", "disam")),
+      ("DISAM − SAM, both frozen BN", ("peft_frozen", "disam"), ("peft_frozen", "sam")),
+      ("DISAM − SAM, both train BN", ("peft_train", "disam"), ("peft_train", "sam")),
+      (
+        "(DISAM − SAM) train BN − (DISAM − SAM) frozen BN",
+        ("peft_train", "disam"),
+        ("peft_train", "sam"),
+        ("peft_frozen", "disam"),
+        ("peft_frozen", "sam"),
+      ),
+    ],
+  ),
   # Issue 31: the released code's batches (one shuffled stream over the training domains) vs DomainBed's balanced ones.
   "rotated digits, balanced vs merged batches": (
     0.1,
