@@ -179,25 +179,47 @@ def _summary(results: list[dict]) -> dict:
 
 def _markdown(rows: list[dict], saves: int) -> str:
   from benchmarks.step_cost.timing import machine_line
+  from disam_jax.harness.tables import markdown_table
 
+  header = [
+    "state MiB",
+    "processes",
+    "MiB per process",
+    "save blocks s",
+    "write s",
+    "blocking / write",
+    "restore s",
+    "write MiB/s per process",
+    "restore MiB/s per process",
+    "peak RssAnon saving (increase) MiB",
+    "peak RssAnon restoring (increase) MiB",
+    "restored equal",
+  ]
+  rows = [
+    [
+      r["state_mib"],
+      r["processes"],
+      r["local_mib"],
+      r["blocking_s"],
+      r["write_s"],
+      r["blocking_fraction"],
+      r["restore_s"],
+      r["write_mib_per_s_per_process"],
+      r["restore_mib_per_s_per_process"],
+      f"{r['save_peak_mib']} ({r['save_increase_mib']})",
+      f"{r['restore_peak_mib']} ({r['restore_increase_mib']})",
+      "yes" if r["equal"] else "NO",
+    ]
+    for r in rows
+  ]
   lines = [
     "# Sharded checkpoints: blocking, write and restore time, host memory",
     "",
     f"{machine_line()}; `python -m benchmarks.checkpoint` (medians of {saves} saves, each deleting the one before; "
     "the slowest process). Each process has 2 CPU devices; the state is split over all devices (`fsdp`).",
     "",
-    "| state MiB | processes | MiB per process | save blocks s | write s | blocking / write | restore s | "
-    "write MiB/s per process | restore MiB/s per process | peak RssAnon saving (increase) MiB | "
-    "peak RssAnon restoring (increase) MiB | restored equal |",
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    *markdown_table(header, rows, ["---:"] * 11 + [":---:"]),
   ]
-  for r in rows:
-    lines.append(
-      f"| {r['state_mib']} | {r['processes']} | {r['local_mib']} | {r['blocking_s']} | {r['write_s']} | "
-      f"{r['blocking_fraction']} | {r['restore_s']} | {r['write_mib_per_s_per_process']} | "
-      f"{r['restore_mib_per_s_per_process']} | {r['save_peak_mib']} ({r['save_increase_mib']}) | "
-      f"{r['restore_peak_mib']} ({r['restore_increase_mib']}) | {'yes' if r['equal'] else 'NO'} |"
-    )
   return "\n".join(lines) + "\n"
 
 

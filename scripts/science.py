@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from disam_jax.harness import report
+from disam_jax.harness.tables import markdown_table
 
 # regime: (loss threshold for "steps to loss", [(label, (run directory, algorithm) A, B)]): rows "A - B"; a row
 # (label, A, B, C, D) is the difference of two paired differences, "(A - B) - (C - D)", paired by (held-out, seed).
@@ -324,11 +325,18 @@ def detectable_difference(sd, n, alpha=0.05, power=0.8):
 
 
 def tables(root):
-  lines = [
-    "| regime | A − B | pairs | held-out acc (points) | variance ratio A / B | final loss A − B | "
-    "steps to loss ≤ t: A − B (pairs) | A: mean spread of M·c_i | A: steps with a c_i < 0 |",
-    "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
+  header = [
+    "regime",
+    "A − B",
+    "pairs",
+    "held-out acc (points)",
+    "variance ratio A / B",
+    "final loss A − B",
+    "steps to loss ≤ t: A − B (pairs)",
+    "A: mean spread of M·c_i",
+    "A: steps with a c_i < 0",
   ]
+  rows_out = []
   for regime, (threshold, rows) in COMPARISONS.items():
     for row in rows:
       label, a, b, own = _row(root, threshold, row)
@@ -342,21 +350,34 @@ def tables(root):
       st = report.paired_difference([a[k]["steps"] for k in both], [b[k]["steps"] for k in both])
       spread = f"{np.mean([own[k]['w_spread'] for k in keys]):.3f}" if own else "–"
       neg = f"{np.mean([own[k]['w_neg'] for k in keys]):.0%}" if own else "–"
-      lines.append(
-        f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {_fmt(var, '{:.3f}', math.exp)} | "
-        f"{_fmt(fl, '{:+.3f}')} | t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)}) | {spread} | {neg} |"
+      rows_out.append(
+        [
+          regime,
+          label,
+          len(keys),
+          _fmt(acc),
+          _fmt(var, "{:.3f}", math.exp),
+          _fmt(fl, "{:+.3f}"),
+          f"t={threshold:g}: {_fmt(st, '{:+.1f}')} ({len(both)})",
+          spread,
+          neg,
+        ]
       )
-  return "\n".join(lines)
+  return "\n".join(markdown_table(header, rows_out, ["---", "---"] + [":-:"] * 7))
 
 
 def power_table(root):
   """Per comparison: the s.d. of the paired accuracy differences and the smallest difference the comparison
   detects at 80% power (alpha 0.05, two-sided), from that s.d. and the number of pairs."""
-  lines = [
-    "| regime | A − B | pairs | held-out acc A − B (points) | s.d. of the paired differences | "
-    "detectable at 80% power (points) |",
-    "|---|---|:-:|:-:|:-:|:-:|",
+  header = [
+    "regime",
+    "A − B",
+    "pairs",
+    "held-out acc A − B (points)",
+    "s.d. of the paired differences",
+    "detectable at 80% power (points)",
   ]
+  rows_out = []
   for regime, (threshold, rows) in COMPARISONS.items():
     for row in rows:
       label, a, b, _ = _row(root, threshold, row)
@@ -367,18 +388,15 @@ def power_table(root):
       sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
       mde = detectable_difference(sd, len(d))
       acc = report.paired_difference([a[k]["acc"] for k in keys], [b[k]["acc"] for k in keys])
-      lines.append(
-        f"| {regime} | {label} | {len(keys)} | {_fmt(acc)} | {'–' if len(d) < 2 else f'{sd:.2f}'} | "
-        f"{'–' if mde is None else f'{mde:.2f}'} |"
+      rows_out.append(
+        [regime, label, len(keys), _fmt(acc), "–" if len(d) < 2 else f"{sd:.2f}", "–" if mde is None else f"{mde:.2f}"]
       )
-  return "\n".join(lines)
+  return "\n".join(markdown_table(header, rows_out, ["---", "---"] + [":-:"] * 4))
 
 
 def accuracy_table(root):
-  lines = [
-    "| run directory | algorithm | runs | held-out acc (selected) | held-out acc (last) | final loss |",
-    "|---|---|:-:|:-:|:-:|:-:|",
-  ]
+  header = ["run directory", "algorithm", "runs", "held-out acc (selected)", "held-out acc (last)", "final loss"]
+  rows_out = []
   for name in sorted(os.listdir(root)):
     loaded = _cells(root, name)
     if loaded is None:
@@ -387,10 +405,8 @@ def accuracy_table(root):
       s = _run_stats(root, name, algorithm, 0.1)
       v = lambda key: np.asarray([x[key] for x in s.values()])
       sd = lambda x: f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}"
-      lines.append(
-        f"| {name} | {algorithm} | {len(s)} | {sd(v('acc'))} | {sd(v('acc_last'))} | {v('final_loss').mean():.3f} |"
-      )
-  return "\n".join(lines)
+      rows_out.append([name, algorithm, len(s), sd(v("acc")), sd(v("acc_last")), f"{v('final_loss').mean():.3f}"])
+  return "\n".join(markdown_table(header, rows_out, ["---", "---"] + [":-:"] * 4))
 
 
 PLOTS = [
