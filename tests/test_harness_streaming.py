@@ -264,23 +264,27 @@ def _metrics(run_dir):
   return metrics_lines(run_dir, "c")
 
 
-def test_resume_with_augmentation_is_bit_exact(tmp_path):
-  root = _folder(tmp_path / "data")
-  config = ExperimentConfig(
+def _disam_folder_run(tmp_path, steps, eval_batch_size):
+  """DISAM with a small MLP on a 3-domain folder under tmp_path/data (held out c), streamed in-process (0 workers)."""
+  return ExperimentConfig(
     dataset="image_folder",
-    data_dir=root,
+    data_dir=_folder(tmp_path / "data"),
     image_size=12,
     cache_dir=str(tmp_path / "cache"),
     algorithms=("disam",),
     held_out=("c",),
-    steps=6,
+    steps=steps,
     eval_every=2,
     model="mlp",
     model_kwargs={"hidden": 16},
     hparams=HParams(batch_size=4),
-    eval_batch_size=8,
+    eval_batch_size=eval_batch_size,
     data_workers=0,
   )
+
+
+def test_resume_with_augmentation_is_bit_exact(tmp_path):
+  config = _disam_folder_run(tmp_path, steps=6, eval_batch_size=8)
   full = run_experiment(config, str(tmp_path / "full"), progress=False)
 
   interrupted = str(tmp_path / "interrupted")
@@ -441,22 +445,7 @@ def test_a_streamed_run_on_a_mesh_equals_the_one_device_run(tmp_path):
 
   from disam_jax.harness import distributed
 
-  root = _folder(tmp_path / "data")
-  config = ExperimentConfig(
-    dataset="image_folder",
-    data_dir=root,
-    image_size=12,
-    cache_dir=str(tmp_path / "cache"),
-    algorithms=("disam",),
-    held_out=("c",),
-    steps=4,
-    eval_every=2,
-    model="mlp",
-    model_kwargs={"hidden": 16},
-    hparams=HParams(batch_size=4),
-    eval_batch_size=6,
-    data_workers=0,
-  )
+  config = _disam_folder_run(tmp_path, steps=4, eval_batch_size=6)
   one = run_experiment(config, str(tmp_path / "one"), progress=False)
   mesh = distributed.parse_mesh("data=2,fsdp=2", jax.devices()[:4])
   sharded = run_experiment(config, str(tmp_path / "mesh"), progress=False, mesh=mesh)
